@@ -1,0 +1,99 @@
+"""Plain PyTorch twins of every kernel op: the ground truth the tests hold kernels to.
+
+Computed in fp32 (or the input dtype when it is float64), results cast back to the input
+dtype. Slow is fine; clarity and accuracy are the point.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _attend(q, k, v, causal, scale):
+    # q (Sq, H, D), k/v (Sk, Hkv, D) for a single sequence -> (Sq, H, D) in accumulation dtype
+    sq, h, _ = q.shape
+    sk, hkv, _ = k.shape
+    rep = h // hkv
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if causal:
+        # bottom-right alignment: query i sees keys j <= i + sk - sq
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(sk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + sk - sq, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # rows with no visible key (sq > sk) output zeros
+    return torch.einsum("hqk,khd->qhd", p, v)
+
+
+def flash_attention(q, k, v, causal=True, softmax_scale=None):
+    """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> (B, Sq, H, D)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out = torch.stack([_attend(_acc(q[b]), _acc(k[b]), _acc(v[b]), causal, scale) for b in range(q.shape[0])])
+    return out.to(q.dtype)
+
+
+def gather_paged(cache, block_table_row, length):
+    """cache (num_blocks, block_size, Hkv, D), one block_table row -> (length, Hkv, D)."""
+    bs = cache.shape[1]
+    nblk = (length + bs - 1) // bs
+    return cache[block_table_row[:nblk].long()].flatten(0, 1)[:length]
+
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           causal=True, softmax_scale=None, block_table=None):
+    """Packed q (total_q, H, D); k/v packed (total_k, Hkv, D), or paged caches with block_table."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out = torch.zeros(q.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        qb = q[cq[b]:cq[b + 1]]
+        if block_table is None:
+            kb, vb = k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
+        else:
+            n = ck[b + 1] - ck[b]
+            kb, vb = gather_paged(k, block_table[b], n), gather_paged(v, block_table[b], n)
+        out[cq[b]:cq[b + 1]] = _attend(_acc(qb), _acc(kb), _acc(vb), causal, scale)
+    return out.to(q.dtype)
+
+
+def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None):
+    """Decode: q (B, H, D), caches (num_blocks, block_size, Hkv, D), seq_lens (B,) -> (B, H, D)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    outs = []
+    for b, n in enumerate(seq_lens.tolist()):
+        kb, vb = gather_paged(k_cache, block_table[b], n), gather_paged(v_cache, block_table[b], n)
+        outs.append(_attend(_acc(q[b:b + 1]), _acc(kb), _acc(vb), False, scale)[0])
+    return torch.stack(outs).to(q.dtype)
+
+
+def layer_norm(x, weight, bias, eps=1e-5, residual=None):
+    h = _acc(x) if residual is None else _acc(x) + _acc(residual)
+    y = F.layer_norm(h, h.shape[-1:], _acc(weight), None if bias is None else _acc(bias), eps)
+    return y.to(x.dtype) if residual is None else (y.to(x.dtype), h.to(x.dtype))
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None):
+    h = _acc(x) if residual is None else _acc(x) + _acc(residual)
+    y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * _acc(weight)
+    return y.to(x.dtype) if residual is None else (y.to(x.dtype), h.to(x.dtype))
+
+
+ACTIVATIONS = {
+    None: lambda x: x,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def linear(x, weight, bias=None, activation=None):
+    y = F.linear(_acc(x), _acc(weight), None if bias is None else _acc(bias))
+    return ACTIVATIONS[activation](y).to(x.dtype)
