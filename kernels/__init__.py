@@ -20,7 +20,9 @@ __all__ = list(_OPS)
 
 def __getattr__(name):
     if name in _OPS:
-        return getattr(importlib.import_module(f"{__name__}.{_OPS[name]}"), name)
+        fn = getattr(importlib.import_module(f"{__name__}.{_OPS[name]}"), name)
+        globals()[name] = fn  # importing a submodule binds its name here; the op must win
+        return fn
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -1,0 +1,34 @@
+"""gpt-engine train | generate | serve | bench   (also: python -m engine ...)
+
+Each subcommand's module owns its flags: add_args(parser) and run(args).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("engine.train", "train or fine-tune a model; writes an HF-format directory"),
+    "generate": ("engine.generate", "generate text from a model directory"),
+    "serve": ("engine.server", "OpenAI-compatible HTTP server"),
+    "bench": ("engine.bench", "offline throughput benchmark against HF generate"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="gpt-engine", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    # only the chosen subcommand's module is imported: `gpt-engine generate` needs no server deps
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (mod, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        if name == chosen:
+            importlib.import_module(mod).add_args(p)
+    args = parser.parse_args(argv)
+    return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The decoder-only transformer (gpt2 and llama families), built on the kernels ops.
+
+Two entry points share every layer:
+  model(input_ids)                      dense causal forward, (B, T) -> logits (B, T, V)
+  model.step(ids, positions, kv, meta)  one engine step over a packed batch with a paged KV cache
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import flash_attention, flash_attention_varlen, layer_norm, linear, paged_attention, rms_norm
+
+from .config import ModelConfig
+
+
+@dataclass
+class StepMeta:
+    """Attention metadata for one engine step over B sequences and N new tokens."""
+    slot_mapping: torch.Tensor   # (N,) int64 flat cache slot of each new token (-1: don't store)
+    block_table: torch.Tensor    # (B, max_blocks) int32
+    seq_lens: torch.Tensor       # (B,) int32 cached length after this step (new tokens included)
+    cu_seqlens_q: torch.Tensor   # (B+1,) int32 offsets of each sequence's new tokens
+    cu_seqlens_k: torch.Tensor   # (B+1,) int32 cumsum of seq_lens
+    max_seqlen_q: int
+    max_seqlen_k: int
+    decode: bool                 # one new token per sequence: use paged decode attention
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.rms, self.eps = cfg.model_type == "llama", cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(cfg.d_model))
+
+    def forward(self, x, residual=None):
+        if self.rms:
+            return rms_norm(x, self.weight, self.eps, residual)
+        return layer_norm(x, self.weight, self.bias, self.eps, residual)
+
+
+class Linear(nn.Module):
+    def __init__(self, d_in, d_out, bias, activation=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in))
+        self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+        self.activation = activation
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias, self.activation)
+
+
+class Rotary(nn.Module):
+    """HF-style (rotate_half) rotary embedding with cos/sin tables precomputed to max_seq_len."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.head_dim
+        inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        ang = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv)  # (T, d/2)
+        self.register_buffer("cos", ang.cos().float(), persistent=False)
+        self.register_buffer("sin", ang.sin().float(), persistent=False)
+
+    def forward(self, x, positions):
+        # x (..., T, h, d), positions (..., T)
+        cos, sin = self.cos[positions].float().unsqueeze(-2), self.sin[positions].float().unsqueeze(-2)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.hkv, self.d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = Linear(cfg.d_model, (self.h + 2 * self.hkv) * self.d, cfg.bias)
+        self.proj = Linear(self.h * self.d, cfg.d_model, cfg.bias)
+        self.rotary = Rotary(cfg) if cfg.model_type == "llama" else None
+
+    def _qkv(self, x, positions):
+        q, k, v = self.qkv(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q = q.unflatten(-1, (self.h, self.d))
+        k = k.unflatten(-1, (self.hkv, self.d))
+        v = v.unflatten(-1, (self.hkv, self.d))
+        if self.rotary is not None:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        return q, k, v
+
+    def forward(self, x, positions):
+        # x (B, T, C) -> (B, T, C)
+        q, k, v = self._qkv(x, positions)
+        return self.proj(flash_attention(q, k, v, causal=True).flatten(-2))
+
+    def step(self, x, positions, cache, meta: StepMeta):
+        # x (N, C) packed new tokens; cache = (k_cache, v_cache) each (blocks, block_size, hkv, d)
+        q, k, v = self._qkv(x, positions)
+        from kernels.paged_attention import store_kvcache
+        k_cache, v_cache = cache
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.decode:
+            o = paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens)
+        else:
+            o = flash_attention_varlen(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
+                                               meta.max_seqlen_q, meta.max_seqlen_k, causal=True,
+                                               block_table=meta.block_table)
+        return self.proj(o.flatten(-2))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.model_type == "llama"
+        if self.swiglu:  # gate and up projections as one GEMM
+            self.fc = Linear(cfg.d_model, 2 * cfg.d_ff, cfg.bias)
+        else:
+            self.fc = Linear(cfg.d_model, cfg.d_ff, cfg.bias, activation=cfg.activation)
+        self.proj = Linear(cfg.d_ff, cfg.d_model, cfg.bias)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = Norm(cfg), Attention(cfg), Norm(cfg), MLP(cfg)
+
+    def forward(self, x, residual, positions, cache=None, meta=None):
+        # pre-norm with the residual add fused into each norm: returns (sublayer output, residual stream)
+        h, residual = self.norm1(x, residual) if residual is not None else (self.norm1(x), x)
+        h = self.attn(h, positions) if meta is None else self.attn.step(h, positions, cache, meta)
+        h, residual = self.norm2(h, residual)
+        return self.mlp(h), residual
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.model_type == "gpt2" else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = Norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2 scaled init of the residual projections
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.02 / (2 * cfg.n_layer) ** 0.5)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+
+    @property
+    def head_weight(self):
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden(self, input_ids, positions, kv_caches=None, meta=None):
+        """Final-norm hidden states (..., C) for input_ids (...)."""
+        if positions.max() >= self.config.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
+        x = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, positions, None if kv_caches is None else kv_caches[i], meta)
+        return self.norm_f(x, residual)[0]
+
+    def forward(self, input_ids):
+        # input_ids (B, T) int64 -> logits (B, T, V)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.logits(self.hidden(input_ids, pos))
+
+    def logits(self, h):
+        return F.linear(h, self.head_weight)
+
+    @torch.no_grad()
+    def step(self, input_ids, positions, kv_caches, meta: StepMeta, logits_indices=None):
+        """One engine step: input_ids/positions (N,) packed; returns logits (len(logits_indices), V)."""
+        h = self.hidden(input_ids, positions, kv_caches, meta)
+        return self.logits(h if logits_indices is None else h[logits_indices])
