@@ -1,14 +1,22 @@
 """Text -> token shards (numpy memmap) and batches for the trainer.
 
-Sources: a text file, a folder of text files, or the default corpus (the Python standard
-library's own .py files, present on every machine). Fine-tuning .jsonl lives in the trainer.
+Sources: a text file, a folder of text files, a .jsonl of {"prompt", "completion"} pairs
+(fine-tuning: a parallel uint8 mask marks the tokens that carry loss), or the default corpus
+(the Python standard library's own .py files, present on every machine).
+
+DIR/data/ caches what the trainer needs: tokenizer.json, {train,val}.bin token memmaps,
+{train,val}.mask for jsonl data, and meta.json describing where they came from.
 """
 from __future__ import annotations
 
+import json
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+IGNORE_INDEX = -100
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".html", ".csv", ""}
 
@@ -80,11 +88,136 @@ def split_train_val(files: list[Path], val_fraction: float = 0.05) -> tuple[list
     return train, val
 
 
-def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator):
-    """Random windows: x (B, T) and y = x shifted by one, as int64 numpy arrays."""
-    if len(tokens) <= seq_len + 1:
-        raise ValueError(f"corpus has {len(tokens)} tokens, fewer than seq_len+1 = {seq_len + 1}")
-    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+def sample_starts(n_tokens: int, count: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:
+    """count random window starts, each leaving room for seq_len + 1 tokens."""
+    if n_tokens <= seq_len + 1:
+        raise ValueError(f"corpus has {n_tokens} tokens, fewer than seq_len+1 = {seq_len + 1}; "
+                         f"use a smaller --seq-len or more data")
+    return rng.integers(0, n_tokens - seq_len - 1, size=count)
+
+
+def windows(tokens: np.ndarray, starts, seq_len: int, mask: np.ndarray | None = None):
+    """x (B, T) and y = x shifted by one (int64); y is IGNORE_INDEX where mask is 0."""
     x = np.stack([tokens[s:s + seq_len] for s in starts]).astype(np.int64)
     y = np.stack([tokens[s + 1:s + 1 + seq_len] for s in starts]).astype(np.int64)
+    if mask is not None:
+        m = np.stack([mask[s + 1:s + 1 + seq_len] for s in starts])
+        y[m == 0] = IGNORE_INDEX
     return x, y
+
+
+def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator, mask=None):
+    """Random windows: x (B, T) and y = x shifted by one, as int64 numpy arrays."""
+    return windows(tokens, sample_starts(len(tokens), batch_size, seq_len, rng), seq_len, mask)
+
+
+# --- fine-tuning pairs ---------------------------------------------------------------
+
+def read_jsonl(path: str | Path) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs; a bad line raises ValueError naming the file and line number."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data path {p} does not exist")
+    pairs = []
+    with open(p, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(d, dict) or not isinstance(d.get("prompt"), str) \
+                    or not isinstance(d.get("completion"), str):
+                raise ValueError(f'{p}:{i}: expected an object with string "prompt" and "completion"')
+            pairs.append((d["prompt"], d["completion"]))
+    if not pairs:
+        raise ValueError(f"{p} holds no examples")
+    return pairs
+
+
+def encode_pairs(pairs, tokenizer) -> tuple[list[int], list[int]]:
+    """Pack prompt + completion + eos examples into one stream; mask is 1 where loss counts
+    (completion and eos tokens), 0 on prompt tokens."""
+    eos = tokenizer.eos_token_id
+    prompts = tokenizer.encode_batch([p for p, _ in pairs])
+    comps = tokenizer.encode_batch([c for _, c in pairs])
+    toks, mask = [], []
+    for p, c in zip(prompts, comps):
+        c = c + ([eos] if eos is not None else [])
+        toks += p + c
+        mask += [0] * len(p) + [1] * len(c)
+    return toks, mask
+
+
+# --- the cached dataset under DIR/data ------------------------------------------------
+
+@dataclass
+class Split:
+    tokens: np.ndarray              # (n,) uint16/uint32 memmap
+    mask: np.ndarray | None = None  # (n,) uint8 memmap: 1 where the token carries loss (jsonl only)
+
+
+def _save(path: Path, values, dtype) -> np.ndarray:
+    tmp = Path(str(path) + ".tmp")
+    np.asarray(values, dtype=dtype).tofile(tmp)
+    tmp.replace(path)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def build_dataset(data: str | Path | None, out: Path, tokenizer, vocab_size: int,
+                  corpus_mb: float = 8, tokenizer_vocab: int | None = None, log=print):
+    """Tokenize data into out/ (reused when meta.json matches). tokenizer None: train a
+    byte-level BPE of tokenizer_vocab tokens on the training text. Returns (tokenizer, train, val)."""
+    from .tokenizer import Tokenizer, iter_texts  # the tokenizers library loads only when needed
+
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = data is not None and str(data).endswith(".jsonl")
+    source = "default" if data is None else str(Path(data).resolve())
+    meta = dict(source=source, corpus_mb=corpus_mb if data is None else None, vocab_size=vocab_size,
+                own_tokenizer=tokenizer is None, jsonl=jsonl)
+    dtype = token_dtype(vocab_size)
+    meta_path = out / "meta.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == meta:
+        tok = tokenizer or Tokenizer.load(out)
+        splits = [Split(np.memmap(out / f"{s}.bin", dtype=dtype, mode="r"),
+                        np.memmap(out / f"{s}.mask", dtype=np.uint8, mode="r") if jsonl else None)
+                  for s in ("train", "val")]
+        return tok, *splits
+
+    if jsonl:
+        pairs = read_jsonl(data)
+        k = 20  # every 20th example validates, when there are enough of them
+        train_p, val_p = (pairs, pairs) if len(pairs) < 2 * k else \
+            ([x for i, x in enumerate(pairs) if i % k], pairs[::k])
+        if tokenizer is None:
+            tokenizer = Tokenizer.train((p + c for p, c in train_p), tokenizer_vocab or vocab_size, False)
+        _check_vocab(tokenizer, vocab_size)
+        splits = []
+        for name, ps in (("train", train_p), ("val", val_p)):
+            toks, mask = encode_pairs(ps, tokenizer)
+            splits.append(Split(_save(out / f"{name}.bin", toks, dtype), _save(out / f"{name}.mask", mask, np.uint8)))
+    else:
+        files = default_corpus_files(int(corpus_mb * (1 << 20))) if data is None else text_files(data)
+        train_f, val_f = split_train_val(files)
+        if not any(read_text(f).strip() for f in train_f):
+            raise ValueError(f"data {data or 'default corpus'} is empty")
+        if tokenizer is None:
+            log(f"training a {tokenizer_vocab or vocab_size}-token BPE tokenizer on {len(train_f)} files")
+            tokenizer = Tokenizer.train(iter_texts(train_f), tokenizer_vocab or vocab_size, show_progress=False)
+        _check_vocab(tokenizer, vocab_size)
+        splits = []
+        for name, fs in (("train", train_f), ("val", val_f)):
+            docs = [d for d in tokenizer.encode_batch(list(iter_texts(fs))) if d]
+            if not docs:
+                raise ValueError(f"the {name} split of {data or 'the default corpus'} is empty")
+            splits.append(Split(write_tokens(out / f"{name}.bin", docs, vocab_size, tokenizer.eos_token_id)))
+    tokenizer.save(out)
+    meta_path.write_text(json.dumps(dict(key=meta, n_train=len(splits[0].tokens), n_val=len(splits[1].tokens)),
+                                    indent=1))
+    return tokenizer, *splits
+
+
+def _check_vocab(tokenizer, vocab_size):
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}")

@@ -1,0 +1,73 @@
+"""Chunked linear + cross-entropy: the LM head and the loss in one autograd Function.
+
+The full (tokens x vocab) logits never exist at once: forward walks over chunks of tokens,
+computes each chunk's logits in fp32, its loss, and (when a gradient is wanted) its
+gradients right away (Liger-style), so backward only scales the stored gradients. The
+cost is the same three GEMMs a plain head would do, with O(chunk x vocab) extra memory.
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    # ~512 MiB of fp32 logits per chunk: big enough for full-speed GEMMs, small next to activations
+    return max(256, (1 << 27) // vocab_size)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size, ignore_index):
+        # h (N, C), weight (V, C), targets (N,) int64 -> summed loss over targets != ignore_index
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if ctx.needs_input_grad[1] else None
+        for s in range(0, h.shape[0], chunk_size):
+            hc, tc = h[s:s + chunk_size], targets[s:s + chunk_size]
+            logits = (hc @ weight.t()).to(acc)                      # (n, V)
+            valid = tc != ignore_index
+            tsafe = torch.where(valid, tc, 0)
+            lse = torch.logsumexp(logits, dim=-1)                   # (n,)
+            picked = logits.gather(1, tsafe[:, None]).squeeze(1)
+            loss += ((lse - picked) * valid).sum()
+            if want_grad:
+                # d loss / d logits = softmax - onehot, zero on ignored rows; reuse the logits buffer
+                p = logits.sub_(lse[:, None]).exp_()
+                p.scatter_add_(1, tsafe[:, None], -torch.ones_like(lse)[:, None])
+                p.mul_(valid[:, None])
+                p = p.to(h.dtype)
+                if grad_h is not None:
+                    grad_h[s:s + chunk_size] = p @ weight
+                if grad_w is not None:
+                    grad_w += (p.t() @ hc).to(acc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_out.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_out).to(ctx.dtypes[1])
+        return grad_h, grad_w, None, None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_size: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """sum over tokens of cross_entropy(h @ weight.T, targets), ignoring targets == ignore_index.
+
+    h (..., C), weight (V, C), targets (...) int64. Returns a scalar fp32 sum; divide by
+    the number of counted tokens for the mean (done by the caller, which knows the global count).
+    """
+    if h.shape[:-1] != targets.shape:
+        raise ValueError(f"h {tuple(h.shape)} and targets {tuple(targets.shape)} disagree")
+    if weight.shape[1] != h.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {h.shape[-1]}")
+    h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    return LinearCrossEntropy.apply(h2, weight, t2, chunk_size or default_chunk_size(weight.shape[0]), ignore_index)
