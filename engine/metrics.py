@@ -1,0 +1,38 @@
+"""Prometheus metrics of one server app, on its own CollectorRegistry (several apps can live
+in one process, e.g. in tests, without clashing on the global registry)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "gpt_engine_"
+# latency buckets from CPU-tiny (ms) to GPU-large-under-load (tens of s)
+_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+_ITL = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_E2E = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(PREFIX + "requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens submitted", registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Request arrival to first token",
+                              buckets=_TTFT, registry=r)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between generated tokens",
+                             buckets=_ITL, registry=r)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Request arrival to last token",
+                             buckets=_E2E, registry=r)
+        self.running = Gauge(PREFIX + "num_requests_running", "Sequences in the running batch", registry=r)
+        self.waiting = Gauge(PREFIX + "num_requests_waiting", "Sequences waiting to be scheduled", registry=r)
+        self.kv_usage = Gauge(PREFIX + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)",
+                              registry=r)
+
+    def render(self, stats: dict | None) -> bytes:
+        """Prometheus text; the gauges are read from engine.stats() now rather than kept in sync."""
+        if stats:
+            self.running.set(stats.get("num_running", 0))
+            self.waiting.set(stats.get("num_waiting", 0))
+            self.kv_usage.set(stats.get("kv_usage", 0.0))
+        return generate_latest(self.registry)
