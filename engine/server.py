@@ -135,7 +135,7 @@ async def _merge(engine, choices: list[Choice], metrics: Metrics, t0: float) -> 
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(c: Choice):
-        last = t0
+        last, finished = t0, False
         try:
             async for out in engine.generate(c.prompt_ids, c.params, c.request_id):
                 now = time.perf_counter()
@@ -149,7 +149,9 @@ async def _merge(engine, choices: list[Choice], metrics: Metrics, t0: float) -> 
                     metrics.generation_tokens.inc(k)
                     last = now
                 queue.put_nowait((c, out, None))
-                c.token_ids = list(out.token_ids)
+                c.token_ids, finished = list(out.token_ids), out.finished
+            if not finished:  # the engine dropped it (stopped meanwhile): not a complete answer
+                raise RuntimeError(f"request {c.request_id} ended unfinished")
             metrics.e2e.observe(time.perf_counter() - t0)
             queue.put_nowait((c, None, None))
         except Exception as e:
