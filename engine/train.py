@@ -78,7 +78,7 @@ class TrainConfig:
 
 def _defaults(cfg: TrainConfig, cuda: bool) -> TrainConfig:
     """Sizes for a few minutes of gpt2-tiny: on a 2-core CPU, or much more on a GPU."""
-    d = dict(steps=3000, batch_size=64, seq_len=256) if cuda else dict(steps=250, batch_size=16, seq_len=128)
+    d = dict(steps=3000, batch_size=64, seq_len=256) if cuda else dict(steps=300, batch_size=16, seq_len=128)
     for k, v in d.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
