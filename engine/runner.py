@@ -1,0 +1,186 @@
+"""Model runner: owns the paged KV cache, turns a ScheduledBatch into packed tensors and one
+model.step call, and samples the whole batch at once. On CUDA, pure-decode steps replay
+CUDA graphs captured per padded batch size."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .model import StepMeta
+from .sampling import Sampler
+from .scheduler import ScheduledBatch
+
+log = logging.getLogger("gpt_engine.runner")
+
+
+def graph_sizes(max_bs: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s < max_bs] + list(range(16, max_bs, 16))
+    return sorted(set(sizes + [max_bs]))
+
+
+class ModelRunner:
+    def __init__(self, model, block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 max_model_len: int = 1024, num_kv_blocks: int | None = None, kv_cache_tokens: int | None = None,
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool | None = None, seed: int | None = None):
+        self.model = model
+        cfg = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.block_size, self.max_num_seqs = block_size, max_num_seqs
+        self.max_num_batched_tokens, self.max_model_len = max_num_batched_tokens, max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.cuda = self.device.type == "cuda"
+        self.vocab_size = cfg.vocab_size
+        self.sampler = Sampler(seed)
+        self.num_blocks = self._num_blocks(num_kv_blocks, kv_cache_tokens, gpu_memory_utilization)
+        # one allocation: (2, n_layer, blocks, block_size, hkv, d); zeros so padded graph rows read finite values
+        self.kv = torch.zeros(2, cfg.n_layer, self.num_blocks, block_size, cfg.n_kv_head, cfg.head_dim,
+                              device=self.device, dtype=self.dtype)
+        self.kv_caches = [(self.kv[0, i], self.kv[1, i]) for i in range(cfg.n_layer)]
+        self.graphs: dict[int, tuple] = {}
+        if enforce_eager is None:
+            enforce_eager = not self.cuda
+        if not enforce_eager and self.cuda:
+            try:
+                self._capture()
+            except Exception as e:  # never fatal: eager decode is correct, only slower
+                log.warning("CUDA graph capture failed, running eager: %s", e)
+                self.graphs = {}
+
+    # ---------------------------------------------------------------- KV cache size
+    def block_bytes(self) -> int:
+        cfg = self.model.config
+        return 2 * cfg.n_layer * self.block_size * cfg.n_kv_head * cfg.head_dim * torch.finfo(self.dtype).bits // 8
+
+    def _num_blocks(self, num_kv_blocks, kv_cache_tokens, util) -> int:
+        # no point holding more than every sequence at full length
+        cap = self.max_num_seqs * self.max_blocks_per_seq + 1
+        if num_kv_blocks is not None:
+            return int(num_kv_blocks)
+        if kv_cache_tokens is not None:
+            return max(1, -(-int(kv_cache_tokens) // self.block_size))
+        if not self.cuda:
+            return min(cap, -(-16384 // self.block_size))
+        # CUDA: what is left of total * util after weights and a prefill-sized activation peak
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        n = min(self.max_num_batched_tokens, self.max_model_len)
+        with torch.no_grad():
+            ids = torch.zeros(1, n, dtype=torch.long, device=self.device)
+            h = self.model.hidden(ids, torch.arange(n, device=self.device)[None])
+            self.model.logits(h[0, :self.max_num_seqs]).float().softmax(-1)
+        torch.cuda.synchronize()
+        peak, current = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        avail = total * util - (total - free) - (peak - current)
+        blocks = int(avail // self.block_bytes())
+        if blocks < self.max_blocks_per_seq:
+            raise RuntimeError(f"not enough GPU memory for the KV cache: {blocks} blocks fit, one full-length "
+                               f"sequence needs {self.max_blocks_per_seq}; raise gpu_memory_utilization or lower "
+                               f"max_model_len")
+        return min(blocks, cap)
+
+    # ---------------------------------------------------------------- inputs
+    def prepare(self, batch: ScheduledBatch):
+        """-> input_ids (N,), positions (N,), meta, logits_indices (S,) for the S sampled rows."""
+        bs = self.block_size
+        ids, pos, slots, seq_lens, cu_q, cu_k, logits_idx = [], [], [], [], [0], [0], []
+        for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids.extend(seq.token_ids[start:end])
+            pos.extend(range(start, end))
+            table = seq.block_table
+            i = start
+            while i < end:  # slot ranges block by block, not token by token
+                b, off = divmod(i, bs)
+                j = min(end, (b + 1) * bs)
+                base = table[b] * bs
+                slots.extend(range(base + off, base + off + j - i))
+                i = j
+            seq_lens.append(end)
+            cu_q.append(cu_q[-1] + n)
+            cu_k.append(cu_k[-1] + end)
+            if sample:
+                logits_idx.append(cu_q[-1] - 1)
+        width = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
+        return ids, pos, slots, seq_lens, cu_q, cu_k, tables, logits_idx
+
+    def _to(self, data, dtype):
+        t = torch.tensor(data, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t
+
+    @torch.no_grad()
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """One model step -> logits (S, V) of the sampled rows, in batch order."""
+        ids, pos, slots, seq_lens, cu_q, cu_k, tables, logits_idx = self.prepare(batch)
+        if batch.is_decode and self.graphs and len(batch) <= max(self.graphs):
+            return self._replay(ids, pos, slots, seq_lens, tables)[:len(batch)][
+                torch.tensor(logits_idx, device=self.device) if len(logits_idx) != len(batch) else slice(None)]
+        meta = StepMeta(slot_mapping=self._to(slots, torch.long), block_table=self._to(tables, torch.int32),
+                        seq_lens=self._to(seq_lens, torch.int32), cu_seqlens_q=self._to(cu_q, torch.int32),
+                        cu_seqlens_k=self._to(cu_k, torch.int32), max_seqlen_q=max(batch.num_new_tokens),
+                        max_seqlen_k=max(seq_lens), decode=batch.is_decode)
+        li = None if len(logits_idx) == len(ids) else self._to(logits_idx, torch.long)
+        return self.model.step(self._to(ids, torch.long), self._to(pos, torch.long), self.kv_caches, meta, li)
+
+    def run(self, batch: ScheduledBatch) -> tuple[list, list | None]:
+        """Step + sample -> (token or None per sequence, logprobs dict or None per sequence)."""
+        logits = self.execute(batch)
+        rows = [s for s, smp in zip(batch.seqs, batch.sample) if smp]
+        if not rows:
+            return [None] * len(batch), None
+        params = [s.params for s in rows]
+        pen = any(p.has_penalties for p in params)
+        toks, lps = self.sampler(
+            logits, params,
+            [s.prompt_token_ids for s in rows] if pen else None,
+            [s.output_token_ids for s in rows] if pen else None,
+            [getattr(s.data, "generator", None) for s in rows])
+        it, lit = iter(toks), iter(lps or ())
+        tokens = [next(it) if smp else None for smp in batch.sample]
+        logprobs = [next(lit) if smp else None for smp in batch.sample] if lps is not None else None
+        return tokens, logprobs
+
+    # ---------------------------------------------------------------- CUDA graphs
+    def _capture(self):
+        max_bs = self.max_num_seqs
+        dev = self.device
+        self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
+        self.g_seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.g_cu = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        pool = None
+        for bs in reversed(graph_sizes(max_bs)):  # largest first: the smaller ones reuse its pool
+            meta = StepMeta(slot_mapping=self.g_slots[:bs], block_table=self.g_tables[:bs],
+                            seq_lens=self.g_seq_lens[:bs], cu_seqlens_q=self.g_cu[:bs + 1],
+                            cu_seqlens_k=self.g_cu[:bs + 1], max_seqlen_q=1, max_seqlen_k=self.max_model_len,
+                            decode=True)
+            self.model.step(self.g_ids[:bs], self.g_pos[:bs], self.kv_caches, meta)  # warm-up (compiles kernels)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool):
+                out = self.model.step(self.g_ids[:bs], self.g_pos[:bs], self.kv_caches, meta)
+            pool = g.pool() if pool is None else pool
+            self.graphs[bs] = (g, out)
+        torch.cuda.synchronize()
+
+    def _replay(self, ids, pos, slots, seq_lens, tables):
+        n = len(ids)
+        bs = min(s for s in self.graphs if s >= n)
+        pad = bs - n
+        # padded rows: token 0 at position 0, no KV write (slot -1), attend to one (zeroed) slot
+        self.g_ids[:bs].copy_(self._to(ids + [0] * pad, torch.long), non_blocking=True)
+        self.g_pos[:bs].copy_(self._to(pos + [0] * pad, torch.long), non_blocking=True)
+        self.g_slots[:bs].copy_(self._to(slots + [-1] * pad, torch.long), non_blocking=True)
+        self.g_seq_lens[:bs].copy_(self._to(seq_lens + [1] * pad, torch.int32), non_blocking=True)
+        w = self.max_blocks_per_seq
+        self.g_tables[:bs].copy_(self._to([t + [0] * (w - len(t)) for t in tables] + [[0] * w] * pad,
+                                          torch.int32), non_blocking=True)
+        g, out = self.graphs[bs]
+        g.replay()
+        return out

@@ -1,0 +1,203 @@
+"""SamplingParams and the batched sampler.
+
+The sampler works on the whole batch's logits (B, V) at once; per-row settings become (B,)
+tensors. Order: penalties -> greedy rows take argmax -> temperature -> top-k -> top-p ->
+min-p -> draw. Draws use the exponential-race trick argmax(p / E), E ~ Exp(1), so a seeded
+request draws its own E from its own torch.Generator: its samples do not depend on the
+rest of the batch.
+
+Logprobs are the model's raw distribution, log_softmax(logits) before penalties and
+temperature (vLLM's "raw_logprobs"), so they mean the same whatever the sampling settings.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(msg)
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0.0:  # also catches NaN
+            bad(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k == 0 or self.top_k < -1:
+            bad(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad(f"min_p must be in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0.0:
+            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                bad(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad(f"stop must be non-empty strings, got {self.stop!r}")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad(f"seed must be an integer, got {self.seed!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            bad(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _rows(lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged token lists -> (row index, token id) flat tensors for scatter."""
+    rows = [i for i, l in enumerate(lists) for _ in l]
+    cols = [t for l in lists for t in l]
+    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(cols, dtype=torch.long, device=device)
+
+
+def apply_penalties(logits, params, prompt_ids, output_ids):
+    """logits (B, V) fp32 in place. repetition (HF): over prompt+output tokens, positive
+    logits / p, negative * p. presence/frequency (OpenAI): over output tokens,
+    logit -= frequency * count + presence * (count > 0)."""
+    B, V = logits.shape
+    dev = logits.device
+    rep = [p.repetition_penalty for p in params]
+    if any(r != 1.0 for r in rep):
+        seen = torch.zeros(B, V, dtype=torch.bool, device=dev)
+        r, c = _rows([(pi + oi) if p.repetition_penalty != 1.0 else []
+                      for p, pi, oi in zip(params, prompt_ids, output_ids)], dev)
+        seen[r, c] = True
+        pen = torch.tensor(rep, dtype=logits.dtype, device=dev)[:, None]
+        logits.copy_(torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits))
+    if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
+        counts = torch.zeros(B, V, dtype=logits.dtype, device=dev)
+        r, c = _rows([oi if (p.presence_penalty or p.frequency_penalty) else []
+                      for p, oi in zip(params, output_ids)], dev)
+        counts.index_put_((r, c), torch.ones_like(r, dtype=logits.dtype), accumulate=True)
+        freq = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=dev)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=dev)[:, None]
+        logits -= freq * counts + pres * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_top_k_top_p(logits, top_k: torch.Tensor | None, top_p: torch.Tensor | None):
+    """logits (B, V); top_k (B,) long (V = off); top_p (B,) float (1 = off). Masked -> -inf."""
+    sorted_logits, idx = logits.sort(dim=-1, descending=True)
+    V = logits.shape[-1]
+    mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k is not None:
+        mask |= torch.arange(V, device=logits.device)[None, :] >= top_k[:, None]
+    if top_p is not None:
+        probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first one always stays)
+        mask |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    return logits.scatter(-1, idx, sorted_logits.masked_fill(mask, float("-inf")))
+
+
+def apply_min_p(logits, min_p: torch.Tensor):
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}  # per-device stream for unseeded rows
+
+    def _generator(self, device) -> torch.Generator:
+        g = self.generators.get(device)
+        if g is None:
+            g = torch.Generator(device)
+            g.manual_seed(self.seed) if self.seed is not None else g.seed()
+            self.generators[device] = g
+        return g
+
+    @staticmethod
+    def request_generator(seed: int, device) -> torch.Generator:
+        g = torch.Generator(device)
+        g.manual_seed(seed)
+        return g
+
+    @torch.no_grad()
+    def __call__(self, logits, params, prompt_ids=None, output_ids=None, generators=None):
+        """logits (B, V); params/prompt_ids/output_ids/generators: one per row (generator None
+        for unseeded rows). Returns (tokens list[int], logprobs list[dict|None] or None)."""
+        B, V = logits.shape
+        dev = logits.device
+        logits = logits.float()
+        want_lp = any(p.logprobs is not None for p in params)
+        raw_lp = logits.log_softmax(-1) if want_lp else None
+        if any(p.has_penalties for p in params):
+            logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            tokens = logits.argmax(-1)
+        else:
+            temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev)
+            x = logits / temp[:, None]
+            use_k = any(p.top_k > 0 for p in params)
+            use_p = any(p.top_p < 1.0 for p in params)
+            if use_k or use_p:
+                top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev) if use_k else None
+                top_p = torch.tensor([p.top_p for p in params], device=dev) if use_p else None
+                x = apply_top_k_top_p(x, top_k, top_p)
+            if any(p.min_p > 0 for p in params):
+                x = apply_min_p(x, torch.tensor([p.min_p for p in params], device=dev))
+            probs = x.softmax(-1)
+            q = torch.empty_like(probs).exponential_(generator=self._generator(dev))
+            for i, g in enumerate(generators or ()):
+                if g is not None:  # a seeded request: its own stream, whatever else is in the batch
+                    q[i].exponential_(generator=g)
+            sampled = (probs / q).argmax(-1)
+            tokens = sampled
+            if any(greedy):
+                tokens = torch.where(torch.tensor(greedy, device=dev), logits.argmax(-1), sampled)
+        tok_list = tokens.tolist()
+        if not want_lp:
+            return tok_list, None
+        return tok_list, _logprobs(raw_lp, tokens, params)
+
+
+def _logprobs(raw_lp, tokens, params):
+    """Per row: {token_id: logprob} holding the chosen token and the top-N alternatives."""
+    n = max(p.logprobs or 0 for p in params)
+    chosen = raw_lp.gather(-1, tokens[:, None])[:, 0].tolist()
+    top_v, top_i = raw_lp.topk(n, dim=-1) if n else (None, None)
+    top_v = top_v.tolist() if n else None
+    top_i = top_i.tolist() if n else None
+    out = []
+    for b, (p, t) in enumerate(zip(params, tokens.tolist())):
+        if p.logprobs is None:
+            out.append(None)
+            continue
+        d = {t: chosen[b]}
+        for j in range(p.logprobs):
+            d.setdefault(top_i[b][j], top_v[b][j])
+        out.append(d)
+    return out

@@ -1,0 +1,205 @@
+"""Continuous batching (no torch): sequences, waiting/running queues, chunked prefill.
+
+Each step gets a token budget (max_num_batched_tokens) and a sequence cap (max_num_seqs).
+Running sequences go first (decodes before prefill chunks, oldest first), then waiting ones
+are admitted while blocks and budget last. A long prompt is computed over several steps;
+only the step that reaches the end of a sequence's tokens samples a new token. When blocks
+run out the newest running sequence is preempted by recompute: its blocks are freed and it
+goes back to the front of the waiting queue (its generated tokens are kept and re-prefilled,
+mostly from the prefix cache).
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+from .kv_cache import BlockManager
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    _counter = itertools.count()  # arrival order only; never reset, carries no state
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_token_id: int | None = None):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)   # prompt + generated
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params                       # SamplingParams (duck-typed here)
+        self.eos_token_id = eos_token_id
+        self.status = Status.WAITING
+        self.num_computed_tokens = 0
+        self.num_hashed_blocks = 0
+        self.num_cached_tokens = 0                 # prefix-cache hit of the last admission
+        self.block_table: list[int] = []
+        self.finish_reason: str | None = None
+        self.arrival = next(Sequence._counter)
+        self.data = None                            # per-request state owned by the caller (detokenizer...)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def __repr__(self):
+        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]      # tokens computed this step, per sequence
+    sample: list[bool]             # whether the step reaches the sequence's end (-> sample a token)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.num_new_tokens)
+
+    def __len__(self):
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 max_model_len: int = 1024):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.bm = block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.requests: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+
+    # ---------------------------------------------------------------- requests
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"duplicate request id {seq.request_id!r}")
+        if self.bm.blocks_for(seq.num_tokens + 1) > self.bm.num_blocks:
+            raise ValueError(f"sequence of {seq.num_tokens} tokens can never fit the KV cache "
+                             f"({self.bm.num_blocks} blocks of {self.bm.block_size})")
+        self.requests[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now, freeing its blocks. Returns whether it was known."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return False
+        self.finish(seq, "abort")
+        return True
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.bm.free(seq.block_table)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.requests.pop(seq.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---------------------------------------------------------------- scheduling
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq.block_table)
+        seq.status, seq.num_computed_tokens, seq.num_hashed_blocks = Status.WAITING, 0, 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        seqs, counts = [], []
+        done: set[int] = set()
+        # decodes first so a long prefill chunk cannot stall them; then prefill chunks; oldest first
+        order = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed_tokens > 1, s.arrival))
+        preempted = False
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.bm.can_append(seq.block_table, seq.num_computed_tokens + n):
+                victims = [s for s in self.running if id(s) not in done and s is not seq]
+                victim = max(victims, key=lambda s: s.arrival) if victims else seq
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            self.bm.append(seq.block_table, seq.num_computed_tokens + n)
+            seqs.append(seq)
+            counts.append(n)
+            done.add(id(seq))
+            budget -= n
+        # admit waiting sequences (not after a preemption: memory is short)
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            # room for all its tokens plus the next one, so its first decode step has a slot
+            if not self.bm.can_allocate(seq.num_tokens + 1):
+                break
+            self.waiting.popleft()
+            seq.block_table, cached = self.bm.allocate(seq.token_ids)
+            seq.num_computed_tokens = seq.num_cached_tokens = cached
+            seq.num_hashed_blocks = cached // self.bm.block_size
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_tokens - cached, budget)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+        sample = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, counts)]
+        return ScheduledBatch(seqs, counts, sample)
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
+        """Advance each scheduled sequence; append sampled tokens; finish those that hit eos,
+        a stop token, max_tokens or the context limit. Returns the batch indices that got a token."""
+        out = []
+        for i, (seq, n, tok) in enumerate(zip(batch.seqs, batch.num_new_tokens, sampled)):
+            if seq.status is not Status.RUNNING:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens += n
+            seq.num_hashed_blocks = self.bm.commit(seq.block_table, seq.token_ids, seq.num_computed_tokens,
+                                                   seq.num_hashed_blocks)
+            if tok is None:
+                continue
+            seq.token_ids.append(tok)
+            out.append(i)
+            p = seq.params
+            if not p.ignore_eos and tok == seq.eos_token_id:
+                self.finish(seq, "stop")
+            elif p.stop_token_ids and tok in p.stop_token_ids:
+                self.finish(seq, "stop")
+            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                self.finish(seq, "length")
+        return out
