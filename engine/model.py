@@ -168,8 +168,6 @@ class GPT(nn.Module):
 
     def hidden(self, input_ids, positions, kv_caches=None, meta=None):
         """Final-norm hidden states (..., C) for input_ids (...)."""
-        if positions.max() >= self.config.max_seq_len:
-            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
@@ -182,6 +180,8 @@ class GPT(nn.Module):
         # input_ids (B, T) int64 -> logits (B, T, V)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_seq_len:  # checked here, not in hidden(): step() must not sync
+            raise ValueError(f"position {input_ids.shape[1] - 1} exceeds max_seq_len {self.config.max_seq_len}")
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         return self.logits(self.hidden(input_ids, pos))
 
