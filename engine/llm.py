@@ -366,8 +366,9 @@ class AsyncLLM:
                             llm.add_request(*seq_args, stream=True)
                         except Exception as e:
                             self._post(seq_args[2], e)
-                    else:
+                    else:  # the stream (if anyone still reads it) ends unfinished
                         llm.abort(op[1])
+                        self._post(op[1], None)
                         self._queues.pop(op[1], None)
                 if stopping:
                     for rid in list(llm.scheduler.requests):

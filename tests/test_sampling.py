@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+
+from engine.sampling import SamplingParams, Sampler, apply_min_p, apply_penalties, apply_top_k_top_p
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),
+                                dict(top_k=-2), dict(max_tokens=0), dict(min_p=1.5), dict(repetition_penalty=0.0),
+                                dict(presence_penalty=3.0), dict(frequency_penalty=-2.5), dict(logprobs=-1),
+                                dict(stop=[""]), dict(stop_token_ids=[-1]), dict(temperature=float("nan"))])
+def test_params_reject_impossible_values(kw):
+    with pytest.raises(ValueError):
+        SamplingParams(**kw)
+
+
+def test_params_defaults_and_normalisation():
+    p = SamplingParams(stop="x")
+    assert p.max_tokens == 16 and p.temperature == 1.0 and p.top_k == -1 and p.stop == ["x"]
+    assert p.stop_token_ids == [] and not p.greedy and SamplingParams(temperature=0).greedy
+
+
+def test_top_k_top_p_masks():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]))
+    out = apply_top_k_top_p(logits, torch.tensor([2, 4]), None)
+    assert torch.isinf(out[0, 2:]).all() and torch.isfinite(out[0, :2]).all() and torch.isfinite(out[1]).all()
+    # top_p 0.6: keep tokens until the mass before them reaches 0.6 -> {0.4, 0.3}; top_p 1: all
+    out = apply_top_k_top_p(logits, None, torch.tensor([0.6, 1.0]))
+    assert torch.isfinite(out[0]).tolist() == [True, True, False, False]
+    assert torch.isfinite(out[1]).all()
+    # the most likely token always survives
+    out = apply_top_k_top_p(logits, None, torch.tensor([1e-6, 1e-6]))
+    assert torch.isfinite(out).sum(-1).tolist() == [1, 1] and torch.isfinite(out[1, 3])
+
+
+def test_min_p_mask():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    out = apply_min_p(logits, torch.tensor([0.4]))  # threshold 0.2
+    assert torch.isfinite(out[0]).tolist() == [True, True, False, False]
+
+
+def test_penalties_match_hand_computation():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -0.5, 1.0]])
+    p = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(logits.clone(), [p], [[0, 1]], [[2, 2, 1]])
+    exp = [2.0 / 2, -1.0 * 2, 0.5 / 2, -0.5, 1.0]      # repetition over prompt+output {0, 1, 2}
+    exp[2] -= 0.5 + 0.25 * 2                           # output counts: token 2 twice, token 1 once
+    exp[1] -= 0.5 + 0.25 * 1
+    torch.testing.assert_close(out[0], torch.tensor(exp))
+    # a row without penalties is untouched
+    out = apply_penalties(torch.cat([logits, logits]), [SamplingParams(), p], [[0], [0, 1]], [[2], [2, 2, 1]])
+    torch.testing.assert_close(out[0], logits[0])
+
+
+def test_greedy_rows_ignore_the_rest_of_the_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    s = Sampler(seed=0)
+    ps = [SamplingParams(temperature=0), SamplingParams(temperature=1.5, top_k=5),
+          SamplingParams(temperature=0), SamplingParams(top_p=0.5)]
+    toks, _ = s(logits, ps, generators=[None] * 4)
+    assert toks[0] == logits[0].argmax() and toks[2] == logits[2].argmax()
+    toks2, _ = s(logits, [SamplingParams(temperature=0)] * 4)
+    assert toks2 == logits.argmax(-1).tolist()
+
+
+def test_seeded_rows_reproduce_whatever_the_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 100)
+    p = SamplingParams(seed=7, temperature=1.0)
+
+    def draw(batch_logits, row, n_other):
+        s = Sampler()
+        g = Sampler.request_generator(7, "cpu")
+        gens = [None] * n_other + [g]
+        ps = [SamplingParams(temperature=0.8)] * n_other + [p]
+        return [s(torch.cat([batch_logits[:n_other], logits[row:row + 1]]), ps, generators=gens)[0][-1]
+                for _ in range(20)]
+
+    a = draw(logits, 1, 0)
+    b = draw(torch.randn(5, 100), 1, 5)
+    assert a == b and len(set(a)) > 1
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    logits = probs.clamp_min(1e-30).log().expand(4000, 4)
+    toks, _ = Sampler(seed=0)(logits, [SamplingParams()] * 4000)
+    freq = torch.bincount(torch.tensor(toks), minlength=4).float() / 4000
+    assert (freq - probs).abs().max() < 0.04 and freq[3] == 0
+    toks, _ = Sampler(seed=0)(logits, [SamplingParams(top_k=1)] * 4000)
+    assert set(toks) == {0}
+
+
+def test_logprobs_are_raw_log_softmax_with_top_n():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 30)
+    ps = [SamplingParams(temperature=0, logprobs=3), SamplingParams(), SamplingParams(temperature=0, logprobs=0)]
+    toks, lps = Sampler(seed=0)(logits, ps)
+    ref = logits.log_softmax(-1)
+    assert lps[1] is None
+    assert len(lps[0]) == 3 and toks[0] in lps[0]   # greedy: the chosen token is also the top-1
+    for t, v in lps[0].items():
+        assert math.isclose(v, ref[0, t].item(), rel_tol=1e-5)
+    assert set(lps[0]) == set(ref[0].topk(3).indices.tolist())
+    assert list(lps[2]) == [toks[2]]
