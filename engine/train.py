@@ -69,7 +69,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     fsdp: bool = False
     vocab_size: int | None = None     # tokenizer size for a new model (model vocab: padded to 64)
-    corpus_mb: float = 8.0            # cap on the default corpus
+    corpus_mb: float | None = None    # cap on the default corpus; None: 8 MB on CPU, all of it on GPU
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs, n/a on CPU
     sample_tokens: int = 24
     stop_after: int | None = None     # stop (with a checkpoint) after this step, as if preempted
@@ -78,7 +78,9 @@ class TrainConfig:
 
 def _defaults(cfg: TrainConfig, cuda: bool) -> TrainConfig:
     """Sizes for a few minutes of gpt2-tiny: on a 2-core CPU, or much more on a GPU."""
-    d = dict(steps=3000, batch_size=64, seq_len=256) if cuda else dict(steps=300, batch_size=16, seq_len=128)
+    # the whole default corpus is ~12 MB (~3.5M tokens): the GPU default sees it ~3 times
+    d = dict(steps=1500, batch_size=32, seq_len=256, corpus_mb=64.0) if cuda else \
+        dict(steps=300, batch_size=16, seq_len=128, corpus_mb=8.0)
     for k, v in d.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
@@ -220,6 +222,7 @@ def train(cfg: TrainConfig) -> Path:
     from .tokenizer import Tokenizer
 
     dd = Dist(cfg.device)
+    seq_auto = cfg.seq_len is None
     cfg = _defaults(cfg, dd.device.type == "cuda")
     out = Path(cfg.out)
     log = print if dd.master else (lambda *a, **k: None)
@@ -250,6 +253,8 @@ def train(cfg: TrainConfig) -> Path:
         # the tokenizer gets the requested size; the embedding rounds up for aligned GEMMs
         cfg.vocab_size = cfg.vocab_size or mcfg.vocab_size
         mcfg.vocab_size = pad_vocab(mcfg.vocab_size)
+    if seq_auto:
+        cfg.seq_len = min(cfg.seq_len, mcfg.max_seq_len)
     if cfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
 
@@ -392,7 +397,7 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=start, disable=not (dd.master and cfg.progress), dynamic_ncols=True)
     ddp = hasattr(model, "no_sync")
     loss_acc = torch.zeros((), dtype=torch.float64, device=dd.device)
-    count_acc, t_last, step_last = 0, time.time(), start
+    count_acc, t_last, step_last, train_loss = 0, time.time(), start, float("nan")
     for step in range(start, end):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
@@ -429,7 +434,7 @@ def train(cfg: TrainConfig) -> Path:
             val = evaluate()
             prompt, text = sample()
             if dd.master:
-                bar.write(f"step {done}: val loss {val:.3f} | {prompt!r} -> {text!r}")
+                bar.write(f"step {done}: train loss {train_loss:.3f}, val loss {val:.3f} | {prompt!r} -> {text!r}")
             write_log(dict(step=done, val_loss=val, sample=prompt + text))
             t_last = time.time()  # evaluation time is not training throughput
         if done % cfg.save_every == 0 or done == end:
@@ -497,7 +502,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary for a new model")
-    p.add_argument("--corpus-mb", type=float, default=8.0, help="cap on the default corpus")
+    p.add_argument("--corpus-mb", type=float, help="cap on the default corpus (default: 8 on CPU, all on GPU)")
     p.add_argument("--peak-tflops", type=float, help="per-device peak for MFU")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", dest="progress", action="store_false")
