@@ -1,0 +1,516 @@
+"""FlashAttention-2 in Triton: forward and backward, dense (B, S, H, D) and varlen/paged.
+
+One kernel per pass serves every layout: dense batches use batch strides, varlen batches
+read per-sequence offsets from cu_seqlens (VARLEN), paged K/V go through a block table
+(PAGED). Softmax runs in the log2 domain in fp32; the forward stores the row LSE (log2,
++inf for rows that see no key, so the backward's exp2(s - lse) is 0 there).
+GQA reads K/V head h // (H // Hkv); the dk/dv kernel loops over the group's query heads,
+so K/V are never repeated and no atomics are needed (deterministic).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import use_triton  # noqa: F401  (kept for callers that probe the backend)
+
+# Under the interpreter (CPU tests) fixed small blocks keep the numpy emulation quick and
+# still exercise multi-block loops, BLOCK_M != BLOCK_N and masked tails.
+_CPU_FWD = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+_CPU_DQ = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+_CPU_DKDV = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+
+
+def _cfgs(rows):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
+
+
+# Hopper (sm_90): 128-row tiles with 8 warps feed wgmma; smaller ones win for short sequences.
+_FWD_CONFIGS = _cfgs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
+                      (64, 64, 4, 3), (64, 32, 4, 2)])
+_DQ_CONFIGS = _cfgs([(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)])
+_DKDV_CONFIGS = _cfgs([(32, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)])
+_TUNE_KEY = ["tune_q", "tune_k", "BLOCK_D", "CAUSAL", "VARLEN", "PAGED"]
+
+
+@triton.jit
+def _kv_ptrs(base, bt_ptr, offs_n, offs_d, stride_b, stride_t, nmask, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    # (BLOCK_N, BLOCK_D) pointers to key rows offs_n; paged rows go through the block table
+    if PAGED:
+        blk = tl.load(bt_ptr + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+        rows = blk * stride_b + (offs_n % PAGE) * stride_t
+    else:
+        rows = offs_n.to(tl.int64) * stride_t
+    return base + rows[:, None] + offs_d[None, :]
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
+               offs_m, offs_d, lo, hi, sk, diag, qk_scale,
+               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               PAGED: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nmask = offs_n < sk
+        kp = _kv_ptrs(k_base, bt_ptr, offs_n, offs_d, stride_kb, stride_kt, nmask, PAGED, PAGE)
+        vp = _kv_ptrs(v_base, bt_ptr, offs_n, offs_d, stride_vb, stride_vt, nmask, PAGED, PAGE)
+        if MASKED or HEAD_D != BLOCK_D:
+            msk = nmask[:, None] & (offs_d[None, :] < HEAD_D)
+            k = tl.load(kp, mask=msk, other=0.0)
+            v = tl.load(vp, mask=msk, other=0.0)
+        else:  # interior tiles: no predicates in the hot loop
+            k = tl.load(kp)
+            v = tl.load(vp)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if MASKED:
+            ok = nmask[None, :]
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None] + diag)
+            qk = tl.where(ok, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row: keep p = 0, not nan
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = m_new
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, VARLEN: tl.constexpr):
+    # (q_start, sq, k_start, sk) of sequence b: packed offsets (varlen) or the dense shape
+    # starts are int64: packed offsets times token strides overflow int32 on long batches
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        sq = tl.load(CU_Q + b + 1) - q_start
+        sk = tl.load(CU_K + b + 1) - k_start
+        return q_start, sq, k_start, sk
+    else:
+        return 0, seq_q, 0, seq_k
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, BT,
+                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
+                stride_lb, stride_lh, stride_btb,
+                H, GROUP, seq_q, seq_k, qk_scale, tune_q, tune_k,
+                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                PAGED: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (cdiv(max_seqlen_q, BLOCK_M), B * H); causal runs the longest (last) q blocks first
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // GROUP
+    q_start, sq, k_start, sk = _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= sq:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * stride_qb + q_start * stride_qt + h * stride_qh
+    qmask = (offs_m[:, None] < sq) & (offs_d[None, :] < HEAD_D)
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qmask, other=0.0)
+    if PAGED:
+        k_base = K + kvh * stride_kh
+        v_base = V + kvh * stride_vh
+    else:
+        k_base = K + b64 * stride_kb + k_start * stride_kt + kvh * stride_kh
+        v_base = V + b64 * stride_vb + k_start * stride_vt + kvh * stride_vh
+    bt_ptr = BT + b64 * stride_btb
+
+    diag = sk - sq  # bottom-right: row i sees keys j <= i + diag
+    if CAUSAL:
+        hi = tl.minimum(sk, m0 + BLOCK_M + diag)
+        full = tl.maximum(tl.minimum(m0 + diag + 1, sk), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = sk
+        full = sk // BLOCK_N * BLOCK_N
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
+                               offs_m, offs_d, 0, full, sk, diag, qk_scale,
+                               BLOCK_N, HEAD_D, BLOCK_D, False, CAUSAL, PAGED, PAGE, PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
+                               offs_m, offs_d, full, hi, sk, diag, qk_scale,
+                               BLOCK_N, HEAD_D, BLOCK_D, True, CAUSAL, PAGED, PAGE, PREC)
+    empty = l_i == 0.0  # rows that see no key (causal, Sq > Sk) output 0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_base = O + b64 * stride_ob + q_start * stride_ot + h * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty), mask=qmask)
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
+    l_base = LSE + b64 * stride_lb + h * stride_lh + q_start
+    tl.store(l_base + offs_m, lse, mask=offs_m < sq)
+
+
+@triton.jit
+def _bwd_pre_kernel(O, DO, DELTA, CU_Q,
+                    stride_ob, stride_ot, stride_oh, stride_db, stride_dt, stride_dh, stride_lb, stride_lh,
+                    H, seq_q, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+    # delta = rowsum(dO * O), same layout as LSE
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, sq, _, _ = _seq_bounds(CU_Q, CU_Q, b, seq_q, seq_q, VARLEN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m[:, None] < sq) & (offs_d[None, :] < HEAD_D)
+    b64 = b.to(tl.int64)
+    rows = (q_start + offs_m).to(tl.int64)[:, None]
+    o = tl.load(O + b64 * stride_ob + h * stride_oh + rows * stride_ot + offs_d[None, :], mask=msk, other=0.0)
+    do = tl.load(DO + b64 * stride_db + h * stride_dh + rows * stride_dt + offs_d[None, :], mask=msk, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + b64 * stride_lb + h * stride_lh + q_start + offs_m, delta, mask=offs_m < sq)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, sk, diag,
+              qk_scale, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        rows = offs_n.to(tl.int64)[:, None]
+        if MASKED or HEAD_D != BLOCK_D:
+            msk = (offs_n[:, None] < sk) & (offs_d[None, :] < HEAD_D)
+            k = tl.load(k_base + rows * stride_kt + offs_d[None, :], mask=msk, other=0.0)
+            v = tl.load(v_base + rows * stride_vt + offs_d[None, :], mask=msk, other=0.0)
+        else:
+            k = tl.load(k_base + rows * stride_kt + offs_d[None, :])
+            v = tl.load(v_base + rows * stride_vt + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.math.exp2(qk - lse[:, None])
+        if MASKED:
+            ok = offs_n[None, :] < sk
+            if CAUSAL:
+                ok = ok & (offs_n[None, :] <= offs_m[:, None] + diag)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K,
+               stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+               stride_vb, stride_vt, stride_vh, stride_db, stride_dt, stride_dh,
+               stride_gb, stride_gt, stride_gh, stride_lb, stride_lh,
+               H, GROUP, seq_q, seq_k, qk_scale, scale, tune_q, tune_k,
+               HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+               PAGED: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (cdiv(max_seqlen_q, BLOCK_M), B * H): dq = scale * dS K over the forward's key range
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // GROUP
+    q_start, sq, k_start, sk = _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, VARLEN)
+    m0 = pid_m * BLOCK_M
+    if m0 >= sq:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    rows = (q_start + offs_m).to(tl.int64)[:, None]
+    msk = (offs_m[:, None] < sq) & (offs_d[None, :] < HEAD_D)
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + rows * stride_qt + offs_d[None, :], mask=msk, other=0.0)
+    do = tl.load(DO + b64 * stride_db + h * stride_dh + rows * stride_dt + offs_d[None, :], mask=msk, other=0.0)
+    l_base = b64 * stride_lb + h * stride_lh + q_start
+    lse = tl.load(LSE + l_base + offs_m, mask=offs_m < sq, other=float("inf"))
+    delta = tl.load(DELTA + l_base + offs_m, mask=offs_m < sq, other=0.0)
+    k_base = K + b64 * stride_kb + k_start * stride_kt + kvh * stride_kh
+    v_base = V + b64 * stride_vb + k_start * stride_vt + kvh * stride_vh
+    diag = sk - sq
+    if CAUSAL:
+        hi = tl.minimum(sk, m0 + BLOCK_M + diag)
+        full = tl.maximum(tl.minimum(m0 + diag + 1, sk), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = sk
+        full = sk // BLOCK_N * BLOCK_N
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full, sk, diag,
+                   qk_scale, BLOCK_N, HEAD_D, BLOCK_D, False, CAUSAL, PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full, hi, sk, diag,
+                   qk_scale, BLOCK_N, HEAD_D, BLOCK_D, True, CAUSAL, PREC)
+    dq = dq * scale
+    tl.store(DQ + b64 * stride_gb + h * stride_gh + rows * stride_gt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=msk)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt,
+                offs_n, offs_d, lo, hi, sq, diag, qk_scale, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
+                MASKED: tl.constexpr, PREC: tl.constexpr):
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = offs_m.to(tl.int64)
+        mmask = offs_m < sq
+        # q^T (BLOCK_D, BLOCK_M) so that k @ q^T is (BLOCK_N, BLOCK_M): rows of p^T belong to our keys
+        qT = tl.load(q_base + rows[None, :] * stride_qt + offs_d[:, None],
+                     mask=mmask[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=mmask, other=float("inf"))
+        pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - lse[None, :])
+        if MASKED:  # bottom-right causal: key j visible to row i when j <= i + diag
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dt + offs_d[None, :],
+                     mask=mmask[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+        delta = tl.load(delta_base + offs_m, mask=mmask, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K,
+                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                 stride_vb, stride_vt, stride_vh, stride_db, stride_dt, stride_dh,
+                 stride_gkb, stride_gkt, stride_gkh, stride_gvb, stride_gvt, stride_gvh, stride_lb, stride_lh,
+                 HKV, GROUP, seq_q, seq_k, qk_scale, scale, tune_q, tune_k,
+                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                 PAGED: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (cdiv(max_seqlen_k, BLOCK_N), B * Hkv): one K/V tile, summed over the group's GROUP q heads
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    kvh = bh % HKV
+    q_start, sq, k_start, sk = _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, VARLEN)
+    n0 = pid_n * BLOCK_N
+    if n0 >= sk:
+        return
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    krows = (k_start + offs_n).to(tl.int64)[:, None]
+    msk = (offs_n[:, None] < sk) & (offs_d[None, :] < HEAD_D)
+    k = tl.load(K + b64 * stride_kb + kvh * stride_kh + krows * stride_kt + offs_d[None, :], mask=msk, other=0.0)
+    v = tl.load(V + b64 * stride_vb + kvh * stride_vh + krows * stride_vt + offs_d[None, :], mask=msk, other=0.0)
+    diag = sk - sq
+    if CAUSAL:  # first row that sees key n0; rows from `full` on see the whole tile
+        lo = tl.maximum(n0 - diag, 0) // BLOCK_M * BLOCK_M
+        full = tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M, lo)
+    else:
+        lo = 0
+        full = 0
+    mid = tl.minimum(full, sq)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        q_base = Q + b64 * stride_qb + q_start * stride_qt + h * stride_qh
+        do_base = DO + b64 * stride_db + q_start * stride_dt + h * stride_dh
+        l_off = b64 * stride_lb + h * stride_lh + q_start
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + l_off, DELTA + l_off, stride_qt, stride_dt,
+                             offs_n, offs_d, lo, mid, sq, diag, qk_scale, BLOCK_M, HEAD_D, True, PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + l_off, DELTA + l_off, stride_qt, stride_dt,
+                             offs_n, offs_d, full, sq, sq, diag, qk_scale, BLOCK_M, HEAD_D, False, PREC)
+    dk = dk * scale
+    tl.store(DK + b64 * stride_gkb + kvh * stride_gkh + krows * stride_gkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=msk)
+    tl.store(DV + b64 * stride_gvb + kvh * stride_gvh + krows * stride_gvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=msk)
+
+
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_fwd_kernel)
+_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_dq_kernel)
+_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_dkdv_kernel)
+
+LOG2E = 1.4426950408889634
+
+
+def _launch(tuned, raw, cpu_cfg, grid_of, args, consts, x):
+    """Autotuned launch on CUDA; fixed small blocks under the interpreter."""
+    if x.is_cuda:
+        tuned[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+    else:
+        raw[grid_of(cpu_cfg["BLOCK_M"], cpu_cfg["BLOCK_N"])](*args, **consts, **cpu_cfg)
+
+
+def _tune_bucket(n):
+    return min(triton.next_power_of_2(max(n, 16)), 8192)  # retune per power of 2, not per length
+
+
+def _s(x, varlen):
+    # (batch, token, head) strides; packed tensors have no batch stride
+    return (0, x.stride(0), x.stride(1)) if varlen else (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _last_contig(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _Meta:
+    """Shape facts shared by the forward and backward launches of one call."""
+
+    def __init__(self, q, k, cu_q, max_sq, max_sk, causal, scale, paged):
+        self.varlen = cu_q is not None
+        self.batch = cu_q.shape[0] - 1 if self.varlen else q.shape[0]
+        self.h, self.d = q.shape[-2], q.shape[-1]
+        self.hkv = k.shape[-2]
+        self.max_sq, self.max_sk = max_sq, max_sk
+        self.consts = dict(HEAD_D=self.d, BLOCK_D=triton.next_power_of_2(self.d), CAUSAL=bool(causal),
+                           VARLEN=self.varlen, PAGED=paged,
+                           PREC="ieee" if q.dtype == torch.float32 else "tf32")
+        self.tune = (_tune_bucket(max_sq), _tune_bucket(max_sk))
+        self.scale = scale
+        self.qk_scale = scale * LOG2E
+
+    def lse_empty(self, q):
+        shape = (self.h, q.shape[0]) if self.varlen else (self.batch, self.h, self.max_sq)
+        return torch.empty(shape, device=q.device, dtype=torch.float32)
+
+    def lse_strides(self, lse):
+        return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
+
+
+def _forward(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale):
+    q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+    paged = block_table is not None
+    m = _Meta(q, k, cu_q, max_sq, max_sk, causal, scale, paged)
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = m.lse_empty(q)
+    if paged:
+        ks, vs = (k.stride(0), k.stride(1), k.stride(2)), (v.stride(0), v.stride(1), v.stride(2))
+        bt, bt_stride, page = block_table, block_table.stride(0), k.shape[1]
+    else:
+        ks, vs = _s(k, m.varlen), _s(v, m.varlen)
+        bt, bt_stride, page = q, 0, 1  # unused
+    dummy = cu_q if m.varlen else q
+    args = (q, k, v, out, lse, dummy, cu_k if m.varlen else q, bt,
+            *_s(q, m.varlen), *ks, *vs, *_s(out, m.varlen), *m.lse_strides(lse), bt_stride,
+            m.h, m.h // m.hkv, max_sq, max_sk, m.qk_scale, *m.tune)
+    _launch(_fwd_tuned, _fwd_kernel, _CPU_FWD, lambda bm, bn: (triton.cdiv(max_sq, bm), m.batch * m.h),
+            args, dict(m.consts, PAGE=page), q)
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale):
+    do, q, k, v = _last_contig(do), _last_contig(q), _last_contig(k), _last_contig(v)
+    m = _Meta(q, k, cu_q, max_sq, max_sk, causal, scale, False)
+    vl = m.varlen
+    cu_q_, cu_k_ = (cu_q, cu_k) if vl else (q, q)
+    delta = torch.empty_like(lse)
+    blk = 64 if q.is_cuda else 32
+    _bwd_pre_kernel[(triton.cdiv(max_sq, blk), m.batch * m.h)](
+        out, do, delta, cu_q_, *_s(out, vl), *_s(do, vl), *m.lse_strides(lse), m.h, max_sq,
+        HEAD_D=m.consts["HEAD_D"], BLOCK_D=m.consts["BLOCK_D"], VARLEN=vl, BLOCK_M=blk)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    common = (*_s(q, vl), *_s(k, vl), *_s(v, vl), *_s(do, vl))
+    tail = (m.h // m.hkv, max_sq, max_sk, m.qk_scale, scale, *m.tune)
+    _launch(_dq_tuned, _dq_kernel, _CPU_DQ, lambda bm, bn: (triton.cdiv(max_sq, bm), m.batch * m.h),
+            (q, k, v, do, dq, lse, delta, cu_q_, cu_k_, *common, *_s(dq, vl), *m.lse_strides(lse), m.h, *tail),
+            m.consts, q)
+    _launch(_dkdv_tuned, _dkdv_kernel, _CPU_DKDV, lambda bm, bn: (triton.cdiv(max_sk, bn), m.batch * m.hkv),
+            (q, k, v, do, dk, dv, lse, delta, cu_q_, cu_k_, *common, *_s(dk, vl), *_s(dv, vl),
+             *m.lse_strides(lse), m.hkv, *tail), m.consts, q)
+    return dq, dk, dv
+
+
+# ---- torch.library ops: opaque to torch.compile, differentiable through register_autograd ----
+
+@torch.library.custom_op("gpt_engine::flash_attn_fwd", mutates_args=())
+def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, None, None, None, q.shape[1], k.shape[1], causal, scale)
+
+
+@_flash_fwd.register_fake
+def _(q, k, v, causal, scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt_engine::flash_attn_bwd", mutates_args=())
+def _flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, out, lse, None, None, q.shape[1], k.shape[1], causal, scale)
+
+
+@_flash_bwd.register_fake
+def _(do, q, k, v, out, lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _fwd_setup(ctx, inputs, output):
+    q, k, v, ctx.causal, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _fwd_grad(ctx, do, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _flash_bwd(do, q, k, v, out, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_flash_fwd.register_autograd(_fwd_grad, setup_context=_fwd_setup)
+
+
+@torch.library.custom_op("gpt_engine::flash_attn_varlen_fwd", mutates_args=())
+def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                max_sq: int, max_sk: int, causal: bool, scale: float,
+                block_table: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale)
+
+
+@_varlen_fwd.register_fake
+def _(q, k, v, cu_q, cu_k, max_sq, max_sk, causal, scale, block_table):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt_engine::flash_attn_varlen_bwd", mutates_args=())
+def _varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_sq: int, max_sk: int, causal: bool,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale)
+
+
+@_varlen_bwd.register_fake
+def _(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale, block_table = inputs
+    ctx.paged = block_table is not None
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, *output)
+
+
+def _varlen_grad(ctx, do, _dlse):
+    if ctx.paged:
+        raise NotImplementedError("flash_attention_varlen with block_table (paged KV) has no backward")
+    q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
+    dq, dk, dv = _varlen_bwd(do, q, k, v, out, lse, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_varlen_fwd.register_autograd(_varlen_grad, setup_context=_varlen_setup)
+
+
+def flash_attn_func(q, k, v, causal, scale):
+    """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> (B, Sq, H, D). Arguments already validated."""
+    return _flash_fwd(q, k, v, bool(causal), float(scale))[0]
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                           block_table=None):
+    """Packed q (total_q, H, D); k/v packed (total_k, Hkv, D) or paged (num_blocks, block_size, Hkv, D) with
+    block_table (B, max_blocks). Returns (total_q, H, D). Arguments already validated."""
+    return _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
+                       float(scale), block_table)[0]
