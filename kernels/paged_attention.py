@@ -29,3 +29,33 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=No
         kb, vb = gather_paged(k_cache, block_table[b], n), gather_paged(v_cache, block_table[b], n)
         out[b] = sdpa(q[None, b:b + 1], kb[None], vb[None], False, scale)[0, 0]
     return out
+
+
+def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
+    """Write new tokens' keys/values into the paged caches, in place.
+
+    k/v (N, Hkv, D); caches (num_blocks, block_size, Hkv, D); slot_mapping (N,) int64 flat slot
+    (block * block_size + offset), -1 to skip a token.
+    """
+    C.tensor("k", k, 3), C.tensor("v", v, 3), C.tensor("k_cache", k_cache, 4), C.tensor("v_cache", v_cache, 4)
+    C.same("k", k, v=v, k_cache=k_cache, v_cache=v_cache)
+    if k.shape != v.shape or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k/v shapes {tuple(k.shape)}, {tuple(v.shape)} and cache shapes {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)} must match pairwise")
+    if k.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"k rows {tuple(k.shape[1:])} do not match cache rows {tuple(k_cache.shape[2:])}")
+    C.tensor("slot_mapping", slot_mapping, 1, dtypes=(torch.int64,))
+    if slot_mapping.device != k.device:
+        raise ValueError(f"slot_mapping is on {slot_mapping.device} but k is on {k.device}")
+    if slot_mapping.shape[0] != k.shape[0]:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} tokens")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must be contiguous in the head dim")
+    if C.use_triton(k) and k.dtype != torch.float64:
+        from .triton_paged import store_kvcache_fwd
+        store_kvcache_fwd(k, v, k_cache, v_cache, slot_mapping)
+        return
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    for src, cache in ((k, k_cache), (v, v_cache)):
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, src[keep])
