@@ -178,7 +178,7 @@ async def _merge(engine, choices: list[Choice], metrics: Metrics, t0: float) -> 
                 _abort(engine, c.request_id)
 
 
-def _record(c: Choice, out, tokenizer, want_logprobs: bool) -> None:
+def _record(c: Choice, out, want_logprobs: bool) -> None:
     """Fold a delta into the choice; keep the logprobs of its new tokens if asked for."""
     c.text += out.new_text or ""
     c.token_ids = list(out.token_ids)
@@ -309,7 +309,7 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
         """Run to the end; a client that disconnects meanwhile cancels the work."""
         async def run():
             async for c, out in _merge(engine, choices, metrics, t0):
-                _record(c, out, tok, want_logprobs)
+                _record(c, out, want_logprobs)
 
         work = asyncio.ensure_future(run())
         gone = asyncio.ensure_future(_disconnected(request))
@@ -398,7 +398,7 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
                 echoed = set()
                 async for c, out in _merge(engine, choices, metrics, t0):
                     n_before = len(c.logprobs)
-                    _record(c, out, tok, want_lp)
+                    _record(c, out, want_lp)
                     text = out.new_text or ""
                     if req.echo and c.index not in echoed:
                         echoed.add(c.index)
@@ -448,7 +448,7 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
                          "finish_reason": None}]}
                 async for c, out in _merge(engine, choices, metrics, t0):
                     n_before = len(c.logprobs)
-                    _record(c, out, tok, top_n is not None)
+                    _record(c, out, top_n is not None)
                     if not out.new_text and not out.finished and not out.new_token_ids:
                         continue
                     delta = {"content": out.new_text} if out.new_text else {}

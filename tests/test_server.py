@@ -1,0 +1,403 @@
+"""The OpenAI-compatible server, driven by the official `openai` client (and httpx for bodies
+that client would refuse to send) against uvicorn in a thread on 127.0.0.1 with a small
+random-init model. All traffic stays on loopback; every wait is bounded."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from engine.llm import LLM, AsyncLLM
+from engine.server import ChatTemplate, add_args, build_app, load_chat_template
+from engine.tokenizer import Tokenizer
+from tests.helpers import make_hf_model
+
+KEY = "test-key"
+CORPUS = ("the quick brown fox jumps over the lazy dog. " * 40 + "hello world, hello server! " * 40
+          + "def f(x):\n    return x * 2\n" * 20)
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+class ServerThread:
+    """uvicorn serving `app` on a pre-bound loopback socket, in a thread with its own loop."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete,
+                                       args=(self.server.serve(sockets=[self.sock]),), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+    def call(self, fn, timeout=30):
+        """Run fn() (sync or async) on the server's loop, where the engine lives."""
+        async def wrap():
+            r = fn()
+            return await r if asyncio.iscoroutine(r) else r
+        return asyncio.run_coroutine_threadsafe(wrap(), self.loop).result(timeout)
+
+
+@pytest.fixture(scope="module")
+def torch_path():
+    # the server thread runs for the whole module: the function-scoped torch_cpu_path is too short
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve-model")
+    tok = Tokenizer.train([CORPUS], vocab_size=320, show_progress=False)
+    make_hf_model("gpt2", d, vocab_size=384)
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    tok.save(d)
+    return d
+
+
+def _start(model_dir, api_key):
+    engine = AsyncLLM(LLM(str(model_dir), device="cpu"))
+    return ServerThread(build_app(engine, api_key=api_key, chat_template=load_chat_template(model_dir))), engine
+
+
+@pytest.fixture(scope="module")
+def srv(torch_path, model_dir):
+    server, engine = _start(model_dir, KEY)
+    with server:
+        server.engine = engine
+        yield server
+
+
+@pytest.fixture
+def client(srv):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def auth():
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def wait_pool_empty(srv, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = srv.call(srv.engine.stats)
+        if s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_free_blocks"] == s["num_total_blocks"]:
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"KV pool not released: {s}")
+
+
+# ---------------------------------------------------------------- happy paths
+
+def test_models(client, srv):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [srv.engine.model_name]
+    assert client.models.retrieve(ids[0]).id == ids[0]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_completion_and_stream_agree(client, srv):
+    prompt = "the quick brown fox"
+    args = dict(model=srv.engine.model_name, prompt=prompt, max_tokens=12, temperature=0,
+                extra_body={"ignore_eos": True})
+    r = client.completions.create(**args)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    n_prompt = len(srv.engine.tokenizer.encode(prompt))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, 12, n_prompt + 12)
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_and_stream_agree(client, srv, model_dir):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello server"}]
+    args = dict(model=srv.engine.model_name, messages=msgs, max_completion_tokens=10, temperature=0,
+                extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(**args)
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and r.usage.completion_tokens == 10
+    # the model directory's jinja template was used
+    rendered = load_chat_template(model_dir).render(msgs)
+    assert rendered == "<|endoftext|>[system] be brief\n[user] hello server\n[assistant] "
+    assert r.usage.prompt_tokens == len(srv.engine.tokenizer.encode(rendered))
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_default_chat_template():
+    t = ChatTemplate()
+    assert t.render([{"role": "user", "content": "hi"}]) == "<|user|>\nhi\n<|assistant|>\n"
+
+
+def test_batch_prompts_n_echo_and_token_ids(client, srv):
+    tok = srv.engine.tokenizer
+    ids = tok.encode("hello world")
+    r = client.completions.create(model=srv.engine.model_name, prompt=["hello world", "def f(x):"], n=2,
+                                  max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text  # greedy: both samples agree
+    assert r.usage.prompt_tokens == len(ids) + len(tok.encode("def f(x):"))
+    assert r.usage.completion_tokens == 20
+    by_ids = client.completions.create(model=srv.engine.model_name, prompt=ids, max_tokens=5, temperature=0,
+                                       echo=True, extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == "hello world" + r.choices[0].text
+
+
+def test_logprobs(client, srv):
+    r = client.completions.create(model=srv.engine.model_name, prompt="hello", max_tokens=4, temperature=0,
+                                  logprobs=3, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert all(x <= 0 for x in lp.token_logprobs)
+    # greedy: the sampled token is the most likely one
+    assert all(abs(max(top.values()) - x) < 1e-4 for top, x in zip(lp.top_logprobs, lp.token_logprobs))
+    c = client.chat.completions.create(model=srv.engine.model_name, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=3, temperature=0, logprobs=True, top_logprobs=2,
+                                       extra_body={"ignore_eos": True})
+    content = c.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
+def test_sampling_options(client, srv):
+    model = srv.engine.model_name
+    args = dict(model=model, prompt="hello world", max_tokens=8, temperature=1.0, top_p=0.9,
+                extra_body={"ignore_eos": True, "top_k": 50, "min_p": 0.01, "repetition_penalty": 1.1})
+    a = client.completions.create(seed=7, presence_penalty=0.5, frequency_penalty=0.5, **args)
+    b = client.completions.create(seed=7, presence_penalty=0.5, frequency_penalty=0.5, **args)
+    assert a.choices[0].text == b.choices[0].text  # a seed makes sampling repeatable
+    # a stop string cuts the output before it and reports "stop"
+    full = client.completions.create(model=model, prompt="the", max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    if stop.strip():
+        r = client.completions.create(model=model, prompt="the", max_tokens=16, temperature=0, stop=[stop],
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].finish_reason == "stop"
+        assert r.choices[0].text == full[:full.index(stop)]
+
+
+# ---------------------------------------------------------------- errors: 4xx, never 500 nor a hang
+
+BAD_COMPLETIONS = [
+    ("{", "JSON"),
+    ('{"prompt": "x", "temperature": "hot"}', "temperature"),
+    ('{"prompt": "x", "temperature": 5}', "temperature"),
+    ('{"prompt": "x", "top_p": 0}', "top_p"),
+    ('{"prompt": "x", "max_tokens": 0}', "max_tokens"),
+    ('{"prompt": "x", "max_tokens": "many"}', "max_tokens"),
+    ('{"prompt": "x", "n": 0}', "n"),
+    ('{"prompt": "x", "n": 100000}', "n"),
+    ('{"prompt": ["x", "y", "z"], "n": 100}', "sequences"),
+    ('{"prompt": "x", "logprobs": 99}', "logprobs"),
+    ('{"prompt": "x", "echo": true, "logprobs": 1}', "echo"),
+    ('{"prompt": "x", "stop": 3}', "stop"),
+    ('{"prompt": ""}', "empty"),
+    ('{"prompt": []}', "empty"),
+    ('{"prompt": [1, "a"]}', "prompt"),
+    ('{"prompt": [99999999]}', "out of range"),
+    ('{"max_tokens": 3}', "prompt"),
+    ('[1, 2]', "body"),
+    ('{"prompt": "x", "max_tokens": 100000}', "maximum context length"),
+    ('{"prompt": "x", "seed": 1e30}', "seed"),
+]
+
+
+@pytest.mark.parametrize("body,word", BAD_COMPLETIONS)
+def test_bad_completion_requests(srv, body, word):
+    r = httpx.post(srv.url + "/v1/completions", content=body, timeout=30,
+                   headers={**auth(), "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and word.lower() in err["message"].lower(), err
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+BAD_CHATS = [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user"}], "temperature": -1}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 100000}, "maximum context length"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}, "logit_bias"),
+    ({"messages": "hi"}, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,word", BAD_CHATS)
+def test_bad_chat_requests(srv, body, word):
+    r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=auth(), timeout=30)
+    assert r.status_code == 400, r.text
+    assert word in r.json()["error"]["message"], r.text
+
+
+def test_context_error_names_lengths(client, srv):
+    n = srv.engine.max_model_len
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=srv.engine.model_name, prompt=[5] * (n - 4), max_tokens=10)
+    assert str(n) in str(e.value) and str(n - 4) in str(e.value) and "10" in str(e.value)
+
+
+def test_unknown_model_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+
+
+def test_api_key_required(srv):
+    body = {"prompt": "x", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(srv.url + "/v1/completions", json=body, headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0).models.list()
+    # health and metrics stay open
+    assert httpx.get(srv.url + "/health", timeout=30).status_code == 200
+    assert httpx.get(srv.url + "/metrics", timeout=30).status_code == 200
+
+
+# ---------------------------------------------------------------- load, disconnects, metrics
+
+def test_many_concurrent_streams(srv):
+    n_req, max_tokens = 120, 8
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+        async def one(i):
+            stream = await client.completions.create(
+                model=srv.engine.model_name, prompt=f"request {i}: hello", max_tokens=max_tokens, temperature=0.8,
+                seed=i, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            text, usage = "", None
+            async for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].text
+                usage = chunk.usage or usage
+            return text, usage
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n_req))), 150)
+        finally:
+            await client.close()
+
+    results = asyncio.run(main())
+    assert len(results) == n_req
+    assert all(u.completion_tokens == max_tokens for _, u in results)
+    wait_pool_empty(srv)
+
+
+def test_disconnect_mid_stream_frees_kv(srv):
+    body = {"prompt": "hello", "max_tokens": 100, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=30) as c:
+        with c.stream("POST", srv.url + "/v1/completions", json=body, headers=auth()) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+        # closed after one chunk: the request must be aborted, not run to 100 tokens
+    wait_pool_empty(srv)
+    assert srv.call(srv.engine.stats)["num_running"] == 0
+
+
+def test_metrics(srv, client):
+    client.completions.create(model=srv.engine.model_name, prompt="hi", max_tokens=3, stream=False)
+    text = httpx.get(srv.url + "/metrics", timeout=30).text
+    for name in ("gpt_engine_requests_total", "gpt_engine_prompt_tokens_total", "gpt_engine_generation_tokens_total",
+                 "gpt_engine_time_to_first_token_seconds_bucket", "gpt_engine_inter_token_latency_seconds_bucket",
+                 "gpt_engine_num_requests_running", "gpt_engine_num_requests_waiting",
+                 "gpt_engine_kv_cache_usage_perc"):
+        assert name in text, name
+    assert 'endpoint="/v1/completions",status="200"' in text
+
+
+# ---------------------------------------------------------------- no key, dead engine, CLI
+
+def test_no_key_and_dead_engine(torch_path, model_dir):
+    server, engine = _start(model_dir, None)
+    with server:
+        url = server.url
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 200  # no key needed
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", url + "/v1/completions", timeout=30,
+                          json={"prompt": "hi", "max_tokens": 120, "stream": True, "ignore_eos": True}) as r:
+                lines = r.iter_lines()
+                next(lines)
+                server.call(engine.stop)  # the engine goes away mid-stream
+                rest = [line for line in lines if line]
+        # the stream ended (finished, or with an error chunk), it did not hang
+        assert rest == [] or rest[-1] == "data: [DONE]" or '"error"' in rest[-1]
+        assert httpx.get(url + "/health", timeout=30).status_code == 503
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+
+
+def test_cli_args(monkeypatch):
+    import argparse
+    monkeypatch.setenv("GPT_ENGINE_API_KEY", "from-env")
+    p = argparse.ArgumentParser()
+    add_args(p)
+    a = p.parse_args(["some/model"])
+    assert (a.host, a.port, a.api_key) == ("127.0.0.1", 8000, "from-env")
+    a = p.parse_args(["m", "--api-key", "k", "--max-num-seqs", "4", "--device", "cpu", "--dtype", "float32"])
+    assert (a.api_key, a.max_num_seqs, a.device, a.dtype) == ("k", 4, "cpu", "float32")
+
+
+def test_serve_command_and_sigterm(model_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "GPT_ENGINE_API_KEY": KEY}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", str(model_dir), "--port", str(port),
+                             "--device", "cpu", "--log-level", "info"], env=env, stdout=log, stderr=log)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "server did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        r = c.chat.completions.create(model=c.models.list().data[0].id, max_tokens=4,
+                                      messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content is not None
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully (lifespan stops the engine), then re-raises the signal
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in (tmp_path / "serve.log").read_text()
+    finally:
+        log.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
