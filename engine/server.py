@@ -532,12 +532,21 @@ def add_args(p) -> None:
                    help="require Authorization: Bearer KEY on /v1/* (default: $GPT_ENGINE_API_KEY)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"])
-    p.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one running batch")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-num-seqs", type=int, default=None, help="most sequences in one running batch")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    e.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    e.add_argument("--block-size", type=int, default=None, help="tokens per KV-cache block")
+    e.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized to memory)")
+    e.add_argument("--gpu-memory-utilization", type=float, default=None)
+    e.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None)
+    e.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs")
+    e.add_argument("--seed", type=int, default=None)
     p.add_argument("--log-level", default="info")
 
 
-ENGINE_ARGS = ("max_num_seqs", "max_model_len")
+ENGINE_ARGS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "num_kv_blocks",
+               "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager", "seed")
 
 
 def run(args) -> int:

@@ -4,6 +4,7 @@ random-init model. All traffic stays on loopback; every wait is bounded."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -346,15 +347,17 @@ def test_no_key_and_dead_engine(torch_path, model_dir):
         url = server.url
         assert httpx.get(url + "/v1/models", timeout=30).status_code == 200  # no key needed
         assert httpx.get(url + "/health", timeout=30).status_code == 200
-        with httpx.Client(timeout=30) as c:
-            with c.stream("POST", url + "/v1/completions", timeout=30,
-                          json={"prompt": "hi", "max_tokens": 120, "stream": True, "ignore_eos": True}) as r:
-                lines = r.iter_lines()
-                next(lines)
-                server.call(engine.stop)  # the engine goes away mid-stream
-                rest = [line for line in lines if line]
-        # the stream ended (finished, or with an error chunk), it did not hang
-        assert rest == [] or rest[-1] == "data: [DONE]" or '"error"' in rest[-1]
+        step, calls = engine.llm.step, itertools.count()
+
+        def dying_step():  # the engine loop dies a few steps into the request
+            if next(calls) == 5:
+                raise RuntimeError("boom")
+            return step()
+        engine.llm.step = dying_step
+        with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                          json={"prompt": "hi", "max_tokens": 100, "stream": True, "ignore_eos": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200 and "boom" in json.loads(lines[-1][6:])["error"]["message"]
         assert httpx.get(url + "/health", timeout=30).status_code == 503
         r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
