@@ -1,0 +1,285 @@
+"""flash_attention / flash_attention_varlen (Triton, under the interpreter on CPU) vs kernels.reference.
+
+fp32: tight tolerances. fp16/bf16: kernel error vs the fp32 reference <= 2x the error of the
+same math done by plain torch in that dtype, plus a small atol.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference as R
+
+CPU = torch.device("cpu")
+
+
+def _rand(*shape, dtype=torch.float32, device=CPU, grad=True):
+    return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(grad)
+
+
+def _lowp_attention(q, k, v, causal):
+    """The same op in plain torch at the inputs' own precision (the yardstick for fp16/bf16)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.stack([R._attend(q[b], k[b], v[b], causal, scale) for b in range(q.shape[0])])
+
+
+def _fwd_bwd(fn, inputs, do):
+    out = fn(*inputs)
+    return [out.detach(), *torch.autograd.grad(out, inputs, do)]
+
+
+def assert_within(got, ref32, lowp, atol, what=""):
+    """|got - ref32| <= 2 |lowp - ref32| + atol (max over elements), per tensor."""
+    for name, g, r, t in zip(("out", "dq", "dk", "dv"), got, ref32, lowp):
+        err = (g.float() - r.float()).abs().max().item()
+        base = (t.float() - r.float()).abs().max().item()
+        assert err <= 2 * base + atol, f"{what} {name}: kernel err {err:.3g} vs torch {base:.3g}"
+
+
+def check_dense(b, sq, sk, h, hkv, d, causal, dtype, device=CPU, grads=True, atol=None):
+    torch.manual_seed(sq * 131 + sk + h + d)
+    q, k, v = _rand(b, sq, h, d, device=device), _rand(b, sk, hkv, d, device=device), _rand(b, sk, hkv, d, device=device)
+    do = torch.randn(b, sq, h, d, device=device)
+    ref = _fwd_bwd(lambda *x: R.flash_attention(*x, causal=causal), [q, k, v], do)
+    lq, lk, lv = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    if not grads:
+        got = [kernels.flash_attention(lq, lk, lv, causal=causal)]
+        ref = ref[:1]
+    else:
+        got = _fwd_bwd(lambda *x: kernels.flash_attention(*x, causal=causal), [lq, lk, lv], do.to(dtype))
+    if dtype == torch.float32:
+        tol = atol or 2e-4
+        for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+            torch.testing.assert_close(g, r, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+    else:
+        low = _fwd_bwd(lambda *x: _lowp_attention(*x, causal), [lq, lk, lv], do.to(dtype))
+        assert_within(got, ref, low, atol or 2e-3, f"{dtype}")
+
+
+# (B, Sq, Sk, H, Hkv, D, causal): odd lengths, Sq < Sk and Sq > Sk (rows seeing no key), GQA 1/4/H
+DENSE = [
+    (1, 1, 1, 2, 1, 64, True),
+    (2, 17, 17, 2, 2, 64, True),
+    (1, 97, 130, 4, 1, 80, True),
+    (1, 130, 97, 2, 2, 64, True),
+    (1, 17, 40, 8, 2, 80, False),
+    (1, 1, 33, 4, 4, 64, True),
+    (1, 40, 17, 2, 1, 64, False),
+]
+
+
+@pytest.mark.parametrize("case", DENSE, ids=lambda c: "-".join(map(str, c)))
+def test_dense_fp32(case):
+    check_dense(*case, torch.float32)
+
+
+@pytest.mark.parametrize("case", [(1, 97, 130, 4, 1, 80, True), (1, 40, 17, 4, 2, 64, True),
+                                  (2, 17, 33, 2, 2, 64, False)], ids=lambda c: "-".join(map(str, c)))
+def test_dense_fp16(case):
+    check_dense(*case, torch.float16)
+
+
+@pytest.mark.parametrize("d", [32, 96, 128])
+def test_head_dims_forward(d):
+    check_dense(1, 17, 40, 2, 1, d, True, torch.float32, grads=False)
+
+
+def test_strided_inputs():
+    # q/k/v as views of one fused projection (the model's layout): no copies needed
+    torch.manual_seed(0)
+    b, s, h, hkv, d = 1, 33, 4, 2, 64
+    qkv = torch.randn(b, s, (h + 2 * hkv) * d)
+    q, k, v = qkv.split([h * d, hkv * d, hkv * d], -1)
+    q, k, v = q.unflatten(-1, (h, d)), k.unflatten(-1, (hkv, d)), v.unflatten(-1, (hkv, d))
+    torch.testing.assert_close(kernels.flash_attention(q, k, v), R.flash_attention(q, k, v), atol=2e-4, rtol=2e-4)
+
+
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_varlen_fwd_bwd(dtype):
+    torch.manual_seed(1)
+    lq, lk, h, hkv, d = [1, 17, 40], [5, 17, 33], 4, 2, 64  # per-sequence Sq <= Sk, Sq > Sk
+    q, k, v = _rand(sum(lq), h, d), _rand(sum(lk), hkv, d), _rand(sum(lk), hkv, d)
+    cq, ck = _cu(lq), _cu(lk)
+    do = torch.randn_like(q)
+
+    def run(fn, x, causal=True):
+        return fn(*x, cq, ck, max(lq), max(lk), causal=causal)
+    ref = _fwd_bwd(lambda *x: run(R.flash_attention_varlen, x), [q, k, v], do)
+    xs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    got = _fwd_bwd(lambda *x: run(kernels.flash_attention_varlen, x), xs, do.to(dtype))
+    if dtype == torch.float32:
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, atol=2e-4, rtol=2e-4)
+    else:
+        def low(*x):
+            outs = [_lowp_attention(x[0][None, cq[i]:cq[i + 1]], x[1][None, ck[i]:ck[i + 1]],
+                                    x[2][None, ck[i]:ck[i + 1]], True)[0] for i in range(len(lq))]
+            return torch.cat(outs)
+        assert_within(got, ref, _fwd_bwd(low, xs, do.to(dtype)), 2e-3, "varlen fp16")
+
+
+def test_varlen_noncausal_matches_dense():
+    torch.manual_seed(2)
+    lens, h, d = [17, 1, 30], 2, 80
+    q, k, v = (torch.randn(sum(lens), h, d) for _ in range(3))
+    cu = _cu(lens)
+    got = kernels.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=False)
+    ref = R.flash_attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=False)
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+def _paged(lens, block_size, hkv, d, dtype, extra_blocks=5):
+    """Caches with each sequence's tokens in randomly permuted (scattered) blocks."""
+    nblk = [(n + block_size - 1) // block_size for n in lens]
+    total = sum(nblk) + extra_blocks
+    kc = torch.randn(total, block_size, hkv, d).to(dtype)
+    vc = torch.randn(total, block_size, hkv, d).to(dtype)
+    perm = torch.randperm(total)
+    table = torch.zeros(len(lens), max(nblk), dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(nblk):
+        table[b, :n] = perm[i:i + n]
+        i += n
+    return kc, vc, table
+
+
+@pytest.mark.parametrize("dtype,block_size", [(torch.float32, 16), (torch.float16, 32)])
+def test_paged_prefill(dtype, block_size):
+    # new tokens (q) on top of a cached prefix: q are the last tokens of each sequence
+    torch.manual_seed(3)
+    h, hkv, d = 4, 2, 64
+    klens, qlens = [20, 1, 70], [20, 1, 9]  # fresh prompt, one-token chunk, chunk after a 61-token prefix
+    kc, vc, table = _paged(klens, block_size, hkv, d, dtype)
+    q = torch.randn(sum(qlens), h, d).to(dtype)
+    args = (_cu(qlens), _cu(klens), max(qlens), max(klens))
+    got = kernels.flash_attention_varlen(q, kc, vc, *args, block_table=table)
+    ref = R.flash_attention_varlen(q.float(), kc.float(), vc.float(), *args, block_table=table)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+    else:
+        cq, ck = _cu(qlens), _cu(klens)
+        low = torch.cat([_lowp_attention(q[None, cq[b]:cq[b + 1]], R.gather_paged(kc, table[b], klens[b])[None],
+                                         R.gather_paged(vc, table[b], klens[b])[None], True)[0]
+                         for b in range(len(klens))])
+        assert_within([got], [ref], [low], 2e-3, "paged prefill")
+
+
+def test_paged_prefill_has_no_backward():
+    kc, vc, table = _paged([8], 16, 1, 64, torch.float32)
+    q = torch.randn(8, 2, 64, requires_grad=True)
+    out = kernels.flash_attention_varlen(q, kc, vc, _cu([8]), _cu([8]), 8, 8, block_table=table)
+    with pytest.raises(NotImplementedError):
+        out.sum().backward()
+
+
+def test_compile_traces_custom_op():
+    # aot_eager runs the fake (meta) registrations and the autograd formula like inductor would
+    torch.manual_seed(4)
+    q, k, v = _rand(1, 17, 2, 64), _rand(1, 17, 1, 64), _rand(1, 17, 1, 64)
+    f = torch.compile(lambda q, k, v: kernels.flash_attention(q, k, v).square().sum(), backend="aot_eager",
+                      fullgraph=True)
+    got = torch.autograd.grad(f(q, k, v), (q, k, v))
+    ref = torch.autograd.grad(R.flash_attention(q, k, v).square().sum(), (q, k, v))
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, atol=2e-4, rtol=2e-4)
+
+
+def test_errors():
+    q, k = torch.randn(1, 4, 3, 64), torch.randn(1, 4, 2, 64)
+    with pytest.raises(ValueError, match="multiple"):
+        kernels.flash_attention(q, k, k)
+    qi = torch.zeros(1, 4, 2, 64, dtype=torch.int32)
+    with pytest.raises(TypeError, match="q"):
+        kernels.flash_attention(qi, qi, qi)
+    with pytest.raises(ValueError, match="device|meta"):
+        kernels.flash_attention(torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64, device="meta"),
+                                torch.randn(1, 4, 2, 64, device="meta"))
+    with pytest.raises(ValueError, match="4-D"):
+        kernels.flash_attention(torch.randn(4, 2, 64), torch.randn(4, 2, 64), torch.randn(4, 2, 64))
+    x = torch.randn(1, 4, 2, 48)
+    with pytest.raises(ValueError, match="head dim"):
+        kernels.flash_attention(x, x, x)
+    p = torch.randn(5, 2, 64)
+    with pytest.raises(TypeError, match="cu_seqlens_q"):
+        kernels.flash_attention_varlen(p, p, p, torch.tensor([0, 5]), torch.tensor([0, 5], dtype=torch.int32), 5, 5)
+    with pytest.raises(ValueError, match="block_table"):
+        cache = torch.randn(2, 16, 2, 64)
+        cu = torch.tensor([0, 5], dtype=torch.int32)
+        kernels.flash_attention_varlen(p, cache, cache, cu, cu, 5, 5, block_table=torch.zeros(2, 1, dtype=torch.int32))
+
+
+# ---- GPU: realistic sizes, low precision, compile ----
+
+GPU_DENSE = [(2, 1024, 1024, 16, 16, 128, True), (2, 2048, 2048, 16, 4, 64, True),
+             (4, 1024, 1024, 16, 1, 128, False), (2, 1000, 1537, 16, 4, 80, True), (2, 1537, 1000, 16, 8, 64, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GPU_DENSE, ids=lambda c: "-".join(map(str, c)))
+def test_gpu_dense(case, dtype):
+    check_dense(*case, dtype, device=torch.device("cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_forward():
+    check_dense(2, 257, 257, 8, 2, 64, True, torch.float32, device=torch.device("cuda"), atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_gpu_varlen(dtype):
+    torch.manual_seed(5)
+    dev = torch.device("cuda")
+    lens, h, hkv, d = [1, 700, 2048, 333], 16, 4, 128
+    cu = _cu(lens).to(dev)
+    q, k, v = _rand(sum(lens), h, d, device=dev), _rand(sum(lens), hkv, d, device=dev), _rand(sum(lens), hkv, d,
+                                                                                                 device=dev)
+    do = torch.randn_like(q)
+    ref = _fwd_bwd(lambda *x: R.flash_attention_varlen(*x, cu, cu, max(lens), max(lens)), [q, k, v], do)
+    xs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    got = _fwd_bwd(lambda *x: kernels.flash_attention_varlen(*x, cu, cu, max(lens), max(lens)), xs, do.to(dtype))
+
+    def low(*x):
+        c = cu.tolist()
+        return torch.cat([_lowp_attention(*(t[None, c[i]:c[i + 1]] for t in x), True)[0] for i in range(len(lens))])
+    assert_within(got, ref, _fwd_bwd(low, xs, do.to(dtype)), 2e-3, "gpu varlen")
+
+
+@pytest.mark.gpu
+def test_gpu_paged_prefill():
+    torch.manual_seed(6)
+    dtype, h, hkv, d = torch.bfloat16, 16, 4, 128
+    klens, qlens = [1500, 64, 2000], [300, 64, 1]
+    kc, vc, table = _paged(klens, 16, hkv, d, dtype, extra_blocks=50)
+    kc, vc, table = kc.cuda(), vc.cuda(), table.cuda()
+    q = torch.randn(sum(qlens), h, d, device="cuda", dtype=dtype)
+    args = (_cu(qlens).cuda(), _cu(klens).cuda(), max(qlens), max(klens))
+    got = kernels.flash_attention_varlen(q, kc, vc, *args, block_table=table)
+    ref = R.flash_attention_varlen(q.float(), kc.float(), vc.float(), *args, block_table=table)
+    cq, ck = _cu(qlens), _cu(klens)
+    low = torch.cat([_lowp_attention(q[None, cq[b]:cq[b + 1]], R.gather_paged(kc, table[b], klens[b])[None],
+                                     R.gather_paged(vc, table[b], klens[b])[None], True)[0] for b in range(3)])
+    assert_within([got], [ref], [low], 2e-3, "gpu paged prefill")
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fwd_bwd():
+    torch.manual_seed(7)
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    q, k, v = (_rand(2, 1024, hh, 64, device=dev) for hh in (16, 4, 4))
+
+    def f(q, k, v):
+        return (kernels.flash_attention(q * 1.0, k, v, causal=True) * 2.0).float().square().mean()
+    xs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(*xs), xs)
+    ref = torch.autograd.grad(f(*xs), xs)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.float(), r.float(), atol=1e-5, rtol=1e-3)
