@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,6 +109,18 @@ def summarize(results: list[dict], duration: float, args) -> dict:
     }
 
 
+def preset_dir(spec: str, tmp: str, seed: int) -> str:
+    """spec itself if a directory, else a random-init preset (gpt2-tiny, ...) saved under tmp
+    with a small tokenizer (the server needs one to detokenize)."""
+    if Path(spec).is_dir():
+        return spec
+    from engine.bench import model_dir
+    from engine.tokenizer import Tokenizer
+    path = model_dir(spec, tmp, seed)
+    Tokenizer.train([Path(__file__).read_text()] * 4, vocab_size=512, show_progress=False).save(path)
+    return path
+
+
 @contextmanager
 def local_server(model_dir: str, extra: list[str], api_key: str | None):
     """`gpt-engine serve` in a subprocess on a free loopback port; yields its base URL."""
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--base-url", help="a running server, e.g. http://127.0.0.1:8000")
-    src.add_argument("--model", help="model directory: start a local server on it")
+    src.add_argument("--model", help="model directory or random-init preset (gpt2-tiny): start a local server")
     p.add_argument("--served-model", default=None, help="model id to send (default: the server's first)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--request-rate", type=float, default=4.0, help="Poisson rate, req/s (inf: all at once)")
@@ -168,13 +181,16 @@ def main(argv: list[str] | None = None) -> dict:
         return model, summarize(results, duration, args)
 
     if args.model:
-        with local_server(args.model, args.server_args.split(), args.api_key) as base:
-            model, summary = bench(base)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = preset_dir(args.model, tmp, args.seed)
+            with local_server(path, args.server_args.split(), args.api_key) as base:
+                model, summary = bench(base)
     else:
         model, summary = bench(args.base_url)
     report = {"config": {"model": args.model or model, "num_prompts": args.num_prompts,
                          "request_rate": args.request_rate, "input_len": args.input_len,
-                         "output_len": args.output_len, "seed": args.seed,
+                         "output_len": args.output_len, "seed": args.seed, "server_args": args.server_args,
+                         "cpu_count": os.cpu_count(),
                          "date": time.strftime("%Y-%m-%d %H:%M:%S")},
               "results": summary}
     print(json.dumps(report, indent=1))

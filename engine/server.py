@@ -210,9 +210,11 @@ def _norm_logprobs(out) -> list[tuple[int, float, list[tuple[int, float]]]]:
 def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | None = None) -> FastAPI:
     """The server app over an AsyncLLM. Its lifespan starts the engine (if not yet running)
     and stops it at shutdown, so in-flight requests are finished or aborted."""
+    tok = engine.tokenizer
+    if tok is None:
+        raise ValueError("the server needs a tokenizer: put a tokenizer.json in the model directory")
     metrics = Metrics()
     template = chat_template or ChatTemplate()
-    tok = engine.tokenizer
     created = int(time.time())
 
     @asynccontextmanager
