@@ -98,12 +98,12 @@ def _sm_count(index: int) -> int:
 
 
 def _num_splits(batch, hkv, max_ctx, device) -> int:
-    """Enough programs for ~2 waves over the SMs, but at least 512 tokens per split."""
+    """Enough programs for ~2 waves over the SMs, but at least 256 tokens per split."""
     if device.type != "cuda":
         return max(1, min(4, triton.cdiv(max_ctx, 32)))  # interpreter: exercise the combine path
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     want = triton.cdiv(2 * sms, batch * hkv)
-    return max(1, min(want, triton.cdiv(max_ctx, 512), 64))
+    return max(1, min(want, triton.cdiv(max_ctx, 256), 64))
 
 
 def paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale):

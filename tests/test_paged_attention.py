@@ -10,7 +10,6 @@ from kernels import paged_attention, reference as R
 from kernels.paged_attention import store_kvcache  # after the line above: the op, not the module, wins
 
 
-
 def _caches(lens, block_size, hkv, d, dtype, device="cpu", extra_blocks=7):
     """Caches whose sequences live in randomly permuted (scattered) blocks; table padded with 0s."""
     nblk = [(n + block_size - 1) // block_size for n in lens]

@@ -1,0 +1,175 @@
+"""Attention kernels on the GPU: prefill TFLOP/s against torch SDPA, decode HBM bandwidth.
+
+Prefill: bf16, 16k tokens per batch (B = 16384 / S), S = 512..16k, D = 128 (H = 16) and
+D = 64 (H = 32), causal and not; forward and forward+backward. Peers, measured in the same
+run: SDPA flash and efficient backends (torch.nn.attention.sdpa_kernel) and naive PyTorch
+attention (skipped above 8k). FLOPs = 4 B H S^2 D (halved when causal), fwd+bwd = 3.5x fwd.
+Decode: paged_attention over a block-16 cache, H = 32, Hkv = 8, D = 128, bf16; achieved GB/s
+(K+V read plus q and out) against the H100 SXM peak and a device-to-device copy.
+
+    python -m benchmarks.gpu_suite --only attention
+"""
+from __future__ import annotations
+
+import math
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import bench_ms, md_table, plot_lines, save_rows
+
+TOKENS = 16384
+SEQS = [512, 1024, 2048, 4096, 8192, 16384]
+HEADS = {128: 16, 64: 32}
+NAIVE_MAX_S = 8192
+PEAK_BW = 3.35e12  # H100 SXM HBM3
+CONTEXTS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
+BATCHES = [1, 8, 32, 128]
+
+
+def _naive(q, k, v, causal):
+    # q/k/v (B, H, S, D): materialized scores, as plain PyTorch would do it
+    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if causal:
+        n = s.shape[-1]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+
+def _sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def f(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return f
+
+
+def _providers():
+    import kernels
+    from torch.nn.attention import SDPBackend
+    return {
+        "ours": (lambda q, k, v, c: kernels.flash_attention(q, k, v, causal=c), "bshd"),
+        "sdpa_flash": (_sdpa(SDPBackend.FLASH_ATTENTION), "bhsd"),
+        "sdpa_efficient": (_sdpa(SDPBackend.EFFICIENT_ATTENTION), "bhsd"),
+        "naive": (_naive, "bhsd"),
+    }
+
+
+def _time(fn, q, k, v, causal, mode):
+    if mode == "fwd":
+        def fwd():
+            with torch.no_grad():  # no autograd bookkeeping for anyone
+                return fn(q, k, v, causal)
+        return bench_ms(fwd, warmup=10, rep=40)
+    out = fn(q, k, v, causal)
+    do = torch.randn_like(out)
+    return bench_ms(lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do), warmup=10, rep=40)
+
+
+def prefill_rows() -> list[dict]:
+    rows = []
+    for d, h in HEADS.items():
+        for s in SEQS:
+            b = max(1, TOKENS // s)
+            base = [torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+            for causal in (True, False):
+                flops = 4 * b * h * s * s * d * (0.5 if causal else 1.0)
+                for name, (fn, layout) in _providers().items():
+                    if name == "naive" and s > NAIVE_MAX_S:
+                        continue
+                    xs = [(x if layout == "bshd" else x.transpose(1, 2).contiguous()).requires_grad_() for x in base]
+                    for mode in ("fwd", "fwd+bwd"):
+                        row = dict(provider=name, mode=mode, causal=causal, D=d, H=h, B=b, S=s)
+                        try:
+                            ms = _time(fn, *xs, causal, mode)
+                            row.update(ms=ms, tflops=flops * (1 if mode == "fwd" else 3.5) / ms / 1e9)
+                        except torch.OutOfMemoryError:
+                            row.update(ms=None, tflops=None, error="OOM")
+                        except Exception as e:  # one failing peer must not sink the table
+                            traceback.print_exc()
+                            row.update(ms=None, tflops=None, error=type(e).__name__)
+                        rows.append(row)
+                        torch.cuda.empty_cache()
+            del base
+    return rows
+
+
+def copy_bandwidth() -> float:
+    """Practical HBM peak: bytes read + written by a 2 GiB device-to-device copy, per second."""
+    src = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), warmup=5, rep=40)
+    return 2 * src.numel() * src.element_size() / ms / 1e-3
+
+
+def decode_rows() -> list[dict]:
+    import kernels
+    h, hkv, d, bs = 32, 8, 128, 16
+    rows = []
+    for b in BATCHES:
+        for ctx in CONTEXTS:
+            row = dict(B=b, context=ctx)
+            try:
+                nblk = ctx // bs
+                kc = torch.randn(b * nblk, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+                vc = torch.randn_like(kc)
+                table = torch.randperm(b * nblk, device="cuda", dtype=torch.int32).view(b, nblk)
+                lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+                q = torch.randn(b, h, d, device="cuda", dtype=torch.bfloat16)
+                ms = bench_ms(lambda: kernels.paged_attention(q, kc, vc, table, lens), warmup=10, rep=40)
+                nbytes = 2 * kc.numel() * kc.element_size() + 2 * q.numel() * q.element_size()
+                row.update(us=ms * 1e3, GBps=nbytes / ms / 1e6, pct_peak=100 * nbytes / ms / 1e-3 / PEAK_BW)
+                del kc, vc
+            except torch.OutOfMemoryError:
+                row.update(error="OOM")
+            rows.append(row)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _ratio(rows, mode, causal, d, s, peer):
+    def get(p):
+        return next((r.get("tflops") for r in rows if (r["provider"], r["mode"], r["causal"], r["D"], r["S"])
+                     == (p, mode, causal, d, s)), None)
+    ours, other = get("ours"), get(peer)
+    return f"{ours / other:.2f}x" if ours and other else "n/a"
+
+
+def main(outdir: Path) -> str:
+    rows = prefill_rows()
+    save_rows(outdir, "attention_prefill", rows)
+    for mode in ("fwd", "fwd+bwd"):
+        for d in HEADS:
+            sel = [dict(r, series=f"{r['provider']} {'causal' if r['causal'] else 'full'}") for r in rows
+                   if r["mode"] == mode and r["D"] == d]
+            plot_lines(outdir, f"attention_{mode.replace('+', '_')}_d{d}", sel, "S", "tflops", "series",
+                       f"attention {mode}, bf16, D={d}, {TOKENS} tokens")
+    peak_copy = copy_bandwidth()
+    drows = decode_rows()
+    save_rows(outdir, "attention_decode", drows)
+    plot_lines(outdir, "attention_decode", [dict(r, series=f"B={r['B']}") for r in drows], "context", "GBps",
+               "series", "paged decode bf16 (H=32, Hkv=8, D=128, block 16)")
+
+    key = ["| D | causal | S | fwd vs sdpa_flash | fwd+bwd vs sdpa_flash | fwd vs efficient |", "|---|---|---|---|---|---|"]
+    for d in HEADS:
+        for causal in (True, False):
+            for s in (4096, 16384):
+                key.append(f"| {d} | {causal} | {s} | {_ratio(rows, 'fwd', causal, d, s, 'sdpa_flash')} | "
+                           f"{_ratio(rows, 'fwd+bwd', causal, d, s, 'sdpa_flash')} | "
+                           f"{_ratio(rows, 'fwd', causal, d, s, 'sdpa_efficient')} |")
+    best = max((r.get("pct_peak") or 0.0) for r in drows)
+    cols = ["provider", "mode", "causal", "D", "S", "B", "ms", "tflops"]
+    return "\n\n".join([
+        "## attention",
+        f"Prefill bf16, {TOKENS} tokens per batch; TFLOP/s with FLOPs = 4·B·H·S²·D (½ causal), fwd+bwd = 3.5x fwd.",
+        "Key ratios (our TFLOP/s / peer's; goal: causal D=128 fwd >= 1.1x sdpa_flash, fwd+bwd >= 1.0x):",
+        "\n".join(key),
+        md_table(rows, cols),
+        f"Decode (paged, block 16, H=32, Hkv=8, D=128, bf16). Device copy: {peak_copy / 1e9:.0f} GB/s "
+        f"({100 * peak_copy / PEAK_BW:.0f}% of {PEAK_BW / 1e12:.2f} TB/s). Best decode: {best:.0f}% of peak "
+        f"(goal >= 80%).",
+        md_table(drows, ["B", "context", "us", "GBps", "pct_peak"]),
+    ])
