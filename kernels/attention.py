@@ -36,11 +36,12 @@ def sdpa(q, k, v, causal, scale):
     """torch SDPA on (B, S, H, D) tensors with bottom-right causal alignment and GQA."""
     sq, sk = q.shape[1], k.shape[1]
     mask = None
-    if causal and sq > 1:
+    if causal and sq > 1 and sq != sk:
         i = torch.arange(sq, device=q.device)[:, None]
         j = torch.arange(sk, device=q.device)[None, :]
         mask = j <= i + sk - sq
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=causal and sq > 1 and sq == sk,  # square: fused causal kernel
                                        scale=scale, enable_gqa=q.shape[2] != k.shape[2])
     if mask is not None and sq > sk:
         o = o.masked_fill(~mask.any(-1)[None, None, :, None], 0.0)  # rows that see no key
