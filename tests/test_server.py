@@ -317,7 +317,23 @@ def test_many_concurrent_streams(srv):
     wait_pool_empty(srv)
 
 
-def test_disconnect_mid_stream_frees_kv(srv):
+@pytest.fixture
+def slow_steps(srv):
+    """Engine steps of >= 20 ms, counted: a request of 100 tokens then takes >= 2 s, so one
+    that ends after a handful of steps was aborted, not run to the end."""
+    llm, calls = srv.engine.llm, []
+    step = llm.step
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.02)
+        return step()
+    llm.step = slow
+    yield calls
+    del llm.step  # the instance attribute shadowed the method
+
+
+def test_disconnect_mid_stream_frees_kv(srv, slow_steps):
     body = {"prompt": "hello", "max_tokens": 100, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=30) as c:
         with c.stream("POST", srv.url + "/v1/completions", json=body, headers=auth()) as r:
@@ -325,7 +341,21 @@ def test_disconnect_mid_stream_frees_kv(srv):
             next(r.iter_lines())
         # closed after one chunk: the request must be aborted, not run to 100 tokens
     wait_pool_empty(srv)
-    assert srv.call(srv.engine.stats)["num_running"] == 0
+    assert len(slow_steps) < 50
+
+
+def test_disconnect_non_streaming_frees_kv(srv, slow_steps):
+    body = json.dumps({"prompt": "hello", "max_tokens": 100, "ignore_eos": True}).encode()
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.time() + 10
+        while not slow_steps:  # the request is running
+            assert time.time() < deadline
+            time.sleep(0.01)
+    wait_pool_empty(srv)
+    assert len(slow_steps) < 50
 
 
 def test_metrics(srv, client):
