@@ -8,9 +8,11 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 t0=$(date +%s)
+if [ "${SKIP_BUILD:-0}" = 1 ]; then echo "skipping build"; else
 MAX_JOBS=16 python3 -m pip install -q -e . --no-build-isolation --no-deps > "$OUT/build.log" 2>&1 \
-  || { tail -40 "$OUT/build.log"; echo BUILD FAILED; }
-echo "build took $(( $(date +%s) - t0 ))s"
-python3 -m pytest -q -m gpu tests -p no:cacheprovider -x -k "${2:-}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  || { tail -30 "$OUT/build.log"; echo "CUDA BUILD FAILED: retrying CPU-only"; \
+       GPT_ENGINE_CPU_ONLY=1 python3 -m pip install -q -e . --no-build-isolation --no-deps >> "$OUT/build.log" 2>&1; }
+echo "build took $(( $(date +%s) - t0 ))s"; fi
+[ "${SKIP_TESTS:-0}" = 1 ] || python3 -m pytest -q -m gpu tests -p no:cacheprovider --ignore=tests/test_server.py -k "${2:-}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 python3 -m benchmarks.gpu_suite ${1:+--only "$1"} 2>&1 | tee "$OUT/suite.log" | grep -E "^(==|   )|Error|error" | head -60
 tar czf "$OUT/results.tgz" benchmarks/results

@@ -1,10 +1,12 @@
 import os
 
-# Triton reads this when it is imported: CPU tensors then run the kernels in its interpreter.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Triton reads this when it is imported: without a GPU, CPU tensors then run the kernels in
+# its interpreter. With a GPU the kernels run for real (the interpreter would hijack CUDA too).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
