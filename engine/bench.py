@@ -1,0 +1,169 @@
+"""gpt-engine bench: vLLM-style offline throughput, ours vs HF generate in one run.
+
+N prompts of random token ids with random input/output lengths, ignore_eos, greedy. HF
+runs batched and left-padded over the same prompts, grouped by output length so each
+group's max_new_tokens is exact (only the requested tokens are counted).
+
+    gpt-engine bench gpt2-tiny --num-prompts 32 --input-len 8,128 --output-len 64
+"""
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+
+def add_args(p) -> None:
+    p.add_argument("model", help="model directory or a random-init preset (gpt2-tiny, gpt2, llama-tiny, ...)")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-len", default="8,128", help="MIN,MAX prompt length (or one number)")
+    p.add_argument("--output-len", default="64", help="MIN,MAX new tokens (or one number)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--hf-batch-size", type=int, default=0, help="HF generate batch size (0: all prompts at once)")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+
+
+def _range(spec: str) -> tuple[int, int]:
+    lo, _, hi = spec.partition(",")
+    lo, hi = int(lo), int(hi or lo)
+    if lo < 1 or hi < lo:
+        raise ValueError(f"bad length range {spec!r}")
+    return lo, hi
+
+
+def make_workload(n, input_len, output_len, vocab, seed):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1, vocab) for _ in range(rng.randint(*input_len))] for _ in range(n)]
+    outs = [rng.randint(*output_len) for _ in range(n)]
+    return prompts, outs
+
+
+def model_dir(spec: str, tmp: str, seed: int) -> str:
+    """A model directory: spec itself, or a random-init preset saved under tmp."""
+    if Path(spec).is_dir():
+        return spec
+    import torch
+
+    from .config import resolve_config
+    from .model import GPT
+    from .weights import save_model
+    cfg = resolve_config(spec)
+    torch.manual_seed(seed)
+    save_model(GPT(cfg), tmp)
+    return tmp
+
+
+def _sync(device):
+    import torch
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_ours(path, prompts, outs, device, dtype, max_num_seqs=256, enforce_eager=None):
+    from .llm import LLM
+    from .sampling import SamplingParams
+    llm = LLM(path, device=device, dtype=dtype, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager or None,
+              enable_prefix_caching=False)  # random prompts: nothing to share, keep the comparison plain
+    sps = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in outs]
+    llm.generate(prompts[:4], sps[:4], use_tqdm=False)  # warm-up (kernels, allocator)
+    _sync(llm.device)
+    t = time.perf_counter()
+    res = llm.generate(prompts, sps, use_tqdm=False)
+    _sync(llm.device)
+    dt = time.perf_counter() - t
+    assert [len(r.token_ids) for r in res] == outs
+    return dt, llm
+
+
+def bench_hf(path, prompts, outs, device, dtype, batch_size=0):
+    import torch
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model.generation_config.eos_token_id = None  # ignore_eos
+    model.generation_config.pad_token_id = 0
+    order = sorted(range(len(prompts)), key=lambda i: outs[i])
+    bs = batch_size or len(prompts)
+    # groups of equal output length (exact max_new_tokens), split to batch size
+    groups, cur = [], []
+    for i in order:
+        if cur and (outs[cur[0]] != outs[i] or len(cur) == bs):
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    groups.append(cur)
+
+    def run(group):
+        ps = [prompts[i] for i in group]
+        T = max(len(p) for p in ps)
+        ids = torch.tensor([[0] * (T - len(p)) + p for p in ps], device=device)
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in ps], device=device)
+        n = outs[group[0]]
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
+
+    run(groups[0][:4])  # warm-up
+    _sync(device)
+    t = time.perf_counter()
+    for g in groups:
+        run(g)
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def run_bench(model: str, num_prompts=32, input_len=(8, 128), output_len=(64, 64), device=None, dtype=None,
+              seed=0, max_num_seqs=256, hf=True, hf_batch_size=0, enforce_eager=False) -> dict:
+    import torch
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = model_dir(model, tmp, seed)
+        from .config import ModelConfig
+        cfg = ModelConfig.load(path)
+        if dtype is None:
+            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        limit = cfg.max_seq_len - output_len[1]
+        input_len = (min(input_len[0], limit), min(input_len[1], limit))
+        prompts, outs = make_workload(num_prompts, input_len, output_len, cfg.vocab_size, seed)
+        n_in, n_out = sum(map(len, prompts)), sum(outs)
+        res = dict(model=model, device=str(device), dtype=str(dtype).replace("torch.", ""), num_prompts=num_prompts,
+                   input_len=list(input_len), output_len=list(output_len), prompt_tokens=n_in, output_tokens=n_out)
+        dt, llm = bench_ours(path, prompts, outs, device, dtype, max_num_seqs, enforce_eager)
+        res["ours"] = dict(seconds=dt, requests_per_s=num_prompts / dt, output_tok_per_s=n_out / dt,
+                           total_tok_per_s=(n_in + n_out) / dt, cuda_graphs=bool(llm.runner.graphs))
+        del llm
+        if hf:
+            dt = bench_hf(path, prompts, outs, device, dtype, hf_batch_size)
+            res["hf"] = dict(seconds=dt, requests_per_s=num_prompts / dt, output_tok_per_s=n_out / dt,
+                             total_tok_per_s=(n_in + n_out) / dt)
+            res["ratio_output_tok_per_s"] = res["ours"]["output_tok_per_s"] / res["hf"]["output_tok_per_s"]
+    return res
+
+
+def format_result(r: dict) -> str:
+    lines = [f"{r['model']} on {r['device']} ({r['dtype']}): {r['num_prompts']} prompts, input {r['input_len']}, "
+             f"output {r['output_len']} ({r['prompt_tokens']} prompt + {r['output_tokens']} output tokens)"]
+    for name in ("ours", "hf"):
+        if name in r:
+            x = r[name]
+            lines.append(f"  {name:5s} {x['seconds']:8.2f} s  {x['requests_per_s']:8.2f} req/s  "
+                         f"{x['output_tok_per_s']:10.1f} output tok/s  {x['total_tok_per_s']:10.1f} total tok/s")
+    if "ratio_output_tok_per_s" in r:
+        lines.append(f"  ours / HF generate: {r['ratio_output_tok_per_s']:.2f}x output tok/s")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    import torch
+    r = run_bench(args.model, args.num_prompts, _range(args.input_len), _range(args.output_len), args.device,
+                  getattr(torch, args.dtype) if args.dtype else None, args.seed, args.max_num_seqs,
+                  not args.no_hf, args.hf_batch_size, args.enforce_eager)
+    print(format_result(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    return 0
