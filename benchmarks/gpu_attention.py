@@ -153,7 +153,8 @@ def main(outdir: Path) -> str:
     plot_lines(outdir, "attention_decode", [dict(r, series=f"B={r['B']}") for r in drows], "context", "GBps",
                "series", "paged decode bf16 (H=32, Hkv=8, D=128, block 16)")
 
-    key = ["| D | causal | S | fwd vs sdpa_flash | fwd+bwd vs sdpa_flash | fwd vs efficient |", "|---|---|---|---|---|---|"]
+    key = ["| D | causal | S | fwd vs sdpa_flash | fwd+bwd vs sdpa_flash | fwd vs efficient |",
+           "|---|---|---|---|---|---|"]
     for d in HEADS:
         for causal in (True, False):
             for s in (4096, 16384):
@@ -164,7 +165,8 @@ def main(outdir: Path) -> str:
     cols = ["provider", "mode", "causal", "D", "S", "B", "ms", "tflops"]
     return "\n\n".join([
         "## attention",
-        f"Prefill bf16, {TOKENS} tokens per batch; TFLOP/s with FLOPs = 4·B·H·S²·D (½ causal), fwd+bwd = 3.5x fwd.",
+        f"Prefill bf16, {TOKENS} tokens per batch; TFLOP/s with FLOPs = 4·B·H·S²·D (½ causal), "
+        "fwd+bwd = 3.5x fwd.",
         "Key ratios (our TFLOP/s / peer's; goal: causal D=128 fwd >= 1.1x sdpa_flash, fwd+bwd >= 1.0x):",
         "\n".join(key),
         md_table(rows, cols),

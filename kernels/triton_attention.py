@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import use_triton  # noqa: F401  (kept for callers that probe the backend)
 
 # Under the interpreter (CPU tests) fixed small blocks keep the numpy emulation quick and
 # still exercise multi-block loops, BLOCK_M != BLOCK_N and masked tails.
@@ -50,8 +49,8 @@ def _kv_ptrs(base, bt_ptr, offs_n, offs_d, stride_b, stride_t, nmask, PAGED: tl.
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
                offs_m, offs_d, lo, hi, sk, diag, qk_scale,
-               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               PAGED: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
+               BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+               CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < sk
@@ -180,8 +179,8 @@ def _bwd_pre_kernel(O, DO, DELTA, CU_Q,
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, sk, diag,
-              qk_scale, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              PREC: tl.constexpr):
+              qk_scale, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         rows = offs_n.to(tl.int64)[:, None]

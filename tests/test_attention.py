@@ -41,7 +41,7 @@ def assert_within(got, ref32, lowp, atol, what=""):
 
 def check_dense(b, sq, sk, h, hkv, d, causal, dtype, device=CPU, grads=True, atol=None):
     torch.manual_seed(sq * 131 + sk + h + d)
-    q, k, v = _rand(b, sq, h, d, device=device), _rand(b, sk, hkv, d, device=device), _rand(b, sk, hkv, d, device=device)
+    q, k, v = (_rand(b, n, hh, d, device=device) for n, hh in ((sq, h), (sk, hkv), (sk, hkv)))
     do = torch.randn(b, sq, h, d, device=device)
     ref = _fwd_bwd(lambda *x: R.flash_attention(*x, causal=causal), [q, k, v], do)
     lq, lk, lv = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
@@ -68,6 +68,8 @@ DENSE = [
     (1, 17, 40, 8, 2, 80, False),
     (1, 1, 33, 4, 4, 64, True),
     (1, 40, 17, 2, 1, 64, False),
+    (1, 33, 57, 8, 2, 64, True),
+    (1, 257, 257, 2, 1, 64, True),
 ]
 
 
