@@ -14,3 +14,33 @@
 #define CHECK_INPUT(x) \
   CHECK_CONTIGUOUS(x); \
   CHECK_FLOAT(x)
+// x checked like CHECK_INPUT and on ref's device with ref's dtype
+#define CHECK_LIKE(x, ref)     \
+  CHECK_INPUT(x);              \
+  CHECK_SAME_DEVICE(x, ref);   \
+  CHECK_SAME_DTYPE(x, ref)
+#define CHECK_SHAPE(x, ...) \
+  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ "), got ", (x).sizes())
+
+#ifdef __CUDACC__
+// The current stream of x's device. Real CUDA builds use c10/cuda; torch's CPU-only headers
+// (the nvcc compile check) lack c10/cuda's generated config, so they go through the generic
+// device-guard interface, which resolves to the same stream at run time.
+#if __has_include(<c10/cuda/impl/cuda_cmake_macros.h>)
+#include <c10/cuda/CUDAStream.h>
+inline cudaStream_t current_stream(const at::Tensor& x) {
+  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+}
+#else
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+inline cudaStream_t current_stream(const at::Tensor& x) {
+  return static_cast<cudaStream_t>(
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle());
+}
+#endif
+#define CUDA_LAUNCH_CHECK()                                                              \
+  do {                                                                                   \
+    cudaError_t err_ = cudaGetLastError();                                               \
+    TORCH_CHECK(err_ == cudaSuccess, "CUDA kernel launch failed: ", cudaGetErrorString(err_)); \
+  } while (0)
+#endif
