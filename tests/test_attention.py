@@ -279,9 +279,9 @@ def test_gpu_torch_compile_fwd_bwd():
     q, k, v = (_rand(2, 1024, hh, 64, device=dev) for hh in (16, 4, 4))
 
     def f(q, k, v):
-        return (kernels.flash_attention(q * 1.0, k, v, causal=True) * 2.0).float().square().mean()
+        return (kernels.flash_attention(q * 1.0, k, v, causal=True) * 2.0).float().square().sum()
     xs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     got = torch.autograd.grad(torch.compile(f, fullgraph=True)(*xs), xs)
     ref = torch.autograd.grad(f(*xs), xs)
     for g, r in zip(got, ref):
-        torch.testing.assert_close(g.float(), r.float(), atol=1e-5, rtol=1e-3)
+        torch.testing.assert_close(g.float(), r.float(), atol=2e-2, rtol=2e-2)  # same kernels, O(1) grads
