@@ -24,8 +24,10 @@ def run(args) -> int:
     from .llm import LLM
     from .sampling import SamplingParams
     prompts = args.prompt or ["The"]
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    # one seed per prompt: equal seeds would give every prompt the same random stream
+    params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, seed=None if args.seed is None else args.seed + i,
+                             ignore_eos=args.ignore_eos) for i in range(len(prompts))]
     llm = LLM(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up: kernels, allocator
     if llm.device.type == "cuda":

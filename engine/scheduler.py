@@ -99,8 +99,10 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
             raise ValueError(f"duplicate request id {seq.request_id!r}")
-        if self.bm.blocks_for(seq.num_tokens + 1) > self.bm.num_blocks:
-            raise ValueError(f"sequence of {seq.num_tokens} tokens can never fit the KV cache "
+        # its longest possible length must fit the whole pool, or it would preempt itself forever
+        longest = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
+        if self.bm.blocks_for(longest) > self.bm.num_blocks:
+            raise ValueError(f"a sequence of up to {longest} tokens can never fit the KV cache "
                              f"({self.bm.num_blocks} blocks of {self.bm.block_size})")
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)

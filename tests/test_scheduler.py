@@ -1,6 +1,8 @@
 """Scheduler alone (no model): a fake step samples token = position % 7."""
 from types import SimpleNamespace
 
+import pytest
+
 from engine.kv_cache import BlockManager
 from engine.scheduler import Scheduler, Sequence, Status
 
@@ -68,9 +70,9 @@ def test_preemption_with_a_tiny_pool_finishes_everything_and_leaks_nothing():
 
 
 def test_preemption_takes_the_newest():
-    bm = BlockManager(4, 2)
+    bm = BlockManager(6, 2)
     s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
-    old, new = Sequence("old", [1, 2, 3], params(20)), Sequence("new", [4, 5, 6], params(20))
+    old, new = Sequence("old", [1, 2, 3], params(9)), Sequence("new", [4, 5, 6], params(9))
     s.add(old), s.add(new)
     while s.num_preemptions == 0:
         run_step(s)
@@ -148,3 +150,10 @@ def test_max_num_seqs_caps_the_batch():
     assert len(b) == 2 and len(s.waiting) == 3
     drain(s)
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_request_that_could_outgrow_the_pool_is_refused():
+    s = Scheduler(BlockManager(4, 4), max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    with pytest.raises(ValueError, match="never fit"):
+        s.add(Sequence("huge", [0] * 10, params(10)))  # up to 20 tokens > 16 slots
+    s.add(Sequence("ok", [0] * 10, params(6)))
