@@ -1,11 +1,78 @@
-"""y = activation(x @ weight.T + bias) with the activation fused into the GEMM epilogue."""
+"""y = activation(x @ weight.T + bias) with the activation fused into the GEMM epilogue.
+
+CUDA bf16/fp16 runs the tensor-core GEMM in kernels._C (csrc/gemm.cu) forward and backward;
+everything else (CPU, fp32, float64, K not a multiple of 8) uses torch's BLAS path.
+"""
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from . import _checks as C
 from .reference import ACTIVATIONS
+
+_ACT_IDS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_ext():
+    """kernels._C when it was built with CUDA, else None."""
+    try:
+        from . import _C
+    except ImportError:
+        return None
+    return _C if _C.has_cuda() else None
+
+
+def _operand(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned (cp.async reads 16-byte chunks)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (P, R) @ b (Q, R)^T -> (P, Q); R zero-padded to a multiple of 8 when needed."""
+    r = a.shape[1]
+    if r % 8:
+        a, b = F.pad(a, (0, 8 - r % 8)), F.pad(b, (0, 8 - r % 8))
+    return _cuda_ext().gemm(_operand(a), _operand(b), None, 0, False)[0]
+
+
+class LinearFn(torch.autograd.Function):
+    """x (..., K), weight (N, K), bias (N,) or None -> act(x @ weight.T + bias) (..., N), CUDA bf16/fp16."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation, save_z):
+        k, n = x.shape[-1], weight.shape[0]
+        x2, w = _operand(x.reshape(-1, k)), _operand(weight)
+        act = _ACT_IDS[activation]
+        # the pre-activation z is written only when a backward will need it
+        y, z = _cuda_ext().gemm(x2, w, None if bias is None else _operand(bias), act, save_z and act != 0)
+        ctx.save_for_backward(x2, w, z)
+        ctx.act, ctx.has_bias = act, bias is not None
+        return y.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, w, z = ctx.saved_tensors
+        dz = _operand(dy.reshape(-1, w.shape[0]))  # (M, N)
+        if ctx.act:
+            dz = _cuda_ext().act_bwd(dz, z, ctx.act)  # dy * act'(pre-activation)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _gemm(dz, w.t()).view(*dy.shape[:-1], w.shape[1])  # (M, N) @ (N, K)
+        if ctx.needs_input_grad[1]:
+            dw = _gemm(dz.t(), x2.t())  # (N, M) @ (M, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dz.sum(0, dtype=torch.float32).to(dz.dtype)
+        return dx, dw, db, None, None
+
+
+def _use_gemm(x, weight) -> bool:
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.shape[-1] % 8 == 0
+            and x.numel() > 0 and weight.shape[0] > 0 and _cuda_ext() is not None)
 
 
 def linear(x, weight, bias=None, activation=None):
@@ -21,4 +88,7 @@ def linear(x, weight, bias=None, activation=None):
         raise ValueError(f"weight has in_features {weight.shape[1]} but x's last dim is {x.shape[-1]}")
     if bias is not None and bias.shape[0] != weight.shape[0]:
         raise ValueError(f"bias has {bias.shape[0]} elements but weight has {weight.shape[0]} rows")
+    if _use_gemm(x, weight):
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        return LinearFn.apply(x, weight, bias, activation, grad)
     return ACTIVATIONS[activation](F.linear(x, weight, bias))
