@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -67,7 +68,11 @@ def test_decode_fp16(case):
     check_decode(*case, torch.float16)
 
 
-@pytest.mark.parametrize("interpret", ["1", "0"])
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest without a GPU
+
+
+@pytest.mark.parametrize("interpret", [pytest.param("1", marks=pytest.mark.skipif(
+    not INTERPRETED, reason="Triton on CPU tensors needs the interpreter")), "0"])
 def test_store_kvcache(monkeypatch, interpret):
     monkeypatch.setenv("TRITON_INTERPRET", interpret)  # Triton (interpreter) and the torch fallback
     torch.manual_seed(0)
