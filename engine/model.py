@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import flash_attention, flash_attention_varlen, layer_norm, linear, paged_attention, rms_norm
+from kernels.paged import store_kvcache
 
 from .config import ModelConfig
 
@@ -98,7 +99,6 @@ class Attention(nn.Module):
     def step(self, x, positions, cache, meta: StepMeta):
         # x (N, C) packed new tokens; cache = (k_cache, v_cache) each (blocks, block_size, hkv, d)
         q, k, v = self._qkv(x, positions)
-        from kernels.paged_attention import store_kvcache
         k_cache, v_cache = cache
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.decode:

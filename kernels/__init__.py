@@ -9,7 +9,7 @@ import importlib
 _OPS = {
     "flash_attention": "attention",
     "flash_attention_varlen": "attention",
-    "paged_attention": "paged_attention",
+    "paged_attention": "paged",
     "layer_norm": "norm",
     "rms_norm": "norm",
     "linear": "linear",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels import paged_attention, reference as R
-from kernels.paged_attention import store_kvcache  # after the line above: the op, not the module, wins
+from kernels.paged import store_kvcache
 
 
 def _caches(lens, block_size, hkv, d, dtype, device="cpu", extra_blocks=7):
