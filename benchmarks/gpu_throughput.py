@@ -1,9 +1,9 @@
 """Offline generation throughput on the GPU: our LLM vs HF generate, measured in one run.
 
 ~125M GPT-2 (preset "gpt2", random init), bf16, 256 prompts of 32-512 random tokens, 64-256
-new tokens each, ignore_eos, greedy. HF runs batched and left padded (batch 64, grouped by
-output length so max_new_tokens is exact). Also ours with enforce_eager, to show what CUDA
-graphs buy. Goal: >= 10x HF output tok/s.
+new tokens each, ignore_eos, greedy. HF runs batched and left padded (batches of 64 sorted
+by output length, each run to its longest request; only requested tokens count). Also ours
+with enforce_eager, to show what CUDA graphs buy. Goal: >= 10x HF output tok/s.
 
     python -m benchmarks.gpu_suite --only throughput
 """

@@ -1,8 +1,8 @@
 """gpt-engine bench: vLLM-style offline throughput, ours vs HF generate in one run.
 
 N prompts of random token ids with random input/output lengths, ignore_eos, greedy. HF
-runs batched and left-padded over the same prompts, grouped by output length so each
-group's max_new_tokens is exact (only the requested tokens are counted).
+runs batched and left-padded over the same prompts, sorted by output length and cut into
+batches that each run to their longest request (only the requested tokens are counted).
 
     gpt-engine bench gpt2-tiny --num-prompts 32 --input-len 8,128 --output-len 64
 """
@@ -88,23 +88,18 @@ def bench_hf(path, prompts, outs, device, dtype, batch_size=0):
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     model.generation_config.eos_token_id = None  # ignore_eos
     model.generation_config.pad_token_id = 0
+    # sorted by output length and cut into batches: each batch runs to its longest request (little
+    # waste after sorting); only the requested tokens are counted
     order = sorted(range(len(prompts)), key=lambda i: outs[i])
     bs = batch_size or len(prompts)
-    # groups of equal output length (exact max_new_tokens), split to batch size
-    groups, cur = [], []
-    for i in order:
-        if cur and (outs[cur[0]] != outs[i] or len(cur) == bs):
-            groups.append(cur)
-            cur = []
-        cur.append(i)
-    groups.append(cur)
+    groups = [order[i:i + bs] for i in range(0, len(order), bs)]
 
     def run(group):
         ps = [prompts[i] for i in group]
         T = max(len(p) for p in ps)
         ids = torch.tensor([[0] * (T - len(p)) + p for p in ps], device=device)
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in ps], device=device)
-        n = outs[group[0]]
+        n = max(outs[i] for i in group)
         with torch.no_grad():
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
 

@@ -276,3 +276,37 @@ def test_async_loop_death_is_reported(models):
             await _collect(engine, [1, 2, 3], SamplingParams(max_tokens=4), "y")
 
     asyncio.run(main())
+
+
+# ------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_gpu_greedy_matches_transformers_with_and_without_cuda_graphs(models, kind):
+    d, hf = models[kind]
+    hf = hf.to("cuda")
+    prompts = prompts_of([1, 7, 16, 17, 45, 90, 3, 33, 64])
+    graphs = LLM(str(d), device="cuda", dtype=torch.float32, max_num_seqs=16)
+    assert graphs.runner.graphs, "CUDA graph capture failed (see the log warning)"
+    eager = LLM(str(d), device="cuda", dtype=torch.float32, max_num_seqs=16, enforce_eager=True)
+    a = tokens(graphs.generate(prompts, GREEDY, use_tqdm=False))
+    b = tokens(eager.generate(prompts, GREEDY, use_tqdm=False))
+    hf.generation_config.eos_token_id = None
+    for p, x, y in zip(prompts, a, b):
+        ids = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=GREEDY.max_tokens, do_sample=False,
+                          pad_token_id=0)
+        assert x == y == ids[0, len(p):].tolist()
+    hf.to("cpu")
+    s = graphs.stats()
+    assert s["num_free_blocks"] == s["num_total_blocks"]
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_batch_runs_and_frees(models):
+    d, _ = models["llama"]
+    llm = LLM(str(d), device="cuda", max_num_seqs=8)
+    outs = llm.generate(prompts_of([5, 50, 100, 7] * 5), SamplingParams(max_tokens=20, ignore_eos=True, seed=1),
+                        use_tqdm=False)
+    assert all(len(o.token_ids) == 20 for o in outs)
+    s = llm.stats()
+    assert s["num_free_blocks"] == s["num_total_blocks"]
