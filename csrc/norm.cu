@@ -137,14 +137,12 @@ bwd_fast(const T* __restrict__ dy, const T* __restrict__ hin, const T* __restric
          float* __restrict__ pb, int rows, int n, bool rms) {
   constexpr int VEC = vec_of<T>();
   __shared__ float smem[32];
-  float wv[ITEMS][VEC], aw[ITEMS][VEC], ab[ITEMS][VEC];
+  // weight is re-read per row (an L1 hit) rather than held: registers go to the accumulators
+  float aw[ITEMS][VEC], ab[ITEMS][VEC];
 #pragma unroll
-  for (int it = 0; it < ITEMS; ++it) {
-    const int col = (it * TPR + threadIdx.x) * VEC;
+  for (int it = 0; it < ITEMS; ++it)
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) wv[it][k] = aw[it][k] = ab[it][k] = 0.f;
-    if (col < n) load_vec(w + col, wv[it]);
-  }
+    for (int k = 0; k < VEC; ++k) aw[it][k] = ab[it][k] = 0.f;
   const int slot = blockIdx.x * rows_per_block<TPR>() + threadIdx.y;
   const int stride = gridDim.x * rows_per_block<TPR>();
   // for TPR > 32 slot == blockIdx.x: the whole block runs the same iterations (row_sum syncs)
@@ -157,16 +155,19 @@ bwd_fast(const T* __restrict__ dy, const T* __restrict__ hin, const T* __restric
     for (int it = 0; it < ITEMS; ++it) {
       const int col = (it * TPR + threadIdx.x) * VEC;
       if (col < n) {
+        float wv[VEC];
         load_vec(hin + off + col, xh[it]);
         load_vec(dy + off + col, g[it]);
+        load_vec(w + col, wv);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           xh[it][k] = (xh[it][k] - mu) * rs;
-          const float gw = g[it][k] * wv[it][k];
+          const float dyv = g[it][k], gw = dyv * wv[k];
+          g[it][k] = gw;  // from here on g holds dy * w
           s1 += gw;
           s2 += gw * xh[it][k];
-          aw[it][k] += g[it][k] * xh[it][k];
-          ab[it][k] += g[it][k];
+          aw[it][k] += dyv * xh[it][k];
+          ab[it][k] += dyv;
         }
       }
     }
@@ -180,7 +181,7 @@ bwd_fast(const T* __restrict__ dy, const T* __restrict__ hin, const T* __restric
         if (dh) load_vec(dh + off + col, d);
 #pragma unroll
         for (int k = 0; k < VEC; ++k)
-          o[k] = rs * (g[it][k] * wv[it][k] - m1 - xh[it][k] * m2) + (dh ? d[k] : 0.f);
+          o[k] = rs * (g[it][k] - m1 - xh[it][k] * m2) + (dh ? d[k] : 0.f);
         store_vec(dx + off + col, o);
       }
     }
