@@ -12,7 +12,7 @@ _OPS = {
     "paged_attention": "paged",
     "layer_norm": "norm",
     "rms_norm": "norm",
-    "linear": "linear",
+    "linear": "gemm",
 }
 
 __all__ = list(_OPS)
@@ -21,7 +21,7 @@ __all__ = list(_OPS)
 def __getattr__(name):
     if name in _OPS:
         fn = getattr(importlib.import_module(f"{__name__}.{_OPS[name]}"), name)
-        globals()[name] = fn  # importing a submodule binds its name here; the op must win
+        globals()[name] = fn
         return fn
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -76,6 +76,8 @@ def test_errors_name_the_argument():
         kernels.linear(x, w, b, "swish")
     with pytest.raises(TypeError, match="x"):
         kernels.linear([1.0], w)
+    with pytest.raises(ValueError, match="backend"):
+        kernels.linear(x, w, backend="cutlass")
 
 
 # ---------------------------------------------------------------- CUDA
@@ -90,13 +92,13 @@ def _check_close(got, tor, ref):
 
 @pytest.mark.gpu
 def test_cuda_gemm_is_used():
-    from kernels import _C, linear as lin
+    from kernels import _C, gemm
     assert _C.has_cuda()
     x, w, b = _inputs(37, 65, 64, torch.bfloat16, "cuda")
-    assert lin._use_gemm(x, w)
+    assert gemm._use_gemm(x, w, "custom") and not gemm._use_gemm(x, w, "auto")
     y, z = _C.gemm(x, w, b, 1, True)
     torch.testing.assert_close(z, F.linear(x, w, b), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(y, kernels.linear(x, w, b, "gelu"), rtol=0, atol=0)
+    torch.testing.assert_close(y, kernels.linear(x, w, b, "gelu", backend="custom"), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="multiple of 8"):
         _C.gemm(x[:, :60].contiguous(), w[:, :60].contiguous(), None, 0, False)
 
@@ -108,7 +110,7 @@ def test_cuda_forward_bf16(act, mnk):
     m, n, k = mnk
     x, w, b = _inputs(m, n, k, torch.bfloat16, "cuda")
     ref = reference.linear(x.float(), w.float(), b.float(), act)
-    _check_close(kernels.linear(x, w, b, act), _torch_op(x, w, b, act), ref)
+    _check_close(kernels.linear(x, w, b, act, backend="custom"), _torch_op(x, w, b, act), ref)
 
 
 @pytest.mark.gpu
@@ -121,9 +123,9 @@ def test_cuda_forward_backward(dtype, bias, act, mnk):
     x, w, b = _inputs(m, n, k, dtype, "cuda", bias=bias, lead=(1,))
     f32 = [t.float() if t is not None else None for t in (x, w, b)]
     ref = reference.linear(*f32, act)
-    _check_close(kernels.linear(x, w, b, act), _torch_op(x, w, b, act), ref)
+    _check_close(kernels.linear(x, w, b, act, backend="custom"), _torch_op(x, w, b, act), ref)
     gout = torch.randn(1, m, n, generator=torch.Generator().manual_seed(2)).to("cuda", dtype)
-    got = _grads(lambda *a: kernels.linear(*a, activation=act), [x, w, b], gout)
+    got = _grads(lambda *a: kernels.linear(*a, activation=act, backend="custom"), [x, w, b], gout)
     tor = _grads(lambda *a: _torch_op(*a, act), [x, w, b], gout)
     want = _grads(lambda *a: reference.linear(*a, activation=act), f32, gout)
     for gg, tt, ww in zip(got, tor, want):
@@ -137,8 +139,8 @@ def test_cuda_fallbacks_and_odd_layouts():
     for dtype, k in [(torch.bfloat16, 60), (torch.float32, 64)]:
         x, w, b = _inputs(37, 65, k, dtype, "cuda")
         ref = reference.linear(x.float(), w.float(), b.float(), "relu")
-        _check_close(kernels.linear(x, w, b, "relu"), _torch_op(x, w, b, "relu"), ref)
+        _check_close(kernels.linear(x, w, b, "relu", backend="custom"), _torch_op(x, w, b, "relu"), ref)
     x, w, b = _inputs(40, 96, 128, torch.bfloat16, "cuda")
     xs = x.t().contiguous().t()[1:]  # (39, 128) non-contiguous
     ref = reference.linear(xs.float(), w.float(), b.float(), "gelu_tanh")
-    _check_close(kernels.linear(xs, w, b, "gelu_tanh"), _torch_op(xs, w, b, "gelu_tanh"), ref)
+    _check_close(kernels.linear(xs, w, b, "gelu_tanh", backend="custom"), _torch_op(xs, w, b, "gelu_tanh"), ref)
