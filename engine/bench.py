@@ -72,7 +72,10 @@ def bench_ours(path, prompts, outs, device, dtype, max_num_seqs=256, enforce_eag
     llm = LLM(path, device=device, dtype=dtype, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager or None,
               enable_prefix_caching=False)  # random prompts: nothing to share, keep the comparison plain
     sps = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in outs]
-    llm.generate(prompts[:4], sps[:4], use_tqdm=False)  # warm-up (kernels, allocator)
+    # warm-up: every prompt's prefill once, so Triton autotuning of each length bucket and the
+    # allocator's growth stay out of the timed run
+    llm.generate(prompts, [SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)] * len(prompts),
+                 use_tqdm=False)
     _sync(llm.device)
     t = time.perf_counter()
     res = llm.generate(prompts, sps, use_tqdm=False)
