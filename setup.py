@@ -20,7 +20,7 @@ if _cuda_build():
     module = ext.CUDAExtension(
         "kernels._C", cpp + cu, include_dirs=[os.path.join(here, "csrc")],
         define_macros=[("WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17",
                                                  "-gencode", "arch=compute_90a,code=sm_90a",
                                                  "-gencode", "arch=compute_80,code=sm_80"]})
 else:
