@@ -163,9 +163,8 @@ class LLM:
             raise ValueError(f"token id {bad[0]} is out of range [0, {self.vocab_size})")
         return text, ids
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                    stream: bool = False) -> Sequence:
-        params = params or SamplingParams()
+    def validate(self, prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Tokenize and check a request against the model; ValueError names what is wrong."""
         text, ids = self._tokenize(prompt)
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
@@ -175,6 +174,12 @@ class LLM:
             raise ValueError("stop strings need a tokenizer")
         if params.logprobs is not None and params.logprobs > self.vocab_size:
             raise ValueError(f"logprobs ({params.logprobs}) exceeds the vocabulary size ({self.vocab_size})")
+        return text, ids
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    stream: bool = False) -> Sequence:
+        params = params or SamplingParams()
+        text, ids = self.validate(prompt, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         seq = Sequence(rid, ids, params, self.eos_token_id)
         gen = Sampler.request_generator(params.seed, self.device) if params.seed is not None else None
@@ -245,7 +250,7 @@ class LLM:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
         # validate everything before anything runs
-        checked = [self._tokenize(p) for p in prompts]
+        checked = [self.validate(p, sp) for p, sp in zip(prompts, sampling_params)]
         seqs = []
         try:
             for (text, ids), p in zip(checked, sampling_params):
@@ -410,13 +415,7 @@ class AsyncLLM:
         llm = self.llm
         # validate here (raises ValueError before anything is yielded); the loop re-checks cheaply
         params = params or SamplingParams()
-        text, ids = llm._tokenize(prompt)
-        if len(ids) + params.max_tokens > llm.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                             f"{len(ids) + params.max_tokens} exceeds the model's context length "
-                             f"({llm.max_model_len})")
-        if params.stop and llm.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer")
+        llm.validate(prompt, params)
         if request_id in self._queues:
             raise ValueError(f"duplicate request id {request_id!r}")
         q: asyncio.Queue = asyncio.Queue()
