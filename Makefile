@@ -16,7 +16,7 @@ $(STAMP): $(VPY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install torch==2.13.0 || $(VPY) -m pip install torch
 	$(VPY) -m pip install -q setuptools wheel ninja pybind11
 	MAX_JOBS=$$(nproc) $(VPY) -m pip install -q -e '.[test]' --no-build-isolation
-	$(VPY) -c "import kernels._C"
+	$(VPY) -c "import torch, kernels._C"
 	touch $@
 
 setup: $(STAMP)
