@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import flash_attention, flash_attention_varlen, layer_norm, linear, paged_attention, rms_norm
-from kernels._checks import use_triton
 from kernels.paged import store_kvcache
 
 from .config import ModelConfig
@@ -30,21 +29,6 @@ class StepMeta:
     max_seqlen_q: int
     max_seqlen_k: int
     decode: bool                 # one new token per sequence: use paged decode attention
-
-
-def _decode_attention_torch(q, k_cache, v_cache, block_table, seq_lens):
-    """CPU decode over the paged cache in one batched SDPA (the per-sequence loop of the
-    generic fallback costs ~B*layers small ops per step). q (B, H, D) -> (B, H, D)."""
-    B, H, D = q.shape
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    L = block_table.shape[1] * bs
-    idx = block_table.long().flatten()
-    k = k_cache.index_select(0, idx).view(B, L, hkv, D).transpose(1, 2)  # (B, Hkv, L, D)
-    v = v_cache.index_select(0, idx).view(B, L, hkv, D).transpose(1, 2)
-    mask = torch.arange(L, device=q.device)[None, :] < seq_lens[:, None]  # (B, L)
-    # the H // Hkv query heads of a group act as its query rows: GQA without repeating K/V
-    o = F.scaled_dot_product_attention(q.view(B, hkv, H // hkv, D), k, v, attn_mask=mask[:, None, None, :])
-    return o.reshape(B, H, D)
 
 
 class Norm(nn.Module):
@@ -117,9 +101,7 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, positions)
         k_cache, v_cache = cache
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.decode and not use_triton(q):
-            o = _decode_attention_torch(q, k_cache, v_cache, meta.block_table, meta.seq_lens)
-        elif meta.decode:
+        if meta.decode:
             o = paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens)
         else:
             o = flash_attention_varlen(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,

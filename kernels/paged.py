@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _checks as C
-from .attention import _check_heads, _scale, sdpa
+from .attention import _check_heads, _scale
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None):
@@ -23,12 +24,23 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=No
     if C.use_triton(q) and q.dtype != torch.float64:
         from .triton_paged import paged_attention_fwd
         return paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale)
-    from .reference import gather_paged
-    out = torch.empty_like(q)
-    for b, n in enumerate(seq_lens.tolist()):
-        kb, vb = gather_paged(k_cache, block_table[b], n), gather_paged(v_cache, block_table[b], n)
-        out[b] = sdpa(q[None, b:b + 1], kb[None], vb[None], False, scale)[0, 0]
-    return out
+    return _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale)
+
+
+def _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale):
+    """CPU decode in one batched SDPA: a per-sequence loop would cost B x layers small ops per
+    engine step. q (B, H, D) -> (B, H, D)."""
+    B, H, D = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    L = block_table.shape[1] * bs
+    idx = block_table.long().flatten()
+    k = k_cache.index_select(0, idx).view(B, L, hkv, D).transpose(1, 2)  # (B, Hkv, L, D)
+    v = v_cache.index_select(0, idx).view(B, L, hkv, D).transpose(1, 2)
+    mask = torch.arange(L, device=q.device)[None, :] < seq_lens[:, None]  # (B, L)
+    # the H // Hkv query heads of a group act as its query rows: GQA without repeating K/V
+    o = F.scaled_dot_product_attention(q.view(B, hkv, H // hkv, D), k, v, attn_mask=mask[:, None, None, :],
+                                       scale=scale)
+    return o.reshape(B, H, D)
 
 
 def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
