@@ -10,6 +10,10 @@ std::vector<at::Tensor> norm_fwd_cpu(const at::Tensor& x, const OptT& residual, 
                                      double eps, bool rms);
 std::vector<at::Tensor> norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& h, const OptT& dh, const at::Tensor& w,
                                      const at::Tensor& mean, const at::Tensor& rstd, bool has_bias, bool rms);
+at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                               const at::Tensor& block_table, const at::Tensor& seq_lens, double scale);
+void store_kvcache_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                       const at::Tensor& slot_mapping);
 #ifdef WITH_CUDA
 std::vector<at::Tensor> norm_fwd_cuda(const at::Tensor& x, const OptT& residual, const at::Tensor& w, const OptT& b,
                                       double eps, bool rms);
@@ -125,6 +129,79 @@ at::Tensor act_bwd(const at::Tensor& dy, const at::Tensor& z, int64_t act) {
 #endif
 }
 
+// (N, heads, D) rows of x may be strided (views of a fused projection); each row is dense
+void check_rows(const at::Tensor& x, const char* name) {
+  CHECK_FLOAT(x);
+  TORCH_CHECK(x.dim() == 3, name, " must be 3-D, got ", x.sizes());
+  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), name, "[i] must be contiguous, got strides ",
+              x.strides());
+}
+
+void check_cache(const at::Tensor& c, const at::Tensor& ref, const char* name) {
+  CHECK_CONTIGUOUS(c);
+  CHECK_SAME_DEVICE(c, ref);
+  TORCH_CHECK(c.scalar_type() == ref.scalar_type(), name, " has dtype ", c.scalar_type(), ", expected ",
+              ref.scalar_type());
+  TORCH_CHECK(c.dim() == 4, name, " must be (blocks, block_size, Hkv, D), got ", c.sizes());
+}
+
+// CPU decode attention over paged caches -> (B, H, D); the CUDA path is Triton (kernels/triton_paged.py)
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
+  check_rows(q, "q");
+  TORCH_CHECK(q.device().is_cpu(), "paged_attention: q must be a CPU tensor (CUDA runs Triton)");
+  check_cache(k_cache, q, "k_cache");
+  check_cache(v_cache, q, "v_cache");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t blocks = k_cache.size(0), bs = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "cache head dim ", k_cache.size(3), " != q's ", D);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "q's heads (", H, ") must be a multiple of the cache's (", Hkv, ")");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.size(0) == B &&
+                  block_table.device().is_cpu(),
+              "block_table must be int32 (B, max_blocks) on the CPU");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == B &&
+                  seq_lens.device().is_cpu(),
+              "seq_lens must be int32 (B,) on the CPU");
+  // every block the kernel will read must exist: a bad table is an error, not a wild read
+  const at::Tensor table = block_table.contiguous(), lens = seq_lens.contiguous();
+  const int32_t* tb = table.data_ptr<int32_t>();
+  const int32_t* ln = lens.data_ptr<int32_t>();
+  const int64_t mb = table.size(1);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(ln[b] >= 1 && ln[b] <= mb * bs, "seq_lens[", b, "] = ", ln[b], " is outside [1, ", mb * bs, "]");
+    for (int64_t j = 0; j < (ln[b] + bs - 1) / bs; ++j)
+      TORCH_CHECK(tb[b * mb + j] >= 0 && tb[b * mb + j] < blocks, "block_table[", b, ", ", j, "] = ", tb[b * mb + j],
+                  " is not a block of the cache (", blocks, " blocks)");
+  }
+  return paged_attention_cpu(q, k_cache, v_cache, table, lens, scale);
+}
+
+// writes k/v (N, Hkv, D) into the caches at slot_mapping (N,) int64, -1 skips a token; in place
+void store_kvcache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                   const at::Tensor& slot_mapping) {
+  check_rows(k, "k");
+  check_rows(v, "v");
+  TORCH_CHECK(k.device().is_cpu(), "store_kvcache: k must be a CPU tensor (CUDA runs Triton)");
+  CHECK_SAME_DEVICE(v, k);
+  CHECK_SAME_DTYPE(v, k);
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
+  check_cache(k_cache, k, "k_cache");
+  check_cache(v_cache, k, "v_cache");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
+  TORCH_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2), "k rows (", k.size(1), ", ", k.size(2),
+              ") do not match cache rows (", k_cache.size(2), ", ", k_cache.size(3), ")");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == k.size(0) && slot_mapping.device().is_cpu(),
+              "slot_mapping must be int64 (N,) on the CPU");
+  const at::Tensor slots = slot_mapping.contiguous();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t n_slots = k_cache.size(0) * k_cache.size(1);
+  for (int64_t i = 0; i < slots.size(0); ++i)
+    TORCH_CHECK(sp[i] >= -1 && sp[i] < n_slots, "slot_mapping[", i, "] = ", sp[i], " is outside [-1, ", n_slots, ")");
+  store_kvcache_cpu(k, v, k_cache, v_cache, slots);
+}
+
 bool has_cuda() {
 #ifdef WITH_CUDA
   return true;
@@ -145,5 +222,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "a @ b.T + bias with a fused activation -> [y, pre-activation or None]", py::arg("a"),
         py::arg("b"), py::arg("bias"), py::arg("act"), py::arg("save_preact"));
   m.def("act_bwd", &act_bwd, "dy * act'(z)", py::arg("dy"), py::arg("z"), py::arg("act"));
+  m.def("paged_attention", &paged_attention, "CPU decode attention over a paged KV cache -> (B, H, D)", py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"), py::arg("scale"));
+  m.def("store_kvcache", &store_kvcache, "CPU write of new K/V rows into the paged caches, in place", py::arg("k"),
+        py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"));
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
 }

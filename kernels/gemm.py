@@ -5,25 +5,15 @@ everything else (CPU, fp32, float64, K not a multiple of 8) uses torch's BLAS pa
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from ._ext import cuda_ext as _cuda_ext
 from .reference import ACTIVATIONS
 
 _ACT_IDS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_ext():
-    """kernels._C when it was built with CUDA, else None."""
-    try:
-        from . import _C
-    except ImportError:
-        return None
-    return _C if _C.has_cuda() else None
 
 
 def _operand(t: torch.Tensor) -> torch.Tensor:

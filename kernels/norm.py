@@ -5,26 +5,14 @@ float64 and builds without the extension use kernels.reference.
 """
 from __future__ import annotations
 
-import functools
-import warnings
 
 import torch
 
 from . import _checks as C
 from . import reference
+from ._ext import ext as _ext
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-@functools.lru_cache(maxsize=None)
-def _ext():
-    """kernels._C, imported on first use (keeps `import kernels` cheap); None, with one warning, if missing."""
-    try:
-        from . import _C
-        return _C
-    except ImportError as e:
-        warnings.warn(f"kernels._C failed to import ({e}); norms fall back to kernels.reference", RuntimeWarning)
-        return None
 
 
 def _use_ext(x: torch.Tensor) -> bool:
@@ -34,22 +22,30 @@ def _use_ext(x: torch.Tensor) -> bool:
     return ext is not None and (x.device.type == "cpu" or ext.has_cuda())
 
 
+def _forward(x, weight, bias, residual, eps, rms):
+    """-> y (rows, N), h = x + residual (rows, N) or None, x (rows, N), mean, rstd."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n).contiguous()
+    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
+    b = None if bias is None else bias.contiguous()
+    y, h, mean, rstd = _ext().norm_fwd(x2, r2, weight.contiguous(), b, eps, rms)
+    return y, h, x2, mean, rstd
+
+
+def _outputs(x, y, h):
+    return y.view(x.shape) if h is None else (y.view(x.shape), h.view(x.shape))
+
+
 class NormFn(torch.autograd.Function):
     """y = norm(x [+ residual]) * weight [+ bias]; with residual also returns h = x + residual.
     x, residual (..., N) flattened to (rows, N); weight, bias (N,) already in x's dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps, rms):
-        n = x.shape[-1]
-        x2 = x.reshape(-1, n).contiguous()
-        r2 = None if residual is None else residual.reshape(-1, n).contiguous()
-        b = None if bias is None else bias.contiguous()
-        y, h, mean, rstd = _ext().norm_fwd(x2, r2, weight.contiguous(), b, eps, rms)
+        y, h, x2, mean, rstd = _forward(x, weight, bias, residual, eps, rms)
         ctx.save_for_backward(x2 if h is None else h, weight, mean, rstd)
         ctx.rms, ctx.has_bias, ctx.has_residual = rms, bias is not None, residual is not None
-        if residual is None:
-            return y.view(x.shape)
-        return y.view(x.shape), h.view(x.shape)
+        return _outputs(x, y, h)
 
     @staticmethod
     def backward(ctx, dy, dh=None):
@@ -85,6 +81,9 @@ def _norm(x, weight, bias, eps, residual, rms):
     # parameters kept in another float dtype (e.g. fp32 masters) are cast; autograd carries the grad back
     weight = weight.to(x.dtype)
     bias = None if bias is None else bias.to(x.dtype)
+    if not torch.is_grad_enabled():  # inference: skip the autograd.Function's per-call overhead
+        y, h = _forward(x, weight, bias, residual, float(eps), rms)[:2]
+        return _outputs(x, y, h)
     return NormFn.apply(x, weight, bias, residual, float(eps), rms)
 
 

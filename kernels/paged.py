@@ -5,7 +5,15 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from ._ext import ext
 from .attention import _check_heads, _scale
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cpu_kernel(x: torch.Tensor) -> bool:
+    """csrc/paged_cpu.cpp runs CPU fp32/fp16/bf16; float64 or a build without kernels._C use torch."""
+    return x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and ext() is not None
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None):
@@ -24,12 +32,19 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=No
     if C.use_triton(q) and q.dtype != torch.float64:
         from .triton_paged import paged_attention_fwd
         return paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale)
+    if _cpu_kernel(q) and q.shape[0] > 0 and _rows_dense(q) and k_cache.is_contiguous() and v_cache.is_contiguous():
+        return ext().paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
     return _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale)
 
 
+def _rows_dense(x: torch.Tensor) -> bool:
+    """(N, heads, D) whose rows may be strided but each row is dense, as split from a fused projection."""
+    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
 def _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale):
-    """CPU decode in one batched SDPA: a per-sequence loop would cost B x layers small ops per
-    engine step. q (B, H, D) -> (B, H, D)."""
+    """Decode in one batched SDPA (float64, or no kernels._C): gathers every sequence's blocks into
+    a dense padded (B, L) batch. q (B, H, D) -> (B, H, D)."""
     B, H, D = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     L = block_table.shape[1] * bs
@@ -66,6 +81,10 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
     if C.use_triton(k) and k.dtype != torch.float64:
         from .triton_paged import store_kvcache_fwd
         store_kvcache_fwd(k, v, k_cache, v_cache, slot_mapping)
+        return
+    if (_cpu_kernel(k) and _rows_dense(k) and _rows_dense(v) and k_cache.is_contiguous()
+            and v_cache.is_contiguous()):
+        ext().store_kvcache(k, v, k_cache, v_cache, slot_mapping)
         return
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]

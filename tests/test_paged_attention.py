@@ -58,26 +58,69 @@ DECODE = [
 ]
 
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest without a GPU
+# CPU tensors run Triton under the interpreter, else csrc/paged_cpu.cpp (kernels._C)
+PATHS = [pytest.param("1", id="triton", marks=pytest.mark.skipif(
+    not INTERPRETED, reason="Triton on CPU tensors needs the interpreter")), pytest.param("0", id="cpu")]
+
+
+@pytest.mark.parametrize("interpret", PATHS)
 @pytest.mark.parametrize("case", DECODE, ids=lambda c: f"{c[1]}-{c[2]}-{c[3]}-{c[4]}")
-def test_decode_fp32(case):
+def test_decode_fp32(case, interpret, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     check_decode(*case, torch.float32)
 
 
+@pytest.mark.parametrize("interpret", PATHS)
 @pytest.mark.parametrize("case", DECODE[:2], ids=lambda c: f"{c[1]}-{c[2]}-{c[3]}-{c[4]}")
-def test_decode_fp16(case):
+def test_decode_fp16(case, interpret, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     check_decode(*case, torch.float16)
 
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest without a GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_decode_cpu_bf16_fp64(dtype, monkeypatch):
+    # bf16 runs the C++ kernel (the interpreter's bf16 dot is broken), float64 the batched SDPA
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    check_decode([1, 16, 17, 100, 250], 16, 8, 2, 64, dtype, atol=2e-2)
 
 
-@pytest.mark.parametrize("interpret", [pytest.param("1", marks=pytest.mark.skipif(
-    not INTERPRETED, reason="Triton on CPU tensors needs the interpreter")), "0"])
-def test_store_kvcache(monkeypatch, interpret):
-    monkeypatch.setenv("TRITON_INTERPRET", interpret)  # Triton (interpreter) and the torch fallback
+def test_decode_cpu_strided_q(monkeypatch):
+    # q split from a fused (N, (H + 2 Hkv) D) projection: rows strided, each row dense
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kc, vc, table, seq_lens = _caches([7, 40], 16, 2, 32, torch.float32)
+    qkv = torch.randn(2, 8, 32)
+    q = qkv[:, :4]
+    torch.testing.assert_close(paged_attention(q, kc, vc, table, seq_lens),
+                               R.paged_attention(q.contiguous(), kc, vc, table, seq_lens), atol=2e-4, rtol=2e-4)
+
+
+def test_cpu_kernel_rejects_bad_tables(monkeypatch):
+    # the C++ kernel reads blocks straight from the table: bad entries must raise, not read wild memory
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kc, vc, table, seq_lens = _caches([20], 16, 2, 32, torch.float32)
+    q = torch.randn(1, 2, 32)
+    bad = table.clone()
+    bad[0, 1] = kc.shape[0]
+    with pytest.raises(RuntimeError, match="block_table"):
+        paged_attention(q, kc, vc, bad, seq_lens)
+    with pytest.raises(RuntimeError, match="seq_lens"):
+        paged_attention(q, kc, vc, table, torch.tensor([0], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="seq_lens"):
+        paged_attention(q, kc, vc, table, torch.tensor([table.shape[1] * 16 + 1], dtype=torch.int32))
+    k = torch.randn(1, 2, 32)
+    with pytest.raises(RuntimeError, match="slot_mapping"):
+        store_kvcache(k, k, kc, vc, torch.tensor([kc.shape[0] * 16]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("interpret", PATHS)
+def test_store_kvcache(monkeypatch, interpret, dtype):
+    # Triton (interpreter), the C++ kernel (fp32) and the torch index_copy_ fallback (float64)
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
     torch.manual_seed(0)
-    kc, vc = torch.zeros(4, 16, 2, 80), torch.zeros(4, 16, 2, 80)
-    kv = torch.randn(5, 2, 2, 80)
+    kc, vc = torch.zeros(4, 16, 2, 80, dtype=dtype), torch.zeros(4, 16, 2, 80, dtype=dtype)
+    kv = torch.randn(5, 2, 2, 80, dtype=dtype)
     k, v = kv[:, 0], kv[:, 1]  # strided views, as from a fused projection
     slots = torch.tensor([3, -1, 17, 63, 0])
     store_kvcache(k, v, kc, vc, slots)

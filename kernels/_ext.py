@@ -1,0 +1,23 @@
+"""kernels._C, imported on first use (keeps `import kernels` cheap)."""
+from __future__ import annotations
+
+import functools
+import warnings
+
+
+@functools.lru_cache(maxsize=None)
+def ext():
+    """The compiled module, or None with one warning when it is missing (callers fall back to torch)."""
+    try:
+        from . import _C
+        return _C
+    except ImportError as e:
+        warnings.warn(f"kernels._C failed to import ({e}); its ops fall back to torch / kernels.reference",
+                      RuntimeWarning)
+        return None
+
+
+def cuda_ext():
+    """kernels._C when it was built with CUDA, else None."""
+    m = ext()
+    return m if m is not None and m.has_cuda() else None
