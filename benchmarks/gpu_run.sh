@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # One lease on the GPU machine: build, GPU tests, then the GPU suite. Logs and results go to $OUT.
 #   bash benchmarks/gpu_run.sh [suite names, comma-separated; default all] [pytest -k expr]
+# The image lacks the server's packages: carry their wheels in .whl/ (the `run` tool's carry) and
+# they are installed to /tmp/site first (benchmarks/server_wheels.sh downloads them).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 t0=$(date +%s)
 if [ "${SKIP_BUILD:-0}" = 1 ]; then echo "skipping build"; else
 MAX_JOBS=16 python3 -m pip install -q -e . --no-build-isolation --no-deps > "$OUT/build.log" 2>&1 \

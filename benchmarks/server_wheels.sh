@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Downloads (here, where pip reaches a package index) the server's packages that the GPU image
+# lacks, as py3.12 manylinux wheels into .whl/ (git-ignored locally via .git/info/exclude).
+# benchmarks/gpu_run.sh installs them on the GPU machine when .whl is carried.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .git/info .whl
+grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+ver() { python3 -c "import importlib.metadata as m; print(m.version('$1'))"; }
+pkgs=()
+for p in fastapi starlette pydantic pydantic_core annotated-types typing-inspection uvicorn opentelemetry-api \
+         typing_extensions; do
+  pkgs+=("$p==$(ver "$p")")
+done
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .whl "${pkgs[@]}"
+ls .whl
