@@ -163,15 +163,15 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == B &&
                   seq_lens.device().is_cpu(),
               "seq_lens must be int32 (B,) on the CPU");
-  // every block the kernel will read must exist: a bad table is an error, not a wild read
+  // every block the kernel will read must exist: a bad table is a ValueError, not a wild read
   const at::Tensor table = block_table.contiguous(), lens = seq_lens.contiguous();
   const int32_t* tb = table.data_ptr<int32_t>();
   const int32_t* ln = lens.data_ptr<int32_t>();
   const int64_t mb = table.size(1);
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(ln[b] >= 1 && ln[b] <= mb * bs, "seq_lens[", b, "] = ", ln[b], " is outside [1, ", mb * bs, "]");
+    TORCH_CHECK_VALUE(ln[b] >= 1 && ln[b] <= mb * bs, "seq_lens[", b, "] = ", ln[b], " is outside [1, ", mb * bs, "]");
     for (int64_t j = 0; j < (ln[b] + bs - 1) / bs; ++j)
-      TORCH_CHECK(tb[b * mb + j] >= 0 && tb[b * mb + j] < blocks, "block_table[", b, ", ", j, "] = ", tb[b * mb + j],
+      TORCH_CHECK_VALUE(tb[b * mb + j] >= 0 && tb[b * mb + j] < blocks, "block_table[", b, ", ", j, "] = ", tb[b * mb + j],
                   " is not a block of the cache (", blocks, " blocks)");
   }
   return paged_attention_cpu(q, k_cache, v_cache, table, lens, scale);
@@ -198,7 +198,7 @@ void store_kvcache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t n_slots = k_cache.size(0) * k_cache.size(1);
   for (int64_t i = 0; i < slots.size(0); ++i)
-    TORCH_CHECK(sp[i] >= -1 && sp[i] < n_slots, "slot_mapping[", i, "] = ", sp[i], " is outside [-1, ", n_slots, ")");
+    TORCH_CHECK_VALUE(sp[i] >= -1 && sp[i] < n_slots, "slot_mapping[", i, "] = ", sp[i], " is outside [-1, ", n_slots, ")");
   store_kvcache_cpu(k, v, k_cache, v_cache, slots);
 }
 

@@ -102,14 +102,14 @@ def test_cpu_kernel_rejects_bad_tables(monkeypatch):
     q = torch.randn(1, 2, 32)
     bad = table.clone()
     bad[0, 1] = kc.shape[0]
-    with pytest.raises(RuntimeError, match="block_table"):
+    with pytest.raises(ValueError, match="block_table"):
         paged_attention(q, kc, vc, bad, seq_lens)
-    with pytest.raises(RuntimeError, match="seq_lens"):
+    with pytest.raises(ValueError, match="seq_lens"):
         paged_attention(q, kc, vc, table, torch.tensor([0], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="seq_lens"):
+    with pytest.raises(ValueError, match="seq_lens"):
         paged_attention(q, kc, vc, table, torch.tensor([table.shape[1] * 16 + 1], dtype=torch.int32))
     k = torch.randn(1, 2, 32)
-    with pytest.raises(RuntimeError, match="slot_mapping"):
+    with pytest.raises(ValueError, match="slot_mapping"):
         store_kvcache(k, k, kc, vc, torch.tensor([kc.shape[0] * 16]))
 
 
