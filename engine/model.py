@@ -29,6 +29,7 @@ class StepMeta:
     max_seqlen_q: int
     max_seqlen_k: int
     decode: bool                 # one new token per sequence: use paged decode attention
+    fresh: bool = False          # no sequence has cached context: prefill attends to its own new K/V
 
 
 class Norm(nn.Module):
@@ -103,6 +104,9 @@ class Attention(nn.Module):
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.decode:
             o = paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens)
+        elif meta.fresh:  # the new K/V are the whole context: no reads back from the cache
+            o = flash_attention_varlen(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, meta.max_seqlen_q,
+                                       meta.max_seqlen_q, causal=True)
         else:
             o = flash_attention_varlen(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
                                                meta.max_seqlen_q, meta.max_seqlen_k, causal=True,

@@ -122,7 +122,7 @@ class ModelRunner:
         meta = StepMeta(slot_mapping=self._to(slots, torch.long), block_table=self._to(tables, torch.int32),
                         seq_lens=self._to(seq_lens, torch.int32), cu_seqlens_q=self._to(cu_q, torch.int32),
                         cu_seqlens_k=self._to(cu_k, torch.int32), max_seqlen_q=max(batch.num_new_tokens),
-                        max_seqlen_k=max(seq_lens), decode=batch.is_decode)
+                        max_seqlen_k=max(seq_lens), decode=batch.is_decode, fresh=cu_q == cu_k)
         li = None if len(logits_idx) == len(ids) else self._to(logits_idx, torch.long)
         return self.model.step(self._to(ids, torch.long), self._to(pos, torch.long), self.kv_caches, meta, li)
 
