@@ -51,22 +51,32 @@ def _run_chunk(logits, targets, ignore_index, want_grad):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
+    # forward is functional on purpose: no tensor it returns or saves is written in place.
+    # torch 2.11's dynamo mis-traces an autograd.Function whose forward mutates what it returns
+    # (pytorch/pytorch#180642; fixed by #180921, which torch 2.13 has): with the old
+    # `loss = zeros(); loss += ...; return loss` the compiled backward got a zero grad_output, so
+    # every gradient of a torch.compile'd model was 0 and its loss never left the initial value.
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size, ignore_index):
         # h (N, C), weight (V, C), targets (N,) int64 -> summed loss over targets != ignore_index
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        loss = torch.zeros((), dtype=acc, device=h.device)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if ctx.needs_input_grad[1] else None
+        losses, grad_hs, grad_w = [], [], None
         for s in range(0, h.shape[0], chunk_size):
             hc, tc = h[s:s + chunk_size], targets[s:s + chunk_size]
-            chunk_loss, g = _run_chunk(hc @ weight.t(), tc, ignore_index, want_grad)  # logits (n, V)
-            loss += chunk_loss
-            if grad_h is not None:
-                grad_h[s:s + chunk_size] = g @ weight
-            if grad_w is not None:
-                grad_w += (g.t() @ hc).to(acc)
+            chunk_loss, g = _run_chunk(hc @ weight.t(), tc, ignore_index, want_h or want_w)  # logits (n, V)
+            losses.append(chunk_loss.to(acc))
+            if want_h:
+                grad_hs.append(g @ weight)
+            if want_w:
+                gw = (g.t() @ hc).to(acc)
+                grad_w = gw if grad_w is None else grad_w + gw
+        loss = torch.stack(losses).sum() if losses else h.new_zeros((), dtype=acc)
+        grad_h = None
+        if want_h:
+            grad_h = torch.cat(grad_hs) if grad_hs else torch.zeros_like(h)
+        if want_w and grad_w is None:  # no tokens
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h.dtype, weight.dtype)
         return loss
