@@ -31,7 +31,7 @@ def main(outdir: Path) -> str:
                 continue
             r = run_bench("gpt2", num_prompts=n, input_len=inp, output_len=out, device="cuda",
                           dtype=torch.bfloat16, seed=0, max_num_seqs=256, hf=hf and not eager, hf_batch_size=64,
-                          enforce_eager=eager)
+                          enforce_eager=eager, repeat=2)
             print(format_result(r), flush=True)
             row = dict(case=name, engine="ours-eager" if eager else "ours", num_prompts=n,
                        input_len=f"{inp[0]}-{inp[1]}", output_len=f"{out[0]}-{out[1]}",

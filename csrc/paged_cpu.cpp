@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -16,60 +15,174 @@
 
 namespace {
 
-// 8 independent accumulators: vectorisable without -ffast-math
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+// Every helper is forced inline so each target-specific copy of decode_item below gets its own
+// code: the AVX2+FMA copy on CPUs that have them (checked at run time), plain x86-64 elsewhere.
+#define HOT inline __attribute__((always_inline))
+
+// 8 floats as one value: GCC/Clang lower it to whatever the target has (2 SSE or 1 AVX register),
+// so the loops below are vectorised explicitly rather than left to the auto-vectoriser.
+typedef float f8 __attribute__((vector_size(32)));
+
+HOT f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+HOT float hsum(f8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+// e^x for x <= 0 (softmax after subtracting the max), Cephes' expf: x = n ln2 + r with
+// |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n through the exponent bits; ~1 ulp.
+HOT f8 exp8(f8 x) {
+  const f8 lo = f8{} - 87.3f;  // e^-87.3 ~ 1e-38: the smallest exponent 2^n can hold
+  x = x < lo ? lo : x;
+  const f8 n = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f - 0.5f, i8), f8);  // round(x / ln2)
+  const f8 r = x - n * 0.693359375f + n * 2.12194440e-4f;  // Cody-Waite: ln2 in two parts
+  f8 p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const i8 e = (__builtin_convertvector(n, i8) + 127) << 23;
+  f8 scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+// Scores of q against 4 cache rows at once: 4 independent accumulators keep the FMA units busy
+// (one dot at a time waits on its own adds).
+HOT void dot4(const float* q, const float* const* k, int64_t n, float* out) {
+  f8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  for (; i < n; ++i) acc[i & 7] += a[i] * b[i];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-
-inline void axpy(float* y, float a, const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-
-// a cache row as floats: the row itself for fp32, else converted into buf
-template <typename T>
-inline const float* as_float(const T* row, float* buf, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return row;
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(row[i]);
-    return buf;
+  for (; i + 8 <= n; i += 8) {
+    const f8 x = load8(q + i);
+    a0 += x * load8(k[0] + i);
+    a1 += x * load8(k[1] + i);
+    a2 += x * load8(k[2] + i);
+    a3 += x * load8(k[3] + i);
   }
+  out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+  for (; i < n; ++i)
+    for (int r = 0; r < 4; ++r) out[r] += q[i] * k[r][i];
+}
+
+// y += sum_r p[r] * v[r] over up to 4 rows: one pass over y per 4 rows
+HOT void axpy4(float* y, const float* p, const float* const* v, int rows, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    f8 acc = load8(y + i);
+    for (int r = 0; r < rows; ++r) acc += p[r] * load8(v[r] + i);
+    std::memcpy(y + i, &acc, sizeof(acc));
+  }
+  for (; i < n; ++i)
+    for (int r = 0; r < rows; ++r) y[i] += p[r] * v[r][i];
+}
+
+// The rows of one KV head in one cache block as floats: pointers into the cache for fp32,
+// else converted into buf (rows x D).
+template <typename T>
+HOT void block_rows(const T* base, int64_t stride, int64_t rows, int64_t D, float* buf, const float** out) {
+  for (int64_t o = 0; o < rows; ++o) {
+    if constexpr (std::is_same_v<T, float>) {
+      out[o] = base + o * stride;
+    } else {
+      for (int64_t d = 0; d < D; ++d) buf[o * D + d] = static_cast<float>(base[o * stride + d]);
+      out[o] = buf + o * D;
+    }
+  }
+}
+
+// One (sequence, KV head) work item: scores for every cached token, fp32 softmax, weighted
+// sum of V. Walks the table block by block, so no division per token.
+template <typename T>
+HOT void decode_item(const float* qf, const T* kc, const T* vc, const int32_t* tb, int64_t L, int64_t G,
+                        int64_t Hkv, int64_t D, int64_t bs, int64_t g, float* s, float* acc, float* sum, float* buf,
+                        const float** rows) {
+  const int64_t stride = Hkv * D, nblk = (L + bs - 1) / bs;
+  for (int64_t j = 0; j < nblk; ++j) {
+    const int64_t t0 = j * bs, n = std::min(bs, L - t0);
+    block_rows(kc + (tb[j] * bs * Hkv + g) * D, stride, n, D, buf, rows);
+    for (int64_t h = 0; h < G; ++h) {
+      int64_t o = 0;
+      for (; o + 4 <= n; o += 4) dot4(qf + h * D, rows + o, D, s + h * L + t0 + o);
+      for (; o < n; ++o) {  // tail: the same dot with the row repeated
+        const float* k4[4] = {rows[o], rows[o], rows[o], rows[o]};
+        float out[4];
+        dot4(qf + h * D, k4, D, out);
+        s[h * L + t0 + o] = out[0];
+      }
+    }
+  }
+  for (int64_t h = 0; h < G; ++h) {  // softmax numerators in place
+    float* sh = s + h * L;
+    const float m = *std::max_element(sh, sh + L);
+    f8 z8 = {};
+    int64_t t = 0;
+    for (; t + 8 <= L; t += 8) {
+      const f8 e = exp8(load8(sh + t) - m);
+      std::memcpy(sh + t, &e, sizeof(e));
+      z8 += e;
+    }
+    float z = hsum(z8);
+    for (; t < L; ++t) z += (sh[t] = std::exp(sh[t] - m));
+    sum[h] = z;
+  }
+  std::fill(acc, acc + G * D, 0.f);
+  for (int64_t j = 0; j < nblk; ++j) {
+    const int64_t t0 = j * bs, n = std::min(bs, L - t0);
+    block_rows(vc + (tb[j] * bs * Hkv + g) * D, stride, n, D, buf, rows);
+    for (int64_t h = 0; h < G; ++h)
+      for (int64_t o = 0; o < n; o += 4) axpy4(acc + h * D, s + h * L + t0 + o, rows + o, std::min<int64_t>(4, n - o), D);
+  }
+}
+
+#define ITEM_ARGS                                                                                            \
+  const float *qf, const T *kc, const T *vc, const int32_t *tb, int64_t L, int64_t G, int64_t Hkv, int64_t D,    \
+      int64_t bs, int64_t g, float *s, float *acc, float *sum, float *buf, const float **rows
+#define ITEM_CALL decode_item(qf, kc, vc, tb, L, G, Hkv, D, bs, g, s, acc, sum, buf, rows)
+
+template <typename T>
+void item_generic(ITEM_ARGS) { ITEM_CALL; }
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+template <typename T>
+__attribute__((target("avx2,fma"))) void item_avx2(ITEM_ARGS) { ITEM_CALL; }
+
+bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+template <typename T>
+using ItemFn = void (*)(ITEM_ARGS);
+
+template <typename T>
+ItemFn<T> pick_item() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if (cpu_has_avx2()) return item_avx2<T>;
+#endif
+  return item_generic<T>;
 }
 
 template <typename T>
 void decode_kernel(const T* q, int64_t q_stride, const T* kc, const T* vc, const int32_t* table, int64_t max_blocks,
                    const int32_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale) {
   const int64_t G = H / Hkv;
+  const ItemFn<T> item = pick_item<T>();
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> qf(G * D), acc(G * D), row(D), s, sum(G);
+    std::vector<float> qf(G * D), acc(G * D), sum(G), buf(bs * D), s;
+    std::vector<const float*> rows(bs);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hkv, g = i % Hkv, L = lens[b];
-      const int32_t* tb = table + b * max_blocks;
       for (int64_t h = 0; h < G; ++h)  // pre-scaled query rows of this KV head's group
         for (int64_t d = 0; d < D; ++d) qf[h * D + d] = static_cast<float>(q[b * q_stride + (g * G + h) * D + d]) * scale;
       s.resize(G * L);
-      // scores s[h, t]; the cache row of token t is ((block * bs + t % bs) * Hkv + g) * D
-      for (int64_t t = 0; t < L; ++t) {
-        const float* k = as_float(kc + ((tb[t / bs] * bs + t % bs) * Hkv + g) * D, row.data(), D);
-        for (int64_t h = 0; h < G; ++h) s[h * L + t] = dot(qf.data() + h * D, k, D);
-      }
-      for (int64_t h = 0; h < G; ++h) {  // softmax numerators in place, fp32
-        float* sh = s.data() + h * L;
-        const float m = *std::max_element(sh, sh + L);
-        float z = 0.f;
-        for (int64_t t = 0; t < L; ++t) z += (sh[t] = std::exp(sh[t] - m));
-        sum[h] = z;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < L; ++t) {
-        const float* v = as_float(vc + ((tb[t / bs] * bs + t % bs) * Hkv + g) * D, row.data(), D);
-        for (int64_t h = 0; h < G; ++h) axpy(acc.data() + h * D, s[h * L + t], v, D);
-      }
+      item(qf.data(), kc, vc, table + b * max_blocks, L, G, Hkv, D, bs, g, s.data(), acc.data(), sum.data(),
+                  buf.data(), rows.data());
       for (int64_t h = 0; h < G; ++h)
         for (int64_t d = 0; d < D; ++d) out[(b * H + g * G + h) * D + d] = static_cast<T>(acc[h * D + d] / sum[h]);
     }
