@@ -1,5 +1,6 @@
 """CPU attention micro-benchmarks (pytest-benchmark): kernels.flash_attention's CPU path (torch
-SDPA) against the plain reference, forward and forward+backward.
+SDPA) against the plain reference, forward and forward+backward; kernels.paged_attention's C++
+decode against gathering the blocks for torch SDPA.
 
     python -m pytest benchmarks/test_bench_attention.py --benchmark-only
 """
@@ -12,6 +13,7 @@ import torch
 
 import kernels
 from kernels import reference as R
+from kernels.paged import _paged_sdpa
 
 # B, S, H, Hkv, D: a small model's prefill, with GQA
 SHAPES = [(1, 256, 8, 8, 64), (1, 512, 8, 2, 64)]
@@ -41,3 +43,21 @@ def test_fwd_bwd(benchmark, op):
     def step():
         OPS[op](q, k, v, True).sum().backward()
     benchmark(step)
+
+
+# paged decode: B sequences of 8-200 cached tokens in scattered 16-token blocks (an engine step)
+DECODE = {"kernels": kernels.paged_attention,  # csrc/paged_cpu.cpp
+          "torch-gather-sdpa": lambda q, kc, vc, t, n: _paged_sdpa(q, kc, vc, t, n, q.shape[-1] ** -0.5)}
+
+
+@pytest.mark.parametrize("op", DECODE)
+@pytest.mark.parametrize("heads", [(4, 4, 64), (32, 8, 128)], ids=lambda h: "H{}-Hkv{}-D{}".format(*h))
+def test_paged_decode(benchmark, op, heads):
+    h, hkv, d = heads
+    g = torch.Generator().manual_seed(0)
+    B, bs, width = 32, 16, 13
+    lens = torch.randint(8, 200, (B,), dtype=torch.int32, generator=g)
+    kc, vc = (torch.randn(B * width, bs, hkv, d, generator=g) for _ in range(2))
+    table = torch.randperm(B * width, generator=g).to(torch.int32).view(B, width)
+    q = torch.randn(B, h, d, generator=g)
+    benchmark(DECODE[op], q, kc, vc, table, lens)
