@@ -1,4 +1,8 @@
-"""Decode attention over a paged KV cache: one query token per sequence."""
+"""Decode attention over a paged KV cache (one query token per sequence) and the cache write.
+
+CUDA (and CPU under TRITON_INTERPRET=1) runs Triton (kernels/triton_paged.py); CPU fp32/fp16/bf16
+runs csrc/paged_cpu.cpp; float64 or a build without kernels._C uses plain torch.
+"""
 from __future__ import annotations
 
 import torch
@@ -32,7 +36,8 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=No
     if C.use_triton(q) and q.dtype != torch.float64:
         from .triton_paged import paged_attention_fwd
         return paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale)
-    if _cpu_kernel(q) and q.shape[0] > 0 and _rows_dense(q) and k_cache.is_contiguous() and v_cache.is_contiguous():
+    if _cpu_kernel(q) and q.shape[0] > 0 and k_cache.is_contiguous() and v_cache.is_contiguous():
+        q = q if _rows_dense(q) else q.contiguous()
         return ext().paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
     return _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale)
 
