@@ -1,10 +1,13 @@
 """LayerNorm and RMSNorm over the last dim, with an optional fused residual add.
 
 CPU and CUDA tensors (fp32/fp16/bf16) run kernels._C (csrc/norm_cpu.cpp, csrc/norm.cu);
-float64 and builds without the extension use kernels.reference.
+float64 and builds without the extension use kernels.reference. With autograd (or under
+torch.compile) the kernels run as the custom ops gpt_engine::norm_fwd / norm_bwd, which dynamo
+keeps in one graph; eager inference calls the extension directly.
 """
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 
@@ -15,48 +18,75 @@ from ._ext import ext as _ext
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@torch.compiler.assume_constant_result
+def _ext_serves(device_type: str) -> bool:
+    # a constant to torch.compile: dynamo neither traces the lru_cache'd import nor guards on it
+    ext = _ext()
+    return ext is not None and (device_type == "cpu" or ext.has_cuda())
+
+
 def _use_ext(x: torch.Tensor) -> bool:
     if x.dtype not in _KERNEL_DTYPES or x.numel() == 0 or x.device.type not in ("cpu", "cuda"):
         return False
-    ext = _ext()
-    return ext is not None and (x.device.type == "cpu" or ext.has_cuda())
+    return _ext_serves(x.device.type)
 
 
-def _forward(x, weight, bias, residual, eps, rms):
-    """-> y (rows, N), h = x + residual (rows, N) or None, x (rows, N), mean, rstd."""
-    n = x.shape[-1]
-    x2 = x.reshape(-1, n).contiguous()
-    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
-    b = None if bias is None else bias.contiguous()
-    y, h, mean, rstd = _ext().norm_fwd(x2, r2, weight.contiguous(), b, eps, rms)
-    return y, h, x2, mean, rstd
+def _no_tensor(like: torch.Tensor) -> torch.Tensor:
+    # custom ops cannot return None: an absent output (h without residual, dbias without bias) is an empty tensor
+    return like.new_empty((0,))
 
 
-def _outputs(x, y, h):
-    return y.view(x.shape) if h is None else (y.view(x.shape), h.view(x.shape))
+# ---- torch.library ops: opaque to torch.compile (no graph break), differentiable through register_autograd ----
+# x, residual, dy, h, dh (rows, N); weight, bias (N,) in x's dtype; mean, rstd (rows,) fp32.
+
+@torch.library.custom_op("gpt_engine::norm_fwd", mutates_args=())
+def _norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+              eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> y, h = x + residual (empty (0,) without residual), mean, rstd."""
+    y, h, mean, rstd = _ext().norm_fwd(x.contiguous(), None if residual is None else residual.contiguous(),
+                                       weight.contiguous(), None if bias is None else bias.contiguous(), eps, rms)
+    return y, _no_tensor(x) if h is None else h, mean, rstd
 
 
-class NormFn(torch.autograd.Function):
-    """y = norm(x [+ residual]) * weight [+ bias]; with residual also returns h = x + residual.
-    x, residual (..., N) flattened to (rows, N); weight, bias (N,) already in x's dtype."""
+@_norm_fwd.register_fake
+def _(x, weight, bias, residual, eps, rms):
+    stats = x.new_empty((x.shape[0],), dtype=torch.float32)
+    h = _no_tensor(x) if residual is None else x.new_empty(x.shape)
+    return x.new_empty(x.shape), h, stats, torch.empty_like(stats)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, rms):
-        y, h, x2, mean, rstd = _forward(x, weight, bias, residual, eps, rms)
-        ctx.save_for_backward(x2 if h is None else h, weight, mean, rstd)
-        ctx.rms, ctx.has_bias, ctx.has_residual = rms, bias is not None, residual is not None
-        return _outputs(x, y, h)
 
-    @staticmethod
-    def backward(ctx, dy, dh=None):
-        h, weight, mean, rstd = ctx.saved_tensors
-        n = h.shape[-1]
-        dh2 = None if dh is None else dh.reshape(-1, n).contiguous()
-        dx, dw, db = _ext().norm_bwd(dy.reshape(-1, n).contiguous(), h, dh2, weight.contiguous(), mean, rstd,
-                                     ctx.has_bias, ctx.rms)
-        dx = dx.view(dy.shape)
-        # h = x + residual, so both receive the same gradient
-        return dx, dw, db if ctx.has_bias else None, dx if ctx.has_residual else None, None, None
+@torch.library.custom_op("gpt_engine::norm_bwd", mutates_args=())
+def _norm_bwd(dy: torch.Tensor, h: torch.Tensor, dh: Optional[torch.Tensor], weight: torch.Tensor,
+              mean: torch.Tensor, rstd: torch.Tensor, has_bias: bool,
+              rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h: the normalized input (x + residual, or x); dh: the incoming grad of the h output or None
+    -> dx (also residual's grad), dweight, dbias (empty (0,) unless has_bias)."""
+    dx, dw, db = _ext().norm_bwd(dy.contiguous(), h.contiguous(), None if dh is None else dh.contiguous(),
+                                 weight.contiguous(), mean.contiguous(), rstd.contiguous(), has_bias, rms)
+    return dx, dw, _no_tensor(weight) if db is None else db
+
+
+@_norm_bwd.register_fake
+def _(dy, h, dh, weight, mean, rstd, has_bias, rms):
+    return h.new_empty(h.shape), weight.new_empty(weight.shape), \
+        weight.new_empty(weight.shape) if has_bias else _no_tensor(weight)
+
+
+def _fwd_setup(ctx, inputs, output):
+    x, weight, bias, residual, _eps, ctx.rms = inputs
+    _y, h, mean, rstd = output
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+    ctx.save_for_backward(h if ctx.has_residual else x, weight, mean, rstd)
+
+
+def _fwd_grad(ctx, dy, dh, _dmean, _drstd):
+    h, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _norm_bwd(dy, h, dh if ctx.has_residual else None, weight, mean, rstd, ctx.has_bias, ctx.rms)
+    # h = x + residual, so both receive the same gradient
+    return dx, dw, db if ctx.has_bias else None, dx if ctx.has_residual else None, None, None
+
+
+_norm_fwd.register_autograd(_fwd_grad, setup_context=_fwd_setup)
 
 
 def _check(x, weight, bias, residual):
@@ -79,12 +109,16 @@ def _check(x, weight, bias, residual):
 
 def _norm(x, weight, bias, eps, residual, rms):
     # parameters kept in another float dtype (e.g. fp32 masters) are cast; autograd carries the grad back
-    weight = weight.to(x.dtype)
-    bias = None if bias is None else bias.to(x.dtype)
-    if not torch.is_grad_enabled():  # inference: skip the autograd.Function's per-call overhead
-        y, h = _forward(x, weight, bias, residual, float(eps), rms)[:2]
-        return _outputs(x, y, h)
-    return NormFn.apply(x, weight, bias, residual, float(eps), rms)
+    weight = weight.to(x.dtype).contiguous()
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n).contiguous()
+    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        y, h = _norm_fwd(x2, weight, bias, r2, float(eps), rms)[:2]
+    else:  # eager inference: the extension directly, without the custom op's dispatch overhead
+        y, h = _ext().norm_fwd(x2, r2, weight, bias, float(eps), rms)[:2]
+    return y.view(x.shape) if residual is None else (y.view(x.shape), h.view(x.shape))
 
 
 def layer_norm(x, weight, bias, eps=1e-5, residual=None):

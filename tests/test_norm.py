@@ -242,3 +242,81 @@ def test_cuda_rows_and_misaligned(rows):
         got = kernels.layer_norm(xx, ww, bb, residual=rr)
         for gg, wt in zip(got, want):
             assert _err(gg, wt) < 0.06
+
+
+# ---------------------------------------------------------------- torch.library ops / torch.compile
+
+OP_CASES = [(False, True), (False, False), (True, False)]  # (rms, bias): LayerNorm with/without bias, RMSNorm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("rms,bias", OP_CASES)
+def test_opcheck_norm_ops(rms, bias, residual, dtype):
+    from kernels import norm
+    x, w, b, r = _inputs(5, 48, dtype, residual=residual)
+    b = b if bias else None
+    grad = [t.requires_grad_(True) for t in (x, w, b, r) if t is not None]
+    torch.library.opcheck(norm._norm_fwd, (x, w, b, r, 1e-5, rms))
+    for t in grad:
+        t.requires_grad_(False)
+    y, h, mean, rstd = norm._norm_fwd(x, w, b, r, 1e-5, rms)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert mean.shape == rstd.shape == (5,) and mean.dtype == rstd.dtype == torch.float32
+    assert h.shape == ((5, 48) if residual else (0,))
+    g = torch.Generator().manual_seed(2)
+    dy = torch.randn(5, 48, generator=g).to(dtype)
+    dh = torch.randn(5, 48, generator=g).to(dtype) if residual else None
+    saved = h if residual else x
+    torch.library.opcheck(norm._norm_bwd, (dy, saved, dh, w, mean, rstd, bias, rms))
+    dx, dw, db = norm._norm_bwd(dy, saved, dh, w, mean, rstd, bias, rms)
+    assert dx.shape == x.shape and dw.shape == w.shape and db.shape == ((48,) if bias else (0,))
+
+
+def _two_norms(x, w1, b1, r, w2):
+    # the model's pattern: LayerNorm with the residual add fused, then RMSNorm on the new stream
+    y, h = kernels.layer_norm(x, w1, b1, residual=r)
+    z, h2 = kernels.rms_norm(y, w2, residual=h)
+    return z * 2 + h2
+
+
+def test_compile_fullgraph_matches_eager():
+    g = torch.Generator().manual_seed(4)
+    shape, n = (2, 7, 64), 64
+    x, r = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    w1, b1, w2 = torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g), torch.rand(n, generator=g) + 0.5
+    gout = torch.randn(shape, generator=g)
+    inputs = (x, w1, b1, r, w2)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(_two_norms)(*inputs)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    compiled = torch.compile(_two_norms, backend="aot_eager", fullgraph=True)
+    outs = {}
+    for name, fn in (("eager", _two_norms), ("compiled", compiled)):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        out = fn(*leaves)
+        (out * gout).sum().backward()
+        outs[name] = [out.detach()] + [t.grad for t in leaves]
+    for got, want in zip(outs["compiled"], outs["eager"]):  # output, then d x, w1, b1, residual, w2
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    want = reference.layer_norm(x, w1, b1, residual=r)
+    want = reference.rms_norm(want[0], w2, residual=want[1])
+    torch.testing.assert_close(outs["compiled"][0], want[0] * 2 + want[1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # compiled inference takes the custom op too (the extension would break the graph)
+        torch.testing.assert_close(compiled(*inputs), outs["eager"][0], rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_eager_inference_calls_the_extension_directly(monkeypatch):
+    from kernels import norm
+
+    def boom(*a, **k):
+        raise AssertionError("custom op dispatched under no_grad")
+
+    x, w, b, r = _inputs(3, 32, torch.float32, residual=True)
+    with torch.no_grad():
+        want = kernels.layer_norm(x, w, b, residual=r)
+        monkeypatch.setattr(norm, "_norm_fwd", boom)
+        got = kernels.layer_norm(x, w, b, residual=r)
+    for gg, ww in zip(got, want):
+        torch.testing.assert_close(gg, ww, rtol=0, atol=0)
