@@ -84,13 +84,13 @@ class Attention(nn.Module):
         self.rotary = Rotary(cfg) if cfg.model_type == "llama" else None
 
     def _qkv(self, x, positions):
-        q, k, v = self.qkv(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q = q.unflatten(-1, (self.h, self.d))
-        k = k.unflatten(-1, (self.hkv, self.d))
-        v = v.unflatten(-1, (self.hkv, self.d))
-        if self.rotary is not None:
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
-        return q, k, v
+        h, hkv, d = self.h, self.hkv, self.d
+        qk, v = self.qkv(x).split([(h + hkv) * d, hkv * d], dim=-1)
+        qk = qk.unflatten(-1, (h + hkv, d))
+        if self.rotary is not None:  # q and k heads sit side by side: one rotation for both
+            qk = self.rotary(qk, positions)
+        q, k = qk.split([h, hkv], dim=-2)
+        return q, k, v.unflatten(-1, (hkv, d))
 
     def forward(self, x, positions):
         # x (B, T, C) -> (B, T, C)
