@@ -15,7 +15,7 @@ here = os.path.dirname(os.path.abspath(__file__))
 cpp = sorted(glob.glob("csrc/*.cpp"))
 cu = sorted(glob.glob("csrc/*.cu"))
 # -fopenmp: without it at::parallel_for in the CPU kernels runs on one thread
-cxx = ["-O3", "-std=c++17", "-fopenmp"]
+cxx, link = ["-O3", "-std=c++17", "-fopenmp"], ["-fopenmp"]
 
 if _cuda_build():
     module = ext.CUDAExtension(
@@ -24,9 +24,9 @@ if _cuda_build():
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17",
                                                  "-gencode", "arch=compute_90a,code=sm_90a",
                                                  "-gencode", "arch=compute_80,code=sm_80"]},
-        extra_link_args=["-fopenmp"])
+        extra_link_args=link)
 else:
     module = ext.CppExtension("kernels._C", cpp, include_dirs=[os.path.join(here, "csrc")],
-                              extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+                              extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 setup(ext_modules=[module], cmdclass={"build_ext": ext.BuildExtension.with_options(use_ninja=True)})

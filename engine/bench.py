@@ -67,6 +67,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _best_time(fn, repeat, device) -> float:
+    """Best wall time of `repeat` calls: a shared machine's noise only ever adds time."""
+    best = float("inf")
+    for _ in range(repeat):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def bench_ours(path, prompts, outs, device, dtype, max_num_seqs=256, enforce_eager=None, repeat=1):
     from .llm import LLM
     from .sampling import SamplingParams
@@ -77,15 +89,10 @@ def bench_ours(path, prompts, outs, device, dtype, max_num_seqs=256, enforce_eag
     # allocator's growth stay out of the timed run
     llm.generate(prompts, [SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)] * len(prompts),
                  use_tqdm=False)
-    best = float("inf")
-    for _ in range(repeat):  # best of `repeat`: a shared machine's noise only ever adds time
-        _sync(llm.device)
-        t = time.perf_counter()
+    def once():
         res = llm.generate(prompts, sps, use_tqdm=False)
-        _sync(llm.device)
-        best = min(best, time.perf_counter() - t)
         assert [len(r.token_ids) for r in res] == outs
-    return best, llm
+    return _best_time(once, repeat, llm.device), llm
 
 
 def bench_hf(path, prompts, outs, device, dtype, batch_size=0, repeat=1):
@@ -110,15 +117,7 @@ def bench_hf(path, prompts, outs, device, dtype, batch_size=0, repeat=1):
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
 
     run(groups[0][:4])  # warm-up
-    best = float("inf")
-    for _ in range(repeat):
-        _sync(device)
-        t = time.perf_counter()
-        for g in groups:
-            run(g)
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return _best_time(lambda: [run(g) for g in groups], repeat, device)
 
 
 def run_bench(model: str, num_prompts=32, input_len=(8, 128), output_len=(64, 64), device=None, dtype=None,

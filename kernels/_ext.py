@@ -4,6 +4,10 @@ from __future__ import annotations
 import functools
 import warnings
 
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled kernels take
+
 
 @functools.lru_cache(maxsize=None)
 def ext():

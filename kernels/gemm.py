@@ -5,7 +5,6 @@ everything else (CPU, fp32, float64, K not a multiple of 8) uses torch's BLAS pa
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

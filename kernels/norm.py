@@ -13,9 +13,7 @@ import torch
 
 from . import _checks as C
 from . import reference
-from ._ext import ext as _ext
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._ext import KERNEL_DTYPES, ext as _ext
 
 
 @torch.compiler.assume_constant_result
@@ -26,7 +24,7 @@ def _ext_serves(device_type: str) -> bool:
 
 
 def _use_ext(x: torch.Tensor) -> bool:
-    if x.dtype not in _KERNEL_DTYPES or x.numel() == 0 or x.device.type not in ("cpu", "cuda"):
+    if x.dtype not in KERNEL_DTYPES or x.numel() == 0 or x.device.type not in ("cpu", "cuda"):
         return False
     return _ext_serves(x.device.type)
 

@@ -9,15 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
-from ._ext import ext
+from ._ext import KERNEL_DTYPES, ext
 from .attention import _check_heads, _scale
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _cpu_kernel(x: torch.Tensor) -> bool:
     """csrc/paged_cpu.cpp runs CPU fp32/fp16/bf16; float64 or a build without kernels._C use torch."""
-    return x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and ext() is not None
+    return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and ext() is not None
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None):
