@@ -33,7 +33,7 @@ test: setup
 
 bench: setup
 	$(VPY) -m pytest benchmarks -q --benchmark-only -p no:cacheprovider || [ $$? -eq 5 ]
-	$(VPY) -m engine bench --model gpt2-tiny --num-prompts 32
+	$(VPY) -m engine bench gpt2-tiny --num-prompts 32
 
 # On a GPU machine whose python already holds torch+CUDA (no registry access there).
 gpu-check:

@@ -14,6 +14,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
                                const at::Tensor& block_table, const at::Tensor& seq_lens, double scale);
 void store_kvcache_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                        const at::Tensor& slot_mapping);
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const OptT& bias, int64_t act);
 #ifdef WITH_CUDA
 std::vector<at::Tensor> norm_fwd_cuda(const at::Tensor& x, const OptT& residual, const at::Tensor& w, const OptT& b,
                                       double eps, bool rms);
@@ -89,23 +90,29 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& h, cons
 }
 
 // a (M, K) @ b (N, K)^T + bias (N), activation act (0 none, 1 gelu, 2 gelu_tanh, 3 relu)
-// -> {y, pre-activation z (only when save_preact and act != 0)}. bf16/fp16 on CUDA only.
+// -> {y, pre-activation z (only when save_preact and act != 0)}. CUDA: bf16/fp16 tensor cores;
+// CPU: float32, inference only (no pre-activation for a backward).
 std::vector<at::Tensor> gemm(const at::Tensor& a, const at::Tensor& b, const OptT& bias, int64_t act,
                              bool save_preact) {
   CHECK_INPUT(a);
   CHECK_LIKE(b, a);
-  TORCH_CHECK(a.is_cuda(), "gemm: a must be a CUDA tensor (CPU uses torch's BLAS)");
-  TORCH_CHECK(a.scalar_type() != at::kFloat, "gemm: a must be float16 or bfloat16");
+  check_device(a);
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(1), "gemm: a (M, K) and b (N, K) expected, got ",
               a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.size(1) % 8 == 0, "gemm: K must be a multiple of 8, got ", a.size(1));
-  for (const at::Tensor* t : {&a, &b})
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "gemm: operands must be 16-byte aligned");
   if (present(bias)) {
     CHECK_LIKE(*bias, a);
     CHECK_SHAPE(*bias, b.size(0));
   }
   TORCH_CHECK(act >= 0 && act <= 3, "gemm: act must be 0..3, got ", act);
+  if (a.device().is_cpu()) {
+    TORCH_CHECK(a.scalar_type() == at::kFloat, "gemm: CPU a must be float32, got ", a.scalar_type());
+    TORCH_CHECK(!save_preact, "gemm: the CPU kernel is forward-only (save_preact must be false)");
+    return {linear_cpu(a, b, present(bias) ? bias : OptT(), act), at::Tensor()};
+  }
+  TORCH_CHECK(a.scalar_type() != at::kFloat, "gemm: CUDA a must be float16 or bfloat16");
+  TORCH_CHECK(a.size(1) % 8 == 0, "gemm: K must be a multiple of 8, got ", a.size(1));
+  for (const at::Tensor* t : {&a, &b})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "gemm: operands must be 16-byte aligned");
 #ifdef WITH_CUDA
   const c10::DeviceGuard guard(a.device());
   return gemm_cuda(a, b, present(bias) ? bias : OptT(), act, save_preact);

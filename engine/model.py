@@ -190,7 +190,7 @@ class GPT(nn.Module):
         return self.logits(self.hidden(input_ids, pos))
 
     def logits(self, h):
-        return F.linear(h, self.head_weight)
+        return linear(h, self.head_weight)
 
     @torch.no_grad()
     def step(self, input_ids, positions, kv_caches, meta: StepMeta, logits_indices=None):

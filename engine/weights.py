@@ -71,7 +71,7 @@ def from_hf(cfg: ModelConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             if gpt2:
                 sd[f"layers.{i}.{ours}.bias"] = get(theirs + ".bias")
                 if "norm" not in ours:
-                    sd[f"layers.{i}.{ours}.weight"] = sd[f"layers.{i}.{ours}.weight"].t()
+                    sd[f"layers.{i}.{ours}.weight"] = sd[f"layers.{i}.{ours}.weight"].t().contiguous()
         if not gpt2:
             p = f"model.layers.{i}."
             sd[f"layers.{i}.attn.qkv.weight"] = torch.cat([get(p + f"self_attn.{x}_proj.weight") for x in "qkv"])

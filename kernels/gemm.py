@@ -1,7 +1,9 @@
 """y = activation(x @ weight.T + bias) with the activation fused into the GEMM epilogue.
 
-CUDA bf16/fp16 runs the tensor-core GEMM in kernels._C (csrc/gemm.cu) forward and backward;
-everything else (CPU, fp32, float64, K not a multiple of 8) uses torch's BLAS path.
+CUDA bf16/fp16 can run the tensor-core GEMM in kernels._C (csrc/gemm.cu) forward and backward.
+CPU fp32 inference with few rows (the engine's decode steps) runs csrc/linear_cpu.cpp, which
+streams the weight in place instead of repacking it per call as BLAS does. Everything else uses
+torch's BLAS path.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 
 from . import _checks as C
 from ._ext import cuda_ext as _cuda_ext
+from ._ext import ext as _ext
 from .reference import ACTIVATIONS
 
 _ACT_IDS = {None: 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -66,12 +69,26 @@ def _use_gemm(x, weight, backend="auto") -> bool:
             and x.numel() > 0 and weight.shape[0] > 0 and _cuda_ext() is not None)
 
 
+# Up to this many rows the CPU kernel beat MKL's sgemm on 2 Zen 3 cores (1.4-1.6x at 32 rows,
+# par at ~200); prefill-sized GEMMs stay with BLAS (benchmarks/test_bench_linear.py).
+CPU_GEMM_MAX_ROWS = 128
+
+
+def _use_cpu_gemm(x, weight, bias, backend) -> bool:
+    k = x.shape[-1]
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and k > 0 and weight.is_contiguous()
+            and (backend == "custom" or x.numel() // k <= CPU_GEMM_MAX_ROWS)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+            and _ext() is not None)
+
+
 def linear(x, weight, bias=None, activation=None, *, backend="auto"):
     """x (..., K), weight (N, K) as in F.linear, bias (N,) or None; activation None, "gelu",
     "gelu_tanh" or "relu". Differentiable in x, weight and bias.
 
-    backend "auto" takes the fastest measured path (cuBLAS + activation today); "custom" runs
-    the kernels._C tensor-core GEMM with the fused epilogue on CUDA bf16/fp16."""
+    backend "auto" takes the fastest measured path: cuBLAS + activation on CUDA, on CPU the
+    kernels._C fp32 GEMM for inference with up to CPU_GEMM_MAX_ROWS rows, else BLAS. "custom"
+    runs the kernels._C GEMMs wherever they apply: CUDA bf16/fp16, and CPU fp32 without grad."""
     C.tensor("x", x), C.tensor("weight", weight, 2)
     if bias is not None:
         C.tensor("bias", bias, 1)
@@ -87,4 +104,8 @@ def linear(x, weight, bias=None, activation=None, *, backend="auto"):
     if _use_gemm(x, weight, backend):
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
         return LinearFn.apply(x, weight, bias, activation, grad)
+    if _use_cpu_gemm(x, weight, bias, backend):
+        b = None if bias is None else bias.contiguous()
+        y = _ext().gemm(x.reshape(-1, x.shape[-1]).contiguous(), weight, b, _ACT_IDS[activation], False)[0]
+        return y.view(*x.shape[:-1], weight.shape[0])
     return ACTIVATIONS[activation](F.linear(x, weight, bias))

@@ -1,4 +1,5 @@
-"""linear: torch BLAS path on CPU, the tensor-core GEMM (kernels._C) on CUDA, against kernels.reference."""
+"""linear: the CPU fp32 GEMM (kernels._C) for inference, torch BLAS otherwise, the tensor-core GEMM on
+CUDA; all against kernels.reference."""
 import itertools
 
 import pytest
@@ -78,6 +79,64 @@ def test_errors_name_the_argument():
         kernels.linear([1.0], w)
     with pytest.raises(ValueError, match="backend"):
         kernels.linear(x, w, backend="cutlass")
+
+
+# ---------------------------------------------------------------- CPU fp32 GEMM (inference)
+
+# rows: 1, tails of the 4-row tile, past the 64-row block; cols: tails of the 3-row w tile;
+# K: under one vector, a K % 8 tail, long
+CPU_SHAPES = [(1, 1, 1), (3, 5, 7), (4, 6, 8), (37, 65, 24), (70, 97, 33), (130, 50, 1000), (2, 4096, 256)]
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("mnk", CPU_SHAPES)
+def test_cpu_gemm_vs_reference(act, bias, mnk):
+    from kernels import _C
+    m, n, k = mnk
+    x, w, b = _inputs(m, n, k, torch.float32, bias=bias)
+    want = reference.linear(x.double(), w.double(), None if b is None else b.double(), act)
+    got = _C.gemm(x, w, b, [None, "gelu", "gelu_tanh", "relu"].index(act), False)[0]
+    # fp32 sums of k terms; the erf/exp approximations add < 1e-6 relative
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * (k ** 0.5 + 1))
+    assert _err(got, want) <= 2 * _err(_torch_op(x, w, b, act), want) + 1e-6
+
+
+def test_cpu_gemm_taken_for_inference_only():
+    from kernels import gemm
+    x, w, b = _inputs(32, 96, 64, torch.float32)
+    with torch.no_grad():
+        assert gemm._use_cpu_gemm(x, w, b, "auto")
+        assert not gemm._use_cpu_gemm(x.repeat(5, 1), w, b, "auto")  # prefill-sized: BLAS
+        assert gemm._use_cpu_gemm(x.repeat(5, 1), w, b, "custom")
+        assert not gemm._use_cpu_gemm(x, w.t().contiguous().t(), b, "auto")  # strided weight: BLAS
+        assert not gemm._use_cpu_gemm(x.double(), w.double(), b.double(), "auto")
+        y = kernels.linear(x[None, :, :], w, b, "gelu_tanh")
+    assert y.shape == (1, 32, 96)
+    torch.testing.assert_close(y[0], reference.linear(x, w, b, "gelu_tanh"), rtol=1e-5, atol=1e-5)
+    wg = w.clone().requires_grad_(True)
+    assert not gemm._use_cpu_gemm(x, wg, b, "auto")  # training keeps autograd's path
+    y = kernels.linear(x, wg, b, "relu")
+    y.sum().backward()
+    assert wg.grad is not None
+    xs = x.t().contiguous().t()  # a non-contiguous x is copied, not misread
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.linear(xs, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_gemm_errors():
+    from kernels import _C
+    x, w, b = _inputs(4, 8, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        _C.gemm(x, w, b, 1, True)
+    with pytest.raises(RuntimeError, match="float32"):
+        _C.gemm(x.half(), w.half(), None, 0, False)
+    with pytest.raises(RuntimeError, match="act"):
+        _C.gemm(x, w, b, 7, False)
+    with pytest.raises(RuntimeError, match="b"):
+        _C.gemm(x, w[:, :15].contiguous(), None, 0, False)
+    with pytest.raises(RuntimeError, match="bias"):
+        _C.gemm(x, w, b[:7].contiguous(), 0, False)
 
 
 # ---------------------------------------------------------------- CUDA

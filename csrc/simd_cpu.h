@@ -1,0 +1,68 @@
+#pragma once
+// 8-float vectors for the hand-written CPU kernels (paged_cpu.cpp, linear_cpu.cpp).
+// GCC/Clang lower f8 to whatever the target has (2 SSE or 1 AVX register), so loops are
+// vectorised explicitly rather than left to the auto-vectoriser. Every helper is forced inline
+// so each target-specific copy of a kernel (AVX2+FMA, chosen at run time, or plain x86-64)
+// gets its own code.
+#include <cstdint>
+#include <cstring>
+
+#define HOT inline __attribute__((always_inline))
+
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+HOT f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+HOT void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+HOT float hsum(f8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+typedef float f4 __attribute__((vector_size(16)));
+
+// {a[0] + a[1], a[2] + a[3], b[0] + b[1], b[2] + b[3], then the same for lanes 4..7}: AVX's vhaddps
+HOT f8 hadd(f8 a, f8 b) {
+  return __builtin_shuffle(a, b, i8{0, 2, 8, 10, 4, 6, 12, 14}) + __builtin_shuffle(a, b, i8{1, 3, 9, 11, 5, 7, 13, 15});
+}
+
+// The sums of four vectors at once: {sum a, sum b, sum c, sum d}
+HOT f4 hsum4(f8 a, f8 b, f8 c, f8 d) {
+  const f8 s = hadd(hadd(a, b), hadd(c, d));
+  return f4{s[0], s[1], s[2], s[3]} + f4{s[4], s[5], s[6], s[7]};
+}
+
+// e^x for x <= 88 (below -87.3 it returns e^-87.3 ~ 1e-38), Cephes' expf: x = n ln2 + r with
+// |r| <= ln2 / 2, e^r by a degree-6 polynomial, 2^n through the exponent bits; ~1 ulp.
+HOT f8 exp8(f8 x) {
+  const f8 lo = f8{} - 87.3f, hi = f8{} + 88.f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const f8 t = x * 1.44269504f + 0.5f;
+  f8 n = __builtin_convertvector(__builtin_convertvector(t, i8), f8);  // truncates toward zero
+  n = n > t ? n - 1.f : n;                                              // floor(x / ln2 + 1/2)
+  const f8 r = x - n * 0.693359375f + n * 2.12194440e-4f;  // Cody-Waite: ln2 in two parts
+  f8 p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const i8 e = (__builtin_convertvector(n, i8) + 127) << 23;
+  f8 scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+// Run-time choice between an AVX2+FMA copy of a kernel and the plain one.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define HAVE_AVX2_CLONES 1
+#define AVX2 __attribute__((target("avx2,fma")))
+inline bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
