@@ -114,6 +114,10 @@ HOT void gemm_cols(const float* x, const float* w, const float* bias, float* y, 
     const int64_t m1 = std::min(M, m0 + MB);
     for (int64_t n = n0; n < n1; n += NR) {
       const int nr = static_cast<int>(std::min<int64_t>(NR, n1 - n));
+      // the next panel of w while this one runs against every row tile: the hardware prefetcher
+      // ramps up too slowly on the panel's short row streams when w comes from L3
+      const float* next = w + (n + NR) * K;
+      for (int64_t i = 0, e = std::min<int64_t>(NR, n1 - n - NR) * K; i < e; i += 16) __builtin_prefetch(next + i);
       for (int64_t m = m0; m < m1; m += MR)
         tile_mn(static_cast<int>(std::min<int64_t>(MR, m1 - m)), nr, x + m * K, K, w + n * K,
                 bias ? bias + n : nullptr, y + m * N + n, N);

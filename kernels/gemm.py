@@ -69,15 +69,17 @@ def _use_gemm(x, weight, backend="auto") -> bool:
             and x.numel() > 0 and weight.shape[0] > 0 and _cuda_ext() is not None)
 
 
-# Up to this many rows the CPU kernel beat MKL's sgemm on 2 Zen 3 cores (1.4-1.6x at 32 rows,
-# par at ~200); prefill-sized GEMMs stay with BLAS (benchmarks/test_bench_linear.py).
+# Up to this many rows the CPU kernel beat MKL's sgemm on 2 Zen 3 cores (1.3-3x on a decode
+# step, benchmarks/test_bench_linear.py); past ~200 MKL is ~10% faster, so prefill-sized GEMMs
+# stay with BLAS unless they carry an activation, which the kernel applies while the rows are
+# still in cache (torch's separate GELU pass over a prefill's (2000, 1024) cost as much as the GEMM).
 CPU_GEMM_MAX_ROWS = 128
 
 
-def _use_cpu_gemm(x, weight, bias, backend) -> bool:
+def _use_cpu_gemm(x, weight, bias, activation, backend) -> bool:
     k = x.shape[-1]
     return (x.device.type == "cpu" and x.dtype == torch.float32 and k > 0 and weight.is_contiguous()
-            and (backend == "custom" or x.numel() // k <= CPU_GEMM_MAX_ROWS)
+            and (backend == "custom" or activation is not None or x.numel() // k <= CPU_GEMM_MAX_ROWS)
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
             and _ext() is not None)
 
@@ -104,7 +106,7 @@ def linear(x, weight, bias=None, activation=None, *, backend="auto"):
     if _use_gemm(x, weight, backend):
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
         return LinearFn.apply(x, weight, bias, activation, grad)
-    if _use_cpu_gemm(x, weight, bias, backend):
+    if _use_cpu_gemm(x, weight, bias, activation, backend):
         b = None if bias is None else bias.contiguous()
         y = _ext().gemm(x.reshape(-1, x.shape[-1]).contiguous(), weight, b, _ACT_IDS[activation], False)[0]
         return y.view(*x.shape[:-1], weight.shape[0])

@@ -106,16 +106,17 @@ def test_cpu_gemm_taken_for_inference_only():
     from kernels import gemm
     x, w, b = _inputs(32, 96, 64, torch.float32)
     with torch.no_grad():
-        assert gemm._use_cpu_gemm(x, w, b, "auto")
-        assert not gemm._use_cpu_gemm(x.repeat(5, 1), w, b, "auto")  # prefill-sized: BLAS
-        assert gemm._use_cpu_gemm(x.repeat(5, 1), w, b, "custom")
-        assert not gemm._use_cpu_gemm(x, w.t().contiguous().t(), b, "auto")  # strided weight: BLAS
-        assert not gemm._use_cpu_gemm(x.double(), w.double(), b.double(), "auto")
+        assert gemm._use_cpu_gemm(x, w, b, None, "auto")
+        assert not gemm._use_cpu_gemm(x.repeat(5, 1), w, b, None, "auto")  # prefill-sized: BLAS
+        assert gemm._use_cpu_gemm(x.repeat(5, 1), w, b, "gelu", "auto")  # unless it fuses an activation
+        assert gemm._use_cpu_gemm(x.repeat(5, 1), w, b, None, "custom")
+        assert not gemm._use_cpu_gemm(x, w.t().contiguous().t(), b, None, "auto")  # strided weight: BLAS
+        assert not gemm._use_cpu_gemm(x.double(), w.double(), b.double(), None, "auto")
         y = kernels.linear(x[None, :, :], w, b, "gelu_tanh")
     assert y.shape == (1, 32, 96)
     torch.testing.assert_close(y[0], reference.linear(x, w, b, "gelu_tanh"), rtol=1e-5, atol=1e-5)
     wg = w.clone().requires_grad_(True)
-    assert not gemm._use_cpu_gemm(x, wg, b, "auto")  # training keeps autograd's path
+    assert not gemm._use_cpu_gemm(x, wg, b, "relu", "auto")  # training keeps autograd's path
     y = kernels.linear(x, wg, b, "relu")
     y.sum().backward()
     assert wg.grad is not None
