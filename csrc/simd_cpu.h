@@ -25,8 +25,13 @@ HOT float hsum(f8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) +
 typedef float f4 __attribute__((vector_size(16)));
 
 // {a[0] + a[1], a[2] + a[3], b[0] + b[1], b[2] + b[3], then the same for lanes 4..7}: AVX's vhaddps
+#ifdef __clang__
+#define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, i8{__VA_ARGS__})
+#endif
 HOT f8 hadd(f8 a, f8 b) {
-  return __builtin_shuffle(a, b, i8{0, 2, 8, 10, 4, 6, 12, 14}) + __builtin_shuffle(a, b, i8{1, 3, 9, 11, 5, 7, 13, 15});
+  return SHUFFLE8(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE8(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 }
 
 // The sums of four vectors at once: {sum a, sum b, sum c, sum d}
