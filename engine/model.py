@@ -84,13 +84,14 @@ class Attention(nn.Module):
         self.rotary = Rotary(cfg) if cfg.model_type == "llama" else None
 
     def _qkv(self, x, positions):
-        h, hkv, d = self.h, self.hkv, self.d
-        qk, v = self.qkv(x).split([(h + hkv) * d, hkv * d], dim=-1)
-        qk = qk.unflatten(-1, (h + hkv, d))
-        if self.rotary is not None:  # q and k heads sit side by side: one rotation for both
-            qk = self.rotary(qk, positions)
-        q, k = qk.split([h, hkv], dim=-2)
-        return q, k, v.unflatten(-1, (hkv, d))
+        # (..., C) -> q (..., h, d), k and v (..., hkv, d): views of one fused projection
+        h, hkv = self.h, self.hkv
+        t = self.qkv(x).unflatten(-1, (h + 2 * hkv, self.d))
+        if self.rotary is None:
+            return t.split([h, hkv, hkv], dim=-2)
+        qk, v = t.split([h + hkv, hkv], dim=-2)
+        q, k = self.rotary(qk, positions).split([h, hkv], dim=-2)  # q and k side by side: one rotation
+        return q, k, v
 
     def forward(self, x, positions):
         # x (B, T, C) -> (B, T, C)

@@ -109,14 +109,21 @@ def _norm(x, weight, bias, eps, residual, rms):
     # parameters kept in another float dtype (e.g. fp32 masters) are cast; autograd carries the grad back
     weight = weight.to(x.dtype).contiguous()
     bias = None if bias is None else bias.to(x.dtype).contiguous()
-    n = x.shape[-1]
-    x2 = x.reshape(-1, n).contiguous()
-    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        n = x.shape[-1]
+        x2 = x.reshape(-1, n).contiguous()
+        r2 = None if residual is None else residual.reshape(-1, n).contiguous()
         y, h = _norm_fwd(x2, weight, bias, r2, float(eps), rms)[:2]
-    else:  # eager inference: the extension directly, without the custom op's dispatch overhead
-        y, h = _ext().norm_fwd(x2, r2, weight, bias, float(eps), rms)[:2]
-    return y.view(x.shape) if residual is None else (y.view(x.shape), h.view(x.shape))
+        return y.view(x.shape) if residual is None else (y.view(x.shape), h.view(x.shape))
+    # eager inference: the extension directly, without the custom op's dispatch overhead, and
+    # without reshapes for the engine's 2-D rows
+    flat = x.dim() == 2
+    x2 = (x if flat else x.reshape(-1, x.shape[-1])).contiguous()
+    r2 = None if residual is None else (residual if flat else residual.reshape(x2.shape)).contiguous()
+    y, h = _ext().norm_fwd(x2, r2, weight, bias, float(eps), rms)[:2]
+    if not flat:
+        y, h = y.view(x.shape), None if h is None else h.view(x.shape)
+    return y if residual is None else (y, h)
 
 
 def layer_norm(x, weight, bias, eps=1e-5, residual=None):
