@@ -81,6 +81,7 @@ def _use_cpu_gemm(x, weight, bias, activation, backend) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and k > 0 and weight.is_contiguous()
             and (backend == "custom" or activation is not None or x.numel() // k <= CPU_GEMM_MAX_ROWS)
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+            and not torch.compiler.is_compiling()  # opaque to dynamo: compiled graphs keep torch's op
             and _ext() is not None)
 
 

@@ -147,3 +147,16 @@ def test_trains_under_torch_2_11_autograd_function_tracing():
         if grad.abs().sum() != 0:
             pytest.skip("this torch's dynamo no longer reproduces the 2.11 bug when patched")
         _check_compiled_matches_eager(backend="aot_eager")
+
+
+def test_inference_compiles_in_one_graph():
+    # under no_grad eager CPU linears run kernels._C's GEMM, which dynamo cannot trace: a
+    # compiled model must keep torch's op instead of breaking the graph at every linear
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(model_type="gpt2", n_layer=2, n_head=2, d_model=64, max_seq_len=64, vocab_size=320))
+    x, _ = _batch()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
