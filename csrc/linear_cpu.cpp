@@ -1,8 +1,9 @@
 // y (M, N) = act(x (M, K) @ w (N, K)^T + bias) in fp32 on CPU, for the engine's decode steps.
 // There M is the batch of sequences (tens) and the weights come from L3 or DRAM, not L2: BLAS
 // sgemm repacks w on every call and ran at ~60 GFLOP/s on 2 Zen 3 cores cycling through GPT-2
-// layers. Here w is streamed once, in place: each register tile is NR rows of w against MR rows
-// of x, with dot products along K (w's rows are contiguous), so no packing and no transposes.
+// layers (this kernel: ~110, 1.3-3.5x for 128-8 rows, benchmarks/test_bench_linear.py). Here w
+// is streamed once, in place: each register tile is NR rows of w against MR rows of x, with
+// dot products along K (w's rows are contiguous), so no packing and no transposes.
 // The bias is added as each output is stored and the activation runs vectorised over each row
 // segment while it is still in cache.
 #include <ATen/Parallel.h>
@@ -116,8 +117,9 @@ HOT void gemm_cols(const float* x, const float* w, const float* bias, float* y, 
       const int nr = static_cast<int>(std::min<int64_t>(NR, n1 - n));
       // the next panel of w while this one runs against every row tile: the hardware prefetcher
       // ramps up too slowly on the panel's short row streams when w comes from L3
-      const float* next = w + (n + NR) * K;
-      for (int64_t i = 0, e = std::min<int64_t>(NR, n1 - n - NR) * K; i < e; i += 16) __builtin_prefetch(next + i);
+      if (n + NR < n1)
+        for (int64_t i = 0, e = std::min<int64_t>(NR, n1 - n - NR) * K; i < e; i += 16)
+          __builtin_prefetch(w + (n + NR) * K + i);
       for (int64_t m = m0; m < m1; m += MR)
         tile_mn(static_cast<int>(std::min<int64_t>(MR, m1 - m)), nr, x + m * K, K, w + n * K,
                 bias ? bias + n : nullptr, y + m * N + n, N);
