@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One lease on the GPU machine: build, GPU tests, then the GPU suite. Logs and results go to $OUT.
+# One lease on the GPU machine: build, GPU tests, then the GPU suites. Logs and results go to $OUT.
 #   bash benchmarks/gpu_run.sh [suite names, comma-separated; default all] [pytest -k expr]
+#   SKIP_BUILD=1 / SKIP_TESTS=1 for a follow-up call on the same (still warm) machine
 # The image lacks the server's packages: carry their wheels in .whl/ (the `run` tool's carry) and
 # they are installed to /tmp/site first (benchmarks/server_wheels.sh downloads them).
 set -uo pipefail
@@ -20,5 +21,11 @@ MAX_JOBS=16 python3 -m pip install -q -e . --no-build-isolation --no-deps > "$OU
        GPT_ENGINE_CPU_ONLY=1 python3 -m pip install -q -e . --no-build-isolation --no-deps >> "$OUT/build.log" 2>&1; }
 echo "build took $(( $(date +%s) - t0 ))s"; fi
 [ "${SKIP_TESTS:-0}" = 1 ] || python3 -m pytest -q -m gpu tests -p no:cacheprovider --ignore=tests/test_server.py -k "${2:-}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
-python3 -m benchmarks.gpu_suite ${1:+--only "$1"} 2>&1 | tee "$OUT/suite.log" | grep -E "^(==|   )|Error|error" | head -60
-tar czf "$OUT/results.tgz" benchmarks/results
+# one suite at a time, results packed after each: a call cut off at its time limit still brings
+# back every suite that finished
+suites=${1:-$(ls benchmarks/gpu_*.py | sed -n 's|benchmarks/gpu_\(.*\)\.py|\1|p' | grep -vx suite | paste -sd,)}
+for s in ${suites//,/ }; do
+  python3 -m benchmarks.gpu_suite --only "$s" 2>&1 | tee -a "$OUT/suite.log" | grep -E "^(==|   )|Error|error" | head -30
+  tar czf "$OUT/results.tgz" benchmarks/results
+done
+echo "total $(( $(date +%s) - t0 ))s"
