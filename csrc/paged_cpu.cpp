@@ -39,7 +39,7 @@ HOT void axpy4(float* y, const float* p, const float* const* v, int rows, int64_
   for (; i + 8 <= n; i += 8) {
     f8 acc = load8(y + i);
     for (int r = 0; r < rows; ++r) acc += p[r] * load8(v[r] + i);
-    std::memcpy(y + i, &acc, sizeof(acc));
+    store8(y + i, acc);
   }
   for (; i < n; ++i)
     for (int r = 0; r < rows; ++r) y[i] += p[r] * v[r][i];
@@ -100,7 +100,7 @@ HOT void decode_item(const float* qf, const T* kc, const T* vc, const int32_t* t
     int64_t t = 0;
     for (; t + 8 <= L; t += 8) {
       const f8 e = exp8(load8(sh + t) - m);
-      std::memcpy(sh + t, &e, sizeof(e));
+      store8(sh + t, e);
       z8 += e;
     }
     float z = hsum(z8);

@@ -62,6 +62,10 @@ class LinearFn(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+def _wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _use_gemm(x, weight, backend="auto") -> bool:
     # "auto" keeps cuBLAS: the mma.sync kernel measured 0.36-0.64x of it on an H100
     # (benchmarks/results/nvidia-h100-80gb-hbm3/gemm.csv); it is used when asked for by name.
@@ -80,7 +84,7 @@ def _use_cpu_gemm(x, weight, bias, activation, backend) -> bool:
     k = x.shape[-1]
     return (x.device.type == "cpu" and x.dtype == torch.float32 and k > 0 and weight.is_contiguous()
             and (backend == "custom" or activation is not None or x.numel() // k <= CPU_GEMM_MAX_ROWS)
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
+            and not _wants_grad(x, weight, bias)
             and not torch.compiler.is_compiling()  # opaque to dynamo: compiled graphs keep torch's op
             and _ext() is not None)
 
@@ -105,8 +109,7 @@ def linear(x, weight, bias=None, activation=None, *, backend="auto"):
     if backend not in ("auto", "custom"):
         raise ValueError(f"backend must be 'auto' or 'custom', got {backend!r}")
     if _use_gemm(x, weight, backend):
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        return LinearFn.apply(x, weight, bias, activation, grad)
+        return LinearFn.apply(x, weight, bias, activation, _wants_grad(x, weight, bias))
     if _use_cpu_gemm(x, weight, bias, activation, backend):
         # the engine's decode steps come here ~20 times per step with 2-D rows: no reshapes then
         x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).contiguous()
