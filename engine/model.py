@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import flash_attention, flash_attention_varlen, layer_norm, linear, paged_attention, rms_norm
+from kernels.decode import decode_layer, decode_layer_applies
 from kernels.paged import store_kvcache
 
 from .config import ModelConfig
@@ -145,6 +148,21 @@ class Block(nn.Module):
         h, residual = self.norm2(h, residual)
         return self.mlp(h), residual
 
+    def decode_weights(self) -> tuple:
+        a, m = self.attn, self.mlp
+        return (self.norm1.weight, self.norm1.bias, a.qkv.weight, a.qkv.bias, a.proj.weight, a.proj.bias,
+                self.norm2.weight, self.norm2.bias, m.fc.weight, m.fc.bias, m.proj.weight, m.proj.bias)
+
+    def decode_step(self, x, residual, positions, cache, meta: StepMeta, rope):
+        """forward() for a decode step: on CPU fp32 the whole layer is one call into kernels._C."""
+        weights = self.decode_weights()
+        if not decode_layer_applies(x, weights):
+            return self(x, residual, positions, cache, meta)
+        a = self.attn
+        return decode_layer(x, residual, weights, *cache, meta.slot_mapping, meta.block_table, meta.seq_lens, rope,
+                            a.h, self.norm1.eps, self.norm1.rms, "swiglu" if self.mlp.swiglu else self.mlp.fc.activation,
+                            1.0 / math.sqrt(a.d))
+
 
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -177,8 +195,15 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         residual = None
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, positions, None if kv_caches is None else kv_caches[i], meta)
+        if meta is not None and meta.decode:
+            rotary = self.layers[0].attn.rotary
+            # the rotary tables at the positions, shared by the layers (only the CPU path takes them)
+            rope = None if rotary is None or not x.is_cpu else (rotary.cos[positions], rotary.sin[positions])
+            for layer, cache in zip(self.layers, kv_caches):
+                x, residual = layer.decode_step(x, residual, positions, cache, meta, rope)
+        else:
+            for i, layer in enumerate(self.layers):
+                x, residual = layer(x, residual, positions, None if kv_caches is None else kv_caches[i], meta)
         return self.norm_f(x, residual)[0]
 
     def forward(self, input_ids):

@@ -97,3 +97,29 @@ ACTIVATIONS = {
 def linear(x, weight, bias=None, activation=None):
     y = F.linear(_acc(x), _acc(weight), None if bias is None else _acc(bias))
     return ACTIVATIONS[activation](y).to(x.dtype)
+
+
+def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
+                 n_head, eps, rms, activation, softmax_scale):
+    """kernels.decode.decode_layer composed from the ops above (the caches are written in place)."""
+    n1w, n1b, qw, qb, pw, pb, n2w, n2b, fw, fb, f2w, f2b = weights
+    norm = (lambda x, w, b, r: rms_norm(x, w, eps, r)) if rms else (lambda x, w, b, r: layer_norm(x, w, b, eps, r))
+    h, residual = norm(x, n1w, n1b, residual) if residual is not None else (norm(x, n1w, n1b, None), x)
+    hkv, d = k_cache.shape[2:]
+    t = linear(h, qw, qb).unflatten(-1, (n_head + 2 * hkv, d))
+    if rope is not None:
+        cos, sin = (r[:, None, :] for r in rope)
+        x1, x2 = t[:, :n_head + hkv].chunk(2, dim=-1)
+        t = torch.cat([torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1), t[:, n_head + hkv:]], dim=1)
+    q, k, v = t.split([n_head, hkv, hkv], dim=1)
+    keep = slot_mapping >= 0
+    for src, cache in ((k, k_cache), (v, v_cache)):
+        cache.view(-1, hkv, d).index_copy_(0, slot_mapping[keep], src[keep])
+    o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale).flatten(1)
+    h, residual = norm(linear(o, pw, pb), n2w, n2b, residual)
+    if activation == "swiglu":
+        gate, up = linear(h, fw, fb).chunk(2, dim=-1)
+        f = F.silu(gate) * up
+    else:
+        f = linear(h, fw, fb, activation)
+    return linear(f, f2w, f2b), residual

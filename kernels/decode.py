@@ -1,0 +1,42 @@
+"""One pre-norm decoder layer of a CPU decode step in a single call into kernels._C.
+
+The engine's decode step on CPU runs ~10 kernel calls per layer; their Python wrappers
+(argument checks, dispatch) cost ~1 ms of a 5 ms gpt2-tiny step. csrc/bindings.cpp's
+decode_layer runs the same kernels back to back from C++ with the same checks there.
+Inference only: fp32 CPU tensors, no autograd. kernels.reference.decode_layer is its twin.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._ext import ext
+from .gemm import _ACT_IDS
+
+ACTIVATIONS = (*_ACT_IDS, "swiglu")  # swiglu: fc yields [gate | up], the MLP takes silu(gate) * up
+
+
+def decode_layer_applies(x: torch.Tensor, weights) -> bool:
+    """Whether decode_layer serves x: CPU float32 inference, contiguous weights, kernels._C built."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and ext() is not None
+            and all(w is None or (w.dtype == torch.float32 and w.is_contiguous()) for w in weights))
+
+
+def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
+                 n_head: int, eps: float, rms: bool, activation, softmax_scale: float):
+    """x (B, C) entering the layer; residual (B, C) or None in the first layer (x is the stream).
+    weights: norm1 w, b | qkv w, b | proj w, b | norm2 w, b | fc w, b | fc2 w, b (biases may be
+    None); rope None or (cos, sin) each (B, D/2) at the tokens' positions. Writes the new K/V at
+    slot_mapping. Returns (x, residual) for the next layer."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    if len(weights) != 12:
+        raise ValueError(f"weights must hold the layer's 12 tensors, got {len(weights)}")
+    if not decode_layer_applies(x, weights):
+        raise ValueError("decode_layer runs CPU float32 inference with contiguous weights and kernels._C built")
+    cos, sin = rope if rope is not None else (None, None)
+    act = 4 if activation == "swiglu" else _ACT_IDS[activation]
+    x, residual = ext().decode_layer(x.contiguous(), None if residual is None else residual.contiguous(),
+                                     list(weights), k_cache, v_cache, slot_mapping, block_table, seq_lens, cos, sin,
+                                     int(n_head), float(eps), bool(rms), act, float(softmax_scale))
+    return x, residual

@@ -1,0 +1,132 @@
+"""kernels.decode.decode_layer (one CPU decode layer in one kernels._C call) vs kernels.reference,
+and the engine's decode step with and without it."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import engine.model as M
+from engine.config import resolve_config
+from kernels import reference as R
+from kernels.decode import decode_layer, decode_layer_applies
+
+BS = 16
+
+
+def _layer(C, H, Hkv, D, ff, bias, swiglu, g):
+    def w(*shape, scale=0.1):
+        return torch.randn(*shape, generator=g) * scale
+
+    def b(n):
+        return w(n) if bias else None
+    return (1 + w(C), b(C), w((H + 2 * Hkv) * D, C), b((H + 2 * Hkv) * D), w(C, H * D), b(C),
+            1 + w(C), b(C), w(2 * ff if swiglu else ff, C), b(2 * ff if swiglu else ff), w(C, ff), b(C))
+
+
+def _batch(lens, Hkv, D, g):
+    """Caches with each sequence's blocks scattered; slots for each sequence's last token (-1 for one)."""
+    nblk = [-(-n // BS) for n in lens]
+    total = sum(nblk) + 3
+    kc, vc = torch.randn(total, BS, Hkv, D, generator=g), torch.randn(total, BS, Hkv, D, generator=g)
+    perm = torch.randperm(total, generator=g)
+    table = torch.zeros(len(lens), max(nblk), dtype=torch.int32)
+    slots, i = [], 0
+    for s, n in enumerate(lens):
+        table[s, :nblk[s]] = perm[i:i + nblk[s]]
+        i += nblk[s]
+        slots.append(int(table[s, (n - 1) // BS]) * BS + (n - 1) % BS)
+    slots[-1] = -1  # a padded row: nothing stored
+    return kc, vc, table, torch.tensor(lens, dtype=torch.int32), torch.tensor(slots)
+
+
+# (C, H, Hkv, D, ff, bias, activation, rope): gpt2-like and llama-like (GQA, RoPE, SwiGLU), D = 80 too
+CASES = [
+    (64, 2, 2, 32, 256, True, "gelu_tanh", False),
+    (64, 2, 2, 32, 96, True, "gelu", False),
+    (160, 2, 2, 80, 200, False, "relu", False),
+    (128, 4, 1, 32, 160, False, "swiglu", True),
+    (256, 8, 2, 32, 100, False, "swiglu", True),
+]
+
+
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_reference(case, first):
+    C, H, Hkv, D, ff, bias, act, rope = case
+    g = torch.Generator().manual_seed(C + H + D)
+    lens = [1, 16, 17, 40, 5]
+    weights = _layer(C, H, Hkv, D, ff, bias, act == "swiglu", g)
+    kc, vc, table, seq_lens, slots = _batch(lens, Hkv, D, g)
+    x, res = torch.randn(len(lens), C, generator=g), None if first else torch.randn(len(lens), C, generator=g)
+    pos = seq_lens.long() - 1
+    cs = None
+    if rope:
+        ang = pos[:, None].double() * 1e4 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+        cs = (ang.cos().float(), ang.sin().float())
+    args = (table, seq_lens, cs, H, 1e-5, act == "swiglu", act, 1 / math.sqrt(D))
+    kc2, vc2 = kc.clone(), vc.clone()
+    with torch.no_grad():
+        y, r = decode_layer(x, res, weights, kc, vc, slots, *args)
+        y_ref, r_ref = R.decode_layer(x, res, weights, kc2, vc2, slots, *args)
+    torch.testing.assert_close(kc, kc2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vc, vc2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r, r_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_errors():
+    g = torch.Generator().manual_seed(0)
+    weights = _layer(64, 2, 2, 32, 96, True, False, g)
+    kc, vc, table, seq_lens, slots = _batch([3, 20], 2, 32, g)
+    x = torch.randn(2, 64)
+    args = (kc, vc, slots, table, seq_lens, None)
+
+    def call(x=x, weights=weights, n_head=2, act="gelu", rope=None):
+        return decode_layer(x, None, weights, *args[:-1], rope, n_head, 1e-5, False, act, 0.1)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="activation"):
+            call(act="silu")
+        with pytest.raises(ValueError, match="12 tensors"):
+            call(weights=weights[:-1])
+        with pytest.raises(ValueError, match="heads"):
+            call(n_head=4)  # qkv yields (2 + 4) heads, not (4 + 4)
+        with pytest.raises(ValueError, match="cos and sin"):
+            call(rope=(torch.ones(2, 16), torch.ones(2, 15)))
+        with pytest.raises(ValueError, match="float32"):
+            call(x=x.double())
+        with pytest.raises(ValueError, match="block_table"):
+            bad = table.clone()
+            bad[1, 1] = 10_000
+            decode_layer(x, None, weights, kc, vc, slots, bad, seq_lens, None, 2, 1e-5, False, "gelu", 0.1)
+    assert not decode_layer_applies(x, weights)  # grad mode on: inference only
+    with torch.no_grad():
+        assert decode_layer_applies(x, weights)
+        assert not decode_layer_applies(x, weights[:2] + (weights[2].t(),) + weights[3:])  # a strided weight
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+@pytest.mark.usefixtures("torch_cpu_path")  # the plain path on the same CPU kernels, not the Triton interpreter
+def test_engine_decode_step_same_with_and_without(preset, monkeypatch):
+    torch.manual_seed(0)
+    cfg = resolve_config(preset)
+    model = M.GPT(cfg).eval()
+    lens = [1, 17, 33, 80]
+    g = torch.Generator().manual_seed(1)
+    kv = [_batch(lens, cfg.n_kv_head, cfg.head_dim, g) for _ in range(cfg.n_layer)]
+    _, _, table, seq_lens, slots = kv[0]
+    meta = M.StepMeta(slot_mapping=slots, block_table=table, seq_lens=seq_lens,
+                      cu_seqlens_q=torch.arange(len(lens) + 1, dtype=torch.int32),
+                      cu_seqlens_k=torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).int(), max_seqlen_q=1,
+                      max_seqlen_k=max(lens), decode=True)
+    ids, pos = torch.randint(0, cfg.vocab_size, (len(lens),), generator=g), seq_lens.long() - 1
+    caches = [(kc.clone(), vc.clone()) for kc, vc, *_ in kv]
+    fused = model.step(ids, pos, caches, meta)
+    monkeypatch.setattr(M, "decode_layer_applies", lambda *a: False)
+    plain_caches = [(kc.clone(), vc.clone()) for kc, vc, *_ in kv]
+    plain = model.step(ids, pos, plain_caches, meta)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    for (a, b), (c, d) in zip(caches, plain_caches):
+        torch.testing.assert_close(a, c, atol=0, rtol=0)
+        torch.testing.assert_close(b, d, atol=0, rtol=0)
