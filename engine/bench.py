@@ -3,6 +3,7 @@
 N prompts of random token ids with random input/output lengths, ignore_eos, greedy. HF
 runs batched and left-padded over the same prompts, sorted by output length and cut into
 batches that each run to their longest request (only the requested tokens are counted).
+The two engines' timed runs alternate, and each one's best counts.
 
     gpt-engine bench gpt2-tiny --num-prompts 32 --input-len 8,128 --output-len 64
 """
@@ -27,7 +28,7 @@ def add_args(p) -> None:
     p.add_argument("--hf-batch-size", type=int, default=0, help="HF generate batch size (0: all prompts at once)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs of each engine; the best counts")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs of each engine, in turns; the best counts")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
 
 
@@ -67,19 +68,22 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _best_time(fn, repeat, device) -> float:
-    """Best wall time of `repeat` calls: a shared machine's noise only ever adds time."""
-    best = float("inf")
+def _best_times(fns: dict, repeat, device) -> dict:
+    """Best wall time of `repeat` calls of each fn, the calls taken in turns: a shared machine's
+    noise only ever adds time, and its slow spells then fall on every contender alike."""
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeat):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
+        for name, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - t)
     return best
 
 
-def bench_ours(path, prompts, outs, device, dtype, max_num_seqs=256, enforce_eager=None, repeat=1):
+def prepare_ours(path, prompts, outs, device, dtype, max_num_seqs=256, enforce_eager=None):
+    """-> (a timed-run callable, the LLM), warmed up."""
     from .llm import LLM
     from .sampling import SamplingParams
     llm = LLM(path, device=device, dtype=dtype, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager or None,
@@ -89,13 +93,15 @@ def bench_ours(path, prompts, outs, device, dtype, max_num_seqs=256, enforce_eag
     # allocator's growth stay out of the timed run
     llm.generate(prompts, [SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)] * len(prompts),
                  use_tqdm=False)
+
     def once():
         res = llm.generate(prompts, sps, use_tqdm=False)
         assert [len(r.token_ids) for r in res] == outs
-    return _best_time(once, repeat, llm.device), llm
+    return once, llm
 
 
-def bench_hf(path, prompts, outs, device, dtype, batch_size=0, repeat=1):
+def prepare_hf(path, prompts, outs, device, dtype, batch_size=0):
+    """-> a timed-run callable of HF generate over the same prompts, warmed up."""
     import torch
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -117,7 +123,7 @@ def bench_hf(path, prompts, outs, device, dtype, batch_size=0, repeat=1):
             return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
 
     run(groups[0][:4])  # warm-up
-    return _best_time(lambda: [run(g) for g in groups], repeat, device)
+    return lambda: [run(g) for g in groups]
 
 
 def run_bench(model: str, num_prompts=32, input_len=(8, 128), output_len=(64, 64), device=None, dtype=None,
@@ -137,14 +143,15 @@ def run_bench(model: str, num_prompts=32, input_len=(8, 128), output_len=(64, 64
         res = dict(model=model, device=str(device), dtype=str(dtype).replace("torch.", ""), num_prompts=num_prompts,
                    input_len=list(input_len), output_len=list(output_len), prompt_tokens=n_in, output_tokens=n_out,
                    repeat=repeat)
-        dt, llm = bench_ours(path, prompts, outs, device, dtype, max_num_seqs, enforce_eager, repeat)
-        res["ours"] = dict(seconds=dt, requests_per_s=num_prompts / dt, output_tok_per_s=n_out / dt,
-                           total_tok_per_s=(n_in + n_out) / dt, cuda_graphs=bool(llm.runner.graphs))
-        del llm
+        ours, llm = prepare_ours(path, prompts, outs, device, dtype, max_num_seqs, enforce_eager)
+        fns = {"ours": ours}
         if hf:
-            dt = bench_hf(path, prompts, outs, device, dtype, hf_batch_size, repeat)
-            res["hf"] = dict(seconds=dt, requests_per_s=num_prompts / dt, output_tok_per_s=n_out / dt,
+            fns["hf"] = prepare_hf(path, prompts, outs, device, dtype, hf_batch_size)
+        for name, dt in _best_times(fns, repeat, device).items():
+            res[name] = dict(seconds=dt, requests_per_s=num_prompts / dt, output_tok_per_s=n_out / dt,
                              total_tok_per_s=(n_in + n_out) / dt)
+        res["ours"]["cuda_graphs"] = bool(llm.runner.graphs)
+        if hf:
             res["ratio_output_tok_per_s"] = res["ours"]["output_tok_per_s"] / res["hf"]["output_tok_per_s"]
     return res
 
