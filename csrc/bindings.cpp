@@ -15,6 +15,8 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
 void store_kvcache_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                        const at::Tensor& slot_mapping);
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const OptT& bias, int64_t act);
+void rope_cpu_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads);
+at::Tensor swiglu_cpu(const at::Tensor& f);
 #ifdef WITH_CUDA
 std::vector<at::Tensor> norm_fwd_cuda(const at::Tensor& x, const OptT& residual, const at::Tensor& w, const OptT& b,
                                       double eps, bool rms);
@@ -239,14 +241,13 @@ std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, 
   TORCH_CHECK_VALUE(t.size(1) == (n_head + 2 * Hkv) * D, "decode_layer: qkv yields ", t.size(1), " features, not (",
                     n_head, " + 2 x ", Hkv, ") heads x ", D);
   t = t.view({B, n_head + 2 * Hkv, D});
-  if (present(cos)) {  // HF rotate_half on q and k together, as ATen ops: the same rounding as the Python path
-    TORCH_CHECK_VALUE(cos->sizes() == at::IntArrayRef({B, D / 2}) && sin->sizes() == cos->sizes(),
-                      "decode_layer: cos and sin must be (B, D/2) = (", B, ", ", D / 2, "), got ", cos->sizes());
-    const at::Tensor qk = t.narrow(1, 0, n_head + Hkv), c = cos->unsqueeze(1), s = sin->unsqueeze(1);
-    const at::Tensor x1 = qk.narrow(2, 0, D / 2), x2 = qk.narrow(2, D / 2, D / 2);
-    const at::Tensor r1 = x1 * c - x2 * s, r2 = x2 * c + x1 * s;
-    x1.copy_(r1);
-    x2.copy_(r2);
+  if (present(cos)) {  // q and k rotated together
+    for (const at::Tensor* r : {&*cos, &*sin})
+      TORCH_CHECK_VALUE(r->sizes() == at::IntArrayRef({B, D / 2}) && r->scalar_type() == at::kFloat &&
+                            r->is_contiguous() && r->device().is_cpu(),
+                        "decode_layer: cos and sin must be contiguous CPU float32 (B, D/2) = (", B, ", ", D / 2,
+                        "), got ", r->sizes());
+    rope_cpu_(t, *cos, *sin, n_head + Hkv);
   }
   const at::Tensor q = t.narrow(1, 0, n_head);
   store_kvcache(t.narrow(1, n_head, Hkv), t.narrow(1, n_head + Hkv, Hkv), k_cache, v_cache, slot_mapping);
@@ -254,10 +255,7 @@ std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, 
   const at::Tensor a = gemm(o.view({B, n_head * D}), *w[4], w[5], 0, false)[0];
   const std::vector<at::Tensor> n2 = norm_fwd(a, stream, *w[6], w[7], eps, rms);
   at::Tensor f = gemm(n2[0], *w[8], w[9], act == 4 ? 0 : act, false)[0];
-  if (act == 4) {
-    const int64_t ff = f.size(1) / 2;
-    f = at::silu(f.narrow(1, 0, ff)) * f.narrow(1, ff, ff);
-  }
+  if (act == 4) f = swiglu_cpu(f);
   return {gemm(f, *w[10], w[11], 0, false)[0], n2[1]};
 }
 

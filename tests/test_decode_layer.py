@@ -127,6 +127,6 @@ def test_engine_decode_step_same_with_and_without(preset, monkeypatch):
     plain_caches = [(kc.clone(), vc.clone()) for kc, vc, *_ in kv]
     plain = model.step(ids, pos, plain_caches, meta)
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
-    for (a, b), (c, d) in zip(caches, plain_caches):
-        torch.testing.assert_close(a, c, atol=0, rtol=0)
-        torch.testing.assert_close(b, d, atol=0, rtol=0)
+    for (a, b), (c, d) in zip(caches, plain_caches):  # llama's RoPE loop may round differently (FMA)
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(b, d, atol=1e-6, rtol=1e-5)
