@@ -6,9 +6,8 @@ Two entry points share every layer:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
