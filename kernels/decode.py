@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _checks as C
 from ._ext import ext
 from .gemm import _ACT_IDS
 
@@ -16,8 +17,10 @@ ACTIVATIONS = (*_ACT_IDS, "swiglu")  # swiglu: fc yields [gate | up], the MLP ta
 
 
 def decode_layer_applies(x: torch.Tensor, weights) -> bool:
-    """Whether decode_layer serves x: CPU float32 inference, contiguous weights, kernels._C built."""
+    """Whether decode_layer serves x: CPU float32 inference, contiguous weights, kernels._C built,
+    and not under TRITON_INTERPRET=1 (there the per-op path runs the Triton kernels, as tests want)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not C.use_triton(x)
             and not torch.compiler.is_compiling() and ext() is not None
             and all(w is None or (w.dtype == torch.float32 and w.is_contiguous()) for w in weights))
 
@@ -33,7 +36,8 @@ def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_tab
     if len(weights) != 12:
         raise ValueError(f"weights must hold the layer's 12 tensors, got {len(weights)}")
     if not decode_layer_applies(x, weights):
-        raise ValueError("decode_layer runs CPU float32 inference with contiguous weights and kernels._C built")
+        raise ValueError("decode_layer runs CPU float32 inference (no grad, not under TRITON_INTERPRET=1) with "
+                         "contiguous weights and kernels._C built")
     cos, sin = rope if rope is not None else (None, None)
     act = 4 if activation == "swiglu" else _ACT_IDS[activation]
     x, residual = ext().decode_layer(x.contiguous(), None if residual is None else residual.contiguous(),

@@ -13,6 +13,7 @@ from kernels import reference as R
 from kernels.decode import decode_layer, decode_layer_applies
 
 BS = 16
+pytestmark = pytest.mark.usefixtures("torch_cpu_path")  # conftest's TRITON_INTERPRET=1 routes decode to Triton
 
 
 def _layer(C, H, Hkv, D, ff, bias, swiglu, g):
@@ -76,7 +77,7 @@ def test_matches_reference(case, first):
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
 
 
-def test_errors():
+def test_errors(monkeypatch):
     g = torch.Generator().manual_seed(0)
     weights = _layer(64, 2, 2, 32, 96, True, False, g)
     kc, vc, table, seq_lens, slots = _batch([3, 20], 2, 32, g)
@@ -103,11 +104,13 @@ def test_errors():
     assert not decode_layer_applies(x, weights)  # grad mode on: inference only
     with torch.no_grad():
         assert decode_layer_applies(x, weights)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert not decode_layer_applies(x, weights)  # the interpreter's runs exercise the Triton kernels
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert not decode_layer_applies(x, weights[:2] + (weights[2].t(),) + weights[3:])  # a strided weight
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
-@pytest.mark.usefixtures("torch_cpu_path")  # the plain path on the same CPU kernels, not the Triton interpreter
 def test_engine_decode_step_same_with_and_without(preset, monkeypatch):
     torch.manual_seed(0)
     cfg = resolve_config(preset)
