@@ -9,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=${GPU_TORCH:-torch==2.11.0}
-PY312=${PY312:-$(command -v python3.12 || ls /root/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1)}
+# the first python3.12 that runs (a pyenv shim may exist without a 3.12 selected)
+PY312=${PY312:-$(for p in $(command -v python3.12) /root/.pyenv/versions/3.12*/bin/python3.12; do
+  "$p" -c "" 2>/dev/null && { echo "$p"; break; }; done)}
 VENV=${VENV:-/tmp/gpu-build-venv}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY312" -m venv "$VENV"
