@@ -35,13 +35,13 @@ at::Tensor swiglu_cpu(const at::Tensor& f) {
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float *g = src + b * 2 * ff, *u = g + ff;
-      float* y = dst + b * ff;
+      float* row = dst + b * ff;
       int64_t i = 0;
       for (; i + 8 <= ff; i += 8) {
         const f8 gv = load8(g + i);
-        store8(y + i, gv / (1.f + exp8(-gv)) * load8(u + i));
+        store8(row + i, gv / (1.f + exp8(-gv)) * load8(u + i));
       }
-      for (; i < ff; ++i) y[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+      for (; i < ff; ++i) row[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
     }
   });
   return y;
