@@ -6,13 +6,13 @@ STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/tiny
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test bench gpu-check clean
+.PHONY: setup run test bench gpu-check cutlass clean
 
 $(VPY):
 	$(PY) -m venv $(VENV) --system-site-packages
 
 # torch only when none is importable (a system torch is reused through --system-site-packages)
-$(STAMP): $(VPY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+$(STAMP): $(VPY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install torch==2.13.0 || $(VPY) -m pip install torch
 	$(VPY) -m pip install -q setuptools wheel ninja pybind11
 	MAX_JOBS=$$(nproc) $(VPY) -m pip install -q -e '.[test]' --no-build-isolation
@@ -34,6 +34,11 @@ test: setup
 bench: setup
 	$(VPY) -m pytest benchmarks -q --benchmark-only -p no:cacheprovider || [ $$? -eq 5 ]
 	$(VPY) -m engine bench gpt2-tiny --num-prompts 32
+
+# CUTLASS's headers (for csrc/gemm_sm90_*.cu), from their package without its Python dependencies
+CUTLASS_PKG := nvidia-cutlass==4.2.0.0
+cutlass: $(VPY)
+	$(VPY) -m pip install -q --no-deps $(CUTLASS_PKG)
 
 # On a GPU machine whose python already holds torch+CUDA (no registry access there).
 gpu-check:

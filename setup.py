@@ -1,5 +1,6 @@
 """Builds kernels._C: CUDAExtension when torch has CUDA and nvcc exists, else CppExtension."""
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
@@ -11,6 +12,16 @@ def _cuda_build() -> bool:
     return torch.version.cuda is not None and ext.CUDA_HOME is not None and os.environ.get("GPT_ENGINE_CPU_ONLY") != "1"
 
 
+def _cutlass_include() -> list[str]:
+    """CUTLASS's header dirs from the nvidia-cutlass package (`make cutlass`), or [] without it."""
+    spec = importlib.util.find_spec("cutlass_library")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    src = os.path.join(list(spec.submodule_search_locations)[0], "source")
+    dirs = [os.path.join(src, "include"), os.path.join(src, "tools", "util", "include")]
+    return dirs if all(os.path.isdir(d) for d in dirs) else []
+
+
 here = os.path.dirname(os.path.abspath(__file__))
 cpp = sorted(glob.glob("csrc/*.cpp"))
 cu = sorted(glob.glob("csrc/*.cu"))
@@ -18,10 +29,15 @@ cu = sorted(glob.glob("csrc/*.cu"))
 cxx, link = ["-O3", "-std=c++17", "-fopenmp"], ["-fopenmp"]
 
 if _cuda_build():
+    # the Hopper GEMMs (gemm_sm90_*.cu) need CUTLASS; without it gemm.cu's mma.sync kernel serves alone
+    cutlass = _cutlass_include()
+    if not cutlass:
+        cu = [f for f in cu if not os.path.basename(f).startswith("gemm_sm90")]
+        print("setup.py: CUTLASS headers not found (make cutlass): building without the sm90 GEMMs")
     module = ext.CUDAExtension(
-        "kernels._C", cpp + cu, include_dirs=[os.path.join(here, "csrc")],
-        define_macros=[("WITH_CUDA", None)],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17",
+        "kernels._C", cpp + cu, include_dirs=[os.path.join(here, "csrc")] + cutlass,
+        define_macros=[("WITH_CUDA", None)] + ([("GPT_ENGINE_CUTLASS", None)] if cutlass else []),
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-DNDEBUG",  # CUTLASS asserts break wgmma overlap
                                                  "-gencode", "arch=compute_90a,code=sm_90a",
                                                  "-gencode", "arch=compute_80,code=sm_80"]},
         extra_link_args=link)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds kernels._C for the GPU machine here, where build minutes cost no device time (the
-# build there took 4-5 of a session's 30). A Python 3.12 venv holds the GPU image's torch
+# build there took 4-5 of a session's 30; with the CUTLASS GEMMs it takes ~15 min here). A Python 3.12 venv holds the GPU image's torch
 # (2.11.0 with CUDA 13.0) and this machine's nvcc compiles a copy of the working tree; the .so
 # and a hash of csrc/ land in kernels/ (git-ignored). Then carry both with the `run` tool:
 #   bash benchmarks/gpu_prebuild.sh
@@ -17,6 +17,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY312" -m venv "$VENV"
   "$VENV/bin/pip" install -q "$TORCH" "setuptools<82" ninja numpy
 fi
+"$VENV/bin/pip" install -q --no-deps "$(sed -n 's/^CUTLASS_PKG := //p' Makefile)"  # the sm90 GEMMs' headers
 SRC=$(mktemp -d)
 trap 'rm -rf "$SRC"' EXIT
 git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$SRC"

@@ -2,8 +2,9 @@
 # One lease on the GPU machine: build, GPU tests, then the GPU suites. Logs and results go to $OUT.
 #   bash benchmarks/gpu_run.sh [suite names, comma-separated; default all] [pytest -k expr]
 #   SKIP_BUILD=1 / SKIP_TESTS=1 for a follow-up call on the same (still warm) machine
-# The image lacks the server's packages: carry their wheels in .whl/ (the `run` tool's carry) and
-# they are installed to /tmp/site first (benchmarks/server_wheels.sh downloads them).
+# The image lacks the server's packages and CUTLASS's headers: carry their wheels in .whl/ (the
+# `run` tool's carry) and they are installed to /tmp/site first (benchmarks/gpu_wheels.sh
+# downloads them).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"

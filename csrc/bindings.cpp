@@ -25,6 +25,9 @@ std::vector<at::Tensor> norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& h,
 std::vector<at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tensor& b, const OptT& bias, int64_t act,
                                   bool save_preact);
 at::Tensor act_bwd_cuda(const at::Tensor& dy, const at::Tensor& z, int64_t act);
+at::Tensor gemm_dgrad_cuda(const at::Tensor& dz, const at::Tensor& w);
+at::Tensor gemm_wgrad_cuda(const at::Tensor& dz, const at::Tensor& x);
+bool gemm_sm90_taken(const at::Tensor& a, const at::Tensor& b);
 #endif
 
 namespace {
@@ -120,6 +123,51 @@ std::vector<at::Tensor> gemm(const at::Tensor& a, const at::Tensor& b, const Opt
   return gemm_cuda(a, b, present(bias) ? bias : OptT(), act, save_preact);
 #else
   TORCH_CHECK(false, "kernels._C was built without CUDA");
+#endif
+}
+
+// The backward GEMMs of F.linear on CUDA, on the tensors autograd holds (no transposed copies on
+// the sm90 path): dgrad: dz (M, N) @ w (N, K) -> (M, K); wgrad: dz (M, N)^T @ x (M, K) -> (N, K).
+void check_backward_gemm(const char* name, const at::Tensor& dz, const at::Tensor& other, int64_t shared_dim) {
+  TORCH_CHECK(dz.dim() == 2 && other.dim() == 2, name, ": 2-D operands expected, got ", dz.sizes(), " and ",
+              other.sizes());
+  TORCH_CHECK(other.size(0) == dz.size(shared_dim), name, ": operand sizes ", dz.sizes(), " and ", other.sizes(),
+              " do not match");
+  TORCH_CHECK(dz.is_cuda(), name, ": dz must be a CUDA tensor");
+  TORCH_CHECK(dz.scalar_type() != at::kFloat, name, ": dz must be float16 or bfloat16");
+}
+
+at::Tensor gemm_dgrad(const at::Tensor& dz, const at::Tensor& w) {
+  CHECK_INPUT(dz);
+  CHECK_LIKE(w, dz);
+  check_backward_gemm("gemm_dgrad", dz, w, 1);
+#ifdef WITH_CUDA
+  const c10::DeviceGuard guard(dz.device());
+  return gemm_dgrad_cuda(dz, w);
+#else
+  TORCH_CHECK(false, "kernels._C was built without CUDA");
+#endif
+}
+
+at::Tensor gemm_wgrad(const at::Tensor& dz, const at::Tensor& x) {
+  CHECK_INPUT(dz);
+  CHECK_LIKE(x, dz);
+  check_backward_gemm("gemm_wgrad", dz, x, 0);
+#ifdef WITH_CUDA
+  const c10::DeviceGuard guard(dz.device());
+  return gemm_wgrad_cuda(dz, x);
+#else
+  TORCH_CHECK(false, "kernels._C was built without CUDA");
+#endif
+}
+
+// Whether gemm(a, b, ...) runs the CUTLASS sm90 kernels (for tests and benchmarks).
+bool gemm_sm90(const at::Tensor& a, const at::Tensor& b) {
+#ifdef WITH_CUDA
+  return a.is_cuda() && b.is_cuda() && gemm_sm90_taken(a, b);
+#else
+  (void)a, (void)b;
+  return false;
 #endif
 }
 
@@ -278,6 +326,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rms"));
   m.def("gemm", &gemm, "a @ b.T + bias with a fused activation -> [y, pre-activation or None]", py::arg("a"),
         py::arg("b"), py::arg("bias"), py::arg("act"), py::arg("save_preact"));
+  m.def("gemm_dgrad", &gemm_dgrad, "dz @ w: the input gradient of F.linear (CUDA)", py::arg("dz"), py::arg("w"));
+  m.def("gemm_wgrad", &gemm_wgrad, "dz.T @ x: the weight gradient of F.linear (CUDA)", py::arg("dz"), py::arg("x"));
+  m.def("gemm_sm90", &gemm_sm90, "whether gemm(a, b, ...) takes the CUTLASS Hopper kernels", py::arg("a"),
+        py::arg("b"));
   m.def("act_bwd", &act_bwd, "dy * act'(z)", py::arg("dy"), py::arg("z"), py::arg("act"));
   m.def("paged_attention", &paged_attention, "CPU decode attention over a paged KV cache -> (B, H, D)", py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"), py::arg("scale"));

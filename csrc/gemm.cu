@@ -5,11 +5,16 @@
 // pipeline, XOR-swizzled shared memory (conflict-free ldmatrix), bias and activation fused in
 // the epilogue (optionally also writing the pre-activation z for the backward).
 // Tails: rows/cols beyond M/N and k-chunks beyond K are zero-filled by cp.async (K % 8 == 0).
+// On an sm_90 device, when the build has CUTLASS (GPT_ENGINE_CUTLASS) and every leading
+// dimension is a multiple of 8, the TMA + wgmma kernels of gemm_sm90_*.cu run instead; this
+// kernel stays for other GPUs and odd shapes. The backward GEMMs (dgrad, wgrad) go the same way.
 #include <cuda_runtime.h>
 
 #include <type_traits>
 
+#include "act.cuh"
 #include "checks.h"
+#include "gemm_sm90.h"
 
 namespace {
 
@@ -17,29 +22,6 @@ using OptT = c10::optional<at::Tensor>;
 
 constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, THREADS = 256;
 constexpr int SMEM_BYTES = STAGES * (BM + BN) * BK * 2;  // 64 KiB: needs the opt-in above 48 KiB
-
-enum Act { kNone = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
-
-constexpr float kSqrtHalf = 0.70710678118654752f, kSqrt2OverPi = 0.79788456080286536f;
-constexpr float kInvSqrt2Pi = 0.39894228040143268f, kTanhC = 0.044715f;
-
-template <int ACT>
-__device__ __forceinline__ float act_fwd(float x) {
-  if constexpr (ACT == kGelu) return 0.5f * x * (1.f + erff(x * kSqrtHalf));
-  if constexpr (ACT == kGeluTanh) return 0.5f * x * (1.f + tanhf(kSqrt2OverPi * (x + kTanhC * x * x * x)));
-  if constexpr (ACT == kRelu) return x > 0.f ? x : 0.f;
-  return x;
-}
-
-__device__ __forceinline__ float act_grad(float x, int act) {
-  if (act == kGelu) return 0.5f * (1.f + erff(x * kSqrtHalf)) + x * kInvSqrt2Pi * __expf(-0.5f * x * x);
-  if (act == kGeluTanh) {
-    const float th = tanhf(kSqrt2OverPi * (x + kTanhC * x * x * x));
-    return 0.5f * (1.f + th) + 0.5f * x * (1.f - th * th) * kSqrt2OverPi * (1.f + 3.f * kTanhC * x * x);
-  }
-  if (act == kRelu) return x > 0.f ? 1.f : 0.f;
-  return 1.f;
-}
 
 // Element offset of 8-element chunk c (0..3) of tile row r. Rows are 64 bytes, so rows r and
 // r+2 share banks; XOR-ing the chunk with (r/2)%4 spreads the 8 rows of one ldmatrix phase
@@ -196,6 +178,12 @@ __global__ void act_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ z
     dz[i] = static_cast<T>(static_cast<float>(dy[i]) * act_grad(static_cast<float>(z[i]), act));
 }
 
+template <typename T>
+__global__ void act_fwd_kernel(const T* __restrict__ z, T* __restrict__ y, int64_t n, int act) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = static_cast<T>(act_fwd(static_cast<float>(z[i]), act));
+}
+
 template <typename T, int ACT>
 void launch_gemm(const T* a, const T* b, const T* bias, T* y, T* z, int M, int N, int K, cudaStream_t stream) {
   auto kern = gemm_kernel<T, ACT>;
@@ -222,16 +210,77 @@ void gemm_typed(const at::Tensor& a, const at::Tensor& b, const OptT& bias, int6
   }
 }
 
+// y = act(z), elementwise (the sm90 path's training forward: z is kept for the backward)
+at::Tensor act_fwd_cuda(const at::Tensor& z, int64_t act) {
+  auto y = at::empty_like(z);
+  const int64_t n = z.numel();
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65536);
+  cudaStream_t stream = current_stream(z);
+  if (z.scalar_type() == at::kBFloat16) {
+    act_fwd_kernel<at::BFloat16><<<blocks, threads, 0, stream>>>(z.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(),
+                                                                 n, static_cast<int>(act));
+  } else {
+    act_fwd_kernel<at::Half><<<blocks, threads, 0, stream>>>(z.data_ptr<at::Half>(), y.data_ptr<at::Half>(), n,
+                                                             static_cast<int>(act));
+  }
+  CUDA_LAUNCH_CHECK();
+  return y;
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Whether the CUTLASS kernels can take a GEMM whose leading dimensions are `dims` on x's device:
+// built with them, an sm_90 device (sm_90a code runs on 9.0 only), 16-byte strides and pointers.
+bool use_sm90(const at::Tensor& x, std::initializer_list<int64_t> dims, std::initializer_list<const at::Tensor*> ts) {
+#ifdef GPT_ENGINE_CUTLASS
+  static int cc[64] = {0};  // per device: major * 10 + minor; a race writes the same value
+  const int dev = x.device().index();
+  if (dev < 0 || dev >= 64) return false;
+  if (cc[dev] == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    cc[dev] = major * 10 + minor;
+  }
+  if (cc[dev] != 90) return false;
+  for (int64_t d : dims)
+    if (d % 8) return false;
+  for (const at::Tensor* t : ts)
+    if (!aligned16(*t)) return false;
+  return true;
+#else
+  (void)x, (void)dims, (void)ts;
+  return false;
+#endif
+}
+
+// The mma.sync kernel's operands: K-contiguous, 16-byte aligned, K zero-padded to a multiple of 8.
+at::Tensor operand(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (c.size(1) % 8) c = at::constant_pad_nd(c, {0, 8 - c.size(1) % 8});
+  return aligned16(c) ? c : c.clone();
+}
+
 }  // namespace
 
 std::vector<at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tensor& b, const OptT& bias, int64_t act,
                                   bool save_preact) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
   TORCH_CHECK(M < INT32_MAX && N < INT32_MAX && K < INT32_MAX, "gemm: dimensions must fit in int32");
-  TORCH_CHECK((M + BM - 1) / BM <= 65535, "gemm: M too large for the grid");
   auto y = at::empty({M, N}, a.options());
-  at::Tensor z = save_preact && act != kNone ? at::empty({M, N}, a.options()) : at::Tensor();
-  if (M == 0 || N == 0) return {y, z};
+  const bool keep_z = save_preact && act != kNone;
+  if (M == 0 || N == 0) return {y, keep_z ? at::empty({M, N}, a.options()) : at::Tensor()};
+  if (use_sm90(a, {K, N}, {&a, &b}) && (!bias.has_value() || aligned16(*bias))) {
+    if (!keep_z) {
+      sm90_gemm_fwd(a, b, bias, static_cast<int>(act), y);
+      return {y, at::Tensor()};
+    }
+    sm90_gemm_fwd(a, b, bias, kNone, y);  // y holds z here
+    return {act_fwd_cuda(y, act), y};
+  }
+  TORCH_CHECK((M + BM - 1) / BM <= 65535, "gemm: M too large for the grid");
+  at::Tensor z = keep_z ? at::empty({M, N}, a.options()) : at::Tensor();
   cudaStream_t stream = current_stream(a);
   if (a.scalar_type() == at::kBFloat16) {
     gemm_typed<at::BFloat16>(a, b, bias, act, y, z, stream);
@@ -240,6 +289,32 @@ std::vector<at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tensor& b, cons
     gemm_typed<at::Half>(a, b, bias, act, y, z, stream);
   }
   return {y, z};
+}
+
+at::Tensor gemm_dgrad_cuda(const at::Tensor& dz, const at::Tensor& w) {
+  const int64_t M = dz.size(0), N = dz.size(1), K = w.size(1);
+  if (M == 0 || K == 0 || N == 0) return at::zeros({M, K}, dz.options());
+  if (use_sm90(dz, {N, K}, {&dz, &w})) {
+    auto d = at::empty({M, K}, dz.options());
+    sm90_gemm_dgrad(dz, w, d);
+    return d;
+  }
+  return gemm_cuda(operand(dz), operand(w.t()), OptT(), kNone, false)[0];
+}
+
+at::Tensor gemm_wgrad_cuda(const at::Tensor& dz, const at::Tensor& x) {
+  const int64_t M = dz.size(0), N = dz.size(1), K = x.size(1);
+  if (M == 0 || K == 0 || N == 0) return at::zeros({N, K}, dz.options());
+  if (use_sm90(dz, {N, K}, {&dz, &x})) {
+    auto d = at::empty({N, K}, dz.options());
+    sm90_gemm_wgrad(dz, x, d);
+    return d;
+  }
+  return gemm_cuda(operand(dz.t()), operand(x.t()), OptT(), kNone, false)[0];
+}
+
+bool gemm_sm90_taken(const at::Tensor& a, const at::Tensor& b) {
+  return use_sm90(a, {a.size(1), b.size(0)}, {&a, &b});
 }
 
 at::Tensor act_bwd_cuda(const at::Tensor& dy, const at::Tensor& z, int64_t act) {

@@ -1,6 +1,7 @@
 """y = activation(x @ weight.T + bias) with the activation fused into the GEMM epilogue.
 
-CUDA bf16/fp16 can run the tensor-core GEMM in kernels._C (csrc/gemm.cu) forward and backward.
+CUDA bf16/fp16 can run the tensor-core GEMMs in kernels._C forward and backward: on an H100
+CUTLASS's TMA + wgmma kernels (csrc/gemm_sm90_*.cu), elsewhere an mma.sync kernel (csrc/gemm.cu).
 CPU fp32 inference with few rows (the engine's decode steps) runs csrc/linear_cpu.cpp, which
 streams the weight in place instead of repacking it per call as BLAS does. Everything else uses
 torch's BLAS path.
@@ -22,14 +23,6 @@ def _operand(t: torch.Tensor) -> torch.Tensor:
     """Contiguous and 16-byte aligned (cp.async reads 16-byte chunks)."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
-
-
-def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (P, R) @ b (Q, R)^T -> (P, Q); R zero-padded to a multiple of 8 when needed."""
-    r = a.shape[1]
-    if r % 8:
-        a, b = F.pad(a, (0, 8 - r % 8)), F.pad(b, (0, 8 - r % 8))
-    return _cuda_ext().gemm(_operand(a), _operand(b), None, 0, False)[0]
 
 
 class LinearFn(torch.autograd.Function):
@@ -54,9 +47,9 @@ class LinearFn(torch.autograd.Function):
             dz = _cuda_ext().act_bwd(dz, z, ctx.act)  # dy * act'(pre-activation)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = _gemm(dz, w.t()).view(*dy.shape[:-1], w.shape[1])  # (M, N) @ (N, K)
+            dx = _cuda_ext().gemm_dgrad(dz, w).view(*dy.shape[:-1], w.shape[1])  # (M, N) @ (N, K)
         if ctx.needs_input_grad[1]:
-            dw = _gemm(dz.t(), x2.t())  # (N, M) @ (M, K)
+            dw = _cuda_ext().gemm_wgrad(dz, x2)  # (M, N)^T @ (M, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dz.sum(0, dtype=torch.float32).to(dz.dtype)
         return dx, dw, db, None, None
@@ -68,7 +61,8 @@ def _wants_grad(*tensors) -> bool:
 
 def _use_gemm(x, weight, backend="auto") -> bool:
     # "auto" keeps cuBLAS: the mma.sync kernel measured 0.36-0.64x of it on an H100
-    # (benchmarks/results/nvidia-h100-80gb-hbm3/gemm.csv); it is used when asked for by name.
+    # (benchmarks/results/nvidia-h100-80gb-hbm3/gemm.csv), and the CUTLASS sm90 kernels that
+    # replaced it there have no GPU numbers yet; ours runs when asked for by name.
     return (backend == "custom" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.shape[-1] % 8 == 0
             and x.numel() > 0 and weight.shape[0] > 0 and _cuda_ext() is not None)
 

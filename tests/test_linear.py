@@ -140,6 +140,23 @@ def test_cpu_gemm_errors():
         _C.gemm(x, w, b[:7].contiguous(), 0, False)
 
 
+def test_backward_gemm_bindings_check_their_input():
+    from kernels import _C
+    dz, w = torch.randn(4, 8), torch.randn(8, 16)
+    assert not _C.gemm_sm90(dz, w)  # a CPU tensor never takes the Hopper kernels
+    for fn in (_C.gemm_dgrad, _C.gemm_wgrad):
+        with pytest.raises(RuntimeError, match="CUDA"):
+            fn(dz, w if fn is _C.gemm_dgrad else torch.randn(4, 16))
+        with pytest.raises(RuntimeError, match="contiguous"):
+            fn(dz.t(), w)
+        with pytest.raises(RuntimeError, match="same dtype"):
+            fn(dz, w.half())
+    with pytest.raises(RuntimeError, match="do not match"):
+        _C.gemm_dgrad(dz.half(), torch.randn(7, 16).half())
+    with pytest.raises(RuntimeError, match="do not match"):
+        _C.gemm_wgrad(dz.half(), torch.randn(5, 16).half())
+
+
 # ---------------------------------------------------------------- CUDA
 
 SHAPES = list(itertools.product([1, 37, 1000], [65, 768, 3073], [64, 768, 1000]))
@@ -191,6 +208,37 @@ def test_cuda_forward_backward(dtype, bias, act, mnk):
     for gg, tt, ww in zip(got, tor, want):
         assert gg.dtype == dtype
         _check_close(gg, tt, ww)
+
+
+@pytest.mark.gpu
+def test_cuda_sm90_gemm_taken_on_hopper():
+    from kernels import _C
+    x, w, b = _inputs(37, 768, 64, torch.bfloat16, "cuda")
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert _C.gemm_sm90(x, w) == hopper  # M needs no alignment; K and N multiples of 8
+    assert not _C.gemm_sm90(x, w[:765].contiguous())
+    # y = act(z) from one sm90 GEMM (z kept for the backward) equals the fused epilogue
+    y, z = _C.gemm(x, w, b, 2, True)
+    torch.testing.assert_close(y, _C.gemm(x, w, b, 2, False)[0], rtol=0, atol=0)
+    torch.testing.assert_close(z, F.linear(x, w, b), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mnk", [(37, 64, 768), (1000, 768, 64), (129, 3072, 768), (1, 8, 8), (256, 72, 1000),
+                                 (33, 65, 24), (40, 96, 37)])
+def test_cuda_backward_gemms(dtype, mnk):
+    # dgrad dz @ w and wgrad dz^T @ x on the tensors autograd holds: sm90 shapes (N, K % 8 == 0,
+    # any M) and the mma.sync fallback's (N or K odd: padded, transposed copies)
+    from kernels import _C
+    m, n, k = mnk
+    g = torch.Generator().manual_seed(3)
+    dz, w, x = (torch.randn(*s, generator=g).to("cuda", dtype) for s in ((m, n), (n, k), (m, k)))
+    for got, want in [(_C.gemm_dgrad(dz, w), dz.double() @ w.double()),
+                      (_C.gemm_wgrad(dz, x), dz.double().t() @ x.double())]:
+        tor = (want.to(dtype)).double()  # one rounding of the exact result: the best a GEMM can do
+        assert got.dtype == dtype and got.shape == want.shape
+        assert _err(got, want) <= 4 * _err(tor, want) + 1e-2 * (1 + want.abs().max().item()) ** 0.5
 
 
 @pytest.mark.gpu

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Downloads (here, where pip reaches a package index) the server's packages that the GPU image
-# lacks, as py3.12 manylinux wheels into .whl/ (git-ignored locally via .git/info/exclude).
+# Downloads (here, where pip reaches a package index) what the GPU image lacks into .whl/
+# (git-ignored locally via .git/info/exclude): the server's packages as py3.12 manylinux wheels,
+# and the CUTLASS headers' package (Makefile's CUTLASS_PKG) that the sm90 GEMMs build with.
 # benchmarks/gpu_run.sh installs them on the GPU machine when .whl is carried.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +16,5 @@ done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl "${pkgs[@]}"
+python3 -m pip download -q --no-deps -d .whl "$(sed -n 's/^CUTLASS_PKG := //p' Makefile)"
 ls .whl
