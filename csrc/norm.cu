@@ -2,8 +2,8 @@
 // Fast path (n % VEC == 0, 16-byte aligned): 128-bit loads, the row held in registers,
 // a warp per row for n <= 128*VEC and a block per row above. Anything else takes the
 // generic path (scalar loads, re-reads the row from L1/L2). fp32 statistics throughout.
-// dweight/dbias: each (block, row slot) writes an fp32 partial row, a second kernel sums
-// the partials per column: deterministic, no atomics.
+// dweight/dbias: each block writes one fp32 partial row (its warps' sums added in shared memory),
+// a second kernel sums the partials per column: deterministic, no atomics.
 #include <cuda_runtime.h>
 
 #include "checks.h"
@@ -41,6 +41,25 @@ __device__ __forceinline__ float row_sum(float v, float* smem) {
   return v;
 }
 
+// row_sum of two values at once: one round of block syncs instead of two. smem holds >= 64 floats.
+template <int TPR>
+__device__ __forceinline__ float2 row_sum2(float a, float b, float* smem) {
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if constexpr (TPR > 32) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) {
+      smem[warp] = a;
+      smem[32 + warp] = b;
+    }
+    __syncthreads();
+    a = warp_sum(lane < TPR / 32 ? smem[lane] : 0.f);
+    b = warp_sum(lane < TPR / 32 ? smem[32 + lane] : 0.f);
+  }
+  return make_float2(a, b);
+}
+
 template <typename T>
 __host__ __device__ constexpr int vec_of() { return 16 / static_cast<int>(sizeof(T)); }
 
@@ -69,6 +88,11 @@ __device__ __forceinline__ float round_to(float v) { return static_cast<float>(s
 // Rows handled by one block: several warps (a row each) for TPR == 32, else one.
 template <int TPR>
 __host__ __device__ constexpr int rows_per_block() { return TPR >= 128 ? 1 : 128 / TPR; }
+
+// The backward's: 16 warps per block for TPR == 32, so one partial row serves 16 row slots
+// (a partial row per warp made its traffic a third of the kernel's at hidden 768).
+template <int TPR>
+__host__ __device__ constexpr int bwd_rows_per_block() { return TPR >= 128 ? 1 : 512 / TPR; }
 
 // ------------------------------------------------------------------ fast path
 
@@ -128,74 +152,101 @@ fwd_fast(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict
   }
 }
 
-// Grid-stride over rows; row slot (blockIdx.x, threadIdx.y) accumulates its dweight/dbias
-// partials in registers and writes them to pw/pb[slot] at the end (zeros if it had no rows).
+// Grid-stride over rows; row slot (blockIdx.x, threadIdx.y) accumulates dweight/dbias partials in
+// registers; at the end the block's slots are summed in shared memory into pw/pb[blockIdx.x].
+// Each row is read twice: pass 1 for the row sums and the partials, pass 2 (an L1/L2 hit) for dx.
+// Holding the row instead cost registers the accumulators need: at hidden 12288-16384 (1024
+// threads, 64 registers each) it spilled, and occupancy fell everywhere.
 template <typename T, int TPR, int ITEMS>
-__global__ void __launch_bounds__(TPR * rows_per_block<TPR>())
+__global__ void __launch_bounds__(TPR * bwd_rows_per_block<TPR>())
 bwd_fast(const T* __restrict__ dy, const T* __restrict__ hin, const T* __restrict__ dh, const T* __restrict__ w,
          const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ pw,
          float* __restrict__ pb, int rows, int n, bool rms) {
-  constexpr int VEC = vec_of<T>();
-  __shared__ float smem[32];
-  // weight is re-read per row (an L1 hit) rather than held: registers go to the accumulators
+  constexpr int VEC = vec_of<T>(), R = bwd_rows_per_block<TPR>();
+  __shared__ float smem[64];
+  extern __shared__ float part[];  // R > 1: [2][n], the block's dweight and dbias partials
   float aw[ITEMS][VEC], ab[ITEMS][VEC];
 #pragma unroll
   for (int it = 0; it < ITEMS; ++it)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) aw[it][k] = ab[it][k] = 0.f;
-  const int slot = blockIdx.x * rows_per_block<TPR>() + threadIdx.y;
-  const int stride = gridDim.x * rows_per_block<TPR>();
-  // for TPR > 32 slot == blockIdx.x: the whole block runs the same iterations (row_sum syncs)
+  const int slot = blockIdx.x * R + threadIdx.y;
+  const int stride = gridDim.x * R;
+  // for TPR > 32 slot == blockIdx.x: the whole block runs the same iterations (row_sum2 syncs)
   for (int row = slot; row < rows; row += stride) {
     const int64_t off = static_cast<int64_t>(row) * n;
     const float mu = rms ? 0.f : mean[row], rs = rstd[row];
-    float xh[ITEMS][VEC], g[ITEMS][VEC];
     float s1 = 0.f, s2 = 0.f;
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
       const int col = (it * TPR + threadIdx.x) * VEC;
       if (col < n) {
-        float wv[VEC];
-        load_vec(hin + off + col, xh[it]);
-        load_vec(dy + off + col, g[it]);
+        float hv[VEC], g[VEC], wv[VEC];
+        load_vec(hin + off + col, hv);
+        load_vec(dy + off + col, g);
         load_vec(w + col, wv);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          xh[it][k] = (xh[it][k] - mu) * rs;
-          const float dyv = g[it][k], gw = dyv * wv[k];
-          g[it][k] = gw;  // from here on g holds dy * w
+          const float xh = (hv[k] - mu) * rs, gw = g[k] * wv[k];
           s1 += gw;
-          s2 += gw * xh[it][k];
-          aw[it][k] += dyv * xh[it][k];
-          ab[it][k] += dyv;
+          s2 += gw * xh;
+          aw[it][k] += g[k] * xh;
+          ab[it][k] += g[k];
         }
       }
     }
-    const float m1 = rms ? 0.f : row_sum<TPR>(s1, smem) / n;
-    const float m2 = row_sum<TPR>(s2, smem) / n;
+    const float2 m = row_sum2<TPR>(s1, s2, smem);
+    const float m1 = rms ? 0.f : m.x / n, m2 = m.y / n;
 #pragma unroll
     for (int it = 0; it < ITEMS; ++it) {
       const int col = (it * TPR + threadIdx.x) * VEC;
       if (col < n) {
-        float o[VEC], d[VEC];
+        float hv[VEC], g[VEC], wv[VEC], d[VEC], o[VEC];
+        load_vec(hin + off + col, hv);
+        load_vec(dy + off + col, g);
+        load_vec(w + col, wv);
         if (dh) load_vec(dh + off + col, d);
 #pragma unroll
         for (int k = 0; k < VEC; ++k)
-          o[k] = rs * (g[it][k] - m1 - xh[it][k] * m2) + (dh ? d[k] : 0.f);
+          o[k] = rs * (g[k] * wv[k] - m1 - (hv[k] - mu) * rs * m2) + (dh ? d[k] : 0.f);
         store_vec(dx + off + col, o);
       }
     }
   }
-  const int64_t poff = static_cast<int64_t>(slot) * n;
+  const int64_t poff = static_cast<int64_t>(blockIdx.x) * n;
+  if constexpr (R == 1) {
 #pragma unroll
-  for (int it = 0; it < ITEMS; ++it) {
-    const int col = (it * TPR + threadIdx.x) * VEC;
-    if (col < n) {
+    for (int it = 0; it < ITEMS; ++it) {
+      const int col = (it * TPR + threadIdx.x) * VEC;
+      if (col < n) {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        pw[poff + col + k] = aw[it][k];
-        pb[poff + col + k] = ab[it][k];
+        for (int k = 0; k < VEC; ++k) {
+          pw[poff + col + k] = aw[it][k];
+          pb[poff + col + k] = ab[it][k];
+        }
       }
+    }
+  } else {
+    // the warps add their partials in turn (every warp owns the same columns): deterministic
+    for (int y = 0; y < R; ++y) {
+      if (threadIdx.y == y) {
+#pragma unroll
+        for (int it = 0; it < ITEMS; ++it) {
+          const int col = (it * TPR + threadIdx.x) * VEC;
+          if (col < n) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+              part[col + k] = (y ? part[col + k] : 0.f) + aw[it][k];
+              part[n + col + k] = (y ? part[n + col + k] : 0.f) + ab[it][k];
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+    for (int i = threadIdx.y * TPR + threadIdx.x; i < n; i += R * TPR) {
+      pw[poff + i] = part[i];
+      pb[poff + i] = part[n + i];
     }
   }
 }
@@ -246,7 +297,7 @@ __global__ void __launch_bounds__(kGenericThreads)
 bwd_generic(const T* __restrict__ dy, const T* __restrict__ hin, const T* __restrict__ dh, const T* __restrict__ w,
             const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
             float* __restrict__ pw, float* __restrict__ pb, int rows, int n, bool rms) {
-  __shared__ float smem[32];
+  __shared__ float smem[64];
   const int64_t poff = static_cast<int64_t>(blockIdx.x) * n;
   for (int row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t off = static_cast<int64_t>(row) * n;
@@ -260,8 +311,8 @@ bwd_generic(const T* __restrict__ dy, const T* __restrict__ hin, const T* __rest
       pw[poff + i] += g * xh;
       pb[poff + i] += g;
     }
-    const float m1 = rms ? 0.f : row_sum<kGenericThreads>(s1, smem) / n;
-    const float m2 = row_sum<kGenericThreads>(s2, smem) / n;
+    const float2 m = row_sum2<kGenericThreads>(s1, s2, smem);
+    const float m1 = rms ? 0.f : m.x / n, m2 = m.y / n;
     for (int i = threadIdx.x; i < n; i += kGenericThreads) {
       const float xh = (static_cast<float>(hin[off + i]) - mu) * rs, g = static_cast<float>(dy[off + i]);
       const float o = rs * (g * static_cast<float>(w[i]) - m1 - xh * m2) + (dh ? static_cast<float>(dh[off + i]) : 0.f);
@@ -354,19 +405,20 @@ void launch_fwd(const T* x, const T* res, const T* w, const T* b, T* y, T* h, fl
 }
 #undef LAUNCH_FWD
 
-// as many resident blocks as fit: few partial rows, each slot sees many rows
+// as many resident blocks as fit: few partial rows (one per block), each slot sees many rows
 #define LAUNCH_BWD(TPR, ITEMS)                                                                        \
   {                                                                                                   \
-    constexpr int R = rows_per_block<TPR>();                                                          \
+    constexpr int R = bwd_rows_per_block<TPR>();                                                      \
     auto kern = bwd_fast<T, TPR, ITEMS>;                                                              \
+    const size_t smem = R > 1 ? 2 * static_cast<size_t>(n) * sizeof(float) : 0;                       \
     int per_sm = 0;                                                                                   \
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, TPR * R, 0);                         \
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, TPR * R, smem);                      \
     const int64_t grid = std::max<int64_t>(1, std::min<int64_t>((rows + R - 1) / R,                   \
                                                                 int64_t(sms) * std::max(per_sm, 1))); \
-    partial = at::empty({2, grid * R, n}, opts);                                                      \
-    kern<<<static_cast<int>(grid), dim3(TPR, R), 0, stream>>>(dy, h, dh, w, mean, rstd, dx,           \
-                                                             partial[0].data_ptr<float>(),            \
-                                                             partial[1].data_ptr<float>(), rows, n, rms); \
+    partial = at::empty({2, grid, n}, opts);                                                          \
+    kern<<<static_cast<int>(grid), dim3(TPR, R), smem, stream>>>(dy, h, dh, w, mean, rstd, dx,        \
+                                                                partial[0].data_ptr<float>(),         \
+                                                                partial[1].data_ptr<float>(), rows, n, rms); \
   }
 
 // -> the fp32 partials (2, parts, n): [0] dweight, [1] dbias
