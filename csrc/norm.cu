@@ -353,11 +353,13 @@ sum_partials(const float* __restrict__ pw, const float* __restrict__ pb, T* __re
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Fast-path configuration index for n elements of VEC-wide vectors, -1 for the generic path.
-// (TPR, ITEMS): (32,1) (32,2) (32,4) (128,2) (256,2) (512,2) (1024,2) (1024,4)
+// (TPR, ITEMS): (32,1) (32,2) (32,4) (128,2) (256,2) (512,2) (512,3) (512,4) (1024,4).
+// 1536 and 2048 vectors (bf16 hidden 12288, 16384) take 512 threads: at 1024 a quarter of
+// 12288's threads idled in the second item and the backward was capped at 64 registers.
 int pick_config(int n, int vec) {
-  static constexpr int cap[] = {32, 64, 128, 256, 512, 1024, 2048, 4096};  // vectors per row
+  static constexpr int cap[] = {32, 64, 128, 256, 512, 1024, 1536, 2048, 4096};  // vectors per row
   if (n % vec != 0) return -1;
-  for (int i = 0; i < 8; ++i)
+  for (int i = 0; i < 9; ++i)
     if (n / vec <= cap[i]) return i;
   return -1;
 }
@@ -370,7 +372,8 @@ int pick_config(int n, int vec) {
     case 3: LAUNCH(128, 2); break;       \
     case 4: LAUNCH(256, 2); break;       \
     case 5: LAUNCH(512, 2); break;       \
-    case 6: LAUNCH(1024, 2); break;      \
+    case 6: LAUNCH(512, 3); break;       \
+    case 7: LAUNCH(512, 4); break;       \
     default: LAUNCH(1024, 4); break;     \
   }
 
