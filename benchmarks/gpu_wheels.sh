@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .git/info .whl
 grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
-ver() { python3 -c "import importlib.metadata as m; print(m.version('$1'))"; }
+# the versions installed in the project's venv (make setup), else in python3's environment
+PY=$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
+ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 pkgs=()
 for p in fastapi starlette pydantic pydantic_core annotated-types typing-inspection uvicorn opentelemetry-api \
          typing_extensions; do
