@@ -310,3 +310,16 @@ def test_gpu_bf16_batch_runs_and_frees(models):
     assert all(len(o.token_ids) == 20 for o in outs)
     s = llm.stats()
     assert s["num_free_blocks"] == s["num_total_blocks"]
+
+
+def test_runner_host_tensors():
+    # the step inputs built through array.array equal torch.tensor on the lists they replace
+    from engine.runner import host_tensor, padded_tables
+    for dtype in (torch.long, torch.int32):
+        for data in ([], [0], [3, -1, 2 ** 30]):
+            got = host_tensor(data, dtype)
+            assert got.dtype == dtype and torch.equal(got, torch.tensor(data, dtype=dtype))
+    tables = [[5, 1], [], [7, 8, 9]]
+    want = torch.tensor([t + [0] * (4 - len(t)) for t in tables], dtype=torch.int32)
+    assert torch.equal(host_tensor(padded_tables(tables, 4), torch.int32).view(3, 4), want)
+    assert len(padded_tables([], 4)) == 0
