@@ -138,7 +138,7 @@ class Scheduler:
         self.num_preemptions += 1
 
     def schedule(self) -> ScheduledBatch:
-        budget = self.max_num_batched_tokens
+        budget, bs = self.max_num_batched_tokens, self.bm.block_size
         seqs, counts = [], []
         done: set[int] = set()
         # decodes first so a long prefill chunk cannot stall them; then prefill chunks; oldest first
@@ -150,16 +150,18 @@ class Scheduler:
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.bm.can_append(seq.block_table, seq.num_computed_tokens + n):
-                victims = [s for s in self.running if id(s) not in done and s is not seq]
-                victim = max(victims, key=lambda s: s.arrival) if victims else seq
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            if seq.status is not Status.RUNNING:
-                continue
-            self.bm.append(seq.block_table, seq.num_computed_tokens + n)
+            # most decode steps fit the last block: skip the block manager (~1.4 us a sequence)
+            if seq.num_computed_tokens + n > len(seq.block_table) * bs:
+                while not self.bm.can_append(seq.block_table, seq.num_computed_tokens + n):
+                    victims = [s for s in self.running if id(s) not in done and s is not seq]
+                    victim = max(victims, key=lambda s: s.arrival) if victims else seq
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                if seq.status is not Status.RUNNING:
+                    continue
+                self.bm.append(seq.block_table, seq.num_computed_tokens + n)
             seqs.append(seq)
             counts.append(n)
             done.add(id(seq))
