@@ -323,3 +323,22 @@ def test_runner_host_tensors():
     want = torch.tensor([t + [0] * (4 - len(t)) for t in tables], dtype=torch.int32)
     assert torch.equal(host_tensor(padded_tables(tables, 4), torch.int32).view(3, 4), want)
     assert len(padded_tables([], 4)) == 0
+
+
+def test_runner_decode_inputs_equal_the_general_path(models):
+    # prepare()'s one-token fast path builds what the general per-range loop builds, sampled rows or not
+    from engine.scheduler import ScheduledBatch
+
+    class General(ScheduledBatch):
+        is_decode = False
+
+    d, _ = models["gpt2"]
+    llm = LLM(str(d), device="cpu", max_num_seqs=8, enable_prefix_caching=False)
+    seqs = [llm.add_request([1 + i] * (3 + 9 * i), SamplingParams(max_tokens=4, ignore_eos=True)) for i in range(4)]
+    while any(s.num_output_tokens == 0 for s in seqs):
+        llm.step()
+    batch = llm.scheduler.schedule()
+    assert batch.is_decode and len(batch) == 4
+    for sample in (batch.sample, [True, False, True, True]):
+        b = ScheduledBatch(batch.seqs, batch.num_new_tokens, sample)
+        assert llm.runner.prepare(b) == llm.runner.prepare(General(b.seqs, b.num_new_tokens, b.sample))
