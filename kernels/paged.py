@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from . import reference
 from ._ext import KERNEL_DTYPES, ext
 from .attention import _check_heads, _scale
 
@@ -89,7 +90,4 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
             and v_cache.is_contiguous()):
         ext().store_kvcache(k, v, k_cache, v_cache, slot_mapping)
         return
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    for src, cache in ((k, k_cache), (v, v_cache)):
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, src[keep])
+    reference.store_kvcache(k, v, k_cache, v_cache, slot_mapping)

@@ -74,6 +74,14 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=No
     return torch.stack(outs).to(q.dtype)
 
 
+def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
+    """k/v (N, Hkv, D) into the paged caches at slot_mapping (N,), in place; slot -1 skips a token."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    for src, cache in ((k, k_cache), (v, v_cache)):
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, src[keep])
+
+
 def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     h = _acc(x) if residual is None else _acc(x) + _acc(residual)
     y = F.layer_norm(h, h.shape[-1:], _acc(weight), None if bias is None else _acc(bias), eps)
@@ -112,9 +120,7 @@ def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_tab
         x1, x2 = t[:, :n_head + hkv].chunk(2, dim=-1)
         t = torch.cat([torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1), t[:, n_head + hkv:]], dim=1)
     q, k, v = t.split([n_head, hkv, hkv], dim=1)
-    keep = slot_mapping >= 0
-    for src, cache in ((k, k_cache), (v, v_cache)):
-        cache.view(-1, hkv, d).index_copy_(0, slot_mapping[keep], src[keep])
+    store_kvcache(k, v, k_cache, v_cache, slot_mapping)
     o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale).flatten(1)
     h, residual = norm(linear(o, pw, pb), n2w, n2b, residual)
     if activation == "swiglu":
