@@ -38,6 +38,12 @@ inline cudaStream_t current_stream(const at::Tensor& x) {
       c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle());
 }
 #endif
+// Streaming multiprocessors of a device (a cheap driver query, no cache needed).
+inline int num_sms(int device) {
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms > 0 ? sms : 1;
+}
 #define CUDA_LAUNCH_CHECK()                                                              \
   do {                                                                                   \
     cudaError_t err_ = cudaGetLastError();                                               \

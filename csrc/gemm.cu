@@ -234,16 +234,10 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 // built with them, an sm_90 device (sm_90a code runs on 9.0 only), 16-byte strides and pointers.
 bool use_sm90(const at::Tensor& x, std::initializer_list<int64_t> dims, std::initializer_list<const at::Tensor*> ts) {
 #ifdef GPT_ENGINE_CUTLASS
-  static int cc[64] = {0};  // per device: major * 10 + minor; a race writes the same value
-  const int dev = x.device().index();
-  if (dev < 0 || dev >= 64) return false;
-  if (cc[dev] == 0) {
-    int major = 0, minor = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    cc[dev] = major * 10 + minor;
-  }
-  if (cc[dev] != 90) return false;
+  int major = 0, minor = 0;  // cheap driver queries, no cache needed
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index());
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, x.device().index());
+  if (major != 9 || minor != 0) return false;
   for (int64_t d : dims)
     if (d % 8) return false;
   for (const at::Tensor* t : ts)

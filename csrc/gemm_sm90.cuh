@@ -74,13 +74,6 @@ struct Gemm {
   using Adapter = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 };
 
-inline int sm_count(int device) {
-  static int counts[64] = {0};  // per device; a race writes the same value
-  if (device < 0 || device >= 64) return 0;
-  if (counts[device] == 0) cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device);
-  return counts[device];
-}
-
 // d (M, N) = act(A @ B + bias) for the packed operands a and b of problem (M, N, K).
 template <class Element, class LayoutA, class LayoutB>
 void run(const at::Tensor& a, const at::Tensor& b, const void* bias, int act, at::Tensor& d, int M, int N, int K) {
@@ -100,7 +93,7 @@ void run(const at::Tensor& a, const at::Tensor& b, const void* bias, int act, at
   args.epilogue.thread.bias_ptr = static_cast<const E*>(bias);  // null: CUTLASS broadcasts zeros
   args.epilogue.thread.activation.act = act;
   args.hw_info.device_id = a.device().index();
-  args.hw_info.sm_count = sm_count(args.hw_info.device_id);
+  args.hw_info.sm_count = num_sms(args.hw_info.device_id);
 
   typename G::Adapter gemm;
   TORCH_CHECK(gemm.can_implement(args) == cutlass::Status::kSuccess, "gemm (sm90): CUTLASS cannot run M=", M,

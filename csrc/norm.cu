@@ -380,12 +380,6 @@ int pick_config(int n, int vec) {
 template <typename T>
 const T* ptr(const OptT& t) { return t.has_value() ? t->data_ptr<T>() : nullptr; }
 
-int num_sms(int device) {
-  int sms = 0;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  return sms > 0 ? sms : 1;
-}
-
 #define LAUNCH_FWD(TPR, ITEMS)                                                                   \
   {                                                                                              \
     constexpr int R = rows_per_block<TPR>();                                                     \
