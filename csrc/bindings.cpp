@@ -15,6 +15,9 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
 void store_kvcache_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                        const at::Tensor& slot_mapping);
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const OptT& bias, int64_t act);
+int64_t linear_cpu_panel();
+at::Tensor linear_cpu_pack(const at::Tensor& w);
+at::Tensor linear_cpu_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act);
 void rope_cpu_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads);
 at::Tensor swiglu_cpu(const at::Tensor& f);
 #ifdef WITH_CUDA
@@ -124,6 +127,34 @@ std::vector<at::Tensor> gemm(const at::Tensor& a, const at::Tensor& b, const Opt
 #else
   TORCH_CHECK(false, "kernels._C was built without CUDA");
 #endif
+}
+
+// The CPU inference GEMM on a weight rearranged once by linear_pack: w (N, K) float32 ->
+// (ceil(N / panel), K, panel). linear_packed(x (M, K), packed, bias (N,) or None, N, act) -> (M, N).
+at::Tensor linear_pack(const at::Tensor& w) {
+  TORCH_CHECK_TYPE(w.device().is_cpu() && w.scalar_type() == at::kFloat, "linear_pack: w must be a CPU float32 "
+                   "tensor, got ", w.scalar_type(), " on ", w.device());
+  TORCH_CHECK_VALUE(w.dim() == 2, "linear_pack: w must be 2-D (N, K), got ", w.sizes());
+  return linear_cpu_pack(w.contiguous());
+}
+
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act) {
+  TORCH_CHECK_TYPE(x.device().is_cpu() && x.scalar_type() == at::kFloat, "linear_packed: x must be a CPU float32 "
+                   "tensor, got ", x.scalar_type(), " on ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "linear_packed: x must be contiguous (M, K), got ", x.sizes());
+  const int64_t P = linear_cpu_panel();
+  TORCH_CHECK_VALUE(pw.dim() == 3 && pw.size(2) == P && pw.size(1) == x.size(1) && pw.is_contiguous() &&
+                        pw.scalar_type() == at::kFloat && pw.device().is_cpu(),
+                    "linear_packed: packed must come from linear_pack of an (N, ", x.size(1), ") float32 weight, got ",
+                    pw.sizes());
+  TORCH_CHECK_VALUE(N > 0 && (N + P - 1) / P == pw.size(0), "linear_packed: N = ", N, " does not match the ",
+                    pw.size(0), " panels of ", P, " rows");
+  if (present(bias)) {
+    CHECK_LIKE(*bias, x);
+    CHECK_SHAPE(*bias, N);
+  }
+  TORCH_CHECK_VALUE(act >= 0 && act <= 3, "linear_packed: act must be 0..3, got ", act);
+  return linear_cpu_packed(x, pw, present(bias) ? bias : OptT(), N, act);
 }
 
 // The backward GEMMs of F.linear on CUDA, on the tensors autograd holds (no transposed copies on
@@ -264,11 +295,12 @@ void store_kvcache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache
 // of ~10 times: the Python wrappers' checks and dispatch cost ~1 ms of a 5 ms gpt2-tiny step.
 // x (B, C): what enters the layer; residual (B, C) the residual stream, or None in the first
 // layer (x is then the stream). w: norm1 w, b | qkv w, b | proj w, b | norm2 w, b | fc w, b |
-// fc2 w, b (biases may be None). cos, sin (B, D/2): rotary tables at each token's position, or
+// fc2 w, b (biases may be None), the four GEMM weights (qkv, proj, fc, fc2) packed by linear_pack
+// and n their output features. cos, sin (B, D/2): rotary tables at each token's position, or
 // None. act: as in gemm, or 4 for SwiGLU (fc yields the gate and up halves). -> {x, residual}.
 std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, const std::vector<OptT>& w,
-                                     at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,
-                                     const at::Tensor& block_table, const at::Tensor& seq_lens, const OptT& cos,
+                                     const std::vector<int64_t>& n, at::Tensor& k_cache, at::Tensor& v_cache,
+                                     const at::Tensor& slot_mapping, const at::Tensor& block_table, const at::Tensor& seq_lens, const OptT& cos,
                                      const OptT& sin, int64_t n_head, double eps, bool rms, int64_t act,
                                      double scale) {
   TORCH_CHECK_TYPE(x.device().is_cpu() && x.scalar_type() == at::kFloat, "decode_layer: x must be a CPU float32 "
@@ -282,13 +314,20 @@ std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, 
   const int64_t B = x.size(0), Hkv = k_cache.size(2), D = k_cache.dim() == 4 ? k_cache.size(3) : 0;
   TORCH_CHECK_VALUE(n_head > 0 && Hkv > 0 && n_head % Hkv == 0, "decode_layer: n_head ", n_head,
                     " must be a positive multiple of the cache's ", Hkv, " heads");
+  // the packed weights no longer show their row counts exactly (panels are padded): n states them,
+  // and they must fit the layer's geometry (fc2's input width is the MLP's)
+  for (size_t i : {2, 4, 8, 10})
+    TORCH_CHECK_VALUE(w[i]->dim() == 3, "decode_layer: w[", i, "] must be packed by linear_pack, got shape ",
+                      w[i]->sizes());
+  const int64_t C = x.size(1), F = w[10]->size(1);
+  TORCH_CHECK_VALUE(n.size() == 4 && n[0] == (n_head + 2 * Hkv) * D && n[1] == C && n[3] == C &&
+                        n[2] == (act == 4 ? 2 * F : F),
+                    "decode_layer: the GEMMs' output features n = ", c10::IntArrayRef(n), " do not fit C = ", C,
+                    ", (", n_head, " + 2 x ", Hkv, ") heads x ", D, ", MLP width ", F);
 
   const std::vector<at::Tensor> n1 = norm_fwd(x, residual, *w[0], w[1], eps, rms);
   const at::Tensor stream = present(residual) ? n1[1] : x;
-  at::Tensor t = gemm(n1[0], *w[2], w[3], 0, false)[0];
-  TORCH_CHECK_VALUE(t.size(1) == (n_head + 2 * Hkv) * D, "decode_layer: qkv yields ", t.size(1), " features, not (",
-                    n_head, " + 2 x ", Hkv, ") heads x ", D);
-  t = t.view({B, n_head + 2 * Hkv, D});
+  at::Tensor t = linear_packed(n1[0], *w[2], w[3], n[0], 0).view({B, n_head + 2 * Hkv, D});
   if (present(cos)) {  // q and k rotated together
     for (const at::Tensor* r : {&*cos, &*sin})
       TORCH_CHECK_VALUE(r->sizes() == at::IntArrayRef({B, D / 2}) && r->scalar_type() == at::kFloat &&
@@ -300,11 +339,11 @@ std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, 
   const at::Tensor q = t.narrow(1, 0, n_head);
   store_kvcache(t.narrow(1, n_head, Hkv), t.narrow(1, n_head + Hkv, Hkv), k_cache, v_cache, slot_mapping);
   const at::Tensor o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale);
-  const at::Tensor a = gemm(o.view({B, n_head * D}), *w[4], w[5], 0, false)[0];
+  const at::Tensor a = linear_packed(o.view({B, n_head * D}), *w[4], w[5], n[1], 0);
   const std::vector<at::Tensor> n2 = norm_fwd(a, stream, *w[6], w[7], eps, rms);
-  at::Tensor f = gemm(n2[0], *w[8], w[9], act == 4 ? 0 : act, false)[0];
+  at::Tensor f = linear_packed(n2[0], *w[8], w[9], n[2], act == 4 ? 0 : act);
   if (act == 4) f = swiglu_cpu(f);
-  return {gemm(f, *w[10], w[11], 0, false)[0], n2[1]};
+  return {linear_packed(f, *w[10], w[11], n[3], 0), n2[1]};
 }
 
 bool has_cuda() {
@@ -326,6 +365,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rms"));
   m.def("gemm", &gemm, "a @ b.T + bias with a fused activation -> [y, pre-activation or None]", py::arg("a"),
         py::arg("b"), py::arg("bias"), py::arg("act"), py::arg("save_preact"));
+  m.def("linear_pack", &linear_pack, "w (N, K) float32 -> the panels linear_packed reads", py::arg("w"));
+  m.def("linear_packed", &linear_packed, "CPU act(x @ w.T + bias) on a weight from linear_pack -> (M, N)",
+        py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("n"), py::arg("act"));
   m.def("gemm_dgrad", &gemm_dgrad, "dz @ w: the input gradient of F.linear (CUDA)", py::arg("dz"), py::arg("w"));
   m.def("gemm_wgrad", &gemm_wgrad, "dz.T @ x: the weight gradient of F.linear (CUDA)", py::arg("dz"), py::arg("x"));
   m.def("gemm_sm90", &gemm_sm90, "whether gemm(a, b, ...) takes the CUTLASS Hopper kernels", py::arg("a"),
@@ -336,7 +378,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kvcache", &store_kvcache, "CPU write of new K/V rows into the paged caches, in place", py::arg("k"),
         py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"));
   m.def("decode_layer", &decode_layer, "one decoder layer of a CPU decode step -> [x, residual]", py::arg("x"),
-        py::arg("residual"), py::arg("w"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
+        py::arg("residual"), py::arg("w"), py::arg("n"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
         py::arg("block_table"), py::arg("seq_lens"), py::arg("cos"), py::arg("sin"), py::arg("n_head"),
         py::arg("eps"), py::arg("rms"), py::arg("act"), py::arg("scale"));
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import mmap
 
+from typing import Iterable
+
 import torch
-import torch.nn as nn
 
 HUGE = 2 << 20  # the x86-64 huge page
 _ADVICE = getattr(mmap, "MADV_HUGEPAGE", None)
@@ -37,14 +38,16 @@ def zeros(shape, dtype: torch.dtype) -> torch.Tensor:
     return raw[start:start + nbytes].view(dtype).view(shape)
 
 
-def adopt(module: nn.Module) -> None:
-    """Moves every CPU parameter and buffer of module into one huge-page arena, in place (same
-    Parameter objects, same values, new storage). Tied weights stay tied."""
-    tensors, seen = [], set()
-    for t in (*module.parameters(), *module.buffers()):
+def adopt(tensors: Iterable[torch.Tensor]) -> None:
+    """Moves the CPU tensors (a module's parameters and buffers, say) into one huge-page arena, in
+    place: the same tensor objects, values and shapes, new storage. A tensor given twice (tied
+    weights) moves once."""
+    unique, seen = [], set()
+    for t in tensors:
         if t.device.type == "cpu" and id(t) not in seen:
             seen.add(id(t))
-            tensors.append(t)
+            unique.append(t)
+    tensors = unique
     offsets, total = [], 0
     for t in tensors:
         offsets.append(total)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import flash_attention, flash_attention_varlen, layer_norm, linear, paged_attention, rms_norm
-from kernels.decode import decode_layer, decode_layer_applies
+from kernels.decode import GEMMS, decode_layer, decode_layer_applies, pack_layer
 from kernels.paged import store_kvcache
 
 from .config import ModelConfig
@@ -135,11 +135,6 @@ class MLP(nn.Module):
         return self.proj(h)
 
 
-def _weight_bias(m: nn.Module) -> tuple:
-    p = m._parameters  # the dict itself: nn.Module.__getattr__ costs ~1 us a lookup
-    return p["weight"], p.get("bias")
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -147,6 +142,7 @@ class Block(nn.Module):
         # decode_layer's scalar arguments: n_head, eps, rms, activation, softmax scale
         self.decode_args = (cfg.n_head, cfg.norm_eps, self.norm1.rms, "swiglu" if self.mlp.swiglu else cfg.activation,
                             1.0 / math.sqrt(cfg.head_dim))
+        self.packed = None  # kernels.decode.PackedLayer from GPT.pack_for_decode: a snapshot of the weights
 
     def forward(self, x, residual, positions, cache=None, meta=None):
         # pre-norm with the residual add fused into each norm: returns (sublayer output, residual stream)
@@ -156,19 +152,16 @@ class Block(nn.Module):
         return self.mlp(h), residual
 
     def decode_weights(self) -> tuple:
-        # read through the module dicts: via nn.Module.__getattr__ this tuple cost ~25 us a layer
-        # per decode step, 2% of a CPU generation run
-        mods = self._modules
-        a, m = mods["attn"]._modules, mods["mlp"]._modules
-        return (*_weight_bias(mods["norm1"]), *_weight_bias(a["qkv"]), *_weight_bias(a["proj"]),
-                *_weight_bias(mods["norm2"]), *_weight_bias(m["fc"]), *_weight_bias(m["proj"]))
+        """The layer's 12 tensors in kernels.decode's order (norm1, qkv, proj, norm2, fc, fc2: weight, bias)."""
+        mods = (self.norm1, self.attn.qkv, self.attn.proj, self.norm2, self.mlp.fc, self.mlp.proj)
+        return tuple(t for m in mods for t in (m.weight, m.bias))
 
     def decode_step(self, x, residual, positions, cache, meta: StepMeta, rope):
-        """forward() for a decode step: on CPU fp32 the whole layer is one call into kernels._C."""
-        weights = self.decode_weights()
-        if not decode_layer_applies(x, weights):
+        """forward() for a decode step: once packed (CPU fp32), the whole layer is one call into kernels._C."""
+        layer = self.packed
+        if layer is None or not decode_layer_applies(x, layer.tensors):
             return self(x, residual, positions, cache, meta)
-        return decode_layer(x, residual, weights, *cache, meta.slot_mapping, meta.block_table, meta.seq_lens, rope,
+        return decode_layer(x, residual, layer, *cache, meta.slot_mapping, meta.block_table, meta.seq_lens, rope,
                             *self.decode_args)
 
 
@@ -192,6 +185,17 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
+
+    def pack_for_decode(self) -> list[torch.Tensor]:
+        """Copies each layer's GEMM weights into the CPU decode kernel's layout (kernels.decode), so
+        CPU float32 decode steps run a layer in one kernels._C call; elsewhere a no-op. A snapshot:
+        pack again after changing the weights. Returns the packed tensors."""
+        out = []
+        for layer in self.layers:
+            layer.packed = pack_layer(layer.decode_weights())
+            if layer.packed is not None:
+                out += [layer.packed.tensors[i] for i in GEMMS]
+        return out
 
     @property
     def head_weight(self):

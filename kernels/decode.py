@@ -3,9 +3,13 @@
 The engine's decode step on CPU runs ~10 kernel calls per layer; their Python wrappers
 (argument checks, dispatch) cost ~1 ms of a 5 ms gpt2-tiny step. csrc/bindings.cpp's
 decode_layer runs the same kernels back to back from C++ with the same checks there.
-Inference only: fp32 CPU tensors, no autograd. kernels.reference.decode_layer is its twin.
+Its GEMMs run on weights packed once (pack_layer) into the layout the CPU kernel streams
+(csrc/linear_cpu.cpp). Inference only: fp32 CPU tensors, no autograd.
+kernels.reference.decode_layer (on the unpacked weights) is its twin.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -14,6 +18,7 @@ from ._ext import ext
 from .gemm import _ACT_IDS
 
 ACTIVATIONS = (*_ACT_IDS, "swiglu")  # swiglu: fc yields [gate | up], the MLP takes silu(gate) * up
+GEMMS = (2, 4, 8, 10)  # the weights of qkv, proj, fc and fc2 among a layer's 12 tensors
 
 
 def decode_layer_applies(x: torch.Tensor, weights) -> bool:
@@ -25,22 +30,44 @@ def decode_layer_applies(x: torch.Tensor, weights) -> bool:
             and all(w is None or (w.dtype == torch.float32 and w.is_contiguous()) for w in weights))
 
 
-def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
-                 n_head: int, eps: float, rms: bool, activation, softmax_scale: float):
-    """x (B, C) entering the layer; residual (B, C) or None in the first layer (x is the stream).
-    weights: norm1 w, b | qkv w, b | proj w, b | norm2 w, b | fc w, b | fc2 w, b (biases may be
-    None); rope None or (cos, sin) each (B, D/2) at the tokens' positions. Writes the new K/V at
-    slot_mapping. Returns (x, residual) for the next layer."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+class PackedLayer(NamedTuple):
+    """A layer's 12 tensors as decode_layer takes them, from pack_layer: the four GEMM weights
+    (qkv, proj, fc, fc2) rearranged for the CPU kernel, n their output features."""
+    tensors: tuple
+    n: tuple
+
+
+def pack_layer(weights) -> PackedLayer | None:
+    """weights: norm1 w, b | qkv w, b | proj w, b | norm2 w, b | fc w, b | fc2 w, b (biases may be
+    None) -> the PackedLayer decode_layer runs, or None where it cannot (not CPU float32, or no
+    kernels._C). The GEMM weights are copied: a snapshot, to pack again after changing them."""
     if len(weights) != 12:
         raise ValueError(f"weights must hold the layer's 12 tensors, got {len(weights)}")
-    if not decode_layer_applies(x, weights):
+    if ext() is None or any(w is not None and (w.device.type != "cpu" or w.dtype != torch.float32) for w in weights):
+        return None
+    t = list(weights)
+    with torch.no_grad():
+        for i in GEMMS:
+            t[i] = ext().linear_pack(weights[i])
+    return PackedLayer(tuple(t), tuple(weights[i].shape[0] for i in GEMMS))
+
+
+def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
+                 n_head: int, eps: float, rms: bool, activation, softmax_scale: float):
+    """x (B, C) entering the layer; residual (B, C) or None in the first layer (x is the stream);
+    layer from pack_layer; rope None or (cos, sin) each (B, D/2) at the tokens' positions. Writes
+    the new K/V at slot_mapping. Returns (x, residual) for the next layer."""
+    if not isinstance(layer, PackedLayer):
+        raise TypeError(f"layer must be a PackedLayer from pack_layer, got {type(layer).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    if not decode_layer_applies(x, layer.tensors):
         raise ValueError("decode_layer runs CPU float32 inference (no grad, not under TRITON_INTERPRET=1) with "
                          "contiguous weights and kernels._C built")
     cos, sin = rope if rope is not None else (None, None)
     act = 4 if activation == "swiglu" else _ACT_IDS[activation]
     x, residual = ext().decode_layer(x.contiguous(), None if residual is None else residual.contiguous(),
-                                     list(weights), k_cache, v_cache, slot_mapping, block_table, seq_lens, cos, sin,
-                                     int(n_head), float(eps), bool(rms), act, float(softmax_scale))
+                                     list(layer.tensors), list(layer.n), k_cache, v_cache, slot_mapping, block_table,
+                                     seq_lens, cos, sin, int(n_head), float(eps), bool(rms), act,
+                                     float(softmax_scale))
     return x, residual

@@ -1,5 +1,5 @@
-"""kernels.decode.decode_layer (one CPU decode layer in one kernels._C call) vs kernels.reference,
-and the engine's decode step with and without it."""
+"""kernels.decode.decode_layer (one CPU decode layer in one kernels._C call) and its packed-weight
+GEMM vs kernels.reference, and the engine's decode step with and without it."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,8 @@ import torch
 import engine.model as M
 from engine.config import resolve_config
 from kernels import reference as R
-from kernels.decode import decode_layer, decode_layer_applies
+from kernels._ext import ext
+from kernels.decode import PackedLayer, decode_layer, decode_layer_applies, pack_layer
 
 BS = 16
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")  # conftest's TRITON_INTERPRET=1 routes decode to Triton
@@ -69,7 +70,7 @@ def test_matches_reference(case, first):
     args = (table, seq_lens, cs, H, 1e-5, act == "swiglu", act, 1 / math.sqrt(D))
     kc2, vc2 = kc.clone(), vc.clone()
     with torch.no_grad():
-        y, r = decode_layer(x, res, weights, kc, vc, slots, *args)
+        y, r = decode_layer(x, res, pack_layer(weights), kc, vc, slots, *args)
         y_ref, r_ref = R.decode_layer(x, res, weights, kc2, vc2, slots, *args)
     torch.testing.assert_close(kc, kc2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(vc, vc2, atol=1e-5, rtol=1e-5)
@@ -84,15 +85,25 @@ def test_errors(monkeypatch):
     x = torch.randn(2, 64)
     args = (kc, vc, slots, table, seq_lens, None)
 
-    def call(x=x, weights=weights, n_head=2, act="gelu", rope=None):
-        return decode_layer(x, None, weights, *args[:-1], rope, n_head, 1e-5, False, act, 0.1)
+    packed = pack_layer(weights)
+
+    def call(x=x, layer=packed, n_head=2, act="gelu", rope=None):
+        return decode_layer(x, None, layer, *args[:-1], rope, n_head, 1e-5, False, act, 0.1)
     with torch.no_grad():
         with pytest.raises(ValueError, match="activation"):
             call(act="silu")
         with pytest.raises(ValueError, match="12 tensors"):
-            call(weights=weights[:-1])
+            pack_layer(weights[:-1])
+        with pytest.raises(TypeError, match="pack_layer"):
+            call(layer=weights)  # unpacked
         with pytest.raises(ValueError, match="heads"):
             call(n_head=4)  # qkv yields (2 + 4) heads, not (4 + 4)
+        with pytest.raises(ValueError, match="do not fit"):  # rows the panels' padding would hide
+            call(layer=PackedLayer(packed.tensors, (packed.n[0] - 1, *packed.n[1:])))
+        with pytest.raises(ValueError, match="linear_pack"):
+            t = list(packed.tensors)
+            t[4] = weights[4]
+            call(layer=PackedLayer(tuple(t), packed.n))
         with pytest.raises(ValueError, match="cos and sin"):
             call(rope=(torch.ones(2, 16), torch.ones(2, 15)))
         with pytest.raises(ValueError, match="float32"):
@@ -100,7 +111,7 @@ def test_errors(monkeypatch):
         with pytest.raises(ValueError, match="block_table"):
             bad = table.clone()
             bad[1, 1] = 10_000
-            decode_layer(x, None, weights, kc, vc, slots, bad, seq_lens, None, 2, 1e-5, False, "gelu", 0.1)
+            decode_layer(x, None, packed, kc, vc, slots, bad, seq_lens, None, 2, 1e-5, False, "gelu", 0.1)
     assert not decode_layer_applies(x, weights)  # grad mode on: inference only
     with torch.no_grad():
         assert decode_layer_applies(x, weights)
@@ -108,6 +119,38 @@ def test_errors(monkeypatch):
         assert not decode_layer_applies(x, weights)  # the interpreter's runs exercise the Triton kernels
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert not decode_layer_applies(x, weights[:2] + (weights[2].t(),) + weights[3:])  # a strided weight
+    assert pack_layer(tuple(w if w is None else w.double() for w in weights)) is None  # not float32
+
+
+# (M, N, K): rows not a multiple of the 4-row tile, N not of the 24-row panel, K odd; more rows than
+# one 128-row block
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (5, 23, 7), (32, 768, 256), (7, 50, 33), (131, 97, 64)])
+@pytest.mark.parametrize("act", [0, 1, 2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_gemm(M, N, K, act, bias):
+    g = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5
+    b = torch.randn(N, generator=g) if bias else None
+    y = ext().linear_packed(x, ext().linear_pack(w), b, N, act)
+    ref = R.linear(x.double(), w.double(), None if b is None else b.double(),
+                   [None, "gelu", "gelu_tanh", "relu"][act])
+    torch.testing.assert_close(y, ref.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_gemm_errors():
+    w = torch.randn(30, 16)
+    pw = ext().linear_pack(w)
+    x = torch.randn(3, 16)
+    with pytest.raises(ValueError, match="does not match"):
+        ext().linear_packed(x, pw, None, 50, 0)  # 50 rows are 3 panels, not 2
+    with pytest.raises(ValueError, match="linear_pack"):
+        ext().linear_packed(torch.randn(3, 15), pw, None, 30, 0)  # K differs
+    with pytest.raises(ValueError, match="linear_pack"):
+        ext().linear_packed(x, w, None, 30, 0)  # not packed
+    with pytest.raises(TypeError, match="float32"):
+        ext().linear_pack(w.double())
+    with pytest.raises(ValueError, match="act"):
+        ext().linear_packed(x, pw, None, 30, 5)
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
@@ -125,7 +168,11 @@ def test_engine_decode_step_same_with_and_without(preset, monkeypatch):
                       max_seqlen_k=max(lens), decode=True)
     ids, pos = torch.randint(0, cfg.vocab_size, (len(lens),), generator=g), seq_lens.long() - 1
     caches = [(kc.clone(), vc.clone()) for kc, vc, *_ in kv]
+    assert model.pack_for_decode() and all(layer.packed is not None for layer in model.layers)
+    calls = []
+    monkeypatch.setattr(M, "decode_layer", lambda *a, **k: calls.append(1) or decode_layer(*a, **k))
     fused = model.step(ids, pos, caches, meta)
+    assert len(calls) == cfg.n_layer  # every layer took the one-call path
     monkeypatch.setattr(M, "decode_layer_applies", lambda *a: False)
     plain_caches = [(kc.clone(), vc.clone()) for kc, vc, *_ in kv]
     plain = model.step(ids, pos, plain_caches, meta)

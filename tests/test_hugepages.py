@@ -62,7 +62,7 @@ def test_adopt_keeps_values_parameters_and_ties():
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         ref = model(ids)
-    hugepages.adopt(model)
+    hugepages.adopt([*model.parameters(), *model.buffers()])
     assert dict(model.named_parameters()) == params  # the same Parameter objects
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -73,8 +73,8 @@ def test_adopt_keeps_values_parameters_and_ties():
         assert torch.equal(model(ids), ref)
 
 
-def test_adopt_leaves_small_modules_alone():
+def test_adopt_leaves_small_tensors_alone():
     lin = nn.Linear(4, 4)
     ptr = lin.weight.data_ptr()
-    hugepages.adopt(lin)
+    hugepages.adopt(lin.parameters())
     assert lin.weight.data_ptr() == ptr
