@@ -157,6 +157,15 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& 
   return linear_cpu_packed(x, pw, present(bias) ? bias : OptT(), N, act);
 }
 
+// f (M, 2 ff) = [gate | up] -> silu(gate) * up (M, ff), CPU float32
+at::Tensor swiglu(const at::Tensor& f) {
+  TORCH_CHECK_TYPE(f.device().is_cpu() && f.scalar_type() == at::kFloat, "swiglu: f must be a CPU float32 tensor, "
+                   "got ", f.scalar_type(), " on ", f.device());
+  TORCH_CHECK_VALUE(f.dim() == 2 && f.is_contiguous() && f.size(1) % 2 == 0,
+                    "swiglu: f must be contiguous (M, 2 ff), got ", f.sizes());
+  return swiglu_cpu(f);
+}
+
 // The backward GEMMs of F.linear on CUDA, on the tensors autograd holds (no transposed copies on
 // the sm90 path): dgrad: dz (M, N) @ w (N, K) -> (M, K); wgrad: dz (M, N)^T @ x (M, K) -> (N, K).
 void check_backward_gemm(const char* name, const at::Tensor& dz, const at::Tensor& other, int64_t shared_dim) {
@@ -368,6 +377,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_pack", &linear_pack, "w (N, K) float32 -> the panels linear_packed reads", py::arg("w"));
   m.def("linear_packed", &linear_packed, "CPU act(x @ w.T + bias) on a weight from linear_pack -> (M, N)",
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("n"), py::arg("act"));
+  m.def("swiglu", &swiglu, "CPU [gate | up] -> silu(gate) * up", py::arg("f"));
   m.def("gemm_dgrad", &gemm_dgrad, "dz @ w: the input gradient of F.linear (CUDA)", py::arg("dz"), py::arg("w"));
   m.def("gemm_wgrad", &gemm_wgrad, "dz.T @ x: the weight gradient of F.linear (CUDA)", py::arg("dz"), py::arg("x"));
   m.def("gemm_sm90", &gemm_sm90, "whether gemm(a, b, ...) takes the CUTLASS Hopper kernels", py::arg("a"),

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import flash_attention, flash_attention_varlen, layer_norm, linear, paged_attention, rms_norm
-from kernels.decode import GEMMS, decode_layer, decode_layer_applies, pack_layer
+from kernels.decode import decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, swiglu
 from kernels.paged import store_kvcache
 
 from .config import ModelConfig
@@ -53,9 +53,13 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
         self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
         self.activation = activation
+        self.packed = None  # kernels.decode.PackedLinear from GPT.pack_for_cpu: a snapshot of the weight
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x):
+        p = self.packed
+        if p is not None and decode_layer_applies(x, (p.weight,)):  # CPU inference: the packed GEMM
+            return packed_linear(x.reshape(-1, x.shape[-1]), p, self.bias, self.activation).view(*x.shape[:-1], p.n)
         return linear(x, self.weight, self.bias, self.activation)
 
 
@@ -129,7 +133,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.fc(x)
-        if self.swiglu:
+        if self.swiglu and decode_layer_applies(h, ()):  # CPU inference: one pass, not three
+            h = swiglu(h)
+        elif self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         return self.proj(h)
@@ -142,7 +148,7 @@ class Block(nn.Module):
         # decode_layer's scalar arguments: n_head, eps, rms, activation, softmax scale
         self.decode_args = (cfg.n_head, cfg.norm_eps, self.norm1.rms, "swiglu" if self.mlp.swiglu else cfg.activation,
                             1.0 / math.sqrt(cfg.head_dim))
-        self.packed = None  # kernels.decode.PackedLayer from GPT.pack_for_decode: a snapshot of the weights
+        self.packed = None  # kernels.decode.PackedLayer from GPT.pack_for_cpu: a snapshot of the weights
 
     def forward(self, x, residual, positions, cache=None, meta=None):
         # pre-norm with the residual add fused into each norm: returns (sublayer output, residual stream)
@@ -152,9 +158,10 @@ class Block(nn.Module):
         return self.mlp(h), residual
 
     def decode_weights(self) -> tuple:
-        """The layer's 12 tensors in kernels.decode's order (norm1, qkv, proj, norm2, fc, fc2: weight, bias)."""
+        """The layer's 12 tensors in kernels.decode's order (norm1, qkv, proj, norm2, fc, fc2: weight,
+        bias), each GEMM's weight as its packed snapshot where it has one."""
         mods = (self.norm1, self.attn.qkv, self.attn.proj, self.norm2, self.mlp.fc, self.mlp.proj)
-        return tuple(t for m in mods for t in (m.weight, m.bias))
+        return tuple(t for m in mods for t in (getattr(m, "packed", None) or m.weight, m.bias))
 
     def decode_step(self, x, residual, positions, cache, meta: StepMeta, rope):
         """forward() for a decode step: once packed (CPU fp32), the whole layer is one call into kernels._C."""
@@ -174,6 +181,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = Norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.packed_head = None  # kernels.decode.PackedLinear from pack_for_cpu
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2 scaled init of the residual projections
             if name.endswith("proj.weight"):
@@ -186,16 +194,18 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
 
-    def pack_for_decode(self) -> list[torch.Tensor]:
-        """Copies each layer's GEMM weights into the CPU decode kernel's layout (kernels.decode), so
-        CPU float32 decode steps run a layer in one kernels._C call; elsewhere a no-op. A snapshot:
-        pack again after changing the weights. Returns the packed tensors."""
-        out = []
+    def pack_for_cpu(self) -> list[torch.Tensor]:
+        """Copies every GEMM weight (the head's too) into the CPU inference GEMM's layout
+        (kernels.decode.pack_linear): CPU float32 inference then runs them on the packed kernel and
+        a decode step's layer in one kernels._C call. Elsewhere (not CPU float32) a no-op. A
+        snapshot: pack again after changing the weights. Returns the packed tensors."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for m in linears:
+            m.packed = pack_linear(m.weight.detach())
+        self.packed_head = pack_linear(self.head_weight.detach())
         for layer in self.layers:
             layer.packed = pack_layer(layer.decode_weights())
-            if layer.packed is not None:
-                out += [layer.packed.tensors[i] for i in GEMMS]
-        return out
+        return [p.weight for p in (*(m.packed for m in linears), self.packed_head) if p is not None]
 
     @property
     def head_weight(self):
@@ -228,6 +238,9 @@ class GPT(nn.Module):
         return self.logits(self.hidden(input_ids, pos))
 
     def logits(self, h):
+        head = self.packed_head
+        if head is not None and decode_layer_applies(h, (head.weight,)):  # CPU inference: the packed GEMM
+            return packed_linear(h.reshape(-1, h.shape[-1]), head).view(*h.shape[:-1], head.n)
         return linear(h, self.head_weight)
 
     @torch.no_grad()

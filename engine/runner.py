@@ -63,7 +63,7 @@ class ModelRunner:
             self.kv = torch.zeros(shape, device=self.device, dtype=self.dtype)
         else:  # CPU steps stream the cache and the weights from DRAM: huge pages spare the TLB
             self.kv = hugepages.zeros(shape, self.dtype)
-            hugepages.adopt([*model.parameters(), *model.buffers(), *model.pack_for_decode()])
+            hugepages.adopt([*model.parameters(), *model.buffers(), *model.pack_for_cpu()])
         self.kv_caches = [(self.kv[0, i], self.kv[1, i]) for i in range(cfg.n_layer)]
         self.graphs: dict[int, tuple] = {}
         if enforce_eager is None:

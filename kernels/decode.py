@@ -22,12 +22,41 @@ GEMMS = (2, 4, 8, 10)  # the weights of qkv, proj, fc and fc2 among a layer's 12
 
 
 def decode_layer_applies(x: torch.Tensor, weights) -> bool:
-    """Whether decode_layer serves x: CPU float32 inference, contiguous weights, kernels._C built,
-    and not under TRITON_INTERPRET=1 (there the per-op path runs the Triton kernels, as tests want)."""
+    """Whether the CPU inference kernels here (decode_layer, packed_linear, swiglu) serve x and
+    weights: CPU float32 inference, contiguous weights, kernels._C built, and not under
+    TRITON_INTERPRET=1 (there the per-op path runs the Triton kernels, as tests want)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
             and not C.use_triton(x)
             and not torch.compiler.is_compiling() and ext() is not None
             and all(w is None or (w.dtype == torch.float32 and w.is_contiguous()) for w in weights))
+
+
+class PackedLinear(NamedTuple):
+    """A weight (N, K) rearranged for the CPU kernel by pack_linear; n = N."""
+    weight: torch.Tensor
+    n: int
+
+
+def pack_linear(weight: torch.Tensor) -> PackedLinear | None:
+    """A copy of weight (N, K) in the CPU decode GEMM's layout (a snapshot), or None where that
+    kernel cannot run it (not CPU float32, or no kernels._C)."""
+    C.tensor("weight", weight, 2)
+    if ext() is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    with torch.no_grad():
+        return PackedLinear(ext().linear_pack(weight), weight.shape[0])
+
+
+def packed_linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None, activation=None):
+    """kernels.linear(x, weight, bias, activation) for CPU float32 inference on pack_linear(weight):
+    x (M, K) -> (M, N)."""
+    if not isinstance(w, PackedLinear):
+        raise TypeError(f"w must be a PackedLinear from pack_linear, got {type(w).__name__}")
+    if activation not in _ACT_IDS:
+        raise ValueError(f"activation must be one of {list(_ACT_IDS)}, got {activation!r}")
+    if x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32:
+        raise ValueError(f"x must be a 2-D CPU float32 tensor, got {tuple(x.shape)} {x.dtype} on {x.device}")
+    return ext().linear_packed(x.contiguous(), w.weight, bias, w.n, _ACT_IDS[activation])
 
 
 class PackedLayer(NamedTuple):
@@ -39,17 +68,29 @@ class PackedLayer(NamedTuple):
 
 def pack_layer(weights) -> PackedLayer | None:
     """weights: norm1 w, b | qkv w, b | proj w, b | norm2 w, b | fc w, b | fc2 w, b (biases may be
-    None) -> the PackedLayer decode_layer runs, or None where it cannot (not CPU float32, or no
-    kernels._C). The GEMM weights are copied: a snapshot, to pack again after changing them."""
+    None; a GEMM weight may be given already packed, as a PackedLinear) -> the PackedLayer
+    decode_layer runs, or None where it cannot (not CPU float32, or no kernels._C). The GEMM
+    weights are copied: a snapshot, to pack again after changing them."""
     if len(weights) != 12:
         raise ValueError(f"weights must hold the layer's 12 tensors, got {len(weights)}")
-    if ext() is None or any(w is not None and (w.device.type != "cpu" or w.dtype != torch.float32) for w in weights):
-        return None
     t = list(weights)
-    with torch.no_grad():
-        for i in GEMMS:
-            t[i] = ext().linear_pack(weights[i])
-    return PackedLayer(tuple(t), tuple(weights[i].shape[0] for i in GEMMS))
+    for i in GEMMS:
+        t[i] = t[i] if isinstance(t[i], PackedLinear) else pack_linear(t[i])
+        if t[i] is None:
+            return None
+    if any(w is not None and i not in GEMMS and (w.device.type != "cpu" or w.dtype != torch.float32)
+           for i, w in enumerate(t)):
+        return None
+    return PackedLayer(tuple(w.weight if i in GEMMS else w for i, w in enumerate(t)), tuple(t[i].n for i in GEMMS))
+
+
+def swiglu(f: torch.Tensor) -> torch.Tensor:
+    """f (..., 2 ff) = [gate | up] -> silu(gate) * up (..., ff) in one pass: CPU float32."""
+    if f.device.type != "cpu" or f.dtype != torch.float32 or f.dim() == 0 or f.shape[-1] % 2:
+        raise ValueError(f"swiglu takes a CPU float32 tensor of even width, got {tuple(f.shape)} {f.dtype} on "
+                         f"{f.device}")
+    y = ext().swiglu(f.reshape(-1, f.shape[-1]).contiguous())
+    return y.view(*f.shape[:-1], f.shape[-1] // 2)
 
 
 def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,

@@ -11,7 +11,7 @@ import engine.model as M
 from engine.config import resolve_config
 from kernels import reference as R
 from kernels._ext import ext
-from kernels.decode import PackedLayer, decode_layer, decode_layer_applies, pack_layer
+from kernels.decode import PackedLayer, decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, swiglu
 
 BS = 16
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")  # conftest's TRITON_INTERPRET=1 routes decode to Triton
@@ -168,7 +168,7 @@ def test_engine_decode_step_same_with_and_without(preset, monkeypatch):
                       max_seqlen_k=max(lens), decode=True)
     ids, pos = torch.randint(0, cfg.vocab_size, (len(lens),), generator=g), seq_lens.long() - 1
     caches = [(kc.clone(), vc.clone()) for kc, vc, *_ in kv]
-    assert model.pack_for_decode() and all(layer.packed is not None for layer in model.layers)
+    assert model.pack_for_cpu() and all(layer.packed is not None for layer in model.layers)
     calls = []
     monkeypatch.setattr(M, "decode_layer", lambda *a, **k: calls.append(1) or decode_layer(*a, **k))
     fused = model.step(ids, pos, caches, meta)
@@ -180,3 +180,47 @@ def test_engine_decode_step_same_with_and_without(preset, monkeypatch):
     for (a, b), (c, d) in zip(caches, plain_caches):  # llama's RoPE loop may round differently (FMA)
         torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(b, d, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_linear():
+    g = torch.Generator().manual_seed(3)
+    w, b, x = torch.randn(37, 20, generator=g), torch.randn(37, generator=g), torch.randn(6, 20, generator=g)
+    p = pack_linear(w)
+    torch.testing.assert_close(packed_linear(x, p, b, "gelu"), R.linear(x, w, b, "gelu"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_linear(x, p), R.linear(x, w), atol=1e-5, rtol=1e-5)
+    assert pack_linear(w.double()) is None
+    with pytest.raises(TypeError, match="pack_linear"):
+        packed_linear(x, w)
+    with pytest.raises(ValueError, match="activation"):
+        packed_linear(x, p, activation="tanh")
+    with pytest.raises(ValueError, match="2-D CPU float32"):
+        packed_linear(x[None], p)
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_model_packed_matches_unpacked(preset, monkeypatch):
+    """After pack_for_cpu, inference runs every GEMM packed (and llama's SwiGLU in one pass)."""
+    torch.manual_seed(0)
+    model = M.GPT(resolve_config(preset)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 21))
+    h = torch.randn(5, model.config.d_model)
+    with torch.no_grad():
+        ref, ref_h = model(ids), model.logits(h)
+        assert len(model.pack_for_cpu()) == 4 * model.config.n_layer + 1
+        calls = []
+        monkeypatch.setattr(M, "packed_linear", lambda *a, **k: calls.append(1) or packed_linear(*a, **k))
+        torch.testing.assert_close(model(ids), ref, atol=1e-5, rtol=1e-5)
+        assert len(calls) == 4 * model.config.n_layer + 1
+        torch.testing.assert_close(model.logits(h), ref_h, atol=1e-5, rtol=1e-5)
+    assert model.logits(h).requires_grad  # with grad on, the differentiable path
+    assert model(ids).requires_grad
+
+
+def test_swiglu():
+    f = torch.randn(3, 5, 18)
+    gate, up = f.chunk(2, dim=-1)
+    torch.testing.assert_close(swiglu(f), torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="even width"):
+        swiglu(f[..., :-1])
+    with pytest.raises(ValueError, match="float32"):
+        swiglu(f.double())
