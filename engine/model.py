@@ -59,7 +59,7 @@ class Linear(nn.Module):
     def forward(self, x):
         p = self.packed
         if p is not None and decode_layer_applies(x, (p.weight,)):  # CPU inference: the packed GEMM
-            return packed_linear(x.reshape(-1, x.shape[-1]), p, self.bias, self.activation).view(*x.shape[:-1], p.n)
+            return packed_linear(x, p, self.bias, self.activation)
         return linear(x, self.weight, self.bias, self.activation)
 
 
@@ -197,8 +197,9 @@ class GPT(nn.Module):
     def pack_for_cpu(self) -> list[torch.Tensor]:
         """Copies every GEMM weight (the head's too) into the CPU inference GEMM's layout
         (kernels.decode.pack_linear): CPU float32 inference then runs them on the packed kernel and
-        a decode step's layer in one kernels._C call. Elsewhere (not CPU float32) a no-op. A
-        snapshot: pack again after changing the weights. Returns the packed tensors."""
+        a decode step's layer in one kernels._C call. Elsewhere (not CPU float32) a no-op. The copies
+        double the GEMM weights' memory, and are a snapshot: pack again after changing the weights.
+        Returns the packed tensors."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         for m in linears:
             m.packed = pack_linear(m.weight.detach())
@@ -240,7 +241,7 @@ class GPT(nn.Module):
     def logits(self, h):
         head = self.packed_head
         if head is not None and decode_layer_applies(h, (head.weight,)):  # CPU inference: the packed GEMM
-            return packed_linear(h.reshape(-1, h.shape[-1]), head).view(*h.shape[:-1], head.n)
+            return packed_linear(h, head)
         return linear(h, self.head_weight)
 
     @torch.no_grad()

@@ -59,11 +59,11 @@ class ModelRunner:
         self.num_blocks = self._num_blocks(num_kv_blocks, kv_cache_tokens, gpu_memory_utilization)
         # one allocation: (2, n_layer, blocks, block_size, hkv, d); zeros so padded graph rows read finite values
         shape = (2, cfg.n_layer, self.num_blocks, block_size, cfg.n_kv_head, cfg.head_dim)
-        if self.cuda:
-            self.kv = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        else:  # CPU steps stream the cache and the weights from DRAM: huge pages spare the TLB
+        if self.device.type == "cpu":  # CPU steps stream the cache and the weights from DRAM: huge pages spare the TLB
             self.kv = hugepages.zeros(shape, self.dtype)
             hugepages.adopt([*model.parameters(), *model.buffers(), *model.pack_for_cpu()])
+        else:
+            self.kv = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.kv_caches = [(self.kv[0, i], self.kv[1, i]) for i in range(cfg.n_layer)]
         self.graphs: dict[int, tuple] = {}
         if enforce_eager is None:

@@ -49,14 +49,15 @@ def pack_linear(weight: torch.Tensor) -> PackedLinear | None:
 
 def packed_linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None, activation=None):
     """kernels.linear(x, weight, bias, activation) for CPU float32 inference on pack_linear(weight):
-    x (M, K) -> (M, N)."""
+    x (..., K) -> (..., N)."""
     if not isinstance(w, PackedLinear):
         raise TypeError(f"w must be a PackedLinear from pack_linear, got {type(w).__name__}")
     if activation not in _ACT_IDS:
         raise ValueError(f"activation must be one of {list(_ACT_IDS)}, got {activation!r}")
-    if x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32:
-        raise ValueError(f"x must be a 2-D CPU float32 tensor, got {tuple(x.shape)} {x.dtype} on {x.device}")
-    return ext().linear_packed(x.contiguous(), w.weight, bias, w.n, _ACT_IDS[activation])
+    if x.dim() == 0 or x.device.type != "cpu" or x.dtype != torch.float32:
+        raise ValueError(f"x must be a CPU float32 tensor (..., K), got {tuple(x.shape)} {x.dtype} on {x.device}")
+    y = ext().linear_packed(x.reshape(-1, x.shape[-1]).contiguous(), w.weight, bias, w.n, _ACT_IDS[activation])
+    return y.view(*x.shape[:-1], w.n)
 
 
 class PackedLayer(NamedTuple):

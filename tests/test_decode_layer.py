@@ -193,8 +193,10 @@ def test_packed_linear():
         packed_linear(x, w)
     with pytest.raises(ValueError, match="activation"):
         packed_linear(x, p, activation="tanh")
-    with pytest.raises(ValueError, match="2-D CPU float32"):
-        packed_linear(x[None], p)
+    torch.testing.assert_close(packed_linear(x[None, :, None], p), R.linear(x, w)[None, :, None], atol=1e-5,
+                               rtol=1e-5)  # leading dims kept
+    with pytest.raises(ValueError, match="CPU float32"):
+        packed_linear(x.double(), p)
 
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
