@@ -106,6 +106,10 @@ ENGINE_DEFAULTS = dict(max_num_seqs=256, max_num_batched_tokens=None, max_model_
 
 
 class LLM:
+    """Offline engine over model (an HF-format directory or a GPT module). On CPU it packs the
+    model's GEMM weights once at start (GPT.pack_for_cpu): later changes to a given module's
+    weights do not reach it."""
+
     def __init__(self, model, device=None, dtype=None, tokenizer=None, **engine_args):
         unknown = set(engine_args) - set(ENGINE_DEFAULTS)
         if unknown:

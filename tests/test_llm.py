@@ -53,6 +53,8 @@ def tokens(outs):
 def test_greedy_batch_matches_transformers(models, kind):
     d, hf = models[kind]
     llm = LLM(str(d), device="cpu")
+    model = llm.runner.model
+    assert model.packed_head is not None and all(layer.packed is not None for layer in model.layers)  # packed GEMMs
     prompts = prompts_of([1, 7, 16, 17, 45, 90])
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for p, o in zip(prompts, outs):
