@@ -10,6 +10,7 @@ The two engines' timed runs alternate, and each one's best counts.
 from __future__ import annotations
 
 import json
+import os
 import random
 import tempfile
 import time
@@ -142,7 +143,7 @@ def run_bench(model: str, num_prompts=32, input_len=(8, 128), output_len=(64, 64
         n_in, n_out = sum(map(len, prompts)), sum(outs)
         res = dict(model=model, device=str(device), dtype=str(dtype).replace("torch.", ""), num_prompts=num_prompts,
                    input_len=list(input_len), output_len=list(output_len), prompt_tokens=n_in, output_tokens=n_out,
-                   repeat=repeat)
+                   repeat=repeat, thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"))  # both engines run under it
         ours, llm = prepare_ours(path, prompts, outs, device, dtype, max_num_seqs, enforce_eager)
         fns = {"ours": ours}
         if hf:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -18,6 +19,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # torch's CPU allocator puts large tensors on transparent huge pages only when this is set
+    # before its first large allocation: the engine's own processes opt in (a user's setting
+    # wins), so activations get them too, and in `bench` so does the HF baseline. gpt2-tiny on a
+    # 2-core CPU: ours 0.42 -> 0.37 s, HF 1.3-1.5 -> 1.2 s.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = argparse.ArgumentParser(prog="gpt-engine", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     # only the chosen subcommand's module is imported: `gpt-engine generate` needs no server deps
