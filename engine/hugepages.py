@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import mmap
-
 from typing import Iterable
 
 import torch
