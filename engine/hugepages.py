@@ -21,7 +21,10 @@ _ADVICE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 def zeros(shape, dtype: torch.dtype) -> torch.Tensor:
     """A zeroed contiguous CPU tensor, on huge pages where the OS offers them. Its memory is an
-    anonymous mapping that lives as long as the tensor (or any view of it)."""
+    anonymous mapping that lives as long as the tensor (or any view of it), backed from the
+    start: left to fault in on first write, the KV cache's untouched blocks cost a prefill
+    3-6 ms a layer for a gpt2-tiny batch (0.3 ms once backed), and the block manager hands out
+    fresh blocks for many steps before it reuses any."""
     nbytes = math.prod(shape) * dtype.itemsize
     if _ADVICE is None or nbytes < HUGE:
         return torch.zeros(shape, dtype=dtype)
@@ -34,7 +37,9 @@ def zeros(shape, dtype: torch.dtype) -> torch.Tensor:
         pass
     raw = torch.frombuffer(buf, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE  # only 2 MB-aligned ranges can be huge pages
-    return raw[start:start + nbytes].view(dtype).view(shape)
+    out = raw[start:start + nbytes]
+    out[::4096].zero_()  # a write per 4 KB page backs it (a whole huge page at its first)
+    return out.view(dtype).view(shape)
 
 
 def adopt(tensors: Iterable[torch.Tensor]) -> None:

@@ -54,6 +54,14 @@ def test_zeros_is_huge_page_eligible():
     assert fields["THPeligible"] == "1"
 
 
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no madvise here: plain torch.zeros")
+def test_zeros_is_backed_before_first_write():
+    # left to fault in, the KV cache's fresh blocks slowed the first steps that wrote them ~10x
+    t = hugepages.zeros((16 << 20,), torch.uint8)
+    rss_kb = int(_mapping_fields(t.data_ptr())["Rss"].split()[0])
+    assert rss_kb * 1024 >= t.numel()
+
+
 def test_adopt_keeps_values_parameters_and_ties():
     torch.manual_seed(0)
     model = GPT(resolve_config("gpt2-tiny")).eval()
