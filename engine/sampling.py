@@ -157,7 +157,7 @@ class Sampler:
             logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
         greedy = [p.greedy for p in params]
         if all(greedy):
-            tokens = logits.argmax(-1)
+            tokens = _argmax(logits)
         else:
             temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev)
             x = logits / temp[:, None]
@@ -174,14 +174,23 @@ class Sampler:
             for i, g in enumerate(generators or ()):
                 if g is not None:  # a seeded request: its own stream, whatever else is in the batch
                     q[i].exponential_(generator=g)
-            sampled = (probs / q).argmax(-1)
+            sampled = _argmax(probs / q)
             tokens = sampled
             if any(greedy):
-                tokens = torch.where(torch.tensor(greedy, device=dev), logits.argmax(-1), sampled)
+                tokens = torch.where(torch.tensor(greedy, device=dev), _argmax(logits), sampled)
         tok_list = tokens.tolist()
         if not want_lp:
             return tok_list, None
         return tok_list, _logprobs(raw_lp, tokens, params)
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """x (B, V) -> (B,) int64, the first maximum per row. On CPU through numpy: torch's CPU
+    argmax over the last dim took 165 us for (32, 4096) fp32, numpy's 15 us (a greedy decode
+    step's whole sampler); both take the first of equal maxima and treat NaN as the maximum."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(x.contiguous().numpy().argmax(-1))
+    return x.argmax(-1)
 
 
 def _logprobs(raw_lp, tokens, params):

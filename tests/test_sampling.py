@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from engine.sampling import SamplingParams, Sampler, apply_min_p, apply_penalties, apply_top_k_top_p
+from engine.sampling import SamplingParams, Sampler, _argmax, apply_min_p, apply_penalties, apply_top_k_top_p
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),
@@ -63,6 +63,17 @@ def test_greedy_rows_ignore_the_rest_of_the_batch():
     assert toks[0] == logits[0].argmax() and toks[2] == logits[2].argmax()
     toks2, _ = s(logits, [SamplingParams(temperature=0)] * 4)
     assert toks2 == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_argmax_matches_torch_on_ties_nan_and_inf(dtype):
+    nan, inf = float("nan"), float("inf")
+    rows = [[1, 3, 3, 0], [nan, 1, nan, 2], [-inf] * 4, [0, inf, inf, 5], [2, 2, 2, 2]]
+    x = torch.tensor(rows, dtype=dtype)
+    x = torch.cat([x, torch.randn(7, 4, dtype=dtype)])
+    assert _argmax(x).dtype == torch.long
+    assert _argmax(x).tolist() == x.argmax(-1).tolist()
+    assert _argmax(x.t().contiguous().t()).tolist() == x.argmax(-1).tolist()  # non-contiguous rows
 
 
 def test_seeded_rows_reproduce_whatever_the_batch():
