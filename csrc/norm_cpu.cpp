@@ -1,6 +1,8 @@
 // LayerNorm / RMSNorm forward and backward on CPU, with the fused residual add.
 // Rows are independent: at::parallel_for over rows, each row staged once in an fp32 buffer
 // so the inner loops are plain float loops the compiler vectorises. Statistics in fp32.
+// The row loops have an AVX2+FMA copy picked at run time (simd_cpu.h): built for plain x86-64
+// they ran at SSE width.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -9,11 +11,12 @@
 #include <vector>
 
 #include "checks.h"
+#include "simd_cpu.h"
 
 namespace {
 
 // 8 independent partial sums: vectorisable without -ffast-math and more accurate than one.
-inline float sum8(const float* a, int64_t n) {
+HOT float sum8(const float* a, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -22,7 +25,7 @@ inline float sum8(const float* a, int64_t n) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
-inline float dot8(const float* a, const float* b, int64_t n) {
+HOT float dot8(const float* a, const float* b, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
@@ -32,75 +35,117 @@ inline float dot8(const float* a, const float* b, int64_t n) {
 }
 
 template <typename T>
-void to_float(const T* src, float* dst, int64_t n) {
+HOT void to_float(const T* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
+
+// rows [r0, r1): y = norm(x (+ res)), h = x + res when res is given; buf, tmp: n floats each
+template <typename T>
+HOT void fwd_rows(const T* x, const T* res, const float* wf, const float* bf, T* y, T* h, float* mean, float* rstd,
+                  int64_t r0, int64_t r1, int64_t n, float eps, bool rms, float* buf, float* tmp) {
+  for (int64_t r = r0; r < r1; ++r) {
+    to_float(x + r * n, buf, n);
+    if (res) {
+      const T* rr = res + r * n;
+      // statistics of h as stored (rounded): the backward recomputes xhat from that h
+      for (int64_t i = 0; i < n; ++i) h[r * n + i] = static_cast<T>(buf[i] + static_cast<float>(rr[i]));
+      to_float(h + r * n, buf, n);
+    }
+    float mu = 0.f;
+    if (!rms) {
+      mu = sum8(buf, n) / n;
+      for (int64_t i = 0; i < n; ++i) buf[i] -= mu;  // centred: two-pass variance, no cancellation
+    }
+    const float rs = 1.0f / std::sqrt(dot8(buf, buf, n) / n + eps);
+    for (int64_t i = 0; i < n; ++i) tmp[i] = buf[i] * rs * wf[i] + bf[i];
+    T* yr = y + r * n;
+    for (int64_t i = 0; i < n; ++i) yr[i] = static_cast<T>(tmp[i]);
+    mean[r] = mu;
+    rstd[r] = rs;
+  }
+}
+
+#define FWD_ARGS                                                                                                 \
+  const T *x, const T *res, const float *wf, const float *bf, T *y, T *h, float *mean, float *rstd, int64_t r0, \
+      int64_t r1, int64_t n, float eps, bool rms, float *buf, float *tmp
+#define FWD_CALL fwd_rows(x, res, wf, bf, y, h, mean, rstd, r0, r1, n, eps, rms, buf, tmp)
+template <typename T>
+void fwd_generic(FWD_ARGS) { FWD_CALL; }
+#ifdef HAVE_AVX2_CLONES
+template <typename T>
+AVX2 void fwd_avx2(FWD_ARGS) { FWD_CALL; }
+#endif
 
 template <typename T>
 void norm_fwd_kernel(const T* x, const T* res, const T* w, const T* b, T* y, T* h, float* mean, float* rstd,
                      int64_t rows, int64_t n, float eps, bool rms) {
+  auto fn = fwd_generic<T>;
+#ifdef HAVE_AVX2_CLONES
+  if (cpu_has_avx2()) fn = fwd_avx2<T>;
+#endif
   std::vector<float> wf(n), bf(n, 0.f);
   to_float(w, wf.data(), n);
   if (b) to_float(b, bf.data(), n);
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / n), [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(n), tmp(n);
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * n;
-      to_float(xr, buf.data(), n);
-      if (res) {
-        const T* rr = res + r * n;
-        // statistics of h as stored (rounded): the backward recomputes xhat from that h
-        for (int64_t i = 0; i < n; ++i) h[r * n + i] = static_cast<T>(buf[i] + static_cast<float>(rr[i]));
-        to_float(h + r * n, buf.data(), n);
-      }
-      float mu = 0.f;
-      if (!rms) {
-        mu = sum8(buf.data(), n) / n;
-        for (int64_t i = 0; i < n; ++i) buf[i] -= mu;  // centred: two-pass variance, no cancellation
-      }
-      const float rs = 1.0f / std::sqrt(dot8(buf.data(), buf.data(), n) / n + eps);
-      for (int64_t i = 0; i < n; ++i) tmp[i] = buf[i] * rs * wf[i] + bf[i];
-      T* yr = y + r * n;
-      for (int64_t i = 0; i < n; ++i) yr[i] = static_cast<T>(tmp[i]);
-      mean[r] = mu;
-      rstd[r] = rs;
-    }
+    fn(x, res, wf.data(), bf.data(), y, h, mean, rstd, r0, r1, n, eps, rms, buf.data(), tmp.data());
   });
 }
+
+// rows [r0, r1) of dx; their dw, db terms added into accw, accb; xh, g, gw: n floats each
+template <typename T>
+HOT void bwd_rows(const T* dy, const T* hin, const T* dh, const float* wf, const float* mean, const float* rstd, T* dx,
+                  float* accw, float* accb, int64_t r0, int64_t r1, int64_t n, bool rms, float* xh, float* g,
+                  float* gw) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float mu = rms ? 0.f : mean[r], rs = rstd[r];
+    to_float(hin + r * n, xh, n);
+    to_float(dy + r * n, g, n);
+    for (int64_t i = 0; i < n; ++i) xh[i] = (xh[i] - mu) * rs;
+    for (int64_t i = 0; i < n; ++i) gw[i] = g[i] * wf[i];
+    const float m1 = rms ? 0.f : sum8(gw, n) / n;
+    const float m2 = dot8(gw, xh, n) / n;
+    for (int64_t i = 0; i < n; ++i) gw[i] = rs * (gw[i] - m1 - xh[i] * m2);
+    if (dh) {
+      const T* dhr = dh + r * n;
+      for (int64_t i = 0; i < n; ++i) gw[i] += static_cast<float>(dhr[i]);
+    }
+    T* dxr = dx + r * n;
+    for (int64_t i = 0; i < n; ++i) dxr[i] = static_cast<T>(gw[i]);
+    for (int64_t i = 0; i < n; ++i) accw[i] += g[i] * xh[i];
+    for (int64_t i = 0; i < n; ++i) accb[i] += g[i];
+  }
+}
+
+#define BWD_ARGS                                                                                                \
+  const T *dy, const T *hin, const T *dh, const float *wf, const float *mean, const float *rstd, T *dx,         \
+      float *accw, float *accb, int64_t r0, int64_t r1, int64_t n, bool rms, float *xh, float *g, float *gw
+#define BWD_CALL bwd_rows(dy, hin, dh, wf, mean, rstd, dx, accw, accb, r0, r1, n, rms, xh, g, gw)
+template <typename T>
+void bwd_generic(BWD_ARGS) { BWD_CALL; }
+#ifdef HAVE_AVX2_CLONES
+template <typename T>
+AVX2 void bwd_avx2(BWD_ARGS) { BWD_CALL; }
+#endif
 
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w  (RMS: no mean(g) term)
 // dw, db: per-chunk fp32 partials summed afterwards (deterministic for a given thread count).
 template <typename T>
 void norm_bwd_kernel(const T* dy, const T* hin, const T* dh, const T* w, const float* mean, const float* rstd,
                      T* dx, T* dw, T* db, int64_t rows, int64_t n, bool rms) {
+  auto fn = bwd_generic<T>;
+#ifdef HAVE_AVX2_CLONES
+  if (cpu_has_avx2()) fn = bwd_avx2<T>;
+#endif
   std::vector<float> wf(n);
   to_float(w, wf.data(), n);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
   std::vector<float> pw(chunks * n, 0.f), pb(chunks * n, 0.f);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> xh(n), g(n), gw(n);
-    for (int64_t c = c0; c < c1; ++c) {
-      float* accw = pw.data() + c * n;
-      float* accb = pb.data() + c * n;
-      for (int64_t r = c * rows / chunks; r < (c + 1) * rows / chunks; ++r) {
-        const float mu = rms ? 0.f : mean[r], rs = rstd[r];
-        to_float(hin + r * n, xh.data(), n);
-        to_float(dy + r * n, g.data(), n);
-        for (int64_t i = 0; i < n; ++i) xh[i] = (xh[i] - mu) * rs;
-        for (int64_t i = 0; i < n; ++i) gw[i] = g[i] * wf[i];
-        const float m1 = rms ? 0.f : sum8(gw.data(), n) / n;
-        const float m2 = dot8(gw.data(), xh.data(), n) / n;
-        for (int64_t i = 0; i < n; ++i) gw[i] = rs * (gw[i] - m1 - xh[i] * m2);
-        if (dh) {
-          const T* dhr = dh + r * n;
-          for (int64_t i = 0; i < n; ++i) gw[i] += static_cast<float>(dhr[i]);
-        }
-        T* dxr = dx + r * n;
-        for (int64_t i = 0; i < n; ++i) dxr[i] = static_cast<T>(gw[i]);
-        for (int64_t i = 0; i < n; ++i) accw[i] += g[i] * xh[i];
-        for (int64_t i = 0; i < n; ++i) accb[i] += g[i];
-      }
-    }
+    for (int64_t c = c0; c < c1; ++c)
+      fn(dy, hin, dh, wf.data(), mean, rstd, dx, pw.data() + c * n, pb.data() + c * n, c * rows / chunks,
+         (c + 1) * rows / chunks, n, rms, xh.data(), g.data(), gw.data());
   });
   at::parallel_for(0, n, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
