@@ -1,7 +1,8 @@
 """Flash attention: dense and varlen (optionally over a paged KV cache).
 
 Public functions validate their arguments, then dispatch: Triton kernels on CUDA (and on
-CPU under TRITON_INTERPRET=1), torch SDPA on plain CPU.
+CPU under TRITON_INTERPRET=1); on plain CPU, float32 varlen inference runs kernels._C
+(csrc/varlen_cpu.cpp) and the rest torch SDPA.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from ._ext import ext
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 
@@ -26,6 +28,15 @@ def _check_heads(q, k, v, qname="q"):
         raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hkv})")
     if d not in HEAD_DIMS:
         raise ValueError(f"head dim {d} not supported; use one of {HEAD_DIMS}")
+
+
+def _cpu_varlen_kernel(q, k, v) -> bool:
+    """csrc/varlen_cpu.cpp: CPU float32 inference (it has no backward) on rows that are dense, as
+    split from a fused projection; elsewhere torch SDPA per sequence."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] % 16 == 0
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (q, k, v))
+            and not torch.compiler.is_compiling() and ext() is not None)
 
 
 def _scale(softmax_scale, d):
@@ -91,6 +102,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         from .triton_attention import flash_attn_varlen_func
         return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                       causal, scale, block_table)
+    if block_table is None and _cpu_varlen_kernel(q, k, v):
+        return ext().varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
     from .reference import gather_paged
     out = torch.empty_like(q)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()

@@ -222,6 +222,70 @@ def test_errors():
         kernels.flash_attention_varlen(p, cache, cache, cu, cu, 5, 5, block_table=torch.zeros(2, 1, dtype=torch.int32))
 
 
+# ---- CPU float32 inference: the C++ varlen kernel (csrc/varlen_cpu.cpp) ----
+
+def _ext_or_skip():
+    from kernels._ext import ext
+    if ext() is None:
+        pytest.skip("kernels._C is not built")
+    return ext()
+
+
+@pytest.mark.parametrize("h,hkv,d", [(4, 4, 64), (8, 2, 32), (6, 3, 80), (2, 1, 96), (3, 1, 128)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_cpu_kernel(h, hkv, d, causal, monkeypatch):
+    # lengths off every tile size (4 query rows, 16 keys), an empty sequence, Sk > Sq (bottom-right
+    # causal) and Sq > Sk (causal rows that see no key are 0), on rows strided as split from a
+    # fused projection
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ext = _ext_or_skip()
+    torch.manual_seed(3)
+    lq, lk = [1, 5, 0, 17, 40, 33, 3], [1, 9, 0, 17, 40, 50, 2]
+    qkv = torch.randn(sum(lq), h + 2 * hkv, d)
+    kv = torch.randn(sum(lk), 2 * hkv, d)
+    q, k, v = qkv[:, :h], kv[:, :hkv], kv[:, hkv:]
+    cq, ck = _cu(lq), _cu(lk)
+    with torch.no_grad():
+        got = kernels.flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal, softmax_scale=0.3)
+    ref = R.flash_attention_varlen(q.double(), k.double(), v.double(), cq, ck, max(lq), max(lk), causal, 0.3)
+    torch.testing.assert_close(got, ref.float(), atol=2e-5, rtol=2e-5)
+    direct = ext.varlen_attention(q, k, v, cq, ck, causal, 0.3)
+    torch.testing.assert_close(direct, got, atol=0, rtol=0)  # flash_attention_varlen took the kernel
+
+
+def test_varlen_cpu_kernel_only_for_inference(monkeypatch):
+    # the kernel has no backward: with grad, flash_attention_varlen keeps the differentiable SDPA path
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _ext_or_skip()
+    from kernels.attention import _cpu_varlen_kernel
+    q = torch.randn(10, 2, 64)
+    assert _cpu_varlen_kernel(q, q, q)
+    assert not _cpu_varlen_kernel(q.requires_grad_(), q, q)
+    with torch.no_grad():
+        assert _cpu_varlen_kernel(q, q, q)
+    assert not _cpu_varlen_kernel(q.detach().double(), q, q)
+    assert not _cpu_varlen_kernel(q.detach().transpose(0, 1).contiguous().transpose(0, 1), q, q)  # rows not dense
+
+
+def test_varlen_cpu_kernel_errors():
+    ext = _ext_or_skip()
+    q = torch.randn(6, 2, 64)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="offsets"):
+        ext.varlen_attention(q, q, q, torch.tensor([0, 7], dtype=torch.int32), cu, True, 1.0)
+    with pytest.raises(ValueError, match="offsets"):
+        ext.varlen_attention(q, q, q, cu, torch.tensor([4, 0], dtype=torch.int32), True, 1.0)
+    with pytest.raises(ValueError, match="int32"):
+        ext.varlen_attention(q, q, q, cu.long(), cu, True, 1.0)
+    with pytest.raises(TypeError, match="float32"):
+        ext.varlen_attention(q.half(), q.half(), q.half(), cu, cu, True, 1.0)
+    with pytest.raises(ValueError, match="multiple"):
+        ext.varlen_attention(q, torch.randn(6, 3, 64), torch.randn(6, 3, 64), cu, cu, True, 1.0)
+    with pytest.raises(RuntimeError, match="contiguous"):  # the bindings' shared row check
+        x = torch.randn(6, 64, 2).transpose(1, 2)
+        ext.varlen_attention(x, x, x, cu, cu, True, 1.0)
+
+
 # ---- GPU: realistic sizes, low precision, compile ----
 
 GPU_DENSE = [(2, 1024, 1024, 16, 16, 128, True), (2, 2048, 2048, 16, 4, 64, True),

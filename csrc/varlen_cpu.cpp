@@ -1,0 +1,173 @@
+// Attention over packed variable-length sequences on CPU in fp32: the engine's prefill, every
+// prompt of a step in one call (torch SDPA once per sequence cost ~140 us a call on gpt2-tiny's
+// short prompts, most of it per-call overhead). One work item per (sequence, KV head), longest
+// first: its keys are transposed once into a (D, L) panel shared by the group's query heads, so
+// the scores are the outer-product GEMM form (per d a broadcast of q against two key vectors, no
+// horizontal sums); a tile of MQ query rows then takes an exact two-pass softmax over its scores
+// and P V in the same form. Causal masking is bottom-right aligned, as in kernels.flash_attention.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "checks.h"
+#include "simd_cpu.h"
+
+namespace {
+
+constexpr int MQ = 4;   // query rows per tile
+constexpr int NK = 16;  // keys per score block, two vectors
+
+// s (rows, lds) [0, nk) = q (rows, D) @ kt (D, ldk)[:, 0, nk); nk a multiple of NK
+template <int rows>
+HOT void scores(const float* q, int64_t D, const float* kt, int64_t ldk, int64_t nk, float* s, int64_t lds) {
+  for (int64_t j = 0; j < nk; j += NK) {
+    f8 a[rows][2] = {};
+    const float* kp = kt + j;
+    for (int64_t d = 0; d < D; ++d, kp += ldk) {
+      const f8 k0 = load8(kp), k1 = load8(kp + 8);
+      for (int r = 0; r < rows; ++r) {
+        const float x = q[r * D + d];
+        const f8 qb = {x, x, x, x, x, x, x, x};  // written out: built by a helper, GCC lane-inserts it
+        a[r][0] += qb * k0;
+        a[r][1] += qb * k1;
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      store8(s + r * lds + j, a[r][0]);
+      store8(s + r * lds + j + 8, a[r][1]);
+    }
+  }
+}
+
+// o (rows, D) = p (rows, lds) [0, n) @ v (n rows ldv apart, D); D a multiple of 16
+template <int rows>
+HOT void pv(const float* p, int64_t lds, const float* v, int64_t ldv, int64_t n, int64_t D, float* o) {
+  for (int64_t d = 0; d < D; d += 16) {
+    f8 a[rows][2] = {};
+    const float* vp = v + d;
+    for (int64_t j = 0; j < n; ++j, vp += ldv) {
+      const f8 v0 = load8(vp), v1 = load8(vp + 8);
+      for (int r = 0; r < rows; ++r) {
+        const float x = p[r * lds + j];
+        const f8 pb = {x, x, x, x, x, x, x, x};
+        a[r][0] += pb * v0;
+        a[r][1] += pb * v1;
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      store8(o + r * D + d, a[r][0]);
+      store8(o + r * D + d + 8, a[r][1]);
+    }
+  }
+}
+
+// s[0, n) <- exp(s - max), s[n, end) <- 0; returns the sum of the exponentials
+HOT float softmax_row(float* s, int64_t n, int64_t end) {
+  const float m = *std::max_element(s, s + n);
+  f8 z8 = {};
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const f8 e = exp8(load8(s + t) - m);
+    store8(s + t, e);
+    z8 += e;
+  }
+  float z = hsum(z8);
+  for (; t < n; ++t) z += (s[t] = std::exp(s[t] - m));
+  std::fill(s + n, s + end, 0.f);
+  return z;
+}
+
+template <int rows>
+HOT void tile(const float* q, int64_t D, const float* kt, int64_t ldk, const float* v, int64_t ldv, const int64_t* nkeys,
+              float* s, float* o) {
+  const int64_t n = nkeys[rows - 1];  // the tile's last row sees the most keys
+  const int64_t nk = (n + NK - 1) / NK * NK;
+  scores<rows>(q, D, kt, ldk, nk, s, ldk);
+  float sum[rows];
+  for (int r = 0; r < rows; ++r) sum[r] = nkeys[r] > 0 ? softmax_row(s + r * ldk, nkeys[r], n) : 0.f;
+  pv<rows>(s, ldk, v, ldv, n, D, o);
+  for (int r = 0; r < rows; ++r) {
+    const float inv = sum[r] > 0.f ? 1.f / sum[r] : 0.f;  // a row that sees no key is 0
+    for (int64_t d = 0; d < D; ++d) o[r * D + d] *= inv;
+  }
+}
+
+// One sequence and KV head: k, v at its first key row (ldk_in / ldv floats between rows), q at its
+// first query row (ldq), out likewise (ldo); sq queries, sk keys.
+HOT void seq_head(const float* q, int64_t ldq, const float* k, int64_t ldk_in, const float* v, int64_t ldv, float* out,
+                  int64_t ldo, int64_t sq, int64_t sk, int64_t G, int64_t D, bool causal, float scale, float* kt,
+                  float* s, float* qt, float* ot) {
+  const int64_t ldk = (sk + NK - 1) / NK * NK;
+  for (int64_t j = 0; j < sk; ++j)
+    for (int64_t d = 0; d < D; ++d) kt[d * ldk + j] = k[j * ldk_in + d];
+  for (int64_t d = 0; d < D; ++d) std::fill(kt + d * ldk + sk, kt + (d + 1) * ldk, 0.f);
+  const int64_t diag = sk - sq;
+  for (int64_t h = 0; h < G; ++h)
+    for (int64_t i0 = 0; i0 < sq; i0 += MQ) {
+      const int rows = static_cast<int>(std::min<int64_t>(MQ, sq - i0));
+      int64_t nkeys[MQ];
+      for (int r = 0; r < rows; ++r) {
+        for (int64_t d = 0; d < D; ++d) qt[r * D + d] = q[(i0 + r) * ldq + h * D + d] * scale;
+        nkeys[r] = causal ? std::clamp<int64_t>(i0 + r + diag + 1, 0, sk) : sk;
+      }
+      switch (rows) {
+        case 4: tile<4>(qt, D, kt, ldk, v, ldv, nkeys, s, ot); break;
+        case 3: tile<3>(qt, D, kt, ldk, v, ldv, nkeys, s, ot); break;
+        case 2: tile<2>(qt, D, kt, ldk, v, ldv, nkeys, s, ot); break;
+        default: tile<1>(qt, D, kt, ldk, v, ldv, nkeys, s, ot);
+      }
+      for (int r = 0; r < rows; ++r) std::memcpy(out + (i0 + r) * ldo + h * D, ot + r * D, D * sizeof(float));
+    }
+}
+
+#define SEQ_ARGS                                                                                                     \
+  const float *q, int64_t ldq, const float *k, int64_t ldk_in, const float *v, int64_t ldv, float *out, int64_t ldo, \
+      int64_t sq, int64_t sk, int64_t G, int64_t D, bool causal, float scale, float *kt, float *s, float *qt, float *ot
+#define SEQ_CALL seq_head(q, ldq, k, ldk_in, v, ldv, out, ldo, sq, sk, G, D, causal, scale, kt, s, qt, ot)
+void seq_generic(SEQ_ARGS) { SEQ_CALL; }
+#ifdef HAVE_AVX2_CLONES
+AVX2 void seq_avx2(SEQ_ARGS) { SEQ_CALL; }
+#endif
+
+}  // namespace
+
+// q (Nq, H, D), k and v (Nk, Hkv, D) float32 with dense rows (checked by the binding), cu_q / cu_k
+// (B + 1) int32 offsets, checked against Nq / Nk -> out (Nq, H, D)
+at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                                const at::Tensor& cu_k, bool causal, double scale) {
+  const int64_t H = q.size(1), D = q.size(2), Hkv = k.size(1), G = H / Hkv, B = cu_q.size(0) - 1;
+  auto out = at::empty(q.sizes(), q.options());
+  const int32_t *cq = cu_q.data_ptr<int32_t>(), *ck = cu_k.data_ptr<int32_t>();
+  auto fn = seq_generic;
+#ifdef HAVE_AVX2_CLONES
+  if (cpu_has_avx2()) fn = seq_avx2;
+#endif
+  int64_t max_sk = 0;
+  std::vector<int64_t> order(B * Hkv);
+  for (int64_t b = 0; b < B; ++b) max_sk = std::max<int64_t>(max_sk, ck[b + 1] - ck[b]);
+  for (int64_t i = 0; i < B * Hkv; ++i) order[i] = i;
+  // longest first, handed out one at a time: threads finish together whatever the length mix
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return ck[a / Hkv + 1] - ck[a / Hkv] > ck[b / Hkv + 1] - ck[b / Hkv];
+  });
+  const int64_t ld = (max_sk + NK - 1) / NK * NK;
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(B * Hkv, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    std::vector<float> kt(D * ld), s(MQ * ld), qt(MQ * D), ot(MQ * D);
+    for (int64_t i = next++; i < B * Hkv; i = next++) {
+      const int64_t b = order[i] / Hkv, g = order[i] % Hkv;
+      const int64_t sq = cq[b + 1] - cq[b], sk = ck[b + 1] - ck[b];
+      if (sq == 0) continue;
+      fn(qp + cq[b] * q.stride(0) + g * G * D, q.stride(0), kp + ck[b] * k.stride(0) + g * D, k.stride(0),
+         vp + ck[b] * v.stride(0) + g * D, v.stride(0), op + cq[b] * H * D + g * G * D, H * D, sq, sk, G, D, causal,
+         static_cast<float>(scale), kt.data(), s.data(), qt.data(), ot.data());
+    }
+  });
+  return out;
+}
