@@ -1,5 +1,6 @@
 """CPU attention micro-benchmarks (pytest-benchmark): kernels.flash_attention's CPU path (torch
-SDPA) against the plain reference, forward and forward+backward; kernels.paged_attention's C++
+SDPA) against the plain reference, forward and forward+backward; kernels.flash_attention_varlen's
+C++ prefill (float32 inference) against torch SDPA once per sequence; kernels.paged_attention's C++
 decode against gathering the blocks for torch SDPA.
 
     python -m pytest benchmarks/test_bench_attention.py --benchmark-only
@@ -13,6 +14,7 @@ import torch
 
 import kernels
 from kernels import reference as R
+from kernels.attention import sdpa
 from kernels.paged import _paged_sdpa
 
 # B, S, H, Hkv, D: a small model's prefill, with GQA
@@ -61,3 +63,29 @@ def test_paged_decode(benchmark, op, heads):
     table = torch.randperm(B * width, generator=g).to(torch.int32).view(B, width)
     q = torch.randn(B, h, d, generator=g)
     benchmark(DECODE[op], q, kc, vc, table, lens)
+
+
+# varlen prefill: an engine step's 32 prompts of 8-128 tokens, packed (the bench's workload)
+def _sdpa_per_sequence(q, k, v, cu):
+    out, c = torch.empty_like(q), cu.tolist()
+    for b in range(len(c) - 1):
+        out[c[b]:c[b + 1]] = sdpa(q[None, c[b]:c[b + 1]], k[None, c[b]:c[b + 1]], v[None, c[b]:c[b + 1]], True,
+                                  q.shape[-1] ** -0.5)[0]
+    return out
+
+
+PREFILL = {"kernels": lambda q, k, v, cu: kernels.flash_attention_varlen(q, k, v, cu, cu, 128, 128),  # varlen_cpu.cpp
+           "torch-sdpa-per-sequence": _sdpa_per_sequence}
+
+
+@pytest.mark.parametrize("op", PREFILL)
+@pytest.mark.parametrize("heads", [(4, 4, 64), (8, 2, 32)], ids=lambda h: "H{}-Hkv{}-D{}".format(*h))
+def test_varlen_prefill(benchmark, op, heads):
+    h, hkv, d = heads
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(8, 129, (32,), generator=g)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)])
+    qkv = torch.randn(int(cu[-1]), h + 2 * hkv, d, generator=g)  # rows strided, as from the fused projection
+    q, k, v = qkv.split([h, hkv, hkv], dim=1)
+    with torch.no_grad():
+        benchmark(PREFILL[op], q, k, v, cu)
