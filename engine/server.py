@@ -10,6 +10,7 @@ merged in arrival order, so streams interleave choices like OpenAI's do.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -564,6 +565,10 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     llm = LLM(args.model, device=args.device, dtype=dtype, **engine_args)
     app = build_app(AsyncLLM(llm), api_key=args.api_key, chat_template=load_chat_template(args.model))
+    # this process is the server's: its start-up heap (model, tokenizer, libraries: ~300k objects)
+    # leaves the cyclic collector's scans, as vLLM does after start-up (3.5% of a CPU bench run)
+    gc.collect()
+    gc.freeze()
     # uvicorn turns SIGTERM into a graceful shutdown: stop accepting, let streams end, then lifespan stops the engine
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
     return 0
