@@ -21,7 +21,7 @@ at::Tensor linear_cpu_packed(const at::Tensor& x, const at::Tensor& pw, const Op
 void rope_cpu_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads);
 at::Tensor swiglu_cpu(const at::Tensor& f);
 at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                                const at::Tensor& cu_k, bool causal, double scale);
+                                const at::Tensor& cu_k, bool causal, double scale, const at::Tensor& block_table);
 #ifdef WITH_CUDA
 std::vector<at::Tensor> norm_fwd_cuda(const at::Tensor& x, const OptT& residual, const at::Tensor& w, const OptT& b,
                                       double eps, bool rms);
@@ -276,34 +276,62 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return paged_attention_cpu(q, k_cache, v_cache, table, lens, scale);
 }
 
-// CPU float32 attention over packed variable-length sequences (prefill) -> (Nq, H, D): q (Nq, H, D),
-// k and v (Nk, Hkv, D), rows dense; cu_q, cu_k (B + 1) int32 offsets into q's and k's rows
+// CPU float32 attention over packed variable-length sequences (prefill) -> (Nq, H, D): q (Nq, H, D)
+// with dense rows; cu_q, cu_k (B + 1) int32 offsets. k and v (Nk, Hkv, D) with dense rows, packed
+// like q; or, with block_table (B, max_blocks) int32, contiguous paged caches (blocks, bs, Hkv, D)
+// where sequence b has cu_k[b + 1] - cu_k[b] cached keys.
 at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                            const at::Tensor& cu_k, bool causal, double scale) {
-  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
-    check_rows(*t, name);
+                            const at::Tensor& cu_k, bool causal, double scale, const OptT& block_table) {
+  const bool paged = present(block_table);
+  check_rows(q, "q");
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}})
     TORCH_CHECK_TYPE(t->device().is_cpu() && t->scalar_type() == at::kFloat, "varlen_attention: ", name,
                      " must be a CPU float32 tensor, got ", t->scalar_type(), " on ", t->device());
+  if (paged) {
+    check_cache(k, q, "k_cache");
+    check_cache(v, q, "v_cache");
+  } else {
+    check_rows(k, "k");
+    check_rows(v, "v");
   }
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "varlen_attention: k and v must have the same shape, got ", k.sizes(),
                     " and ", v.sizes());
-  TORCH_CHECK_VALUE(k.size(2) == q.size(2), "varlen_attention: k's head dim ", k.size(2), " != q's ", q.size(2));
-  TORCH_CHECK_VALUE(q.size(2) % 16 == 0, "varlen_attention: the head dim must be a multiple of 16, got ", q.size(2));
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "varlen_attention: q's heads (", q.size(1),
-                    ") must be a multiple of k's (", k.size(1), ")");
+  const int64_t Hkv = k.size(-2), D = q.size(2);
+  TORCH_CHECK_VALUE(k.size(-1) == D, "varlen_attention: k's head dim ", k.size(-1), " != q's ", D);
+  TORCH_CHECK_VALUE(D % 16 == 0, "varlen_attention: the head dim must be a multiple of 16, got ", D);
+  TORCH_CHECK_VALUE(Hkv > 0 && q.size(1) % Hkv == 0, "varlen_attention: q's heads (", q.size(1),
+                    ") must be a multiple of k's (", Hkv, ")");
   for (const auto& [t, name] : {std::pair{&cu_q, "cu_seqlens_q"}, {&cu_k, "cu_seqlens_k"}})
     TORCH_CHECK_VALUE(t->scalar_type() == at::kInt && t->dim() == 1 && t->size(0) >= 1 && t->device().is_cpu() &&
                           t->is_contiguous(),
                       "varlen_attention: ", name, " must be a contiguous int32 (B + 1,) CPU tensor");
   TORCH_CHECK_VALUE(cu_q.size(0) == cu_k.size(0), "varlen_attention: cu_seqlens_q and cu_seqlens_k differ in length");
-  // every row the kernel reads or writes must exist: a bad offset is a ValueError, not a wild access
+  const int64_t B = cu_q.size(0) - 1;
+  at::Tensor table;
+  if (paged) {
+    table = block_table->contiguous();
+    TORCH_CHECK_VALUE(table.scalar_type() == at::kInt && table.dim() == 2 && table.size(0) == B &&
+                          table.device().is_cpu(),
+                      "varlen_attention: block_table must be int32 (B, max_blocks) on the CPU");
+  }
+  // every row the kernel reads or writes must exist: a bad offset or block is a ValueError, not a
+  // wild access
   const int32_t *cq = cu_q.data_ptr<int32_t>(), *ck = cu_k.data_ptr<int32_t>();
-  for (int64_t b = 0; b + 1 < cu_q.size(0); ++b)
+  for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_VALUE(cq[b] >= 0 && cq[b] <= cq[b + 1] && cq[b + 1] <= q.size(0) && ck[b] >= 0 && ck[b] <= ck[b + 1] &&
-                          ck[b + 1] <= k.size(0),
+                          (paged || ck[b + 1] <= k.size(0)),
                       "varlen_attention: sequence ", b, "'s offsets (q ", cq[b], "..", cq[b + 1], ", k ", ck[b], "..",
                       ck[b + 1], ") are not increasing within q's ", q.size(0), " and k's ", k.size(0), " rows");
-  return varlen_attention_cpu(q, k, v, cu_q, cu_k, causal, scale);
+    if (!paged) continue;
+    const int64_t bs = k.size(1), mb = table.size(1), n = ck[b + 1] - ck[b];
+    const int32_t* tb = table.data_ptr<int32_t>() + b * mb;
+    TORCH_CHECK_VALUE(n <= mb * bs, "varlen_attention: sequence ", b, " has ", n, " cached keys, more than its ", mb,
+                      " table entries hold");
+    for (int64_t j = 0; j < (n + bs - 1) / bs; ++j)
+      TORCH_CHECK_VALUE(tb[j] >= 0 && tb[j] < k.size(0), "varlen_attention: block_table[", b, ", ", j, "] = ", tb[j],
+                        " is not a block of the cache (", k.size(0), " blocks)");
+  }
+  return varlen_attention_cpu(q, k, v, cu_q, cu_k, causal, scale, table);
 }
 
 // writes k/v (N, Hkv, D) into the caches at slot_mapping (N,) int64, -1 skips a token; in place
@@ -419,7 +447,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"), py::arg("scale"));
   m.def("varlen_attention", &varlen_attention, "CPU float32 attention over packed variable-length sequences",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("causal"),
-        py::arg("scale"));
+        py::arg("scale"), py::arg("block_table") = py::none());
   m.def("store_kvcache", &store_kvcache, "CPU write of new K/V rows into the paged caches, in place", py::arg("k"),
         py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"));
   m.def("decode_layer", &decode_layer, "one decoder layer of a CPU decode step -> [x, residual]", py::arg("x"),

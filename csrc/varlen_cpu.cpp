@@ -1,5 +1,6 @@
 // Attention over packed variable-length sequences on CPU in fp32: the engine's prefill, every
-// prompt of a step in one call (torch SDPA once per sequence cost ~140 us a call on gpt2-tiny's
+// prompt of a step in one call, its K/V packed beside q or (chunked prefill, prefix-cache hits)
+// read from the paged cache (torch SDPA once per sequence cost ~140 us a call on gpt2-tiny's
 // short prompts, most of it per-call overhead). One work item per (sequence, KV head), longest
 // first: its keys are transposed once into a (D, L) panel shared by the group's query heads, so
 // the scores are the outer-product GEMM form (per d a broadcast of q against two key vectors, no
@@ -96,15 +97,22 @@ HOT void tile(const float* q, int64_t D, const float* kt, int64_t ldk, const flo
   }
 }
 
-// One sequence and KV head: k, v at its first key row (ldk_in / ldv floats between rows), q at its
-// first query row (ldq), out likewise (ldo); sq queries, sk keys.
+// One sequence and KV head. q at its first query row (ldq floats between rows), out likewise (ldo);
+// sq queries, sk keys. Dense K/V (tb null): k, v at the sequence's first key row, ldk_in / ldv
+// floats between rows. Paged (tb: the sequence's block table, bs tokens a block): k, v at the
+// caches' first row of this head, key j in slot tb[j / bs] * bs + j % bs; V is gathered into vbuf.
 HOT void seq_head(const float* q, int64_t ldq, const float* k, int64_t ldk_in, const float* v, int64_t ldv, float* out,
-                  int64_t ldo, int64_t sq, int64_t sk, int64_t G, int64_t D, bool causal, float scale, float* kt,
-                  float* s, float* qt, float* ot) {
+                  int64_t ldo, int64_t sq, int64_t sk, int64_t G, int64_t D, bool causal, float scale,
+                  const int32_t* tb, int64_t bs, float* kt, float* s, float* qt, float* ot, float* vbuf) {
   const int64_t ldk = (sk + NK - 1) / NK * NK;
-  for (int64_t j = 0; j < sk; ++j)
-    for (int64_t d = 0; d < D; ++d) kt[d * ldk + j] = k[j * ldk_in + d];
+  for (int64_t j = 0; j < sk; ++j) {
+    const int64_t slot = tb ? tb[j / bs] * bs + j % bs : j;
+    const float* kr = k + slot * ldk_in;
+    for (int64_t d = 0; d < D; ++d) kt[d * ldk + j] = kr[d];
+    if (tb) std::memcpy(vbuf + j * D, v + slot * ldv, D * sizeof(float));
+  }
   for (int64_t d = 0; d < D; ++d) std::fill(kt + d * ldk + sk, kt + (d + 1) * ldk, 0.f);
+  if (tb) v = vbuf, ldv = D;
   const int64_t diag = sk - sq;
   for (int64_t h = 0; h < G; ++h)
     for (int64_t i0 = 0; i0 < sq; i0 += MQ) {
@@ -126,8 +134,10 @@ HOT void seq_head(const float* q, int64_t ldq, const float* k, int64_t ldk_in, c
 
 #define SEQ_ARGS                                                                                                     \
   const float *q, int64_t ldq, const float *k, int64_t ldk_in, const float *v, int64_t ldv, float *out, int64_t ldo, \
-      int64_t sq, int64_t sk, int64_t G, int64_t D, bool causal, float scale, float *kt, float *s, float *qt, float *ot
-#define SEQ_CALL seq_head(q, ldq, k, ldk_in, v, ldv, out, ldo, sq, sk, G, D, causal, scale, kt, s, qt, ot)
+      int64_t sq, int64_t sk, int64_t G, int64_t D, bool causal, float scale, const int32_t *tb, int64_t bs,         \
+      float *kt, float *s, float *qt, float *ot, float *vbuf
+#define SEQ_CALL \
+  seq_head(q, ldq, k, ldk_in, v, ldv, out, ldo, sq, sk, G, D, causal, scale, tb, bs, kt, s, qt, ot, vbuf)
 void seq_generic(SEQ_ARGS) { SEQ_CALL; }
 #ifdef HAVE_AVX2_CLONES
 AVX2 void seq_avx2(SEQ_ARGS) { SEQ_CALL; }
@@ -135,13 +145,18 @@ AVX2 void seq_avx2(SEQ_ARGS) { SEQ_CALL; }
 
 }  // namespace
 
-// q (Nq, H, D), k and v (Nk, Hkv, D) float32 with dense rows (checked by the binding), cu_q / cu_k
-// (B + 1) int32 offsets, checked against Nq / Nk -> out (Nq, H, D)
+// q (Nq, H, D) float32 with dense rows; cu_q, cu_k (B + 1) int32 offsets (checked by the binding).
+// Without block_table, k and v (Nk, Hkv, D) with dense rows, packed like q. With block_table
+// (B, max_blocks) int32, k and v are contiguous paged caches (blocks, bs, Hkv, D) and sequence b
+// has cu_k[b + 1] - cu_k[b] cached keys. -> out (Nq, H, D)
 at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                                const at::Tensor& cu_k, bool causal, double scale) {
-  const int64_t H = q.size(1), D = q.size(2), Hkv = k.size(1), G = H / Hkv, B = cu_q.size(0) - 1;
+                                const at::Tensor& cu_k, bool causal, double scale, const at::Tensor& block_table) {
+  const bool paged = block_table.defined();
+  const int64_t H = q.size(1), D = q.size(2), Hkv = k.size(-2), G = H / Hkv, B = cu_q.size(0) - 1;
+  const int64_t bs = paged ? k.size(1) : 1, ldkv = paged ? Hkv * D : k.stride(0);
   auto out = at::empty(q.sizes(), q.options());
   const int32_t *cq = cu_q.data_ptr<int32_t>(), *ck = cu_k.data_ptr<int32_t>();
+  const int32_t* tb = paged ? block_table.data_ptr<int32_t>() : nullptr;
   auto fn = seq_generic;
 #ifdef HAVE_AVX2_CLONES
   if (cpu_has_avx2()) fn = seq_avx2;
@@ -159,14 +174,17 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   float* op = out.data_ptr<float>();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(B * Hkv, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    std::vector<float> kt(D * ld), s(MQ * ld), qt(MQ * D), ot(MQ * D);
+    std::vector<float> kt(D * ld), s(MQ * ld), qt(MQ * D), ot(MQ * D), vbuf(paged ? ld * D : 0);
     for (int64_t i = next++; i < B * Hkv; i = next++) {
       const int64_t b = order[i] / Hkv, g = order[i] % Hkv;
       const int64_t sq = cq[b + 1] - cq[b], sk = ck[b + 1] - ck[b];
       if (sq == 0) continue;
-      fn(qp + cq[b] * q.stride(0) + g * G * D, q.stride(0), kp + ck[b] * k.stride(0) + g * D, k.stride(0),
-         vp + ck[b] * v.stride(0) + g * D, v.stride(0), op + cq[b] * H * D + g * G * D, H * D, sq, sk, G, D, causal,
-         static_cast<float>(scale), kt.data(), s.data(), qt.data(), ot.data());
+      const int64_t ldv = paged ? ldkv : v.stride(0);
+      // paged: rows are addressed through the table from the caches' start
+      const int64_t kfirst = paged ? 0 : ck[b] * ldkv, vfirst = paged ? 0 : ck[b] * ldv;
+      fn(qp + cq[b] * q.stride(0) + g * G * D, q.stride(0), kp + kfirst + g * D, ldkv, vp + vfirst + g * D, ldv, op + cq[b] * H * D + g * G * D, H * D, sq, sk, G, D, causal,
+         static_cast<float>(scale), paged ? tb + b * block_table.size(1) : nullptr, bs, kt.data(), s.data(),
+         qt.data(), ot.data(), vbuf.data());
     }
   });
   return out;

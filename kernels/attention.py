@@ -30,13 +30,18 @@ def _check_heads(q, k, v, qname="q"):
         raise ValueError(f"head dim {d} not supported; use one of {HEAD_DIMS}")
 
 
-def _cpu_varlen_kernel(q, k, v) -> bool:
-    """csrc/varlen_cpu.cpp: CPU float32 inference (it has no backward) on rows that are dense, as
-    split from a fused projection; elsewhere torch SDPA per sequence."""
+def _cpu_varlen_kernel(q, k, v, paged=False) -> bool:
+    """csrc/varlen_cpu.cpp: CPU float32 inference (it has no backward), q's rows dense as split from
+    a fused projection, K/V likewise or contiguous paged caches; elsewhere torch SDPA per sequence."""
     return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] % 16 == 0
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (q, k, v))
+            and _rows_dense(q)
+            and (k.is_contiguous() and v.is_contiguous() if paged else _rows_dense(k) and _rows_dense(v))
             and not torch.compiler.is_compiling() and ext() is not None)
+
+
+def _rows_dense(x: torch.Tensor) -> bool:
+    return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
 
 
 def _scale(softmax_scale, d):
@@ -102,8 +107,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         from .triton_attention import flash_attn_varlen_func
         return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                       causal, scale, block_table)
-    if block_table is None and _cpu_varlen_kernel(q, k, v):
-        return ext().varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    if _cpu_varlen_kernel(q, k, v, paged=block_table is not None):
+        return ext().varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table)
     from .reference import gather_paged
     out = torch.empty_like(q)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()

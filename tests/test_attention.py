@@ -253,6 +253,34 @@ def test_varlen_cpu_kernel(h, hkv, d, causal, monkeypatch):
     torch.testing.assert_close(direct, got, atol=0, rtol=0)  # flash_attention_varlen took the kernel
 
 
+@pytest.mark.parametrize("block_size", [16, 5])
+@pytest.mark.parametrize("h,hkv,d", [(4, 2, 64), (3, 3, 32)])
+def test_varlen_cpu_kernel_paged(block_size, h, hkv, d, monkeypatch):
+    # chunked prefill and prefix-cache hits: new tokens on top of a cached prefix, K/V read through
+    # the block table from scattered blocks (a block size off the 16-key tiles too)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ext = _ext_or_skip()
+    torch.manual_seed(4)
+    klens, qlens = [20, 1, 70, 33, 0], [20, 1, 9, 4, 0]
+    kc, vc, table = _paged([max(n, 1) for n in klens], block_size, hkv, d, torch.float32)
+    qkv = torch.randn(sum(qlens), h + 2 * hkv, d)
+    q = qkv[:, :h]
+    args = (_cu(qlens), _cu(klens), max(qlens), max(klens))
+    with torch.no_grad():
+        got = kernels.flash_attention_varlen(q, kc, vc, *args, block_table=table, softmax_scale=0.2)
+    ref = R.flash_attention_varlen(q.double(), kc.double(), vc.double(), *args, softmax_scale=0.2, block_table=table)
+    torch.testing.assert_close(got, ref.float(), atol=2e-5, rtol=2e-5)
+    direct = ext.varlen_attention(q, kc, vc, _cu(qlens), _cu(klens), True, 0.2, table)
+    torch.testing.assert_close(direct, got, atol=0, rtol=0)  # flash_attention_varlen took the kernel
+    bad = table.clone()
+    bad[2, 1] = kc.shape[0]
+    with pytest.raises(ValueError, match="block_table"):
+        ext.varlen_attention(q, kc, vc, _cu(qlens), _cu(klens), True, 0.2, bad)
+    with pytest.raises(ValueError, match="table entries"):
+        ext.varlen_attention(q, kc, vc, _cu(qlens), _cu([20, 1, 70, table.shape[1] * block_size + 1, 0]), True, 0.2,
+                             table)
+
+
 def test_varlen_cpu_kernel_only_for_inference(monkeypatch):
     # the kernel has no backward: with grad, flash_attention_varlen keeps the differentiable SDPA path
     monkeypatch.setenv("TRITON_INTERPRET", "0")
