@@ -41,6 +41,7 @@ def _cpu_varlen_kernel(q, k, v, paged=False) -> bool:
 
 
 def _rows_dense(x: torch.Tensor) -> bool:
+    """(..., heads, D) whose rows may be strided but each row is dense, as split from a fused projection."""
     return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
 
 

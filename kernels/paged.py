@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import _checks as C
 from . import reference
 from ._ext import KERNEL_DTYPES, ext
-from .attention import _check_heads, _scale
+from .attention import _check_heads, _rows_dense, _scale
 
 
 def _cpu_kernel(x: torch.Tensor) -> bool:
@@ -39,11 +39,6 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=No
         q = q if _rows_dense(q) else q.contiguous()
         return ext().paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
     return _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale)
-
-
-def _rows_dense(x: torch.Tensor) -> bool:
-    """(N, heads, D) whose rows may be strided but each row is dense, as split from a fused projection."""
-    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
 
 def _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale):
