@@ -95,20 +95,7 @@ HOT void decode_seq(const float* qf, const T* kc, const T* vc, const int32_t* tb
       }
     }
   }
-  for (int64_t h = 0; h < H; ++h) {
-    float* sh = s + h * L;
-    const float m = *std::max_element(sh, sh + L);
-    f8 z8 = {};
-    int64_t t = 0;
-    for (; t + 8 <= L; t += 8) {
-      const f8 e = exp8(load8(sh + t) - m);
-      store8(sh + t, e);
-      z8 += e;
-    }
-    float z = hsum(z8);
-    for (; t < L; ++t) z += (sh[t] = std::exp(sh[t] - m));
-    sum[h] = z;
-  }
+  for (int64_t h = 0; h < H; ++h) sum[h] = exp_row(s + h * L, L);
   std::fill(acc, acc + H * D, 0.f);
   for (int64_t j = 0; j < nblk; ++j) {
     const int64_t t0 = j * bs, n = std::min(bs, L - t0);

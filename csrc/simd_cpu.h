@@ -4,6 +4,8 @@
 // vectorised explicitly rather than left to the auto-vectoriser. Every helper is forced inline
 // so each target-specific copy of a kernel (AVX2+FMA, chosen at run time, or plain x86-64)
 // gets its own code.
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -60,6 +62,21 @@ HOT f8 exp8(f8 x) {
   f8 scale;
   std::memcpy(&scale, &e, sizeof(scale));
   return p * scale;
+}
+
+// s[0, n) <- exp(s - max s): a softmax row's numerators in place; returns their sum
+HOT float exp_row(float* s, int64_t n) {
+  const float m = *std::max_element(s, s + n);
+  f8 z8 = {};
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const f8 e = exp8(load8(s + t) - m);
+    store8(s + t, e);
+    z8 += e;
+  }
+  float z = hsum(z8);
+  for (; t < n; ++t) z += (s[t] = std::exp(s[t] - m));
+  return z;
 }
 
 // Run-time choice between an AVX2+FMA copy of a kernel and the plain one.

@@ -66,22 +66,6 @@ HOT void pv(const float* p, int64_t lds, const float* v, int64_t ldv, int64_t n,
   }
 }
 
-// s[0, n) <- exp(s - max), s[n, end) <- 0; returns the sum of the exponentials
-HOT float softmax_row(float* s, int64_t n, int64_t end) {
-  const float m = *std::max_element(s, s + n);
-  f8 z8 = {};
-  int64_t t = 0;
-  for (; t + 8 <= n; t += 8) {
-    const f8 e = exp8(load8(s + t) - m);
-    store8(s + t, e);
-    z8 += e;
-  }
-  float z = hsum(z8);
-  for (; t < n; ++t) z += (s[t] = std::exp(s[t] - m));
-  std::fill(s + n, s + end, 0.f);
-  return z;
-}
-
 template <int rows>
 HOT void tile(const float* q, int64_t D, const float* kt, int64_t ldk, const float* v, int64_t ldv, const int64_t* nkeys,
               float* s, float* o) {
@@ -89,7 +73,11 @@ HOT void tile(const float* q, int64_t D, const float* kt, int64_t ldk, const flo
   const int64_t nk = (n + NK - 1) / NK * NK;
   scores<rows>(q, D, kt, ldk, nk, s, ldk);
   float sum[rows];
-  for (int r = 0; r < rows; ++r) sum[r] = nkeys[r] > 0 ? softmax_row(s + r * ldk, nkeys[r], n) : 0.f;
+  for (int r = 0; r < rows; ++r) {  // numerators past a row's last key are 0, so P V can run to n for all
+    float* sr = s + r * ldk;
+    sum[r] = nkeys[r] > 0 ? exp_row(sr, nkeys[r]) : 0.f;
+    std::fill(sr + nkeys[r], sr + n, 0.f);
+  }
   pv<rows>(s, ldk, v, ldv, n, D, o);
   for (int r = 0; r < rows; ++r) {
     const float inv = sum[r] > 0.f ? 1.f / sum[r] : 0.f;  // a row that sees no key is 0
