@@ -5,6 +5,7 @@ Ours: the model on our kernels, bf16 casts over fp32 master weights, chunked lin
 fused AdamW, grad clipping (exactly engine/train.py's step), eager and torch.compile'd.
 Baseline: nanoGPT's model (nn.Linear, nn.LayerNorm, F.scaled_dot_product_attention),
 autocast bf16, full-logits F.cross_entropy, fused AdamW, torch.compile.
+Each variant's top CUDA kernels over 3 more steps go to train_profile_<variant>.txt.
 
     python -m benchmarks.gpu_suite --only train
 """
@@ -84,7 +85,28 @@ def _baseline(compile_: bool):
     return m, (torch.compile(m) if compile_ else m), torch.autocast("cuda", torch.bfloat16)
 
 
-def _measure(name, build, compile_):
+def _profile(step, path: Path) -> None:
+    """The top CUDA kernels of 3 steps by their own time, to path: where a variant's step goes,
+    from the same run that times it (a GPU session has ~30 minutes; no second run to dig)."""
+    from torch.profiler import ProfilerActivity, profile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        avg = prof.key_averages()
+        for key in ("self_device_time_total", "self_cuda_time_total"):  # the name moved across torch versions
+            try:
+                path.write_text(avg.table(sort_by=key, row_limit=30, max_name_column_width=90))
+                return
+            except (AttributeError, KeyError, ValueError):
+                continue
+    except Exception as e:  # a profile is a diagnostic: never the reason a suite fails
+        path.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
+
+
+def _measure(name, build, compile_, outdir=None):
     from contextlib import nullcontext
     from engine.train import flops_per_token
     from engine.config import resolve_config
@@ -118,6 +140,8 @@ def _measure(name, build, compile_):
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / STEPS
+    if outdir is not None:
+        _profile(step, Path(outdir) / f"train_profile_{name.replace(' + ', '_').replace(' ', '_')}.txt")
     n = sum(p.numel() for p in params) - 1024 * 768  # without position embeddings, as nanoGPT counts
     tok_s = B * T / (ms / 1e3)
     mfu = tok_s * flops_per_token(resolve_config("gpt2"), n, T) / PEAK
@@ -135,7 +159,7 @@ def main(outdir) -> str:
     rows, errors = [], []
     for name, build, c in variants:
         try:
-            rows.append(_measure(name, build, c))
+            rows.append(_measure(name, build, c, outdir))
             print(f"   {rows[-1]}", flush=True)
         except Exception:
             traceback.print_exc()
