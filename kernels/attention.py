@@ -109,7 +109,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                       causal, scale, block_table)
     if _cpu_varlen_kernel(q, k, v, paged=block_table is not None):
-        return ext().varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table)
+        return ext().varlen_attention(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), causal, scale,
+                                      block_table)
     from .reference import gather_paged
     out = torch.empty_like(q)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()

@@ -281,6 +281,16 @@ def test_varlen_cpu_kernel_paged(block_size, h, hkv, d, monkeypatch):
                              table)
 
 
+def test_varlen_cpu_kernel_takes_strided_offsets(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _ext_or_skip()
+    q = torch.randn(10, 2, 64)
+    cu = torch.tensor([0, 0, 4, 4, 10, 10], dtype=torch.int32)[::2]  # (0, 4, 10), not contiguous
+    with torch.no_grad():
+        got = kernels.flash_attention_varlen(q, q, q, cu, cu, 6, 6)
+    torch.testing.assert_close(got, R.flash_attention_varlen(q, q, q, cu, cu, 6, 6), atol=2e-5, rtol=2e-5)
+
+
 def test_varlen_cpu_kernel_only_for_inference(monkeypatch):
     # the kernel has no backward: with grad, flash_attention_varlen keeps the differentiable SDPA path
     monkeypatch.setenv("TRITON_INTERPRET", "0")
