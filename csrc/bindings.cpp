@@ -276,6 +276,22 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return paged_attention_cpu(q, k_cache, v_cache, table, lens, scale);
 }
 
+// In place: the first `heads` heads of t (N, heads', D), rows dense, rotated by cos, sin (N, D/2)
+void rope_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
+  check_rows(t, "t");
+  TORCH_CHECK_TYPE(t.device().is_cpu() && t.scalar_type() == at::kFloat, "rope_: t must be a CPU float32 tensor, got ",
+                   t.scalar_type(), " on ", t.device());
+  const int64_t N = t.size(0), D = t.size(2);
+  TORCH_CHECK_VALUE(D % 2 == 0 && heads >= 0 && heads <= t.size(1), "rope_: needs an even head dim and 0 <= heads <= ",
+                    t.size(1), ", got D = ", D, ", heads = ", heads);
+  for (const auto& [r, name] : {std::pair{&cos, "cos"}, {&sin, "sin"}})
+    TORCH_CHECK_VALUE(r->sizes() == at::IntArrayRef({N, D / 2}) && r->scalar_type() == at::kFloat &&
+                          r->is_contiguous() && r->device().is_cpu(),
+                      "rope_: ", name, " must be contiguous CPU float32 (", N, ", ", D / 2, "), got ", r->sizes(), " ",
+                      r->scalar_type());
+  rope_cpu_(t, cos, sin, heads);
+}
+
 // CPU float32 attention over packed variable-length sequences (prefill) -> (Nq, H, D): q (Nq, H, D)
 // with dense rows; cu_q, cu_k (B + 1) int32 offsets. k and v (Nk, Hkv, D) with dense rows, packed
 // like q; or, with block_table (B, max_blocks) int32, contiguous paged caches (blocks, bs, Hkv, D)
@@ -438,6 +454,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_packed", &linear_packed, "CPU act(x @ w.T + bias) on a weight from linear_pack -> (M, N)",
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("n"), py::arg("act"));
   m.def("swiglu", &swiglu, "CPU [gate | up] -> silu(gate) * up", py::arg("f"));
+  m.def("rope_", &rope_, "CPU rotary embedding of t's first heads, in place", py::arg("t"), py::arg("cos"),
+        py::arg("sin"), py::arg("heads"));
   m.def("gemm_dgrad", &gemm_dgrad, "dz @ w: the input gradient of F.linear (CUDA)", py::arg("dz"), py::arg("w"));
   m.def("gemm_wgrad", &gemm_wgrad, "dz.T @ x: the weight gradient of F.linear (CUDA)", py::arg("dz"), py::arg("x"));
   m.def("gemm_sm90", &gemm_sm90, "whether gemm(a, b, ...) takes the CUTLASS Hopper kernels", py::arg("a"),

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import flash_attention, flash_attention_varlen, layer_norm, linear, paged_attention, rms_norm
-from kernels.decode import decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, swiglu
+from kernels.decode import (decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, rope_,
+                            swiglu)
 from kernels.paged import store_kvcache
 
 from .config import ModelConfig
@@ -94,6 +95,9 @@ class Attention(nn.Module):
         h, hkv = self.h, self.hkv
         t = self.qkv(x).unflatten(-1, (h + 2 * hkv, self.d))
         if self.rotary is None:
+            return t.split([h, hkv, hkv], dim=-2)
+        if decode_layer_applies(t, ()) and t.is_contiguous():  # CPU inference: rotate in place, one pass
+            rope_(t, self.rotary.cos[positions], self.rotary.sin[positions], h + hkv)
             return t.split([h, hkv, hkv], dim=-2)
         qk, v = t.split([h + hkv, hkv], dim=-2)
         q, k = self.rotary(qk, positions).split([h, hkv], dim=-2)  # q and k side by side: one rotation

@@ -11,7 +11,8 @@ import engine.model as M
 from engine.config import resolve_config
 from kernels import reference as R
 from kernels._ext import ext
-from kernels.decode import PackedLayer, decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, swiglu
+from kernels.decode import (PackedLayer, decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, rope_,
+                            swiglu)
 
 BS = 16
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")  # conftest's TRITON_INTERPRET=1 routes decode to Triton
@@ -226,3 +227,22 @@ def test_swiglu():
         swiglu(f[..., :-1])
     with pytest.raises(ValueError, match="float32"):
         swiglu(f.double())
+
+
+@pytest.mark.parametrize("d", [32, 20, 6])  # the AVX2 loop's 8-wide body, with and without a tail
+def test_rope_matches_the_model_rotary(d):
+    from engine.model import Rotary
+    cfg = resolve_config("llama-tiny", n_head=5, n_kv_head=1, d_model=5 * d)
+    rot = Rotary(cfg)
+    torch.manual_seed(0)
+    t = torch.randn(2, 7, 7, d)  # (B, T, heads, D): rotate the first 6 (q and k), leave v
+    pos = torch.randint(0, cfg.max_seq_len, (2, 7))
+    want = torch.cat([rot(t[..., :6, :], pos), t[..., 6:, :]], dim=-2)
+    got = rope_(t.clone(), rot.cos[pos], rot.sin[pos], 6)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="contiguous CPU float32"):
+        rope_(t.double(), rot.cos[pos], rot.sin[pos], 6)
+    with pytest.raises(ValueError, match="heads"):
+        rope_(t.clone(), rot.cos[pos], rot.sin[pos], 8)
+    with pytest.raises(ValueError, match="cos"):
+        rope_(t.clone(), rot.cos[pos][..., :-1], rot.sin[pos], 6)
