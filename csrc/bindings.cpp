@@ -236,6 +236,14 @@ void check_rows(const at::Tensor& x, const char* name) {
               x.strides());
 }
 
+// The blocks holding the first n tokens of sequence b (its table row, bs tokens a block) must be
+// blocks of the cache: the CPU kernels read them straight from the table.
+void check_table_row(const int32_t* row, int64_t b, int64_t n, int64_t bs, int64_t blocks, const char* who) {
+  for (int64_t j = 0; j < (n + bs - 1) / bs; ++j)
+    TORCH_CHECK_VALUE(row[j] >= 0 && row[j] < blocks, who, "block_table[", b, ", ", j, "] = ", row[j],
+                      " is not a block of the cache (", blocks, " blocks)");
+}
+
 void check_cache(const at::Tensor& c, const at::Tensor& ref, const char* name) {
   CHECK_CONTIGUOUS(c);
   CHECK_SAME_DEVICE(c, ref);
@@ -269,9 +277,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const int64_t mb = table.size(1);
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_VALUE(ln[b] >= 1 && ln[b] <= mb * bs, "seq_lens[", b, "] = ", ln[b], " is outside [1, ", mb * bs, "]");
-    for (int64_t j = 0; j < (ln[b] + bs - 1) / bs; ++j)
-      TORCH_CHECK_VALUE(tb[b * mb + j] >= 0 && tb[b * mb + j] < blocks, "block_table[", b, ", ", j, "] = ", tb[b * mb + j],
-                  " is not a block of the cache (", blocks, " blocks)");
+    check_table_row(tb + b * mb, b, ln[b], bs, blocks, "");
   }
   return paged_attention_cpu(q, k_cache, v_cache, table, lens, scale);
 }
@@ -284,11 +290,11 @@ void rope_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t 
   const int64_t N = t.size(0), D = t.size(2);
   TORCH_CHECK_VALUE(D % 2 == 0 && heads >= 0 && heads <= t.size(1), "rope_: needs an even head dim and 0 <= heads <= ",
                     t.size(1), ", got D = ", D, ", heads = ", heads);
-  for (const auto& [r, name] : {std::pair{&cos, "cos"}, {&sin, "sin"}})
+  for (const at::Tensor* r : {&cos, &sin})
     TORCH_CHECK_VALUE(r->sizes() == at::IntArrayRef({N, D / 2}) && r->scalar_type() == at::kFloat &&
                           r->is_contiguous() && r->device().is_cpu(),
-                      "rope_: ", name, " must be contiguous CPU float32 (", N, ", ", D / 2, "), got ", r->sizes(), " ",
-                      r->scalar_type());
+                      "rope_: cos and sin must be contiguous CPU float32 (N, D/2) = (", N, ", ", D / 2, "), got ",
+                      r->sizes(), " ", r->scalar_type());
   rope_cpu_(t, cos, sin, heads);
 }
 
@@ -343,9 +349,7 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
     const int32_t* tb = table.data_ptr<int32_t>() + b * mb;
     TORCH_CHECK_VALUE(n <= mb * bs, "varlen_attention: sequence ", b, " has ", n, " cached keys, more than its ", mb,
                       " table entries hold");
-    for (int64_t j = 0; j < (n + bs - 1) / bs; ++j)
-      TORCH_CHECK_VALUE(tb[j] >= 0 && tb[j] < k.size(0), "varlen_attention: block_table[", b, ", ", j, "] = ", tb[j],
-                        " is not a block of the cache (", k.size(0), " blocks)");
+    check_table_row(tb, b, n, bs, k.size(0), "varlen_attention: ");
   }
   return varlen_attention_cpu(q, k, v, cu_q, cu_k, causal, scale, table);
 }
@@ -413,14 +417,7 @@ std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, 
   const std::vector<at::Tensor> n1 = norm_fwd(x, residual, *w[0], w[1], eps, rms);
   const at::Tensor stream = present(residual) ? n1[1] : x;
   at::Tensor t = linear_packed(n1[0], *w[2], w[3], n[0], 0).view({B, n_head + 2 * Hkv, D});
-  if (present(cos)) {  // q and k rotated together
-    for (const at::Tensor* r : {&*cos, &*sin})
-      TORCH_CHECK_VALUE(r->sizes() == at::IntArrayRef({B, D / 2}) && r->scalar_type() == at::kFloat &&
-                            r->is_contiguous() && r->device().is_cpu(),
-                        "decode_layer: cos and sin must be contiguous CPU float32 (B, D/2) = (", B, ", ", D / 2,
-                        "), got ", r->sizes());
-    rope_cpu_(t, *cos, *sin, n_head + Hkv);
-  }
+  if (present(cos)) rope_(t, *cos, *sin, n_head + Hkv);  // q and k rotated together
   const at::Tensor q = t.narrow(1, 0, n_head);
   store_kvcache(t.narrow(1, n_head, Hkv), t.narrow(1, n_head + Hkv, Hkv), k_cache, v_cache, slot_mapping);
   const at::Tensor o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale);
