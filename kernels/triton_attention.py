@@ -31,7 +31,10 @@ def _cfgs(rows):
 _FWD_CONFIGS = _cfgs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
                       (64, 64, 4, 3), (64, 32, 4, 2)])
 _DQ_CONFIGS = _cfgs([(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)])
-_DKDV_CONFIGS = _cfgs([(32, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)])
+# dk/dv holds two (BLOCK_N, D) fp32 accumulators: 8 warps keep big key tiles spill-free at D=64
+# and D=128 on sm_90 (benchmarks/triton_regs.py), where 4 warps spill from 128 keys up
+_DKDV_CONFIGS = _cfgs([(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 3), (64, 64, 8, 3),
+                       (32, 64, 4, 3), (16, 64, 8, 3)])
 _TUNE_KEY = ["tune_q", "tune_k", "BLOCK_D", "CAUSAL", "VARLEN", "PAGED"]
 
 
@@ -252,24 +255,29 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt,
-                offs_n, offs_d, lo, hi, sq, diag, qk_scale, BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr,
-                MASKED: tl.constexpr, PREC: tl.constexpr):
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qh, stride_dh, stride_lh,
+                stride_qt, stride_dt, GROUP, offs_n, offs_d, lo, hi, sq, diag, qk_scale,
+                BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    # one flat loop over (group head g, row tile): a loop nested in a per-head loop kept twice
+    # the registers live on sm_90 and spilled in every tile config
+    n = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
+    for it in range(0, GROUP * n):
+        g = it // n
+        offs_m = lo + (it - g * n) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = offs_m.to(tl.int64)
         mmask = offs_m < sq
+        l_off = g.to(tl.int64) * stride_lh
         # q^T (BLOCK_D, BLOCK_M) so that k @ q^T is (BLOCK_N, BLOCK_M): rows of p^T belong to our keys
-        qT = tl.load(q_base + rows[None, :] * stride_qt + offs_d[:, None],
+        qT = tl.load(q_base + g * stride_qh + rows[None, :] * stride_qt + offs_d[:, None],
                      mask=mmask[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=mmask, other=float("inf"))
+        lse = tl.load(lse_base + l_off + offs_m, mask=mmask, other=float("inf"))
         pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - lse[None, :])
         if MASKED:  # bottom-right causal: key j visible to row i when j <= i + diag
             pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dt + offs_d[None, :],
+        do = tl.load(do_base + g * stride_dh + rows[:, None] * stride_dt + offs_d[None, :],
                      mask=mmask[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
-        delta = tl.load(delta_base + offs_m, mask=mmask, other=0.0)
+        delta = tl.load(delta_base + l_off + offs_m, mask=mmask, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
@@ -310,15 +318,16 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K,
     mid = tl.minimum(full, sq)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(GROUP):
-        h = kvh * GROUP + g
-        q_base = Q + b64 * stride_qb + q_start * stride_qt + h * stride_qh
-        do_base = DO + b64 * stride_db + q_start * stride_dt + h * stride_dh
-        l_off = b64 * stride_lb + h * stride_lh + q_start
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + l_off, DELTA + l_off, stride_qt, stride_dt,
-                             offs_n, offs_d, lo, mid, sq, diag, qk_scale, BLOCK_M, HEAD_D, True, PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + l_off, DELTA + l_off, stride_qt, stride_dt,
-                             offs_n, offs_d, full, sq, sq, diag, qk_scale, BLOCK_M, HEAD_D, False, PREC)
+    h = kvh * GROUP  # the group's first query head
+    q_base = Q + b64 * stride_qb + q_start * stride_qt + h * stride_qh
+    do_base = DO + b64 * stride_db + q_start * stride_dt + h * stride_dh
+    l_off = b64 * stride_lb + h * stride_lh + q_start
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + l_off, DELTA + l_off, stride_qh, stride_dh, stride_lh,
+                         stride_qt, stride_dt, GROUP, offs_n, offs_d, lo, mid, sq, diag, qk_scale,
+                         BLOCK_M, HEAD_D, True, PREC)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + l_off, DELTA + l_off, stride_qh, stride_dh, stride_lh,
+                         stride_qt, stride_dt, GROUP, offs_n, offs_d, full, sq, sq, diag, qk_scale,
+                         BLOCK_M, HEAD_D, False, PREC)
     dk = dk * scale
     tl.store(DK + b64 * stride_gkb + kvh * stride_gkh + krows * stride_gkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=msk)
