@@ -97,6 +97,59 @@ def prefill_rows() -> list[dict]:
     return rows
 
 
+# (B, S, H, D, causal): GPT-2 124M's training shape first, then the short sequences where the
+# backward measured slower per FLOP than at S=2048 (session 1: 1.40 ms at S=1024 vs 1.25 at 2048)
+BREAKDOWN = [(16, 1024, 12, 64, True), (32, 512, 32, 64, True), (32, 512, 32, 64, False),
+             (16, 1024, 32, 64, True), (8, 2048, 32, 64, True), (4, 4096, 16, 128, True)]
+_KERNELS = ("_fwd_kernel", "_bwd_pre_kernel", "_dq_kernel", "_dkdv_kernel")
+
+
+def bwd_breakdown_rows() -> list[dict]:
+    """Per-kernel CUDA time of one fwd+bwd and the autotuner's pick for each kernel: where the
+    backward's time goes at short sequences, from the one run that measures it."""
+    import kernels
+    from kernels import triton_attention as ta
+    from torch.profiler import ProfilerActivity, profile
+    rows = []
+    for b, s, h, d, causal in BREAKDOWN:
+        row = dict(B=b, S=s, H=h, D=d, causal=causal)
+        try:
+            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            do = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+
+            def step():
+                return torch.autograd.grad(kernels.flash_attention(q, k, v, causal=causal), (q, k, v), do)
+            for _ in range(5):  # autotuning and warm-up
+                step()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    step()
+                torch.cuda.synchronize()
+            per = {}
+            for e in prof.key_averages():
+                t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+                name = next((n for n in _KERNELS if n in e.key), "other")
+                per[name] = per.get(name, 0.0) + t / 10
+            flops = 2 * b * h * s * s * d * (0.5 if causal else 1.0)  # one S x S x D matmul
+            for n in _KERNELS:
+                row[f"{n.strip('_').replace('_kernel', '')}_us"] = per.get(n)
+            row["other_us"] = per.get("other", 0.0)
+            row["dq_tflops"] = 3 * flops / per["_dq_kernel"] / 1e6 if per.get("_dq_kernel") else None
+            row["dkdv_tflops"] = 4 * flops / per["_dkdv_kernel"] / 1e6 if per.get("_dkdv_kernel") else None
+            for n, tuned in (("fwd", ta._fwd_tuned), ("dq", ta._dq_tuned), ("dkdv", ta._dkdv_tuned)):
+                c = getattr(tuned, "best_config", None)
+                row[f"{n}_cfg"] = (f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+                                   if c else None)
+        except Exception as e:  # a diagnostic: never the reason the suite fails
+            traceback.print_exc()
+            row["error"] = type(e).__name__
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def copy_bandwidth() -> float:
     """Practical HBM peak: bytes read + written by a 2 GiB device-to-device copy, per second."""
     src = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
@@ -147,6 +200,8 @@ def main(outdir: Path) -> str:
                    if r["mode"] == mode and r["D"] == d]
             plot_lines(outdir, f"attention_{mode.replace('+', '_')}_d{d}", sel, "S", "tflops", "series",
                        f"attention {mode}, bf16, D={d}, {TOKENS} tokens")
+    brows = bwd_breakdown_rows()
+    save_rows(outdir, "attention_bwd_breakdown", brows)
     peak_copy = copy_bandwidth()
     drows = decode_rows()
     save_rows(outdir, "attention_decode", drows)
@@ -170,6 +225,10 @@ def main(outdir: Path) -> str:
         "Key ratios (our TFLOP/s / peer's; goal: causal D=128 fwd >= 1.1x sdpa_flash, fwd+bwd >= 1.0x):",
         "\n".join(key),
         md_table(rows, cols),
+        "Backward by kernel (us per fwd+bwd, CUDA time; TFLOP/s of the dq and dk/dv passes; autotuned "
+        "BLOCK_M x BLOCK_N, warps, stages):",
+        md_table(brows, ["B", "S", "H", "D", "causal", "fwd_us", "bwd_pre_us", "dq_us", "dkdv_us", "other_us",
+                         "dq_tflops", "dkdv_tflops", "fwd_cfg", "dq_cfg", "dkdv_cfg"]),
         f"Decode (paged, block 16, H=32, Hkv=8, D=128, bf16). Device copy: {peak_copy / 1e9:.0f} GB/s "
         f"({100 * peak_copy / PEAK_BW:.0f}% of {PEAK_BW / 1e12:.2f} TB/s). Best decode: {best:.0f}% of peak "
         f"(goal >= 80%).",
