@@ -133,6 +133,35 @@ def test_transformers_loads_result(tmp_path, corpus, model_type):
     assert tok.decode(tok.encode("def f(x):")) == "def f(x):"
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "llama-untied"])
+def test_gradients_match_transformers(tmp_path, kind):
+    """The trainer's loss (LMLoss: our kernels' backward, chunked CE) has transformers' gradients
+    for every weight, named and laid out as HF has them (tied head, fused qkv / gate-up, Conv1D)."""
+    import copy
+
+    import transformers
+
+    from engine.train import LMLoss
+    from engine.weights import load_model, to_hf
+
+    from .helpers import make_hf_model
+    make_hf_model(kind, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # eval: no dropout
+    ours = load_model(tmp_path).requires_grad_(True)  # loaded for inference: no grad by default
+    x, y = torch.randint(0, 256, (2, 29)), torch.randint(0, 256, (2, 29))
+    LMLoss(ours)(x, y).backward()
+    F.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten(), reduction="sum").backward()
+    grads = copy.deepcopy(ours)  # same module with each parameter replaced by its gradient
+    for (name, p), g in zip(ours.named_parameters(), grads.parameters()):
+        assert p.grad is not None, name
+        g.data = p.grad
+    theirs = dict(hf.named_parameters())
+    ours_hf = to_hf(grads)
+    assert ours_hf.keys() <= theirs.keys()
+    for name, g in ours_hf.items():
+        torch.testing.assert_close(g, theirs[name].grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
