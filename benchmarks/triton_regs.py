@@ -28,6 +28,7 @@ KERNELS = {"fwd": (ta._fwd_kernel, ta._FWD_CONFIGS), "dq": (ta._dq_kernel, ta._D
            "dkdv": (ta._dkdv_kernel, ta._DKDV_CONFIGS)}
 SMEM_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
 _FP32_PTRS, _FLOATS, _INTS = {"LSE", "DELTA"}, {"qk_scale", "scale"}, {"H", "HKV", "GROUP"}
+_I32_PTRS = {"CU_Q", "CU_K", "BT"}  # offsets and block table (unused, and then any pointer, when dense)
 
 
 def _cuobjdump() -> str:
@@ -45,6 +46,8 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int):
             sig[name] = "constexpr"
         elif name in _FP32_PTRS:
             sig[name] = "*fp32"
+        elif name in _I32_PTRS:
+            sig[name] = "*i32"
         elif name in _FLOATS:
             sig[name] = "fp32"
         elif name[0].isupper() and name not in _INTS:
@@ -67,12 +70,12 @@ def usage(compiled) -> dict:
     return dict(regs=int(m.group(1)), spill_bytes=int(m.group(2)), smem=compiled.metadata.shared)
 
 
-def rows(kernels, head_dims, sweep, causal=True):
+def rows(kernels, head_dims, sweep, causal=True, varlen=False, page=0):
     for name in kernels:
         fn, configs = KERNELS[name]
         for d in head_dims:
-            consts = dict(HEAD_D=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=causal, VARLEN=False,
-                          PAGED=False, PREC="tf32", PAGE=1)
+            consts = dict(HEAD_D=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=causal, VARLEN=varlen or page > 0,
+                          PAGED=page > 0, PREC="tf32", PAGE=max(page, 1))
             if sweep:
                 cands = itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
             else:
@@ -93,9 +96,12 @@ def main():
     ap.add_argument("--kernels", default="fwd,dq,dkdv")
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--sweep", action="store_true", help="all tile/warps/stages combinations, not the autotune list")
+    ap.add_argument("--varlen", action="store_true", help="packed sequences (cu_seqlens)")
+    ap.add_argument("--page", type=int, default=0, help="paged K/V with this block size (forward only)")
     args = ap.parse_args()
     from benchmarks.common import md_table
-    out = list(rows(args.kernels.split(","), [int(d) for d in args.head_dims.split(",")], args.sweep))
+    out = list(rows(args.kernels.split(","), [int(d) for d in args.head_dims.split(",")], args.sweep,
+                    varlen=args.varlen, page=args.page))
     print(f"\ntriton {triton.__version__}, sm_90a\n")
     print(md_table(out, ["kernel", "D", "BLOCK_M", "BLOCK_N", "warps", "stages", "regs", "spill_bytes", "smem", "ok"]))
 

@@ -30,7 +30,7 @@ def _cfgs(rows):
 # Hopper (sm_90): 128-row tiles with 8 warps feed wgmma; smaller ones win for short sequences.
 _FWD_CONFIGS = _cfgs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
                       (64, 64, 4, 3), (64, 32, 4, 2)])
-_DQ_CONFIGS = _cfgs([(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)])
+_DQ_CONFIGS = _cfgs([(128, 32, 4, 4), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)])
 # dk/dv holds two (BLOCK_N, D) fp32 accumulators: 8 warps keep big key tiles spill-free at D=64
 # and D=128 on sm_90 (benchmarks/triton_regs.py), where 4 warps spill from 128 keys up
 _DKDV_CONFIGS = _cfgs([(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 3), (64, 64, 8, 3),
