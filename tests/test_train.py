@@ -79,19 +79,19 @@ def test_chunked_ce_fp32_and_no_grad():
         chunked_cross_entropy(h, w, t[:5])
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_chunked_ce_cuda_low_precision(dtype):
-    """CUDA bf16/fp16 (the weight gradient summed over chunks by the GEMM in fp32): loss and
+def test_chunked_ce_low_precision(dtype, device):
+    """bf16/fp16 (on CUDA the weight gradient is summed over chunks by the GEMM in fp32): loss and
     gradients as close to the fp32 reference as torch's own low-precision head + CE gets."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    h = torch.randn(3, 700, 64, device="cuda", generator=g)
-    w = torch.randn(1000, 64, device="cuda", generator=g) * 0.1
-    t = torch.randint(0, 1000, (3, 700), device="cuda", generator=g)
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(3, 700, 64, device=device, generator=g)
+    w = torch.randn(1000, 64, device=device, generator=g) * 0.1
+    t = torch.randint(0, 1000, (3, 700), device=device, generator=g)
     t[:, ::7] = -100
 
     def run(fn, dt):
-        hh, ww = h.to(dt).requires_grad_(), w.to(dt).requires_grad_()
+        hh, ww = h.to(dt).detach().requires_grad_(), w.to(dt).detach().requires_grad_()
         loss = fn(hh, ww)
         loss.backward()
         return loss.float(), hh.grad.float(), ww.grad.float()
