@@ -51,10 +51,10 @@ def _run_chunk(logits, targets, ignore_index, want_grad):
 
 
 @functools.cache
-def _gemm_out_dtype_ok(device: torch.device) -> bool:
+def _gemm_out_dtype_ok(device: torch.device, dtype: torch.dtype) -> bool:
     """cuBLAS writes fp32 straight from a bf16/fp16 GEMM (torch.mm/addmm out_dtype, CUDA only)."""
     try:
-        a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        a = torch.ones(2, 2, device=device, dtype=dtype)
         return torch.addmm(torch.zeros(2, 2, device=device), a, a, out_dtype=torch.float32).dtype == torch.float32
     except (TypeError, RuntimeError):
         return False
@@ -65,7 +65,7 @@ def _wgrad_acc(grad_w, g, hc, acc):
     # into the fp32 sum itself: a bf16 product cast up and added costs ~5 extra passes over the
     # (V, C) fp32 gradient per chunk (~1.8 ms a GPT-2 step at 7 chunks)
     if (g.is_cuda and g.dtype != acc and not torch.compiler.is_compiling()
-            and _gemm_out_dtype_ok(g.device)):
+            and _gemm_out_dtype_ok(g.device, g.dtype)):
         if grad_w is None:
             return torch.mm(g.t(), hc, out_dtype=acc)
         return torch.addmm(grad_w, g.t(), hc, out_dtype=acc)
