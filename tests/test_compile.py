@@ -160,3 +160,20 @@ def test_inference_compiles_in_one_graph():
         want = model(x)
         got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_training_stack_is_one_graph(model_type, device):
+    # the benchmark's "ours + compile" is only as fast as its graph is whole: a break at any
+    # kernel (norm, attention, chunked CE) would cut inductor's fusions around it
+    extra = dict(n_kv_head=2, bias=False, activation="silu") if model_type == "llama" else {}
+    cfg = ModelConfig(model_type=model_type, n_layer=2, n_head=4, d_model=128, max_seq_len=64, vocab_size=320,
+                      **extra)
+    lm = LMLoss(GPT(cfg)).to(device)
+    model = CastParams(lm, torch.bfloat16 if device == "cuda" else torch.float32)
+    x, y = (t.to(device) for t in _batch())
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x, y)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
