@@ -5,6 +5,22 @@ import csv
 import json
 from pathlib import Path
 
+# datasheet peaks (HBM bytes/s, dense bf16 FLOP/s) of the GPUs this project is lent; the SXM parts
+# have the same tensor cores, the H200 faster memory
+_SPECS = {"h200": (4.8e12, 989e12), "h100": (3.35e12, 989e12)}
+
+
+def device_peaks(name: str | None = None) -> tuple[float, float, str]:
+    """(HBM bytes/s, dense bf16 FLOP/s, label) of the current CUDA device by its name; an unknown
+    GPU gets the H100's numbers, and the label says so."""
+    if name is None:
+        import torch
+        name = torch.cuda.get_device_name()
+    for key, (bw, flops) in _SPECS.items():
+        if key in name.lower():
+            return bw, flops, key.upper()
+    return *_SPECS["h100"], f"H100 figures (unknown GPU {name!r})"
+
 
 def bench_ms(fn, warmup=25, rep=100):
     """Median milliseconds of fn() on the GPU (CUDA events, L2 flushed between runs)."""

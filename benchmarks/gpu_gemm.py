@@ -1,4 +1,4 @@
-"""bf16 GEMM on the GPU: kernels.linear's GEMM (CUTLASS sm90 kernels on an H100, else mma.sync) vs
+"""bf16 GEMM on the GPU: kernels.linear's GEMM (CUTLASS sm90 kernels on Hopper (H100, H200), else mma.sync) vs
 torch (cuBLAS), TFLOP/s; the fused bias+GELU epilogue vs torch's two ops (F.linear then F.gelu);
 and the backward GEMMs (dgrad dz @ w, wgrad dz^T @ x) vs torch's matmuls."""
 from __future__ import annotations

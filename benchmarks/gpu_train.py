@@ -20,10 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks.common import md_table, save_rows
+from benchmarks.common import device_peaks, md_table, save_rows
 
 B, T, WARMUP, STEPS = 16, 1024, 5, 20
-PEAK = 989e12  # H100 SXM bf16 dense
 
 
 # --- the baseline: nanoGPT's model, trimmed -------------------------------------------
@@ -144,7 +143,7 @@ def _measure(name, build, compile_, outdir=None):
         _profile(step, Path(outdir) / f"train_profile_{name.replace(' + ', '_').replace(' ', '_')}.txt")
     n = sum(p.numel() for p in params) - 1024 * 768  # without position embeddings, as nanoGPT counts
     tok_s = B * T / (ms / 1e3)
-    mfu = tok_s * flops_per_token(resolve_config("gpt2"), n, T) / PEAK
+    mfu = tok_s * flops_per_token(resolve_config("gpt2"), n, T) / device_peaks()[1]
     row = dict(variant=name, step_ms=ms, tokens_per_s=tok_s, mfu_pct=100 * mfu,
                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30, warmup_s=warm_s,
                loss=float(loss) / (B * T))
