@@ -28,7 +28,7 @@ class SamplingFields(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
+    top_k: int = Field(-1, ge=-1, le=INT64)  # the sampler puts it in an int64 tensor: beyond, the engine loop dies
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -143,4 +143,10 @@ class ChatCompletionRequest(SamplingFields):
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {"error": {"message": _utf8(message), "type": type_, "param": _utf8(param), "code": code}}
+
+
+def _utf8(s: str | None) -> str | None:
+    # messages and params echo client input (a model name, a dict key), which JSON's "\ud800"
+    # can make a lone surrogate: the response's UTF-8 encoding would then fail with a 500
+    return s if s is None else s.encode("utf-8", "backslashreplace").decode("utf-8")

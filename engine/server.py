@@ -253,7 +253,8 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return JSONResponse(error_body(str(e.detail), code=code), status_code=e.status_code)
+        # e.headers carries the Allow of a 405, which RFC 9110 requires
+        return JSONResponse(error_body(str(e.detail), code=code), status_code=e.status_code, headers=e.headers)
 
     def check(model: str | None) -> None:
         if model is not None and model != engine.model_name:
@@ -293,8 +294,12 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
                 choices.append(Choice(i, pi, text, ids, params, f"{rid}-{i}"))
         return rid, choices
 
-    def token_ids_of(p) -> tuple[str, list[int]]:
+    def token_ids_of(p, param: str = "prompt") -> tuple[str, list[int]]:
         if isinstance(p, str):
+            try:  # JSON's "\ud800" decodes to a lone surrogate, on which the tokenizer raises TypeError
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(400, f"{param} is not valid Unicode: {e.reason}", param=param) from None
             ids = tok.encode(p)
             if not ids:
                 raise APIError(400, "prompt must not be empty", param="prompt")
@@ -430,7 +435,7 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
         messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
         text = template.render(messages, req.add_generation_prompt)
         top_n = (req.top_logprobs or 0) if req.logprobs else None
-        rid, choices = make_choices(req, [token_ids_of(text)], "chatcmpl", None, top_n)
+        rid, choices = make_choices(req, [token_ids_of(text, "messages")], "chatcmpl", None, top_n)
 
         def logprobs_of(entries) -> dict | None:
             if top_n is None:

@@ -230,6 +230,9 @@ BAD_COMPLETIONS = [
     ('[1, 2]', "body"),
     ('{"prompt": "x", "max_tokens": 100000}', "maximum context length"),
     ('{"prompt": "x", "seed": 1e30}', "seed"),
+    ('{"prompt": "x", "top_k": 100000000000000000000}', "top_k"),  # over int64: it killed the engine loop
+    ('{"prompt": "a\\ud800", "max_tokens": 2}', "unicode"),  # a lone surrogate: the tokenizer raised TypeError
+    ('{"prompt": ["ok", "\\udfff"], "max_tokens": 2}', "unicode"),
 ]
 
 
@@ -251,6 +254,7 @@ BAD_CHATS = [
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 100000}, "maximum context length"),
     ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}, "logit_bias"),
     ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": 2**64}, "top_k"),
 ]
 
 
@@ -259,6 +263,34 @@ def test_bad_chat_requests(srv, body, word):
     r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=auth(), timeout=30)
     assert r.status_code == 400, r.text
     assert word in r.json()["error"]["message"], r.text
+
+
+# JSON's "\ud800" escape decodes to a lone surrogate, which UTF-8 cannot encode: the error
+# body (echoing it) and the tokenizer failed with a 500. Raw bodies: httpx's json= refuses to send one.
+SURROGATES = [
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}', 400,
+     "messages"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+     400, "messages"),
+    ("/v1/completions", '{"prompt": "x", "model": "\\ud800"}', 404, "model"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "x"}], "model": "a\\udfffb"}', 404, "model"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", SURROGATES)
+def test_lone_surrogates(srv, path, body, status, param):
+    r = httpx.post(srv.url + path, content=body, timeout=30, headers={**auth(), "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == param, err
+    if status == 404:  # the name is shown escaped
+        assert "\\ud800" in err["message"] or "\\udfff" in err["message"], err
+
+
+def test_method_not_allowed_sends_allow(srv):
+    r = httpx.put(srv.url + "/v1/completions", headers=auth(), timeout=30)
+    assert r.status_code == 405 and r.headers.get("allow") == "POST", (r.headers, r.text)
+    assert r.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_context_error_names_lengths(client, srv):
