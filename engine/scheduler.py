@@ -10,6 +10,7 @@ mostly from the prefix cache).
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import deque
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.arrival = next(Sequence._counter)
         self.data = None                            # per-request state owned by the caller (detokenizer...)
+        self.table_row = None                       # the model runner's padded copy of block_table
 
     @property
     def num_tokens(self) -> int:
@@ -64,6 +66,10 @@ class Sequence:
                 f"computed={self.num_computed_tokens}, blocks={len(self.block_table)})")
 
 
+def _arrival(seq: Sequence) -> int:
+    return seq.arrival
+
+
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
@@ -76,7 +82,7 @@ class ScheduledBatch:
 
     @property
     def is_decode(self) -> bool:
-        return all(n == 1 for n in self.num_new_tokens)
+        return not self.num_new_tokens or max(self.num_new_tokens) == 1  # every n >= 1; max: 3x all()
 
     def __len__(self):
         return len(self.seqs)
@@ -139,32 +145,34 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget, bs = self.max_num_batched_tokens, self.bm.block_size
-        seqs, counts = [], []
-        done: set[int] = set()
-        # decodes first so a long prefill chunk cannot stall them; then prefill chunks; oldest first
-        order = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed_tokens > 1, s.arrival))
+        seqs, counts, sample = [], [], []
+        # running is kept in arrival order: decodes first so a long prefill chunk cannot stall
+        # them, then prefill chunks, each oldest first (a stable partition, not a sort: this loop
+        # is most of the host's work per step at hundreds of sequences)
+        order = [s for s in self.running if len(s.token_ids) - s.num_computed_tokens <= 1]
+        if len(order) < len(self.running):
+            order += [s for s in self.running if len(s.token_ids) - s.num_computed_tokens > 1]
         preempted = False
         for seq in order:
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            done, total = seq.num_computed_tokens, len(seq.token_ids)
+            n = total - done if total - done <= budget else budget
             # most decode steps fit the last block: skip the block manager (~1.4 us a sequence)
-            if seq.num_computed_tokens + n > len(seq.block_table) * bs:
-                while not self.bm.can_append(seq.block_table, seq.num_computed_tokens + n):
-                    victims = [s for s in self.running if id(s) not in done and s is not seq]
-                    victim = max(victims, key=lambda s: s.arrival) if victims else seq
-                    self._preempt(victim)
+            if done + n > len(seq.block_table) * bs:
+                while not self.bm.can_append(seq.block_table, done + n):
+                    self._preempt(self._victim(seq, seqs))
                     preempted = True
-                    if victim is seq:
+                    if seq.status is not Status.RUNNING:
                         break
                 if seq.status is not Status.RUNNING:
                     continue
-                self.bm.append(seq.block_table, seq.num_computed_tokens + n)
+                self.bm.append(seq.block_table, done + n)
             seqs.append(seq)
             counts.append(n)
-            done.add(id(seq))
+            sample.append(done + n == total)
             budget -= n
         # admit waiting sequences (not after a preemption: memory is short)
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
@@ -177,24 +185,32 @@ class Scheduler:
             seq.num_computed_tokens = seq.num_cached_tokens = cached
             seq.num_hashed_blocks = cached // self.bm.block_size
             seq.status = Status.RUNNING
-            self.running.append(seq)
+            bisect.insort(self.running, seq, key=_arrival)  # arrival order, whatever order waiting holds
             n = min(seq.num_tokens - cached, budget)
             seqs.append(seq)
             counts.append(n)
+            sample.append(cached + n == seq.num_tokens)
             budget -= n
-        sample = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, counts)]
         return ScheduledBatch(seqs, counts, sample)
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
+    def _victim(self, seq: Sequence, scheduled: list[Sequence]) -> Sequence:
+        """The newest running sequence not yet scheduled this step (else seq itself) to preempt."""
+        taken = set(map(id, scheduled))
+        return next((s for s in reversed(self.running) if s is not seq and id(s) not in taken), seq)
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[int]:
         """Advance each scheduled sequence; append sampled tokens; finish those that hit eos,
         a stop token, max_tokens or the context limit. Returns the batch indices that got a token."""
         out = []
+        bm, max_len = self.bm, self.max_model_len
+        hashing = bm.enable_prefix_caching
         for i, (seq, n, tok) in enumerate(zip(batch.seqs, batch.num_new_tokens, sampled)):
             if seq.status is not Status.RUNNING:  # aborted while the step ran
                 continue
             seq.num_computed_tokens += n
-            seq.num_hashed_blocks = self.bm.commit(seq.block_table, seq.token_ids, seq.num_computed_tokens,
-                                                   seq.num_hashed_blocks)
+            if hashing and seq.num_computed_tokens // bm.block_size > seq.num_hashed_blocks:  # a block filled up
+                seq.num_hashed_blocks = bm.commit(seq.block_table, seq.token_ids, seq.num_computed_tokens,
+                                                  seq.num_hashed_blocks)
             if tok is None:
                 continue
             seq.token_ids.append(tok)
@@ -204,6 +220,6 @@ class Scheduler:
                 self.finish(seq, "stop")
             elif p.stop_token_ids and tok in p.stop_token_ids:
                 self.finish(seq, "stop")
-            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            elif (total := len(seq.token_ids)) - seq.num_prompt_tokens >= p.max_tokens or total >= max_len:
                 self.finish(seq, "length")
         return out

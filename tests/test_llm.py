@@ -327,6 +327,26 @@ def test_runner_host_tensors():
     assert len(padded_tables([], 4)) == 0
 
 
+def test_runner_table_rows_follow_the_tables():
+    # kept rows are rebuilt when a table grows, is replaced (re-admission) or the width changes
+    from types import SimpleNamespace
+
+    from engine.runner import padded_tables, table_rows
+    a, b = SimpleNamespace(block_table=[5, 1], table_row=None), SimpleNamespace(block_table=[], table_row=None)
+
+    def check(width):
+        got = table_rows([a, b], width)
+        assert got == padded_tables([a.block_table, b.block_table], width)
+    check(4)
+    a.block_table.append(9)
+    check(4)
+    a.block_table = [2, 3, 4]  # a new list of the same length
+    check(4)
+    b.block_table.extend([7, 8])
+    check(5)
+    assert len(table_rows([], 4)) == 0
+
+
 def test_runner_decode_inputs_equal_the_general_path(models):
     # prepare()'s one-token fast path builds what the general per-range loop builds, sampled rows or not
     from engine.scheduler import ScheduledBatch

@@ -20,6 +20,8 @@ def run_step(s: Scheduler):
     sampled = [seq.num_tokens % 7 if smp else None for seq, smp in zip(batch.seqs, batch.sample)]
     s.postprocess(batch, sampled)
     s.bm.check()
+    # running stays in arrival order (re-admitted preempted ones too): the batch's order rests on it
+    assert [q.arrival for q in s.running] == sorted(q.arrival for q in s.running)
     return batch
 
 
