@@ -172,9 +172,9 @@ class ModelRunner:
         if batch.is_decode and self.graphs and len(batch) <= max(self.graphs):
             return self._replay(ids, pos, slots, seq_lens, batch.seqs)[:len(batch)][
                 torch.tensor(logits_idx, device=self.device) if len(logits_idx) != len(batch) else slice(None)]
-        # every step's table as wide as the longest possible sequence: kept rows stay valid as the
-        # batch's longest table grows, and the kernels read only each sequence's own blocks
-        width = self.max_blocks_per_seq
+        # the width rounded up to a power of two: kept rows stay valid while the batch's longest
+        # table grows, and the decode kernel's split-K (sized from the width) stays near the need
+        width = min(1 << (max(map(len, tables)) - 1).bit_length(), self.max_blocks_per_seq)
         table = self._to(table_rows(batch.seqs, width), torch.int32).view(len(tables), width)
         meta = StepMeta(slot_mapping=self._to(slots, torch.long), block_table=table,
                         seq_lens=self._to(seq_lens, torch.int32), cu_seqlens_q=self._to(cu_q, torch.int32),
