@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 _GREEDY_EPS = 1e-5
+_FMAX = torch.finfo(torch.float32).max
+_FTINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass
@@ -93,8 +95,11 @@ def apply_penalties(logits, params, prompt_ids, output_ids):
         r, c = _rows([(pi + oi) if p.repetition_penalty != 1.0 else []
                       for p, pi, oi in zip(params, prompt_ids, output_ids)], dev)
         seen[r, c] = True
-        pen = torch.tensor(rep, dtype=logits.dtype, device=dev)[:, None]
-        logits.copy_(torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits))
+        # a valid float penalty can be 0 or inf in fp32 (1e-300, 1e300): x / 0 and 0 * inf are NaN,
+        # so keep the penalty and the penalized logits finite
+        pen = torch.tensor(rep, dtype=logits.dtype, device=dev).clamp(_FTINY, _FMAX)[:, None]
+        pen_logits = torch.where(logits > 0, logits / pen, logits * pen).clamp(-_FMAX, _FMAX)
+        logits.copy_(torch.where(seen, pen_logits, logits))
     if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
         counts = torch.zeros(B, V, dtype=logits.dtype, device=dev)
         r, c = _rows([oi if (p.presence_penalty or p.frequency_penalty) else []
@@ -117,6 +122,7 @@ def apply_top_k_top_p(logits, top_k: torch.Tensor | None, top_p: torch.Tensor | 
         probs = sorted_logits.masked_fill(mask, float("-inf")).softmax(-1)
         # drop a token when the mass before it already reaches top_p (the first one always stays)
         mask |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+        mask[:, 0] = False  # ... even if top_p is 0 in fp32 (1e-300): then it is greedy
     return logits.scatter(-1, idx, sorted_logits.masked_fill(mask, float("-inf")))
 
 
@@ -160,7 +166,9 @@ class Sampler:
             tokens = _argmax(logits)
         else:
             temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev)
-            x = logits / temp[:, None]
+            # finite scores, or softmax's inf - inf is NaN: a logit at the fp32 edge (a penalty) over a
+            # small temperature overflows; a huge one (1e300 is inf in fp32) stays finite
+            x = (logits / temp.clamp_max(_FMAX)[:, None]).clamp(-_FMAX, _FMAX)
             use_k = any(p.top_k > 0 for p in params)
             use_p = any(p.top_p < 1.0 for p in params)
             if use_k or use_p:

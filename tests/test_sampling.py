@@ -116,3 +116,20 @@ def test_logprobs_are_raw_log_softmax_with_top_n():
         assert math.isclose(v, ref[0, t].item(), rel_tol=1e-5)
     assert set(lps[0]) == set(ref[0].topk(3).indices.tolist())
     assert list(lps[2]) == [toks[2]]
+
+
+@pytest.mark.parametrize("kw, want", [
+    (dict(top_p=1e-300), 3),                        # 0 in fp32: the top token stays (greedy)
+    (dict(repetition_penalty=1e-300), 1),           # 0 in fp32: the seen positive logit / 0 must not be inf
+    (dict(temperature=0.01, repetition_penalty=1e300), 3),  # inf in fp32: the seen 0 logit * inf must not be NaN
+    (dict(temperature=2e-5, repetition_penalty=1e-36), 1),  # a huge penalized logit over a tiny temperature
+])
+def test_extreme_valid_values_give_finite_scores(kw, want):
+    # valid floats that round to 0 or inf in fp32 once made NaN scores, and a NaN row samples token 0
+    logits = torch.tensor([[-1.0, 0.5, 0.0, 4.0, -2.0]]).expand(64, 5).contiguous()
+    logits[:, 2] = 0.0
+    p = SamplingParams(**kw)
+    seen = [[1, 2]] * 64  # tokens 1 (positive logit) and 2 (zero logit) were seen
+    toks, _ = Sampler(seed=0)(logits, [p] * 64, prompt_ids=seen if p.has_penalties else None,
+                              output_ids=[[]] * 64 if p.has_penalties else None)
+    assert toks == [want] * 64
