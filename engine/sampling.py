@@ -11,13 +11,14 @@ temperature (vLLM's "raw_logprobs"), so they mean the same whatever the sampling
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 _GREEDY_EPS = 1e-5
 _FMAX = torch.finfo(torch.float32).max
-_FTINY = torch.finfo(torch.float32).tiny
+_PEN_RANGE = (1e-30, 1e30)
 
 
 @dataclass
@@ -41,6 +42,9 @@ class SamplingParams:
             raise ValueError(msg)
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), numbers.Real):
+                bad(f"{name} must be a number, got {getattr(self, name)!r}")
         if not self.temperature >= 0.0:  # also catches NaN
             bad(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -95,9 +99,9 @@ def apply_penalties(logits, params, prompt_ids, output_ids):
         r, c = _rows([(pi + oi) if p.repetition_penalty != 1.0 else []
                       for p, pi, oi in zip(params, prompt_ids, output_ids)], dev)
         seen[r, c] = True
-        # a valid float penalty can be 0 or inf in fp32 (1e-300, 1e300): x / 0 and 0 * inf are NaN,
-        # so keep the penalty and the penalized logits finite
-        pen = torch.tensor(rep, dtype=logits.dtype, device=dev).clamp(_FTINY, _FMAX)[:, None]
+        # 1e-300 and 1e300 are 0 and inf in fp32 (x / 0, 0 * inf: NaN). Within _PEN_RANGE a
+        # penalty keeps the order of any real logit; the clamp keeps the rest finite.
+        pen = torch.tensor(rep, dtype=logits.dtype, device=dev).clamp(*_PEN_RANGE)[:, None]
         pen_logits = torch.where(logits > 0, logits / pen, logits * pen).clamp(-_FMAX, _FMAX)
         logits.copy_(torch.where(seen, pen_logits, logits))
     if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
@@ -166,8 +170,8 @@ class Sampler:
             tokens = _argmax(logits)
         else:
             temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev)
-            # finite scores, or softmax's inf - inf is NaN: a logit at the fp32 edge (a penalty) over a
-            # small temperature overflows; a huge one (1e300 is inf in fp32) stays finite
+            # scores stay finite, or softmax's inf - inf is NaN: a big penalized logit over a small
+            # temperature overflows, and a huge temperature (1e300 is inf in fp32) makes -inf / inf
             x = (logits / temp.clamp_max(_FMAX)[:, None]).clamp(-_FMAX, _FMAX)
             use_k = any(p.top_k > 0 for p in params)
             use_p = any(p.top_p < 1.0 for p in params)

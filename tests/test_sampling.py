@@ -9,10 +9,20 @@ from engine.sampling import SamplingParams, Sampler, _argmax, apply_min_p, apply
 @pytest.mark.parametrize("kw", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),
                                 dict(top_k=-2), dict(max_tokens=0), dict(min_p=1.5), dict(repetition_penalty=0.0),
                                 dict(presence_penalty=3.0), dict(frequency_penalty=-2.5), dict(logprobs=-1),
-                                dict(stop=[""]), dict(stop_token_ids=[-1]), dict(temperature=float("nan"))])
+                                dict(stop=[""]), dict(stop_token_ids=[-1]), dict(temperature=float("nan")),
+                                dict(presence_penalty=1e300), dict(frequency_penalty=-1e300),
+                                dict(repetition_penalty=float("nan")), dict(min_p=float("nan")),
+                                dict(top_p=None), dict(temperature="0.5"), dict(repetition_penalty=True)])
 def test_params_reject_impossible_values(kw):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(kw))):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=1e-300), dict(temperature=1e-300), dict(temperature=1e300),
+                                dict(repetition_penalty=1e-300), dict(repetition_penalty=1e300),
+                                dict(min_p=1e-300), dict(presence_penalty=1e-300), dict(top_p=5e-324)])
+def test_params_accept_tiny_and_huge_valid_values(kw):
+    assert getattr(SamplingParams(**kw), next(iter(kw))) == next(iter(kw.values()))
 
 
 def test_params_defaults_and_normalisation():
@@ -32,6 +42,49 @@ def test_top_k_top_p_masks():
     # the most likely token always survives
     out = apply_top_k_top_p(logits, None, torch.tensor([1e-6, 1e-6]))
     assert torch.isfinite(out).sum(-1).tolist() == [1, 1] and torch.isfinite(out[1, 3])
+    out = apply_top_k_top_p(logits, None, torch.tensor([0.0, 1e-300]))  # 0 in fp32: greedy, not all masked
+    assert torch.isfinite(out).sum(-1).tolist() == [1, 1] and torch.isfinite(out[1, 3])
+
+
+def _edge_logits():
+    """The argmax is token 7, never 0: a NaN row would come out as token 0 (argmax takes NaN as
+    the maximum). Token 0's logit is exactly 0 (0 * inf = NaN); then 7 > 3 > 5 > 0 > the rest."""
+    logits = torch.linspace(-3, -1, 20)
+    logits[0], logits[3], logits[5], logits[7] = 0.0, 2.0, 1.0, 4.0
+    return logits[None].expand(3, 20).clone()
+
+
+# (params, the only token it may give): all but the last rows are certain draws
+@pytest.mark.parametrize("kw,want", [
+    (dict(top_p=1e-300), 7), (dict(top_p=5e-324, temperature=2.0), 7), (dict(top_p=1e-300, min_p=1e-300), 7),
+    (dict(temperature=1e-300), 7), (dict(temperature=1e-300, top_p=1e-300), 7),
+    # seen {0, 3, 5, 7}: a tiny penalty makes the largest seen positive logit (7) certain
+    (dict(repetition_penalty=1e-300), 7), (dict(repetition_penalty=1e-40, temperature=1e-4), 7),
+    (dict(repetition_penalty=1e-300, temperature=1e300), None), (dict(repetition_penalty=1e-300, min_p=1.0), 7),
+    (dict(repetition_penalty=1e-300, temperature=0), 7),
+    # seen {0, 3, 7}: a huge penalty takes them to ~0, so unseen 5 (logit 1) is the greedy token, certain
+    # under a small temperature
+    (dict(repetition_penalty=1e300, temperature=1e-3), 5), (dict(repetition_penalty=float("inf"), temperature=0), 5),
+    (dict(repetition_penalty=1e300, temperature=1e300), None), (dict(repetition_penalty=1e300, min_p=1.0), 5),
+])
+def test_tiny_and_huge_values_give_finite_scores_not_nan(kw, want):
+    logits = _edge_logits()
+    rep = kw.get("repetition_penalty", 1.0)
+    seen = [0, 3, 7] if rep > 1 else [0, 3, 5, 7] if rep < 1 else []
+    p = SamplingParams(**kw)
+    if p.has_penalties:
+        pen = apply_penalties(logits.clone(), [p] * 3, [seen] * 3, [[]] * 3)
+        assert torch.isfinite(pen).all()
+    # with a greedy row and a default row beside it: the batch neither changes it nor is changed
+    ps = [p, SamplingParams(temperature=0), SamplingParams()]
+    for seed in range(10):
+        toks, _ = Sampler(seed=seed)(logits, ps, [seen, [], []], [[]] * 3)
+        assert toks[1] == 7
+        if want is not None:
+            assert toks[0] == want, (kw, toks)
+    if want is None:  # the huge temperature is about uniform: draws spread, not one NaN-made token 0
+        toks, _ = Sampler(seed=0)(logits[:1].expand(400, 20), [p] * 400, [seen] * 400, [[]] * 400)
+        assert len(set(toks)) > 10
 
 
 def test_min_p_mask():
@@ -116,20 +169,3 @@ def test_logprobs_are_raw_log_softmax_with_top_n():
         assert math.isclose(v, ref[0, t].item(), rel_tol=1e-5)
     assert set(lps[0]) == set(ref[0].topk(3).indices.tolist())
     assert list(lps[2]) == [toks[2]]
-
-
-@pytest.mark.parametrize("kw, want", [
-    (dict(top_p=1e-300), 3),                        # 0 in fp32: the top token stays (greedy)
-    (dict(repetition_penalty=1e-300), 1),           # 0 in fp32: the seen positive logit / 0 must not be inf
-    (dict(temperature=0.01, repetition_penalty=1e300), 3),  # inf in fp32: the seen 0 logit * inf must not be NaN
-    (dict(temperature=2e-5, repetition_penalty=1e-36), 1),  # a huge penalized logit over a tiny temperature
-])
-def test_extreme_valid_values_give_finite_scores(kw, want):
-    # valid floats that round to 0 or inf in fp32 once made NaN scores, and a NaN row samples token 0
-    logits = torch.tensor([[-1.0, 0.5, 0.0, 4.0, -2.0]]).expand(64, 5).contiguous()
-    logits[:, 2] = 0.0
-    p = SamplingParams(**kw)
-    seen = [[1, 2]] * 64  # tokens 1 (positive logit) and 2 (zero logit) were seen
-    toks, _ = Sampler(seed=0)(logits, [p] * 64, prompt_ids=seen if p.has_penalties else None,
-                              output_ids=[[]] * 64 if p.has_penalties else None)
-    assert toks == [want] * 64
