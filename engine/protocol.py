@@ -141,6 +141,18 @@ class ChatCompletionRequest(SamplingFields):
         return self
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body (OpenAI's shape); documented in /openapi.json."""
+    error: ErrorDetail
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": _utf8(message), "type": type_, "param": _utf8(param), "code": code}}

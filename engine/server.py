@@ -24,11 +24,12 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.metrics import Metrics
-from engine.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from engine.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body
 from engine.sampling import SamplingParams
 
 log = logging.getLogger("gpt_engine.server")
@@ -208,6 +209,30 @@ def _norm_logprobs(out) -> list[tuple[int, float, list[tuple[int, float]]]]:
 
 # ---------------------------------------------------------------- the app
 
+def _err(description: str) -> dict:
+    return {"model": ErrorResponse, "description": description}
+
+
+GENERATE_ERRORS = {400: _err("invalid request: wrong types, out-of-range values, prompt + max_tokens over "
+                             "the context, malformed JSON"),
+                   401: _err("missing or wrong API key (only with --api-key)"),
+                   404: _err("unknown model"), 503: _err("the engine cannot serve")}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema with its default 422 removed: validation errors answer 400 here, in
+    OpenAI's error body, so a schema-driven client (or fuzzer) expects what the server sends."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for ops in schema["paths"].values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | None = None) -> FastAPI:
     """The server app over an AsyncLLM. Its lifespan starts the engine (if not yet running)
     and stops it at shutdown, so in-flight requests are finished or aborted."""
@@ -232,6 +257,7 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
 
     app = FastAPI(title="gpt-engine", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
+    app.openapi = lambda: _openapi(app)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -374,13 +400,13 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses={404: _err("no such model")})
     async def model(model_id: str):
         if model_id != engine.model_name:
             raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
         return model_card()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATE_ERRORS)
     async def completions(req: CompletionRequest, request: Request):
         t0 = time.perf_counter()
         check(req.model)
@@ -428,7 +454,7 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
                             for c in choices],
                 "usage": _usage(choices)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATE_ERRORS)
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         t0 = time.perf_counter()
         check(req.model)

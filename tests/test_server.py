@@ -293,6 +293,20 @@ def test_method_not_allowed_sends_allow(srv):
     assert r.json()["error"]["code"] == "method_not_allowed"
 
 
+def test_openapi_documents_the_errors_it_sends(srv):
+    # validation failures answer 400 (not FastAPI's default 422) in OpenAI's error body
+    r = httpx.post(srv.url + "/v1/completions", headers=auth(), json={"prompt": "hi", "n": 0}, timeout=30)
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    schema = httpx.get(srv.url + "/openapi.json", headers=auth(), timeout=30).json()
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert "422" not in responses and {"200", "400", "401", "404", "503"} <= set(responses), responses
+        ref = responses["400"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/ErrorResponse")
+    err = schema["components"]["schemas"]["ErrorDetail"]
+    assert set(err["required"]) == {"message", "type"} and "HTTPValidationError" not in schema["components"]["schemas"]
+
+
 def test_context_error_names_lengths(client, srv):
     n = srv.engine.max_model_len
     with pytest.raises(openai.BadRequestError) as e:
