@@ -2,6 +2,9 @@
 // Shapes are 2-D here (the Python side flattens leading dims); dtypes must match x's.
 #include <c10/core/DeviceGuard.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "checks.h"
 
 using OptT = c10::optional<at::Tensor>;
@@ -15,8 +18,8 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
 void store_kvcache_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                        const at::Tensor& slot_mapping);
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const OptT& bias, int64_t act);
-int64_t linear_cpu_panel();
-at::Tensor linear_cpu_pack(const at::Tensor& w);
+std::vector<int64_t> linear_cpu_panels();
+at::Tensor linear_cpu_pack(const at::Tensor& w, int64_t panel);
 at::Tensor linear_cpu_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act);
 void rope_cpu_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads);
 at::Tensor swiglu_cpu(const at::Tensor& f);
@@ -132,23 +135,32 @@ std::vector<at::Tensor> gemm(const at::Tensor& a, const at::Tensor& b, const Opt
 }
 
 // The CPU inference GEMM on a weight rearranged once by linear_pack: w (N, K) float32 ->
-// (ceil(N / panel), K, panel). linear_packed(x (M, K), packed, bias (N,) or None, N, act) -> (M, N).
-at::Tensor linear_pack(const at::Tensor& w) {
+// (ceil(N / panel), K, panel), panel one of linear_panels() (0: the first, the fastest here).
+// linear_packed(x (M, K), packed, bias (N,) or None, N, act) -> (M, N).
+static bool known_panel(int64_t p) {
+  const auto ps = linear_cpu_panels();
+  return std::find(ps.begin(), ps.end(), p) != ps.end();
+}
+
+at::Tensor linear_pack(const at::Tensor& w, int64_t panel) {
   TORCH_CHECK_TYPE(w.device().is_cpu() && w.scalar_type() == at::kFloat, "linear_pack: w must be a CPU float32 "
                    "tensor, got ", w.scalar_type(), " on ", w.device());
   TORCH_CHECK_VALUE(w.dim() == 2, "linear_pack: w must be 2-D (N, K), got ", w.sizes());
-  return linear_cpu_pack(w.contiguous());
+  if (panel == 0) panel = linear_cpu_panels()[0];
+  TORCH_CHECK_VALUE(known_panel(panel), "linear_pack: panel must be 0 or one of this CPU's ",
+                    c10::IntArrayRef(linear_cpu_panels()), ", got ", panel);
+  return linear_cpu_pack(w.contiguous(), panel);
 }
 
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act) {
   TORCH_CHECK_TYPE(x.device().is_cpu() && x.scalar_type() == at::kFloat, "linear_packed: x must be a CPU float32 "
                    "tensor, got ", x.scalar_type(), " on ", x.device());
   TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "linear_packed: x must be contiguous (M, K), got ", x.sizes());
-  const int64_t P = linear_cpu_panel();
-  TORCH_CHECK_VALUE(pw.dim() == 3 && pw.size(2) == P && pw.size(1) == x.size(1) && pw.is_contiguous() &&
+  TORCH_CHECK_VALUE(pw.dim() == 3 && known_panel(pw.size(2)) && pw.size(1) == x.size(1) && pw.is_contiguous() &&
                         pw.scalar_type() == at::kFloat && pw.device().is_cpu(),
                     "linear_packed: packed must come from linear_pack of an (N, ", x.size(1), ") float32 weight, got ",
                     pw.sizes());
+  const int64_t P = pw.size(2);
   TORCH_CHECK_VALUE(N > 0 && (N + P - 1) / P == pw.size(0), "linear_packed: N = ", N, " does not match the ",
                     pw.size(0), " panels of ", P, " rows");
   if (present(bias)) {
@@ -447,7 +459,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("rms"));
   m.def("gemm", &gemm, "a @ b.T + bias with a fused activation -> [y, pre-activation or None]", py::arg("a"),
         py::arg("b"), py::arg("bias"), py::arg("act"), py::arg("save_preact"));
-  m.def("linear_pack", &linear_pack, "w (N, K) float32 -> the panels linear_packed reads", py::arg("w"));
+  m.def("linear_pack", &linear_pack, "w (N, K) float32 -> the panels linear_packed reads", py::arg("w"),
+        py::arg("panel") = 0);
+  m.def("linear_panels", &linear_cpu_panels, "the panel widths linear_pack can make on this CPU, fastest first");
   m.def("linear_packed", &linear_packed, "CPU act(x @ w.T + bias) on a weight from linear_pack -> (M, N)",
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("n"), py::arg("act"));
   m.def("swiglu", &swiglu, "CPU [gate | up] -> silu(gate) * up", py::arg("f"));

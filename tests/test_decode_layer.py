@@ -123,16 +123,21 @@ def test_errors(monkeypatch):
     assert pack_layer(tuple(w if w is None else w.double() for w in weights)) is None  # not float32
 
 
-# (M, N, K): rows not a multiple of the 4-row tile, N not of the 24-row panel, K odd; more rows than
-# one 128-row block
-@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (5, 23, 7), (32, 768, 256), (7, 50, 33), (131, 97, 64)])
+# (M, N, K): rows not a multiple of the 4- or 8-row tile, N not of the 24- or 48-row panel, K odd;
+# more rows than one 128-row block. Every panel width this CPU runs (48: AVX-512)
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (5, 23, 7), (13, 47, 9), (32, 768, 256), (7, 50, 33), (131, 97, 64)])
 @pytest.mark.parametrize("act", [0, 1, 2, 3])
 @pytest.mark.parametrize("bias", [True, False])
-def test_packed_gemm(M, N, K, act, bias):
+@pytest.mark.parametrize("panel", [0, 24, 48])
+def test_packed_gemm(M, N, K, act, bias, panel):
+    if panel and panel not in ext().linear_panels():
+        pytest.skip(f"this CPU packs {ext().linear_panels()}")
     g = torch.Generator().manual_seed(M * N + K)
     x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5
     b = torch.randn(N, generator=g) if bias else None
-    y = ext().linear_packed(x, ext().linear_pack(w), b, N, act)
+    pw = ext().linear_pack(w, panel)
+    assert pw.shape[2] == (panel or ext().linear_panels()[0])
+    y = ext().linear_packed(x, pw, b, N, act)
     ref = R.linear(x.double(), w.double(), None if b is None else b.double(),
                    [None, "gelu", "gelu_tanh", "relu"][act])
     torch.testing.assert_close(y, ref.float(), atol=1e-5, rtol=1e-5)
@@ -143,7 +148,11 @@ def test_packed_gemm_errors():
     pw = ext().linear_pack(w)
     x = torch.randn(3, 16)
     with pytest.raises(ValueError, match="does not match"):
-        ext().linear_packed(x, pw, None, 50, 0)  # 50 rows are 3 panels, not 2
+        ext().linear_packed(x, pw, None, 3 * pw.shape[2], 0)  # 3 panels, not the 1 or 2 of 30 rows
+    with pytest.raises(ValueError, match="panel must be"):
+        ext().linear_pack(w, 16)
+    with pytest.raises(ValueError, match="linear_pack"):
+        ext().linear_packed(x, torch.zeros(2, 16, 16), None, 30, 0)  # a panel width the kernel does not have
     with pytest.raises(ValueError, match="linear_pack"):
         ext().linear_packed(torch.randn(3, 15), pw, None, 30, 0)  # K differs
     with pytest.raises(ValueError, match="linear_pack"):
