@@ -18,7 +18,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
 void store_kvcache_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                        const at::Tensor& slot_mapping);
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const OptT& bias, int64_t act);
-std::vector<int64_t> linear_cpu_panels();
+const std::vector<int64_t>& linear_cpu_panels();
 at::Tensor linear_cpu_pack(const at::Tensor& w, int64_t panel);
 at::Tensor linear_cpu_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act);
 void rope_cpu_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads);
@@ -138,7 +138,7 @@ std::vector<at::Tensor> gemm(const at::Tensor& a, const at::Tensor& b, const Opt
 // (ceil(N / panel), K, panel), panel one of linear_panels() (0: the first, the fastest here).
 // linear_packed(x (M, K), packed, bias (N,) or None, N, act) -> (M, N).
 static bool known_panel(int64_t p) {
-  const auto ps = linear_cpu_panels();
+  const auto& ps = linear_cpu_panels();
   return std::find(ps.begin(), ps.end(), p) != ps.end();
 }
 

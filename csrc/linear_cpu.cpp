@@ -216,8 +216,8 @@ AVX2 void packed_avx2(PACKED_ARGS) { PACKED_CALL }
 #endif
 
 // ---- The packed GEMM on AVX-512: panels of 48 rows (three 16-float vectors) against 8 rows of x,
-// 24 accumulators of the 32 registers; 1.7-1.8x the AVX2 kernel above on a 2-core Cascade Lake
-// (58-63 -> 106-117 GFLOP/s at 32 and 128 rows). Its own functions, each compiled for the
+// 24 accumulators of the 32 registers; 1.4-1.8x the AVX2 kernel above on a 2-core Cascade Lake
+// (58-65 -> 88-117 GFLOP/s at 32 and 128 rows, warm). Its own functions, each compiled for the
 // target: written as templates of the vector type and inlined, GCC built each broadcast lane by
 // lane and kept the accumulators in memory, in both widths (3-4x slower).
 #ifdef HAVE_AVX2_CLONES
@@ -313,12 +313,15 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optio
   return y;
 }
 
-// the panel widths linear_cpu_pack can make here, fastest first
-std::vector<int64_t> linear_cpu_panels() {
+// the panel widths linear_cpu_pack can make here, fastest first; asked on every linear_packed call
+const std::vector<int64_t>& linear_cpu_panels() {
+  static const std::vector<int64_t> panels = [] {
 #ifdef HAVE_AVX2_CLONES
-  if (cpu_has_avx512()) return {PNR16, PNR};
+    if (cpu_has_avx512()) return std::vector<int64_t>{PNR16, PNR};
 #endif
-  return {PNR};
+    return std::vector<int64_t>{PNR};
+  }();
+  return panels;
 }
 
 // w (N, K) float32 contiguous -> (ceil(N / W), K, W), rows past N zero; W one of linear_cpu_panels
