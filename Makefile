@@ -3,27 +3,42 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+GPT := $(VENV)/bin/gpt-engine
 RUN_DIR ?= runs/tiny
+# the tested versions (see constraints.txt); `make clean test CONSTRAINTS=` runs on the newest releases
+CONSTRAINTS ?= constraints.txt
+TRITON_CPU := triton==3.9.0
+PIP_C := $(if $(CONSTRAINTS),-c $(VENV)/constraints.txt)
+# no script directory or cwd on sys.path: the repository's kernels/ folder must never shadow the
+# `kernels` package that transformers imports (Python >= 3.11; tests import the installed package)
+export PYTHONSAFEPATH := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test bench gpu-check cutlass clean
+# benchmarks run as `python -m benchmarks.X` from a folder that holds only a link to benchmarks/,
+# so that the repository root (and its kernels/ folder) never lands on sys.path
+BENCH_PATH = mkdir -p build/bench-path && ln -sfn $(CURDIR)/benchmarks build/bench-path/benchmarks \
+	&& PYTHONPATH=$(CURDIR)/build/bench-path
+
+.PHONY: setup run test bench constraints gpu-check cutlass clean
 
 $(VPY):
 	$(PY) -m venv $(VENV) --system-site-packages
 
 # torch only when none is importable (a system torch is reused through --system-site-packages)
-$(STAMP): $(VPY) pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
+$(STAMP): $(VPY) pyproject.toml setup.py $(CONSTRAINTS) $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h csrc/*.cuh)
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install torch==2.13.0 || $(VPY) -m pip install torch
-	$(VPY) -m pip install -q setuptools wheel ninja pybind11
-	MAX_JOBS=$$(nproc) $(VPY) -m pip install -q -e '.[test]' --no-build-isolation
-	$(VPY) -c "import torch, kernels._C"
+	# a CUDA torch pins its own triton; a CPU-only torch gets the tested one
+	$(if $(CONSTRAINTS),{ cat $(CONSTRAINTS); $(VPY) -c "import torch; print('' if torch.version.cuda else '$(TRITON_CPU)')"; } > $(VENV)/constraints.txt)
+	$(VPY) -m pip install -q $(PIP_C) setuptools wheel ninja pybind11
+	MAX_JOBS=$$(nproc) $(VPY) -m pip install -q $(PIP_C) -e '.[test,bench]' --no-build-isolation
+	cd $(VENV) && ./bin/python -c "import torch, gpt_engine.kernels._C"
 	touch $@
 
 setup: $(STAMP)
 
 run: setup
-	$(VPY) -m engine train --out $(RUN_DIR)
-	$(VPY) -m engine generate $(RUN_DIR) --max-tokens 96 --temperature 0.8 --seed 0 \
+	$(GPT) train --out $(RUN_DIR)
+	$(GPT) generate $(RUN_DIR) --max-tokens 96 --temperature 0.8 --seed 0 \
 		--prompt "def " --prompt "import os" --prompt "class Parser:" --prompt "    for i in range(" \
 		--prompt "# Copyright" --prompt "if __name__ ==" --prompt "try:" --prompt "def __init__(self"
 
@@ -31,9 +46,13 @@ run: setup
 test: setup
 	$(VPY) -m pytest -q -m "not gpu" -p no:cacheprovider || [ $$? -eq 5 ]
 
+# refresh constraints.txt on purpose: the newest releases that resolve for .[test,bench]
+constraints: $(VPY)
+	$(VPY) .ci/constraints.py > constraints.txt
+
 bench: setup
 	$(VPY) -m pytest benchmarks -q --benchmark-only -p no:cacheprovider || [ $$? -eq 5 ]
-	$(VPY) -m engine bench gpt2-tiny --num-prompts 32
+	$(GPT) bench gpt2-tiny --num-prompts 32
 
 # CUTLASS's headers (for csrc/gemm_sm90_*.cu), from their package without its Python dependencies
 CUTLASS_PKG := nvidia-cutlass==4.2.0.0
@@ -44,7 +63,7 @@ cutlass: $(VPY)
 gpu-check:
 	MAX_JOBS=16 $(PY) -m pip install -q -e . --no-build-isolation --no-deps
 	$(PY) -m pytest -q -m gpu tests -p no:cacheprovider || [ $$? -eq 5 ]
-	$(PY) -m benchmarks.gpu_suite
+	$(BENCH_PATH) $(PY) -m benchmarks.gpu_suite
 
 clean:
 	rm -rf build $(VENV) *.egg-info kernels/_C*.so

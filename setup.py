@@ -1,4 +1,4 @@
-"""Builds kernels._C: CUDAExtension when torch has CUDA and nvcc exists, else CppExtension."""
+"""Builds gpt_engine.kernels._C: CUDAExtension when torch has CUDA and nvcc exists, else CppExtension."""
 import glob
 import importlib.util
 import os
@@ -35,14 +35,14 @@ if _cuda_build():
         cu = [f for f in cu if not os.path.basename(f).startswith("gemm_sm90")]
         print("setup.py: CUTLASS headers not found (make cutlass): building without the sm90 GEMMs")
     module = ext.CUDAExtension(
-        "kernels._C", cpp + cu, include_dirs=[os.path.join(here, "csrc")] + cutlass,
+        "gpt_engine.kernels._C", cpp + cu, include_dirs=[os.path.join(here, "csrc")] + cutlass,
         define_macros=[("WITH_CUDA", None)] + ([("GPT_ENGINE_CUTLASS", None)] if cutlass else []),
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-DNDEBUG",  # CUTLASS asserts break wgmma overlap
                                                  "-gencode", "arch=compute_90a,code=sm_90a",
                                                  "-gencode", "arch=compute_80,code=sm_80"]},
         extra_link_args=link)
 else:
-    module = ext.CppExtension("kernels._C", cpp, include_dirs=[os.path.join(here, "csrc")],
+    module = ext.CppExtension("gpt_engine.kernels._C", cpp, include_dirs=[os.path.join(here, "csrc")],
                               extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 setup(ext_modules=[module], cmdclass={"build_ext": ext.BuildExtension.with_options(use_ninja=True)})

@@ -48,7 +48,7 @@ def _sdpa(backend):
 
 
 def _providers():
-    import kernels
+    from gpt_engine import kernels
     from torch.nn.attention import SDPBackend
     return {
         "ours": (lambda q, k, v, c: kernels.flash_attention(q, k, v, causal=c), "bshd"),
@@ -107,8 +107,8 @@ _KERNELS = ("_fwd_kernel", "_bwd_pre_kernel", "_dq_kernel", "_dkdv_kernel")
 def bwd_breakdown_rows() -> list[dict]:
     """Per-kernel CUDA time of one fwd+bwd and the autotuner's pick for each kernel: where the
     backward's time goes at short sequences, from the one run that measures it."""
-    import kernels
-    from kernels import triton_attention as ta
+    from gpt_engine import kernels
+    from gpt_engine.kernels import triton_attention as ta
     from torch.profiler import ProfilerActivity, profile
     rows = []
     for b, s, h, d, causal in BREAKDOWN:
@@ -159,7 +159,7 @@ def copy_bandwidth() -> float:
 
 
 def decode_rows(peak_bw: float) -> list[dict]:
-    import kernels
+    from gpt_engine import kernels
     h, hkv, d, bs = 32, 8, 128, 16
     rows = []
     for b in BATCHES:

@@ -22,7 +22,7 @@ def _row(name, m, k, n, act):
     import torch
     import torch.nn.functional as F
 
-    import kernels
+    from gpt_engine import kernels
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if act else None
@@ -40,14 +40,14 @@ def _row(name, m, k, n, act):
 
 
 def _kernel(a, b):
-    from kernels import _C
+    from gpt_engine.kernels import _C
     return "sm90" if _C.gemm_sm90(a, b) else "mma.sync"
 
 
 def _backward_rows(name, m, k, n):
     import torch
 
-    from kernels import _C
+    from gpt_engine.kernels import _C
     dz = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

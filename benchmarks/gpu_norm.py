@@ -23,7 +23,7 @@ def _impls(op: str, residual: bool):
     import torch
     import torch.nn.functional as F
 
-    import kernels
+    from gpt_engine import kernels
 
     def ours(x, w, b, r):
         return kernels.layer_norm(x, w, b, 1e-5, r) if op == "layer" else kernels.rms_norm(x, w, 1e-6, r)

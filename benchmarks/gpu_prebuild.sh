@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kernels._C for the GPU machine here, where build minutes cost no device time (the
+# Builds gpt_engine.kernels._C for the GPU machine here, where build minutes cost no device time (the
 # build there took 4-5 of a session's 30; with the CUTLASS GEMMs it takes ~15 min here). A Python 3.12 venv holds the GPU image's torch
 # (2.11.0 with CUDA 13.0) and this machine's nvcc compiles a copy of the working tree; the .so
 # and a hash of csrc/ land in kernels/ (git-ignored). Then carry both with the `run` tool:

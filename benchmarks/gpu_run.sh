@@ -13,6 +13,11 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# the repository root never on sys.path (its kernels/ folder would shadow the `kernels` package
+# transformers imports): tests import the installed package, the suites run through a folder that
+# holds only a link to benchmarks/
+export PYTHONSAFEPATH=1
+mkdir -p build/bench-path && ln -sfn "$PWD/benchmarks" build/bench-path/benchmarks
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -22,11 +27,11 @@ fi
 t0=$(date +%s)
 BUDGET_S=${BUDGET_S:-540}
 left() { echo $(( BUDGET_S - ($(date +%s) - t0) )); }
-# a kernels._C prebuilt here by benchmarks/gpu_prebuild.sh, from the same csrc/, saves the build
+# a gpt_engine.kernels._C prebuilt here by benchmarks/gpu_prebuild.sh, from the same csrc/, saves the build
 if [ "${SKIP_BUILD:-0}" != 1 ] && [ -f kernels/_C.csrc.sha256 ] \
     && [ "$(cat kernels/_C.csrc.sha256)" = "$(bash benchmarks/csrc_hash.sh)" ] \
-    && python3 -c "import sys, torch, kernels._C as C; sys.exit(0 if C.has_cuda() else 1)"; then
-  echo "using the carried prebuilt kernels._C"; SKIP_BUILD=1
+    && python3 -c "import sys, torch, gpt_engine.kernels._C as C; sys.exit(0 if C.has_cuda() else 1)"; then
+  echo "using the carried prebuilt gpt_engine.kernels._C"; SKIP_BUILD=1
 fi
 if [ "${SKIP_BUILD:-0}" = 1 ]; then echo "skipping build"; else
 MAX_JOBS=16 python3 -m pip install -q -e . --no-build-isolation --no-deps > "$OUT/build.log" 2>&1 \
@@ -42,7 +47,7 @@ test_s=$(( $(left) < ${TEST_S:-150} ? $(left) : ${TEST_S:-150} ))
 suites=${1:-$(ls benchmarks/gpu_*.py | sed -n 's|benchmarks/gpu_\(.*\)\.py|\1|p' | grep -vx suite | paste -sd,)}
 for s in ${suites//,/ }; do
   [ "$(left)" -gt 20 ] || { echo "budget spent: $s not run"; continue; }
-  timeout "$(left)" python3 -m benchmarks.gpu_suite --only "$s" 2>&1 | tee -a "$OUT/suite.log" \
+  PYTHONPATH="$PWD/build/bench-path${PYTHONPATH:+:$PYTHONPATH}" timeout "$(left)" python3 -m benchmarks.gpu_suite --only "$s" 2>&1 | tee -a "$OUT/suite.log" \
     | grep -E "^(==|   )|Error|error" | sed -n 1,30p  # sed reads to the end: no SIGPIPE back into the suite
   [ "${PIPESTATUS[0]}" = 124 ] && echo "$s cut off at the budget"
   tar czf "$OUT/results.tgz" benchmarks/results

@@ -114,8 +114,8 @@ def preset_dir(spec: str, tmp: str, seed: int) -> str:
     with a small tokenizer (the server needs one to detokenize)."""
     if Path(spec).is_dir():
         return spec
-    from engine.bench import model_dir
-    from engine.tokenizer import Tokenizer
+    from gpt_engine.bench import model_dir
+    from gpt_engine.tokenizer import Tokenizer
     path = model_dir(spec, tmp, seed)
     Tokenizer.train([Path(__file__).read_text()] * 4, vocab_size=512, show_progress=False).save(path)
     return path
@@ -130,7 +130,7 @@ def local_server(model_dir: str, extra: list[str], api_key: str | None):
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # CPU takes the torch path, not the Triton interpreter
     if api_key:
         env["GPT_ENGINE_API_KEY"] = api_key
-    cmd = [sys.executable, "-m", "engine", "serve", model_dir, "--port", str(port), "--log-level", "warning", *extra]
+    cmd = [sys.executable, "-m", "gpt_engine", "serve", model_dir, "--port", str(port), "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, env=env)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -12,10 +12,10 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels import reference as R
-from kernels.attention import sdpa
-from kernels.paged import _paged_sdpa
+from gpt_engine import kernels
+from gpt_engine.kernels import reference as R
+from gpt_engine.kernels.attention import sdpa
+from gpt_engine.kernels.paged import _paged_sdpa
 
 # B, S, H, Hkv, D: a small model's prefill, with GQA
 SHAPES = [(1, 256, 8, 8, 64), (1, 512, 8, 2, 64)]

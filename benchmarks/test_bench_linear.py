@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.decode import pack_linear, packed_linear
+from gpt_engine import kernels
+from gpt_engine.kernels.decode import pack_linear, packed_linear
 
 
 def _layers(d=256, n_layer=4, vocab=4096):

@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import triton_attention as ta
+from gpt_engine.kernels import triton_attention as ta
 
 KERNELS = {"fwd": (ta._fwd_kernel, ta._FWD_CONFIGS), "dq": (ta._dq_kernel, ta._DQ_CONFIGS),
            "dkdv": (ta._dkdv_kernel, ta._DKDV_CONFIGS)}

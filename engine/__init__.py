@@ -1,5 +1,11 @@
-"""gpt-engine: train and serve GPT models.  from engine import LLM, SamplingParams, load_model"""
+"""gpt-engine: train and serve GPT models.  from gpt_engine import LLM, SamplingParams, load_model
+
+The import root is `gpt_engine`: setuptools maps the repository's engine/ folder to it and
+kernels/ to `gpt_engine.kernels` (see pyproject.toml's package-dir).
+"""
 import importlib
+
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "LLM": "llm", "SamplingParams": "sampling", "load_model": "weights", "save_model": "weights",

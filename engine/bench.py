@@ -105,7 +105,10 @@ def prepare_ours(path, prompts, outs, device, dtype, max_num_seqs=256, enforce_e
 def prepare_hf(path, prompts, outs, device, dtype, batch_size=0):
     """-> a timed-run callable of HF generate over the same prompts, warmed up."""
     import torch
-    import transformers
+    try:
+        import transformers
+    except ImportError as e:
+        raise SystemExit("gpt-engine bench compares with transformers: pip install 'gpt-engine[bench]'") from e
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     model.generation_config.eos_token_id = None  # ignore_eos
     model.generation_config.pad_token_id = 0

@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import flash_attention, flash_attention_varlen, layer_norm, linear, paged_attention, rms_norm
-from kernels.decode import (decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, rope_,
+from gpt_engine.kernels import flash_attention, flash_attention_varlen, layer_norm, linear, paged_attention, rms_norm
+from gpt_engine.kernels.decode import (decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, rope_,
                             swiglu)
-from kernels.paged import store_kvcache
+from gpt_engine.kernels.paged import store_kvcache
 
 from .config import ModelConfig
 
@@ -168,7 +168,7 @@ class Block(nn.Module):
         return tuple(t for m in mods for t in (getattr(m, "packed", None) or m.weight, m.bias))
 
     def decode_step(self, x, residual, positions, cache, meta: StepMeta, rope):
-        """forward() for a decode step: once packed (CPU fp32), the whole layer is one call into kernels._C."""
+        """forward() for a decode step: once packed (CPU fp32), the whole layer is one call into gpt_engine.kernels._C."""
         layer = self.packed
         if layer is None or not decode_layer_applies(x, layer.tensors):
             return self(x, residual, positions, cache, meta)
@@ -201,7 +201,7 @@ class GPT(nn.Module):
     def pack_for_cpu(self) -> list[torch.Tensor]:
         """Copies every GEMM weight (the head's too) into the CPU inference GEMM's layout
         (kernels.decode.pack_linear): CPU float32 inference then runs them on the packed kernel and
-        a decode step's layer in one kernels._C call. Elsewhere (not CPU float32) a no-op. The copies
+        a decode step's layer in one gpt_engine.kernels._C call. Elsewhere (not CPU float32) a no-op. The copies
         double the GEMM weights' memory, and are a snapshot: pack again after changing the weights.
         Returns the packed tensors."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]

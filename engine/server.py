@@ -28,9 +28,9 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.metrics import Metrics
-from engine.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body
-from engine.sampling import SamplingParams
+from gpt_engine.metrics import Metrics
+from gpt_engine.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, error_body
+from gpt_engine.sampling import SamplingParams
 
 log = logging.getLogger("gpt_engine.server")
 
@@ -587,7 +587,7 @@ def run(args) -> int:
     import torch
     import uvicorn
 
-    from engine.llm import LLM, AsyncLLM
+    from gpt_engine.llm import LLM, AsyncLLM
 
     logging.basicConfig(level=args.log_level.upper())
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

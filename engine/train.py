@@ -2,7 +2,7 @@
 
     gpt-engine train --out runs/tiny                               # gpt2-tiny on the default corpus
     gpt-engine train --out runs/ft --init runs/tiny --data pairs.jsonl --steps 200
-    torchrun --nproc-per-node 8 -m engine train --out runs/gpt2 --model gpt2 [--fsdp]
+    torchrun --nproc-per-node 8 -m gpt_engine train --out runs/gpt2 --model gpt2 [--fsdp]
 
 Mixed precision is bf16 compute over fp32 master weights: the parameters are cast to bf16
 inside the forward (so the gradients flow back into fp32 through the cast) under single

@@ -1,8 +1,9 @@
-"""gpt-engine kernels: fused attention (Triton), norms and GEMM (kernels._C), each with a
-PyTorch twin in kernels.reference.
+"""gpt_engine.kernels: fused attention (Triton), norms and GEMM (gpt_engine.kernels._C), each
+with a PyTorch twin in gpt_engine.kernels.reference.
 
-Importing this package is cheap and has no side effects (transformers probes a module of
-this name at import time): the ops load on first attribute access.
+The repository's kernels/ folder installs as `gpt_engine.kernels` (pyproject.toml's package-dir);
+no top-level `kernels` module is installed: Hugging Face's `kernels` package owns that name.
+Importing this package is cheap and has no side effects: the ops load on first attribute access.
 """
 import importlib
 

@@ -1,4 +1,4 @@
-"""kernels._C, imported on first use (keeps `import kernels` cheap)."""
+"""gpt_engine.kernels._C, imported on first use (keeps `import kernels` cheap)."""
 from __future__ import annotations
 
 import functools
@@ -16,12 +16,12 @@ def ext():
         from . import _C
         return _C
     except ImportError as e:
-        warnings.warn(f"kernels._C failed to import ({e}); its ops fall back to torch / kernels.reference",
+        warnings.warn(f"gpt_engine.kernels._C failed to import ({e}); its ops fall back to torch / kernels.reference",
                       RuntimeWarning)
         return None
 
 
 def cuda_ext():
-    """kernels._C when it was built with CUDA, else None."""
+    """gpt_engine.kernels._C when it was built with CUDA, else None."""
     m = ext()
     return m if m is not None and m.has_cuda() else None

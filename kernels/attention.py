@@ -1,7 +1,7 @@
 """Flash attention: dense and varlen (optionally over a paged KV cache).
 
 Public functions validate their arguments, then dispatch: Triton kernels on CUDA (and on
-CPU under TRITON_INTERPRET=1); on plain CPU, float32 varlen inference runs kernels._C
+CPU under TRITON_INTERPRET=1); on plain CPU, float32 varlen inference runs gpt_engine.kernels._C
 (csrc/varlen_cpu.cpp) and the rest torch SDPA.
 """
 from __future__ import annotations

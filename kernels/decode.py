@@ -1,4 +1,4 @@
-"""One pre-norm decoder layer of a CPU decode step in a single call into kernels._C.
+"""One pre-norm decoder layer of a CPU decode step in a single call into gpt_engine.kernels._C.
 
 The engine's decode step on CPU runs ~10 kernel calls per layer; their Python wrappers
 (argument checks, dispatch) cost ~1 ms of a 5 ms gpt2-tiny step. csrc/bindings.cpp's
@@ -23,7 +23,7 @@ GEMMS = (2, 4, 8, 10)  # the weights of qkv, proj, fc and fc2 among a layer's 12
 
 def decode_layer_applies(x: torch.Tensor, weights) -> bool:
     """Whether the CPU inference kernels here (decode_layer, packed_linear, swiglu) serve x and
-    weights: CPU float32 inference, contiguous weights, kernels._C built, and not under
+    weights: CPU float32 inference, contiguous weights, gpt_engine.kernels._C built, and not under
     TRITON_INTERPRET=1 (there the per-op path runs the Triton kernels, as tests want)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
             and not C.use_triton(x)
@@ -39,7 +39,7 @@ class PackedLinear(NamedTuple):
 
 def pack_linear(weight: torch.Tensor) -> PackedLinear | None:
     """A copy of weight (N, K) in the CPU decode GEMM's layout (a snapshot), or None where that
-    kernel cannot run it (not CPU float32, or no kernels._C)."""
+    kernel cannot run it (not CPU float32, or no gpt_engine.kernels._C)."""
     C.tensor("weight", weight, 2)
     if ext() is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None
@@ -70,7 +70,7 @@ class PackedLayer(NamedTuple):
 def pack_layer(weights) -> PackedLayer | None:
     """weights: norm1 w, b | qkv w, b | proj w, b | norm2 w, b | fc w, b | fc2 w, b (biases may be
     None; a GEMM weight may be given already packed, as a PackedLinear) -> the PackedLayer
-    decode_layer runs, or None where it cannot (not CPU float32, or no kernels._C). The GEMM
+    decode_layer runs, or None where it cannot (not CPU float32, or no gpt_engine.kernels._C). The GEMM
     weights are copied: a snapshot, to pack again after changing them."""
     if len(weights) != 12:
         raise ValueError(f"weights must hold the layer's 12 tensors, got {len(weights)}")
@@ -118,7 +118,7 @@ def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     if not decode_layer_applies(x, layer.tensors):
         raise ValueError("decode_layer runs CPU float32 inference (no grad, not under TRITON_INTERPRET=1) with "
-                         "contiguous weights and kernels._C built")
+                         "contiguous weights and gpt_engine.kernels._C built")
     cos, sin = rope if rope is not None else (None, None)
     act = 4 if activation == "swiglu" else _ACT_IDS[activation]
     x, residual = ext().decode_layer(x.contiguous(), None if residual is None else residual.contiguous(),

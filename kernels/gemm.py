@@ -1,6 +1,6 @@
 """y = activation(x @ weight.T + bias) with the activation fused into the GEMM epilogue.
 
-CUDA bf16/fp16 can run the tensor-core GEMMs in kernels._C forward and backward: on an H100
+CUDA bf16/fp16 can run the tensor-core GEMMs in gpt_engine.kernels._C forward and backward: on an H100
 CUTLASS's TMA + wgmma kernels (csrc/gemm_sm90_*.cu), elsewhere an mma.sync kernel (csrc/gemm.cu).
 CPU fp32 inference with few rows (the engine's decode steps) runs csrc/linear_cpu.cpp, which
 streams the weight in place instead of repacking it per call as BLAS does. Everything else uses
@@ -88,8 +88,8 @@ def linear(x, weight, bias=None, activation=None, *, backend="auto"):
     "gelu_tanh" or "relu". Differentiable in x, weight and bias.
 
     backend "auto" takes the fastest measured path: cuBLAS + activation on CUDA, on CPU the
-    kernels._C fp32 GEMM for inference with up to CPU_GEMM_MAX_ROWS rows, else BLAS. "custom"
-    runs the kernels._C GEMMs wherever they apply: CUDA bf16/fp16, and CPU fp32 without grad."""
+    gpt_engine.kernels._C fp32 GEMM for inference with up to CPU_GEMM_MAX_ROWS rows, else BLAS. "custom"
+    runs the gpt_engine.kernels._C GEMMs wherever they apply: CUDA bf16/fp16, and CPU fp32 without grad."""
     C.tensor("x", x), C.tensor("weight", weight, 2)
     if bias is not None:
         C.tensor("bias", bias, 1)

@@ -1,6 +1,6 @@
 """LayerNorm and RMSNorm over the last dim, with an optional fused residual add.
 
-CPU and CUDA tensors (fp32/fp16/bf16) run kernels._C (csrc/norm_cpu.cpp, csrc/norm.cu);
+CPU and CUDA tensors (fp32/fp16/bf16) run gpt_engine.kernels._C (csrc/norm_cpu.cpp, csrc/norm.cu);
 float64 and builds without the extension use kernels.reference. With autograd (or under
 torch.compile) the kernels run as the custom ops gpt_engine::norm_fwd / norm_bwd, which dynamo
 keeps in one graph; eager inference calls the extension directly.

@@ -1,7 +1,7 @@
 """Decode attention over a paged KV cache (one query token per sequence) and the cache write.
 
 CUDA (and CPU under TRITON_INTERPRET=1) runs Triton (kernels/triton_paged.py); CPU fp32/fp16/bf16
-runs csrc/paged_cpu.cpp; float64 or a build without kernels._C uses plain torch.
+runs csrc/paged_cpu.cpp; float64 or a build without gpt_engine.kernels._C uses plain torch.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .attention import _check_heads, _rows_dense, _scale
 
 
 def _cpu_kernel(x: torch.Tensor) -> bool:
-    """csrc/paged_cpu.cpp runs CPU fp32/fp16/bf16; float64 or a build without kernels._C use torch."""
+    """csrc/paged_cpu.cpp runs CPU fp32/fp16/bf16; float64 or a build without gpt_engine.kernels._C use torch."""
     return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and ext() is not None
 
 
@@ -42,7 +42,7 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=No
 
 
 def _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale):
-    """Decode in one batched SDPA (float64, or no kernels._C): gathers every sequence's blocks into
+    """Decode in one batched SDPA (float64, or no gpt_engine.kernels._C): gathers every sequence's blocks into
     a dense padded (B, L) batch. q (B, H, D) -> (B, H, D)."""
     B, H, D = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]

@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels import reference as R
+from gpt_engine import kernels
+from gpt_engine.kernels import reference as R
 
 CPU = torch.device("cpu")
 
@@ -225,9 +225,9 @@ def test_errors():
 # ---- CPU float32 inference: the C++ varlen kernel (csrc/varlen_cpu.cpp) ----
 
 def _ext_or_skip():
-    from kernels._ext import ext
+    from gpt_engine.kernels._ext import ext
     if ext() is None:
-        pytest.skip("kernels._C is not built")
+        pytest.skip("gpt_engine.kernels._C is not built")
     return ext()
 
 
@@ -295,7 +295,7 @@ def test_varlen_cpu_kernel_only_for_inference(monkeypatch):
     # the kernel has no backward: with grad, flash_attention_varlen keeps the differentiable SDPA path
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     _ext_or_skip()
-    from kernels.attention import _cpu_varlen_kernel
+    from gpt_engine.kernels.attention import _cpu_varlen_kernel
     q = torch.randn(10, 2, 64)
     assert _cpu_varlen_kernel(q, q, q)
     assert not _cpu_varlen_kernel(q.requires_grad_(), q, q)

@@ -15,10 +15,10 @@ import contextlib
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.losses import chunked_cross_entropy
-from engine.model import GPT
-from engine.train import CastParams, LMLoss
+from gpt_engine.config import ModelConfig
+from gpt_engine.losses import chunked_cross_entropy
+from gpt_engine.model import GPT
+from gpt_engine.train import CastParams, LMLoss
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
@@ -150,7 +150,7 @@ def test_trains_under_torch_2_11_autograd_function_tracing():
 
 
 def test_inference_compiles_in_one_graph():
-    # under no_grad eager CPU linears run kernels._C's GEMM, which dynamo cannot trace: a
+    # under no_grad eager CPU linears run gpt_engine.kernels._C's GEMM, which dynamo cannot trace: a
     # compiled model must keep torch's op instead of breaking the graph at every linear
     torch.manual_seed(0)
     model = GPT(ModelConfig(model_type="gpt2", n_layer=2, n_head=2, d_model=64, max_seq_len=64, vocab_size=320))

@@ -1,4 +1,4 @@
-"""kernels.decode.decode_layer (one CPU decode layer in one kernels._C call) and its packed-weight
+"""kernels.decode.decode_layer (one CPU decode layer in one gpt_engine.kernels._C call) and its packed-weight
 GEMM vs kernels.reference, and the engine's decode step with and without it."""
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-import engine.model as M
-from engine.config import resolve_config
-from kernels import reference as R
-from kernels._ext import ext
-from kernels.decode import (PackedLayer, decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, rope_,
+import gpt_engine.model as M
+from gpt_engine.config import resolve_config
+from gpt_engine.kernels import reference as R
+from gpt_engine.kernels._ext import ext
+from gpt_engine.kernels.decode import (PackedLayer, decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, rope_,
                             swiglu)
 
 BS = 16
@@ -240,7 +240,7 @@ def test_swiglu():
 
 @pytest.mark.parametrize("d", [32, 20, 6])  # the AVX2 loop's 8-wide body, with and without a tail
 def test_rope_matches_the_model_rotary(d):
-    from engine.model import Rotary
+    from gpt_engine.model import Rotary
     cfg = resolve_config("llama-tiny", n_head=5, n_kv_head=1, d_model=5 * d)
     rot = Rotary(cfg)
     torch.manual_seed(0)

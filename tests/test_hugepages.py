@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from engine import hugepages
-from engine.config import resolve_config
-from engine.model import GPT
+from gpt_engine import hugepages
+from gpt_engine.config import resolve_config
+from gpt_engine.model import GPT
 
 
 def _thp_mode() -> str | None:

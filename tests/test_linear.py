@@ -1,4 +1,4 @@
-"""linear: the CPU fp32 GEMM (kernels._C) for inference, torch BLAS otherwise, the tensor-core GEMM on
+"""linear: the CPU fp32 GEMM (gpt_engine.kernels._C) for inference, torch BLAS otherwise, the tensor-core GEMM on
 CUDA; all against kernels.reference."""
 import itertools
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
+from gpt_engine import kernels
+from gpt_engine.kernels import reference
 
 ACTS = [None, "gelu", "gelu_tanh", "relu"]
 
@@ -92,7 +92,7 @@ CPU_SHAPES = [(1, 1, 1), (3, 5, 7), (4, 6, 8), (37, 65, 24), (70, 97, 33), (130,
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("mnk", CPU_SHAPES)
 def test_cpu_gemm_vs_reference(act, bias, mnk):
-    from kernels import _C
+    from gpt_engine.kernels import _C
     m, n, k = mnk
     x, w, b = _inputs(m, n, k, torch.float32, bias=bias)
     want = reference.linear(x.double(), w.double(), None if b is None else b.double(), act)
@@ -103,7 +103,7 @@ def test_cpu_gemm_vs_reference(act, bias, mnk):
 
 
 def test_cpu_gemm_taken_for_inference_only():
-    from kernels import gemm
+    from gpt_engine.kernels import gemm
     x, w, b = _inputs(32, 96, 64, torch.float32)
     with torch.no_grad():
         assert gemm._use_cpu_gemm(x, w, b, None, "auto")
@@ -126,7 +126,7 @@ def test_cpu_gemm_taken_for_inference_only():
 
 
 def test_cpu_gemm_errors():
-    from kernels import _C
+    from gpt_engine.kernels import _C
     x, w, b = _inputs(4, 8, 16, torch.float32)
     with pytest.raises(RuntimeError, match="forward-only"):
         _C.gemm(x, w, b, 1, True)
@@ -141,7 +141,7 @@ def test_cpu_gemm_errors():
 
 
 def test_backward_gemm_bindings_check_their_input():
-    from kernels import _C
+    from gpt_engine.kernels import _C
     dz, w = torch.randn(4, 8), torch.randn(8, 16)
     assert not _C.gemm_sm90(dz, w)  # a CPU tensor never takes the Hopper kernels
     for fn in (_C.gemm_dgrad, _C.gemm_wgrad):
@@ -169,7 +169,7 @@ def _check_close(got, tor, ref):
 
 @pytest.mark.gpu
 def test_cuda_gemm_is_used():
-    from kernels import _C, gemm
+    from gpt_engine.kernels import _C, gemm
     assert _C.has_cuda()
     x, w, b = _inputs(37, 65, 64, torch.bfloat16, "cuda")
     assert gemm._use_gemm(x, w, "custom") and not gemm._use_gemm(x, w, "auto")
@@ -212,7 +212,7 @@ def test_cuda_forward_backward(dtype, bias, act, mnk):
 
 @pytest.mark.gpu
 def test_cuda_sm90_gemm_taken_on_hopper():
-    from kernels import _C
+    from gpt_engine.kernels import _C
     x, w, b = _inputs(37, 768, 64, torch.bfloat16, "cuda")
     hopper = torch.cuda.get_device_capability() == (9, 0)
     assert _C.gemm_sm90(x, w) == hopper  # M needs no alignment; K and N multiples of 8
@@ -232,7 +232,7 @@ def test_cuda_sm90_gemm_taken_on_hopper():
 def test_cuda_backward_gemms(dtype, mnk):
     # dgrad dz @ w and wgrad dz^T @ x on the tensors autograd holds: sm90 shapes (N, K % 8 == 0,
     # any M) and the mma.sync fallback's (N or K odd: padded, transposed copies)
-    from kernels import _C
+    from gpt_engine.kernels import _C
     m, n, k = mnk
     g = torch.Generator().manual_seed(3)
     dz, w, x = (torch.randn(*s, generator=g).to("cuda", dtype) for s in ((m, n), (n, k), (m, k)))

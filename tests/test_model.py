@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from engine import ModelConfig, load_model, save_model
-from engine.model import GPT
+from gpt_engine import ModelConfig, load_model, save_model
+from gpt_engine.model import GPT
 
 from .helpers import make_hf_model
 

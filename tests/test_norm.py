@@ -1,10 +1,10 @@
-"""layer_norm / rms_norm (kernels._C on CPU and CUDA) against kernels.reference and torch."""
+"""layer_norm / rms_norm (gpt_engine.kernels._C on CPU and CUDA) against kernels.reference and torch."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
+from gpt_engine import kernels
+from gpt_engine.kernels import reference
 
 HIDDEN = [1, 96, 768, 4097]
 ROWS = [1, 3, 37]
@@ -53,9 +53,9 @@ def _grads(fn, inputs, gouts):
 
 
 def test_extension_is_built_and_used(monkeypatch):
-    import kernels._C as ext
+    import gpt_engine.kernels._C as ext
     assert hasattr(ext, "norm_fwd") and hasattr(ext, "norm_bwd")
-    from kernels import norm
+    from gpt_engine.kernels import norm
     assert norm._ext() is ext
 
     def boom(*a, **k):
@@ -186,7 +186,7 @@ def test_errors_name_the_argument():
 
 
 def test_bindings_validate_inputs():
-    from kernels import _C
+    from gpt_engine.kernels import _C
     x, w, b, r = _inputs(4, 32, torch.float32, residual=True)
     with pytest.raises(RuntimeError, match="weight"):
         _C.norm_fwd(x, None, w[:31], b, 1e-5, False)
@@ -209,7 +209,7 @@ GPU_HIDDEN = [1, 7, 96, 256, 768, 1000, 1024, 2048, 4096, 4097, 5120, 8192, 1228
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("n", GPU_HIDDEN)
 def test_cuda_forward_backward(dtype, op, residual, n):
-    from kernels import _C
+    from gpt_engine.kernels import _C
     assert _C.has_cuda()
     rows = 37 if n > 4097 else 1000
     x, w, b, r = _inputs(rows, n, dtype, "cuda", residual=residual)
@@ -253,7 +253,7 @@ OP_CASES = [(False, True), (False, False), (True, False)]  # (rms, bias): LayerN
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("rms,bias", OP_CASES)
 def test_opcheck_norm_ops(rms, bias, residual, dtype):
-    from kernels import norm
+    from gpt_engine.kernels import norm
     x, w, b, r = _inputs(5, 48, dtype, residual=residual)
     b = b if bias else None
     grad = [t.requires_grad_(True) for t in (x, w, b, r) if t is not None]
@@ -308,7 +308,7 @@ def test_compile_fullgraph_matches_eager():
 
 
 def test_eager_inference_calls_the_extension_directly(monkeypatch):
-    from kernels import norm
+    from gpt_engine.kernels import norm
 
     def boom(*a, **k):
         raise AssertionError("custom op dispatched under no_grad")

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from kernels import paged_attention, reference as R
-from kernels.paged import store_kvcache
+from gpt_engine.kernels import paged_attention, reference as R
+from gpt_engine.kernels.paged import store_kvcache
 
 
 def _caches(lens, block_size, hkv, d, dtype, device="cpu", extra_blocks=7):
@@ -59,7 +59,7 @@ DECODE = [
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest without a GPU
-# CPU tensors run Triton under the interpreter, else csrc/paged_cpu.cpp (kernels._C)
+# CPU tensors run Triton under the interpreter, else csrc/paged_cpu.cpp (gpt_engine.kernels._C)
 PATHS = [pytest.param("1", id="triton", marks=pytest.mark.skipif(
     not INTERPRETED, reason="Triton on CPU tensors needs the interpreter")), pytest.param("0", id="cpu")]
 

@@ -3,8 +3,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.kv_cache import BlockManager
-from engine.scheduler import Scheduler, Sequence, Status
+from gpt_engine.kv_cache import BlockManager
+from gpt_engine.scheduler import Scheduler, Sequence, Status
 
 
 def params(max_tokens=8, **kw):

@@ -19,9 +19,9 @@ import openai
 import pytest
 import uvicorn
 
-from engine.llm import LLM, AsyncLLM
-from engine.server import ChatTemplate, add_args, build_app, load_chat_template
-from engine.tokenizer import Tokenizer
+from gpt_engine.llm import LLM, AsyncLLM
+from gpt_engine.server import ChatTemplate, add_args, build_app, load_chat_template
+from gpt_engine.tokenizer import Tokenizer
 from tests.helpers import make_hf_model
 
 KEY = "test-key"
@@ -456,7 +456,7 @@ def test_serve_command_and_sigterm(model_dir, tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "TRITON_INTERPRET": "0", "GPT_ENGINE_API_KEY": KEY}
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", str(model_dir), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "gpt_engine", "serve", str(model_dir), "--port", str(port),
                              "--device", "cpu", "--log-level", "info"], env=env, stdout=log, stderr=log)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.time() + 120

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.tokenizer import EOS, IncrementalDecoder, Tokenizer
+from gpt_engine.tokenizer import EOS, IncrementalDecoder, Tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.losses import chunked_cross_entropy
-from engine.train import TrainConfig, latest_checkpoint, lr_at, pad_vocab, train
+from gpt_engine.losses import chunked_cross_entropy
+from gpt_engine.train import TrainConfig, latest_checkpoint, lr_at, pad_vocab, train
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
@@ -147,7 +147,7 @@ def test_resume_is_bit_exact(tmp_path, corpus, model_type):
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_transformers_loads_result(tmp_path, corpus, model_type):
     transformers = pytest.importorskip("transformers")
-    from engine.weights import load_model
+    from gpt_engine.weights import load_model
     out = train(cfg_for(tmp_path, corpus, model=tiny_config(tmp_path / "m.json", model_type), steps=3))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ours = load_model(out)
@@ -166,8 +166,8 @@ def test_gradients_match_transformers(tmp_path, kind):
 
     import transformers
 
-    from engine.train import LMLoss
-    from engine.weights import load_model, to_hf
+    from gpt_engine.train import LMLoss
+    from gpt_engine.weights import load_model, to_hf
 
     from .helpers import make_hf_model
     make_hf_model(kind, tmp_path)
@@ -196,7 +196,7 @@ def _free_port():
 def _torchrun(nproc, args, cwd):
     env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "engine", "train", *args]
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "gpt_engine", "train", *args]
     r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
@@ -224,7 +224,7 @@ def test_two_processes_match_one(tmp_path, corpus, fsdp):
 # --- fine-tuning ----------------------------------------------------------------------
 
 def _hf_with_tokenizer(tmp_path, kind):
-    from engine.tokenizer import Tokenizer
+    from gpt_engine.tokenizer import Tokenizer
     from tests.helpers import make_hf_model
     d = tmp_path / f"hf-{kind}"
     make_hf_model(kind, d, vocab_size=320)
@@ -246,18 +246,18 @@ def test_finetune_jsonl_from_hf_dir(tmp_path, kind):
     assert losses[-1] < losses[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert hf.config.model_type == kind
-    from engine.weights import load_model
+    from gpt_engine.weights import load_model
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(load_model(out)(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_loss_counts_completion_tokens_only(tmp_path):
-    from engine.data import build_dataset, windows
-    from engine.model import GPT
-    from engine.config import ModelConfig
-    from engine.tokenizer import Tokenizer
-    from engine.train import LMLoss
+    from gpt_engine.data import build_dataset, windows
+    from gpt_engine.model import GPT
+    from gpt_engine.config import ModelConfig
+    from gpt_engine.tokenizer import Tokenizer
+    from gpt_engine.train import LMLoss
     tok = Tokenizer.train([TEXT], vocab_size=300, show_progress=False)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": "PROMPT " * 3, "completion": f" answer {i}"}) + "\n"
@@ -310,7 +310,7 @@ def test_errors(tmp_path, corpus):
 
 
 def test_cli_parses(tmp_path, corpus):
-    from engine.cli import main
+    from gpt_engine.cli import main
     assert main(["train", "--out", str(tmp_path / "cli"), "--data", str(corpus), "--model",
                  tiny_config(tmp_path / "c.json"), "--steps", "2", "--batch-size", "2", "--seq-len", "16",
                  "--eval-every", "2", "--eval-iters", "1", "--device", "cpu", "--no-progress"]) == 0
