@@ -8,7 +8,8 @@ import importlib
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "LLM": "llm", "SamplingParams": "sampling", "load_model": "weights", "save_model": "weights",
+    "LLM": "llm", "AsyncLLM": "async_llm", "EngineConfig": "engine_config", "RequestOutput": "request",
+    "SamplingParams": "sampling", "load_model": "weights", "save_model": "weights",
     "ModelConfig": "config", "GPT": "model", "Tokenizer": "tokenizer",
 }
 __all__ = list(_EXPORTS)

@@ -17,21 +17,21 @@ import tempfile
 import time
 from pathlib import Path
 
+from .engine_config import EngineConfig
+from .flags import add_dataclass_args
+
 
 def add_args(p) -> None:
     p.add_argument("model", help="model directory or a random-init preset (gpt2-tiny, gpt2, llama-tiny, ...)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", default="8,128", help="MIN,MAX prompt length (or one number)")
     p.add_argument("--output-len", default="64", help="MIN,MAX new tokens (or one number)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload and the random-init model")
     p.add_argument("--hf-batch-size", type=int, default=0, help="HF generate batch size (0: all prompts at once)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each engine, in turns; the best counts")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    add_dataclass_args(p.add_argument_group("engine"), EngineConfig, skip=("seed",))
 
 
 def _range(spec: str) -> tuple[int, int]:
@@ -84,12 +84,12 @@ def _best_times(fns: dict, repeat, device) -> dict:
     return best
 
 
-def prepare_ours(path, prompts, outs, device, dtype, max_num_seqs=256, enforce_eager=None):
+def prepare_ours(path, prompts, outs, device, dtype, **engine_args):
     """-> (a timed-run callable, the LLM), warmed up."""
     from .llm import LLM
     from .sampling import SamplingParams
-    llm = LLM(path, device=device, dtype=dtype, max_num_seqs=max_num_seqs, enforce_eager=enforce_eager or None,
-              enable_prefix_caching=False)  # random prompts: nothing to share, keep the comparison plain
+    # random prompts: nothing to share, so no prefix caching unless asked: keeps the comparison plain
+    llm = LLM(path, device=device, dtype=dtype, **{"enable_prefix_caching": False, **engine_args})
     sps = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in outs]
     # warm-up: every prompt's prefill once, so Triton autotuning of each length bucket and the
     # allocator's growth stay out of the timed run
@@ -132,7 +132,8 @@ def prepare_hf(path, prompts, outs, device, dtype, batch_size=0):
 
 
 def run_bench(model: str, num_prompts=32, input_len=(8, 128), output_len=(64, 64), device=None, dtype=None,
-              seed=0, max_num_seqs=256, hf=True, hf_batch_size=0, enforce_eager=False, repeat=1) -> dict:
+              seed=0, hf=True, hf_batch_size=0, repeat=1, **engine_args) -> dict:
+    """Ours vs HF generate on one workload; engine_args are EngineConfig's fields."""
     import torch
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,7 +149,7 @@ def run_bench(model: str, num_prompts=32, input_len=(8, 128), output_len=(64, 64
         res = dict(model=model, device=str(device), dtype=str(dtype).replace("torch.", ""), num_prompts=num_prompts,
                    input_len=list(input_len), output_len=list(output_len), prompt_tokens=n_in, output_tokens=n_out,
                    repeat=repeat, thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"))  # both engines run under it
-        ours, llm = prepare_ours(path, prompts, outs, device, dtype, max_num_seqs, enforce_eager)
+        ours, llm = prepare_ours(path, prompts, outs, device, dtype, **engine_args)
         fns = {"ours": ours}
         if hf:
             fns["hf"] = prepare_hf(path, prompts, outs, device, dtype, hf_batch_size)
@@ -184,9 +185,11 @@ def format_result(r: dict) -> str:
 
 def run(args) -> int:
     import torch
+    names = EngineConfig.names() - {"seed", "device", "dtype"}
+    engine_args = {k: v for k, v in vars(args).items() if k in names and v is not None}
     r = run_bench(args.model, args.num_prompts, _range(args.input_len), _range(args.output_len), args.device,
-                  getattr(torch, args.dtype) if args.dtype else None, args.seed, args.max_num_seqs,
-                  not args.no_hf, args.hf_batch_size, args.enforce_eager, args.repeat)
+                  getattr(torch, args.dtype) if args.dtype else None, args.seed, not args.no_hf,
+                  args.hf_batch_size, args.repeat, **engine_args)
     print(format_result(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import time
 
+from .engine_config import EngineConfig
+from .flags import add_dataclass_args, from_args
+
 
 def add_args(p) -> None:
     p.add_argument("model", help="HF-format model directory (with tokenizer.json)")
@@ -12,10 +15,9 @@ def add_args(p) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (prompt i draws with seed + i)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"])
+    add_dataclass_args(p.add_argument_group("engine"), EngineConfig, skip=("seed",))
 
 
 def run(args) -> int:
@@ -28,7 +30,7 @@ def run(args) -> int:
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                              top_k=args.top_k, seed=None if args.seed is None else args.seed + i,
                              ignore_eos=args.ignore_eos) for i in range(len(prompts))]
-    llm = LLM(args.model, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    llm = LLM(args.model, config=from_args(EngineConfig, args, seed=None))
     llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up: kernels, allocator
     if llm.device.type == "cuda":
         torch.cuda.synchronize()

@@ -36,7 +36,7 @@ def _ce_chunk(logits, targets, ignore_index: int, want_grad: bool):
 
 @functools.cache
 def _compiled_ce_chunk():
-    # on CUDA the per-chunk softmax/grad is memory-bound: one fused Triton kernel instead of ~8 passes
+    # on CUDA the per-chunk softmax/grad is memory-bound: one fused Triton kernel instead of a pass per op
     return torch.compile(_ce_chunk, dynamic=False)
 
 
@@ -62,8 +62,8 @@ def _gemm_out_dtype_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _wgrad_acc(grad_w, g, hc, acc):
     # grad_w (V, C) in acc dtype or None, plus g (n, V)^T @ hc (n, C). On CUDA the GEMM accumulates
-    # into the fp32 sum itself: a bf16 product cast up and added costs ~5 extra passes over the
-    # (V, C) fp32 gradient per chunk (~1.8 ms a GPT-2 step at 7 chunks)
+    # into the fp32 sum itself: a bf16 product cast up and then added would take extra passes over
+    # the (V, C) fp32 gradient for every chunk
     if (g.is_cuda and g.dtype != acc and not torch.compiler.is_compiling()
             and _gemm_out_dtype_ok(g.device, g.dtype)):
         if grad_w is None:
@@ -74,11 +74,10 @@ def _wgrad_acc(grad_w, g, hc, acc):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    # forward is functional on purpose: no tensor it returns or saves is written in place.
-    # torch 2.11's dynamo mis-traces an autograd.Function whose forward mutates what it returns
-    # (pytorch/pytorch#180642; fixed by #180921, which torch 2.13 has): with the old
-    # `loss = zeros(); loss += ...; return loss` the compiled backward got a zero grad_output, so
-    # every gradient of a torch.compile'd model was 0 and its loss never left the initial value.
+    # forward is functional on purpose: no tensor it returns or saves is written in place, because
+    # dynamo before torch 2.13 mis-traces an autograd.Function whose forward mutates what it returns
+    # (pytorch/pytorch#180642): the compiled backward gets a zero grad_output, so every gradient of
+    # a torch.compile'd model would be 0.
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size, ignore_index):
         # h (N, C), weight (V, C), targets (N,) int64 -> summed loss over targets != ignore_index

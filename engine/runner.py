@@ -1,6 +1,10 @@
 """Model runner: owns the paged KV cache, turns a ScheduledBatch into packed tensors and one
 model.step call, and samples the whole batch at once. On CUDA, pure-decode steps replay
-CUDA graphs captured per padded batch size."""
+CUDA graphs captured per padded batch size.
+
+It sees only what the scheduler hands it (the batch's sequences, their block tables and
+sampling parameters, the ids of requests that ended); what it keeps per request (a seeded
+request's generator, its padded block-table row) it drops when the batch says the request ended."""
 from __future__ import annotations
 
 import array
@@ -37,17 +41,17 @@ def padded_tables(tables: list[list[int]], width: int) -> array.array:
     return out
 
 
-def table_rows(seqs, width: int) -> array.array:
-    """padded_tables of the sequences' block tables, each row built once and kept on the sequence
-    (seq.table_row) until its table grows or is replaced: rebuilding 256 rows took ~0.35 ms of
-    every step, joining kept ones ~10 us. A table only ever grows in place or is cleared and
-    replaced by a new list (kv_cache.BlockManager), so the same list at the same length holds the
-    same blocks."""
+def table_rows(seqs, width: int, kept: dict) -> array.array:
+    """padded_tables of the sequences' block tables, each row built once and kept (in kept, by
+    request id) until its table grows or is replaced: rebuilding every row each step is most of
+    the input preparation at hundreds of sequences. A table only ever grows in place or is
+    cleared and replaced by a new list (kv_cache.BlockManager), so the same list at the same
+    length holds the same blocks."""
     rows = []
     for s in seqs:
-        t, row = s.block_table, s.table_row
+        t, row = s.block_table, kept.get(s.request_id)
         if row is None or row[0] is not t or row[1] != len(t) or row[2] != width:
-            row = s.table_row = (t, len(t), width, padded_tables([t], width).tobytes())
+            row = kept[s.request_id] = (t, len(t), width, padded_tables([t], width).tobytes())
         rows.append(row[3])
     out = array.array("i")
     out.frombytes(b"".join(rows))
@@ -73,6 +77,8 @@ class ModelRunner:
         self.cuda = self.device.type == "cuda"
         self.vocab_size = cfg.vocab_size
         self.sampler = Sampler(seed)
+        self.generators: dict[str, torch.Generator] = {}   # seeded requests' own random streams
+        self.rows: dict[str, tuple] = {}                    # table_rows' kept rows
         self.num_blocks = self._num_blocks(num_kv_blocks, kv_cache_tokens, gpu_memory_utilization)
         # one allocation: (2, n_layer, blocks, block_size, hkv, d); zeros so padded graph rows read finite values
         shape = (2, cfg.n_layer, self.num_blocks, block_size, cfg.n_kv_head, cfg.head_dim)
@@ -175,7 +181,7 @@ class ModelRunner:
         # the width rounded up to a power of two: kept rows stay valid while the batch's longest
         # table grows, and the decode kernel's split-K (sized from the width) stays near the need
         width = min(1 << (max(map(len, tables)) - 1).bit_length(), self.max_blocks_per_seq)
-        table = self._to(table_rows(batch.seqs, width), torch.int32).view(len(tables), width)
+        table = self._to(table_rows(batch.seqs, width, self.rows), torch.int32).view(len(tables), width)
         meta = StepMeta(slot_mapping=self._to(slots, torch.long), block_table=table,
                         seq_lens=self._to(seq_lens, torch.int32), cu_seqlens_q=self._to(cu_q, torch.int32),
                         cu_seqlens_k=self._to(cu_k, torch.int32), max_seqlen_q=max(batch.num_new_tokens),
@@ -183,8 +189,25 @@ class ModelRunner:
         li = None if len(logits_idx) == len(ids) else self._to(logits_idx, torch.long)
         return self.model.step(self._to(ids, torch.long), self._to(pos, torch.long), self.kv_caches, meta, li)
 
+    def release(self, request_ids) -> None:
+        for rid in request_ids:
+            self.generators.pop(rid, None)
+            self.rows.pop(rid, None)
+
+    def _generator(self, seq) -> torch.Generator | None:
+        seed = seq.params.seed
+        if seed is None:
+            return None
+        g = self.generators.get(seq.request_id)
+        if g is None:
+            g = self.generators[seq.request_id] = Sampler.request_generator(seed, self.device)
+        return g
+
     def run(self, batch: ScheduledBatch) -> tuple[list, list | None]:
         """Step + sample -> (token or None per sequence, logprobs dict or None per sequence)."""
+        self.release(batch.finished_ids)
+        if not batch.seqs:
+            return [], None
         logits = self.execute(batch)
         rows = [s for s, smp in zip(batch.seqs, batch.sample) if smp]
         if not rows:
@@ -195,7 +218,7 @@ class ModelRunner:
             logits, params,
             [s.prompt_token_ids for s in rows] if pen else None,
             [s.output_token_ids for s in rows] if pen else None,
-            [getattr(s.data, "generator", None) for s in rows])
+            [self._generator(s) for s in rows])
         it, lit = iter(toks), iter(lps or ())
         tokens = [next(it) if smp else None for smp in batch.sample]
         logprobs = [next(lit) if smp else None for smp in batch.sample] if lps is not None else None
@@ -236,7 +259,7 @@ class ModelRunner:
         self.g_slots[:bs].copy_(self._to(slots + [-1] * pad, torch.long), non_blocking=True)
         self.g_seq_lens[:bs].copy_(self._to(seq_lens + [1] * pad, torch.int32), non_blocking=True)
         w = self.max_blocks_per_seq
-        self.g_tables[:n].copy_(self._to(table_rows(seqs, w), torch.int32).view(n, w), non_blocking=True)
+        self.g_tables[:n].copy_(self._to(table_rows(seqs, w, self.rows), torch.int32).view(n, w), non_blocking=True)
         if pad:
             self.g_tables[n:bs].zero_()
         g, out = self.graphs[bs]

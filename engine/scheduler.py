@@ -13,10 +13,11 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from .kv_cache import BlockManager
+from .request import check_pool
 
 
 class Status(Enum):
@@ -28,13 +29,12 @@ class Status(Enum):
 class Sequence:
     _counter = itertools.count()  # arrival order only; never reset, carries no state
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params, eos_token_id: int | None = None):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)   # prompt + generated
         self.num_prompt_tokens = len(prompt_token_ids)
-        self.params = params                       # SamplingParams (duck-typed here)
-        self.eos_token_id = eos_token_id
+        self.params = params                       # SamplingParams (duck-typed here: max_tokens)
         self.status = Status.WAITING
         self.num_computed_tokens = 0
         self.num_hashed_blocks = 0
@@ -42,8 +42,6 @@ class Sequence:
         self.block_table: list[int] = []
         self.finish_reason: str | None = None
         self.arrival = next(Sequence._counter)
-        self.data = None                            # per-request state owned by the caller (detokenizer...)
-        self.table_row = None                       # the model runner's padded copy of block_table
 
     @property
     def num_tokens(self) -> int:
@@ -75,6 +73,7 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]      # tokens computed this step, per sequence
     sample: list[bool]             # whether the step reaches the sequence's end (-> sample a token)
+    finished_ids: list[str] = field(default_factory=list)  # requests ended since the last batch
 
     @property
     def num_tokens(self) -> int:
@@ -99,17 +98,15 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
+        self.finished_ids: list[str] = []          # handed to the runner with the next batch
         self.num_preemptions = 0
 
     # ---------------------------------------------------------------- requests
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
             raise ValueError(f"duplicate request id {seq.request_id!r}")
-        # its longest possible length must fit the whole pool, or it would preempt itself forever
-        longest = min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)
-        if self.bm.blocks_for(longest) > self.bm.num_blocks:
-            raise ValueError(f"a sequence of up to {longest} tokens can never fit the KV cache "
-                             f"({self.bm.num_blocks} blocks of {self.bm.block_size})")
+        check_pool(min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len), self.bm.num_blocks,
+                   self.bm.block_size)
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
@@ -131,6 +128,7 @@ class Scheduler:
         self.bm.free(seq.block_table)
         seq.status, seq.finish_reason = Status.FINISHED, reason
         self.requests.pop(seq.request_id, None)
+        self.finished_ids.append(seq.request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -191,7 +189,8 @@ class Scheduler:
             counts.append(n)
             sample.append(cached + n == seq.num_tokens)
             budget -= n
-        return ScheduledBatch(seqs, counts, sample)
+        finished, self.finished_ids = self.finished_ids, []
+        return ScheduledBatch(seqs, counts, sample, finished)
 
     def _victim(self, seq: Sequence, scheduled: list[Sequence]) -> Sequence:
         """The newest running sequence not yet scheduled this step (else seq itself) to preempt."""
@@ -199,10 +198,10 @@ class Scheduler:
         return next((s for s in reversed(self.running) if s is not seq and id(s) not in taken), seq)
 
     def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[int]:
-        """Advance each scheduled sequence; append sampled tokens; finish those that hit eos,
-        a stop token, max_tokens or the context limit. Returns the batch indices that got a token."""
+        """Advance each scheduled sequence and append its sampled token. Returns the batch
+        indices that got a token; whether they are done is request.check_stop's call."""
         out = []
-        bm, max_len = self.bm, self.max_model_len
+        bm = self.bm
         hashing = bm.enable_prefix_caching
         for i, (seq, n, tok) in enumerate(zip(batch.seqs, batch.num_new_tokens, sampled)):
             if seq.status is not Status.RUNNING:  # aborted while the step ran
@@ -211,15 +210,7 @@ class Scheduler:
             if hashing and seq.num_computed_tokens // bm.block_size > seq.num_hashed_blocks:  # a block filled up
                 seq.num_hashed_blocks = bm.commit(seq.block_table, seq.token_ids, seq.num_computed_tokens,
                                                   seq.num_hashed_blocks)
-            if tok is None:
-                continue
-            seq.token_ids.append(tok)
-            out.append(i)
-            p = seq.params
-            if not p.ignore_eos and tok == seq.eos_token_id:
-                self.finish(seq, "stop")
-            elif p.stop_token_ids and tok in p.stop_token_ids:
-                self.finish(seq, "stop")
-            elif (total := len(seq.token_ids)) - seq.num_prompt_tokens >= p.max_tokens or total >= max_len:
-                self.finish(seq, "length")
+            if tok is not None:
+                seq.token_ids.append(tok)
+                out.append(i)
         return out

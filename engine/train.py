@@ -4,6 +4,9 @@
     gpt-engine train --out runs/ft --init runs/tiny --data pairs.jsonl --steps 200
     torchrun --nproc-per-node 8 -m gpt_engine train --out runs/gpt2 --model gpt2 [--fsdp]
 
+TrainConfig is the one source of the training settings: each field's default, help text and
+CPU/GPU default live on the field, and `gpt-engine train`'s flags are generated from it.
+
 Mixed precision is bf16 compute over fp32 master weights: the parameters are cast to bf16
 inside the forward (so the gradients flow back into fp32 through the cast) under single
 process and DDP, and by FSDP2's MixedPrecisionPolicy under --fsdp. The loss goes through a
@@ -17,13 +20,15 @@ resuming needs no data-loader state beyond the step.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import random
 import time
+import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,58 +37,69 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import ModelConfig, resolve_config
-from .data import IGNORE_INDEX, build_dataset, sample_starts, windows
+from .data import IGNORE_INDEX, Split, build_dataset, sample_starts, windows
 from .losses import chunked_cross_entropy
 from .model import GPT, Block
 from .weights import atomic_write, save_model
 
+# dense bf16 tensor-core peak per GPU (vendor specs), for MFU
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
                "A10": 125.0, "4090": 165.0}
 
 
+def setting(default=MISSING, help="", cpu=None, gpu=None, choices=None, hidden=False):
+    """A TrainConfig field. help: its flag's help text; cpu/gpu: what a None default becomes on
+    that device; choices: the allowed values; hidden: a flag left out of --help."""
+    return field(default=default, metadata=dict(help=help, cpu=cpu, gpu=gpu, choices=choices, hidden=hidden))
+
+
 @dataclass
 class TrainConfig:
-    out: str
-    data: str | None = None           # text file | folder | .jsonl of {"prompt","completion"}; None: default corpus
-    model: str = "gpt2-tiny"          # preset or config.json (ignored with init)
-    init: str | None = None           # HF directory to fine-tune from
-    steps: int | None = None          # None: a device-dependent default (see _defaults)
-    batch_size: int | None = None     # per rank, per micro-step
-    seq_len: int | None = None
-    grad_accum: int = 1
-    lr: float | None = None           # None: 2e-3 from scratch, 1e-4 fine-tuning
-    min_lr_ratio: float = 0.1
-    warmup: int | None = None
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    save_every: int | None = None     # None: at every eval
-    keep: int = 2                     # checkpoints kept under out/checkpoint
-    resume: bool = False
-    eval_every: int | None = None
-    eval_iters: int = 4
-    log_every: int | None = None
-    device: str | None = None
-    dtype: str | None = None          # fp32 | bf16; None: bf16 on CUDA, fp32 on CPU
-    compile: bool = False
-    activation_checkpointing: bool = False
-    fsdp: bool = False
-    vocab_size: int | None = None     # tokenizer size for a new model (model vocab: padded to 64)
-    corpus_mb: float | None = None    # cap on the default corpus; None: 8 MB on CPU, all of it on GPU
-    peak_tflops: float | None = None  # per device, for MFU; None: known GPUs, n/a on CPU
-    sample_tokens: int = 24
-    stop_after: int | None = None     # stop (with a checkpoint) after this step, as if preempted
-    progress: bool = True
+    out: str = setting(help="output directory (ends up an HF model directory)")
+    data: str | None = setting(None, 'text file, folder of text files, or .jsonl of {"prompt","completion"} '
+                                     "(default: the default corpus)")
+    model: str = setting("gpt2-tiny", "preset name or config.json (ignored with --init)")
+    init: str | None = setting(None, "HF model directory to fine-tune from")
+    steps: int | None = setting(None, "optimizer steps", cpu=300, gpu=1500)
+    batch_size: int | None = setting(None, "sequences per rank and micro-step", cpu=16, gpu=32)
+    seq_len: int | None = setting(None, "tokens per sequence; the default is capped at the model's max_seq_len",
+                                  cpu=128, gpu=256)
+    grad_accum: int = setting(1, "micro-steps per optimizer step")
+    lr: float | None = setting(None, "peak learning rate (default: 2e-3 from scratch, 1e-4 fine-tuning)")
+    min_lr_ratio: float = setting(0.1, "the cosine schedule ends at this fraction of the peak learning rate")
+    warmup: int | None = setting(None, "linear warmup steps (default: min(100, steps / 10))")
+    weight_decay: float = setting(0.1, "AdamW weight decay of the matrices (biases and norms get none)")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this; 0: no clipping")
+    seed: int = setting(0, "seed of the initial weights and of the data order")
+    save_every: int | None = setting(None, "steps between checkpoints (default: the evaluation interval)")
+    keep: int = setting(2, "checkpoints kept under OUT/checkpoint")
+    resume: bool = setting(False, "continue from the latest checkpoint under OUT")
+    eval_every: int | None = setting(None, "steps between evaluations (default: steps / 5)")
+    eval_iters: int = setting(4, "validation batches per evaluation")
+    log_every: int | None = setting(None, "steps between log lines", cpu=1, gpu=10)
+    device: str | None = setting(None, "torch device (default: cuda when available, else cpu)")
+    dtype: str | None = setting(None, "compute dtype over fp32 master weights", cpu="fp32", gpu="bf16",
+                                choices=("fp32", "bf16"))
+    compile: bool = setting(False, "torch.compile the model")
+    activation_checkpointing: bool = setting(False, "recompute each block's activations in the backward")
+    fsdp: bool = setting(False, "FSDP2 (fully_shard) instead of DDP")
+    vocab_size: int | None = setting(None, "tokenizer vocabulary for a new model (default: the model config's); "
+                                           "the embedding pads it to a multiple of 64")
+    # the GPU default is above the corpus' size: a GPU run takes all of it
+    corpus_mb: float | None = setting(None, "cap on the default corpus, in MB", cpu=8.0, gpu=64.0)
+    peak_tflops: float | None = setting(None, "per-device peak TFLOP/s for MFU (default: known GPUs; none on CPU)")
+    sample_tokens: int = setting(24, "tokens sampled greedily at each evaluation")
+    stop_after: int | None = setting(None, "stop (with a checkpoint) after this step, as if preempted", hidden=True)
+    progress: bool = setting(True, "the progress bar")
 
 
-def _defaults(cfg: TrainConfig, cuda: bool) -> TrainConfig:
-    """Sizes for a few minutes of gpt2-tiny: on a 2-core CPU, or much more on a GPU."""
-    # the whole default corpus is ~12 MB (~3.5M tokens): the GPU default sees it ~3 times
-    d = dict(steps=1500, batch_size=32, seq_len=256, corpus_mb=64.0) if cuda else \
-        dict(steps=300, batch_size=16, seq_len=128, corpus_mb=8.0)
-    for k, v in d.items():
-        if getattr(cfg, k) is None:
-            setattr(cfg, k, v)
+def resolve_defaults(cfg: TrainConfig, cuda: bool) -> TrainConfig:
+    """Fill cfg's None settings in place: the device's values from the fields, then those derived
+    from other settings; check what no flag type can."""
+    for f in fields(cfg):
+        value = f.metadata["gpu" if cuda else "cpu"]
+        if value is not None and getattr(cfg, f.name) is None:
+            setattr(cfg, f.name, value)
     if cfg.lr is None:
         cfg.lr = 1e-4 if cfg.init else 2e-3
     if cfg.warmup is None:
@@ -92,10 +108,6 @@ def _defaults(cfg: TrainConfig, cuda: bool) -> TrainConfig:
         cfg.eval_every = max(1, cfg.steps // 5)
     if cfg.save_every is None:
         cfg.save_every = cfg.eval_every
-    if cfg.log_every is None:
-        cfg.log_every = 10 if cuda else 1
-    if cfg.dtype is None:
-        cfg.dtype = "bf16" if cuda else "fp32"
     if cfg.dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, got {cfg.dtype!r}")
     for k in ("steps", "batch_size", "seq_len", "grad_accum"):
@@ -180,6 +192,10 @@ class Dist:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.master = self.rank == 0
 
+    def log(self, *args) -> None:
+        if self.master:
+            print(*args)
+
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             dist.all_reduce(t)
@@ -212,64 +228,113 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 # --- the trainer ---------------------------------------------------------------------
 
+@dataclass
+class Data:
+    tokenizer: object  # gpt_engine.tokenizer.Tokenizer
+    train: Split
+    val: Split
+
+
+@dataclass
+class Modules:
+    lm: LMLoss            # holds the parameters: state dicts and the optimizer work on it
+    model: nn.Module      # what a training step calls: lm under the cast, DDP or FSDP, and compile
+    infer: nn.Module      # eval and sampling: no DDP (no gradients to sync), no compile (shapes change)
+    opt: torch.optim.Optimizer
+    params: list
+    n_params: int         # without the position embedding, for FLOPs per token
+
+
+TRAIN, VAL = 0, 1  # the data streams: the last word of a batch's rng seed
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train as cfg says; returns the output directory (an HF-format model directory)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    from tqdm import tqdm
-
-    from .tokenizer import Tokenizer
-
     dd = Dist(cfg.device)
+    cfg, mcfg, tokenizer, ckpt = setup(cfg, dd)
+    data = load_data(cfg, dd, mcfg, tokenizer)
+    m = build(cfg, dd, mcfg, fine_tune=bool(cfg.init) and ckpt is None)
+    start = restore(m, ckpt, dd) if ckpt is not None else 0
+    del ckpt  # its copy of the weights and optimizer state is not needed any more
+    dd.log(describe(cfg, dd, mcfg, m, data, start))
+    meter = Meter(cfg, dd, start, flops_per_token(mcfg, m.n_params, cfg.seq_len))
+    end = min(cfg.steps, cfg.stop_after or cfg.steps)
+    for step in range(start, end):
+        lr, losses, count = train_step(step, m, data.train, cfg, dd)
+        meter.add(losses, count)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end:
+            meter.log_train(done, lr)
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            meter.log_eval(done, evaluate(m, data.val, cfg, dd), *sample(m, data, mcfg, cfg, dd))
+        if done % cfg.save_every == 0 or done == end:
+            save_checkpoint(done, m, mcfg, cfg, dd)
+            meter.restart_clock()
+    meter.close()
+    if end == cfg.steps or start >= cfg.steps:
+        save_final(m, mcfg, data.tokenizer, cfg, dd)
+    if dist.is_initialized() and dd.world == 1:
+        dist.destroy_process_group()
+    return Path(cfg.out)
+
+
+def setup(cfg: TrainConfig, dd: Dist):
+    """cfg with its defaults filled in, the model config, the tokenizer (None: train one on the
+    data) and the checkpoint to resume from (None: a fresh run)."""
+    ckpt = load_checkpoint(Path(cfg.out), dd) if cfg.resume else None
+    mcfg, tokenizer = model_config(cfg, ckpt)
     seq_auto = cfg.seq_len is None
-    cfg = _defaults(cfg, dd.device.type == "cuda")
-    out = Path(cfg.out)
-    log = print if dd.master else (lambda *a, **k: None)
-
-    ckpt = None
-    if cfg.resume:
-        path = latest_checkpoint(out)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoint'}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        log(f"resuming from {path} (step {ckpt['step']})")
-
-    # model config and tokenizer: from --init, from the checkpoint, or new
-    tokenizer = None
-    if cfg.init:
-        init = Path(cfg.init)
-        if not init.is_dir():
-            raise FileNotFoundError(f"--init {init} is not a model directory")
-        mcfg = ModelConfig.load(init)
-        tokenizer = Tokenizer.load(init)
-    elif ckpt is not None:
-        mcfg = ModelConfig(**ckpt["model_config"])
-    else:
-        over = {}
-        if cfg.vocab_size:
-            over["vocab_size"] = cfg.vocab_size
-        mcfg = resolve_config(cfg.model, **over)
-        # the tokenizer gets the requested size; the embedding rounds up for aligned GEMMs
-        cfg.vocab_size = cfg.vocab_size or mcfg.vocab_size
-        mcfg.vocab_size = pad_vocab(mcfg.vocab_size)
+    cfg = resolve_defaults(cfg, dd.device.type == "cuda")
     if seq_auto:
         cfg.seq_len = min(cfg.seq_len, mcfg.max_seq_len)
     if cfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+    return cfg, mcfg, tokenizer, ckpt
 
-    # data: rank 0 tokenizes into out/data, the others then read the cache
+
+def load_checkpoint(out: Path, dd: Dist) -> dict:
+    path = latest_checkpoint(out)
+    if path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoint'}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    dd.log(f"resuming from {path} (step {ckpt['step']})")
+    return ckpt
+
+
+def model_config(cfg: TrainConfig, ckpt: dict | None):
+    """(ModelConfig, tokenizer or None): from --init, from the checkpoint, or new from --model."""
+    from .tokenizer import Tokenizer
+    if cfg.init:
+        init = Path(cfg.init)
+        if not init.is_dir():
+            raise FileNotFoundError(f"--init {init} is not a model directory")
+        return ModelConfig.load(init), Tokenizer.load(init)
+    if ckpt is not None:
+        return ModelConfig(**ckpt["model_config"]), None
+    mcfg = resolve_config(cfg.model, **({"vocab_size": cfg.vocab_size} if cfg.vocab_size else {}))
+    # the tokenizer gets the requested size; the embedding rounds up for aligned GEMMs
+    cfg.vocab_size = cfg.vocab_size or mcfg.vocab_size
+    mcfg.vocab_size = pad_vocab(mcfg.vocab_size)
+    return mcfg, None
+
+
+def load_data(cfg: TrainConfig, dd: Dist, mcfg: ModelConfig, tokenizer) -> Data:
+    """Rank 0 tokenizes into OUT/data first, so the other ranks only read its cache."""
     for turn in ((0,) if dd.world == 1 else (0, 1)):
         if (turn == 0) == dd.master:
             tokenizer, train_split, val_split = build_dataset(
-                cfg.data, out / "data", tokenizer, mcfg.vocab_size, cfg.corpus_mb,
-                tokenizer_vocab=cfg.vocab_size, log=log)
+                cfg.data, Path(cfg.out) / "data", tokenizer, mcfg.vocab_size, cfg.corpus_mb,
+                tokenizer_vocab=cfg.vocab_size, log=dd.log)
         dd.barrier()
     if tokenizer.eos_token_id is not None and mcfg.eos_token_id is None:
         mcfg.eos_token_id = mcfg.bos_token_id = tokenizer.eos_token_id
+    return Data(tokenizer, train_split, val_split)
 
-    torch.manual_seed(cfg.seed)  # same init on every rank
-    if cfg.init and ckpt is None:
+
+def build(cfg: TrainConfig, dd: Dist, mcfg: ModelConfig, fine_tune: bool) -> Modules:
+    """The model (new, or loaded from --init), wrapped for this run, and its optimizer."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if fine_tune:
         from .weights import load_model
         gpt = load_model(cfg.init, device="cpu", dtype=torch.float32).requires_grad_(True)
         gpt.config = mcfg
@@ -280,19 +345,21 @@ def train(cfg: TrainConfig) -> Path:
     lm = LMLoss(gpt)
     if cfg.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-        apply_activation_checkpointing(gpt, check_fn=lambda m: isinstance(m, Block))
+        apply_activation_checkpointing(gpt, check_fn=_is_block)
+    model, infer = wrap(lm, cfg, dd)
+    opt, params = make_optimizer(lm, cfg, dd)
+    return Modules(lm, model, infer, opt, params, n_params)
 
+
+def _is_block(module: nn.Module) -> bool:
+    return isinstance(module, Block)
+
+
+def wrap(lm: LMLoss, cfg: TrainConfig, dd: Dist) -> tuple[nn.Module, nn.Module]:
+    """(model for the training step, module for eval and sampling)."""
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     if cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        if dd.world == 1 and not dist.is_initialized():  # FSDP2 needs a process group even for one rank
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(29500 + cfg.seed % 1000))
-            dist.init_process_group("nccl" if dd.device.type == "cuda" else "gloo", rank=0, world_size=1)
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        for block in gpt.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(lm, mp_policy=mp)
+        shard(lm, dtype, cfg, dd)
         model = infer = lm
     else:
         model = infer = lm if dtype == torch.float32 else CastParams(lm, dtype)
@@ -301,159 +368,210 @@ def train(cfg: TrainConfig) -> Path:
             model = DDP(model, device_ids=[dd.device.index] if dd.device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
+    return model, infer
 
+
+def shard(lm: LMLoss, dtype: torch.dtype, cfg: TrainConfig, dd: Dist) -> None:
+    """FSDP2 in place: each block, then the rest; params gathered in dtype, gradients reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if dd.world == 1 and not dist.is_initialized():  # FSDP2 needs a process group even for one rank
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + cfg.seed % 1000))
+        dist.init_process_group("nccl" if dd.device.type == "cuda" else "gloo", rank=0, world_size=1)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in lm.gpt.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(lm, mp_policy=mp)
+
+
+def make_optimizer(lm: LMLoss, cfg: TrainConfig, dd: Dist):
+    """AdamW with weight decay on the matrices only; (optimizer, the parameters it steps)."""
     params = [p for p in lm.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=cfg.weight_decay),
               dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                            fused=dd.device.type == "cuda")
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=dd.device.type == "cuda")
+    return opt, params
 
-    sd_opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    start = 0
-    if ckpt is not None:
-        set_model_state_dict(lm, ckpt["model"], options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(lm, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
-        _set_rng_states(ckpt["rng"][min(dd.rank, len(ckpt["rng"]) - 1)])
-        start = ckpt["step"]
-        del ckpt
 
-    # --- batches: a pure function of (seed, step) ---
-    B, T, A = cfg.batch_size, cfg.seq_len, cfg.grad_accum
-    rows = B * A                    # this rank's rows per step
-    global_rows = rows * dd.world
+def restore(m: Modules, ckpt: dict, dd: Dist) -> int:
+    """Load the checkpoint's weights, optimizer and this rank's RNG states; returns its step."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(m.lm, ckpt["model"], options=full)
+    set_optimizer_state_dict(m.lm, m.opt, ckpt["optimizer"], options=full)
+    # a run resumed on more ranks than it was saved from gives the extra ranks the last rank's state
+    _set_rng_states(ckpt["rng"][min(dd.rank, len(ckpt["rng"]) - 1)])
+    return ckpt["step"]
 
-    def batch(split, key):
-        starts = sample_starts(len(split.tokens), global_rows if key[0] == "train" else B * dd.world, T,
-                               np.random.default_rng([cfg.seed, *key[1:], 0 if key[0] == "train" else 1]))
-        mine = starts[dd.rank * (len(starts) // dd.world):(dd.rank + 1) * (len(starts) // dd.world)]
-        x, y = windows(split.tokens, mine, T, split.mask)
-        if split.mask is None:
-            count = len(starts) * T
-        else:  # loss tokens in the whole global batch, so every rank scales its gradient alike
-            count = int(sum(split.mask[s + 1:s + 1 + T].sum() for s in starts))
-        return (torch.from_numpy(x).to(dd.device, non_blocking=True),
-                torch.from_numpy(y).to(dd.device, non_blocking=True), max(count, 1))
 
-    # eval and sampling skip DDP (no gradients to sync) and compile (sampling changes shapes every token)
-    @torch.no_grad()
-    def evaluate():
-        model.eval()
-        tot = torch.zeros(2, dtype=torch.float64, device=dd.device)
-        for i in range(cfg.eval_iters):
-            x, y, _ = batch(val_split, ("val", i))
-            tot[0] += infer(x, y).double()
-            tot[1] += (y != IGNORE_INDEX).sum()
-        dd.sum(tot)
-        model.train()
-        return (tot[0] / tot[1].clamp(min=1)).item()
+def get_batch(split: Split, stream: int, index: int, rows: int, cfg: TrainConfig, dd: Dist):
+    """This rank's share (x, y (rows / world, T) on the device) of a global batch of `rows`
+    windows drawn for (seed, index, stream), and the loss tokens in the whole global batch."""
+    T = cfg.seq_len
+    starts = sample_starts(len(split.tokens), rows, T, np.random.default_rng([cfg.seed, index, stream]))
+    per_rank = len(starts) // dd.world
+    x, y = windows(split.tokens, starts[dd.rank * per_rank:(dd.rank + 1) * per_rank], T, split.mask)
+    if split.mask is None:
+        count = len(starts) * T
+    else:  # counted over the global batch, so every rank scales its gradient alike
+        count = int(sum(split.mask[s + 1:s + 1 + T].sum() for s in starts))
+    return (torch.from_numpy(x).to(dd.device, non_blocking=True),
+            torch.from_numpy(y).to(dd.device, non_blocking=True), max(count, 1))
 
-    @torch.no_grad()
-    def sample():
-        model.eval()
-        ids = torch.from_numpy(np.asarray(val_split.tokens[:8], dtype=np.int64))[None].to(dd.device)
-        prompt_len = ids.shape[1]
-        for _ in range(cfg.sample_tokens):
-            nxt = infer(ids[:, -mcfg.max_seq_len:]).argmax(-1, keepdim=True)  # greedy
-            ids = torch.cat([ids, nxt], dim=1)
-        model.train()
-        ids = ids[0].tolist()
-        return tokenizer.decode(ids[:prompt_len]), tokenizer.decode(ids[prompt_len:])
 
-    def save_checkpoint(step):
-        msd = get_model_state_dict(lm, options=sd_opts)      # collectives under FSDP: every rank calls
-        osd = get_optimizer_state_dict(lm, opt, options=sd_opts)
-        rng = [None] * dd.world
-        if dd.world > 1:
-            dist.all_gather_object(rng, _rng_states())
-        else:
-            rng = [_rng_states()]
-        if dd.master:
-            d = out / "checkpoint"
-            d.mkdir(parents=True, exist_ok=True)
-            state = dict(model=msd, optimizer=osd, step=step, rng=rng, model_config=mcfg.to_dict(),
-                         train_config=asdict(cfg), world=dd.world)
-            atomic_write(d / f"step_{step:08d}.pt", lambda p: torch.save(state, p))
-            for old in sorted(d.glob("step_*.pt"))[:-cfg.keep]:
-                old.unlink()
-        dd.barrier()
+def train_step(step: int, m: Modules, split: Split, cfg: TrainConfig, dd: Dist):
+    """One optimizer step over grad_accum micro-steps; (lr, each micro-step's summed loss, loss tokens)."""
+    lr = lr_at(step, cfg)
+    for g in m.opt.param_groups:
+        g["lr"] = lr
+    B, A = cfg.batch_size, cfg.grad_accum
+    x, y, count = get_batch(split, TRAIN, step, B * A * dd.world, cfg, dd)
+    scale = dd.world / count  # DDP/FSDP average over ranks: this makes it the global token mean
+    losses = []
+    for i in range(A):
+        losses.append(micro_step(m, x[i * B:(i + 1) * B], y[i * B:(i + 1) * B], scale, i == A - 1, cfg.fsdp))
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(m.params, cfg.grad_clip)
+    m.opt.step()
+    m.opt.zero_grad(set_to_none=True)
+    return lr, losses, count
 
-    fpt = flops_per_token(mcfg, n_params, T)
-    peak = peak_flops(cfg, dd.device)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.jsonl"
-    if dd.master and start == 0:
-        log_path.write_text("")
-    log(f"model {mcfg.model_type} {n_params / 1e6:.1f}M params, vocab {mcfg.vocab_size} "
-        f"(tokenizer {tokenizer.vocab_size}); data {len(train_split.tokens):,} train / {len(val_split.tokens):,} "
-        f"val tokens; {dd.world} x {cfg.device or dd.device.type} {cfg.dtype}; global batch "
-        f"{global_rows} x {T} tokens; steps {start}..{cfg.steps}")
 
-    def write_log(rec):
-        if dd.master:
-            with open(log_path, "a") as f:
+def micro_step(m: Modules, x, y, scale: float, last: bool, fsdp: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch; gradients are synced across ranks on the last only."""
+    if fsdp:
+        m.lm.set_requires_gradient_sync(last)
+    ddp = hasattr(m.model, "no_sync")
+    with m.model.no_sync() if ddp and not last else nullcontext():
+        loss = m.model(x, y)
+        (loss * scale).backward()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(m: Modules, split: Split, cfg: TrainConfig, dd: Dist) -> float:
+    """Validation loss per loss token over eval_iters fixed batches."""
+    m.model.eval()
+    tot = torch.zeros(2, dtype=torch.float64, device=dd.device)
+    for i in range(cfg.eval_iters):
+        x, y, _ = get_batch(split, VAL, i, cfg.batch_size * dd.world, cfg, dd)
+        tot[0] += m.infer(x, y).double()
+        tot[1] += (y != IGNORE_INDEX).sum()
+    dd.sum(tot)
+    m.model.train()
+    return (tot[0] / tot[1].clamp(min=1)).item()
+
+
+@torch.no_grad()
+def sample(m: Modules, data: Data, mcfg: ModelConfig, cfg: TrainConfig, dd: Dist) -> tuple[str, str]:
+    """(prompt, greedy continuation): the first validation tokens and sample_tokens more."""
+    m.model.eval()
+    ids = torch.from_numpy(np.asarray(data.val.tokens[:8], dtype=np.int64))[None].to(dd.device)
+    prompt_len = ids.shape[1]
+    for _ in range(cfg.sample_tokens):
+        nxt = m.infer(ids[:, -mcfg.max_seq_len:]).argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    m.model.train()
+    ids = ids[0].tolist()
+    return data.tokenizer.decode(ids[:prompt_len]), data.tokenizer.decode(ids[prompt_len:])
+
+
+def save_checkpoint(step: int, m: Modules, mcfg: ModelConfig, cfg: TrainConfig, dd: Dist) -> None:
+    """OUT/checkpoint/step_N.pt (full state dicts, every rank's RNG); keeps the last cfg.keep."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(m.lm, options=opts)  # collectives under FSDP: every rank calls
+    osd = get_optimizer_state_dict(m.lm, m.opt, options=opts)
+    rng = [None] * dd.world
+    if dd.world > 1:
+        dist.all_gather_object(rng, _rng_states())
+    else:
+        rng = [_rng_states()]
+    if dd.master:
+        d = Path(cfg.out) / "checkpoint"
+        d.mkdir(parents=True, exist_ok=True)
+        state = dict(model=msd, optimizer=osd, step=step, rng=rng, model_config=mcfg.to_dict(),
+                     train_config=asdict(cfg), world=dd.world)
+        atomic_write(d / f"step_{step:08d}.pt", functools.partial(torch.save, state))
+        for old in sorted(d.glob("step_*.pt"))[:-cfg.keep]:
+            old.unlink()
+    dd.barrier()
+
+
+def save_final(m: Modules, mcfg: ModelConfig, tokenizer, cfg: TrainConfig, dd: Dist) -> None:
+    """OUT as an HF model directory, and the loss curve beside it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    msd = get_model_state_dict(m.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dd.master:
+        out = Path(cfg.out)
+        final = GPT(mcfg)
+        final.load_state_dict({k.removeprefix("gpt."): v for k, v in msd.items()})
+        save_model(final, out, tokenizer)
+        plot_loss(out / "log.jsonl", out / "loss.png")
+        dd.log(f"saved {out} (HF format) and {out / 'loss.png'}")
+    dd.barrier()
+
+
+def describe(cfg: TrainConfig, dd: Dist, mcfg: ModelConfig, m: Modules, data: Data, start: int) -> str:
+    return (f"model {mcfg.model_type} {m.n_params / 1e6:.1f}M params, vocab {mcfg.vocab_size} "
+            f"(tokenizer {data.tokenizer.vocab_size}); data {len(data.train.tokens):,} train / "
+            f"{len(data.val.tokens):,} val tokens; {dd.world} x {cfg.device or dd.device.type} {cfg.dtype}; "
+            f"global batch {cfg.batch_size * cfg.grad_accum * dd.world} x {cfg.seq_len} tokens; "
+            f"steps {start}..{cfg.steps}")
+
+
+class Meter:
+    """The progress bar and OUT/log.jsonl: train loss, tokens/s and MFU since the last log line."""
+
+    def __init__(self, cfg: TrainConfig, dd: Dist, start: int, flops_per_tok: float):
+        from tqdm import tqdm
+        self.dd = dd
+        self.path = Path(cfg.out) / "log.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if dd.master and start == 0:
+            self.path.write_text("")
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * dd.world * cfg.seq_len
+        self.flops_per_tok, self.peak = flops_per_tok, peak_flops(cfg, dd.device)
+        self.bar = tqdm(total=cfg.steps, initial=start, disable=not (dd.master and cfg.progress), dynamic_ncols=True)
+        self.loss = torch.zeros((), dtype=torch.float64, device=dd.device)
+        self.count, self.t, self.step, self.train_loss = 0, time.time(), start, float("nan")
+
+    def add(self, losses: list[torch.Tensor], count: int) -> None:
+        for loss in losses:
+            self.loss += loss
+        self.count += count
+        self.bar.update(1)
+
+    def log_train(self, done: int, lr: float) -> None:
+        self.train_loss = self.dd.sum(self.loss).item() / self.count  # .item() syncs: the time is honest
+        tok_s = (done - self.step) * self.tokens_per_step / (time.time() - self.t)
+        mfu = tok_s * self.flops_per_tok / (self.peak * self.dd.world) if self.peak else None
+        self.bar.set_postfix_str(f"loss {self.train_loss:.3f} lr {lr:.1e} tok/s {tok_s:,.0f} "
+                                 f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
+        self.write(dict(step=done, loss=self.train_loss, lr=lr, tok_s=tok_s, mfu=mfu, time=time.time()))
+        self.loss.zero_()
+        self.count, self.t, self.step = 0, time.time(), done
+
+    def log_eval(self, done: int, val: float, prompt: str, text: str) -> None:
+        if self.dd.master:
+            self.bar.write(f"step {done}: train loss {self.train_loss:.3f}, val loss {val:.3f} | "
+                           f"{prompt!r} -> {text!r}")
+        self.write(dict(step=done, val_loss=val, sample=prompt + text))
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Evaluation and checkpoint time is not training throughput."""
+        self.t = time.time()
+
+    def write(self, rec: dict) -> None:
+        if self.dd.master:
+            with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    end = min(cfg.steps, cfg.stop_after or cfg.steps)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (dd.master and cfg.progress), dynamic_ncols=True)
-    ddp = hasattr(model, "no_sync")
-    loss_acc = torch.zeros((), dtype=torch.float64, device=dd.device)
-    count_acc, t_last, step_last, train_loss = 0, time.time(), start, float("nan")
-    for step in range(start, end):
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x, y, count = batch(train_split, ("train", step))
-        scale = dd.world / count  # DDP/FSDP average over ranks: this makes it the global token mean
-        for m in range(A):
-            last = m == A - 1
-            if cfg.fsdp:
-                lm.set_requires_gradient_sync(last)
-            with model.no_sync() if ddp and not last else nullcontext():
-                loss = model(x[m * B:(m + 1) * B], y[m * B:(m + 1) * B])
-                (loss * scale).backward()
-            loss_acc += loss.detach()
-        count_acc += count
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done = step + 1
-        bar.update(1)
-
-        if done % cfg.log_every == 0 or done == end:
-            train_loss = dd.sum(loss_acc).item() / count_acc   # .item() syncs: timing is honest
-            dt = time.time() - t_last
-            tok_s = (done - step_last) * global_rows * T / dt
-            mfu = tok_s * fpt / (peak * dd.world) if peak else None
-            bar.set_postfix_str(f"loss {train_loss:.3f} lr {lr:.1e} tok/s {tok_s:,.0f} "
-                                f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}")
-            write_log(dict(step=done, loss=train_loss, lr=lr, tok_s=tok_s, mfu=mfu, time=time.time()))
-            loss_acc.zero_()
-            count_acc, t_last, step_last = 0, time.time(), done
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            val = evaluate()
-            prompt, text = sample()
-            if dd.master:
-                bar.write(f"step {done}: train loss {train_loss:.3f}, val loss {val:.3f} | {prompt!r} -> {text!r}")
-            write_log(dict(step=done, val_loss=val, sample=prompt + text))
-            t_last = time.time()  # evaluation time is not training throughput
-        if done % cfg.save_every == 0 or done == end:
-            save_checkpoint(done)
-            t_last = time.time()
-    bar.close()
-
-    if end == cfg.steps or start >= cfg.steps:
-        msd = get_model_state_dict(lm, options=sd_opts)
-        if dd.master:
-            final = GPT(mcfg)
-            final.load_state_dict({k.removeprefix("gpt."): v for k, v in msd.items()})
-            save_model(final, out, tokenizer)
-            plot_loss(log_path, out / "loss.png")
-            log(f"saved {out} (HF format) and {out / 'loss.png'}")
-        dd.barrier()
-    if dist.is_initialized() and dd.world == 1:
-        dist.destroy_process_group()
-    return out
+    def close(self) -> None:
+        self.bar.close()
 
 
 def plot_loss(log_path: Path, png: Path) -> None:
@@ -476,39 +594,46 @@ def plot_loss(log_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
-# --- CLI ---------------------------------------------------------------------------------
+# --- CLI: one flag per TrainConfig field -----------------------------------------------------
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output directory (ends up an HF model directory)")
-    p.add_argument("--data", help='text file, folder of text files, or .jsonl of {"prompt","completion"}')
-    p.add_argument("--model", default="gpt2-tiny", help="preset name or config.json")
-    p.add_argument("--init", help="HF model directory to fine-tune from")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int, help="per rank and micro-step")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup", type=int)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under OUT")
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--eval-iters", type=int, default=4)
-    p.add_argument("--device")
-    p.add_argument("--dtype", choices=["fp32", "bf16"])
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--fsdp", action="store_true", help="FSDP2 (fully_shard) instead of DDP")
-    p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary for a new model")
-    p.add_argument("--corpus-mb", type=float, help="cap on the default corpus (default: 8 on CPU, all on GPU)")
-    p.add_argument("--peak-tflops", type=float, help="per-device peak for MFU")
-    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        name, kwargs = flag(f, hints[f.name])
+        p.add_argument(name, **kwargs)
+
+
+def flag(f, hint) -> tuple[str, dict]:
+    """A field's argparse flag: --kebab-name of the field's type and default; a bool is a switch
+    that turns its default around (--x for False, --no-x for True)."""
+    name, meta = f.name.replace("_", "-"), f.metadata
+    kwargs = dict(dest=f.name, help=argparse.SUPPRESS if meta["hidden"] else _help(f))
+    if hint is bool:
+        if f.default:
+            kwargs["help"] = argparse.SUPPRESS if meta["hidden"] else f"turn off: {meta['help']} (on by default)"
+            return f"--no-{name}", dict(kwargs, action="store_false", default=True)
+        return f"--{name}", dict(kwargs, action="store_true", default=False)
+    kwargs["type"] = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # X | None -> X
+    if not meta["choices"]:
+        kwargs["metavar"] = {int: "N", float: "F"}.get(kwargs["type"], name.upper().replace("-", "_"))
+    if f.default is MISSING:
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = f.default
+    if meta["choices"]:
+        kwargs["choices"] = meta["choices"]
+    return f"--{name}", kwargs
+
+
+def _help(f) -> str:
+    text, meta = f.metadata["help"], f.metadata
+    if meta["cpu"] is not None:
+        text += f" (default: {meta['cpu']} on CPU, {meta['gpu']} on GPU)"
+    elif f.default not in (None, MISSING) and not isinstance(f.default, bool):
+        text += f" (default: {f.default})"
+    return text.replace("%", "%%")  # argparse %-formats help texts
 
 
 def run(args: argparse.Namespace) -> int:
-    names = {f.name for f in fields(TrainConfig)}
-    train(TrainConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    train(TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}))
     return 0

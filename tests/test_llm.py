@@ -3,7 +3,8 @@ import asyncio
 import pytest
 import torch
 
-from gpt_engine.llm import LLM, AsyncLLM
+from gpt_engine.async_llm import AsyncLLM
+from gpt_engine.llm import LLM
 from gpt_engine.sampling import SamplingParams
 from gpt_engine.tokenizer import Tokenizer
 
@@ -152,7 +153,7 @@ def test_logprobs(models):
 def test_bad_inputs_raise_clear_errors(models, tmp_path):
     d, _ = models["gpt2"]
     llm = LLM(str(d), device="cpu")
-    with pytest.raises(ValueError, match="120.*16.*128"):
+    with pytest.raises(ValueError, match="128.*120 in the prompt, 16 for"):
         llm.generate([[1] * 120], SamplingParams(max_tokens=16), use_tqdm=False)
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]], use_tqdm=False)
@@ -332,10 +333,11 @@ def test_runner_table_rows_follow_the_tables():
     from types import SimpleNamespace
 
     from gpt_engine.runner import padded_tables, table_rows
-    a, b = SimpleNamespace(block_table=[5, 1], table_row=None), SimpleNamespace(block_table=[], table_row=None)
+    a, b = SimpleNamespace(request_id="a", block_table=[5, 1]), SimpleNamespace(request_id="b", block_table=[])
+    kept = {}
 
     def check(width):
-        got = table_rows([a, b], width)
+        got = table_rows([a, b], width, kept)
         assert got == padded_tables([a.block_table, b.block_table], width)
     check(4)
     a.block_table.append(9)
@@ -344,7 +346,7 @@ def test_runner_table_rows_follow_the_tables():
     check(4)
     b.block_table.extend([7, 8])
     check(5)
-    assert len(table_rows([], 4)) == 0
+    assert len(table_rows([], 4, kept)) == 0
 
 
 def test_runner_decode_inputs_equal_the_general_path(models):

@@ -1,34 +1,40 @@
-"""Scheduler alone (no model): a fake step samples token = position % 7."""
+"""Scheduler alone (no model): a fake step samples token = position % 7; request.check_stop
+ends the requests, as LLM.step does."""
 from types import SimpleNamespace
 
 import pytest
 
 from gpt_engine.kv_cache import BlockManager
+from gpt_engine.request import Request, check_stop
 from gpt_engine.scheduler import Scheduler, Sequence, Status
 
 
 def params(max_tokens=8, **kw):
-    return SimpleNamespace(max_tokens=max_tokens, ignore_eos=True, stop_token_ids=[], **kw)
+    return SimpleNamespace(max_tokens=max_tokens, ignore_eos=True, stop_token_ids=[], stop=[], **kw)
 
 
-def run_step(s: Scheduler):
+def run_step(s: Scheduler, eos=()):
     batch = s.schedule()
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         assert seq.num_computed_tokens + n <= seq.num_tokens
         assert len(seq.block_table) * s.bm.block_size >= seq.num_computed_tokens + n
     assert batch.num_tokens <= s.max_num_batched_tokens and len(batch) <= s.max_num_seqs
     sampled = [seq.num_tokens % 7 if smp else None for seq, smp in zip(batch.seqs, batch.sample)]
-    s.postprocess(batch, sampled)
+    for i in s.postprocess(batch, sampled):
+        seq = batch.seqs[i]
+        reason = check_stop(Request(seq, None, None, eos, False), s.max_model_len)
+        if reason is not None:
+            s.finish(seq, reason)
     s.bm.check()
     # running stays in arrival order (re-admitted preempted ones too): the batch's order rests on it
     assert [q.arrival for q in s.running] == sorted(q.arrival for q in s.running)
     return batch
 
 
-def drain(s, limit=1000):
+def drain(s, limit=1000, eos=()):
     steps = 0
     while s.has_unfinished():
-        run_step(s)
+        run_step(s, eos)
         steps += 1
         assert steps < limit
     return steps
@@ -127,12 +133,12 @@ def test_eos_and_stop_tokens_finish():
     bm = BlockManager(16, 4)
     s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
     # fake tokens: num_tokens % 7 -> prompt of 3 samples 3, then 4, 5, ...
-    a = Sequence("a", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=False, stop_token_ids=[]), eos_token_id=5)
-    b = Sequence("b", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=False, stop_token_ids=[4]))
-    c = Sequence("c", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=True, stop_token_ids=[]), eos_token_id=5)
+    a = Sequence("a", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=False, stop_token_ids=[], stop=[]))
+    b = Sequence("b", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=False, stop_token_ids=[4], stop=[]))
+    c = Sequence("c", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=True, stop_token_ids=[], stop=[]))
     for q in (a, b, c):
         s.add(q)
-    drain(s)
+    drain(s, eos=[5, 6])
     assert a.output_token_ids == [3, 4, 5] and a.finish_reason == "stop"
     assert b.output_token_ids == [3, 4] and b.finish_reason == "stop"
     assert c.num_output_tokens == 10 and c.finish_reason == "length"

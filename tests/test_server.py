@@ -19,7 +19,8 @@ import openai
 import pytest
 import uvicorn
 
-from gpt_engine.llm import LLM, AsyncLLM
+from gpt_engine.async_llm import AsyncLLM
+from gpt_engine.llm import LLM
 from gpt_engine.server import ChatTemplate, add_args, build_app, load_chat_template
 from gpt_engine.tokenizer import Tokenizer
 from tests.helpers import make_hf_model

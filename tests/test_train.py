@@ -111,6 +111,59 @@ def test_lr_schedule_and_vocab_padding():
     assert pad_vocab(50257) == 50304 and pad_vocab(4096) == 4096
 
 
+# --- settings and flags -------------------------------------------------------------------
+
+def _train_parser():
+    import argparse
+
+    from gpt_engine.train import add_args
+    p = argparse.ArgumentParser()
+    add_args(p)
+    return p
+
+
+def test_every_setting_has_a_flag_and_back():
+    from dataclasses import asdict, fields
+    p = _train_parser()
+    names = {f.name for f in fields(TrainConfig)}
+    assert {a.dest for a in p._actions} - {"help"} == names
+    flags = {s for a in p._actions for s in a.option_strings}
+    for f in fields(TrainConfig):
+        kebab = f.name.replace("_", "-")
+        assert f"--{kebab}" in flags or f"--no-{kebab}" in flags, f.name
+        assert f.metadata["help"], f.name
+    assert {"--out", "--data", "--model", "--init", "--steps", "--batch-size", "--seq-len", "--lr", "--seed",
+            "--save-every", "--resume", "--device", "--no-progress", "--fsdp", "--warmup", "--eval-every",
+            "--eval-iters", "--grad-accum", "--dtype", "--compile"} <= flags
+    # parsed defaults are TrainConfig's defaults
+    assert vars(p.parse_args(["--out", "x"])) == asdict(TrainConfig(out="x"))
+
+
+def test_flags_parse_types_and_switches():
+    p = _train_parser()
+    a = p.parse_args(["--out", "o", "--steps", "5", "--lr", "1e-3", "--corpus-mb", "2", "--no-progress", "--fsdp",
+                      "--resume", "--dtype", "bf16", "--min-lr-ratio", "0.5", "--keep", "3"])
+    assert (a.steps, a.lr, a.corpus_mb, a.min_lr_ratio, a.keep) == (5, 1e-3, 2.0, 0.5, 3)
+    assert a.progress is False and a.fsdp is True and a.resume is True and a.dtype == "bf16"
+    for bad in ([], ["--out", "o", "--steps", "x"], ["--out", "o", "--dtype", "fp8"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+
+
+def test_device_defaults_come_from_the_fields():
+    from gpt_engine.train import resolve_defaults
+    cpu, gpu = resolve_defaults(TrainConfig(out="x"), cuda=False), resolve_defaults(TrainConfig(out="x"), cuda=True)
+    assert (cpu.steps, cpu.batch_size, cpu.seq_len, cpu.dtype, cpu.log_every) == (300, 16, 128, "fp32", 1)
+    assert (gpu.steps, gpu.batch_size, gpu.seq_len, gpu.dtype, gpu.log_every) == (1500, 32, 256, "bf16", 10)
+    assert (cpu.lr, cpu.warmup, cpu.eval_every, cpu.save_every) == (2e-3, 30, 60, 60)
+    ft = resolve_defaults(TrainConfig(out="x", init="d", steps=10, save_every=3), cuda=False)
+    assert (ft.lr, ft.warmup, ft.eval_every, ft.save_every) == (1e-4, 1, 2, 3)
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_defaults(TrainConfig(out="x", dtype="fp8"), cuda=False)
+    with pytest.raises(ValueError, match="grad_accum"):
+        resolve_defaults(TrainConfig(out="x", grad_accum=0), cuda=False)
+
+
 # --- training ---------------------------------------------------------------------------
 
 def test_loss_falls_and_outputs(tmp_path, corpus):

@@ -1,0 +1,11 @@
+"""The OpenAI-compatible HTTP server (FastAPI) over an EngineClient (async_llm.py).
+
+    app.py          build_app: the app, its lifespan, health/metrics/models
+    completions.py  POST /v1/completions
+    chat.py         POST /v1/chat/completions
+    serving.py      what both share: request -> engine requests (choices), merged streams, SSE
+    errors.py       APIError, the engine's errors as 4xx/503, OpenAI's error body everywhere
+    middleware.py   API key and per-endpoint request counts
+    protocol.py     the request models (pydantic)
+    metrics.py      Prometheus metrics
+"""

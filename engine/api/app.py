@@ -1,0 +1,82 @@
+"""build_app: the server app over an EngineClient, and its small endpoints (health, metrics,
+models); the generating endpoints live in completions.py and chat.py."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..chat_template import ChatTemplate
+from . import chat, completions, errors
+from .errors import NOT_FOUND, APIError
+from .metrics import Metrics
+from .middleware import Gate
+from .serving import ServerState, state_of
+
+log = logging.getLogger("gpt_engine.server")
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    if state_of(request).engine.is_running:
+        return {"status": "ok"}
+    return JSONResponse({"status": "unavailable"}, status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    st = state_of(request)
+    try:
+        stats = st.engine.stats()
+    except Exception:
+        stats = None
+    return Response(st.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _model_card(st: ServerState) -> dict:
+    return {"id": st.engine.model_name, "object": "model", "created": st.created, "owned_by": "gpt-engine",
+            "max_model_len": st.engine.max_model_len}
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    return {"object": "list", "data": [_model_card(state_of(request))]}
+
+
+@router.get("/v1/models/{model_id:path}", responses=NOT_FOUND)
+async def model(model_id: str, request: Request):
+    st = state_of(request)
+    if model_id != st.engine.model_name:
+        raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+    return _model_card(st)
+
+
+def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | None = None) -> FastAPI:
+    """The app over an EngineClient. Its lifespan starts the engine (if not yet running) and
+    stops it at shutdown, so in-flight requests are finished or aborted."""
+    if engine.tokenizer is None:
+        raise ValueError("the server needs a tokenizer: put a tokenizer.json in the model directory")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if not engine.is_running:
+            await engine.start()
+        try:
+            yield
+        finally:
+            try:
+                await engine.stop()
+            except Exception:
+                log.exception("engine.stop() failed")
+
+    app = FastAPI(title="gpt-engine", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = st = ServerState(engine, Metrics(), chat_template or ChatTemplate())
+    app.state.engine, app.state.metrics = engine, st.metrics
+    app.add_middleware(Gate, api_key=api_key, metrics=st.metrics)
+    errors.install(app)
+    for r in (router, completions.router, chat.router):
+        app.include_router(r)
+    return app

@@ -1,0 +1,62 @@
+"""POST /v1/chat/completions: the conversation rendered by the model's chat template, then a
+completion of that text."""
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from .errors import GENERATE_ERRORS
+from .protocol import ChatCompletionRequest
+from .serving import collect, make_choices, merge, prompt_of, record, sse_stream, state_of, usage
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", responses=GENERATE_ERRORS)
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    t0 = time.perf_counter()
+    st = state_of(request)
+    st.check_model(req.model)
+    model = st.engine.model_name
+    messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
+    text = st.template.render(messages, req.add_generation_prompt)
+    top_n = (req.top_logprobs or 0) if req.logprobs else None
+    rid, choices = make_choices(st, req, [prompt_of(st, text, "messages")], "chatcmpl", None, top_n)
+
+    def logprobs_of(entries) -> dict | None:
+        if top_n is None:
+            return None
+
+        def item(i, lp):
+            s = st.token_str(i)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top[:top_n]]}
+                            for t, lp, top in entries]}
+
+    if req.stream:
+        async def chunks():
+            base = {"id": rid, "object": "chat.completion.chunk", "model": model}
+            for c in choices:  # the role first, as OpenAI does
+                yield {**base, "created": int(time.time()), "choices": [
+                    {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}]}
+            async for c, out in merge(st, choices, t0):
+                n_before = len(c.logprobs)
+                record(c, out, top_n is not None)
+                if not out.new_text and not out.finished and not out.new_token_ids:
+                    continue
+                delta = {"content": out.new_text} if out.new_text else {}
+                yield {**base, "created": int(time.time()), "choices": [
+                    {"index": c.index, "delta": delta, "logprobs": logprobs_of(c.logprobs[n_before:]),
+                     "finish_reason": c.finish_reason}]}
+        return StreamingResponse(sse_stream(st, chunks(), choices, rid, "chat.completion.chunk", req.include_usage),
+                                 media_type="text/event-stream")
+
+    await collect(st, request, choices, top_n is not None, t0)
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                         "logprobs": logprobs_of(c.logprobs), "finish_reason": c.finish_reason}
+                        for c in choices],
+            "usage": usage(choices)}

@@ -1,0 +1,50 @@
+"""EngineConfig: every setting of the inference engine in one dataclass. LLM, the model
+runner, the scheduler and the block manager read it; the generate/serve/bench flags are
+generated from its fields (engine/flags.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class EngineConfig:
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if present)"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "compute dtype (default: bfloat16 on GPU, the checkpoint's on CPU)", "choices": DTYPES})
+    quantization: str | None = field(default=None, metadata={"help": "weight quantization (none available yet)"})
+    max_num_seqs: int = field(default=256, metadata={"help": "most sequences in one running batch"})
+    max_num_batched_tokens: int | None = field(default=None, metadata={
+        "help": "token budget of one step (default: 8192 on GPU, 2048 on CPU)"})
+    max_model_len: int | None = field(default=None, metadata={"help": "context length (default: the model's)"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    num_kv_blocks: int | None = field(default=None, metadata={"help": "KV-cache blocks (default: sized to memory)"})
+    kv_cache_tokens: int | None = field(default=None, metadata={"help": "KV-cache size in tokens (instead of blocks)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "share of GPU memory for weights, activations and the KV cache"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "reuse the KV of shared prompt prefixes", "flag": "--prefix-caching"})
+    enforce_eager: bool | None = field(default=None, metadata={"help": "no CUDA graphs"})
+    seed: int | None = field(default=None, metadata={"help": "seed of unseeded requests' sampling"})
+
+    def __post_init__(self):
+        if self.dtype is not None and not isinstance(self.dtype, str):
+            self.dtype = str(self.dtype).removeprefix("torch.")  # a torch.dtype
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization is not None:
+            raise ValueError(f"quantization {self.quantization!r} is not available (only None)")
+        for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
+                     "kv_cache_tokens"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
