@@ -32,6 +32,7 @@ def add_args(p) -> None:
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each engine, in turns; the best counts")
     p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
     add_dataclass_args(p.add_argument_group("engine"), EngineConfig, skip=("seed",))
+    p.set_defaults(enable_prefix_caching=False)  # random prompts: nothing to share, keeps the comparison plain
 
 
 def _range(spec: str) -> tuple[int, int]:

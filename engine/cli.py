@@ -23,8 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # torch's CPU allocator puts large tensors on transparent huge pages only when this is set
     # before its first large allocation: the engine's own processes opt in (a user's setting
-    # wins), so activations get them too, and in `bench` so does the HF baseline. gpt2-tiny on a
-    # 2-core CPU: ours 0.42 -> 0.37 s, HF 1.3-1.5 -> 1.2 s.
+    # wins), so activations get them too, and in `bench` so does the HF baseline.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     parser = argparse.ArgumentParser(prog="gpt-engine", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -1,9 +1,7 @@
 """CPU tensors on transparent huge pages, for what the engine reads every step.
 
 A CPU decode step streams the whole KV cache in use and every weight from DRAM (together
-more than the L3), block by block through a pool the TLB cannot cover in 4 KB pages: decode
-attention read its blocks at 12 GB/s on 4 KB pages and 16.5 GB/s on 2 MB ones on a 2-core
-Zen 3 (one gpt2-tiny benchmark run: 0.45-0.48 s -> 0.42 s). torch's allocator asks for huge
+more than the L3), block by block through a pool the TLB cannot cover in 4 KB pages. torch's allocator asks for huge
 pages only under a process-wide environment variable, so the engine maps its own memory and
 advises the kernel (MADV_HUGEPAGE; Linux only, elsewhere plain zeros).
 """
@@ -22,9 +20,9 @@ _ADVICE = getattr(mmap, "MADV_HUGEPAGE", None)
 def zeros(shape, dtype: torch.dtype) -> torch.Tensor:
     """A zeroed contiguous CPU tensor, on huge pages where the OS offers them. Its memory is an
     anonymous mapping that lives as long as the tensor (or any view of it), backed from the
-    start: left to fault in on first write, the KV cache's untouched blocks cost a prefill
-    3-6 ms a layer for a gpt2-tiny batch (0.3 ms once backed), and the block manager hands out
-    fresh blocks for many steps before it reuses any."""
+    start: left to fault in on first write, the KV cache's untouched blocks would slow every
+    prefill that first touches them, and the block manager hands out fresh blocks for many steps
+    before it reuses any."""
     nbytes = math.prod(shape) * dtype.itemsize
     if _ADVICE is None or nbytes < HUGE:
         return torch.zeros(shape, dtype=dtype)

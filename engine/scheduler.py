@@ -81,7 +81,7 @@ class ScheduledBatch:
 
     @property
     def is_decode(self) -> bool:
-        return not self.num_new_tokens or max(self.num_new_tokens) == 1  # every n >= 1; max: 3x all()
+        return not self.num_new_tokens or max(self.num_new_tokens) == 1  # every n >= 1
 
     def __len__(self):
         return len(self.seqs)
@@ -158,7 +158,7 @@ class Scheduler:
                 continue
             done, total = seq.num_computed_tokens, len(seq.token_ids)
             n = total - done if total - done <= budget else budget
-            # most decode steps fit the last block: skip the block manager (~1.4 us a sequence)
+            # most decode steps fit the last block: skip the block manager
             if done + n > len(seq.block_table) * bs:
                 while not self.bm.can_append(seq.block_table, done + n):
                     self._preempt(self._victim(seq, seqs))

@@ -26,7 +26,6 @@ import math
 import os
 import random
 import time
-import typing
 from contextlib import nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch.nn as nn
 
 from .config import ModelConfig, resolve_config
 from .data import IGNORE_INDEX, Split, build_dataset, sample_starts, windows
+from .flags import add_dataclass_args, from_args
 from .losses import chunked_cross_entropy
 from .model import GPT, Block
 from .weights import atomic_write, save_model
@@ -597,43 +597,9 @@ def plot_loss(log_path: Path, png: Path) -> None:
 # --- CLI: one flag per TrainConfig field -----------------------------------------------------
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        name, kwargs = flag(f, hints[f.name])
-        p.add_argument(name, **kwargs)
-
-
-def flag(f, hint) -> tuple[str, dict]:
-    """A field's argparse flag: --kebab-name of the field's type and default; a bool is a switch
-    that turns its default around (--x for False, --no-x for True)."""
-    name, meta = f.name.replace("_", "-"), f.metadata
-    kwargs = dict(dest=f.name, help=argparse.SUPPRESS if meta["hidden"] else _help(f))
-    if hint is bool:
-        if f.default:
-            kwargs["help"] = argparse.SUPPRESS if meta["hidden"] else f"turn off: {meta['help']} (on by default)"
-            return f"--no-{name}", dict(kwargs, action="store_false", default=True)
-        return f"--{name}", dict(kwargs, action="store_true", default=False)
-    kwargs["type"] = next((t for t in typing.get_args(hint) if t is not type(None)), hint)  # X | None -> X
-    if not meta["choices"]:
-        kwargs["metavar"] = {int: "N", float: "F"}.get(kwargs["type"], name.upper().replace("-", "_"))
-    if f.default is MISSING:
-        kwargs["required"] = True
-    else:
-        kwargs["default"] = f.default
-    if meta["choices"]:
-        kwargs["choices"] = meta["choices"]
-    return f"--{name}", kwargs
-
-
-def _help(f) -> str:
-    text, meta = f.metadata["help"], f.metadata
-    if meta["cpu"] is not None:
-        text += f" (default: {meta['cpu']} on CPU, {meta['gpu']} on GPU)"
-    elif f.default not in (None, MISSING) and not isinstance(f.default, bool):
-        text += f" (default: {f.default})"
-    return text.replace("%", "%%")  # argparse %-formats help texts
+    add_dataclass_args(p, TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    train(TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}))
+    train(from_args(TrainConfig, args))
     return 0

@@ -9,16 +9,14 @@ from fastapi.responses import StreamingResponse
 
 from .errors import GENERATE_ERRORS
 from .protocol import ChatCompletionRequest
-from .serving import collect, make_choices, merge, prompt_of, record, sse_stream, state_of, usage
+from .serving import begin, collect, make_choices, merge, prompt_of, record, sse_stream, usage
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions", responses=GENERATE_ERRORS)
 async def chat_completions(req: ChatCompletionRequest, request: Request):
-    t0 = time.perf_counter()
-    st = state_of(request)
-    st.check_model(req.model)
+    t0, st = begin(request, req)
     model = st.engine.model_name
     messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
     text = st.template.render(messages, req.add_generation_prompt)

@@ -8,16 +8,14 @@ from fastapi.responses import StreamingResponse
 
 from .errors import GENERATE_ERRORS
 from .protocol import CompletionRequest
-from .serving import Choice, collect, make_choices, merge, prompt_of, record, sse_stream, state_of, usage
+from .serving import Choice, begin, collect, make_choices, merge, prompt_of, record, sse_stream, usage
 
 router = APIRouter()
 
 
 @router.post("/v1/completions", responses=GENERATE_ERRORS)
 async def completions(req: CompletionRequest, request: Request):
-    t0 = time.perf_counter()
-    st = state_of(request)
-    st.check_model(req.model)
+    t0, st = begin(request, req)
     model = st.engine.model_name
     rid, choices = make_choices(st, req, [prompt_of(st, p) for p in req.prompt], "cmpl", 16, req.logprobs)
     want_lp = req.logprobs is not None

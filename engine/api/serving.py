@@ -46,6 +46,14 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.server
 
 
+def begin(request: Request, req) -> tuple[float, ServerState]:
+    """A generating endpoint's start: its clock (for TTFT) and the server, checked for req.model."""
+    t0 = time.perf_counter()
+    st = state_of(request)
+    st.check_model(req.model)
+    return t0, st
+
+
 @dataclass
 class Choice:
     """One engine request: a (prompt, sample index) pair of an API request."""
