@@ -19,7 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 BENCH_PATH = mkdir -p build/bench-path && ln -sfn $(CURDIR)/benchmarks build/bench-path/benchmarks \
 	&& PYTHONPATH=$(CURDIR)/build/bench-path
 
-.PHONY: setup run test bench constraints gpu-check cutlass clean
+.PHONY: setup run test bench constraints gpu-check cutlass clean mutate
 
 $(VPY):
 	$(PY) -m venv $(VENV) --system-site-packages
@@ -45,6 +45,13 @@ run: setup
 # pytest exits 5 when it collects nothing: not a failure here
 test: setup
 	$(VPY) -m pytest -q -m "not gpu" -p no:cacheprovider || [ $$? -eq 5 ]
+
+# mutation run over the core modules (kv_cache, scheduler, sampling, stop check, auth, error
+# mapping, attention offsets, norms): each named mutation in .ci/mutate.py is applied to a temporary
+# copy of the repository, never to this tree, and must make its targeted tests fail; prints
+# killed/total and the survivors, fails if a must-kill one survives (~10-20 min on 2 cores)
+mutate: setup
+	$(VPY) .ci/mutate.py
 
 # refresh constraints.txt on purpose: the newest releases that resolve for .[test,bench]
 constraints: $(VPY)

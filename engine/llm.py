@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .chat_template import ChatTemplate
 from .engine_config import EngineConfig
 from .kv_cache import BlockManager
 from .request import Request, RequestError, RequestOutput, check_context, check_pool, check_stop, check_token_ids
@@ -40,7 +41,10 @@ class LLM:
         self.config = cfg = EngineConfig(**{**base, **given, **engine_args})
         self.device = device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+        # what the model directory says about generation: every EOS id, default sampling settings
+        self.default_sampling: dict = {}
         if isinstance(model, (str, Path)):
+            from .config import load_generation_config
             from .tokenizer import Tokenizer
             from .weights import load_model
             path = Path(model)
@@ -48,19 +52,21 @@ class LLM:
                 dtype = torch.bfloat16  # fp32 checkpoints serve in bf16 on GPU
             model_obj = load_model(path, device=device, dtype=dtype)
             self.model_name = path.resolve().name
-            if tokenizer is None and (path / "tokenizer.json").is_file():
+            if tokenizer is None and ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()):
                 tokenizer = Tokenizer.load(path)
+            gen = load_generation_config(path, tokenizer, model_obj.config.vocab_size)
+            eos, self.default_sampling = gen.eos_token_ids, gen.sampling
         else:
             model_obj = model.to(device=device, dtype=dtype).eval() if dtype else model.to(device).eval()
             self.model_name = getattr(model, "name", None) or "gpt"
+            eos = [model_obj.config.eos_token_id] if model_obj.config.eos_token_id is not None else \
+                list(getattr(tokenizer, "eos_token_ids", None) or [])
         self.model, self.tokenizer = model_obj, tokenizer
+        self.chat_template = ChatTemplate.of_tokenizer(tokenizer) if tokenizer is not None else None
         mcfg = model_obj.config
         self.vocab_size = mcfg.vocab_size
         self.max_model_len = min(cfg.max_model_len or mcfg.max_seq_len, mcfg.max_seq_len)
-        eos = mcfg.eos_token_id
-        if eos is None and tokenizer is not None:
-            eos = tokenizer.eos_token_id
-        self.eos_token_ids = frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        self.eos_token_ids = frozenset(eos)
         mbt = cfg.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
         self.runner = ModelRunner(model_obj, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
                                   max_num_batched_tokens=mbt, max_model_len=self.max_model_len,
@@ -80,7 +86,7 @@ class LLM:
             if self.tokenizer is None:
                 raise RequestError("text prompts need a tokenizer (no tokenizer.json with the model): "
                                    "pass token-id lists or tokenizer=", "prompt")
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             text, ids = None, list(prompt)
         ids = check_token_ids(ids, self.vocab_size)
@@ -145,7 +151,7 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+            sampling_params = [sampling_params or SamplingParams(**self.default_sampling)] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
         checked = [self.validate(p, sp) for p, sp in zip(prompts, sampling_params)]  # all before any runs
@@ -175,6 +181,25 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [done[rid] for rid in rids]
+
+    def chat(self, messages, sampling_params=None, chat_template: str | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them, rendered by the model's
+        chat template (or chat_template, a jinja string) as transformers' apply_chat_template
+        renders it; each output's .prompt is the rendered text."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        template = ChatTemplate.of_tokenizer(self.tokenizer, chat_template)
+        if template is None:
+            raise ValueError("the model has no chat template (none in tokenizer_config.json or chat_template.jinja): "
+                             "pass chat_template=")
+        texts = [template.render(c, add_generation_prompt) for c in convs]
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]  # the template carries its BOS
+        outs = self.generate(ids, sampling_params, use_tqdm=use_tqdm)
+        for out, text in zip(outs, texts):
+            out.prompt = text
+        return outs
 
     def stats(self) -> dict:
         bm = self.block_manager

@@ -1,4 +1,4 @@
-"""The decoder-only transformer (gpt2 and llama families), built on the kernels ops.
+"""The decoder-only transformer (gpt2 and llama/qwen2 families), built on the kernels ops.
 
 Two entry points share every layer:
   model(input_ids)                      dense causal forward, (B, T) -> logits (B, T, V)
@@ -38,7 +38,7 @@ class StepMeta:
 class Norm(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.rms, self.eps = cfg.model_type == "llama", cfg.norm_eps
+        self.rms, self.eps = cfg.rotary, cfg.norm_eps
         self.weight = nn.Parameter(torch.ones(cfg.d_model))
         self.bias = None if self.rms else nn.Parameter(torch.zeros(cfg.d_model))
 
@@ -64,48 +64,128 @@ class Linear(nn.Module):
         return linear(x, self.weight, self.bias, self.activation)
 
 
+def rope_inv_freq(cfg: ModelConfig, seq_len=None) -> tuple[torch.Tensor, float]:
+    """(inv_freq (D/2,) fp32, attention scaling of cos/sin) as transformers computes them for cfg.rope_scaling;
+    seq_len (an int or an int64 tensor of any shape, giving inv_freq (..., D/2)) matters for dynamic and longrope."""
+    d, base, rs = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {"rope_type": "default"}
+    t = rs["rope_type"]
+    expo = torch.arange(0, d, 2, dtype=torch.int64).float() / d  # (D/2,)
+    inv = 1.0 / (base ** expo)
+    if t == "linear":
+        return inv / rs["factor"], 1.0
+    if t == "dynamic":  # NTK: the base grows with the sequence once it passes max_position_embeddings
+        max_pos, factor = cfg.max_position_embeddings, rs["factor"]
+        if seq_len is None:
+            return inv, 1.0
+        n = torch.as_tensor(seq_len, dtype=torch.int64)
+        n = torch.maximum(n, torch.tensor(max_pos, dtype=torch.int64))
+        b = base * ((factor * n / max_pos) - (factor - 1)) ** (d / (d - 2))
+        return 1.0 / (b.unsqueeze(-1) ** expo), 1.0
+    if t == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old / lo, old / hi
+        wavelen = 2 * math.pi / inv
+        inv_l = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, inv_l), 1.0
+    if t == "yarn":
+        factor, orig = rs["factor"], rs["original_max_position_embeddings"]
+
+        def corr_dim(rot):
+            return (d * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+        low, high = corr_dim(rs["beta_fast"]), corr_dim(rs["beta_slow"])
+        if rs["truncate"]:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        pos_freqs = base ** (torch.arange(0, d, 2).float() / d)
+        extra = 1 - ramp
+        inv = (1.0 / (factor * pos_freqs)) * (1 - extra) + (1.0 / pos_freqs) * extra
+        return inv, rs["attention_factor"]
+    if t == "longrope":  # short factors up to original_max_position_embeddings, long ones past it
+        orig = rs["original_max_position_embeddings"]
+        short, long = torch.tensor(rs["short_factor"]), torch.tensor(rs["long_factor"])
+        ext = short if seq_len is None else torch.where((torch.as_tensor(seq_len) > orig).unsqueeze(-1), long, short)
+        return 1.0 / (ext * base ** expo), rs["attention_factor"]
+    return inv, 1.0
+
+
+def rope_tables(cfg: ModelConfig, n: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (n, D/2) fp32 for positions 0..n-1 (attention scaling folded in). seq_len None: each position
+    rotated as transformers rotates it when it is the newest token (dynamic/longrope switch per position, as in
+    incremental decoding); seq_len T: every position as in a forward over T tokens."""
+    pos = torch.arange(n, dtype=torch.int64)
+    seq_dependent = (cfg.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope")
+    if seq_dependent and seq_len is None:
+        inv, scale = rope_inv_freq(cfg, pos + 1)          # (n, D/2)
+        ang = pos.float().unsqueeze(-1) * inv
+    else:
+        inv, scale = rope_inv_freq(cfg, seq_len if seq_dependent else None)
+        ang = pos.float().unsqueeze(-1) * inv              # (n, D/2), fp32 like transformers
+    return ang.cos() * scale, ang.sin() * scale
+
+
 class Rotary(nn.Module):
-    """HF-style (rotate_half) rotary embedding with cos/sin tables precomputed to max_seq_len."""
+    """HF-style (rotate_half) rotary embedding with cos/sin tables precomputed to max_seq_len (rope scaling
+    and its attention factor included)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d = cfg.head_dim
-        inv = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
-        ang = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), inv)  # (T, d/2)
-        self.register_buffer("cos", ang.cos().float(), persistent=False)
-        self.register_buffer("sin", ang.sin().float(), persistent=False)
+        self.config = cfg
+        cos, sin = rope_tables(cfg, cfg.max_seq_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x, positions):
+    def tables_for(self, seq_len: int):
+        """(cos, sin) for a dense forward over seq_len tokens where they differ from the cached tables
+        (dynamic past max_position_embeddings, longrope past original_max_position_embeddings), else None."""
+        rs = self.config.rope_scaling or {}
+        t = rs.get("rope_type")
+        if ((t == "dynamic" and seq_len > self.config.max_position_embeddings)
+                or (t == "longrope" and seq_len > rs["original_max_position_embeddings"])):
+            cos, sin = rope_tables(self.config, seq_len, seq_len)
+            return cos.to(self.cos.device), sin.to(self.sin.device)
+        return None
+
+    def forward(self, x, positions, tables=None):
         # x (..., T, h, d), positions (..., T)
-        cos, sin = self.cos[positions].float().unsqueeze(-2), self.sin[positions].float().unsqueeze(-2)
+        cos, sin = tables if tables is not None else (self.cos, self.sin)
+        cos, sin = cos[positions].float().unsqueeze(-2), sin[positions].float().unsqueeze(-2)
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None):
         super().__init__()
         self.h, self.hkv, self.d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = Linear(cfg.d_model, (self.h + 2 * self.hkv) * self.d, cfg.bias)
+        self.qkv = Linear(cfg.d_model, (self.h + 2 * self.hkv) * self.d, cfg.bias or cfg.qkv_bias)
         self.proj = Linear(self.h * self.d, cfg.d_model, cfg.bias)
-        self.rotary = Rotary(cfg) if cfg.model_type == "llama" else None
+        # one Rotary (its cos/sin tables) shared by every layer: GPT passes it in
+        self.rotary = (rotary if rotary is not None else Rotary(cfg)) if cfg.rotary else None
 
-    def _qkv(self, x, positions):
+    def _qkv(self, x, positions, rope=None):
         # (..., C) -> q (..., h, d), k and v (..., hkv, d): views of one fused projection
         h, hkv = self.h, self.hkv
         t = self.qkv(x).unflatten(-1, (h + 2 * hkv, self.d))
         if self.rotary is None:
             return t.split([h, hkv, hkv], dim=-2)
         if decode_layer_applies(t, ()) and t.is_contiguous():  # CPU inference: rotate in place, one pass
-            rope_(t, self.rotary.cos[positions], self.rotary.sin[positions], h + hkv)
+            cos, sin = rope if rope is not None else (self.rotary.cos, self.rotary.sin)
+            rope_(t, cos[positions], sin[positions], h + hkv)
             return t.split([h, hkv, hkv], dim=-2)
         qk, v = t.split([h + hkv, hkv], dim=-2)
-        q, k = self.rotary(qk, positions).split([h, hkv], dim=-2)  # q and k side by side: one rotation
+        q, k = self.rotary(qk, positions, rope).split([h, hkv], dim=-2)  # q and k side by side: one rotation
         return q, k, v
 
-    def forward(self, x, positions):
-        # x (B, T, C) -> (B, T, C)
-        q, k, v = self._qkv(x, positions)
+    def forward(self, x, positions, rope=None):
+        # x (B, T, C) -> (B, T, C); rope: (cos, sin) tables replacing the cached ones (dynamic/longrope)
+        q, k, v = self._qkv(x, positions, rope)
         return self.proj(flash_attention(q, k, v, causal=True).flatten(-2))
 
     def step(self, x, positions, cache, meta: StepMeta):
@@ -128,7 +208,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.model_type == "llama"
+        self.swiglu = cfg.rotary
         if self.swiglu:  # gate and up projections as one GEMM
             self.fc = Linear(cfg.d_model, 2 * cfg.d_ff, cfg.bias)
         else:
@@ -146,18 +226,18 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None):
         super().__init__()
-        self.norm1, self.attn, self.norm2, self.mlp = Norm(cfg), Attention(cfg), Norm(cfg), MLP(cfg)
+        self.norm1, self.attn, self.norm2, self.mlp = Norm(cfg), Attention(cfg, rotary), Norm(cfg), MLP(cfg)
         # decode_layer's scalar arguments: n_head, eps, rms, activation, softmax scale
         self.decode_args = (cfg.n_head, cfg.norm_eps, self.norm1.rms, "swiglu" if self.mlp.swiglu else cfg.activation,
                             1.0 / math.sqrt(cfg.head_dim))
         self.packed = None  # kernels.decode.PackedLayer from GPT.pack_for_cpu: a snapshot of the weights
 
-    def forward(self, x, residual, positions, cache=None, meta=None):
+    def forward(self, x, residual, positions, cache=None, meta=None, rope=None):
         # pre-norm with the residual add fused into each norm: returns (sublayer output, residual stream)
         h, residual = self.norm1(x, residual) if residual is not None else (self.norm1(x), x)
-        h = self.attn(h, positions) if meta is None else self.attn.step(h, positions, cache, meta)
+        h = self.attn(h, positions, rope) if meta is None else self.attn.step(h, positions, cache, meta)
         h, residual = self.norm2(h, residual)
         return self.mlp(h), residual
 
@@ -182,7 +262,8 @@ class GPT(nn.Module):
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.model_type == "gpt2" else None
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        rotary = Rotary(cfg) if cfg.rotary else None  # tables to max_seq_len, shared by the layers
+        self.layers = nn.ModuleList(Block(cfg, rotary) for _ in range(cfg.n_layer))
         self.norm_f = Norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.packed_head = None  # kernels.decode.PackedLinear from pack_for_cpu
@@ -216,8 +297,9 @@ class GPT(nn.Module):
     def head_weight(self):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden(self, input_ids, positions, kv_caches=None, meta=None):
-        """Final-norm hidden states (..., C) for input_ids (...)."""
+    def hidden(self, input_ids, positions, kv_caches=None, meta=None, rope=None):
+        """Final-norm hidden states (..., C) for input_ids (...); rope: (cos, sin) replacing the rotary tables
+        in a dense forward (Rotary.tables_for)."""
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
@@ -230,7 +312,8 @@ class GPT(nn.Module):
                 x, residual = layer.decode_step(x, residual, positions, cache, meta, rope)
         else:
             for i, layer in enumerate(self.layers):
-                x, residual = layer(x, residual, positions, None if kv_caches is None else kv_caches[i], meta)
+                x, residual = layer(x, residual, positions, None if kv_caches is None else kv_caches[i], meta,
+                                    rope)
         return self.norm_f(x, residual)[0]
 
     def forward(self, input_ids):
@@ -240,7 +323,9 @@ class GPT(nn.Module):
         if input_ids.shape[1] > self.config.max_seq_len:  # checked here, not in hidden(): step() must not sync
             raise ValueError(f"position {input_ids.shape[1] - 1} exceeds max_seq_len {self.config.max_seq_len}")
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return self.logits(self.hidden(input_ids, pos))
+        rotary = self.layers[0].attn.rotary if len(self.layers) else None
+        rope = None if rotary is None else rotary.tables_for(input_ids.shape[1])
+        return self.logits(self.hidden(input_ids, pos, rope=rope))
 
     def logits(self, h):
         head = self.packed_head

@@ -11,7 +11,7 @@ import logging
 import os
 
 from .api.app import build_app
-from .chat_template import ChatTemplate, load_chat_template
+from .chat_template import ChatTemplate, load_chat_template, read_template_arg
 from .engine_config import EngineConfig
 from .flags import add_dataclass_args, from_args
 
@@ -25,6 +25,8 @@ def add_args(p) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("GPT_ENGINE_API_KEY"),
                    help="require Authorization: Bearer KEY on /v1/* (default: $GPT_ENGINE_API_KEY)")
+    p.add_argument("--chat-template", default=None, metavar="FILE|STRING",
+                   help="jinja chat template (default: the model's own)")
     p.add_argument("--log-level", default="info")
     add_dataclass_args(p.add_argument_group("engine"), EngineConfig)
 
@@ -39,7 +41,8 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     llm = LLM(args.model, config=from_args(EngineConfig, args))
-    app = build_app(AsyncLLM(llm), api_key=args.api_key, chat_template=load_chat_template(args.model))
+    template = ChatTemplate.of_tokenizer(llm.tokenizer, args.chat_template and read_template_arg(args.chat_template))
+    app = build_app(AsyncLLM(llm), api_key=args.api_key, chat_template=template)
     # this process is the server's: its start-up heap (model, tokenizer, libraries) leaves the
     # cyclic collector's scans, as vLLM does after start-up
     gc.collect()

@@ -1,26 +1,88 @@
 """Small random-init HF models saved to disk, shared by the engine tests."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 
-def make_hf_model(kind: str, path, vocab_size: int = 256, seed: int = 0, **kw):
-    """Save a random-init transformers model of `kind` (gpt2 | llama | llama-untied) to path."""
+def make_hf_model(kind: str, path, vocab_size: int = 256, seed: int = 0, save: bool = True, **kw):
+    """Save a random-init transformers model of `kind` (gpt2 | llama | llama-untied | qwen2 | qwen2-untied)
+    to path; kw go to the transformers config (e.g. rope_scaling=..., max_position_embeddings=...)."""
     import transformers
     torch.manual_seed(seed)
     if kind == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=vocab_size, n_positions=128,
-                                      bos_token_id=0, eos_token_id=0, **kw)
+        cfg = transformers.GPT2Config(**{**dict(n_layer=2, n_embd=64, n_head=2, vocab_size=vocab_size,
+                                                n_positions=128, bos_token_id=0, eos_token_id=0), **kw})
         model = transformers.GPT2LMHeadModel(cfg)
     else:
-        cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=128, intermediate_size=160,
-                                       num_attention_heads=4, num_key_value_heads=1, vocab_size=vocab_size,
-                                       max_position_embeddings=128, tie_word_embeddings=kind != "llama-untied",
-                                       bos_token_id=0, eos_token_id=0, **kw)
-        model = transformers.LlamaForCausalLM(cfg)
-        with torch.no_grad():  # random norms so a mis-mapped norm weight would show
+        family = kind.split("-")[0]
+        args = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=160, num_attention_heads=4,
+                    num_key_value_heads=1 if family == "llama" else 2, vocab_size=vocab_size,
+                    max_position_embeddings=128, tie_word_embeddings=not kind.endswith("-untied"),
+                    bos_token_id=0, eos_token_id=0)
+        args.update(kw)
+        if family == "qwen2":
+            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(use_sliding_window=False, **args))
+        else:
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args))
+        with torch.no_grad():  # random norms and biases so a mis-mapped one would show
             for n, p in model.named_parameters():
                 if "norm" in n:
                     p.uniform_(0.5, 1.5)
-    model.eval().save_pretrained(path)
+                elif n.endswith(".bias"):
+                    p.normal_(0, 0.5)
+    model.eval()
+    if save:
+        model.save_pretrained(path)
     return model
+
+
+def save_hub_gpt2(model, path) -> None:
+    """A GPT-2 checkpoint in the hub's original layout: tensors without the `transformer.` prefix, the
+    attn.bias / attn.masked_bias mask buffers, no lm_head (tied)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    n = model.config.n_positions
+    sd = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items()
+          if k != "lm_head.weight"}
+    for i in range(model.config.n_layer):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    model.config.to_json_file(path / "config.json")
+
+
+def save_bin(model, path, shards: int = 1) -> None:
+    """pytorch_model.bin as transformers 4 saved it (safe_serialization=False), or `shards` shards with
+    pytorch_model.bin.index.json."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    model.config.to_json_file(path / "config.json")
+    if shards == 1:
+        torch.save(sd, path / "pytorch_model.bin")
+        return
+    names = list(sd)
+    weight_map = {}
+    for s in range(shards):
+        fname = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
+        part = names[s::shards]
+        torch.save({k: sd[k] for k in part}, path / fname)
+        weight_map.update({k: fname for k in part})
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def train_bpe(texts, vocab_size: int = 300, special_tokens=("<|endoftext|>",)):
+    """A byte-level BPE (GPT-2 style) trained with `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok

@@ -107,3 +107,57 @@ def test_no_prefix_caching():
     assert cached == 0
     bm.free(t), bm.free(t2)
     assert bm.num_free_blocks == 4
+
+
+def test_shifted_block_never_hits():
+    # a block's KV depends on every token before it: the same tokens at another position (or
+    # after another prefix) must not reuse it, even when the lookup starts with that block
+    bm = BlockManager(num_blocks=16, block_size=4)
+    p, q, r = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]
+    a = p + q + r + [0]
+    ta, _ = bm.allocate(a)
+    bm.commit(ta, a, len(a))  # three full blocks hashed: p, p|q, p|q|r
+    # the sequence's second (third) block first: same tokens, shifted position
+    for prompt in (q + r + [0], r + [0], q + [0]):
+        t, cached = bm.allocate(prompt)
+        assert cached == 0, prompt
+        assert not set(t) & set(ta)
+        bm.free(t)
+    # the first block hits, then a cached block's tokens under another prefix must miss
+    t, cached = bm.allocate(p + r + [0])
+    assert cached == 4 and t[0] == ta[0] and t[1] not in ta
+    bm.free(t)
+    # a block repeated in its own sequence: each position is its own cache entry
+    rep = p + p + p + [0]
+    trep, _ = bm.allocate(rep)
+    bm.commit(trep, rep, len(rep))
+    assert trep[0] == ta[0]  # p at position 0 was cached already
+    t, cached = bm.allocate(p + p + [0])
+    assert cached == 8 and t[:2] == trep[:2]
+    bm.free(t)
+    t, cached = bm.allocate(p * 4 + [0])
+    assert cached == 12 and t[:3] == trep[:3] and t[3] not in trep
+    bm.free(t)
+    bm.free(trep)
+    bm.free(ta)
+    bm.check()
+    assert bm.num_free_blocks == 16
+
+
+def test_hit_after_free_only_under_same_prefix():
+    # freed blocks stay findable by hash: the same holds for them
+    bm = BlockManager(num_blocks=8, block_size=2)
+    a = [1, 2, 3, 4, 5, 6, 0]
+    ta, _ = bm.allocate(a)
+    bm.commit(ta, a, len(a))
+    bm.free(ta)
+    t, cached = bm.allocate([3, 4, 5, 6, 0])
+    assert cached == 0
+    bm.free(t)
+    t, cached = bm.allocate([1, 2, 5, 6, 0])
+    assert cached == 2
+    bm.free(t)
+    t, cached = bm.allocate(a)
+    assert cached == 6
+    bm.free(t)
+    bm.check()

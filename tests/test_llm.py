@@ -366,3 +366,25 @@ def test_runner_decode_inputs_equal_the_general_path(models):
     for sample in (batch.sample, [True, False, True, True]):
         b = ScheduledBatch(batch.seqs, batch.num_new_tokens, sample)
         assert llm.runner.prepare(b) == llm.runner.prepare(General(b.seqs, b.num_new_tokens, b.sample))
+
+
+def test_generation_config_eos_list_and_defaults(models, tmp_path):
+    # generation_config.json's EOS list ends a request on any of its ids (Llama 3 Instruct's second
+    # EOS), and its sampling settings are LLM.generate's defaults
+    import json
+    import shutil
+    src, _ = models["gpt2"]
+    d = tmp_path / "m"
+    shutil.copytree(src, d)
+    prompt = [5, 6, 7, 8]
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    toks = LLM(str(d), device="cpu").generate([prompt], greedy, use_tqdm=False)[0].token_ids
+    e = toks[-1]
+    other = next(t for t in (255, 254, 253) if t not in toks)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [other, e], "do_sample": False,
+                                                          "max_new_tokens": 8}))
+    llm = LLM(str(d), device="cpu")
+    assert {0, other, e} <= llm.eos_token_ids  # config.json's and generation_config.json's
+    out = llm.generate([prompt], use_tqdm=False)[0]  # greedy, 8 tokens at most: the directory's defaults
+    j = next(i for i, t in enumerate(toks) if t in (0, e))
+    assert out.token_ids == toks[:j + 1] and out.finish_reason == "stop"

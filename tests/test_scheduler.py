@@ -88,6 +88,18 @@ def test_preemption_takes_the_newest():
     assert new.block_table == [] and new.num_computed_tokens == 0
 
 
+def test_preemption_takes_the_newest_of_many():
+    # the victim is the newest running sequence, not merely one other than the one that grows
+    bm = BlockManager(9, 2)
+    s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    seqs = [Sequence(n, [1, 2, 3], params(9)) for n in ("a", "b", "c")]
+    for q in seqs:
+        s.add(q)
+    while s.num_preemptions == 0:
+        run_step(s)
+    assert [q.status for q in seqs] == [Status.RUNNING, Status.RUNNING, Status.WAITING]
+
+
 def test_abort_frees_blocks_at_once():
     bm = BlockManager(16, 4)
     s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)

@@ -156,9 +156,17 @@ def test_chat_and_stream_agree(client, srv, model_dir):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_default_chat_template():
-    t = ChatTemplate()
-    assert t.render([{"role": "user", "content": "hi"}]) == "<|user|>\nhi\n<|assistant|>\n"
+def test_no_chat_template_is_a_clear_400(model_dir):
+    # no format is guessed for a model without a template: chat requests are refused, completions served
+    engine = AsyncLLM(LLM(str(model_dir), device="cpu", max_num_seqs=4))
+    with ServerThread(build_app(engine)) as server:
+        r = httpx.post(server.url + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "chat_template_missing"
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200
+    with pytest.raises(ValueError, match="jinja"):
+        ChatTemplate("")
 
 
 def test_batch_prompts_n_echo_and_token_ids(client, srv):

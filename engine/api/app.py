@@ -56,7 +56,8 @@ async def model(model_id: str, request: Request):
 
 def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | None = None) -> FastAPI:
     """The app over an EngineClient. Its lifespan starts the engine (if not yet running) and
-    stops it at shutdown, so in-flight requests are finished or aborted."""
+    stops it at shutdown, so in-flight requests are finished or aborted. Without a chat template,
+    chat requests get a 400."""
     if engine.tokenizer is None:
         raise ValueError("the server needs a tokenizer: put a tokenizer.json in the model directory")
 
@@ -73,7 +74,7 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
                 log.exception("engine.stop() failed")
 
     app = FastAPI(title="gpt-engine", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.server = st = ServerState(engine, Metrics(), chat_template or ChatTemplate())
+    app.state.server = st = ServerState(engine, Metrics(), chat_template)
     app.state.engine, app.state.metrics = engine, st.metrics
     app.add_middleware(Gate, api_key=api_key, metrics=st.metrics)
     errors.install(app)

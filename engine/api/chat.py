@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from .errors import GENERATE_ERRORS
+from .errors import GENERATE_ERRORS, APIError
 from .protocol import ChatCompletionRequest
 from .serving import begin, collect, make_choices, merge, prompt_of, record, sse_stream, usage
 
@@ -18,10 +18,15 @@ router = APIRouter()
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     t0, st = begin(request, req)
     model = st.engine.model_name
+    if st.template is None:
+        raise APIError(400, "this model has no chat template (none in its tokenizer_config.json or "
+                            "chat_template.jinja): start the server with --chat-template FILE", param="messages",
+                       code="chat_template_missing")
     messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
     text = st.template.render(messages, req.add_generation_prompt)
     top_n = (req.top_logprobs or 0) if req.logprobs else None
-    rid, choices = make_choices(st, req, [prompt_of(st, text, "messages")], "chatcmpl", None, top_n)
+    rid, choices = make_choices(st, req, [prompt_of(st, text, "messages", add_special_tokens=False)], "chatcmpl",
+                                None, top_n)
 
     def logprobs_of(entries) -> dict | None:
         if top_n is None:

@@ -25,7 +25,7 @@ class ServerState:
     """What every endpoint reads (app.state.server)."""
     engine: object               # an EngineClient (async_llm.py)
     metrics: Metrics
-    template: object             # chat_template.ChatTemplate
+    template: object             # chat_template.ChatTemplate, or None: chat requests are refused
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -71,15 +71,16 @@ class Choice:
 
 # ---------------------------------------------------------------- request -> choices
 
-def prompt_of(st: ServerState, p, param: str = "prompt") -> tuple[str, list[int]]:
-    """A prompt (text or token ids) -> (text, ids)."""
+def prompt_of(st: ServerState, p, param: str = "prompt", add_special_tokens: bool = True) -> tuple[str, list[int]]:
+    """A prompt (text or token ids) -> (text, ids). Text gets the tokenizer's BOS where it adds one,
+    except rendered chat, which carries its own (add_special_tokens=False)."""
     tok = st.tokenizer
     if isinstance(p, str):
         try:  # JSON's "\ud800" decodes to a lone surrogate, on which the tokenizer raises TypeError
             p.encode("utf-8")
         except UnicodeEncodeError as e:
             raise APIError(400, f"{param} is not valid Unicode: {e.reason}", param=param) from None
-        ids = tok.encode(p)
+        ids = tok.encode(p, add_special_tokens=add_special_tokens)
         check_token_ids(ids, st.engine.vocab_size, param)
         return p, ids
     ids = check_token_ids(p, max(tok.vocab_size, st.engine.vocab_size), param)
