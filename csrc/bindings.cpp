@@ -6,41 +6,10 @@
 #include <vector>
 
 #include "checks.h"
-
-using OptT = c10::optional<at::Tensor>;
-
-std::vector<at::Tensor> norm_fwd_cpu(const at::Tensor& x, const OptT& residual, const at::Tensor& w, const OptT& b,
-                                     double eps, bool rms);
-std::vector<at::Tensor> norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& h, const OptT& dh, const at::Tensor& w,
-                                     const at::Tensor& mean, const at::Tensor& rstd, bool has_bias, bool rms);
-at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                               const at::Tensor& block_table, const at::Tensor& seq_lens, double scale);
-void store_kvcache_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                       const at::Tensor& slot_mapping);
-at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const OptT& bias, int64_t act);
-const std::vector<int64_t>& linear_cpu_panels();
-at::Tensor linear_cpu_pack(const at::Tensor& w, int64_t panel);
-at::Tensor linear_cpu_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act);
-void rope_cpu_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads);
-at::Tensor swiglu_cpu(const at::Tensor& f);
-at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                                const at::Tensor& cu_k, bool causal, double scale, const at::Tensor& block_table);
-#ifdef WITH_CUDA
-std::vector<at::Tensor> norm_fwd_cuda(const at::Tensor& x, const OptT& residual, const at::Tensor& w, const OptT& b,
-                                      double eps, bool rms);
-std::vector<at::Tensor> norm_bwd_cuda(const at::Tensor& dy, const at::Tensor& h, const OptT& dh, const at::Tensor& w,
-                                      const at::Tensor& mean, const at::Tensor& rstd, bool has_bias, bool rms);
-std::vector<at::Tensor> gemm_cuda(const at::Tensor& a, const at::Tensor& b, const OptT& bias, int64_t act,
-                                  bool save_preact);
-at::Tensor act_bwd_cuda(const at::Tensor& dy, const at::Tensor& z, int64_t act);
-at::Tensor gemm_dgrad_cuda(const at::Tensor& dz, const at::Tensor& w);
-at::Tensor gemm_wgrad_cuda(const at::Tensor& dz, const at::Tensor& x);
-bool gemm_sm90_taken(const at::Tensor& a, const at::Tensor& b);
-#endif
+#include "decode_cpu.h"
+#include "ops.h"
 
 namespace {
-
-bool present(const OptT& t) { return t.has_value() && t->defined(); }
 
 void check_device(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() || x.device().is_cuda(), "x must be a CPU or CUDA tensor, got ", x.device());
@@ -48,6 +17,61 @@ void check_device(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu(), "kernels._C was built without CUDA; x is on ", x.device());
 #endif
 }
+
+bool known_panel(int64_t p) {
+  const auto& ps = linear_cpu_panels();
+  return std::find(ps.begin(), ps.end(), p) != ps.end();
+}
+
+#ifndef WITH_CUDA
+[[noreturn]] void no_cuda() { TORCH_CHECK(false, "kernels._C was built without CUDA"); }
+#endif
+
+// The backward GEMMs of F.linear on CUDA, on the tensors autograd holds (no transposed copies on
+// the sm90 path): dgrad: dz (M, N) @ w (N, K) -> (M, K); wgrad: dz (M, N)^T @ x (M, K) -> (N, K).
+at::Tensor backward_gemm(const char* name, const at::Tensor& dz, const at::Tensor& other, bool dgrad) {
+  const int64_t shared_dim = dgrad ? 1 : 0;
+  TORCH_CHECK(dz.dim() == 2 && other.dim() == 2, name, ": 2-D operands expected, got ", dz.sizes(), " and ",
+              other.sizes());
+  TORCH_CHECK(other.size(0) == dz.size(shared_dim), name, ": operand sizes ", dz.sizes(), " and ", other.sizes(),
+              " do not match");
+  TORCH_CHECK(dz.is_cuda(), name, ": dz must be a CUDA tensor");
+  TORCH_CHECK(dz.scalar_type() != at::kFloat, name, ": dz must be float16 or bfloat16");
+#ifdef WITH_CUDA
+  const c10::DeviceGuard guard(dz.device());
+  return dgrad ? gemm_dgrad_cuda(dz, other) : gemm_wgrad_cuda(dz, other);
+#else
+  no_cuda();
+#endif
+}
+
+// (N, heads, D) rows of x may be strided (views of a fused projection); each row is dense
+void check_rows(const at::Tensor& x, const char* name) {
+  CHECK_FLOAT(x);
+  TORCH_CHECK(x.dim() == 3, name, " must be 3-D, got ", x.sizes());
+  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), name, "[i] must be contiguous, got strides ",
+              x.strides());
+}
+
+// The blocks holding the first n tokens of sequence b (its table row, bs tokens a block) must be
+// blocks of the cache: the CPU kernels read them straight from the table.
+void check_table_row(const int32_t* row, int64_t b, int64_t n, int64_t bs, int64_t blocks, const char* who) {
+  for (int64_t j = 0; j < (n + bs - 1) / bs; ++j)
+    TORCH_CHECK_VALUE(row[j] >= 0 && row[j] < blocks, who, "block_table[", b, ", ", j, "] = ", row[j],
+                      " is not a block of the cache (", blocks, " blocks)");
+}
+
+void check_cache(const at::Tensor& c, const at::Tensor& ref, const char* name) {
+  CHECK_CONTIGUOUS(c);
+  CHECK_SAME_DEVICE(c, ref);
+  TORCH_CHECK(c.scalar_type() == ref.scalar_type(), name, " has dtype ", c.scalar_type(), ", expected ",
+              ref.scalar_type());
+  TORCH_CHECK(c.dim() == 4, name, " must be (blocks, block_size, Hkv, D), got ", c.sizes());
+}
+
+}  // namespace
+
+// ---- checked entry points shared with C++ callers (ops.h)
 
 std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
                                  const OptT& bias, double eps, bool rms) {
@@ -74,6 +98,98 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const OptT& residual, cons
 #endif
   return norm_fwd_cpu(x, r, weight, b, eps, rms);
 }
+
+at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act) {
+  TORCH_CHECK_TYPE(x.device().is_cpu() && x.scalar_type() == at::kFloat, "linear_packed: x must be a CPU float32 "
+                   "tensor, got ", x.scalar_type(), " on ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "linear_packed: x must be contiguous (M, K), got ", x.sizes());
+  TORCH_CHECK_VALUE(pw.dim() == 3 && known_panel(pw.size(2)) && pw.size(1) == x.size(1) && pw.is_contiguous() &&
+                        pw.scalar_type() == at::kFloat && pw.device().is_cpu(),
+                    "linear_packed: packed must come from linear_pack of an (N, ", x.size(1), ") float32 weight, got ",
+                    pw.sizes());
+  const int64_t P = pw.size(2);
+  TORCH_CHECK_VALUE(N > 0 && (N + P - 1) / P == pw.size(0), "linear_packed: N = ", N, " does not match the ",
+                    pw.size(0), " panels of ", P, " rows");
+  if (present(bias)) {
+    CHECK_LIKE(*bias, x);
+    CHECK_SHAPE(*bias, N);
+  }
+  TORCH_CHECK_VALUE(act >= 0 && act <= 3, "linear_packed: act must be 0..3, got ", act);
+  return linear_cpu_packed(x, pw, present(bias) ? bias : OptT(), N, act);
+}
+
+// In place: the first `heads` heads of t (N, heads', D), rows dense, rotated by cos, sin (N, D/2)
+void rope_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
+  check_rows(t, "t");
+  TORCH_CHECK_TYPE(t.device().is_cpu() && t.scalar_type() == at::kFloat, "rope_: t must be a CPU float32 tensor, got ",
+                   t.scalar_type(), " on ", t.device());
+  const int64_t N = t.size(0), D = t.size(2);
+  TORCH_CHECK_VALUE(D % 2 == 0 && heads >= 0 && heads <= t.size(1), "rope_: needs an even head dim and 0 <= heads <= ",
+                    t.size(1), ", got D = ", D, ", heads = ", heads);
+  for (const at::Tensor* r : {&cos, &sin})
+    TORCH_CHECK_VALUE(r->sizes() == at::IntArrayRef({N, D / 2}) && r->scalar_type() == at::kFloat &&
+                          r->is_contiguous() && r->device().is_cpu(),
+                      "rope_: cos and sin must be contiguous CPU float32 (N, D/2) = (", N, ", ", D / 2, "), got ",
+                      r->sizes(), " ", r->scalar_type());
+  rope_cpu_(t, cos, sin, heads);
+}
+
+// writes k/v (N, Hkv, D) into the caches at slot_mapping (N,) int64, -1 skips a token; in place
+void store_kvcache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+                   const at::Tensor& slot_mapping) {
+  check_rows(k, "k");
+  check_rows(v, "v");
+  TORCH_CHECK(k.device().is_cpu(), "store_kvcache: k must be a CPU tensor (CUDA runs Triton)");
+  CHECK_SAME_DEVICE(v, k);
+  CHECK_SAME_DTYPE(v, k);
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
+  check_cache(k_cache, k, "k_cache");
+  check_cache(v_cache, k, "v_cache");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
+  TORCH_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2), "k rows (", k.size(1), ", ", k.size(2),
+              ") do not match cache rows (", k_cache.size(2), ", ", k_cache.size(3), ")");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == k.size(0) && slot_mapping.device().is_cpu(),
+              "slot_mapping must be int64 (N,) on the CPU");
+  const at::Tensor slots = slot_mapping.contiguous();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t n_slots = k_cache.size(0) * k_cache.size(1);
+  for (int64_t i = 0; i < slots.size(0); ++i)
+    TORCH_CHECK_VALUE(sp[i] >= -1 && sp[i] < n_slots, "slot_mapping[", i, "] = ", sp[i], " is outside [-1, ", n_slots, ")");
+  store_kvcache_cpu(k, v, k_cache, v_cache, slots);
+}
+
+// CPU decode attention over paged caches -> (B, H, D); the CUDA path is Triton (kernels/triton_paged.py)
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
+  check_rows(q, "q");
+  TORCH_CHECK(q.device().is_cpu(), "paged_attention: q must be a CPU tensor (CUDA runs Triton)");
+  check_cache(k_cache, q, "k_cache");
+  check_cache(v_cache, q, "v_cache");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t blocks = k_cache.size(0), bs = k_cache.size(1), Hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "cache head dim ", k_cache.size(3), " != q's ", D);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "q's heads (", H, ") must be a multiple of the cache's (", Hkv, ")");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.size(0) == B &&
+                  block_table.device().is_cpu(),
+              "block_table must be int32 (B, max_blocks) on the CPU");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == B &&
+                  seq_lens.device().is_cpu(),
+              "seq_lens must be int32 (B,) on the CPU");
+  // every block the kernel will read must exist: a bad table is a ValueError, not a wild read
+  const at::Tensor table = block_table.contiguous(), lens = seq_lens.contiguous();
+  const int32_t* tb = table.data_ptr<int32_t>();
+  const int32_t* ln = lens.data_ptr<int32_t>();
+  const int64_t mb = table.size(1);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(ln[b] >= 1 && ln[b] <= mb * bs, "seq_lens[", b, "] = ", ln[b], " is outside [1, ", mb * bs, "]");
+    check_table_row(tb + b * mb, b, ln[b], bs, blocks, "");
+  }
+  return paged_attention_cpu(q, k_cache, v_cache, table, lens, scale);
+}
+
+namespace {
 
 std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& h, const OptT& dh, const at::Tensor& weight,
                                  const at::Tensor& mean, const at::Tensor& rstd, bool has_bias, bool rms) {
@@ -130,18 +246,13 @@ std::vector<at::Tensor> gemm(const at::Tensor& a, const at::Tensor& b, const Opt
   const c10::DeviceGuard guard(a.device());
   return gemm_cuda(a, b, present(bias) ? bias : OptT(), act, save_preact);
 #else
-  TORCH_CHECK(false, "kernels._C was built without CUDA");
+  no_cuda();
 #endif
 }
 
 // The CPU inference GEMM on a weight rearranged once by linear_pack: w (N, K) float32 ->
 // (ceil(N / panel), K, panel), panel one of linear_panels() (0: the first, the fastest here).
 // linear_packed(x (M, K), packed, bias (N,) or None, N, act) -> (M, N).
-static bool known_panel(int64_t p) {
-  const auto& ps = linear_cpu_panels();
-  return std::find(ps.begin(), ps.end(), p) != ps.end();
-}
-
 at::Tensor linear_pack(const at::Tensor& w, int64_t panel) {
   TORCH_CHECK_TYPE(w.device().is_cpu() && w.scalar_type() == at::kFloat, "linear_pack: w must be a CPU float32 "
                    "tensor, got ", w.scalar_type(), " on ", w.device());
@@ -150,25 +261,6 @@ at::Tensor linear_pack(const at::Tensor& w, int64_t panel) {
   TORCH_CHECK_VALUE(known_panel(panel), "linear_pack: panel must be 0 or one of this CPU's ",
                     c10::IntArrayRef(linear_cpu_panels()), ", got ", panel);
   return linear_cpu_pack(w.contiguous(), panel);
-}
-
-at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act) {
-  TORCH_CHECK_TYPE(x.device().is_cpu() && x.scalar_type() == at::kFloat, "linear_packed: x must be a CPU float32 "
-                   "tensor, got ", x.scalar_type(), " on ", x.device());
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "linear_packed: x must be contiguous (M, K), got ", x.sizes());
-  TORCH_CHECK_VALUE(pw.dim() == 3 && known_panel(pw.size(2)) && pw.size(1) == x.size(1) && pw.is_contiguous() &&
-                        pw.scalar_type() == at::kFloat && pw.device().is_cpu(),
-                    "linear_packed: packed must come from linear_pack of an (N, ", x.size(1), ") float32 weight, got ",
-                    pw.sizes());
-  const int64_t P = pw.size(2);
-  TORCH_CHECK_VALUE(N > 0 && (N + P - 1) / P == pw.size(0), "linear_packed: N = ", N, " does not match the ",
-                    pw.size(0), " panels of ", P, " rows");
-  if (present(bias)) {
-    CHECK_LIKE(*bias, x);
-    CHECK_SHAPE(*bias, N);
-  }
-  TORCH_CHECK_VALUE(act >= 0 && act <= 3, "linear_packed: act must be 0..3, got ", act);
-  return linear_cpu_packed(x, pw, present(bias) ? bias : OptT(), N, act);
 }
 
 // f (M, 2 ff) = [gate | up] -> silu(gate) * up (M, ff), CPU float32
@@ -180,39 +272,16 @@ at::Tensor swiglu(const at::Tensor& f) {
   return swiglu_cpu(f);
 }
 
-// The backward GEMMs of F.linear on CUDA, on the tensors autograd holds (no transposed copies on
-// the sm90 path): dgrad: dz (M, N) @ w (N, K) -> (M, K); wgrad: dz (M, N)^T @ x (M, K) -> (N, K).
-void check_backward_gemm(const char* name, const at::Tensor& dz, const at::Tensor& other, int64_t shared_dim) {
-  TORCH_CHECK(dz.dim() == 2 && other.dim() == 2, name, ": 2-D operands expected, got ", dz.sizes(), " and ",
-              other.sizes());
-  TORCH_CHECK(other.size(0) == dz.size(shared_dim), name, ": operand sizes ", dz.sizes(), " and ", other.sizes(),
-              " do not match");
-  TORCH_CHECK(dz.is_cuda(), name, ": dz must be a CUDA tensor");
-  TORCH_CHECK(dz.scalar_type() != at::kFloat, name, ": dz must be float16 or bfloat16");
-}
-
 at::Tensor gemm_dgrad(const at::Tensor& dz, const at::Tensor& w) {
   CHECK_INPUT(dz);
   CHECK_LIKE(w, dz);
-  check_backward_gemm("gemm_dgrad", dz, w, 1);
-#ifdef WITH_CUDA
-  const c10::DeviceGuard guard(dz.device());
-  return gemm_dgrad_cuda(dz, w);
-#else
-  TORCH_CHECK(false, "kernels._C was built without CUDA");
-#endif
+  return backward_gemm("gemm_dgrad", dz, w, true);
 }
 
 at::Tensor gemm_wgrad(const at::Tensor& dz, const at::Tensor& x) {
   CHECK_INPUT(dz);
   CHECK_LIKE(x, dz);
-  check_backward_gemm("gemm_wgrad", dz, x, 0);
-#ifdef WITH_CUDA
-  const c10::DeviceGuard guard(dz.device());
-  return gemm_wgrad_cuda(dz, x);
-#else
-  TORCH_CHECK(false, "kernels._C was built without CUDA");
-#endif
+  return backward_gemm("gemm_wgrad", dz, x, false);
 }
 
 // Whether gemm(a, b, ...) runs the CUTLASS sm90 kernels (for tests and benchmarks).
@@ -236,78 +305,8 @@ at::Tensor act_bwd(const at::Tensor& dy, const at::Tensor& z, int64_t act) {
   const c10::DeviceGuard guard(z.device());
   return act_bwd_cuda(dy, z, act);
 #else
-  TORCH_CHECK(false, "kernels._C was built without CUDA");
+  no_cuda();
 #endif
-}
-
-// (N, heads, D) rows of x may be strided (views of a fused projection); each row is dense
-void check_rows(const at::Tensor& x, const char* name) {
-  CHECK_FLOAT(x);
-  TORCH_CHECK(x.dim() == 3, name, " must be 3-D, got ", x.sizes());
-  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), name, "[i] must be contiguous, got strides ",
-              x.strides());
-}
-
-// The blocks holding the first n tokens of sequence b (its table row, bs tokens a block) must be
-// blocks of the cache: the CPU kernels read them straight from the table.
-void check_table_row(const int32_t* row, int64_t b, int64_t n, int64_t bs, int64_t blocks, const char* who) {
-  for (int64_t j = 0; j < (n + bs - 1) / bs; ++j)
-    TORCH_CHECK_VALUE(row[j] >= 0 && row[j] < blocks, who, "block_table[", b, ", ", j, "] = ", row[j],
-                      " is not a block of the cache (", blocks, " blocks)");
-}
-
-void check_cache(const at::Tensor& c, const at::Tensor& ref, const char* name) {
-  CHECK_CONTIGUOUS(c);
-  CHECK_SAME_DEVICE(c, ref);
-  TORCH_CHECK(c.scalar_type() == ref.scalar_type(), name, " has dtype ", c.scalar_type(), ", expected ",
-              ref.scalar_type());
-  TORCH_CHECK(c.dim() == 4, name, " must be (blocks, block_size, Hkv, D), got ", c.sizes());
-}
-
-// CPU decode attention over paged caches -> (B, H, D); the CUDA path is Triton (kernels/triton_paged.py)
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
-  check_rows(q, "q");
-  TORCH_CHECK(q.device().is_cpu(), "paged_attention: q must be a CPU tensor (CUDA runs Triton)");
-  check_cache(k_cache, q, "k_cache");
-  check_cache(v_cache, q, "v_cache");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t blocks = k_cache.size(0), bs = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D, "cache head dim ", k_cache.size(3), " != q's ", D);
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "q's heads (", H, ") must be a multiple of the cache's (", Hkv, ")");
-  TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.size(0) == B &&
-                  block_table.device().is_cpu(),
-              "block_table must be int32 (B, max_blocks) on the CPU");
-  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 && seq_lens.size(0) == B &&
-                  seq_lens.device().is_cpu(),
-              "seq_lens must be int32 (B,) on the CPU");
-  // every block the kernel will read must exist: a bad table is a ValueError, not a wild read
-  const at::Tensor table = block_table.contiguous(), lens = seq_lens.contiguous();
-  const int32_t* tb = table.data_ptr<int32_t>();
-  const int32_t* ln = lens.data_ptr<int32_t>();
-  const int64_t mb = table.size(1);
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(ln[b] >= 1 && ln[b] <= mb * bs, "seq_lens[", b, "] = ", ln[b], " is outside [1, ", mb * bs, "]");
-    check_table_row(tb + b * mb, b, ln[b], bs, blocks, "");
-  }
-  return paged_attention_cpu(q, k_cache, v_cache, table, lens, scale);
-}
-
-// In place: the first `heads` heads of t (N, heads', D), rows dense, rotated by cos, sin (N, D/2)
-void rope_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
-  check_rows(t, "t");
-  TORCH_CHECK_TYPE(t.device().is_cpu() && t.scalar_type() == at::kFloat, "rope_: t must be a CPU float32 tensor, got ",
-                   t.scalar_type(), " on ", t.device());
-  const int64_t N = t.size(0), D = t.size(2);
-  TORCH_CHECK_VALUE(D % 2 == 0 && heads >= 0 && heads <= t.size(1), "rope_: needs an even head dim and 0 <= heads <= ",
-                    t.size(1), ", got D = ", D, ", heads = ", heads);
-  for (const at::Tensor* r : {&cos, &sin})
-    TORCH_CHECK_VALUE(r->sizes() == at::IntArrayRef({N, D / 2}) && r->scalar_type() == at::kFloat &&
-                          r->is_contiguous() && r->device().is_cpu(),
-                      "rope_: cos and sin must be contiguous CPU float32 (N, D/2) = (", N, ", ", D / 2, "), got ",
-                      r->sizes(), " ", r->scalar_type());
-  rope_cpu_(t, cos, sin, heads);
 }
 
 // CPU float32 attention over packed variable-length sequences (prefill) -> (Nq, H, D): q (Nq, H, D)
@@ -366,44 +365,13 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return varlen_attention_cpu(q, k, v, cu_q, cu_k, causal, scale, table);
 }
 
-// writes k/v (N, Hkv, D) into the caches at slot_mapping (N,) int64, -1 skips a token; in place
-void store_kvcache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                   const at::Tensor& slot_mapping) {
-  check_rows(k, "k");
-  check_rows(v, "v");
-  TORCH_CHECK(k.device().is_cpu(), "store_kvcache: k must be a CPU tensor (CUDA runs Triton)");
-  CHECK_SAME_DEVICE(v, k);
-  CHECK_SAME_DTYPE(v, k);
-  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
-  check_cache(k_cache, k, "k_cache");
-  check_cache(v_cache, k, "v_cache");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape");
-  TORCH_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2), "k rows (", k.size(1), ", ", k.size(2),
-              ") do not match cache rows (", k_cache.size(2), ", ", k_cache.size(3), ")");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
-                  slot_mapping.size(0) == k.size(0) && slot_mapping.device().is_cpu(),
-              "slot_mapping must be int64 (N,) on the CPU");
-  const at::Tensor slots = slot_mapping.contiguous();
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  const int64_t n_slots = k_cache.size(0) * k_cache.size(1);
-  for (int64_t i = 0; i < slots.size(0); ++i)
-    TORCH_CHECK_VALUE(sp[i] >= -1 && sp[i] < n_slots, "slot_mapping[", i, "] = ", sp[i], " is outside [-1, ", n_slots, ")");
-  store_kvcache_cpu(k, v, k_cache, v_cache, slots);
-}
-
-// One pre-norm decoder layer of a CPU decode step (one new token per sequence), run as the ops
-// above back to back. The engine's decode loop then crosses into Python once per layer instead
-// of ~10 times: the Python wrappers' checks and dispatch cost ~1 ms of a 5 ms gpt2-tiny step.
-// x (B, C): what enters the layer; residual (B, C) the residual stream, or None in the first
-// layer (x is then the stream). w: norm1 w, b | qkv w, b | proj w, b | norm2 w, b | fc w, b |
-// fc2 w, b (biases may be None), the four GEMM weights (qkv, proj, fc, fc2) packed by linear_pack
-// and n their output features. cos, sin (B, D/2): rotary tables at each token's position, or
-// None. act: as in gemm, or 4 for SwiGLU (fc yields the gate and up halves). -> {x, residual}.
+// One decoder layer of a CPU decode step in one call (decode_cpu.h has the arguments) -> {x, residual}.
+// Checked here as far as the layer's geometry goes; each op it runs checks its own inputs.
 std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, const std::vector<OptT>& w,
                                      const std::vector<int64_t>& n, at::Tensor& k_cache, at::Tensor& v_cache,
-                                     const at::Tensor& slot_mapping, const at::Tensor& block_table, const at::Tensor& seq_lens, const OptT& cos,
-                                     const OptT& sin, int64_t n_head, double eps, bool rms, int64_t act,
-                                     double scale) {
+                                     const at::Tensor& slot_mapping, const at::Tensor& block_table,
+                                     const at::Tensor& seq_lens, const OptT& cos, const OptT& sin, int64_t n_head,
+                                     double eps, bool rms, int64_t act, double scale) {
   TORCH_CHECK_TYPE(x.device().is_cpu() && x.scalar_type() == at::kFloat, "decode_layer: x must be a CPU float32 "
                    "tensor, got ", x.scalar_type(), " on ", x.device());
   TORCH_CHECK_VALUE(x.dim() == 2, "decode_layer: x must be 2-D (B, C), got ", x.sizes());
@@ -412,7 +380,7 @@ std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, 
     TORCH_CHECK_VALUE(present(w[i]), "decode_layer: w[", i, "] (a weight) is missing");
   TORCH_CHECK_VALUE(act >= 0 && act <= 4, "decode_layer: act must be 0..4, got ", act);
   TORCH_CHECK_VALUE(present(cos) == present(sin), "decode_layer: give both cos and sin, or neither");
-  const int64_t B = x.size(0), Hkv = k_cache.size(2), D = k_cache.dim() == 4 ? k_cache.size(3) : 0;
+  const int64_t Hkv = k_cache.size(2), D = k_cache.dim() == 4 ? k_cache.size(3) : 0;
   TORCH_CHECK_VALUE(n_head > 0 && Hkv > 0 && n_head % Hkv == 0, "decode_layer: n_head ", n_head,
                     " must be a positive multiple of the cache's ", Hkv, " heads");
   // the packed weights no longer show their row counts exactly (panels are padded): n states them,
@@ -425,19 +393,8 @@ std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, 
                         n[2] == (act == 4 ? 2 * F : F),
                     "decode_layer: the GEMMs' output features n = ", c10::IntArrayRef(n), " do not fit C = ", C,
                     ", (", n_head, " + 2 x ", Hkv, ") heads x ", D, ", MLP width ", F);
-
-  const std::vector<at::Tensor> n1 = norm_fwd(x, residual, *w[0], w[1], eps, rms);
-  const at::Tensor stream = present(residual) ? n1[1] : x;
-  at::Tensor t = linear_packed(n1[0], *w[2], w[3], n[0], 0).view({B, n_head + 2 * Hkv, D});
-  if (present(cos)) rope_(t, *cos, *sin, n_head + Hkv);  // q and k rotated together
-  const at::Tensor q = t.narrow(1, 0, n_head);
-  store_kvcache(t.narrow(1, n_head, Hkv), t.narrow(1, n_head + Hkv, Hkv), k_cache, v_cache, slot_mapping);
-  const at::Tensor o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale);
-  const at::Tensor a = linear_packed(o.view({B, n_head * D}), *w[4], w[5], n[1], 0);
-  const std::vector<at::Tensor> n2 = norm_fwd(a, stream, *w[6], w[7], eps, rms);
-  at::Tensor f = linear_packed(n2[0], *w[8], w[9], n[2], act == 4 ? 0 : act);
-  if (act == 4) f = swiglu_cpu(f);
-  return {linear_packed(f, *w[10], w[11], n[3], 0), n2[1]};
+  return decode_layer_cpu(x, residual, w, n, k_cache, v_cache, slot_mapping, block_table, seq_lens, cos, sin, n_head,
+                          eps, rms, act, scale);
 }
 
 bool has_cuda() {

@@ -1,7 +1,6 @@
 // y (M, N) = act(x (M, K) @ w (N, K)^T + bias) in fp32 on CPU, for the engine's decode steps.
-// There M is the batch of sequences (tens) and the weights come from L3 or DRAM, not L2: BLAS
-// sgemm repacks w on every call and ran at ~60 GFLOP/s on 2 Zen 3 cores cycling through GPT-2
-// layers (this kernel: ~110, 1.3-3.5x for 128-8 rows, benchmarks/test_bench_linear.py). Here w
+// There M is the batch of sequences (tens) and the weights come from L3 or DRAM, not L2, so
+// BLAS sgemm's repacking of w on every call costs more than the product. Here w
 // is streamed once, in place: each register tile is NR rows of w against MR rows of x, with
 // dot products along K (w's rows are contiguous), so no packing and no transposes.
 // The bias is added as each output is stored and the activation runs vectorised over each row
@@ -139,9 +138,9 @@ HOT void gemm_cols(const float* x, const float* w, const float* bias, float* y, 
 
 // ---- Packed weights: the engine's decode steps (kernels.decode). w is rearranged once into
 // panels of PNR rows stored k-major, (ceil(N / PNR), K, PNR), so the kernel is the outer-product
-// form: per k one broadcast of x against three vectors of w. No horizontal sums (the dot-product
-// form above spends ~10% of a K = 256 GEMM on them) and w is one sequential stream; 1.1-1.15x the
-// unpacked kernel at 32 rows on a 2-core Zen 3, and bias and activation are applied in registers.
+// form: per k one broadcast of x against three vectors of w. No horizontal sums (which the
+// dot-product form above needs per output), w is one sequential stream, and bias and activation
+// are applied in registers.
 constexpr int PNR = 24;
 constexpr int64_t PMB = 128;  // rows of x per pass over the panels: a 128 x K block stays in L2
 
@@ -200,26 +199,21 @@ HOT void packed_panels(const float* x, const float* pw, const float* bias, float
   }
 }
 
-#define PACKED_ARGS \
-  const float *x, const float *pw, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t p0, int64_t p1, int act
-#define PACKED_CALL                                                      \
-  switch (act) {                                                         \
-    case 1: return packed_panels<1>(x, pw, bias, y, M, N, K, p0, p1);   \
-    case 2: return packed_panels<2>(x, pw, bias, y, M, N, K, p0, p1);   \
-    case 3: return packed_panels<3>(x, pw, bias, y, M, N, K, p0, p1);   \
-    default: return packed_panels<0>(x, pw, bias, y, M, N, K, p0, p1);  \
+// Panels [p0, p1) with the activation as a template argument
+HOT void packed_any(const float* x, const float* pw, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                    int64_t p0, int64_t p1, int act) {
+  switch (act) {
+    case 1: return packed_panels<1>(x, pw, bias, y, M, N, K, p0, p1);
+    case 2: return packed_panels<2>(x, pw, bias, y, M, N, K, p0, p1);
+    case 3: return packed_panels<3>(x, pw, bias, y, M, N, K, p0, p1);
+    default: return packed_panels<0>(x, pw, bias, y, M, N, K, p0, p1);
   }
-
-void packed_generic(PACKED_ARGS) { PACKED_CALL }
-#ifdef HAVE_AVX2_CLONES
-AVX2 void packed_avx2(PACKED_ARGS) { PACKED_CALL }
-#endif
+}
 
 // ---- The packed GEMM on AVX-512: panels of 48 rows (three 16-float vectors) against 8 rows of x,
-// 24 accumulators of the 32 registers; 1.4-1.8x the AVX2 kernel above on a 2-core Cascade Lake
-// (58-65 -> 88-117 GFLOP/s at 32 and 128 rows, warm). Its own functions, each compiled for the
-// target: written as templates of the vector type and inlined, GCC built each broadcast lane by
-// lane and kept the accumulators in memory, in both widths (3-4x slower).
+// 24 accumulators of the 32 registers. Its own functions, each compiled for the target rather
+// than templates of the vector type shared with the code above: inlined that way, GCC builds each
+// broadcast lane by lane and keeps the accumulators in memory.
 #ifdef HAVE_AVX2_CLONES
 constexpr int PNR16 = 48;
 
@@ -264,8 +258,10 @@ AVX512 void ptile16_m(int mr, const float* x, int64_t K, const float* pw, const 
 }
 
 // The activation runs over each panel's 128 x 48 block of y just written (in L1/L2), not in the
-// tile: there, even ReLU slowed the tile's loop by 40% (more code around it: 32 instances, not 8).
-AVX512 void packed_avx512(PACKED_ARGS) {
+// tile: in the tile it would multiply the tile's instances (8 row counts x 4 activations) and
+// crowd its inner loop.
+AVX512 void packed_avx512(const float* x, const float* pw, const float* bias, float* y, int64_t M, int64_t N,
+                          int64_t K, int64_t p0, int64_t p1, int act) {
   for (int64_t m0 = 0; m0 < M; m0 += PMB) {
     const int64_t m1 = std::min(M, m0 + PMB);
     for (int64_t p = p0; p < p1; ++p) {
@@ -282,15 +278,6 @@ AVX512 void packed_avx512(PACKED_ARGS) {
 }
 #endif
 
-#define COLS_ARGS \
-  const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1, int act
-#define COLS_CALL gemm_cols(x, w, bias, y, M, N, K, n0, n1, act)
-
-void cols_generic(COLS_ARGS) { COLS_CALL; }
-#ifdef HAVE_AVX2_CLONES
-AVX2 void cols_avx2(COLS_ARGS) { COLS_CALL; }
-#endif
-
 }  // namespace
 
 // x (M, K), w (N, K), bias (N,) or undefined: float32, contiguous, checked by the binding
@@ -298,10 +285,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optio
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  auto cols = cols_generic;
-#ifdef HAVE_AVX2_CLONES
-  if (cpu_has_avx2()) cols = cols_avx2;
-#endif
+  const auto cols = best_isa<gemm_cols>();
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
@@ -313,7 +297,7 @@ at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optio
   return y;
 }
 
-// the panel widths linear_cpu_pack can make here, fastest first; asked on every linear_packed call
+// the panel widths linear_cpu_pack can make here, fastest first; built once, as every linear_packed call asks
 const std::vector<int64_t>& linear_cpu_panels() {
   static const std::vector<int64_t> panels = [] {
 #ifdef HAVE_AVX2_CLONES
@@ -345,10 +329,9 @@ at::Tensor linear_cpu_packed(const at::Tensor& x, const at::Tensor& pw, const c1
   const int64_t M = x.size(0), K = x.size(1), P = pw.size(0), W = pw.size(2);
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  auto fn = packed_generic;
+  auto fn = best_isa<packed_any>();
 #ifdef HAVE_AVX2_CLONES
   if (W == PNR16) fn = packed_avx512;
-  else if (cpu_has_avx2()) fn = packed_avx2;
 #endif
   const float *xp = x.data_ptr<float>(), *wp = pw.data_ptr<float>();
   const float* bp = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;

@@ -355,7 +355,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // Fast-path configuration index for n elements of VEC-wide vectors, -1 for the generic path.
 // (TPR, ITEMS): (32,1) (32,2) (32,4) (128,2) (256,2) (512,2) (512,3) (512,4) (1024,4).
 // 1536 and 2048 vectors (bf16 hidden 12288, 16384) take 512 threads: at 1024 a quarter of
-// 12288's threads idled in the second item and the backward was capped at 64 registers.
+// 12288's threads would idle in the second item and the backward would be capped at 64 registers.
 int pick_config(int n, int vec) {
   static constexpr int cap[] = {32, 64, 128, 256, 512, 1024, 1536, 2048, 4096};  // vectors per row
   if (n % vec != 0) return -1;

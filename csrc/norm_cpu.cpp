@@ -1,8 +1,7 @@
 // LayerNorm / RMSNorm forward and backward on CPU, with the fused residual add.
 // Rows are independent: at::parallel_for over rows, each row staged once in an fp32 buffer
 // so the inner loops are plain float loops the compiler vectorises. Statistics in fp32.
-// The row loops have an AVX2+FMA copy picked at run time (simd_cpu.h): built for plain x86-64
-// they ran at SSE width.
+// The row loops run as the widest ISA copy this CPU has (best_isa, simd_cpu.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -65,24 +64,10 @@ HOT void fwd_rows(const T* x, const T* res, const float* wf, const float* bf, T*
   }
 }
 
-#define FWD_ARGS                                                                                                 \
-  const T *x, const T *res, const float *wf, const float *bf, T *y, T *h, float *mean, float *rstd, int64_t r0, \
-      int64_t r1, int64_t n, float eps, bool rms, float *buf, float *tmp
-#define FWD_CALL fwd_rows(x, res, wf, bf, y, h, mean, rstd, r0, r1, n, eps, rms, buf, tmp)
-template <typename T>
-void fwd_generic(FWD_ARGS) { FWD_CALL; }
-#ifdef HAVE_AVX2_CLONES
-template <typename T>
-AVX2 void fwd_avx2(FWD_ARGS) { FWD_CALL; }
-#endif
-
 template <typename T>
 void norm_fwd_kernel(const T* x, const T* res, const T* w, const T* b, T* y, T* h, float* mean, float* rstd,
                      int64_t rows, int64_t n, float eps, bool rms) {
-  auto fn = fwd_generic<T>;
-#ifdef HAVE_AVX2_CLONES
-  if (cpu_has_avx2()) fn = fwd_avx2<T>;
-#endif
+  const auto fn = best_isa<fwd_rows<T>>();
   std::vector<float> wf(n), bf(n, 0.f);
   to_float(w, wf.data(), n);
   if (b) to_float(b, bf.data(), n);
@@ -117,26 +102,12 @@ HOT void bwd_rows(const T* dy, const T* hin, const T* dh, const float* wf, const
   }
 }
 
-#define BWD_ARGS                                                                                                \
-  const T *dy, const T *hin, const T *dh, const float *wf, const float *mean, const float *rstd, T *dx,         \
-      float *accw, float *accb, int64_t r0, int64_t r1, int64_t n, bool rms, float *xh, float *g, float *gw
-#define BWD_CALL bwd_rows(dy, hin, dh, wf, mean, rstd, dx, accw, accb, r0, r1, n, rms, xh, g, gw)
-template <typename T>
-void bwd_generic(BWD_ARGS) { BWD_CALL; }
-#ifdef HAVE_AVX2_CLONES
-template <typename T>
-AVX2 void bwd_avx2(BWD_ARGS) { BWD_CALL; }
-#endif
-
 // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w  (RMS: no mean(g) term)
 // dw, db: per-chunk fp32 partials summed afterwards (deterministic for a given thread count).
 template <typename T>
 void norm_bwd_kernel(const T* dy, const T* hin, const T* dh, const T* w, const float* mean, const float* rstd,
                      T* dx, T* dw, T* db, int64_t rows, int64_t n, bool rms) {
-  auto fn = bwd_generic<T>;
-#ifdef HAVE_AVX2_CLONES
-  if (cpu_has_avx2()) fn = bwd_avx2<T>;
-#endif
+  const auto fn = best_isa<bwd_rows<T>>();
   std::vector<float> wf(n);
   to_float(w, wf.data(), n);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));

@@ -7,13 +7,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "parallel_cpu.h"
 #include "simd_cpu.h"
 
 namespace {
@@ -49,10 +49,8 @@ HOT void axpy4(float* y, const float* p, const float* const* v, int rows, int64_
 
 // Asks for the next cache block ahead of use (n elements from p): blocks sit anywhere in the
 // pool, so the hardware prefetcher loses the stream at every block boundary. Into every cache
-// level (locality 3): a non-temporal hint, meant to spare the GEMMs' weights in L3, made a
-// Xeon (Cascade Lake: prefetchnta fills L1 only, and a 16 KB block does not stay there until
-// read) 2.3x slower on 32 sequences of 72-192 tokens, cold: 4.9 -> 11.1 GB/s at 4 x 64 heads,
-// 4.8 -> 7.5 at 8 x 128; no prefetch at all gave 7.7 and 7.3.
+// level (locality 3), not non-temporal: where prefetchnta fills L1 only, a whole block does not
+// stay there until it is read.
 template <typename T>
 HOT void prefetch_run(const T* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 64 / sizeof(T)) __builtin_prefetch(p + i, 0, 3);
@@ -111,43 +109,28 @@ HOT void decode_seq(const float* qf, const T* kc, const T* vc, const int32_t* tb
   }
 }
 
-#define SEQ_ARGS                                                                                              \
-  const float *qf, const T *kc, const T *vc, const int32_t *tb, int64_t L, int64_t H, int64_t Hkv, int64_t D,  \
-      int64_t bs, float *s, float *acc, float *sum, float *buf, const float **rows
-#define SEQ_CALL decode_seq(qf, kc, vc, tb, L, H, Hkv, D, bs, s, acc, sum, buf, rows)
-template <typename T>
-void seq_generic(SEQ_ARGS) { SEQ_CALL; }
-#ifdef HAVE_AVX2_CLONES
-template <typename T>
-AVX2 void seq_avx2(SEQ_ARGS) { SEQ_CALL; }
-#endif
-
 template <typename T>
 void decode_kernel(const T* q, int64_t q_stride, const T* kc, const T* vc, const int32_t* table, int64_t max_blocks,
                    const int32_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale) {
-  auto fn = seq_generic<T>;
-#ifdef HAVE_AVX2_CLONES
-  if (cpu_has_avx2()) fn = seq_avx2<T>;
-#endif
-  // longest first, handed out one at a time: threads finish together whatever the length mix
-  std::vector<int64_t> order(B);
-  for (int64_t b = 0; b < B; ++b) order[b] = b;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lens[a] > lens[b]; });
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(B, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    std::vector<float> qf(H * D), acc(H * D), sum(H), buf(bs * D), s;
-    std::vector<const float*> rows(bs);
-    for (int64_t i = next++; i < B; i = next++) {
-      const int64_t b = order[i], L = lens[b];
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t d = 0; d < D; ++d) qf[h * D + d] = static_cast<float>(q[b * q_stride + h * D + d]) * scale;
-      s.resize(H * L);
-      fn(qf.data(), kc, vc, table + b * max_blocks, L, H, Hkv, D, bs, s.data(), acc.data(), sum.data(), buf.data(),
-         rows.data());
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t d = 0; d < D; ++d) out[(b * H + h) * D + d] = static_cast<T>(acc[h * D + d] / sum[h]);
-    }
-  });
+  const auto fn = best_isa<decode_seq<T>>();
+  struct Scratch {
+    std::vector<float> qf, acc, sum, buf, s;
+    std::vector<const float*> rows;
+  };
+  longest_first(
+      B, [&](int64_t b) { return lens[b]; },
+      [&] { return Scratch{std::vector<float>(H * D), std::vector<float>(H * D), std::vector<float>(H),
+                           std::vector<float>(bs * D), {}, std::vector<const float*>(bs)}; },
+      [&](int64_t b, Scratch& t) {
+        const int64_t L = lens[b];
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t d = 0; d < D; ++d) t.qf[h * D + d] = static_cast<float>(q[b * q_stride + h * D + d]) * scale;
+        t.s.resize(H * L);
+        fn(t.qf.data(), kc, vc, table + b * max_blocks, L, H, Hkv, D, bs, t.s.data(), t.acc.data(), t.sum.data(),
+           t.buf.data(), t.rows.data());
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t d = 0; d < D; ++d) out[(b * H + h) * D + d] = static_cast<T>(t.acc[h * D + d] / t.sum[h]);
+      });
 }
 
 template <typename T>

@@ -1,7 +1,7 @@
-// The two elementwise steps of a llama layer on CPU (csrc/bindings.cpp's decode_layer, and
-// kernels.decode.swiglu for prefill): as ATen ops on a decode batch they cost ~100 us a layer in
-// dispatch, as loops a few us. Each has an AVX2+FMA copy picked at run time: built for plain
-// x86-64, swiglu's exp8 is scalarised (7.3 ms for a (2033, 1536) prefill block, 0.57 ms in AVX2).
+// The two elementwise steps of a llama layer on CPU (csrc/decode_cpu.cpp's decode_layer, and
+// kernels.decode.swiglu for prefill): one loop each instead of a chain of ATen ops, whose
+// per-op dispatch dominates on a decode batch. Both run as the widest ISA copy this CPU has
+// (best_isa, simd_cpu.h): swiglu's exp8 needs the vector width.
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -48,24 +48,12 @@ HOT void swiglu_rows(const float* src, float* dst, int64_t b0, int64_t b1, int64
   }
 }
 
-#define ROPE_ARGS float *p, int64_t ld, const float *c, const float *s, int64_t b0, int64_t b1, int64_t heads, int64_t D
-#define SWIGLU_ARGS const float *src, float *dst, int64_t b0, int64_t b1, int64_t ff
-void rope_generic(ROPE_ARGS) { rope_rows(p, ld, c, s, b0, b1, heads, D); }
-void swiglu_generic(SWIGLU_ARGS) { swiglu_rows(src, dst, b0, b1, ff); }
-#ifdef HAVE_AVX2_CLONES
-AVX2 void rope_avx2(ROPE_ARGS) { rope_rows(p, ld, c, s, b0, b1, heads, D); }
-AVX2 void swiglu_avx2(SWIGLU_ARGS) { swiglu_rows(src, dst, b0, b1, ff); }
-#endif
-
 }  // namespace
 
 // In place, HF rotate_half form: for each of t's first `heads` heads (t: (B, heads', D) with rows
 // dense), x1, x2 = halves; x1 <- x1 cos - x2 sin, x2 <- x2 cos + x1 sin. cos, sin: (B, D/2).
 void rope_cpu_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
-  auto fn = rope_generic;
-#ifdef HAVE_AVX2_CLONES
-  if (cpu_has_avx2()) fn = rope_avx2;
-#endif
+  const auto fn = best_isa<rope_rows>();
   float* p = t.data_ptr<float>();
   const float *c = cos.data_ptr<float>(), *s = sin.data_ptr<float>();
   const int64_t ld = t.stride(0), D = t.size(2);
@@ -74,10 +62,7 @@ void rope_cpu_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int6
 
 // f (B, 2 ff) = [gate | up] -> silu(gate) * up, (B, ff)
 at::Tensor swiglu_cpu(const at::Tensor& f) {
-  auto fn = swiglu_generic;
-#ifdef HAVE_AVX2_CLONES
-  if (cpu_has_avx2()) fn = swiglu_avx2;
-#endif
+  const auto fn = best_isa<swiglu_rows>();
   const int64_t B = f.size(0), ff = f.size(1) / 2;
   auto y = at::empty({B, ff}, f.options());
   const float* src = f.data_ptr<float>();

@@ -1,9 +1,8 @@
 #pragma once
-// 8-float vectors for the hand-written CPU kernels (paged_cpu.cpp, linear_cpu.cpp).
+// 8-float vectors for the hand-written CPU kernels, and their run-time ISA dispatch (best_isa).
 // GCC/Clang lower f8 to whatever the target has (2 SSE or 1 AVX register), so loops are
 // vectorised explicitly rather than left to the auto-vectoriser. Every helper is forced inline
-// so each target-specific copy of a kernel (AVX2+FMA, chosen at run time, or plain x86-64)
-// gets its own code.
+// so each target-specific copy of a kernel gets its own code.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -79,7 +78,10 @@ HOT float exp_row(float* s, int64_t n) {
   return z;
 }
 
-// Run-time choice between an AVX2+FMA copy of a kernel and the plain one.
+// Run-time ISA dispatch. A kernel is written once as a HOT (always inlined) function;
+// best_isa<kernel>() returns a copy of it compiled for the widest ISA this CPU runs (AVX2+FMA) or
+// the plain build. Built for plain x86-64 the kernels would run at SSE width, and -march=native
+// would make a binary that faults on older CPUs.
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define HAVE_AVX2_CLONES 1
 #define AVX2 __attribute__((target("avx2,fma")))
@@ -87,12 +89,32 @@ inline bool cpu_has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
 }
-// ... and an AVX-512 one where it pays: 16-float vectors (f16) in 32 registers
+// Kernels with their own 16-float code (f16 in 32 registers) are compiled for this target directly.
 #define AVX512 __attribute__((target("avx512f,avx2,fma")))
 inline bool cpu_has_avx512() {
   static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f");
   return ok;
 }
 #endif
+
+template <auto kernel>
+struct isa_clones;
+
+template <typename... A, void (*kernel)(A...)>
+struct isa_clones<kernel> {
+  using fn = void (*)(A...);
+  static void generic(A... a) { kernel(a...); }
+#ifdef HAVE_AVX2_CLONES
+  AVX2 static void avx2(A... a) { kernel(a...); }
+#endif
+};
+
+template <auto kernel>
+typename isa_clones<kernel>::fn best_isa() {
+#ifdef HAVE_AVX2_CLONES
+  if (cpu_has_avx2()) return isa_clones<kernel>::avx2;
+#endif
+  return isa_clones<kernel>::generic;
+}
 
 typedef float f16 __attribute__((vector_size(64)));

@@ -1,7 +1,7 @@
 // Attention over packed variable-length sequences on CPU in fp32: the engine's prefill, every
 // prompt of a step in one call, its K/V packed beside q or (chunked prefill, prefix-cache hits)
-// read from the paged cache (torch SDPA once per sequence cost ~140 us a call on gpt2-tiny's
-// short prompts, most of it per-call overhead). One work item per (sequence, KV head), longest
+// read from the paged cache (torch SDPA once per sequence is mostly per-call overhead on short
+// prompts). One work item per (sequence, KV head), longest
 // first: its keys are transposed once into a (D, L) panel shared by the group's query heads, so
 // the scores are the outer-product GEMM form (per d a broadcast of q against two key vectors, no
 // horizontal sums); a tile of MQ query rows then takes an exact two-pass softmax over its scores
@@ -9,12 +9,12 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "checks.h"
+#include "parallel_cpu.h"
 #include "simd_cpu.h"
 
 namespace {
@@ -120,17 +120,6 @@ HOT void seq_head(const float* q, int64_t ldq, const float* k, int64_t ldk_in, c
     }
 }
 
-#define SEQ_ARGS                                                                                                     \
-  const float *q, int64_t ldq, const float *k, int64_t ldk_in, const float *v, int64_t ldv, float *out, int64_t ldo, \
-      int64_t sq, int64_t sk, int64_t G, int64_t D, bool causal, float scale, const int32_t *tb, int64_t bs,         \
-      float *kt, float *s, float *qt, float *ot, float *vbuf
-#define SEQ_CALL \
-  seq_head(q, ldq, k, ldk_in, v, ldv, out, ldo, sq, sk, G, D, causal, scale, tb, bs, kt, s, qt, ot, vbuf)
-void seq_generic(SEQ_ARGS) { SEQ_CALL; }
-#ifdef HAVE_AVX2_CLONES
-AVX2 void seq_avx2(SEQ_ARGS) { SEQ_CALL; }
-#endif
-
 }  // namespace
 
 // q (Nq, H, D) float32 with dense rows; cu_q, cu_k (B + 1) int32 offsets (checked by the binding).
@@ -145,35 +134,30 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   auto out = at::empty(q.sizes(), q.options());
   const int32_t *cq = cu_q.data_ptr<int32_t>(), *ck = cu_k.data_ptr<int32_t>();
   const int32_t* tb = paged ? block_table.data_ptr<int32_t>() : nullptr;
-  auto fn = seq_generic;
-#ifdef HAVE_AVX2_CLONES
-  if (cpu_has_avx2()) fn = seq_avx2;
-#endif
+  const auto fn = best_isa<seq_head>();
   int64_t max_sk = 0;
-  std::vector<int64_t> order(B * Hkv);
   for (int64_t b = 0; b < B; ++b) max_sk = std::max<int64_t>(max_sk, ck[b + 1] - ck[b]);
-  for (int64_t i = 0; i < B * Hkv; ++i) order[i] = i;
-  // longest first, handed out one at a time: threads finish together whatever the length mix
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return ck[a / Hkv + 1] - ck[a / Hkv] > ck[b / Hkv + 1] - ck[b / Hkv];
-  });
   const int64_t ld = (max_sk + NK - 1) / NK * NK;
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(B * Hkv, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    std::vector<float> kt(D * ld), s(MQ * ld), qt(MQ * D), ot(MQ * D), vbuf(paged ? ld * D : 0);
-    for (int64_t i = next++; i < B * Hkv; i = next++) {
-      const int64_t b = order[i] / Hkv, g = order[i] % Hkv;
-      const int64_t sq = cq[b + 1] - cq[b], sk = ck[b + 1] - ck[b];
-      if (sq == 0) continue;
-      const int64_t ldv = paged ? ldkv : v.stride(0);
-      // paged: rows are addressed through the table from the caches' start
-      const int64_t kfirst = paged ? 0 : ck[b] * ldkv, vfirst = paged ? 0 : ck[b] * ldv;
-      fn(qp + cq[b] * q.stride(0) + g * G * D, q.stride(0), kp + kfirst + g * D, ldkv, vp + vfirst + g * D, ldv, op + cq[b] * H * D + g * G * D, H * D, sq, sk, G, D, causal,
-         static_cast<float>(scale), paged ? tb + b * block_table.size(1) : nullptr, bs, kt.data(), s.data(),
-         qt.data(), ot.data(), vbuf.data());
-    }
-  });
+  struct Scratch {
+    std::vector<float> kt, s, qt, ot, vbuf;
+  };
+  longest_first(
+      B * Hkv, [&](int64_t i) { return ck[i / Hkv + 1] - ck[i / Hkv]; },
+      [&] { return Scratch{std::vector<float>(D * ld), std::vector<float>(MQ * ld), std::vector<float>(MQ * D),
+                           std::vector<float>(MQ * D), std::vector<float>(paged ? ld * D : 0)}; },
+      [&](int64_t i, Scratch& t) {
+        const int64_t b = i / Hkv, g = i % Hkv;
+        const int64_t sq = cq[b + 1] - cq[b], sk = ck[b + 1] - ck[b];
+        if (sq == 0) return;
+        const int64_t ldv = paged ? ldkv : v.stride(0);
+        // paged: rows are addressed through the table from the caches' start
+        const int64_t kfirst = paged ? 0 : ck[b] * ldkv, vfirst = paged ? 0 : ck[b] * ldv;
+        fn(qp + cq[b] * q.stride(0) + g * G * D, q.stride(0), kp + kfirst + g * D, ldkv, vp + vfirst + g * D, ldv,
+           op + cq[b] * H * D + g * G * D, H * D, sq, sk, G, D, causal, static_cast<float>(scale),
+           paged ? tb + b * block_table.size(1) : nullptr, bs, t.kt.data(), t.s.data(), t.qt.data(), t.ot.data(),
+           t.vbuf.data());
+      });
   return out;
 }

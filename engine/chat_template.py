@@ -81,3 +81,35 @@ def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
     """The chat template of an HF model directory, with its tokenizer's special tokens; None without one."""
     from .tokenizer import Tokenizer
     return ChatTemplate.of_tokenizer(Tokenizer.load(model_dir))
+
+
+# The template chat fine-tuning writes for a model that has none: ChatML's layout, with the
+# tokenizer's EOS closing each turn, so the engine and transformers' generate stop at the end of
+# a reply without a token the vocabulary lacks.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def assistant_spans(template: ChatTemplate, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns: each span is
+    what the assistant message adds after the template's generation prompt (its content and the
+    template's end-of-turn text), so training on exactly those characters teaches the model what
+    the engine asks of it at inference."""
+    text = template.render(messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = template.render(messages[:i], add_generation_prompt=True)
+        upto = template.render(messages[:i + 1], add_generation_prompt=False)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise ValueError("the chat template renders a conversation's beginning differently from the whole "
+                             "conversation (it rewrites earlier turns), so its assistant turns cannot be marked")
+        # whitespace a template puts between turns is never generated (the answer ends at its
+        # end-of-turn token), so it carries no loss
+        spans.append((len(before), len(upto.rstrip())))
+    return text, spans

@@ -1,4 +1,4 @@
-"""gpt-engine train | generate | serve | bench   (also: python -m gpt_engine ...)
+"""gpt-engine train | generate | chat | serve | bench   (also: python -m gpt_engine ...)
 
 Each subcommand's module owns its flags: add_args(parser) and run(args).
 """
@@ -14,6 +14,7 @@ from . import __version__
 COMMANDS = {
     "train": ("gpt_engine.train", "train or fine-tune a model; writes an HF-format directory"),
     "generate": ("gpt_engine.generate", "generate text from a model directory"),
+    "chat": ("gpt_engine.chat_cli", "chat with a model in the terminal (streamed answers)"),
     "serve": ("gpt_engine.server", "OpenAI-compatible HTTP server"),
     "bench": ("gpt_engine.bench", "offline throughput benchmark against HF generate"),
 }

@@ -27,6 +27,13 @@ class EngineConfig:
         "help": "reuse the KV of shared prompt prefixes", "flag": "--prefix-caching"})
     enforce_eager: bool | None = field(default=None, metadata={"help": "no CUDA graphs"})
     seed: int | None = field(default=None, metadata={"help": "seed of unseeded requests' sampling"})
+    max_waiting_seqs: int | None = field(default=None, metadata={
+        "help": "most sequences waiting for a batch slot; past it new requests get 429 "
+                "(default: max_num_seqs or the KV pool's block count, whichever is larger)"})
+    max_inflight_requests: int | None = field(default=None, metadata={
+        "help": "most requests the server holds at once; past it 429 (default: max_num_seqs + max_waiting_seqs)"})
+    step_timeout: float = field(default=600.0, metadata={
+        "help": "seconds one engine step may take before the watchdog fails the engine (0: no watchdog)"})
 
     def __post_init__(self):
         if self.dtype is not None and not isinstance(self.dtype, str):
@@ -36,12 +43,15 @@ class EngineConfig:
         if self.quantization is not None:
             raise ValueError(f"quantization {self.quantization!r} is not available (only None)")
         for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
-                     "kv_cache_tokens"):
+                     "kv_cache_tokens", "max_waiting_seqs", "max_inflight_requests"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if isinstance(self.step_timeout, bool) or not isinstance(self.step_timeout, (int, float)) \
+                or not 0 <= self.step_timeout < float("inf"):
+            raise ValueError(f"step_timeout must be a finite number of seconds >= 0, got {self.step_timeout!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

@@ -2,12 +2,14 @@
 
 A sequence's KV cache lives in fixed-size blocks named by a block table (list of block
 ids). Full blocks whose KV has been computed are registered under a hash chain
-hash((parent_hash, tokens)) so a later prompt with the same prefix reuses them (prefix
+sha256(parent_hash, tokens) so a later prompt with the same prefix reuses them (prefix
 caching). Freed blocks keep their hash and stay findable until the pool needs them back:
 never-cached free blocks are handed out first, then cached ones least-recently-freed first.
 """
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict, deque
 
 
@@ -18,9 +20,13 @@ class Block:
         self.block_id, self.ref_count, self.hash = block_id, 0, None
 
 
-def block_hash(parent: int | None, tokens) -> int:
-    # hash of a tuple of ints is deterministic (only str/bytes hashing is salted per process)
-    return hash((parent, tuple(tokens)))
+def block_hash(parent: bytes | None, tokens) -> bytes:
+    """sha256(parent's digest, the block's token ids as little-endian uint32): a cryptographic
+    hash, so no crafted prompt can land on another user's cached prefix (Python's 64-bit tuple
+    hash can be collided on purpose)."""
+    h = hashlib.sha256(parent or b"")
+    h.update(struct.pack(f"<{len(tokens)}I", *tokens))
+    return h.digest()
 
 
 class BlockManager:
@@ -30,7 +36,7 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[bytes, int] = {}
         self.free_plain: deque[int] = deque(range(num_blocks))     # free, no cached content
         self.free_cached: OrderedDict[int, None] = OrderedDict()    # free, still findable by hash (LRU order)
         self.num_hit_tokens = 0     # prefix-cache statistics

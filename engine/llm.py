@@ -11,6 +11,7 @@ for the server.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from .request import Request, RequestError, RequestOutput, check_context, check_
 from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler, Sequence
+
+log = logging.getLogger("gpt_engine.llm")
 
 
 class LLM:
@@ -73,8 +76,15 @@ class LLM:
                                   num_kv_blocks=cfg.num_kv_blocks, kv_cache_tokens=cfg.kv_cache_tokens,
                                   gpu_memory_utilization=cfg.gpu_memory_utilization,
                                   enforce_eager=cfg.enforce_eager, seed=cfg.seed)
-        self.block_manager = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, mbt, self.max_model_len)
+        self.block_manager = bm = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        pool = bm.num_blocks * bm.block_size
+        if pool < self.max_model_len:  # a longer request could never fit: the context is what the pool holds
+            if cfg.max_model_len is not None:
+                raise ValueError(f"max_model_len {cfg.max_model_len} is more than the KV cache holds ({pool} tokens "
+                                 f"in {bm.num_blocks} blocks): lower max_model_len or give the cache more room")
+            log.warning("the KV cache holds %d tokens: max_model_len %d -> %d", pool, self.max_model_len, pool)
+            self.max_model_len = pool
+        self.scheduler = Scheduler(bm, cfg.max_num_seqs, mbt, self.max_model_len, cfg.max_waiting_seqs)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
 
@@ -123,6 +133,15 @@ class LLM:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    @property
+    def max_waiting(self) -> int:
+        """The scheduler's bound on waiting sequences (EngineConfig.max_waiting_seqs or its default)."""
+        return self.scheduler.max_waiting
+
+    def can_add(self) -> bool:
+        """Whether another request fits under the waiting bound now."""
+        return len(self.scheduler.waiting) < self.scheduler.max_waiting
 
     # ---------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections import deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -68,6 +68,42 @@ def _arrival(seq: Sequence) -> int:
     return seq.arrival
 
 
+class Overloaded(Exception):
+    """The engine holds as many requests as it may: the client should retry later (429)."""
+
+
+class WaitQueue:
+    """The waiting sequences in order, with O(1) removal from anywhere: a flood of clients that
+    give up while queued must not cost a scan of the queue each."""
+
+    def __init__(self):
+        self._seqs: OrderedDict[int, Sequence] = OrderedDict()
+
+    def append(self, seq: Sequence) -> None:
+        self._seqs[id(seq)] = seq
+
+    def appendleft(self, seq: Sequence) -> None:
+        self._seqs[id(seq)] = seq
+        self._seqs.move_to_end(id(seq), last=False)
+
+    def popleft(self) -> Sequence:
+        return self._seqs.popitem(last=False)[1]
+
+    def remove(self, seq: Sequence) -> None:
+        del self._seqs[id(seq)]
+
+    def __getitem__(self, i: int) -> Sequence:
+        if i != 0:
+            raise IndexError("only the head of the queue is read")
+        return next(iter(self._seqs.values()))
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def __iter__(self):
+        return iter(self._seqs.values())
+
+
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence]
@@ -87,15 +123,23 @@ class ScheduledBatch:
         return len(self.seqs)
 
 
+def default_max_waiting(max_num_seqs: int, num_blocks: int) -> int:
+    """Every waiting sequence needs at least one block once admitted: a queue longer than the
+    pool (or the batch) would only hold clients that cannot run for several turns of it."""
+    return max(max_num_seqs, num_blocks)
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 max_model_len: int = 1024):
+                 max_model_len: int = 1024, max_waiting: int | None = None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.bm = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.waiting: deque[Sequence] = deque()
+        self.max_waiting = max_waiting if max_waiting is not None else default_max_waiting(max_num_seqs,
+                                                                                          block_manager.num_blocks)
+        self.waiting = WaitQueue()
         self.running: list[Sequence] = []
         self.requests: dict[str, Sequence] = {}
         self.finished_ids: list[str] = []          # handed to the runner with the next batch
@@ -107,6 +151,8 @@ class Scheduler:
             raise ValueError(f"duplicate request id {seq.request_id!r}")
         check_pool(min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len), self.bm.num_blocks,
                    self.bm.block_size)
+        if len(self.waiting) >= self.max_waiting:
+            raise Overloaded(f"{len(self.waiting)} requests are already waiting (max_waiting_seqs); retry later")
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 

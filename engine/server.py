@@ -6,11 +6,13 @@ cannot serve), GET /metrics (Prometheus text).
 """
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
 
 from .api.app import build_app
+from .api.middleware import DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS
 from .chat_template import ChatTemplate, load_chat_template, read_template_arg
 from .engine_config import EngineConfig
 from .flags import add_dataclass_args, from_args
@@ -27,6 +29,13 @@ def add_args(p) -> None:
                    help="require Authorization: Bearer KEY on /v1/* (default: $GPT_ENGINE_API_KEY)")
     p.add_argument("--chat-template", default=None, metavar="FILE|STRING",
                    help="jinja chat template (default: the model's own)")
+    p.add_argument("--allowed-hosts", default=None, metavar="HOST,HOST",
+                   help="Host header names served, against DNS rebinding; * for any (default: the loopback "
+                        "names when bound to loopback, else any)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                   help=f"largest request body; larger gets 413 (default: {DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, how long running streams may finish before they are ended (default: 30)")
     p.add_argument("--log-level", default="info")
     add_dataclass_args(p.add_argument_group("engine"), EngineConfig)
 
@@ -42,11 +51,42 @@ def run(args) -> int:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     llm = LLM(args.model, config=from_args(EngineConfig, args))
     template = ChatTemplate.of_tokenizer(llm.tokenizer, args.chat_template and read_template_arg(args.chat_template))
-    app = build_app(AsyncLLM(llm), api_key=args.api_key, chat_template=template)
+    engine = AsyncLLM(llm)
+    app = build_app(engine, api_key=args.api_key, chat_template=template,
+                    allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), max_body_bytes=args.max_body_bytes)
     # this process is the server's: its start-up heap (model, tokenizer, libraries) leaves the
     # cyclic collector's scans, as vLLM does after start-up
     gc.collect()
     gc.freeze()
-    # uvicorn turns SIGTERM into a graceful shutdown: stop accepting, let streams end, then lifespan stops the engine
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)
-    return 0
+    # uvicorn turns SIGTERM into a graceful shutdown: stop accepting, let streams end (or end them after
+    # --shutdown-timeout), then lifespan stops the engine
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    return asyncio.run(serve(uvicorn.Server(config), engine))
+
+
+def allowed_hosts(arg: str | None, host: str) -> list[str] | None:
+    """--allowed-hosts as a list; by default the loopback names when bound to loopback (a page on
+    another site must not reach the server through a rebound DNS name), else None: any Host."""
+    if arg is not None:
+        return [h.strip() for h in arg.split(",") if h.strip()]
+    return list(LOOPBACK_HOSTS) if host in LOOPBACK_HOSTS else None
+
+
+async def serve(server, engine, sockets=None, poll_s: float = 0.5) -> int:
+    """Run the uvicorn server until it stops; if the engine fails (a step raised or hung), shut
+    the server down and return 1 so a supervisor restarts the process. 0 after a clean stop."""
+    async def watch():
+        while not server.should_exit:
+            if getattr(engine, "failed", None) is not None:
+                log.error("the engine failed (%s): shutting down", engine.failed)
+                server.should_exit = True
+                return
+            await asyncio.sleep(poll_s)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await server.serve(sockets=sockets)
+    finally:
+        watcher.cancel()
+    return 1 if getattr(engine, "failed", None) is not None else 0

@@ -26,6 +26,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import ModelConfig, resolve_config
-from .data import IGNORE_INDEX, Split, build_dataset, sample_starts, windows
+from .data import IGNORE_INDEX, Split, build_dataset, example_batch, example_windows, sample_starts, windows
 from .flags import add_dataclass_args, from_args
 from .losses import chunked_cross_entropy
 from .model import GPT, Block
@@ -56,8 +57,8 @@ def setting(default=MISSING, help="", cpu=None, gpu=None, choices=None, hidden=F
 @dataclass
 class TrainConfig:
     out: str = setting(help="output directory (ends up an HF model directory)")
-    data: str | None = setting(None, 'text file, folder of text files, or .jsonl of {"prompt","completion"} '
-                                     "(default: the default corpus)")
+    data: str | None = setting(None, 'text file, folder of text files, or .jsonl of {"text"}, {"prompt","completion"} '
+                                     'or {"messages"} (chat fine-tuning) lines (default: the default corpus)')
     model: str = setting("gpt2-tiny", "preset name or config.json (ignored with --init)")
     init: str | None = setting(None, "HF model directory to fine-tune from")
     steps: int | None = setting(None, "optimizer steps", cpu=300, gpu=1500)
@@ -207,7 +208,13 @@ class Dist:
 
 
 def _rng_states():
-    s = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    """Every RNG's state as tensors and plain numbers, so a checkpoint loads with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    s = dict(torch=torch.get_rng_state(),
+             numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                        has_gauss=int(has_gauss), gauss=float(gauss)),
+             python=dict(version=version, internal=torch.tensor(internal, dtype=torch.int64), gauss=py_gauss))
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -215,8 +222,9 @@ def _rng_states():
 
 def _set_rng_states(s):
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    n, p = s["numpy"], s["python"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss"]))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -224,6 +232,37 @@ def _set_rng_states(s):
 def latest_checkpoint(out: Path) -> Path | None:
     cks = sorted((out / "checkpoint").glob("step_*.pt"))
     return cks[-1] if cks else None
+
+
+def remove_stale_temps(d: Path) -> None:
+    """Temp files of writes a crash interrupted (atomic_write's .NAME.*.tmp)."""
+    for tmp in d.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+# what a resumed run must share with the run that saved the checkpoint
+RESUME_FIELDS = ("model", "init", "data", "vocab_size", "corpus_mb")
+
+
+def data_fingerprint(data: str | None) -> list | None:
+    """(relative path, size, mtime) of the data's files: changed data under the same name shows."""
+    if data is None:
+        return None
+    p = Path(data)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
+    return [[str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def check_resume(cfg: TrainConfig, ckpt: dict, path: Path) -> None:
+    """ValueError naming the first setting where this run differs from the checkpoint's."""
+    saved = ckpt.get("train_config") or {}
+    for name in RESUME_FIELDS:
+        if name in saved and saved[name] != getattr(cfg, name) and getattr(cfg, name) is not None:
+            raise ValueError(f"--resume: {name} is {getattr(cfg, name)!r} but the checkpoint {path} was trained with "
+                             f"{saved[name]!r}; use the same settings or another --out")
+    if "data_fingerprint" in ckpt and ckpt["data_fingerprint"] != data_fingerprint(cfg.data):
+        raise ValueError(f"--resume: the data at {cfg.data} changed since the checkpoint {path} was saved "
+                         "(files, sizes or times differ); use another --out for new data")
 
 
 # --- the trainer ---------------------------------------------------------------------
@@ -281,7 +320,7 @@ def train(cfg: TrainConfig) -> Path:
 def setup(cfg: TrainConfig, dd: Dist):
     """cfg with its defaults filled in, the model config, the tokenizer (None: train one on the
     data) and the checkpoint to resume from (None: a fresh run)."""
-    ckpt = load_checkpoint(Path(cfg.out), dd) if cfg.resume else None
+    ckpt = load_checkpoint(Path(cfg.out), dd, cfg) if cfg.resume else None
     mcfg, tokenizer = model_config(cfg, ckpt)
     seq_auto = cfg.seq_len is None
     cfg = resolve_defaults(cfg, dd.device.type == "cuda")
@@ -292,13 +331,28 @@ def setup(cfg: TrainConfig, dd: Dist):
     return cfg, mcfg, tokenizer, ckpt
 
 
-def load_checkpoint(out: Path, dd: Dist) -> dict:
-    path = latest_checkpoint(out)
-    if path is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoint'}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    dd.log(f"resuming from {path} (step {ckpt['step']})")
-    return ckpt
+def load_checkpoint(out: Path, dd: Dist, cfg: TrainConfig | None = None) -> dict:
+    """The newest readable checkpoint (weights_only: a checkpoint cannot run code); a truncated
+    or corrupt newer one is skipped with a warning. With cfg, refuses one from another run."""
+    d = out / "checkpoint"
+    paths = sorted(d.glob("step_*.pt"), reverse=True)
+    if not paths:
+        raise FileNotFoundError(f"--resume: no checkpoint under {d}")
+    for path in paths:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(ckpt, dict) or "step" not in ckpt or "model" not in ckpt:
+                raise ValueError("not a trainer checkpoint")
+        except Exception as e:
+            msg = f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one"
+            warnings.warn(msg, stacklevel=2)
+            dd.log("warning: " + msg)
+            continue
+        if cfg is not None:
+            check_resume(cfg, ckpt, path)
+        dd.log(f"resuming from {path} (step {ckpt['step']})")
+        return ckpt
+    raise RuntimeError(f"--resume: no readable checkpoint under {d} ({len(paths)} found, all unreadable)")
 
 
 def model_config(cfg: TrainConfig, ckpt: dict | None):
@@ -328,6 +382,9 @@ def load_data(cfg: TrainConfig, dd: Dist, mcfg: ModelConfig, tokenizer) -> Data:
         dd.barrier()
     if tokenizer.eos_token_id is not None and mcfg.eos_token_id is None:
         mcfg.eos_token_id = mcfg.bos_token_id = tokenizer.eos_token_id
+    for split in (train_split, val_split):
+        if split.bounds is not None:  # jsonl examples: batch rows never cross an example's boundary
+            split.windows = example_windows(split.bounds, split.mask, cfg.seq_len)
     return Data(tokenizer, train_split, val_split)
 
 
@@ -409,13 +466,27 @@ def get_batch(split: Split, stream: int, index: int, rows: int, cfg: TrainConfig
     """This rank's share (x, y (rows / world, T) on the device) of a global batch of `rows`
     windows drawn for (seed, index, stream), and the loss tokens in the whole global batch."""
     T = cfg.seq_len
-    starts = sample_starts(len(split.tokens), rows, T, np.random.default_rng([cfg.seed, index, stream]))
+    rng = np.random.default_rng([cfg.seed, index, stream])
+    if split.windows is not None:
+        return _example_batch(split, rng.integers(0, len(split.windows), size=rows), dd)
+    starts = sample_starts(len(split.tokens), rows, T, rng)
     per_rank = len(starts) // dd.world
     x, y = windows(split.tokens, starts[dd.rank * per_rank:(dd.rank + 1) * per_rank], T, split.mask)
     if split.mask is None:
         count = len(starts) * T
     else:  # counted over the global batch, so every rank scales its gradient alike
         count = int(sum(split.mask[s + 1:s + 1 + T].sum() for s in starts))
+    return (torch.from_numpy(x).to(dd.device, non_blocking=True),
+            torch.from_numpy(y).to(dd.device, non_blocking=True), max(count, 1))
+
+
+def _example_batch(split: Split, picks: np.ndarray, dd: Dist):
+    """get_batch over jsonl examples: one example range (Split.windows) a row, padded to the
+    longest row of this rank's share."""
+    wins = split.windows[picks]
+    per_rank = len(wins) // dd.world
+    x, y = example_batch(split.tokens, split.mask, wins[dd.rank * per_rank:(dd.rank + 1) * per_rank])
+    count = int(sum(split.mask[s + 1:e].sum() for s, e in wins.tolist()))
     return (torch.from_numpy(x).to(dd.device, non_blocking=True),
             torch.from_numpy(y).to(dd.device, non_blocking=True), max(count, 1))
 
@@ -492,8 +563,9 @@ def save_checkpoint(step: int, m: Modules, mcfg: ModelConfig, cfg: TrainConfig, 
     if dd.master:
         d = Path(cfg.out) / "checkpoint"
         d.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(d)
         state = dict(model=msd, optimizer=osd, step=step, rng=rng, model_config=mcfg.to_dict(),
-                     train_config=asdict(cfg), world=dd.world)
+                     train_config=asdict(cfg), world=dd.world, data_fingerprint=data_fingerprint(cfg.data))
         atomic_write(d / f"step_{step:08d}.pt", functools.partial(torch.save, state))
         for old in sorted(d.glob("step_*.pt"))[:-cfg.keep]:
             old.unlink()

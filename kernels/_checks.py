@@ -1,8 +1,6 @@
 """Argument checks shared by the public ops: wrong input raises ValueError/TypeError naming it."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -35,7 +33,3 @@ def int_tensor(name, x, ndim, device):
         raise ValueError(f"{name} is on {x.device} but q is on {device}")
     return x
 
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Triton on CUDA; on CPU only under the interpreter (how tests check kernels without a GPU)."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

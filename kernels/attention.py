@@ -1,53 +1,27 @@
 """Flash attention: dense and varlen (optionally over a paged KV cache).
 
-Public functions validate their arguments, then dispatch: Triton kernels on CUDA (and on
-CPU under TRITON_INTERPRET=1); on plain CPU, float32 varlen inference runs gpt_engine.kernels._C
-(csrc/varlen_cpu.cpp) and the rest torch SDPA.
+kernel (kernels/triton_attention.py, csrc/varlen_cpu.cpp) -> launchers -> autograd (torch.library
+ops over the Triton kernels) -> public functions. kernels._dispatch picks the path: Triton on CUDA
+(and on CPU under TRITON_INTERPRET=1); on plain CPU, float32 varlen inference runs the C++
+kernel and the rest torch SDPA.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from . import _dispatch as dispatch
 from ._ext import ext
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 
 
-def _check_heads(q, k, v, qname="q"):
-    C.same(qname, q, k=k, v=v)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    h, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    if k.shape[-1] != d:
-        raise ValueError(f"k head dim {k.shape[-1]} != q head dim {d}")
-    if hkv == 0 or h % hkv:
-        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hkv})")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim {d} not supported; use one of {HEAD_DIMS}")
-
-
-def _cpu_varlen_kernel(q, k, v, paged=False) -> bool:
-    """csrc/varlen_cpu.cpp: CPU float32 inference (it has no backward), q's rows dense as split from
-    a fused projection, K/V likewise or contiguous paged caches; elsewhere torch SDPA per sequence."""
-    return (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] % 16 == 0
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and _rows_dense(q)
-            and (k.is_contiguous() and v.is_contiguous() if paged else _rows_dense(k) and _rows_dense(v))
-            and not torch.compiler.is_compiling() and ext() is not None)
-
-
-def _rows_dense(x: torch.Tensor) -> bool:
-    """(..., heads, D) whose rows may be strided but each row is dense, as split from a fused projection."""
-    return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
-
-
-def _scale(softmax_scale, d):
-    return 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-
+# ---- launchers (Triton's are kernels/triton_attention.py's attention_fwd / attention_bwd, imported
+# on first use so that CPU paths never load Triton)
 
 def sdpa(q, k, v, causal, scale):
     """torch SDPA on (B, S, H, D) tensors with bottom-right causal alignment and GQA."""
@@ -65,6 +39,129 @@ def sdpa(q, k, v, causal, scale):
     return o.transpose(1, 2)
 
 
+def _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table):
+    """torch SDPA once per sequence (float64, with grad, or where the C++ kernel does not apply)."""
+    from .reference import gather_paged
+    out = torch.empty_like(q)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        if block_table is None:
+            kb, vb = k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
+        else:
+            n = ck[b + 1] - ck[b]
+            kb, vb = gather_paged(k, block_table[b], n), gather_paged(v, block_table[b], n)
+        out[cq[b]:cq[b + 1]] = sdpa(q[None, cq[b]:cq[b + 1]], kb[None], vb[None], causal, scale)[0]
+    return out
+
+
+def _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table):
+    return ext().varlen_attention(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), causal, scale,
+                                  block_table)
+
+
+# ---- autograd: torch.library ops, opaque to torch.compile (no graph break), differentiable through
+# register_autograd
+
+@torch.library.custom_op("gpt_engine::flash_attn_fwd", mutates_args=())
+def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton_attention import attention_fwd
+    return attention_fwd(q, k, v, None, None, None, q.shape[1], k.shape[1], causal, scale)
+
+
+@_flash_fwd.register_fake
+def _(q, k, v, causal, scale):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt_engine::flash_attn_bwd", mutates_args=())
+def _flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton_attention import attention_bwd
+    return attention_bwd(do, q, k, v, out, lse, None, None, q.shape[1], k.shape[1], causal, scale)
+
+
+@_flash_bwd.register_fake
+def _(do, q, k, v, out, lse, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_setup(ctx, inputs, output):
+    q, k, v, ctx.causal, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _flash_grad(ctx, do, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _flash_bwd(do, q, k, v, out, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_flash_fwd.register_autograd(_flash_grad, setup_context=_flash_setup)
+
+
+@torch.library.custom_op("gpt_engine::flash_attn_varlen_fwd", mutates_args=())
+def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                max_sq: int, max_sk: int, causal: bool, scale: float,
+                block_table: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton_attention import attention_fwd
+    return attention_fwd(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale)
+
+
+@_varlen_fwd.register_fake
+def _(q, k, v, cu_q, cu_k, max_sq, max_sk, causal, scale, block_table):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt_engine::flash_attn_varlen_bwd", mutates_args=())
+def _varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_sq: int, max_sk: int, causal: bool,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton_attention import attention_bwd
+    return attention_bwd(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale)
+
+
+@_varlen_bwd.register_fake
+def _(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale, block_table = inputs
+    ctx.paged = block_table is not None
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, *output)
+
+
+def _varlen_grad(ctx, do, _dlse):
+    if ctx.paged:
+        raise NotImplementedError("flash_attention_varlen with block_table (paged KV) has no backward")
+    q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
+    dq, dk, dv = _varlen_bwd(do, q, k, v, out, lse, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_varlen_fwd.register_autograd(_varlen_grad, setup_context=_varlen_setup)
+
+
+# ---- public functions
+
+def _check_heads(q, k, v, qname="q"):
+    C.same(qname, q, k=k, v=v)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    h, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"k head dim {k.shape[-1]} != q head dim {d}")
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hkv})")
+    if d not in HEAD_DIMS:
+        raise ValueError(f"head dim {d} not supported; use one of {HEAD_DIMS}")
+
+
+def _scale(softmax_scale, d):
+    return 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+
+
 def flash_attention(q, k, v, causal=True, softmax_scale=None):
     """Scaled dot-product attention, fused.
 
@@ -77,9 +174,8 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None):
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k batch {k.shape[0]} != q batch {q.shape[0]}")
     scale = _scale(softmax_scale, q.shape[-1])
-    if C.use_triton(q) and q.dtype != torch.float64:
-        from .triton_attention import flash_attn_func
-        return flash_attn_func(q, k, v, causal, scale)
+    if dispatch.use_triton(q):
+        return _flash_fwd(q, k, v, bool(causal), float(scale))[0]
     return sdpa(q, k, v, causal, scale)
 
 
@@ -104,21 +200,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         if block_table.shape[0] != cu_seqlens_q.shape[0] - 1:
             raise ValueError(f"block_table has {block_table.shape[0]} rows for {cu_seqlens_q.shape[0] - 1} sequences")
     scale = _scale(softmax_scale, q.shape[-1])
-    if C.use_triton(q) and q.dtype != torch.float64:
-        from .triton_attention import flash_attn_varlen_func
-        return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                      causal, scale, block_table)
-    if _cpu_varlen_kernel(q, k, v, paged=block_table is not None):
-        return ext().varlen_attention(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), causal, scale,
-                                      block_table)
-    from .reference import gather_paged
-    out = torch.empty_like(q)
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for b in range(len(cq) - 1):
-        if block_table is None:
-            kb, vb = k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
-        else:
-            n = ck[b + 1] - ck[b]
-            kb, vb = gather_paged(k, block_table[b], n), gather_paged(v, block_table[b], n)
-        out[cq[b]:cq[b + 1]] = sdpa(q[None, cq[b]:cq[b + 1]], kb[None], vb[None], causal, scale)[0]
-    return out
+    if dispatch.use_triton(q):
+        return _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
+                           float(scale), block_table)[0]
+    if dispatch.cpu_varlen_attention(q, k, v, paged=block_table is not None):
+        return _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table)
+    return _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table)

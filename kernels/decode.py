@@ -1,7 +1,7 @@
 """One pre-norm decoder layer of a CPU decode step in a single call into gpt_engine.kernels._C.
 
-The engine's decode step on CPU runs ~10 kernel calls per layer; their Python wrappers
-(argument checks, dispatch) cost ~1 ms of a 5 ms gpt2-tiny step. csrc/bindings.cpp's
+The engine's decode step on CPU runs ~10 kernel calls per layer, and on small models their
+Python wrappers (argument checks, dispatch) are a large share of the step. csrc/decode_cpu.cpp's
 decode_layer runs the same kernels back to back from C++ with the same checks there.
 Its GEMMs run on weights packed once (pack_layer) into the layout the CPU kernel streams
 (csrc/linear_cpu.cpp). Inference only: fp32 CPU tensors, no autograd.
@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from . import _checks as C
+from . import _dispatch as dispatch
 from ._ext import ext
 from .gemm import _ACT_IDS
 
@@ -23,12 +24,8 @@ GEMMS = (2, 4, 8, 10)  # the weights of qkv, proj, fc and fc2 among a layer's 12
 
 def decode_layer_applies(x: torch.Tensor, weights) -> bool:
     """Whether the CPU inference kernels here (decode_layer, packed_linear, swiglu) serve x and
-    weights: CPU float32 inference, contiguous weights, gpt_engine.kernels._C built, and not under
-    TRITON_INTERPRET=1 (there the per-op path runs the Triton kernels, as tests want)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and not C.use_triton(x)
-            and not torch.compiler.is_compiling() and ext() is not None
-            and all(w is None or (w.dtype == torch.float32 and w.is_contiguous()) for w in weights))
+    weights (kernels._dispatch.cpu_decode_layer)."""
+    return dispatch.cpu_decode_layer(x, weights)
 
 
 class PackedLinear(NamedTuple):
@@ -41,7 +38,7 @@ def pack_linear(weight: torch.Tensor) -> PackedLinear | None:
     """A copy of weight (N, K) in the CPU decode GEMM's layout (a snapshot), or None where that
     kernel cannot run it (not CPU float32, or no gpt_engine.kernels._C)."""
     C.tensor("weight", weight, 2)
-    if ext() is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if not dispatch.cpu_packed_weight(weight):
         return None
     with torch.no_grad():
         return PackedLinear(ext().linear_pack(weight), weight.shape[0])
@@ -96,8 +93,8 @@ def swiglu(f: torch.Tensor) -> torch.Tensor:
 
 def rope_(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
     """In place, HF rotate_half form: the first `heads` heads of t (..., heads', D), CPU float32,
-    rotated by cos, sin (..., D/2) at each row's position (one pass; torch's chunk/cat form costs
-    ~4% of a llama-tiny prefill). Returns t."""
+    rotated by cos, sin (..., D/2) at each row's position, in one pass rather than torch's
+    chunk/cat form. Returns t."""
     if t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() < 2 or not t.is_contiguous():
         raise ValueError(f"rope_ takes a contiguous CPU float32 (..., heads, D) tensor, got {tuple(t.shape)} "
                          f"{t.dtype} on {t.device}")

@@ -1,9 +1,7 @@
 """LayerNorm and RMSNorm over the last dim, with an optional fused residual add.
 
-CPU and CUDA tensors (fp32/fp16/bf16) run gpt_engine.kernels._C (csrc/norm_cpu.cpp, csrc/norm.cu);
-float64 and builds without the extension use kernels.reference. With autograd (or under
-torch.compile) the kernels run as the custom ops gpt_engine::norm_fwd / norm_bwd, which dynamo
-keeps in one graph; eager inference calls the extension directly.
+kernel (csrc/norm_cpu.cpp, csrc/norm.cu) -> launchers -> autograd (torch.library ops) -> public
+functions. Where the kernels do not serve (float64, no extension) kernels.reference runs.
 """
 from __future__ import annotations
 
@@ -12,21 +10,11 @@ from typing import Optional
 import torch
 
 from . import _checks as C
+from . import _dispatch as dispatch
 from . import reference
-from ._ext import KERNEL_DTYPES, ext as _ext
+from ._ext import ext as _ext
 
-
-@torch.compiler.assume_constant_result
-def _ext_serves(device_type: str) -> bool:
-    # a constant to torch.compile: dynamo neither traces the lru_cache'd import nor guards on it
-    ext = _ext()
-    return ext is not None and (device_type == "cpu" or ext.has_cuda())
-
-
-def _use_ext(x: torch.Tensor) -> bool:
-    if x.dtype not in KERNEL_DTYPES or x.numel() == 0 or x.device.type not in ("cpu", "cuda"):
-        return False
-    return _ext_serves(x.device.type)
+# ---- launchers: x, residual, dy, h, dh (rows, N); weight, bias (N,) in x's dtype; mean, rstd (rows,) fp32
 
 
 def _no_tensor(like: torch.Tensor) -> torch.Tensor:
@@ -34,15 +22,29 @@ def _no_tensor(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
 
 
-# ---- torch.library ops: opaque to torch.compile (no graph break), differentiable through register_autograd ----
-# x, residual, dy, h, dh (rows, N); weight, bias (N,) in x's dtype; mean, rstd (rows,) fp32.
+def _contig(t):
+    return None if t is None else t.contiguous()
+
+
+def _launch_fwd(x, residual, weight, bias, eps, rms):
+    """-> y, h = x + residual (None without residual), mean, rstd."""
+    return _ext().norm_fwd(x.contiguous(), _contig(residual), weight.contiguous(), _contig(bias), eps, rms)
+
+
+def _launch_bwd(dy, h, dh, weight, mean, rstd, has_bias, rms):
+    """-> dx (also residual's grad), dweight, dbias (None unless has_bias)."""
+    return _ext().norm_bwd(dy.contiguous(), h.contiguous(), _contig(dh), weight.contiguous(), mean.contiguous(),
+                           rstd.contiguous(), has_bias, rms)
+
+
+# ---- autograd: torch.library ops, opaque to torch.compile (no graph break), differentiable through
+# register_autograd
 
 @torch.library.custom_op("gpt_engine::norm_fwd", mutates_args=())
 def _norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
               eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> y, h = x + residual (empty (0,) without residual), mean, rstd."""
-    y, h, mean, rstd = _ext().norm_fwd(x.contiguous(), None if residual is None else residual.contiguous(),
-                                       weight.contiguous(), None if bias is None else bias.contiguous(), eps, rms)
+    y, h, mean, rstd = _launch_fwd(x, residual, weight, bias, eps, rms)
     return y, _no_tensor(x) if h is None else h, mean, rstd
 
 
@@ -59,8 +61,7 @@ def _norm_bwd(dy: torch.Tensor, h: torch.Tensor, dh: Optional[torch.Tensor], wei
               rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h: the normalized input (x + residual, or x); dh: the incoming grad of the h output or None
     -> dx (also residual's grad), dweight, dbias (empty (0,) unless has_bias)."""
-    dx, dw, db = _ext().norm_bwd(dy.contiguous(), h.contiguous(), None if dh is None else dh.contiguous(),
-                                 weight.contiguous(), mean.contiguous(), rstd.contiguous(), has_bias, rms)
+    dx, dw, db = _launch_bwd(dy, h, dh, weight, mean, rstd, has_bias, rms)
     return dx, dw, _no_tensor(weight) if db is None else db
 
 
@@ -87,6 +88,8 @@ def _fwd_grad(ctx, dy, dh, _dmean, _drstd):
 _norm_fwd.register_autograd(_fwd_grad, setup_context=_fwd_setup)
 
 
+# ---- public functions
+
 def _check(x, weight, bias, residual):
     C.tensor("x", x), C.tensor("weight", weight, 1)
     if bias is not None:
@@ -109,18 +112,17 @@ def _norm(x, weight, bias, eps, residual, rms):
     # parameters kept in another float dtype (e.g. fp32 masters) are cast; autograd carries the grad back
     weight = weight.to(x.dtype).contiguous()
     bias = None if bias is None else bias.to(x.dtype).contiguous()
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if dispatch.norm_custom_op():
         n = x.shape[-1]
         x2 = x.reshape(-1, n).contiguous()
         r2 = None if residual is None else residual.reshape(-1, n).contiguous()
         y, h = _norm_fwd(x2, weight, bias, r2, float(eps), rms)[:2]
         return y.view(x.shape) if residual is None else (y.view(x.shape), h.view(x.shape))
-    # eager inference: the extension directly, without the custom op's dispatch overhead, and
-    # without reshapes for the engine's 2-D rows
+    # no reshapes for the engine's 2-D rows
     flat = x.dim() == 2
-    x2 = (x if flat else x.reshape(-1, x.shape[-1])).contiguous()
-    r2 = None if residual is None else (residual if flat else residual.reshape(x2.shape)).contiguous()
-    y, h = _ext().norm_fwd(x2, r2, weight, bias, float(eps), rms)[:2]
+    x2 = x if flat else x.reshape(-1, x.shape[-1])
+    r2 = None if residual is None else (residual if flat else residual.reshape(x2.shape))
+    y, h = _launch_fwd(x2, r2, weight, bias, float(eps), rms)[:2]
     if not flat:
         y, h = y.view(x.shape), None if h is None else h.view(x.shape)
     return y if residual is None else (y, h)
@@ -130,7 +132,7 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     """LayerNorm over x's last dim (fp32 statistics). With residual, returns
     (layer_norm(x + residual), x + residual) from one fused pass."""
     _check(x, weight, bias, residual)
-    if not _use_ext(x):
+    if not dispatch.norm_kernel(x):
         return reference.layer_norm(x, weight, bias, eps, residual)
     return _norm(x, weight, bias, eps, residual, rms=False)
 
@@ -139,6 +141,6 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
     """RMSNorm over x's last dim (fp32 statistics). With residual, returns
     (rms_norm(x + residual), x + residual) from one fused pass."""
     _check(x, weight, None, residual)
-    if not _use_ext(x):
+    if not dispatch.norm_kernel(x):
         return reference.rms_norm(x, weight, eps, residual)
     return _norm(x, weight, None, eps, residual, rms=True)

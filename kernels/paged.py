@@ -1,7 +1,9 @@
 """Decode attention over a paged KV cache (one query token per sequence) and the cache write.
 
-CUDA (and CPU under TRITON_INTERPRET=1) runs Triton (kernels/triton_paged.py); CPU fp32/fp16/bf16
-runs csrc/paged_cpu.cpp; float64 or a build without gpt_engine.kernels._C uses plain torch.
+kernel (kernels/triton_paged.py, csrc/paged_cpu.cpp) -> launchers -> public functions; inference
+only, so no autograd. kernels._dispatch picks the path: Triton on CUDA (and on CPU under
+TRITON_INTERPRET=1); CPU fp32/fp16/bf16 the C++ kernels; float64 or a build without
+gpt_engine.kernels._C plain torch.
 """
 from __future__ import annotations
 
@@ -9,37 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks as C
+from . import _dispatch as dispatch
 from . import reference
-from ._ext import KERNEL_DTYPES, ext
-from .attention import _check_heads, _rows_dense, _scale
+from ._ext import ext
+from .attention import _check_heads, _scale
 
-
-def _cpu_kernel(x: torch.Tensor) -> bool:
-    """csrc/paged_cpu.cpp runs CPU fp32/fp16/bf16; float64 or a build without gpt_engine.kernels._C use torch."""
-    return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and ext() is not None
-
-
-def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None):
-    """q (B, H, D); k_cache/v_cache (num_blocks, block_size, Hkv, D); block_table
-    (B, max_blocks) int32; seq_lens (B,) int32 counts each sequence's valid cached tokens,
-    the current one included. Returns (B, H, D).
-    """
-    C.tensor("q", q, 3), C.tensor("k_cache", k_cache, 4), C.tensor("v_cache", v_cache, 4)
-    _check_heads(q, k_cache, v_cache)
-    C.int_tensor("block_table", block_table, 2, q.device)
-    C.int_tensor("seq_lens", seq_lens, 1, q.device)
-    if block_table.shape[0] != q.shape[0] or seq_lens.shape[0] != q.shape[0]:
-        raise ValueError(f"block_table rows ({block_table.shape[0]}) and seq_lens ({seq_lens.shape[0]}) "
-                         f"must equal the batch size ({q.shape[0]})")
-    scale = _scale(softmax_scale, q.shape[-1])
-    if C.use_triton(q) and q.dtype != torch.float64:
-        from .triton_paged import paged_attention_fwd
-        return paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale)
-    if _cpu_kernel(q) and q.shape[0] > 0 and k_cache.is_contiguous() and v_cache.is_contiguous():
-        q = q if _rows_dense(q) else q.contiguous()
-        return ext().paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
-    return _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale)
-
+# ---- launchers (Triton's are kernels/triton_paged.py's, imported on first use)
 
 def _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale):
     """Decode in one batched SDPA (float64, or no gpt_engine.kernels._C): gathers every sequence's blocks into
@@ -55,6 +32,34 @@ def _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale):
     o = F.scaled_dot_product_attention(q.view(B, hkv, H // hkv, D), k, v, attn_mask=mask[:, None, None, :],
                                        scale=scale)
     return o.reshape(B, H, D)
+
+
+def _paged_cpu(q, k_cache, v_cache, block_table, seq_lens, scale):
+    q = q if dispatch.rows_dense(q) else q.contiguous()
+    return ext().paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
+
+
+# ---- public functions
+
+def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None):
+    """q (B, H, D); k_cache/v_cache (num_blocks, block_size, Hkv, D); block_table
+    (B, max_blocks) int32; seq_lens (B,) int32 counts each sequence's valid cached tokens,
+    the current one included. Returns (B, H, D).
+    """
+    C.tensor("q", q, 3), C.tensor("k_cache", k_cache, 4), C.tensor("v_cache", v_cache, 4)
+    _check_heads(q, k_cache, v_cache)
+    C.int_tensor("block_table", block_table, 2, q.device)
+    C.int_tensor("seq_lens", seq_lens, 1, q.device)
+    if block_table.shape[0] != q.shape[0] or seq_lens.shape[0] != q.shape[0]:
+        raise ValueError(f"block_table rows ({block_table.shape[0]}) and seq_lens ({seq_lens.shape[0]}) "
+                         f"must equal the batch size ({q.shape[0]})")
+    scale = _scale(softmax_scale, q.shape[-1])
+    if dispatch.use_triton(q):
+        from .triton_paged import paged_attention_fwd
+        return paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale)
+    if dispatch.cpu_paged_attention(q, k_cache, v_cache):
+        return _paged_cpu(q, k_cache, v_cache, block_table, seq_lens, scale)
+    return _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale)
 
 
 def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
@@ -77,12 +82,11 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} tokens")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must be contiguous in the head dim")
-    if C.use_triton(k) and k.dtype != torch.float64:
+    if dispatch.use_triton(k):
         from .triton_paged import store_kvcache_fwd
         store_kvcache_fwd(k, v, k_cache, v_cache, slot_mapping)
         return
-    if (_cpu_kernel(k) and _rows_dense(k) and _rows_dense(v) and k_cache.is_contiguous()
-            and v_cache.is_contiguous()):
+    if dispatch.cpu_store_kvcache(k, v, k_cache, v_cache):
         ext().store_kvcache(k, v, k_cache, v_cache, slot_mapping)
         return
     reference.store_kvcache(k, v, k_cache, v_cache, slot_mapping)

@@ -6,10 +6,11 @@ read per-sequence offsets from cu_seqlens (VARLEN), paged K/V go through a block
 +inf for rows that see no key, so the backward's exp2(s - lse) is 0 there).
 GQA reads K/V head h // (H // Hkv); the dk/dv kernel loops over the group's query heads,
 so K/V are never repeated and no atomics are needed (deterministic).
+
+This file holds the kernels and their launchers (attention_fwd, attention_bwd); the autograd
+ops over them are in kernels/attention.py.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import triton
@@ -100,6 +101,32 @@ def _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _q_block(CU_Q, CU_K, H, GROUP, seq_q, seq_k, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    # this program's query block of a (cdiv(max_seqlen_q, BLOCK_M), B * H) grid -> (b, h, kv head,
+    # q_start, sq, k_start, sk, first row m0); causal runs the longest (last) q blocks first
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, sq, k_start, sk = _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, VARLEN)
+    return b, h, h // GROUP, q_start, sq, k_start, sk, pid_m * BLOCK_M
+
+
+@triton.jit
+def _key_range(m0, sq, sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # the keys query rows [m0, m0 + BLOCK_M) see -> (diag, full, hi): bottom-right, row i sees keys
+    # j <= i + diag; tiles [0, full) need no mask, [full, hi) do
+    diag = sk - sq
+    if CAUSAL:
+        hi = tl.minimum(sk, m0 + BLOCK_M + diag)
+        full = tl.maximum(tl.minimum(m0 + diag + 1, sk), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = sk
+        full = sk // BLOCK_N * BLOCK_N
+    return diag, full, hi
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, BT,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
@@ -108,14 +135,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, BT,
                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
                 PAGED: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # grid (cdiv(max_seqlen_q, BLOCK_M), B * H); causal runs the longest (last) q blocks first
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // GROUP
-    q_start, sq, k_start, sk = _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, VARLEN)
-    m0 = pid_m * BLOCK_M
+    # grid (cdiv(max_seqlen_q, BLOCK_M), B * H)
+    b, h, kvh, q_start, sq, k_start, sk, m0 = _q_block(CU_Q, CU_K, H, GROUP, seq_q, seq_k, CAUSAL, VARLEN, BLOCK_M)
     if m0 >= sq:
         return
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -132,13 +153,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, BT,
         v_base = V + b64 * stride_vb + k_start * stride_vt + kvh * stride_vh
     bt_ptr = BT + b64 * stride_btb
 
-    diag = sk - sq  # bottom-right: row i sees keys j <= i + diag
-    if CAUSAL:
-        hi = tl.minimum(sk, m0 + BLOCK_M + diag)
-        full = tl.maximum(tl.minimum(m0 + diag + 1, sk), 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = sk
-        full = sk // BLOCK_N * BLOCK_N
+    diag, full, hi = _key_range(m0, sq, sk, CAUSAL, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -216,13 +231,7 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K,
                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
                PAGED: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # grid (cdiv(max_seqlen_q, BLOCK_M), B * H): dq = scale * dS K over the forward's key range
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // GROUP
-    q_start, sq, k_start, sk = _seq_bounds(CU_Q, CU_K, b, seq_q, seq_k, VARLEN)
-    m0 = pid_m * BLOCK_M
+    b, h, kvh, q_start, sq, k_start, sk, m0 = _q_block(CU_Q, CU_K, H, GROUP, seq_q, seq_k, CAUSAL, VARLEN, BLOCK_M)
     if m0 >= sq:
         return
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -237,13 +246,7 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K,
     delta = tl.load(DELTA + l_base + offs_m, mask=offs_m < sq, other=0.0)
     k_base = K + b64 * stride_kb + k_start * stride_kt + kvh * stride_kh
     v_base = V + b64 * stride_vb + k_start * stride_vt + kvh * stride_vh
-    diag = sk - sq
-    if CAUSAL:
-        hi = tl.minimum(sk, m0 + BLOCK_M + diag)
-        full = tl.maximum(tl.minimum(m0 + diag + 1, sk), 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = sk
-        full = sk // BLOCK_N * BLOCK_N
+    diag, full, hi = _key_range(m0, sq, sk, CAUSAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full, sk, diag,
                    qk_scale, BLOCK_N, HEAD_D, BLOCK_D, False, CAUSAL, PREC)
@@ -387,7 +390,8 @@ class _Meta:
         return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
 
 
-def _forward(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale):
+def attention_fwd(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale):
+    """Launcher: -> out like q, lse (fp32, log2). cu_q None: dense (B, S, H, D)."""
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     paged = block_table is not None
     m = _Meta(q, k, cu_q, max_sq, max_sk, causal, scale, paged)
@@ -408,7 +412,8 @@ def _forward(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale):
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale):
+def attention_bwd(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale):
+    """Launcher: -> dq, dk, dv."""
     do, q, k, v = _last_contig(do), _last_contig(q), _last_contig(k), _last_contig(v)
     m = _Meta(q, k, cu_q, max_sq, max_sk, causal, scale, False)
     vl = m.varlen
@@ -430,95 +435,3 @@ def _backward(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale):
             (q, k, v, do, dk, dv, lse, delta, cu_q_, cu_k_, *common, *_s(dk, vl), *_s(dv, vl),
              *m.lse_strides(lse), m.hkv, *tail), m.consts, q)
     return dq, dk, dv
-
-
-# ---- torch.library ops: opaque to torch.compile, differentiable through register_autograd ----
-
-@torch.library.custom_op("gpt_engine::flash_attn_fwd", mutates_args=())
-def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, None, None, None, q.shape[1], k.shape[1], causal, scale)
-
-
-@_flash_fwd.register_fake
-def _(q, k, v, causal, scale):
-    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
-
-
-@torch.library.custom_op("gpt_engine::flash_attn_bwd", mutates_args=())
-def _flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-               lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, out, lse, None, None, q.shape[1], k.shape[1], causal, scale)
-
-
-@_flash_bwd.register_fake
-def _(do, q, k, v, out, lse, causal, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _fwd_setup(ctx, inputs, output):
-    q, k, v, ctx.causal, ctx.scale = inputs
-    ctx.save_for_backward(q, k, v, *output)
-
-
-def _fwd_grad(ctx, do, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _flash_bwd(do, q, k, v, out, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
-
-
-_flash_fwd.register_autograd(_fwd_grad, setup_context=_fwd_setup)
-
-
-@torch.library.custom_op("gpt_engine::flash_attn_varlen_fwd", mutates_args=())
-def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                max_sq: int, max_sk: int, causal: bool, scale: float,
-                block_table: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale)
-
-
-@_varlen_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, max_sq, max_sk, causal, scale, block_table):
-    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("gpt_engine::flash_attn_varlen_bwd", mutates_args=())
-def _varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_sq: int, max_sk: int, causal: bool,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale)
-
-
-@_varlen_bwd.register_fake
-def _(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale, block_table = inputs
-    ctx.paged = block_table is not None
-    ctx.save_for_backward(q, k, v, cu_q, cu_k, *output)
-
-
-def _varlen_grad(ctx, do, _dlse):
-    if ctx.paged:
-        raise NotImplementedError("flash_attention_varlen with block_table (paged KV) has no backward")
-    q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd(do, q, k, v, out, lse, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-_varlen_fwd.register_autograd(_varlen_grad, setup_context=_varlen_setup)
-
-
-def flash_attn_func(q, k, v, causal, scale):
-    """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> (B, Sq, H, D). Arguments already validated."""
-    return _flash_fwd(q, k, v, bool(causal), float(scale))[0]
-
-
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                           block_table=None):
-    """Packed q (total_q, H, D); k/v packed (total_k, Hkv, D) or paged (num_blocks, block_size, Hkv, D) with
-    block_table (B, max_blocks). Returns (total_q, H, D). Arguments already validated."""
-    return _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
-                       float(scale), block_table)[0]

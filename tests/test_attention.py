@@ -295,14 +295,14 @@ def test_varlen_cpu_kernel_only_for_inference(monkeypatch):
     # the kernel has no backward: with grad, flash_attention_varlen keeps the differentiable SDPA path
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     _ext_or_skip()
-    from gpt_engine.kernels.attention import _cpu_varlen_kernel
+    from gpt_engine.kernels._dispatch import cpu_varlen_attention
     q = torch.randn(10, 2, 64)
-    assert _cpu_varlen_kernel(q, q, q)
-    assert not _cpu_varlen_kernel(q.requires_grad_(), q, q)
+    assert cpu_varlen_attention(q, q, q)
+    assert not cpu_varlen_attention(q.requires_grad_(), q, q)
     with torch.no_grad():
-        assert _cpu_varlen_kernel(q, q, q)
-    assert not _cpu_varlen_kernel(q.detach().double(), q, q)
-    assert not _cpu_varlen_kernel(q.detach().transpose(0, 1).contiguous().transpose(0, 1), q, q)  # rows not dense
+        assert cpu_varlen_attention(q, q, q)
+    assert not cpu_varlen_attention(q.detach().double(), q, q)
+    assert not cpu_varlen_attention(q.detach().transpose(0, 1).contiguous().transpose(0, 1), q, q)  # rows not dense
 
 
 def test_varlen_cpu_kernel_errors():

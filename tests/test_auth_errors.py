@@ -89,7 +89,7 @@ POOL_BLOCKS, BLOCK = 4, 16   # 64 tokens of KV: far less than the model's 128-to
 @pytest.fixture(scope="module")
 def small_pool(torch_path, model_dir):  # noqa: F811
     engine = AsyncLLM(LLM(str(model_dir), device="cpu", num_kv_blocks=POOL_BLOCKS, block_size=BLOCK))
-    assert engine.max_model_len > POOL_BLOCKS * BLOCK + 8
+    assert engine.max_model_len == POOL_BLOCKS * BLOCK  # clamped: the model's own context is 128
     server = ServerThread(build_app(engine, api_key=KEY, chat_template=load_chat_template(model_dir)))
     with server:
         server.engine = engine
@@ -97,7 +97,7 @@ def small_pool(torch_path, model_dir):  # noqa: F811
 
 
 def _too_big(path, stream):
-    # within the context (the server's own check passes), beyond what the KV pool can ever hold
+    # beyond what the KV pool can ever hold (the engine's context, clamped to the pool)
     n = POOL_BLOCKS * BLOCK + 16
     body = {"prompt": "hi"} if path == "/v1/completions" else {"messages": CHAT}
     return {**body, "max_tokens": n, "ignore_eos": True, "stream": stream}
@@ -119,7 +119,7 @@ def test_engine_refusal_is_400(small_pool, path, stream):
     assert r.headers["content-type"].startswith("application/json"), r.headers
     err = r.json()["error"]
     assert set(err) == ERROR_FIELDS and err["type"] == "invalid_request_error", err
-    assert "KV cache" in err["message"], err
+    assert "maximum context length is 64" in err["message"] and err["code"] == "context_length_exceeded", err
     assert _engine_idle(small_pool)
     # the engine still serves what fits
     r = httpx.post(small_pool.url + path, json={**_too_big(path, False), "max_tokens": 4},

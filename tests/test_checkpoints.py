@@ -89,7 +89,7 @@ def test_rope_scaling_matches_transformers(name, tmp_path):
         _close(ours, hf, torch.randint(0, 256, (1, t)))
 
 
-@pytest.mark.parametrize("name", ["llama3", "yarn", "dynamic", "longrope"])
+@pytest.mark.parametrize("name", ["llama3", "linear", "yarn", "dynamic", "longrope"])
 def test_rope_scaling_saved_checkpoint_loads_in_transformers(name, tmp_path):
     import transformers
     make_hf_model("llama", tmp_path / "hf", rope_scaling=dict(ROPE[name]))
@@ -281,3 +281,129 @@ def test_shards_are_read_one_at_a_time(tmp_path, monkeypatch):
     _close(W.load_model(tmp_path), hf, torch.randint(0, 256, (1, 9)))
     shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
     assert sorted(set(opened)) == shards and len(opened) == len(shards) + 1  # + the dtype peek
+
+
+# --- LLM greedy == transformers generate, per family ---------------------------------------------
+# LLM runs its own CPU paths (packed GEMMs, the C++ decode layer rotating q/k in place): the rope scaling
+# must reach those as well as the dense forward the logits tests cover.
+GREEDY_TOKENS = 12
+# transformers' default init (std 0.02) gives near-uniform attention whose greedy tokens barely depend on
+# positions: a wider init makes a wrong rotation change the tokens
+SHARP = {"initializer_range": 0.1}
+
+
+def _assert_greedy_matches(path, hf, lengths):
+    from gpt_engine.llm import LLM
+    from gpt_engine.sampling import SamplingParams
+    llm = LLM(str(path), device="cpu")
+    model = llm.runner.model
+    assert model.packed_head is not None and all(layer.packed is not None for layer in model.layers)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 256, (n,), generator=g).tolist() for n in lengths]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True),
+                        use_tqdm=False)
+    hf.generation_config.eos_token_id = None  # as ignore_eos
+    for p, o in zip(prompts, outs):
+        want = hf.generate(torch.tensor([p]), max_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=0)
+        assert o.token_ids == want[0, len(p):].tolist(), f"prompt of {len(p)} tokens"
+
+
+def test_gpt2_hub_layout_greedy(tmp_path):
+    hf = make_hf_model("gpt2", None, save=False, **SHARP)
+    save_hub_gpt2(hf, tmp_path)
+    _assert_greedy_matches(tmp_path, hf, [3, 17, 40])
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2-untied"])
+def test_qwen2_greedy(kind, tmp_path):
+    hf = make_hf_model(kind, tmp_path, rope_theta=1e6, **SHARP)
+    _assert_greedy_matches(tmp_path, hf, [3, 17, 40])
+
+
+# Contexts run past original_max_position_embeddings (32; max_position_embeddings for linear and dynamic).
+# dynamic and longrope rotate a position by the sequence's length when it is the newest token, as
+# transformers' incremental decoding does: their prompts stay under the threshold and the generated
+# tokens cross it (a prompt that crosses it is rotated as a whole by transformers' prefill).
+@pytest.mark.parametrize("name,lengths", [
+    ("llama3", [3, 17, 40]), ("linear", [3, 17, 40]), ("yarn", [3, 17, 40]),
+    ("dynamic", [3, 17, 30]), ("longrope", [3, 17, 30]),
+])
+def test_rope_scaling_greedy(name, lengths, tmp_path):
+    kw = {"max_position_embeddings": 32} if name in ("linear", "dynamic") else {}
+    hf = make_hf_model("llama", tmp_path, rope_scaling=dict(ROPE[name]), **SHARP, **kw)
+    assert max(lengths) + GREEDY_TOKENS > 32
+    _assert_greedy_matches(tmp_path, hf, lengths)
+
+
+# --- loading memory ----------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["hub-gpt2", "bin-gpt2", "llama-fp16", "bin-llama-fp16"])
+def test_tensors_copied_in_row_blocks(layout, tmp_path, monkeypatch):
+    """Tiny blocks, so that a transposed (GPT-2 Conv1D), converted or fused tensor crosses many block edges."""
+    import gpt_engine.weights as W
+    monkeypatch.setattr(W, "_CHUNK_BYTES", 1000)
+    kind = layout.split("-")[-2] if layout.endswith("fp16") else layout.split("-")[-1]
+    hf = make_hf_model(kind, None, save=False)
+    if layout == "hub-gpt2":
+        save_hub_gpt2(hf, tmp_path)
+    elif layout.startswith("bin"):
+        save_bin(hf, tmp_path)
+    else:
+        hf.save_pretrained(tmp_path)
+    if layout.endswith("fp16"):
+        want = load_model(tmp_path).half()  # fp32 is read whole, straight into the parameters
+        got = W.load_model(tmp_path, dtype=torch.float16)
+        for (n, a), b in zip(want.state_dict().items(), got.state_dict().values()):
+            assert torch.equal(a, b), n
+    else:
+        _close(W.load_model(tmp_path), hf, torch.randint(0, 256, (2, 23)))
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_peak_memory_while_loading(layout, tmp_path):
+    """A ~80 MB checkpoint loaded in a fresh process (benchmarks/load_memory.py measures): the load's peak
+    resident memory stays under 1.3x the file, so the file is never resident beside the parameters."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    hf = make_hf_model("llama-untied", None, save=False, vocab_size=8000, hidden_size=512, intermediate_size=1408,
+                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
+    if layout == "bin":
+        save_bin(hf, tmp_path)
+    else:
+        hf.save_pretrained(tmp_path)
+    del hf
+    size = sum(p.stat().st_size for p in tmp_path.iterdir() if p.suffix in (".safetensors", ".bin"))
+    assert size > 70e6
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "load_memory.py"
+    r = subprocess.run([sys.executable, str(script), "--measure", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m["param_bytes"] > 0.95 * size
+    assert m["peak_extra_rss"] < 1.3 * size, (m, size)
+
+
+def test_malformed_safetensors_files(tmp_path):
+    make_hf_model("llama", tmp_path)
+    f = tmp_path / "model.safetensors"
+    good = f.read_bytes()
+    n = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    a, b = header[name]["data_offsets"]
+
+    def write_header(h):
+        raw = json.dumps(h).encode()
+        f.write_bytes(len(raw).to_bytes(8, "little") + raw + good[8 + n:])
+
+    for data, match in [(good[:-100], "ends inside|bad safetensors header entry"),
+                        ((10**12).to_bytes(8, "little") + good[8:], "header length"),
+                        (good[:8] + b"{" * n + good[8 + n:], "not valid JSON")]:
+        f.write_bytes(data)
+        with pytest.raises(ValueError, match=match):
+            load_model(tmp_path)
+    write_header({**header, name: {**header[name], "data_offsets": [a, b + 4]}})
+    with pytest.raises(ValueError, match="bad safetensors header entry"):
+        load_model(tmp_path)
+    write_header({**header, name: {**header[name], "dtype": "I32"}})
+    with pytest.raises(ValueError, match="floating"):
+        load_model(tmp_path)

@@ -71,7 +71,7 @@ def test_windows_mask():
 def test_read_jsonl_errors(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": "d"}\n')
-    assert read_jsonl(p) == [("a", "b"), ("c", "d")]
+    assert read_jsonl(p) == [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
     p.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
     with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
         read_jsonl(p)

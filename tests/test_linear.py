@@ -103,20 +103,20 @@ def test_cpu_gemm_vs_reference(act, bias, mnk):
 
 
 def test_cpu_gemm_taken_for_inference_only():
-    from gpt_engine.kernels import gemm
+    from gpt_engine.kernels import _dispatch
     x, w, b = _inputs(32, 96, 64, torch.float32)
     with torch.no_grad():
-        assert gemm._use_cpu_gemm(x, w, b, None, "auto")
-        assert not gemm._use_cpu_gemm(x.repeat(5, 1), w, b, None, "auto")  # prefill-sized: BLAS
-        assert gemm._use_cpu_gemm(x.repeat(5, 1), w, b, "gelu", "auto")  # unless it fuses an activation
-        assert gemm._use_cpu_gemm(x.repeat(5, 1), w, b, None, "custom")
-        assert not gemm._use_cpu_gemm(x, w.t().contiguous().t(), b, None, "auto")  # strided weight: BLAS
-        assert not gemm._use_cpu_gemm(x.double(), w.double(), b.double(), None, "auto")
+        assert _dispatch.cpu_gemm(x, w, b, None, "auto")
+        assert not _dispatch.cpu_gemm(x.repeat(5, 1), w, b, None, "auto")  # prefill-sized: BLAS
+        assert _dispatch.cpu_gemm(x.repeat(5, 1), w, b, "gelu", "auto")  # unless it fuses an activation
+        assert _dispatch.cpu_gemm(x.repeat(5, 1), w, b, None, "custom")
+        assert not _dispatch.cpu_gemm(x, w.t().contiguous().t(), b, None, "auto")  # strided weight: BLAS
+        assert not _dispatch.cpu_gemm(x.double(), w.double(), b.double(), None, "auto")
         y = kernels.linear(x[None, :, :], w, b, "gelu_tanh")
     assert y.shape == (1, 32, 96)
     torch.testing.assert_close(y[0], reference.linear(x, w, b, "gelu_tanh"), rtol=1e-5, atol=1e-5)
     wg = w.clone().requires_grad_(True)
-    assert not gemm._use_cpu_gemm(x, wg, b, "relu", "auto")  # training keeps autograd's path
+    assert not _dispatch.cpu_gemm(x, wg, b, "relu", "auto")  # training keeps autograd's path
     y = kernels.linear(x, wg, b, "relu")
     y.sum().backward()
     assert wg.grad is not None
@@ -157,6 +157,55 @@ def test_backward_gemm_bindings_check_their_input():
         _C.gemm_wgrad(dz.half(), torch.randn(5, 16).half())
 
 
+# ---------------------------------------------------------------- the CUDA path's autograd ops, on CPU
+# gpt_engine::linear_fwd / linear_bwd call _C's CUDA GEMM entry points; here those entry points are
+# torch twins, so the ops' autograd and fake (torch.compile) registrations are checked without a GPU.
+
+class _TorchGemm:
+    @staticmethod
+    def gemm(a, b, bias, act, save_preact):
+        z = F.linear(a, b, bias)
+        return [reference.ACTIVATIONS[ACTS[act]](z), z if save_preact and act else None]
+
+    @staticmethod
+    def act_bwd(dy, z, act):
+        if act == 3:
+            return dy * (z > 0)
+        if act == 1:
+            return dy * (0.5 * (1 + torch.erf(z / 2 ** 0.5)) + z * torch.exp(-z * z / 2) / (2 * torch.pi) ** 0.5)
+        c = (2 / torch.pi) ** 0.5
+        t = torch.tanh(c * (z + 0.044715 * z ** 3))
+        return dy * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z))
+
+    @staticmethod
+    def gemm_dgrad(dz, w):
+        return dz @ w
+
+    @staticmethod
+    def gemm_wgrad(dz, x):
+        return dz.t() @ x
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_ops_autograd(act, bias, monkeypatch):
+    from gpt_engine.kernels import gemm
+    monkeypatch.setattr(gemm, "_ext", lambda: _TorchGemm)
+    x, w, b = _inputs(7, 12, 16, torch.float64, bias=bias)
+    a = ACTS.index(act)
+    torch.library.opcheck(gemm._linear_fwd, (x.requires_grad_(True), w.requires_grad_(True),
+                                             None if b is None else b.requires_grad_(True), a, True))
+    gout = torch.randn(7, 12, dtype=torch.float64)
+    got = _grads(lambda *t: gemm._linear_fwd(*t, a, True)[0], (x, w, b), gout)
+    want = _grads(lambda *t: reference.linear(*t, act), (x, w, b), gout)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)  # dbias sums in fp32, as on CUDA
+    # only the inputs that want a gradient get one
+    xg, wd, bd = x.detach().requires_grad_(True), w.detach(), None if b is None else b.detach()
+    (gemm._linear_fwd(xg, wd, bd, a, True)[0] * gout).sum().backward()
+    torch.testing.assert_close(xg.grad, want[0], rtol=1e-6, atol=1e-6)
+    assert wd.grad is None
+
 # ---------------------------------------------------------------- CUDA
 
 SHAPES = list(itertools.product([1, 37, 1000], [65, 768, 3073], [64, 768, 1000]))
@@ -169,10 +218,10 @@ def _check_close(got, tor, ref):
 
 @pytest.mark.gpu
 def test_cuda_gemm_is_used():
-    from gpt_engine.kernels import _C, gemm
+    from gpt_engine.kernels import _C, _dispatch
     assert _C.has_cuda()
     x, w, b = _inputs(37, 65, 64, torch.bfloat16, "cuda")
-    assert gemm._use_gemm(x, w, "custom") and not gemm._use_gemm(x, w, "auto")
+    assert _dispatch.cuda_gemm(x, w, "custom") and not _dispatch.cuda_gemm(x, w, "auto")
     y, z = _C.gemm(x, w, b, 1, True)
     torch.testing.assert_close(z, F.linear(x, w, b), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y, kernels.linear(x, w, b, "gelu", backend="custom"), rtol=0, atol=0)

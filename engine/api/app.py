@@ -4,19 +4,37 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from functools import cache
+from importlib import resources
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..chat_template import ChatTemplate
 from . import chat, completions, errors
 from .errors import NOT_FOUND, APIError
 from .metrics import Metrics
-from .middleware import Gate
+from .middleware import DEFAULT_MAX_BODY_BYTES, Gate
 from .serving import ServerState, state_of
 
 log = logging.getLogger("gpt_engine.server")
 router = APIRouter()
+
+# the page is one inline file talking only to this server: nothing may load from elsewhere
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                "frame-ancestors 'none'", "Cache-Control": "no-cache"}
+
+
+@cache
+def _chat_page() -> str:
+    return resources.files(__package__).joinpath("static").joinpath("chat.html").read_text(encoding="utf-8")
+
+
+@router.get("/", include_in_schema=False)
+async def chat_page():
+    """The chat web page: public (the Gate asks for the key on /v1/* only); the page sends the key."""
+    return HTMLResponse(_chat_page(), headers=PAGE_HEADERS)
 
 
 @router.get("/health")
@@ -54,7 +72,8 @@ async def model(model_id: str, request: Request):
     return _model_card(st)
 
 
-def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | None = None) -> FastAPI:
+def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | None = None,
+              allowed_hosts: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The app over an EngineClient. Its lifespan starts the engine (if not yet running) and
     stops it at shutdown, so in-flight requests are finished or aborted. Without a chat template,
     chat requests get a 400."""
@@ -76,7 +95,8 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
     app = FastAPI(title="gpt-engine", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = st = ServerState(engine, Metrics(), chat_template)
     app.state.engine, app.state.metrics = engine, st.metrics
-    app.add_middleware(Gate, api_key=api_key, metrics=st.metrics)
+    app.add_middleware(Gate, api_key=api_key, metrics=st.metrics, allowed_hosts=allowed_hosts,
+                       max_body_bytes=max_body_bytes, max_requests=getattr(engine, "max_inflight", None))
     errors.install(app)
     for r in (router, completions.router, chat.router):
         app.include_router(r)

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from .errors import GENERATE_ERRORS, APIError
 from .protocol import ChatCompletionRequest
-from .serving import begin, collect, make_choices, merge, prompt_of, record, sse_stream, usage
+from .serving import begin, collect, make_choices, merge, off_loop, prompt_of, record, sse_stream, usage
 
 router = APIRouter()
 
@@ -23,10 +23,12 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                             "chat_template.jinja): start the server with --chat-template FILE", param="messages",
                        code="chat_template_missing")
     messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
-    text = st.template.render(messages, req.add_generation_prompt)
     top_n = (req.top_logprobs or 0) if req.logprobs else None
-    rid, choices = make_choices(st, req, [prompt_of(st, text, "messages", add_special_tokens=False)], "chatcmpl",
-                                None, top_n)
+
+    def render():
+        return prompt_of(st, st.template.render(messages, req.add_generation_prompt), "messages",
+                         add_special_tokens=False)
+    rid, choices = make_choices(st, req, [await off_loop(render)], "chatcmpl", None, top_n)
 
     def logprobs_of(entries) -> dict | None:
         if top_n is None:

@@ -8,7 +8,7 @@ from fastapi.responses import StreamingResponse
 
 from .errors import GENERATE_ERRORS
 from .protocol import CompletionRequest
-from .serving import Choice, begin, collect, make_choices, merge, prompt_of, record, sse_stream, usage
+from .serving import Choice, begin, collect, make_choices, merge, off_loop, prompt_of, record, sse_stream, usage
 
 router = APIRouter()
 
@@ -17,7 +17,8 @@ router = APIRouter()
 async def completions(req: CompletionRequest, request: Request):
     t0, st = begin(request, req)
     model = st.engine.model_name
-    rid, choices = make_choices(st, req, [prompt_of(st, p) for p in req.prompt], "cmpl", 16, req.logprobs)
+    prompts = await off_loop(lambda: [prompt_of(st, p) for p in req.prompt])
+    rid, choices = make_choices(st, req, prompts, "cmpl", 16, req.logprobs)
     want_lp = req.logprobs is not None
     offsets = {c.index: 0 for c in choices}
 

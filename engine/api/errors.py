@@ -8,20 +8,30 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..request import RequestError
+from ..scheduler import Overloaded
 from .protocol import ErrorResponse, error_body
+
+RETRY_AFTER_S = 1   # a full engine frees slots as requests finish: a short wait is worth a retry
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.body = status, error_body(message, type_, param, code)
+        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
+
+
+def overloaded(message: str) -> APIError:
+    return APIError(429, message, "rate_limit_error", code="server_overloaded",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def engine_error(e: BaseException, engine) -> APIError:
     """What an error out of the engine means for the client."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, Overloaded):
+        return overloaded(str(e))
     if isinstance(e, RequestError):
         return APIError(400, str(e), param=e.param, code=e.code)
     if isinstance(e, ValueError):
@@ -38,7 +48,9 @@ def _doc(description: str) -> dict:
 GENERATE_ERRORS = {400: _doc("invalid request: wrong types, out-of-range values, prompt + max_tokens over "
                              "the context, malformed JSON"),
                    401: _doc("missing or wrong API key (only with --api-key)"),
-                   404: _doc("unknown model"), 503: _doc("the engine cannot serve")}
+                   404: _doc("unknown model"), 413: _doc("request body over --max-body-bytes"),
+                   429: _doc("the server holds as many requests as it may: retry after Retry-After seconds"),
+                   503: _doc("the engine cannot serve")}
 NOT_FOUND = {404: _doc("no such model")}
 
 
@@ -57,7 +69,11 @@ def openapi_schema(app: FastAPI) -> dict:
 
 
 async def _api_error(request, e: APIError):
-    return JSONResponse(e.body, status_code=e.status)
+    return JSONResponse(e.body, status_code=e.status, headers=e.headers)
+
+
+async def _overloaded(request, e: Overloaded):
+    return await _api_error(request, overloaded(str(e)))
 
 
 async def _request_error(request, e: RequestError):
@@ -77,13 +93,14 @@ async def _validation_error(request, e: RequestValidationError):
 
 
 async def _http_error(request, e: StarletteHTTPException):
-    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
     # e.headers carries the Allow of a 405, which RFC 9110 requires
     return JSONResponse(error_body(str(e.detail), code=code), status_code=e.status_code, headers=e.headers)
 
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(Overloaded, _overloaded)
     app.add_exception_handler(RequestError, _request_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -1,20 +1,55 @@
-"""ASGI middleware: the bearer-key check on /v1/* and per-endpoint request counts. Plain ASGI
-rather than BaseHTTPMiddleware, which would get between StreamingResponse and disconnects."""
+"""ASGI middleware, in the order a request meets it: the Host allowlist (DNS rebinding), the
+body-size limit (413, before the body is read or parsed, authenticated or not), the bearer-key
+check on /v1/*, a bound on generating requests in progress (429), and per-endpoint request
+counts. Plain ASGI rather than BaseHTTPMiddleware, which would get between StreamingResponse
+and disconnects."""
 from __future__ import annotations
 
 import hmac
 
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
+from .errors import RETRY_AFTER_S
 from .metrics import Metrics
 from .protocol import error_body
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+GENERATING = ("/v1/completions", "/v1/chat/completions")
+DEFAULT_MAX_BODY_BYTES = 16 << 20   # a full-context prompt as JSON token ids, with room to spare
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from receive() inside the app: FastAPI passes an HTTPException through its body
+    parsing, and errors.py answers it in OpenAI's body."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over {limit} bytes")
+
+
+def host_of(scope) -> str | None:
+    """The Host header's name, without the port or an IPv6 literal's brackets."""
+    for k, v in scope.get("headers", ()):
+        if k == b"host":
+            h = v.decode("latin-1").strip().lower()
+            if h.startswith("["):
+                return h[1:h.find("]")] if "]" in h else h
+            return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+    return None
 
 
 class Gate:
-    def __init__(self, app, api_key: str | None, metrics: Metrics):
+    """api_key None: no key needed. allowed_hosts None: any Host; else a list of names ("*" any).
+    max_requests: generating requests in progress at once (None: no bound)."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics, allowed_hosts=None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_requests: int | None = None):
         self.app, self.api_key, self.metrics = app, api_key, metrics
+        self.allowed_hosts = None if allowed_hosts is None or "*" in allowed_hosts else \
+            {h.lower().strip("[]") for h in allowed_hosts}
+        self.max_body_bytes, self.max_requests = max_body_bytes, max_requests
+        self.num_requests = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -29,15 +64,58 @@ class Gate:
                 status = msg["status"]
             await send(msg)
 
+        async def refuse(code: int, message: str, err: str, headers=None, type_="invalid_request_error"):
+            resp = JSONResponse(error_body(message, type_, code=err), status_code=code, headers=headers)
+            await resp(scope, receive, send_status)
+
+        counted = False
         try:
+            if self.allowed_hosts is not None and host_of(scope) not in self.allowed_hosts:
+                return await refuse(400, "Host header not allowed (see --allowed-hosts)", "invalid_host")
+            if self._declared_length(scope) > self.max_body_bytes:
+                return await refuse(413, f"request body over {self.max_body_bytes} bytes", "request_too_large")
             if self.api_key and (path == "/v1" or path.startswith("/v1/")) and not self._authorized(scope):
-                resp = JSONResponse(error_body("Incorrect or missing API key: send Authorization: Bearer <key>",
-                                               code="invalid_api_key"), status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
-                return await resp(scope, receive, send_status)
-            await self.app(scope, receive, send_status)
+                return await refuse(401, "Incorrect or missing API key: send Authorization: Bearer <key>",
+                                    "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+            if self.max_requests is not None and path in GENERATING:
+                if self.num_requests >= self.max_requests:
+                    return await refuse(429, f"the server is handling {self.num_requests} requests; retry later",
+                                        "server_overloaded", {"Retry-After": str(RETRY_AFTER_S)}, "rate_limit_error")
+                self.num_requests += 1
+                counted = True
+            try:
+                await self.app(scope, self._limited(receive), send_status)
+            except BodyTooLarge:
+                if status == 500:  # nothing sent yet
+                    await refuse(413, f"request body over {self.max_body_bytes} bytes", "request_too_large")
         finally:
+            if counted:
+                self.num_requests -= 1
             self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    def _limited(self, receive):
+        """receive, refusing a body (chunked, or longer than it said) once it passes the limit."""
+        seen = 0
+
+        async def wrapped():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return msg
+        return wrapped
+
+    @staticmethod
+    def _declared_length(scope) -> int:
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                try:
+                    return int(v)
+                except ValueError:
+                    return 0  # the server itself refuses a malformed length
+        return 0
 
     def _authorized(self, scope) -> bool:
         for k, v in scope.get("headers", ()):

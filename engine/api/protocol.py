@@ -12,6 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_N = 128          # OpenAI's own cap on n
 MAX_LOGPROBS = 20
 MAX_STOP = 16
+MAX_STOP_LEN = 1024  # characters of one stop string: the stream holds back up to this much text
+MAX_STOP_TOKEN_IDS = 1024
+MAX_BIAS_ENTRIES = 300   # OpenAI's own cap on logit_bias
+MAX_PROMPTS = 256
+MAX_MESSAGES = 4096
+MAX_SEQS_PER_REQUEST = 256   # prompts x n: a bound so one request cannot flood the queue
 INT64 = 2**63 - 1
 
 class StreamOptions(BaseModel):
@@ -49,11 +55,24 @@ class SamplingFields(BaseModel):
         stops = [v] if isinstance(v, str) else v
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(len(s) > MAX_STOP_LEN for s in stops):
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_LEN} characters")
         return [s for s in stops if s] or None  # an empty stop string would end every output at once
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_token_ids(cls, v):
+        if v is None:
+            return None
+        if len(v) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
+        return list(dict.fromkeys(v))  # a set (in order): repeats add nothing but work
 
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, v):
+        if v and len(v) > MAX_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_BIAS_ENTRIES} logit_bias entries")
         if v:
             raise ValueError("logit_bias is not supported")
         return None
@@ -81,6 +100,8 @@ class CompletionRequest(SamplingFields):
                              "or a list of token-id lists")
         if not v or any(len(p) == 0 for p in v):
             raise ValueError("prompt must not be empty")
+        if len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return v  # always a list of prompts, each a str or a list of token ids
 
     @field_validator("suffix")
@@ -95,6 +116,9 @@ class CompletionRequest(SamplingFields):
         if self.echo and self.logprobs is not None:
             # echo + logprobs asks for prompt logprobs (scoring), which the engine does not compute
             raise ValueError("echo together with logprobs is not supported")
+        if len(self.prompt) * self.n > MAX_SEQS_PER_REQUEST:
+            raise ValueError(f"{len(self.prompt)} prompts x n={self.n} is over the limit of "
+                             f"{MAX_SEQS_PER_REQUEST} sequences per request")
         return self
 
 
@@ -118,7 +142,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)

@@ -4,7 +4,9 @@ outputs are merged in arrival order, so streams interleave choices like OpenAI's
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from ..sampling import SamplingParams
 from .errors import APIError, engine_error
 from .metrics import Metrics
 
-MAX_SEQS_PER_REQUEST = 256   # len(prompts) * n: a bound so one request cannot flood the queue
+NO_PROBABILITY = -9999.0   # what OpenAI sends for a logprob of -inf: JSON has no infinities
 
 
 @dataclass
@@ -87,26 +89,34 @@ def prompt_of(st: ServerState, p, param: str = "prompt", add_special_tokens: boo
     return tok.decode(ids), ids
 
 
+async def off_loop(fn, *args):
+    """Tokenizing or rendering a long prompt takes long: on a worker thread it cannot stall
+    /health or other streams."""
+    return await asyncio.to_thread(fn, *args)
+
+
 def sampling_params(st: ServerState, req, prompt_len: int, default_max: int | None,
                     logprobs: int | None) -> SamplingParams:
+    # without max_tokens: what is left of the context, or of the KV pool when that is smaller
     room = st.engine.max_model_len - prompt_len
     max_tokens = req.max_tokens if req.max_tokens is not None else min(default_max or room, room)
     check_context(prompt_len, max_tokens, st.engine.max_model_len)
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-        top_k=req.top_k if req.top_k > 0 else -1, min_p=req.min_p,
-        repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty, stop=req.stop, stop_token_ids=req.stop_token_ids,
-        seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs)
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+            top_k=req.top_k if req.top_k > 0 else -1, min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, stop=req.stop, stop_token_ids=req.stop_token_ids,
+            seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs)
+    except ValueError as e:  # what the protocol lets through but the sampler refuses
+        raise APIError(400, str(e)) from None
 
 
 def make_choices(st: ServerState, req, prompts: list[tuple[str, list[int]]], prefix: str, default_max,
                  logprobs) -> tuple[str, list[Choice]]:
-    """The engine requests of an API request, each already checked by the engine: every error
-    it can detect answers 4xx before a response (or a stream's 200) starts."""
-    if len(prompts) * req.n > MAX_SEQS_PER_REQUEST:
-        raise APIError(400, f"{len(prompts)} prompts x n={req.n} is over the limit of "
-                            f"{MAX_SEQS_PER_REQUEST} sequences per request", param="n")
+    """The engine requests of an API request, each already checked by the engine and admitted:
+    every error it can detect, and a full server (429), answers before a response (or a stream's
+    200) starts."""
     rid = f"{prefix}-{uuid.uuid4().hex}"
     choices = []
     for pi, (text, ids) in enumerate(prompts):
@@ -114,7 +124,11 @@ def make_choices(st: ServerState, req, prompts: list[tuple[str, list[int]]], pre
         st.engine.validate(ids, params)
         for j in range(req.n):
             i = pi * req.n + j
-            choices.append(Choice(i, pi, text, ids, params, f"{rid}-{i}"))
+            # seeded samples of one prompt each get their own stream (seed + index, as vLLM),
+            # so n > 1 choices differ and stay reproducible
+            p = params if params.seed is None or j == 0 else dataclasses.replace(params, seed=params.seed + j)
+            choices.append(Choice(i, pi, text, ids, p, f"{rid}-{i}"))
+    st.engine.admit(len(choices))
     return rid, choices
 
 
@@ -194,10 +208,15 @@ def _norm_logprobs(out) -> list[tuple[int, float, list[tuple[int, float]]]]:
     top-N) -> [(token_id, logprob, top[(id, logprob)] best first)]."""
     res = []
     for tid, entry in zip(out.new_token_ids, out.new_logprobs or []):
-        top = sorted(entry.items(), key=lambda kv: -kv[1])
+        top = sorted(entry.items(), key=lambda kv: -_finite(kv[1]))
         lp = entry.get(tid, top[0][1] if top else 0.0)
-        res.append((int(tid), float(lp), [(int(i), float(v)) for i, v in top]))
+        res.append((int(tid), _finite(lp), [(int(i), _finite(v)) for i, v in top]))
     return res
+
+
+def _finite(x) -> float:
+    x = float(x)
+    return x if math.isfinite(x) else NO_PROBABILITY
 
 
 def usage(choices: list[Choice]) -> dict:
@@ -236,7 +255,8 @@ async def collect(st: ServerState, request: Request, choices: list[Choice], want
 
 
 def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+    # allow_nan=False: a stray non-finite number is an error here, never invalid JSON on the wire
+    return f"data: {json.dumps(obj, separators=(',', ':'), allow_nan=False)}\n\n"
 
 
 async def sse_stream(st: ServerState, chunks: AsyncIterator[dict], choices, rid, obj, include_usage):

@@ -1,0 +1,123 @@
+"""Which implementation serves each op: Triton, gpt_engine.kernels._C (C++ or CUDA), or torch.
+
+One function per decision, each asked by exactly one op file, so the whole routing table reads
+here. Arguments are already validated by the op's public function.
+
+Triton runs on CUDA, and on CPU only under TRITON_INTERPRET=1 (how tests check the Triton
+kernels without a GPU). The C++ CPU kernels are opaque to dynamo and have no backward, so the
+inference-only ones step aside under autograd and under torch.compile.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._ext import KERNEL_DTYPES, cuda_ext, ext
+
+# Up to this many rows the CPU GEMM kernel (csrc/linear_cpu.cpp) streams the weight faster than
+# BLAS, which repacks it per call; larger (prefill-sized) GEMMs stay with BLAS unless they carry
+# an activation, which the kernel applies while the rows are still in cache.
+CPU_GEMM_MAX_ROWS = 128
+
+
+def wants_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _eager_cpu_fp32(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
+def rows_dense(x: torch.Tensor) -> bool:
+    """(..., heads, D) whose rows may be strided but each row is dense, as split from a fused projection."""
+    return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """The Triton kernels (attention, paged decode, cache write); they take no float64."""
+    return (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and x.dtype != torch.float64
+
+
+# ---- attention.py
+
+def cpu_varlen_attention(q, k, v, paged=False) -> bool:
+    """csrc/varlen_cpu.cpp: CPU float32 inference (it has no backward), head dim a multiple of 16,
+    q's rows dense as split from a fused projection, K/V likewise or contiguous paged caches."""
+    return (_eager_cpu_fp32(q) and q.shape[-1] % 16 == 0 and not wants_grad(q, k, v)
+            and rows_dense(q)
+            and (k.is_contiguous() and v.is_contiguous() if paged else rows_dense(k) and rows_dense(v))
+            and ext() is not None)
+
+
+# ---- paged.py
+
+def _cpu_cache_kernel(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and ext() is not None
+
+
+def cpu_paged_attention(q, k_cache, v_cache) -> bool:
+    """csrc/paged_cpu.cpp: CPU fp32/fp16/bf16 over contiguous caches."""
+    return _cpu_cache_kernel(q) and q.shape[0] > 0 and k_cache.is_contiguous() and v_cache.is_contiguous()
+
+
+def cpu_store_kvcache(k, v, k_cache, v_cache) -> bool:
+    """csrc/paged_cpu.cpp's cache write: dense rows into contiguous caches."""
+    return (_cpu_cache_kernel(k) and rows_dense(k) and rows_dense(v) and k_cache.is_contiguous()
+            and v_cache.is_contiguous())
+
+
+# ---- norm.py
+
+@torch.compiler.assume_constant_result
+def _ext_serves(device_type: str) -> bool:
+    # a constant to torch.compile: dynamo neither traces the lru_cache'd import nor guards on it
+    m = ext()
+    return m is not None and (device_type == "cpu" or m.has_cuda())
+
+
+def norm_kernel(x: torch.Tensor) -> bool:
+    """csrc/norm_cpu.cpp / csrc/norm.cu (forward and backward) for fp32/fp16/bf16 on CPU and CUDA."""
+    if x.dtype not in KERNEL_DTYPES or x.numel() == 0 or x.device.type not in ("cpu", "cuda"):
+        return False
+    return _ext_serves(x.device.type)
+
+
+def norm_custom_op() -> bool:
+    """The norm kernels through their torch.library ops (autograd, torch.compile); eager inference
+    calls the extension directly, without the op's dispatch cost."""
+    return torch.is_grad_enabled() or torch.compiler.is_compiling()
+
+
+# ---- gemm.py
+
+def cuda_gemm(x, weight, backend="auto") -> bool:
+    """The tensor-core GEMMs (csrc/gemm.cu, csrc/gemm_sm90_*.cu) forward and backward, only when asked
+    for by name: "auto" keeps cuBLAS until ours is measured ahead of it (benchmarks/results)."""
+    return (backend == "custom" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.shape[-1] % 8 == 0
+            and x.numel() > 0 and weight.shape[0] > 0 and cuda_ext() is not None)
+
+
+def cpu_gemm(x, weight, bias, activation, backend="auto") -> bool:
+    """csrc/linear_cpu.cpp: CPU float32 inference with a contiguous weight, for up to
+    CPU_GEMM_MAX_ROWS rows or with a fused activation ("custom": whenever it applies)."""
+    k = x.shape[-1]
+    return (_eager_cpu_fp32(x) and k > 0 and weight.is_contiguous()
+            and (backend == "custom" or activation is not None or x.numel() // k <= CPU_GEMM_MAX_ROWS)
+            and not wants_grad(x, weight, bias)
+            and ext() is not None)
+
+
+# ---- decode.py
+
+def cpu_packed_weight(weight: torch.Tensor) -> bool:
+    """Whether csrc/linear_cpu.cpp's packed GEMM can take weight: CPU float32, extension built."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and ext() is not None
+
+
+def cpu_decode_layer(x: torch.Tensor, weights) -> bool:
+    """The CPU decode kernels (decode_layer, packed_linear, swiglu) for CPU float32 inference with
+    contiguous float32 weights; not under TRITON_INTERPRET=1, where tests want the per-op path."""
+    return (_eager_cpu_fp32(x) and not torch.is_grad_enabled() and not use_triton(x)
+            and ext() is not None
+            and all(w is None or (w.dtype == torch.float32 and w.is_contiguous()) for w in weights))

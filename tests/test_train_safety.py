@@ -1,0 +1,111 @@
+"""The trainer survives crashes: checkpoints load with weights_only=True, writes are fsynced and
+atomic, a truncated newest checkpoint falls back to the previous one, stale temp files go, and
+--resume refuses a run whose settings or data differ from the checkpoint's."""
+from __future__ import annotations
+
+import os
+import random
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from gpt_engine import train as tr
+from gpt_engine.weights import atomic_write
+
+
+def _dd():
+    return types.SimpleNamespace(log=lambda *a: None, master=True, world=1, rank=0)
+
+
+def _ckpt(step, **extra):
+    return dict(model={"w": torch.ones(2)}, optimizer={}, step=step, rng=[tr._rng_states()],
+                model_config={}, train_config={"model": "gpt2-tiny", "data": None, "vocab_size": 512}, world=1,
+                **extra)
+
+
+def test_rng_states_load_weights_only_and_restore(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.standard_normal()  # a cached gaussian in numpy's state
+    path = tmp_path / "rng.pt"
+    torch.save(tr._rng_states(), path)
+    want = (torch.rand(3), np.random.standard_normal(3), random.random())
+    tr._set_rng_states(torch.load(path, weights_only=True))
+    got = (torch.rand(3), np.random.standard_normal(3), random.random())
+    assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
+
+
+def test_atomic_write_fsyncs_file_and_directory(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}"))
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write(tmp_path / "f.bin", lambda p: open(p, "wb").write(b"data"))
+    assert (tmp_path / "f.bin").read_bytes() == b"data"
+    assert any(s.endswith(".tmp") for s in synced), synced  # the data, before the rename
+    assert str(tmp_path) in synced  # the directory entry, after it
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_truncated_newest_checkpoint_falls_back(tmp_path):
+    d = tmp_path / "checkpoint"
+    d.mkdir()
+    torch.save(_ckpt(10), d / "step_00000010.pt")
+    torch.save(_ckpt(20), d / "step_00000020.pt")
+    data = (d / "step_00000020.pt").read_bytes()
+    (d / "step_00000020.pt").write_bytes(data[:len(data) // 2])  # a crash mid-write (no atomic rename)
+    with pytest.warns(UserWarning, match="step_00000020.pt is unreadable"):
+        ckpt = tr.load_checkpoint(tmp_path, _dd())
+    assert ckpt["step"] == 10
+    (d / "step_00000010.pt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no readable checkpoint"):
+        tr.load_checkpoint(tmp_path, _dd())
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path):
+    d = tmp_path / "checkpoint"
+    d.mkdir()
+    torch.save(_ckpt(10), d / "step_00000010.pt")
+    torch.save({**_ckpt(20), "evil": types.SimpleNamespace(x=1)}, d / "step_00000020.pt")  # needs pickle's globals
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert tr.load_checkpoint(tmp_path, _dd())["step"] == 10
+
+
+def test_stale_temp_files_removed(tmp_path):
+    d = tmp_path / "checkpoint"
+    d.mkdir()
+    (d / ".step_00000010.pt.abc.tmp").write_bytes(b"half")
+    (d / "step_00000005.pt").write_bytes(b"kept")
+    tr.remove_stale_temps(d)
+    assert sorted(p.name for p in d.iterdir()) == ["step_00000005.pt"]
+
+
+def _cfg(tmp_path, **kw):
+    return tr.TrainConfig(out=str(tmp_path), **kw)
+
+
+@pytest.mark.parametrize("field,value", [("model", "gpt2-small"), ("vocab_size", 1024)])
+def test_resume_with_other_settings_refused(tmp_path, field, value):
+    ckpt = _ckpt(10)
+    tr.check_resume(_cfg(tmp_path), ckpt, tmp_path)  # the same run: fine
+    with pytest.raises(ValueError, match=field):
+        tr.check_resume(_cfg(tmp_path, **{field: value}), ckpt, tmp_path)
+
+
+def test_resume_with_changed_data_refused(tmp_path):
+    data = tmp_path / "corpus.txt"
+    data.write_text("hello world\n" * 100)
+    ckpt = _ckpt(10, data_fingerprint=tr.data_fingerprint(str(data)))
+    ckpt["train_config"]["data"] = str(data)
+    tr.check_resume(_cfg(tmp_path, data=str(data)), ckpt, tmp_path)
+    data.write_text("other text\n" * 120)
+    with pytest.raises(ValueError, match="data"):
+        tr.check_resume(_cfg(tmp_path, data=str(data)), ckpt, tmp_path)
+    with pytest.raises(ValueError, match="data"):
+        tr.check_resume(_cfg(tmp_path, data=str(tmp_path / "other.txt")), ckpt, tmp_path)
