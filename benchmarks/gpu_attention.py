@@ -7,6 +7,9 @@ attention (skipped above 8k). FLOPs = 4 B H S^2 D (halved when causal), fwd+bwd 
 Decode: paged_attention over a block-16 cache, H = 32, Hkv = 8, D = 128, bf16; achieved GB/s
 (K+V read plus q and out) against the datasheet HBM peak (common.device_peaks) and a
 device-to-device copy.
+Sliding window: flash_attention causal with window_size=(W - 1, 0), W = 1024, against full
+causal at the same shape, fwd and fwd+bwd, S = 2k..32k at a fixed 32k tokens per batch; a
+windowed layer's time per token should stay flat in S (time linear in S), causal's grow with S.
 
     python -m benchmarks.gpu_suite --only attention
 """
@@ -26,6 +29,9 @@ SEQS = [512, 1024, 2048, 4096, 8192, 16384]
 HEADS = {128: 16, 64: 32}
 NAIVE_MAX_S = 8192
 CONTEXTS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
+WINDOW = 1024
+WINDOW_TOKENS = 32768
+WINDOW_SEQS = [2048, 4096, 8192, 16384, 32768]
 BATCHES = [1, 8, 32, 128]
 
 
@@ -150,6 +156,36 @@ def bwd_breakdown_rows() -> list[dict]:
     return rows
 
 
+def window_rows() -> list[dict]:
+    """Sliding-window (W - 1, 0) vs full causal flash_attention, bf16, D = 128, H = 16, Hkv = 4."""
+    from gpt_engine import kernels
+    h, hkv, d = 16, 4, 128
+    rows = []
+    for s in WINDOW_SEQS:
+        b = max(1, WINDOW_TOKENS // s)
+        q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(b, s, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        for name, window in (("window", (WINDOW - 1, 0)), ("causal", (-1, -1))):
+            def fn(q, k, v, causal, window=window):
+                return kernels.flash_attention(q, k, v, causal=causal, window_size=window)
+            # FLOPs the band holds: each query row sees min(i + 1, W) keys
+            keys = s * (s + 1) / 2 if name == "causal" else WINDOW * s - WINDOW * (WINDOW - 1) / 2
+            flops = 4 * b * h * keys * d
+            for mode in ("fwd", "fwd+bwd"):
+                row = dict(provider=name, mode=mode, W=WINDOW if name == "window" else None, B=b, S=s, H=h, D=d)
+                try:
+                    ms = _time(fn, q, k, v, True, mode)
+                    row.update(ms=ms, us_per_token=1e3 * ms / (b * s),
+                               tflops=flops * (1 if mode == "fwd" else 3.5) / ms / 1e9)
+                except Exception as e:  # one failing case must not sink the table
+                    traceback.print_exc()
+                    row.update(ms=None, error=type(e).__name__)
+                rows.append(row)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
 def copy_bandwidth() -> float:
     """Practical HBM peak: bytes read + written by a 2 GiB device-to-device copy, per second."""
     src = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda")
@@ -202,6 +238,10 @@ def main(outdir: Path) -> str:
                        f"attention {mode}, bf16, D={d}, {TOKENS} tokens")
     brows = bwd_breakdown_rows()
     save_rows(outdir, "attention_bwd_breakdown", brows)
+    wrows = window_rows()
+    save_rows(outdir, "attention_window", wrows)
+    plot_lines(outdir, "attention_window", [dict(r, series=f"{r['provider']} {r['mode']}") for r in wrows], "S",
+               "us_per_token", "series", f"sliding window W={WINDOW} vs causal, bf16, D=128 (time per token)")
     peak_bw, _, label = device_peaks()
     peak_copy = copy_bandwidth()
     drows = decode_rows(peak_bw)
@@ -230,6 +270,9 @@ def main(outdir: Path) -> str:
         "BLOCK_M x BLOCK_N, warps, stages):",
         md_table(brows, ["B", "S", "H", "D", "causal", "fwd_us", "bwd_pre_us", "dq_us", "dkdv_us", "other_us",
                          "dq_tflops", "dkdv_tflops", "fwd_cfg", "dq_cfg", "dkdv_cfg"]),
+        f"Sliding window W={WINDOW} (causal, window_size=(W-1, 0)) vs full causal, {WINDOW_TOKENS} tokens per "
+        "batch; goal: the window's us per token flat in S (time linear in S). TFLOP/s over the band's FLOPs:",
+        md_table(wrows, ["provider", "mode", "S", "B", "ms", "us_per_token", "tflops"]),
         f"Decode (paged, block 16, H=32, Hkv=8, D=128, bf16). Device copy: {peak_copy / 1e9:.0f} GB/s "
         f"({100 * peak_copy / peak_bw:.0f}% of {label}'s {peak_bw / 1e12:.2f} TB/s). "
         f"Best decode: {best:.0f}% of peak (goal >= 80%).",

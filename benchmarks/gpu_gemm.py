@@ -1,6 +1,8 @@
 """bf16 GEMM on the GPU: kernels.linear's GEMM (CUTLASS sm90 kernels on Hopper (H100, H200), else mma.sync) vs
 torch (cuBLAS), TFLOP/s; the fused bias+GELU epilogue vs torch's two ops (F.linear then F.gelu);
-and the backward GEMMs (dgrad dz @ w, wgrad dz^T @ x) vs torch's matmuls."""
+the backward GEMMs (dgrad dz @ w, wgrad dz^T @ x) vs torch's matmuls; and for decode-sized batches the
+weight-only int8 GEMM (kernels.quant.linear_int8, Triton w8a16) vs torch's bf16 F.linear, in GB/s of weight
+streamed (decode is bound by it)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -61,6 +63,37 @@ def _backward_rows(name, m, k, n):
     return rows
 
 
+# (name, K, N) of the decode GEMMs, and the batch sizes (rows) the w8a16 kernel serves
+W8A16_SHAPES = [("gpt2 fc", 768, 3072), ("llama qkvo", 4096, 4096), ("llama up", 4096, 11008),
+                ("llama down", 11008, 4096)]
+W8A16_ROWS = (1, 16, 64)
+
+
+def _w8a16_rows():
+    import torch
+    import torch.nn.functional as F
+
+    from gpt_engine.kernels.quant import linear_int8, quantize_int8
+    rows = []
+    for name, k, n in W8A16_SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        for group in (None, 128):
+            qw = quantize_int8(w, group)
+            for m in W8A16_ROWS:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                try:
+                    with torch.no_grad():
+                        ours, ref = bench_ms(lambda: linear_int8(x, qw)), bench_ms(lambda: F.linear(x, w))
+                    gb = qw.q.numel() + qw.scale.numel() * 4
+                    rows.append(dict(shape=name, M=m, K=k, N=n, group=group or "channel", ms=ours, torch_bf16_ms=ref,
+                                     weight_gbps=gb / ours / 1e6, torch_gbps=2 * n * k / ref / 1e6, x_torch=ref / ours))
+                except Exception as e:
+                    rows.append(dict(shape=name, M=m, K=k, N=n, group=group or "channel",
+                                     error=f"{type(e).__name__}: {e}"[:200]))
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(outdir: Path) -> str:
     import torch
     rows = []
@@ -77,7 +110,13 @@ def main(outdir: Path) -> str:
             rows.append(dict(shape=name, M=m, K=k, N=n, op="backward", error=f"{type(e).__name__}: {e}"[:200]))
         torch.cuda.empty_cache()
     save_rows(outdir, "gemm", rows)
+    w8 = _w8a16_rows()
+    save_rows(outdir, "gemm_w8a16", w8)
     return ("## GEMM (bf16, kernels.linear vs torch: matmul/cuBLAS, or F.linear + F.gelu for fused epilogues)\n\n"
             "x_torch > 1 means faster than torch. Goals: >= 0.9x cuBLAS, fused epilogue >= 1.1x.\n\n"
             + md_table(rows, ["shape", "M", "K", "N", "op", "epilogue", "kernel", "ms", "tflops", "torch_tflops",
-                              "x_torch", "error"]))
+                              "x_torch", "error"])
+            + "\n\n## Weight-only int8 GEMM (Triton w8a16) vs torch bf16 F.linear, decode-sized batches\n\n"
+            "weight_gbps: bytes of int8 weight + scales per second; x_torch > 1 means faster than bf16.\n\n"
+            + md_table(w8, ["shape", "M", "K", "N", "group", "ms", "torch_bf16_ms", "weight_gbps", "torch_gbps",
+                            "x_torch", "error"]))

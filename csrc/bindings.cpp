@@ -8,6 +8,7 @@
 #include "checks.h"
 #include "decode_cpu.h"
 #include "ops.h"
+#include "quant_cpu.h"
 
 namespace {
 
@@ -103,11 +104,10 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& 
   TORCH_CHECK_TYPE(x.device().is_cpu() && x.scalar_type() == at::kFloat, "linear_packed: x must be a CPU float32 "
                    "tensor, got ", x.scalar_type(), " on ", x.device());
   TORCH_CHECK_VALUE(x.dim() == 2 && x.is_contiguous(), "linear_packed: x must be contiguous (M, K), got ", x.sizes());
-  TORCH_CHECK_VALUE(pw.dim() == 3 && known_panel(pw.size(2)) && pw.size(1) == x.size(1) && pw.is_contiguous() &&
-                        pw.scalar_type() == at::kFloat && pw.device().is_cpu(),
-                    "linear_packed: packed must come from linear_pack of an (N, ", x.size(1), ") float32 weight, got ",
-                    pw.sizes());
-  const int64_t P = pw.size(2);
+  const auto [pk, P] = packed_geometry(pw);
+  TORCH_CHECK_VALUE(known_panel(P) && pk == x.size(1) && pw.is_contiguous() && pw.device().is_cpu(),
+                    "linear_packed: packed must come from linear_pack (kernels.decode.pack_linear) of an (N, ", x.size(1),
+                    ") weight (float32, bfloat16 or int8), got ", pw.scalar_type(), " ", pw.sizes());
   TORCH_CHECK_VALUE(N > 0 && (N + P - 1) / P == pw.size(0), "linear_packed: N = ", N, " does not match the ",
                     pw.size(0), " panels of ", P, " rows");
   if (present(bias)) {
@@ -115,6 +115,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& 
     CHECK_SHAPE(*bias, N);
   }
   TORCH_CHECK_VALUE(act >= 0 && act <= 3, "linear_packed: act must be 0..3, got ", act);
+  if (pw.scalar_type() != at::kFloat) return quant_cpu_packed(x, pw, present(bias) ? bias : OptT(), N, act);
   return linear_cpu_packed(x, pw, present(bias) ? bias : OptT(), N, act);
 }
 
@@ -161,7 +162,8 @@ void store_kvcache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache
 
 // CPU decode attention over paged caches -> (B, H, D); the CUDA path is Triton (kernels/triton_paged.py)
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
+                           const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                           int64_t window_left) {
   check_rows(q, "q");
   TORCH_CHECK(q.device().is_cpu(), "paged_attention: q must be a CPU tensor (CUDA runs Triton)");
   check_cache(k_cache, q, "k_cache");
@@ -186,7 +188,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
     TORCH_CHECK_VALUE(ln[b] >= 1 && ln[b] <= mb * bs, "seq_lens[", b, "] = ", ln[b], " is outside [1, ", mb * bs, "]");
     check_table_row(tb + b * mb, b, ln[b], bs, blocks, "");
   }
-  return paged_attention_cpu(q, k_cache, v_cache, table, lens, scale);
+  TORCH_CHECK_VALUE(window_left >= -1, "paged_attention: window_left must be >= -1 (-1: unbounded), got ",
+                    window_left);
+  return paged_attention_cpu(q, k_cache, v_cache, table, lens, scale, window_left);
 }
 
 namespace {
@@ -314,7 +318,8 @@ at::Tensor act_bwd(const at::Tensor& dy, const at::Tensor& z, int64_t act) {
 // like q; or, with block_table (B, max_blocks) int32, contiguous paged caches (blocks, bs, Hkv, D)
 // where sequence b has cu_k[b + 1] - cu_k[b] cached keys.
 at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                            const at::Tensor& cu_k, bool causal, double scale, const OptT& block_table) {
+                            const at::Tensor& cu_k, bool causal, double scale, const OptT& block_table,
+                            int64_t window_left, int64_t window_right) {
   const bool paged = present(block_table);
   check_rows(q, "q");
   for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}})
@@ -362,7 +367,9 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
                       " table entries hold");
     check_table_row(tb, b, n, bs, k.size(0), "varlen_attention: ");
   }
-  return varlen_attention_cpu(q, k, v, cu_q, cu_k, causal, scale, table);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "varlen_attention: window_left and window_right must "
+                    "be >= -1 (-1: unbounded), got ", window_left, " and ", window_right);
+  return varlen_attention_cpu(q, k, v, cu_q, cu_k, causal, scale, table, window_left, window_right);
 }
 
 // One decoder layer of a CPU decode step in one call (decode_cpu.h has the arguments) -> {x, residual}.
@@ -371,7 +378,7 @@ std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, 
                                      const std::vector<int64_t>& n, at::Tensor& k_cache, at::Tensor& v_cache,
                                      const at::Tensor& slot_mapping, const at::Tensor& block_table,
                                      const at::Tensor& seq_lens, const OptT& cos, const OptT& sin, int64_t n_head,
-                                     double eps, bool rms, int64_t act, double scale) {
+                                     double eps, bool rms, int64_t act, double scale, int64_t window_left) {
   TORCH_CHECK_TYPE(x.device().is_cpu() && x.scalar_type() == at::kFloat, "decode_layer: x must be a CPU float32 "
                    "tensor, got ", x.scalar_type(), " on ", x.device());
   TORCH_CHECK_VALUE(x.dim() == 2, "decode_layer: x must be 2-D (B, C), got ", x.sizes());
@@ -386,15 +393,16 @@ std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, 
   // the packed weights no longer show their row counts exactly (panels are padded): n states them,
   // and they must fit the layer's geometry (fc2's input width is the MLP's)
   for (size_t i : {2, 4, 8, 10})
-    TORCH_CHECK_VALUE(w[i]->dim() == 3, "decode_layer: w[", i, "] must be packed by linear_pack, got shape ",
-                      w[i]->sizes());
-  const int64_t C = x.size(1), F = w[10]->size(1);
+    TORCH_CHECK_VALUE(packed_geometry(*w[i]).first > 0, "decode_layer: w[", i, "] must be packed by linear_pack "
+                      "(kernels.decode.pack_linear), got ", w[i]->scalar_type(), " ", w[i]->sizes());
+  const int64_t C = x.size(1), F = packed_geometry(*w[10]).first;
   TORCH_CHECK_VALUE(n.size() == 4 && n[0] == (n_head + 2 * Hkv) * D && n[1] == C && n[3] == C &&
                         n[2] == (act == 4 ? 2 * F : F),
                     "decode_layer: the GEMMs' output features n = ", c10::IntArrayRef(n), " do not fit C = ", C,
                     ", (", n_head, " + 2 x ", Hkv, ") heads x ", D, ", MLP width ", F);
+  TORCH_CHECK_VALUE(window_left >= -1, "decode_layer: window_left must be >= -1 (-1: unbounded), got ", window_left);
   return decode_layer_cpu(x, residual, w, n, k_cache, v_cache, slot_mapping, block_table, seq_lens, cos, sin, n_head,
-                          eps, rms, act, scale);
+                          eps, rms, act, scale, window_left);
 }
 
 bool has_cuda() {
@@ -430,15 +438,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("b"));
   m.def("act_bwd", &act_bwd, "dy * act'(z)", py::arg("dy"), py::arg("z"), py::arg("act"));
   m.def("paged_attention", &paged_attention, "CPU decode attention over a paged KV cache -> (B, H, D)", py::arg("q"),
-        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"), py::arg("scale"));
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"), py::arg("scale"),
+        py::arg("window_left") = -1);
   m.def("varlen_attention", &varlen_attention, "CPU float32 attention over packed variable-length sequences",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("causal"),
-        py::arg("scale"), py::arg("block_table") = py::none());
+        py::arg("scale"), py::arg("block_table") = py::none(), py::arg("window_left") = -1,
+        py::arg("window_right") = -1);
   m.def("store_kvcache", &store_kvcache, "CPU write of new K/V rows into the paged caches, in place", py::arg("k"),
         py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"));
   m.def("decode_layer", &decode_layer, "one decoder layer of a CPU decode step -> [x, residual]", py::arg("x"),
         py::arg("residual"), py::arg("w"), py::arg("n"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
         py::arg("block_table"), py::arg("seq_lens"), py::arg("cos"), py::arg("sin"), py::arg("n_head"),
-        py::arg("eps"), py::arg("rms"), py::arg("act"), py::arg("scale"));
+        py::arg("eps"), py::arg("rms"), py::arg("act"), py::arg("scale"), py::arg("window_left") = -1);
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
 }

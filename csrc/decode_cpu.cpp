@@ -5,7 +5,8 @@ std::vector<at::Tensor> decode_layer_cpu(const at::Tensor& x, const OptT& residu
                                          const std::vector<int64_t>& n, at::Tensor& k_cache, at::Tensor& v_cache,
                                          const at::Tensor& slot_mapping, const at::Tensor& block_table,
                                          const at::Tensor& seq_lens, const OptT& cos, const OptT& sin,
-                                         int64_t n_head, double eps, bool rms, int64_t act, double scale) {
+                                         int64_t n_head, double eps, bool rms, int64_t act, double scale,
+                                         int64_t window_left) {
   const int64_t B = x.size(0), Hkv = k_cache.size(2), D = k_cache.dim() == 4 ? k_cache.size(3) : 0;
   const std::vector<at::Tensor> n1 = norm_fwd(x, residual, *w[0], w[1], eps, rms);
   const at::Tensor stream = present(residual) ? n1[1] : x;
@@ -13,7 +14,7 @@ std::vector<at::Tensor> decode_layer_cpu(const at::Tensor& x, const OptT& residu
   if (present(cos)) rope_(t, *cos, *sin, n_head + Hkv);  // q and k rotated together
   const at::Tensor q = t.narrow(1, 0, n_head);
   store_kvcache(t.narrow(1, n_head, Hkv), t.narrow(1, n_head + Hkv, Hkv), k_cache, v_cache, slot_mapping);
-  const at::Tensor o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale);
+  const at::Tensor o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window_left);
   const at::Tensor a = linear_packed(o.view({B, n_head * D}), *w[4], w[5], n[1], 0);
   const std::vector<at::Tensor> n2 = norm_fwd(a, stream, *w[6], w[7], eps, rms);
   at::Tensor f = linear_packed(n2[0], *w[8], w[9], n[2], act == 4 ? 0 : act);

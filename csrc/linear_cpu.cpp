@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "quant_cpu.h"
 #include "simd_cpu.h"
 
 namespace {
@@ -279,6 +280,10 @@ AVX512 void packed_avx512(const float* x, const float* pw, const float* bias, fl
 #endif
 
 }  // namespace
+
+void linear_cpu_activate(int act, float* y, int64_t ldy, int64_t rows, int64_t n) {
+  if (act != 0) best_isa<activate_rows>()(act, y, ldy, rows, n);
+}
 
 // x (M, K), w (N, K), bias (N,) or undefined: float32, contiguous, checked by the binding
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias, int64_t act) {

@@ -12,7 +12,8 @@ std::vector<at::Tensor> norm_fwd_cpu(const at::Tensor& x, const OptT& residual, 
 std::vector<at::Tensor> norm_bwd_cpu(const at::Tensor& dy, const at::Tensor& h, const OptT& dh, const at::Tensor& w,
                                      const at::Tensor& mean, const at::Tensor& rstd, bool has_bias, bool rms);
 at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                               const at::Tensor& block_table, const at::Tensor& seq_lens, double scale);
+                               const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                               int64_t window_left);
 void store_kvcache_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                        const at::Tensor& slot_mapping);
 at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w, const OptT& bias, int64_t act);
@@ -22,7 +23,8 @@ at::Tensor linear_cpu_packed(const at::Tensor& x, const at::Tensor& pw, const Op
 void rope_cpu_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads);
 at::Tensor swiglu_cpu(const at::Tensor& f);
 at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                                const at::Tensor& cu_k, bool causal, double scale, const at::Tensor& block_table);
+                                const at::Tensor& cu_k, bool causal, double scale, const at::Tensor& block_table,
+                                int64_t window_left, int64_t window_right);
 #ifdef WITH_CUDA
 std::vector<at::Tensor> norm_fwd_cuda(const at::Tensor& x, const OptT& residual, const at::Tensor& w, const OptT& b,
                                       double eps, bool rms);
@@ -44,6 +46,7 @@ void rope_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t 
 void store_kvcache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
                    const at::Tensor& slot_mapping);
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& block_table, const at::Tensor& seq_lens, double scale);
+                           const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                           int64_t window_left = -1);
 
 inline bool present(const OptT& t) { return t.has_value() && t->defined(); }

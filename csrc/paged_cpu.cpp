@@ -70,63 +70,85 @@ HOT void block_rows(const T* base, int64_t stride, int64_t rows, int64_t D, floa
   }
 }
 
-// One sequence, all heads: scores for every cached token, fp32 softmax, weighted sum of V. Walks
-// the table block by block (no division per token), each block front to back in both passes.
+// One sequence, all heads, over its keys [first, L) (a sliding window starts past 0; blocks before
+// it are never read): scores, fp32 softmax, weighted sum of V. Walks the table block by block (no
+// division per token), each block front to back in both passes. s holds H rows of L - first.
 template <typename T>
-HOT void decode_seq(const float* qf, const T* kc, const T* vc, const int32_t* tb, int64_t L, int64_t H, int64_t Hkv,
-                    int64_t D, int64_t bs, float* s, float* acc, float* sum, float* buf, const float** rows) {
-  const int64_t G = H / Hkv, blk = bs * Hkv * D, nblk = (L + bs - 1) / bs;
-  prefetch_run(kc + tb[0] * blk, std::min(bs, L) * Hkv * D);
-  for (int64_t j = 0; j < nblk; ++j) {
-    const int64_t t0 = j * bs, n = std::min(bs, L - t0);
-    if (j + 1 < nblk) prefetch_run(kc + tb[j + 1] * blk, std::min(bs, L - t0 - bs) * Hkv * D);
-    else prefetch_run(vc + tb[0] * blk, std::min(bs, L) * Hkv * D);  // the V pass's first block
+HOT void decode_seq(const float* qf, const T* kc, const T* vc, const int32_t* tb, int64_t first, int64_t L, int64_t H,
+                    int64_t Hkv, int64_t D, int64_t bs, float* s, float* acc, float* sum, float* buf,
+                    const float** rows) {
+  const int64_t G = H / Hkv, row = Hkv * D, blk = bs * row, W = L - first, j0 = first / bs, nblk = (L + bs - 1) / bs;
+  // block j's tokens in the window: [a, a + n), from offset a - j * bs of the block
+  const auto span = [&](int64_t j, int64_t& a, int64_t& n) {
+    a = std::max(j * bs, first);
+    n = std::min(j * bs + bs, L) - a;
+  };
+  const auto at = [&](const T* c, int64_t j, int64_t a) { return c + tb[j] * blk + (a - j * bs) * row; };
+  int64_t a, n, a2, n2;
+  span(j0, a, n);
+  prefetch_run(at(kc, j0, a), n * row);
+  for (int64_t j = j0; j < nblk; ++j) {
+    span(j, a, n);
+    if (j + 1 < nblk) {
+      span(j + 1, a2, n2);
+      prefetch_run(at(kc, j + 1, a2), n2 * row);
+    } else {
+      span(j0, a2, n2);
+      prefetch_run(at(vc, j0, a2), n2 * row);  // the V pass's first block
+    }
     for (int64_t g = 0; g < Hkv; ++g) {
-      block_rows(kc + tb[j] * blk + g * D, Hkv * D, n, D, buf, rows);
+      block_rows(at(kc, j, a) + g * D, row, n, D, buf, rows);
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+        float* sh = s + h * W + (a - first);
         int64_t o = 0;
-        for (; o + 4 <= n; o += 4) dot4(qf + h * D, rows + o, D, s + h * L + t0 + o);
+        for (; o + 4 <= n; o += 4) dot4(qf + h * D, rows + o, D, sh + o);
         for (; o < n; ++o) {
           const float* k4[4] = {rows[o], rows[o], rows[o], rows[o]};
           float out[4];
           dot4(qf + h * D, k4, D, out);
-          s[h * L + t0 + o] = out[0];
+          sh[o] = out[0];
         }
       }
     }
   }
-  for (int64_t h = 0; h < H; ++h) sum[h] = exp_row(s + h * L, L);
+  for (int64_t h = 0; h < H; ++h) sum[h] = exp_row(s + h * W, W);
   std::fill(acc, acc + H * D, 0.f);
-  for (int64_t j = 0; j < nblk; ++j) {
-    const int64_t t0 = j * bs, n = std::min(bs, L - t0);
-    if (j + 1 < nblk) prefetch_run(vc + tb[j + 1] * blk, std::min(bs, L - t0 - bs) * Hkv * D);
+  for (int64_t j = j0; j < nblk; ++j) {
+    span(j, a, n);
+    if (j + 1 < nblk) {
+      span(j + 1, a2, n2);
+      prefetch_run(at(vc, j + 1, a2), n2 * row);
+    }
     for (int64_t g = 0; g < Hkv; ++g) {
-      block_rows(vc + tb[j] * blk + g * D, Hkv * D, n, D, buf, rows);
+      block_rows(at(vc, j, a) + g * D, row, n, D, buf, rows);
       for (int64_t h = g * G; h < (g + 1) * G; ++h)
         for (int64_t o = 0; o < n; o += 4)
-          axpy4(acc + h * D, s + h * L + t0 + o, rows + o, std::min<int64_t>(4, n - o), D);
+          axpy4(acc + h * D, s + h * W + (a - first) + o, rows + o, std::min<int64_t>(4, n - o), D);
     }
   }
 }
 
+// left >= 0: each query (its sequence's last token) sees only its last left + 1 keys
 template <typename T>
 void decode_kernel(const T* q, int64_t q_stride, const T* kc, const T* vc, const int32_t* table, int64_t max_blocks,
-                   const int32_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale) {
+                   const int32_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale,
+                   int64_t left) {
   const auto fn = best_isa<decode_seq<T>>();
+  const auto first = [&](int64_t b) -> int64_t { return left >= 0 ? std::max<int64_t>(0, lens[b] - 1 - left) : 0; };
   struct Scratch {
     std::vector<float> qf, acc, sum, buf, s;
     std::vector<const float*> rows;
   };
   longest_first(
-      B, [&](int64_t b) { return lens[b]; },
+      B, [&](int64_t b) { return lens[b] - first(b); },
       [&] { return Scratch{std::vector<float>(H * D), std::vector<float>(H * D), std::vector<float>(H),
                            std::vector<float>(bs * D), {}, std::vector<const float*>(bs)}; },
       [&](int64_t b, Scratch& t) {
-        const int64_t L = lens[b];
+        const int64_t L = lens[b], f = first(b);
         for (int64_t h = 0; h < H; ++h)
           for (int64_t d = 0; d < D; ++d) t.qf[h * D + d] = static_cast<float>(q[b * q_stride + h * D + d]) * scale;
-        t.s.resize(H * L);
-        fn(t.qf.data(), kc, vc, table + b * max_blocks, L, H, Hkv, D, bs, t.s.data(), t.acc.data(), t.sum.data(),
+        t.s.resize(H * (L - f));
+        fn(t.qf.data(), kc, vc, table + b * max_blocks, f, L, H, Hkv, D, bs, t.s.data(), t.acc.data(), t.sum.data(),
            t.buf.data(), t.rows.data());
         for (int64_t h = 0; h < H; ++h)
           for (int64_t d = 0; d < D; ++d) out[(b * H + h) * D + d] = static_cast<T>(t.acc[h * D + d] / t.sum[h]);
@@ -148,9 +170,11 @@ void store_kernel(const T* k, const T* v, int64_t k_stride, int64_t v_stride, T*
 
 }  // namespace
 
-// q (B, H, D) rows may be strided; caches (blocks, bs, Hkv, D) contiguous; checked by the binding
+// q (B, H, D) rows may be strided; caches (blocks, bs, Hkv, D) contiguous; checked by the binding.
+// window_left >= 0: a sliding window, each query sees its sequence's last window_left + 1 keys
 at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                               const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
+                               const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
+                               int64_t window_left) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
   auto out = at::empty({B, H, D}, q.options());
   const at::Tensor table = block_table.contiguous(), lens = seq_lens.contiguous();
@@ -158,7 +182,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
     decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), q.stride(0), k_cache.data_ptr<scalar_t>(),
                             v_cache.data_ptr<scalar_t>(), table.data_ptr<int32_t>(), table.size(1),
                             lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, H, Hkv, D, bs,
-                            static_cast<float>(scale));
+                            static_cast<float>(scale), window_left);
   });
   return out;
 }

@@ -5,7 +5,9 @@
 // first: its keys are transposed once into a (D, L) panel shared by the group's query heads, so
 // the scores are the outer-product GEMM form (per d a broadcast of q against two key vectors, no
 // horizontal sums); a tile of MQ query rows then takes an exact two-pass softmax over its scores
-// and P V in the same form. Causal masking is bottom-right aligned, as in kernels.flash_attention.
+// and P V in the same form. Causal masking is bottom-right aligned, as in kernels.flash_attention,
+// and so is a sliding window: a tile computes scores only from its first row's first key, so a
+// windowed sequence costs O(S x W) (the transpose of its keys is O(S x D)).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -66,19 +68,24 @@ HOT void pv(const float* p, int64_t lds, const float* v, int64_t ldv, int64_t n,
   }
 }
 
+// Row r sees keys [first[r], nkeys[r]); both grow with r. Scores start at the first row's first key
+// (rounded down to a score block): s column c is key j0 + c.
 template <int rows>
-HOT void tile(const float* q, int64_t D, const float* kt, int64_t ldk, const float* v, int64_t ldv, const int64_t* nkeys,
-              float* s, float* o) {
-  const int64_t n = nkeys[rows - 1];  // the tile's last row sees the most keys
+HOT void tile(const float* q, int64_t D, const float* kt, int64_t ldk, const float* v, int64_t ldv, const int64_t* first,
+              const int64_t* nkeys, float* s, float* o) {
+  const int64_t j0 = first[0] / NK * NK;
+  const int64_t n = std::max<int64_t>(nkeys[rows - 1] - j0, 0);  // the tile's last row reaches furthest
   const int64_t nk = (n + NK - 1) / NK * NK;
-  scores<rows>(q, D, kt, ldk, nk, s, ldk);
+  scores<rows>(q, D, kt + j0, ldk, nk, s, ldk);
   float sum[rows];
-  for (int r = 0; r < rows; ++r) {  // numerators past a row's last key are 0, so P V can run to n for all
+  for (int r = 0; r < rows; ++r) {  // numerators outside a row's keys are 0, so P V can run over [j0, j0 + n) for all
     float* sr = s + r * ldk;
-    sum[r] = nkeys[r] > 0 ? exp_row(sr, nkeys[r]) : 0.f;
-    std::fill(sr + nkeys[r], sr + n, 0.f);
+    const int64_t a = std::min(first[r] - j0, n), e = std::max(nkeys[r] - j0, a);
+    sum[r] = e > a ? exp_row(sr + a, e - a) : 0.f;
+    std::fill(sr, sr + a, 0.f);
+    std::fill(sr + e, sr + n, 0.f);
   }
-  pv<rows>(s, ldk, v, ldv, n, D, o);
+  pv<rows>(s, ldk, v + j0 * ldv, ldv, n, D, o);
   for (int r = 0; r < rows; ++r) {
     const float inv = sum[r] > 0.f ? 1.f / sum[r] : 0.f;  // a row that sees no key is 0
     for (int64_t d = 0; d < D; ++d) o[r * D + d] *= inv;
@@ -89,8 +96,9 @@ HOT void tile(const float* q, int64_t D, const float* kt, int64_t ldk, const flo
 // sq queries, sk keys. Dense K/V (tb null): k, v at the sequence's first key row, ldk_in / ldv
 // floats between rows. Paged (tb: the sequence's block table, bs tokens a block): k, v at the
 // caches' first row of this head, key j in slot tb[j / bs] * bs + j % bs; V is gathered into vbuf.
+// Query i sees keys [i + sk - sq - left, i + sk - sq + right], -1 leaving a side open (causal: right 0).
 HOT void seq_head(const float* q, int64_t ldq, const float* k, int64_t ldk_in, const float* v, int64_t ldv, float* out,
-                  int64_t ldo, int64_t sq, int64_t sk, int64_t G, int64_t D, bool causal, float scale,
+                  int64_t ldo, int64_t sq, int64_t sk, int64_t G, int64_t D, int64_t left, int64_t right, float scale,
                   const int32_t* tb, int64_t bs, float* kt, float* s, float* qt, float* ot, float* vbuf) {
   const int64_t ldk = (sk + NK - 1) / NK * NK;
   for (int64_t j = 0; j < sk; ++j) {
@@ -105,16 +113,17 @@ HOT void seq_head(const float* q, int64_t ldq, const float* k, int64_t ldk_in, c
   for (int64_t h = 0; h < G; ++h)
     for (int64_t i0 = 0; i0 < sq; i0 += MQ) {
       const int rows = static_cast<int>(std::min<int64_t>(MQ, sq - i0));
-      int64_t nkeys[MQ];
+      int64_t first[MQ], nkeys[MQ];
       for (int r = 0; r < rows; ++r) {
         for (int64_t d = 0; d < D; ++d) qt[r * D + d] = q[(i0 + r) * ldq + h * D + d] * scale;
-        nkeys[r] = causal ? std::clamp<int64_t>(i0 + r + diag + 1, 0, sk) : sk;
+        nkeys[r] = right >= 0 ? std::clamp<int64_t>(i0 + r + diag + right + 1, 0, sk) : sk;
+        first[r] = left >= 0 ? std::clamp<int64_t>(i0 + r + diag - left, 0, sk) : 0;
       }
       switch (rows) {
-        case 4: tile<4>(qt, D, kt, ldk, v, ldv, nkeys, s, ot); break;
-        case 3: tile<3>(qt, D, kt, ldk, v, ldv, nkeys, s, ot); break;
-        case 2: tile<2>(qt, D, kt, ldk, v, ldv, nkeys, s, ot); break;
-        default: tile<1>(qt, D, kt, ldk, v, ldv, nkeys, s, ot);
+        case 4: tile<4>(qt, D, kt, ldk, v, ldv, first, nkeys, s, ot); break;
+        case 3: tile<3>(qt, D, kt, ldk, v, ldv, first, nkeys, s, ot); break;
+        case 2: tile<2>(qt, D, kt, ldk, v, ldv, first, nkeys, s, ot); break;
+        default: tile<1>(qt, D, kt, ldk, v, ldv, first, nkeys, s, ot);
       }
       for (int r = 0; r < rows; ++r) std::memcpy(out + (i0 + r) * ldo + h * D, ot + r * D, D * sizeof(float));
     }
@@ -125,9 +134,12 @@ HOT void seq_head(const float* q, int64_t ldq, const float* k, int64_t ldk_in, c
 // q (Nq, H, D) float32 with dense rows; cu_q, cu_k (B + 1) int32 offsets (checked by the binding).
 // Without block_table, k and v (Nk, Hkv, D) with dense rows, packed like q. With block_table
 // (B, max_blocks) int32, k and v are contiguous paged caches (blocks, bs, Hkv, D) and sequence b
-// has cu_k[b + 1] - cu_k[b] cached keys. -> out (Nq, H, D)
+// has cu_k[b + 1] - cu_k[b] cached keys. window_left / window_right: FlashAttention's window, -1
+// unbounded; causal fixes the right edge at 0. -> out (Nq, H, D)
 at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                                const at::Tensor& cu_k, bool causal, double scale, const at::Tensor& block_table) {
+                                const at::Tensor& cu_k, bool causal, double scale, const at::Tensor& block_table,
+                                int64_t window_left, int64_t window_right) {
+  const int64_t right = causal ? 0 : window_right;
   const bool paged = block_table.defined();
   const int64_t H = q.size(1), D = q.size(2), Hkv = k.size(-2), G = H / Hkv, B = cu_q.size(0) - 1;
   const int64_t bs = paged ? k.size(1) : 1, ldkv = paged ? Hkv * D : k.stride(0);
@@ -155,7 +167,7 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
         // paged: rows are addressed through the table from the caches' start
         const int64_t kfirst = paged ? 0 : ck[b] * ldkv, vfirst = paged ? 0 : ck[b] * ldv;
         fn(qp + cq[b] * q.stride(0) + g * G * D, q.stride(0), kp + kfirst + g * D, ldkv, vp + vfirst + g * D, ldv,
-           op + cq[b] * H * D + g * G * D, H * D, sq, sk, G, D, causal, static_cast<float>(scale),
+           op + cq[b] * H * D + g * G * D, H * D, sq, sk, G, D, window_left, right, static_cast<float>(scale),
            paged ? tb + b * block_table.size(1) : nullptr, bs, t.kt.data(), t.s.data(), t.qt.data(), t.ot.data(),
            t.vbuf.data());
       });

@@ -146,8 +146,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise FileNotFoundError(f"data path {p} does not exist")
     records = []
-    with open(p, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    # bytes, decoded line by line: a decoding error then names its line, not just a byte offset
+    with open(p, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{p}:{i}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:

@@ -6,14 +6,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZATIONS = ("int8",)
 
 
 @dataclass
 class EngineConfig:
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cuda if present)"})
     dtype: str | None = field(default=None, metadata={
-        "help": "compute dtype (default: bfloat16 on GPU, the checkpoint's on CPU)", "choices": DTYPES})
-    quantization: str | None = field(default=None, metadata={"help": "weight quantization (none available yet)"})
+        "help": "weight dtype (default: bfloat16 on GPU, the checkpoint's on CPU); on GPU also the compute dtype, "
+                "on CPU bfloat16/float16 are the weights' storage and compute stays float32", "choices": DTYPES})
+    quantization: str | None = field(default=None, metadata={
+        "help": "weight-only quantization at load: int8 (symmetric, per output channel or per group)",
+        "choices": QUANTIZATIONS})
+    quantization_group_size: int | None = field(default=None, metadata={
+        "help": "int8 scales per group of this many inputs (e.g. 32-128; must divide every GEMM's input "
+                "features) instead of one per output channel"})
     max_num_seqs: int = field(default=256, metadata={"help": "most sequences in one running batch"})
     max_num_batched_tokens: int | None = field(default=None, metadata={
         "help": "token budget of one step (default: 8192 on GPU, 2048 on CPU)"})
@@ -40,9 +47,11 @@ class EngineConfig:
             self.dtype = str(self.dtype).removeprefix("torch.")  # a torch.dtype
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.quantization is not None:
-            raise ValueError(f"quantization {self.quantization!r} is not available (only None)")
-        for name in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be None or one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.quantization_group_size is not None and self.quantization is None:
+            raise ValueError("quantization_group_size needs quantization (int8)")
+        for name in ("quantization_group_size", "max_num_seqs", "block_size", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
                      "kv_cache_tokens", "max_waiting_seqs", "max_inflight_requests"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

@@ -28,11 +28,18 @@ from .scheduler import Scheduler, Sequence
 log = logging.getLogger("gpt_engine.llm")
 
 
+def _half(dtype, device: torch.device) -> bool:
+    """A 16-bit float dtype asked for on CPU: a storage format there, compute being float32."""
+    return device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+
+
 class LLM:
     """Offline engine over model (an HF-format directory or a GPT module). Settings are
     EngineConfig's fields, as keyword arguments or as config=. On CPU it packs the model's GEMM
     weights once at start (GPT.pack_for_cpu): later changes to a given module's weights do not
-    reach it."""
+    reach it. quantization="int8" quantises the GEMM weights at load (GPT.set_weight_format; a
+    given module is changed in place); on CPU a bfloat16/float16 dtype is the weights' storage,
+    compute and the KV cache staying float32."""
 
     def __init__(self, model, device=None, dtype=None, quantization=None, tokenizer=None,
                  config: EngineConfig | None = None, **engine_args):
@@ -53,17 +60,26 @@ class LLM:
             path = Path(model)
             if dtype is None and device.type == "cuda":
                 dtype = torch.bfloat16  # fp32 checkpoints serve in bf16 on GPU
-            model_obj = load_model(path, device=device, dtype=dtype)
+            model_obj = load_model(path, device=device, dtype=torch.float32 if _half(dtype, device) else dtype)
             self.model_name = path.resolve().name
             if tokenizer is None and ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()):
                 tokenizer = Tokenizer.load(path)
             gen = load_generation_config(path, tokenizer, model_obj.config.vocab_size)
             eos, self.default_sampling = gen.eos_token_ids, gen.sampling
         else:
-            model_obj = model.to(device=device, dtype=dtype).eval() if dtype else model.to(device).eval()
+            model_obj = model.to(device=device, dtype=torch.float32 if _half(dtype, device) else dtype).eval() \
+                if dtype else model.to(device).eval()
             self.model_name = getattr(model, "name", None) or "gpt"
             eos = [model_obj.config.eos_token_id] if model_obj.config.eos_token_id is not None else \
                 list(getattr(tokenizer, "eos_token_ids", None) or [])
+        # CPU: bf16/fp16 weights are stored at that precision (rounded, and packed in bf16) while compute
+        # and the KV cache stay float32, which the CPU kernels run; a half checkpoint loads the same way
+        held = next(model_obj.parameters()).dtype
+        storage = dtype if _half(dtype, device) else held if _half(held, device) else None
+        if storage is not None and held != torch.float32:
+            model_obj = model_obj.float()
+        if storage is not None or cfg.quantization is not None:
+            model_obj.set_weight_format(storage, cfg.quantization, cfg.quantization_group_size)
         self.model, self.tokenizer = model_obj, tokenizer
         self.chat_template = ChatTemplate.of_tokenizer(tokenizer) if tokenizer is not None else None
         mcfg = model_obj.config
@@ -76,12 +92,16 @@ class LLM:
                                   num_kv_blocks=cfg.num_kv_blocks, kv_cache_tokens=cfg.kv_cache_tokens,
                                   gpu_memory_utilization=cfg.gpu_memory_utilization,
                                   enforce_eager=cfg.enforce_eager, seed=cfg.seed)
-        self.block_manager = bm = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        pool = bm.num_blocks * bm.block_size
-        if pool < self.max_model_len:  # a longer request could never fit: the context is what the pool holds
+        # a model windowed in every layer keeps only the window's blocks; one global layer needs them all
+        window = mcfg.sliding_window if all(mcfg.windowed) else 0
+        self.block_manager = bm = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching,
+                                               sliding_window=window)
+        pool = bm.capacity * bm.block_size
+        # a longer request could never fit: the context is what the pool holds
+        if pool < bm.held_tokens(self.max_model_len):
             if cfg.max_model_len is not None:
                 raise ValueError(f"max_model_len {cfg.max_model_len} is more than the KV cache holds ({pool} tokens "
-                                 f"in {bm.num_blocks} blocks): lower max_model_len or give the cache more room")
+                                 f"in {bm.capacity} blocks): lower max_model_len or give the cache more room")
             log.warning("the KV cache holds %d tokens: max_model_len %d -> %d", pool, self.max_model_len, pool)
             self.max_model_len = pool
         self.scheduler = Scheduler(bm, cfg.max_num_seqs, mbt, self.max_model_len, cfg.max_waiting_seqs)
@@ -101,7 +121,8 @@ class LLM:
             text, ids = None, list(prompt)
         ids = check_token_ids(ids, self.vocab_size)
         check_context(len(ids), params.max_tokens, self.max_model_len)
-        check_pool(len(ids) + params.max_tokens, self.block_manager.num_blocks, self.block_manager.block_size)
+        bm = self.block_manager
+        check_pool(bm.held_tokens(len(ids) + params.max_tokens), bm.capacity, bm.block_size)
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer", "stop")
         if params.logprobs is not None and params.logprobs > self.vocab_size:
@@ -223,6 +244,6 @@ class LLM:
     def stats(self) -> dict:
         bm = self.block_manager
         return dict(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-                    kv_usage=bm.usage, num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
+                    kv_usage=bm.usage, num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.capacity,
                     prefix_cache_hit_tokens=bm.num_hit_tokens, prefix_cache_query_tokens=bm.num_query_tokens,
                     num_preemptions=self.scheduler.num_preemptions)

@@ -1,4 +1,4 @@
-"""The decoder-only transformer (gpt2 and llama/qwen2 families), built on the kernels ops.
+"""The decoder-only transformer (gpt2/gpt_neo and llama/mistral/qwen2 families), built on the kernels ops.
 
 Two entry points share every layer:
   model(input_ids)                      dense causal forward, (B, T) -> logits (B, T, V)
@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 from gpt_engine.kernels import flash_attention, flash_attention_varlen, layer_norm, linear, paged_attention, rms_norm
 from gpt_engine.kernels.decode import (decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, rope_,
-                            swiglu)
+                            swiglu, unpack_linear)
 from gpt_engine.kernels.paged import store_kvcache
+from gpt_engine.kernels._dispatch import triton_w8a16
+from gpt_engine.kernels.quant import QuantizedWeight, dequantize, linear_int8, quantize_int8
 
 from .config import ModelConfig
 
@@ -55,13 +57,39 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
         self.activation = activation
         self.packed = None  # kernels.decode.PackedLinear from GPT.pack_for_cpu: a snapshot of the weight
+        # kernels.quant.QuantizedWeight from GPT.set_weight_format; self.weight then holds its dequantised
+        # values, so every path computes on the same weight
+        self.quant = None
+        # On CPU set_weight_format keeps an int8 / bf16 weight only in that format: self.weight is then
+        # None and `stored` holds it (a QuantizedWeight or a bf16 tensor) until pack_for_cpu, whose
+        # pack becomes the only copy. A float32 copy beside it would be most of the model's memory.
+        self.stored = None
         nn.init.normal_(self.weight, std=0.02)
+
+    @property
+    def released(self) -> bool:
+        return self.weight is None
+
+    def dense_weight(self, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """The weight the GEMM computes with, as a (N, K) tensor: the parameter, or, once released,
+        a temporary built from its stored (or packed) int8 / bf16 form."""
+        if self.weight is not None:
+            return self.weight
+        if self.training and torch.is_grad_enabled():
+            raise RuntimeError("this model's GEMM weights are stored in int8 / bf16 for inference only (their "
+                               "float32 copies were released): it cannot be trained; load it without "
+                               "quantization or a bf16 dtype to train")
+        w = self.stored if self.stored is not None else unpack_linear(self.packed)
+        w = dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w.to(dtype)
+        return w if device is None else w.to(device)
 
     def forward(self, x):
         p = self.packed
         if p is not None and decode_layer_applies(x, (p.weight,)):  # CPU inference: the packed GEMM
             return packed_linear(x, p, self.bias, self.activation)
-        return linear(x, self.weight, self.bias, self.activation)
+        if self.quant is not None and triton_w8a16(x):  # decode-sized GPU batches: the int8 weight stream
+            return linear_int8(x, self.quant, self.bias, self.activation)
+        return linear(x, self.dense_weight(x.dtype, x.device), self.bias, self.activation)
 
 
 def rope_inv_freq(cfg: ModelConfig, seq_len=None) -> tuple[torch.Tensor, float]:
@@ -161,10 +189,11 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None, layer: int = 0):
         super().__init__()
         self.h, self.hkv, self.d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = Linear(cfg.d_model, (self.h + 2 * self.hkv) * self.d, cfg.bias or cfg.qkv_bias)
+        self.scale, self.window = cfg.softmax_scale, cfg.window_sizes[layer]  # window (-1, -1): plain causal
+        self.qkv = Linear(cfg.d_model, (self.h + 2 * self.hkv) * self.d, cfg.qkv_has_bias)
         self.proj = Linear(self.h * self.d, cfg.d_model, cfg.bias)
         # one Rotary (its cos/sin tables) shared by every layer: GPT passes it in
         self.rotary = (rotary if rotary is not None else Rotary(cfg)) if cfg.rotary else None
@@ -186,22 +215,24 @@ class Attention(nn.Module):
     def forward(self, x, positions, rope=None):
         # x (B, T, C) -> (B, T, C); rope: (cos, sin) tables replacing the cached ones (dynamic/longrope)
         q, k, v = self._qkv(x, positions, rope)
-        return self.proj(flash_attention(q, k, v, causal=True).flatten(-2))
+        o = flash_attention(q, k, v, causal=True, softmax_scale=self.scale, window_size=self.window)
+        return self.proj(o.flatten(-2))
 
     def step(self, x, positions, cache, meta: StepMeta):
         # x (N, C) packed new tokens; cache = (k_cache, v_cache) each (blocks, block_size, hkv, d)
         q, k, v = self._qkv(x, positions)
         k_cache, v_cache = cache
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        attn = dict(softmax_scale=self.scale, window_size=self.window)
         if meta.decode:
-            o = paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens)
+            o = paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, **attn)
         elif meta.fresh:  # the new K/V are the whole context: no reads back from the cache
             o = flash_attention_varlen(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, meta.max_seqlen_q,
-                                       meta.max_seqlen_q, causal=True)
+                                       meta.max_seqlen_q, causal=True, **attn)
         else:
             o = flash_attention_varlen(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
-                                               meta.max_seqlen_q, meta.max_seqlen_k, causal=True,
-                                               block_table=meta.block_table)
+                                       meta.max_seqlen_q, meta.max_seqlen_k, causal=True,
+                                       block_table=meta.block_table, **attn)
         return self.proj(o.flatten(-2))
 
 
@@ -226,12 +257,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None, layer: int = 0):
         super().__init__()
-        self.norm1, self.attn, self.norm2, self.mlp = Norm(cfg), Attention(cfg, rotary), Norm(cfg), MLP(cfg)
-        # decode_layer's scalar arguments: n_head, eps, rms, activation, softmax scale
+        self.norm1, self.attn, self.norm2 = Norm(cfg), Attention(cfg, rotary, layer), Norm(cfg)
+        self.mlp = MLP(cfg)
+        # decode_layer's scalar arguments: n_head, eps, rms, activation, softmax scale, window
         self.decode_args = (cfg.n_head, cfg.norm_eps, self.norm1.rms, "swiglu" if self.mlp.swiglu else cfg.activation,
-                            1.0 / math.sqrt(cfg.head_dim))
+                            cfg.softmax_scale, self.attn.window)
         self.packed = None  # kernels.decode.PackedLayer from GPT.pack_for_cpu: a snapshot of the weights
 
     def forward(self, x, residual, positions, cache=None, meta=None, rope=None):
@@ -261,9 +293,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.model_type == "gpt2" else None
+        self.pos_emb = None if cfg.rotary else nn.Embedding(cfg.max_seq_len, cfg.d_model)
         rotary = Rotary(cfg) if cfg.rotary else None  # tables to max_seq_len, shared by the layers
-        self.layers = nn.ModuleList(Block(cfg, rotary) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, rotary, i) for i in range(cfg.n_layer))
         self.norm_f = Norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.packed_head = None  # kernels.decode.PackedLinear from pack_for_cpu
@@ -279,19 +311,113 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
 
+    weight_dtype = None  # set_weight_format's storage dtype (bf16/fp16 on a float32 model), None: the params'
+    _format = (None, None, None)  # set_weight_format's arguments
+
+    @torch.no_grad()
+    def set_weight_format(self, weight_dtype: torch.dtype | None = None, quantization: str | None = None,
+                          group_size: int | None = None) -> None:
+        """Inference weight formats, applied once at load. weight_dtype (torch.bfloat16 / torch.float16):
+        every parameter is rounded to it (kept in the compute dtype, so every path sees the stored
+        values) and pack_for_cpu packs the GEMM weights in bf16. quantization "int8": each transformer
+        layer's GEMM weight is quantised (kernels.quant.quantize_int8: per output channel, or per
+        group_size inputs) and replaced by its dequantised values; the embeddings, the head and the
+        norms keep weight_dtype. Call before pack_for_cpu."""
+        if weight_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"weight_dtype must be None, torch.bfloat16 or torch.float16, got {weight_dtype!r}")
+        if quantization not in (None, "int8"):
+            raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
+        if weight_dtype is not None:
+            for p in self.parameters():
+                if p.is_floating_point():
+                    p.copy_(p.to(weight_dtype))
+            self.weight_dtype = weight_dtype
+        linears = [m for m in self.layers.modules() if isinstance(m, Linear)]
+        if any(m.released for m in linears):
+            if (weight_dtype, quantization, group_size) == self._format:
+                return  # already in this format (a second LLM over the same module)
+            raise ValueError(f"the model's GEMM weights are already stored as {self._format} without a float32 "
+                             f"copy; load the model again for another format")
+        if quantization == "int8":
+            for m in linears:
+                m.quant = quantize_int8(m.weight, group_size)
+                m.weight.copy_(dequantize(m.quant, m.weight.dtype))
+        # CPU inference runs the packed int8 / bf16 copies (pack_for_cpu): the float32 parameters of
+        # those GEMMs go, and a path without the packed kernel dequantises on the fly
+        low = quantization == "int8" or weight_dtype == torch.bfloat16
+        if low and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears):
+            for m in linears:
+                m.stored = m.quant if m.quant is not None else m.weight.detach().to(torch.bfloat16)
+                m.weight = None
+        self._format = (weight_dtype, quantization, group_size)
+
+    def _packable(self, w: torch.Tensor):
+        # bf16 storage packs bf16 (exact: the values were rounded to it); fp16 has no packed CPU format
+        return w.to(torch.bfloat16) if self.weight_dtype == torch.bfloat16 and w.dtype == torch.float32 else w
+
     def pack_for_cpu(self) -> list[torch.Tensor]:
         """Copies every GEMM weight (the head's too) into the CPU inference GEMM's layout
         (kernels.decode.pack_linear): CPU float32 inference then runs them on the packed kernel and
         a decode step's layer in one gpt_engine.kernels._C call. Elsewhere (not CPU float32) a no-op. The copies
-        double the GEMM weights' memory, and are a snapshot: pack again after changing the weights.
+        are in the weight format (set_weight_format: int8, bf16 or the params' float32), add to the
+        params' memory, and are a snapshot: pack again after changing the weights.
         Returns the packed tensors."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
+        if self.head_weight.dtype != torch.float32:  # the packed kernels compute in float32 only
+            for m in (*linears, *self.layers):
+                if not m.released:  # a released weight's pack is its only copy
+                    m.packed = None
+            self.packed_head = None
+            return []
         for m in linears:
-            m.packed = pack_linear(m.weight.detach())
-        self.packed_head = pack_linear(self.head_weight.detach())
+            if m.released:
+                if m.stored is not None:
+                    m.packed = pack_linear(m.stored)
+                    if m.packed is not None:  # the pack is now the weight's one copy
+                        m.stored = m.quant = None
+                continue
+            m.packed = pack_linear(m.quant if m.quant is not None else self._packable(m.weight.detach()))
+        self.packed_head = pack_linear(self._packable(self.head_weight.detach()))
         for layer in self.layers:
             layer.packed = pack_layer(layer.decode_weights())
         return [p.weight for p in (*(m.packed for m in linears), self.packed_head) if p is not None]
+
+    def state_dict(self, *args, **kwargs):
+        if any(isinstance(m, Linear) and m.released for m in self.modules()):
+            raise RuntimeError("this model's GEMM weights are stored in int8 / bf16 for CPU inference without "
+                               "their float32 parameters, so it has no full state dict; save the model it was "
+                               "loaded from instead")
+        return super().state_dict(*args, **kwargs)
+
+    def memory_bytes(self) -> dict:
+        """Bytes of the tensors the model holds, each tensor once (tied ones too): params (parameters and buffers),
+        packed (pack_for_cpu's copies), stored (int8 / bf16 weights not yet packed), and gemm, the
+        part of all three that holds the transformer layers' GEMM weights."""
+        seen: set = set()
+
+        def size(ts) -> int:
+            n = 0
+            for t in ts:
+                if t is None:
+                    continue
+                if isinstance(t, QuantizedWeight):
+                    n += size((t.q, t.scale))
+                    continue
+                # by the tensor's own bytes: hugepages.adopt puts many tensors in one shared storage
+                key = (t.data_ptr(), t.device)
+                if key not in seen:
+                    seen.add(key)
+                    n += t.numel() * t.element_size()
+            return n
+
+        linears = [m for m in self.layers.modules() if isinstance(m, Linear)]
+        gemm = size(t for m in linears for t in (m.weight, m.packed and m.packed.weight, m.stored, m.quant))
+        seen.clear()
+        return dict(params=size((*self.parameters(), *self.buffers())),
+                    packed=size(p.weight for p in (*(m.packed for m in self.modules() if isinstance(m, Linear)),
+                                                   self.packed_head) if p is not None),
+                    stored=size(t for m in linears for t in (m.stored, m.quant)),
+                    gemm=gemm)
 
     @property
     def head_weight(self):

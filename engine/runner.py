@@ -44,8 +44,8 @@ def table_rows(seqs, width: int, kept: dict) -> array.array:
     """padded_tables of the sequences' block tables, each row built once and kept (in kept, by
     request id) until its table grows or is replaced: rebuilding every row each step is most of
     the input preparation at hundreds of sequences. A table only ever grows in place or is
-    cleared and replaced by a new list (kv_cache.BlockManager), so the same list at the same
-    length holds the same blocks."""
+    replaced by a new list (cleared, or with the blocks behind a sliding window released:
+    kv_cache.BlockManager.slide), so the same list at the same length holds the same blocks."""
     rows = []
     for s in seqs:
         t, row = s.block_table, kept.get(s.request_id)

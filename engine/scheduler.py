@@ -7,6 +7,11 @@ only the step that reaches the end of a sequence's tokens samples a new token. W
 run out the newest running sequence is preempted by recompute: its blocks are freed and it
 goes back to the front of the waiting queue (its generated tokens are kept and re-prefilled,
 mostly from the prefix cache).
+
+When every layer is windowed (the block manager's window), a sequence holds only the blocks its
+next queries can see: each step first releases the ones behind the window, a sequence is admitted
+with blocks for its first chunk only, and a chunk shrinks to the free blocks before anyone is
+preempted; so a sequence needs the window's blocks, not its length's.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ class Sequence:
         self.status = Status.WAITING
         self.num_computed_tokens = 0
         self.num_hashed_blocks = 0
+        self.parent_hash: bytes | None = None      # hash of the last hashed block: the next one's parent
         self.num_cached_tokens = 0                 # prefix-cache hit of the last admission
         self.block_table: list[int] = []
         self.finish_reason: str | None = None
@@ -149,8 +155,8 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.requests:
             raise ValueError(f"duplicate request id {seq.request_id!r}")
-        check_pool(min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len), self.bm.num_blocks,
-                   self.bm.block_size)
+        check_pool(self.bm.held_tokens(min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)),
+                   self.bm.capacity, self.bm.block_size)
         if len(self.waiting) >= self.max_waiting:
             raise Overloaded(f"{len(self.waiting)} requests are already waiting (max_waiting_seqs); retry later")
         self.requests[seq.request_id] = seq
@@ -184,6 +190,7 @@ class Scheduler:
         self.running.remove(seq)
         self.bm.free(seq.block_table)
         seq.status, seq.num_computed_tokens, seq.num_hashed_blocks = Status.WAITING, 0, 0
+        seq.parent_hash = None
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -197,6 +204,10 @@ class Scheduler:
         if len(order) < len(self.running):
             order += [s for s in self.running if len(s.token_ids) - s.num_computed_tokens > 1]
         preempted = False
+        windowed = self.bm.window > 0
+        if windowed:  # first, so every released block counts for every sequence's growth below
+            for seq in self.running:
+                seq.block_table = self.bm.slide(seq.block_table, seq.num_computed_tokens)
         for seq in order:
             if budget == 0:
                 break
@@ -206,6 +217,8 @@ class Scheduler:
             n = total - done if total - done <= budget else budget
             # most decode steps fit the last block: skip the block manager
             if done + n > len(seq.block_table) * bs:
+                if windowed:  # a shorter chunk rather than a preemption: blocks free up as the window moves
+                    n = max(1, min(n, (len(seq.block_table) + self.bm.num_free_blocks) * bs - done))
                 while not self.bm.can_append(seq.block_table, done + n):
                     self._preempt(self._victim(seq, seqs))
                     preempted = True
@@ -221,16 +234,18 @@ class Scheduler:
         # admit waiting sequences (not after a preemption: memory is short)
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            # room for all its tokens plus the next one, so its first decode step has a slot
-            if not self.bm.can_allocate(seq.num_tokens + 1):
+            # room for all its tokens plus the next one, so its first decode step has a slot; windowed,
+            # room for the window's band (what it holds while it decodes) and blocks for its first chunk
+            if not self.bm.can_allocate(self.bm.held_tokens(seq.num_tokens + 1)):
                 break
             self.waiting.popleft()
-            seq.block_table, cached = self.bm.allocate(seq.token_ids)
+            seq.block_table, cached, seq.parent_hash = self.bm.admit(seq.token_ids, budget if windowed else None)
             seq.num_computed_tokens = seq.num_cached_tokens = cached
             seq.num_hashed_blocks = cached // self.bm.block_size
             seq.status = Status.RUNNING
             bisect.insort(self.running, seq, key=_arrival)  # arrival order, whatever order waiting holds
-            n = min(seq.num_tokens - cached, budget)
+            n = min(seq.num_tokens, len(seq.block_table) * bs) - cached
+            n = n if n <= budget else budget
             seqs.append(seq)
             counts.append(n)
             sample.append(cached + n == seq.num_tokens)
@@ -254,8 +269,9 @@ class Scheduler:
                 continue
             seq.num_computed_tokens += n
             if hashing and seq.num_computed_tokens // bm.block_size > seq.num_hashed_blocks:  # a block filled up
-                seq.num_hashed_blocks = bm.commit(seq.block_table, seq.token_ids, seq.num_computed_tokens,
-                                                  seq.num_hashed_blocks)
+                seq.num_hashed_blocks, seq.parent_hash = bm.commit(seq.block_table, seq.token_ids,
+                                                                   seq.num_computed_tokens, seq.num_hashed_blocks,
+                                                                   seq.parent_hash)
             if tok is not None:
                 seq.token_ids.append(tok)
                 out.append(i)

@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import os
+import signal
 
 from .api.app import build_app
 from .api.middleware import DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS
@@ -58,11 +59,33 @@ def run(args) -> int:
     # cyclic collector's scans, as vLLM does after start-up
     gc.collect()
     gc.freeze()
-    # uvicorn turns SIGTERM into a graceful shutdown: stop accepting, let streams end (or end them after
-    # --shutdown-timeout), then lifespan stops the engine
+    # uvicorn turns SIGTERM into a graceful shutdown: stop accepting and let streams end; after
+    # --shutdown-timeout serve() stops the engine, which ends the streams still running, and
+    # lifespan then stops it for good. uvicorn's own deadline, a little later, is only the backstop
+    # for a response that does not end with its engine request (it cancels the task mid-write).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    return asyncio.run(serve(uvicorn.Server(config), engine))
+                            timeout_graceful_shutdown=args.shutdown_timeout + BACKSTOP_S)
+    return asyncio.run(serve(_Server(config), engine, grace_s=args.shutdown_timeout))
+
+
+BACKSTOP_S = 2.0  # past --shutdown-timeout, until uvicorn cancels the responses still open
+
+
+def _Server(config):
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises a captured SIGTERM once its graceful shutdown is done, so the process
+        dies by the signal even after a clean stop; SIGTERM is how a supervisor asks for a stop, so
+        a clean one exits 0 (an engine failure still exits 1). SIGINT keeps uvicorn's behaviour."""
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured and captured[-1] == sig:
+                captured.pop()
+
+    return Server(config)
 
 
 def allowed_hosts(arg: str | None, host: str) -> list[str] | None:
@@ -73,9 +96,12 @@ def allowed_hosts(arg: str | None, host: str) -> list[str] | None:
     return list(LOOPBACK_HOSTS) if host in LOOPBACK_HOSTS else None
 
 
-async def serve(server, engine, sockets=None, poll_s: float = 0.5) -> int:
+async def serve(server, engine, sockets=None, poll_s: float = 0.5, grace_s: float | None = None) -> int:
     """Run the uvicorn server until it stops; if the engine fails (a step raised or hung), shut
-    the server down and return 1 so a supervisor restarts the process. 0 after a clean stop."""
+    the server down and return 1 so a supervisor restarts the process. 0 after a clean stop.
+    With grace_s, a shutdown (SIGTERM) gives running requests grace_s seconds to finish, then
+    stops the engine: the streams still running end (an error chunk, then the response's end)
+    and the server's wait for open connections ends with them."""
     async def watch():
         while not server.should_exit:
             if getattr(engine, "failed", None) is not None:
@@ -83,6 +109,12 @@ async def serve(server, engine, sockets=None, poll_s: float = 0.5) -> int:
                 server.should_exit = True
                 return
             await asyncio.sleep(poll_s)
+        if grace_s is None:
+            return
+        await asyncio.sleep(grace_s)
+        if getattr(engine, "num_inflight", 0):
+            log.warning("shutdown: ending %d request(s) still running after %g s", engine.num_inflight, grace_s)
+        await engine.stop()
 
     watcher = asyncio.create_task(watch())
     try:

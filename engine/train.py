@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -265,6 +266,30 @@ def check_resume(cfg: TrainConfig, ckpt: dict, path: Path) -> None:
                          "(files, sizes or times differ); use another --out for new data")
 
 
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What a resumed run checks of the tokenizer: the sha256 of its tokenizer.json (vocabulary,
+    merges, normalization, special tokens) and, to say how it differs, its size. The same text maps
+    to the same ids only under the same tokenizer, so the saved token shards and weights need it."""
+    text = tokenizer._tok.to_str()
+    return dict(sha256=hashlib.sha256(text.encode()).hexdigest(), vocab_size=tokenizer.vocab_size)
+
+
+def check_resume_tokenizer(ckpt: dict, tokenizer, path: Path) -> None:
+    """ValueError saying how this run's tokenizer differs from the one the checkpoint was trained with."""
+    saved = ckpt.get("tokenizer_fingerprint")
+    if not saved:
+        return
+    now = tokenizer_fingerprint(tokenizer)
+    if now["sha256"] == saved.get("sha256"):
+        return
+    how = (f"{now['vocab_size']} tokens, the checkpoint's {saved.get('vocab_size')}"
+           if now["vocab_size"] != saved.get("vocab_size") else
+           f"same size ({now['vocab_size']} tokens) but other vocabulary, merges or special tokens")
+    raise ValueError(f"--resume: the tokenizer differs from the one the checkpoint {path} was trained with "
+                     f"({how}; tokenizer.json sha256 {now['sha256'][:12]} vs {str(saved.get('sha256'))[:12]}); "
+                     "use the same tokenizer (--init / OUT/data/tokenizer.json) or another --out")
+
+
 # --- the trainer ---------------------------------------------------------------------
 
 @dataclass
@@ -292,6 +317,9 @@ def train(cfg: TrainConfig) -> Path:
     dd = Dist(cfg.device)
     cfg, mcfg, tokenizer, ckpt = setup(cfg, dd)
     data = load_data(cfg, dd, mcfg, tokenizer)
+    if ckpt is not None:
+        check_resume_tokenizer(ckpt, data.tokenizer, Path(cfg.out) / "checkpoint")
+    tok_fp = tokenizer_fingerprint(data.tokenizer)
     m = build(cfg, dd, mcfg, fine_tune=bool(cfg.init) and ckpt is None)
     start = restore(m, ckpt, dd) if ckpt is not None else 0
     del ckpt  # its copy of the weights and optimizer state is not needed any more
@@ -307,7 +335,7 @@ def train(cfg: TrainConfig) -> Path:
         if done % cfg.eval_every == 0 or done == cfg.steps:
             meter.log_eval(done, evaluate(m, data.val, cfg, dd), *sample(m, data, mcfg, cfg, dd))
         if done % cfg.save_every == 0 or done == end:
-            save_checkpoint(done, m, mcfg, cfg, dd)
+            save_checkpoint(done, m, mcfg, cfg, dd, tok_fp)
             meter.restart_clock()
     meter.close()
     if end == cfg.steps or start >= cfg.steps:
@@ -364,6 +392,9 @@ def model_config(cfg: TrainConfig, ckpt: dict | None):
             raise FileNotFoundError(f"--init {init} is not a model directory")
         return ModelConfig.load(init), Tokenizer.load(init)
     if ckpt is not None:
+        # the size the tokenizer was trained to (the model's is padded): a tokenizer retrained
+        # for the resumed run (its data cache gone) then comes out the same
+        cfg.vocab_size = cfg.vocab_size or (ckpt.get("train_config") or {}).get("vocab_size")
         return ModelConfig(**ckpt["model_config"]), None
     mcfg = resolve_config(cfg.model, **({"vocab_size": cfg.vocab_size} if cfg.vocab_size else {}))
     # the tokenizer gets the requested size; the embedding rounds up for aligned GEMMs
@@ -548,7 +579,8 @@ def sample(m: Modules, data: Data, mcfg: ModelConfig, cfg: TrainConfig, dd: Dist
     return data.tokenizer.decode(ids[:prompt_len]), data.tokenizer.decode(ids[prompt_len:])
 
 
-def save_checkpoint(step: int, m: Modules, mcfg: ModelConfig, cfg: TrainConfig, dd: Dist) -> None:
+def save_checkpoint(step: int, m: Modules, mcfg: ModelConfig, cfg: TrainConfig, dd: Dist,
+                    tok_fp: dict | None = None) -> None:
     """OUT/checkpoint/step_N.pt (full state dicts, every rank's RNG); keeps the last cfg.keep."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -565,7 +597,8 @@ def save_checkpoint(step: int, m: Modules, mcfg: ModelConfig, cfg: TrainConfig, 
         d.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(d)
         state = dict(model=msd, optimizer=osd, step=step, rng=rng, model_config=mcfg.to_dict(),
-                     train_config=asdict(cfg), world=dd.world, data_fingerprint=data_fingerprint(cfg.data))
+                     train_config=asdict(cfg), world=dd.world, data_fingerprint=data_fingerprint(cfg.data),
+                     tokenizer_fingerprint=tok_fp)
         atomic_write(d / f"step_{step:08d}.pt", functools.partial(torch.save, state))
         for old in sorted(d.glob("step_*.pt"))[:-cfg.keep]:
             old.unlink()

@@ -2,11 +2,11 @@
 
 load_model reads a directory as the hub serves it: model.safetensors, sharded safetensors with
 model.safetensors.index.json, or pytorch_model.bin (sharded too, pytorch_model.bin.index.json) read with
-torch.load(weights_only=True). GPT-2 tensors may carry the `transformer.` prefix or not (the hub's layout, with
-its attn.bias / attn.masked_bias mask buffers). The model is built on the meta device and its parameters allocated
-once; shards are read one at a time and each tensor lands straight in its slot of the parameters: safetensors by
-plain file reads into the parameters' memory, a .bin from a memory mapping whose pages are released as they are
-copied. Peak memory is the model plus a few MB (benchmarks/load_memory.py measures it).
+torch.load(weights_only=True). GPT-2 and GPT-Neo tensors may carry the `transformer.` prefix or not (the hub's
+layout, with the attention's bias / masked_bias mask buffers). The model is built on the meta device and its
+parameters allocated once; shards are read one at a time and each tensor lands straight in its slot of the
+parameters: safetensors by plain file reads into the parameters' memory, a .bin from a memory mapping whose pages
+are released as they are copied. Peak memory is the model plus a few MB (benchmarks/load_memory.py measures it).
 """
 from __future__ import annotations
 
@@ -29,89 +29,86 @@ from .config import ModelConfig
 from .model import GPT
 
 
-def _hf_layer_names(cfg: ModelConfig, i: int) -> dict[str, str]:
-    """our name -> HF name for layer i (GPT-2's fused c_attn/c_fc match our fused linears)."""
-    if cfg.model_type == "gpt2":
-        p = f"transformer.h.{i}."
-        return {"norm1": p + "ln_1", "attn.qkv": p + "attn.c_attn", "attn.proj": p + "attn.c_proj",
-                "norm2": p + "ln_2", "mlp.fc": p + "mlp.c_fc", "mlp.proj": p + "mlp.c_proj"}
-    p = f"model.layers.{i}."
-    return {"norm1": p + "input_layernorm", "norm2": p + "post_attention_layernorm",
-            "attn.proj": p + "self_attn.o_proj", "mlp.proj": p + "mlp.down_proj"}
+# Each family's tensor names: HF name (without its `transformer.` / `model.` prefix) -> (our parameter, the rows
+# it fills or None for all, stored transposed as GPT-2's Conv1D stores its weights). Loading and saving both
+# read this one table.
+_Target = tuple[str, "tuple[int, int] | None", bool]
+
+
+def _prefix(cfg: ModelConfig) -> str:
+    return "model." if cfg.rotary else "transformer."
 
 
 def _qkv_sizes(cfg: ModelConfig) -> list[int]:
     return [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
 
 
-def to_hf(model: GPT) -> dict[str, torch.Tensor]:
-    cfg, sd = model.config, model.state_dict()
-    gpt2 = cfg.model_type == "gpt2"
-    out = {"transformer.wte.weight" if gpt2 else "model.embed_tokens.weight": sd["tok_emb.weight"]}
-    if gpt2:
-        out["transformer.wpe.weight"] = sd["pos_emb.weight"]
-    for i in range(cfg.n_layer):
-        for ours, theirs in _hf_layer_names(cfg, i).items():
-            for kind in ("weight", "bias"):
-                t = sd.get(f"layers.{i}.{ours}.{kind}")
-                if t is not None:  # GPT-2's Conv1D stores linear weights as (in, out)
-                    out[f"{theirs}.{kind}"] = t.t() if gpt2 and kind == "weight" and "norm" not in ours else t
-        if not gpt2:
-            p = f"model.layers.{i}."
-            for kind in ("weight", "bias"):
-                t = sd.get(f"layers.{i}.attn.qkv.{kind}")
-                if t is not None:
-                    for x, part in zip("qkv", t.split(_qkv_sizes(cfg))):
-                        out[p + f"self_attn.{x}_proj.{kind}"] = part
-            gate, up = sd[f"layers.{i}.mlp.fc.weight"].chunk(2)
-            out.update({p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up})
-    prefix = "transformer.ln_f" if gpt2 else "model.norm"
-    out[prefix + ".weight"] = sd["norm_f.weight"]
-    if gpt2:
-        out[prefix + ".bias"] = sd["norm_f.bias"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    return {k: v.detach().contiguous() for k, v in out.items()}
-
-
-# --- reading ------------------------------------------------------------------------------
-# (our parameter, rows it fills or None for all, stored transposed (GPT-2 Conv1D))
-_Target = tuple[str, "tuple[int, int] | None", bool]
+def _split(plan: dict, names, ours: str, sizes, kinds=("weight",)) -> None:
+    """HF's separate tensors `names` (e.g. q/k/v) filling consecutive row ranges of our fused parameter."""
+    for kind in kinds:
+        start = 0
+        for name, n in zip(names, sizes):
+            plan[f"{name}.{kind}"] = (f"{ours}.{kind}", (start, start + n), False)
+            start += n
 
 
 def _plan(cfg: ModelConfig) -> tuple[dict[str, _Target], re.Pattern]:
     """checkpoint tensor name (HF prefix stripped) -> where it goes; and the names to skip (buffers)."""
     plan: dict[str, _Target] = {}
-    if cfg.model_type == "gpt2":
-        plan["wte.weight"], plan["wpe.weight"] = ("tok_emb.weight", None, False), ("pos_emb.weight", None, False)
+
+    def whole(theirs, ours, kinds=("weight", "bias"), transposed=False):
+        for kind in kinds:
+            plan[f"{theirs}.{kind}"] = (f"{ours}.{kind}", None, transposed and kind == "weight")
+
+    if not cfg.rotary:  # gpt2, gpt_neo
+        whole("wte", "tok_emb", ("weight",))
+        whole("wpe", "pos_emb", ("weight",))
+        whole("ln_f", "norm_f")
+        conv1d = cfg.model_type == "gpt2"
         for i in range(cfg.n_layer):
-            for ours, theirs in _hf_layer_names(cfg, i).items():
-                theirs = theirs.removeprefix("transformer.")
-                plan[theirs + ".weight"] = (f"layers.{i}.{ours}.weight", None, "norm" not in ours)
-                plan[theirs + ".bias"] = (f"layers.{i}.{ours}.bias", None, False)
-        plan["ln_f.weight"], plan["ln_f.bias"] = ("norm_f.weight", None, False), ("norm_f.bias", None, False)
-        skip = r"h\.\d+\.attn\.(bias|masked_bias)"
+            h, p = f"h.{i}.", f"layers.{i}."
+            whole(h + "ln_1", p + "norm1")
+            whole(h + "ln_2", p + "norm2")
+            whole(h + "mlp.c_fc", p + "mlp.fc", transposed=conv1d)
+            whole(h + "mlp.c_proj", p + "mlp.proj", transposed=conv1d)
+            if conv1d:
+                whole(h + "attn.c_attn", p + "attn.qkv", transposed=True)
+                whole(h + "attn.c_proj", p + "attn.proj", transposed=True)
+            else:
+                _split(plan, [h + f"attn.attention.{x}_proj" for x in "qkv"], p + "attn.qkv", _qkv_sizes(cfg))
+                whole(h + "attn.attention.out_proj", p + "attn.proj")
+        skip = r"h\.\d+\.attn\.(attention\.)?(bias|masked_bias)"  # causal-mask buffers of older checkpoints
     else:
-        plan["embed_tokens.weight"] = ("tok_emb.weight", None, False)
-        sizes, f = _qkv_sizes(cfg), cfg.d_ff
+        whole("embed_tokens", "tok_emb", ("weight",))
+        whole("norm", "norm_f", ("weight",))
+        qkv_kinds = ("weight", "bias") if cfg.qkv_bias else ("weight",)
         for i in range(cfg.n_layer):
-            for ours, theirs in _hf_layer_names(cfg, i).items():
-                plan[theirs.removeprefix("model.") + ".weight"] = (f"layers.{i}.{ours}.weight", None, False)
-            p, start = f"layers.{i}.", 0
-            for x, n in zip("qkv", sizes):
-                plan[p + f"self_attn.{x}_proj.weight"] = (f"layers.{i}.attn.qkv.weight", (start, start + n), False)
-                if cfg.qkv_bias:
-                    plan[p + f"self_attn.{x}_proj.bias"] = (f"layers.{i}.attn.qkv.bias", (start, start + n), False)
-                start += n
-            plan[p + "mlp.gate_proj.weight"] = (f"layers.{i}.mlp.fc.weight", (0, f), False)
-            plan[p + "mlp.up_proj.weight"] = (f"layers.{i}.mlp.fc.weight", (f, 2 * f), False)
-        plan["norm.weight"] = ("norm_f.weight", None, False)
+            h, p = f"layers.{i}.", f"layers.{i}."
+            whole(h + "input_layernorm", p + "norm1", ("weight",))
+            whole(h + "post_attention_layernorm", p + "norm2", ("weight",))
+            _split(plan, [h + f"self_attn.{x}_proj" for x in "qkv"], p + "attn.qkv", _qkv_sizes(cfg), qkv_kinds)
+            whole(h + "self_attn.o_proj", p + "attn.proj", ("weight",))
+            _split(plan, [h + "mlp.gate_proj", h + "mlp.up_proj"], p + "mlp.fc", [cfg.d_ff, cfg.d_ff])
+            whole(h + "mlp.down_proj", p + "mlp.proj", ("weight",))
         skip = r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
     if cfg.tie_embeddings:
         skip += r"|lm_head\.weight"
     else:
         plan["lm_head.weight"] = ("lm_head.weight", None, False)
     return plan, re.compile(skip)
+
+
+def to_hf(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's parameters under their HF names and layouts."""
+    cfg, sd = model.config, model.state_dict()
+    plan, _ = _plan(cfg)
+    unmapped = set(sd) - {pname for pname, _, _ in plan.values()}
+    assert not unmapped, unmapped  # the table names every parameter
+    out = {}
+    for name, (pname, rows, transposed) in plan.items():
+        t = sd[pname] if rows is None else sd[pname][rows[0]:rows[1]]
+        out[name if name.startswith("lm_head.") else _prefix(cfg) + name] = t.t() if transposed else t
+    return {k: v.detach().contiguous() for k, v in out.items()}
 
 
 def _checkpoint_files(d: Path) -> list[Path]:
@@ -323,8 +320,7 @@ def _first_dtype(path: Path) -> torch.dtype:
 
 
 def _strip(cfg: ModelConfig, name: str) -> str:
-    prefix = "transformer." if cfg.model_type == "gpt2" else "model."
-    return name.removeprefix(prefix)
+    return name.removeprefix(_prefix(cfg))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:

@@ -33,3 +33,21 @@ def int_tensor(name, x, ndim, device):
         raise ValueError(f"{name} is on {x.device} but q is on {device}")
     return x
 
+
+
+def window(window_size):
+    """window_size (left, right): a pair of ints >= -1 (-1: unbounded on that side) -> (left, right)."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1: unbounded), got {window_size!r}")
+    return left, right
+
+
+def band(window_size, causal):
+    """The keys query i sees, as offsets from its diagonal i + Sk - Sq: (left, right), -1 unbounded.
+    Causal is the band's right edge at 0, whatever window_size says on the right (FlashAttention's rule)."""
+    left, right = window(window_size)
+    return left, 0 if causal else right

@@ -110,14 +110,34 @@ def cpu_gemm(x, weight, bias, activation, backend="auto") -> bool:
 
 # ---- decode.py
 
+# The weight formats the packed CPU GEMM reads (csrc/linear_cpu.cpp fp32, csrc/quant_cpu.cpp bf16 and int8)
+PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+
+
 def cpu_packed_weight(weight: torch.Tensor) -> bool:
-    """Whether csrc/linear_cpu.cpp's packed GEMM can take weight: CPU float32, extension built."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and ext() is not None
+    """Whether the packed CPU GEMM can take weight: on CPU in one of PACKED_DTYPES, extension built."""
+    return weight.device.type == "cpu" and weight.dtype in PACKED_DTYPES and ext() is not None
 
 
 def cpu_decode_layer(x: torch.Tensor, weights) -> bool:
     """The CPU decode kernels (decode_layer, packed_linear, swiglu) for CPU float32 inference with
-    contiguous float32 weights; not under TRITON_INTERPRET=1, where tests want the per-op path."""
+    contiguous weights (packed GEMM weights in any of PACKED_DTYPES); not under TRITON_INTERPRET=1,
+    where tests want the per-op path."""
     return (_eager_cpu_fp32(x) and not torch.is_grad_enabled() and not use_triton(x)
             and ext() is not None
-            and all(w is None or (w.dtype == torch.float32 and w.is_contiguous()) for w in weights))
+            and all(w is None or (w.dtype in PACKED_DTYPES and w.is_contiguous()) for w in weights))
+
+
+# ---- quant.py
+
+# Up to this many rows (decode-sized batches) the w8a16 kernel streams the int8 weight once; larger
+# GEMMs are compute bound and go to the dequantised weight's tensor-core GEMM.
+W8A16_MAX_ROWS = 64
+
+
+def triton_w8a16(x: torch.Tensor) -> bool:
+    """kernels/triton_w8a16.py: inference on CUDA (or CPU under TRITON_INTERPRET=1, fp32/fp16 there)
+    for at most W8A16_MAX_ROWS rows."""
+    k = x.shape[-1]
+    return (use_triton(x) and x.device.type in ("cuda", "cpu") and k > 0 and x.numel() // k <= W8A16_MAX_ROWS
+            and (x.is_cuda or x.dtype in (torch.float32, torch.float16)) and not wants_grad(x))

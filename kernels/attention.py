@@ -23,23 +23,33 @@ HEAD_DIMS = (32, 64, 80, 96, 128)
 # ---- launchers (Triton's are kernels/triton_attention.py's attention_fwd / attention_bwd, imported
 # on first use so that CPU paths never load Triton)
 
-def sdpa(q, k, v, causal, scale):
-    """torch SDPA on (B, S, H, D) tensors with bottom-right causal alignment and GQA."""
+def sdpa(q, k, v, causal, scale, window=None):
+    """torch SDPA on (B, S, H, D) tensors with GQA, bottom-right causal alignment and a key window
+    (left, right) as _checks.band gives it (causal folded into right; None: causal alone)."""
     sq, sk = q.shape[1], k.shape[1]
-    mask = None
-    if causal and sq > 1 and sq != sk:
-        i = torch.arange(sq, device=q.device)[:, None]
+    left, right = window if window is not None else (-1, 0 if causal else -1)
+    square_causal = left < 0 and right == 0 and sq == sk  # the fused causal kernel aligns squares only
+    mask = empty = None
+    # row 0 sees the fewest keys: when its right edge reaches the last key and there is no left
+    # edge, every row sees every key
+    if not square_causal and (left >= 0 or 0 <= right < sq - 1):
+        i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
         j = torch.arange(sk, device=q.device)[None, :]
-        mask = j <= i + sk - sq
+        mask = (j <= i + right) if right >= 0 else torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+        if left >= 0:
+            mask = mask & (j >= i - left)
+        empty = ~mask.any(-1)
+        # rows that see no key attend to every key, then are zeroed: an all-masked row is nan in SDPA
+        mask = mask | empty[:, None]
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                       is_causal=causal and sq > 1 and sq == sk,  # square: fused causal kernel
-                                       scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-    if mask is not None and sq > sk:
-        o = o.masked_fill(~mask.any(-1)[None, None, :, None], 0.0)  # rows that see no key
+                                       is_causal=square_causal and sq > 1, scale=scale,
+                                       enable_gqa=q.shape[2] != k.shape[2])
+    if empty is not None and bool(empty.any()):
+        o = o.masked_fill(empty[None, None, :, None], 0.0)
     return o.transpose(1, 2)
 
 
-def _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table):
+def _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window):
     """torch SDPA once per sequence (float64, with grad, or where the C++ kernel does not apply)."""
     from .reference import gather_paged
     out = torch.empty_like(q)
@@ -50,51 +60,52 @@ def _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table
         else:
             n = ck[b + 1] - ck[b]
             kb, vb = gather_paged(k, block_table[b], n), gather_paged(v, block_table[b], n)
-        out[cq[b]:cq[b + 1]] = sdpa(q[None, cq[b]:cq[b + 1]], kb[None], vb[None], causal, scale)[0]
+        out[cq[b]:cq[b + 1]] = sdpa(q[None, cq[b]:cq[b + 1]], kb[None], vb[None], causal, scale, window)[0]
     return out
 
 
-def _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table):
+def _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window):
     return ext().varlen_attention(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), causal, scale,
-                                  block_table)
+                                  block_table, *window)
 
 
 # ---- autograd: torch.library ops, opaque to torch.compile (no graph break), differentiable through
 # register_autograd
 
 @torch.library.custom_op("gpt_engine::flash_attn_fwd", mutates_args=())
-def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, left: int,
+               right: int) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton_attention import attention_fwd
-    return attention_fwd(q, k, v, None, None, None, q.shape[1], k.shape[1], causal, scale)
+    return attention_fwd(q, k, v, None, None, None, q.shape[1], k.shape[1], causal, scale, (left, right))
 
 
 @_flash_fwd.register_fake
-def _(q, k, v, causal, scale):
+def _(q, k, v, causal, scale, left, right):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("gpt_engine::flash_attn_bwd", mutates_args=())
 def _flash_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-               lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               lse: torch.Tensor, causal: bool, scale: float, left: int,
+               right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton_attention import attention_bwd
-    return attention_bwd(do, q, k, v, out, lse, None, None, q.shape[1], k.shape[1], causal, scale)
+    return attention_bwd(do, q, k, v, out, lse, None, None, q.shape[1], k.shape[1], causal, scale, (left, right))
 
 
 @_flash_bwd.register_fake
-def _(do, q, k, v, out, lse, causal, scale):
+def _(do, q, k, v, out, lse, causal, scale, left, right):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _flash_setup(ctx, inputs, output):
-    q, k, v, ctx.causal, ctx.scale = inputs
+    q, k, v, ctx.causal, ctx.scale, ctx.left, ctx.right = inputs
     ctx.save_for_backward(q, k, v, *output)
 
 
 def _flash_grad(ctx, do, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _flash_bwd(do, q, k, v, out, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _flash_bwd(do, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.left, ctx.right)
+    return dq, dk, dv, None, None, None, None
 
 
 _flash_fwd.register_autograd(_flash_grad, setup_context=_flash_setup)
@@ -102,32 +113,32 @@ _flash_fwd.register_autograd(_flash_grad, setup_context=_flash_setup)
 
 @torch.library.custom_op("gpt_engine::flash_attn_varlen_fwd", mutates_args=())
 def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                max_sq: int, max_sk: int, causal: bool, scale: float,
-                block_table: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                max_sq: int, max_sk: int, causal: bool, scale: float, block_table: Optional[torch.Tensor], left: int,
+                right: int) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton_attention import attention_fwd
-    return attention_fwd(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale)
+    return attention_fwd(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale, (left, right))
 
 
 @_varlen_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, max_sq, max_sk, causal, scale, block_table):
+def _(q, k, v, cu_q, cu_k, max_sq, max_sk, causal, scale, block_table, left, right):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("gpt_engine::flash_attn_varlen_bwd", mutates_args=())
 def _varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                 lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_sq: int, max_sk: int, causal: bool,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                scale: float, left: int, right: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton_attention import attention_bwd
-    return attention_bwd(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale)
+    return attention_bwd(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale, (left, right))
 
 
 @_varlen_bwd.register_fake
-def _(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale):
+def _(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale, left, right):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale, block_table = inputs
+    q, k, v, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale, block_table, ctx.left, ctx.right = inputs
     ctx.paged = block_table is not None
     ctx.save_for_backward(q, k, v, cu_q, cu_k, *output)
 
@@ -136,8 +147,9 @@ def _varlen_grad(ctx, do, _dlse):
     if ctx.paged:
         raise NotImplementedError("flash_attention_varlen with block_table (paged KV) has no backward")
     q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd(do, q, k, v, out, lse, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = _varlen_bwd(do, q, k, v, out, lse, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale,
+                             ctx.left, ctx.right)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _varlen_fwd.register_autograd(_varlen_grad, setup_context=_varlen_setup)
@@ -162,31 +174,35 @@ def _scale(softmax_scale, d):
     return 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None):
+def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=(-1, -1)):
     """Scaled dot-product attention, fused.
 
     q (B, Sq, H, D), k and v (B, Sk, Hkv, D) with H % Hkv == 0 (GQA/MQA). Causal masking is
-    aligned bottom-right: query i sees keys j <= i + Sk - Sq. Returns (B, Sq, H, D).
-    Differentiable in q, k and v.
+    aligned bottom-right: query i sees keys j <= i + Sk - Sq. window_size (left, right), -1
+    unbounded: query i sees keys i + Sk - Sq - left <= j <= i + Sk - Sq + right (causal fixes
+    right at 0; a sliding window of W keys is causal with (W - 1, 0)); key tiles outside the band
+    are skipped. Returns (B, Sq, H, D). Differentiable in q, k and v.
     """
     C.tensor("q", q, 4), C.tensor("k", k, 4), C.tensor("v", v, 4)
     _check_heads(q, k, v)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k batch {k.shape[0]} != q batch {q.shape[0]}")
     scale = _scale(softmax_scale, q.shape[-1])
+    window = C.band(window_size, causal)
     if dispatch.use_triton(q):
-        return _flash_fwd(q, k, v, bool(causal), float(scale))[0]
-    return sdpa(q, k, v, causal, scale)
+        return _flash_fwd(q, k, v, bool(causal), float(scale), *window)[0]
+    return sdpa(q, k, v, causal, scale, window)
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           causal=True, softmax_scale=None, block_table=None):
+                           causal=True, softmax_scale=None, block_table=None, window_size=(-1, -1)):
     """Attention over packed variable-length sequences.
 
     q (total_q, H, D); k/v (total_k, Hkv, D) packed like q, or, with block_table
     (B, max_blocks) int32, paged caches (num_blocks, block_size, Hkv, D) where
     cu_seqlens_k[b+1] - cu_seqlens_k[b] is sequence b's cached length (its new tokens
-    included). cu_seqlens_* are int32 (B+1). Returns (total_q, H, D).
+    included). cu_seqlens_* are int32 (B+1). window_size (left, right) as in flash_attention, per
+    sequence. Returns (total_q, H, D).
     """
     C.tensor("q", q, 3)
     C.tensor("k", k, 3 if block_table is None else 4), C.tensor("v", v, 3 if block_table is None else 4)
@@ -200,9 +216,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         if block_table.shape[0] != cu_seqlens_q.shape[0] - 1:
             raise ValueError(f"block_table has {block_table.shape[0]} rows for {cu_seqlens_q.shape[0] - 1} sequences")
     scale = _scale(softmax_scale, q.shape[-1])
+    window = C.band(window_size, causal)
     if dispatch.use_triton(q):
         return _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
-                           float(scale), block_table)[0]
+                           float(scale), block_table, *window)[0]
     if dispatch.cpu_varlen_attention(q, k, v, paged=block_table is not None):
-        return _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table)
-    return _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table)
+        return _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window)
+    return _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window)

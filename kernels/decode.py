@@ -4,7 +4,8 @@ The engine's decode step on CPU runs ~10 kernel calls per layer, and on small mo
 Python wrappers (argument checks, dispatch) are a large share of the step. csrc/decode_cpu.cpp's
 decode_layer runs the same kernels back to back from C++ with the same checks there.
 Its GEMMs run on weights packed once (pack_layer) into the layout the CPU kernel streams
-(csrc/linear_cpu.cpp). Inference only: fp32 CPU tensors, no autograd.
+(csrc/linear_cpu.cpp; bf16 and int8 weights: csrc/quant_cpu.cpp, widened in registers). Inference
+only: fp32 CPU activations and compute, no autograd.
 kernels.reference.decode_layer (on the unpacked weights) is its twin.
 """
 from __future__ import annotations
@@ -34,14 +35,69 @@ class PackedLinear(NamedTuple):
     n: int
 
 
-def pack_linear(weight: torch.Tensor) -> PackedLinear | None:
+def pack_linear(weight, panel: int = 0) -> PackedLinear | None:
     """A copy of weight (N, K) in the CPU decode GEMM's layout (a snapshot), or None where that
-    kernel cannot run it (not CPU float32, or no gpt_engine.kernels._C)."""
-    C.tensor("weight", weight, 2)
-    if not dispatch.cpu_packed_weight(weight):
+    kernel cannot run it (not on CPU, or no gpt_engine.kernels._C). The weight's format is kept:
+    float32, bfloat16 (widened in registers), or a kernels.quant.QuantizedWeight (int8 with its
+    scales, dequantised in registers); the GEMM runs in fp32 either way. panel: one of
+    gpt_engine.kernels._C.linear_panels() (0: the fastest on this CPU)."""
+    from .quant import QuantizedWeight  # a light module, imported only here to keep this import cheap
+    quant = isinstance(weight, QuantizedWeight)
+    w = weight.q if quant else weight
+    C.tensor("weight", w, 2, dtypes=(torch.int8,) if quant else C.FLOAT_DTYPES)
+    if not dispatch.cpu_packed_weight(w):
         return None
+    panels = ext().linear_panels()
+    width = panel or panels[0]
+    if width not in panels:
+        raise ValueError(f"panel must be 0 or one of this CPU's {panels}, got {panel}")
     with torch.no_grad():
-        return PackedLinear(ext().linear_pack(weight), weight.shape[0])
+        if w.dtype == torch.float32:
+            return PackedLinear(ext().linear_pack(w, width), w.shape[0])
+        return PackedLinear(_pack_low(weight, width), w.shape[0])
+
+
+def _panels(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(N, ...) -> (ceil(N / width), width, ...), rows past N zero."""
+    n = t.shape[0]
+    p = -(-n // width)
+    out = t.new_zeros((p * width, *t.shape[1:]))
+    out[:n] = t
+    return out.view(p, width, *t.shape[1:])
+
+
+def _pack_low(weight, width: int) -> torch.Tensor:
+    """csrc/quant_cpu.h's layouts. bf16 (N, K) -> (P, K, width), as the fp32 panels. QuantizedWeight ->
+    (P, ng, 4 + G, width) int8: per panel and group the rows' fp32 scales (as 4 x width bytes), then the
+    group's G x width values, k-major."""
+    if isinstance(weight, torch.Tensor):
+        return _panels(weight.contiguous(), width).transpose(1, 2).contiguous()
+    q, scale, g = weight
+    n, k = q.shape
+    ng = k // g
+    qp = _panels(q.contiguous(), width).view(-1, width, ng, g).permute(0, 2, 3, 1)  # (P, ng, G, width)
+    sp = _panels(scale.float().contiguous(), width).permute(0, 2, 1).contiguous()  # (P, ng, width) fp32
+    sb = sp.view(torch.int8).reshape(-1, ng, 4, width)  # each group's width scales as 4 x width bytes, in order
+    return torch.cat([sb, qp], dim=2).contiguous()
+
+
+def unpack_linear(w: PackedLinear):
+    """The weight pack_linear packed, in its format: a float (N, K) tensor, or a QuantizedWeight
+    (int8 values and fp32 scales). A new tensor (not a view of the pack): for a path without the
+    packed kernel when the pack is the weight's only copy."""
+    if not isinstance(w, PackedLinear):
+        raise TypeError(f"w must be a PackedLinear from pack_linear, got {type(w).__name__}")
+    t, n = w.weight, w.n
+    if t.dtype != torch.int8:  # (P, K, width) panels
+        p, k, width = t.shape
+        return t.permute(0, 2, 1).reshape(p * width, k)[:n].contiguous()
+    from .quant import QuantizedWeight
+    p, ng, rows, width = t.shape
+    g = rows - 4
+    scale = t[:, :, :4].reshape(p, ng, 4 * width).contiguous().view(torch.float32)  # (P, ng, width)
+    scale = scale.permute(0, 2, 1).reshape(p * width, ng)[:n].contiguous()
+    q = t[:, :, 4:].permute(0, 3, 1, 2).reshape(p * width, ng * g)[:n].contiguous()
+    return QuantizedWeight(q, scale, g)
 
 
 def packed_linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None, activation=None):
@@ -105,14 +161,16 @@ def rope_(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> 
 
 
 def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
-                 n_head: int, eps: float, rms: bool, activation, softmax_scale: float):
+                 n_head: int, eps: float, rms: bool, activation, softmax_scale: float, window_size=(-1, -1)):
     """x (B, C) entering the layer; residual (B, C) or None in the first layer (x is the stream);
-    layer from pack_layer; rope None or (cos, sin) each (B, D/2) at the tokens' positions. Writes
-    the new K/V at slot_mapping. Returns (x, residual) for the next layer."""
+    layer from pack_layer; rope None or (cos, sin) each (B, D/2) at the tokens' positions;
+    window_size (left, right) as in paged_attention (a sliding-window layer sees its last left + 1
+    keys). Writes the new K/V at slot_mapping. Returns (x, residual) for the next layer."""
     if not isinstance(layer, PackedLayer):
         raise TypeError(f"layer must be a PackedLayer from pack_layer, got {type(layer).__name__}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    left = C.window(window_size)[0]
     if not decode_layer_applies(x, layer.tensors):
         raise ValueError("decode_layer runs CPU float32 inference (no grad, not under TRITON_INTERPRET=1) with "
                          "contiguous weights and gpt_engine.kernels._C built")
@@ -121,5 +179,5 @@ def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping
     x, residual = ext().decode_layer(x.contiguous(), None if residual is None else residual.contiguous(),
                                      list(layer.tensors), list(layer.n), k_cache, v_cache, slot_mapping, block_table,
                                      seq_lens, cos, sin, int(n_head), float(eps), bool(rms), act,
-                                     float(softmax_scale))
+                                     float(softmax_scale), left)
     return x, residual

@@ -18,7 +18,7 @@ from .attention import _check_heads, _scale
 
 # ---- launchers (Triton's are kernels/triton_paged.py's, imported on first use)
 
-def _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale):
+def _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale, left):
     """Decode in one batched SDPA (float64, or no gpt_engine.kernels._C): gathers every sequence's blocks into
     a dense padded (B, L) batch. q (B, H, D) -> (B, H, D)."""
     B, H, D = q.shape
@@ -27,24 +27,29 @@ def _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale):
     idx = block_table.long().flatten()
     k = k_cache.index_select(0, idx).view(B, L, hkv, D).transpose(1, 2)  # (B, Hkv, L, D)
     v = v_cache.index_select(0, idx).view(B, L, hkv, D).transpose(1, 2)
-    mask = torch.arange(L, device=q.device)[None, :] < seq_lens[:, None]  # (B, L)
+    pos = torch.arange(L, device=q.device)[None, :]
+    mask = pos < seq_lens[:, None]  # (B, L)
+    if left >= 0:  # the query is token seq_len - 1: it sees the last left + 1 keys
+        mask = mask & (pos >= seq_lens[:, None] - 1 - left)
     # the H // Hkv query heads of a group act as its query rows: GQA without repeating K/V
     o = F.scaled_dot_product_attention(q.view(B, hkv, H // hkv, D), k, v, attn_mask=mask[:, None, None, :],
                                        scale=scale)
     return o.reshape(B, H, D)
 
 
-def _paged_cpu(q, k_cache, v_cache, block_table, seq_lens, scale):
+def _paged_cpu(q, k_cache, v_cache, block_table, seq_lens, scale, left):
     q = q if dispatch.rows_dense(q) else q.contiguous()
-    return ext().paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale)
+    return ext().paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, left)
 
 
 # ---- public functions
 
-def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None):
+def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, window_size=(-1, -1)):
     """q (B, H, D); k_cache/v_cache (num_blocks, block_size, Hkv, D); block_table
     (B, max_blocks) int32; seq_lens (B,) int32 counts each sequence's valid cached tokens,
-    the current one included. Returns (B, H, D).
+    the current one included. window_size (left, right) as in flash_attention: the query is the
+    last cached token, so it sees the last left + 1 keys (right has no key to act on), and only
+    their blocks are read. Returns (B, H, D).
     """
     C.tensor("q", q, 3), C.tensor("k_cache", k_cache, 4), C.tensor("v_cache", v_cache, 4)
     _check_heads(q, k_cache, v_cache)
@@ -54,12 +59,13 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=No
         raise ValueError(f"block_table rows ({block_table.shape[0]}) and seq_lens ({seq_lens.shape[0]}) "
                          f"must equal the batch size ({q.shape[0]})")
     scale = _scale(softmax_scale, q.shape[-1])
+    left = C.window(window_size)[0]
     if dispatch.use_triton(q):
         from .triton_paged import paged_attention_fwd
-        return paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale)
+        return paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale, left)
     if dispatch.cpu_paged_attention(q, k_cache, v_cache):
-        return _paged_cpu(q, k_cache, v_cache, block_table, seq_lens, scale)
-    return _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale)
+        return _paged_cpu(q, k_cache, v_cache, block_table, seq_lens, scale, left)
+    return _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale, left)
 
 
 def store_kvcache(k, v, k_cache, v_cache, slot_mapping):

@@ -10,33 +10,47 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._checks import band
+
 
 def _acc(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _attend(q, k, v, causal, scale):
+def visible(sq, sk, left, right, device=None):
+    """(sq, sk) bool: query i sees key j within the band [i + sk - sq - left, i + sk - sq + right]
+    (bottom-right aligned; -1 leaves that side unbounded)."""
+    i = torch.arange(sq, device=device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=device)[None, :]
+    ok = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if right >= 0:
+        ok &= j <= i + right
+    if left >= 0:
+        ok &= j >= i - left
+    return ok
+
+
+def _attend(q, k, v, causal, scale, window_size=(-1, -1)):
     # q (Sq, H, D), k/v (Sk, Hkv, D) for a single sequence -> (Sq, H, D) in accumulation dtype
+    left, right = band(window_size, causal)
     sq, h, _ = q.shape
     sk, hkv, _ = k.shape
     rep = h // hkv
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
     s = torch.einsum("qhd,khd->hqk", q, k) * scale
-    if causal:
-        # bottom-right alignment: query i sees keys j <= i + sk - sq
-        i = torch.arange(sq, device=q.device)[:, None]
-        j = torch.arange(sk, device=q.device)[None, :]
-        s = s.masked_fill(j > i + sk - sq, float("-inf"))
+    if left >= 0 or right >= 0:
+        s = s.masked_fill(~visible(sq, sk, left, right, q.device), float("-inf"))
     p = torch.softmax(s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0)  # rows with no visible key (sq > sk) output zeros
+    p = torch.nan_to_num(p, nan=0.0)  # rows with no visible key (sq > sk, or a window past the keys) output zeros
     return torch.einsum("hqk,khd->qhd", p, v)
 
 
-def flash_attention(q, k, v, causal=True, softmax_scale=None):
+def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=(-1, -1)):
     """q (B, Sq, H, D), k/v (B, Sk, Hkv, D) -> (B, Sq, H, D)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    out = torch.stack([_attend(_acc(q[b]), _acc(k[b]), _acc(v[b]), causal, scale) for b in range(q.shape[0])])
+    out = torch.stack([_attend(_acc(q[b]), _acc(k[b]), _acc(v[b]), causal, scale, window_size)
+                       for b in range(q.shape[0])])
     return out.to(q.dtype)
 
 
@@ -48,7 +62,7 @@ def gather_paged(cache, block_table_row, length):
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           causal=True, softmax_scale=None, block_table=None):
+                           causal=True, softmax_scale=None, block_table=None, window_size=(-1, -1)):
     """Packed q (total_q, H, D); k/v packed (total_k, Hkv, D), or paged caches with block_table."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out = torch.zeros(q.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
@@ -60,17 +74,18 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         else:
             n = ck[b + 1] - ck[b]
             kb, vb = gather_paged(k, block_table[b], n), gather_paged(v, block_table[b], n)
-        out[cq[b]:cq[b + 1]] = _attend(_acc(qb), _acc(kb), _acc(vb), causal, scale)
+        out[cq[b]:cq[b + 1]] = _attend(_acc(qb), _acc(kb), _acc(vb), causal, scale, window_size)
     return out.to(q.dtype)
 
 
-def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None):
-    """Decode: q (B, H, D), caches (num_blocks, block_size, Hkv, D), seq_lens (B,) -> (B, H, D)."""
+def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, window_size=(-1, -1)):
+    """Decode: q (B, H, D), caches (num_blocks, block_size, Hkv, D), seq_lens (B,) -> (B, H, D).
+    The query is the last cached token, so a window keeps its last left + 1 keys."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     outs = []
     for b, n in enumerate(seq_lens.tolist()):
         kb, vb = gather_paged(k_cache, block_table[b], n), gather_paged(v_cache, block_table[b], n)
-        outs.append(_attend(_acc(q[b:b + 1]), _acc(kb), _acc(vb), False, scale)[0])
+        outs.append(_attend(_acc(q[b:b + 1]), _acc(kb), _acc(vb), False, scale, window_size)[0])
     return torch.stack(outs).to(q.dtype)
 
 
@@ -107,8 +122,38 @@ def linear(x, weight, bias=None, activation=None):
     return ACTIVATIONS[activation](y).to(x.dtype)
 
 
+# ---- Weight formats. int8 weight-only: symmetric, one fp32 scale per output row and group of
+# group_size consecutive inputs (group_size K: per output channel). A weight's real value is
+# float(q) * scale, rounded to fp32; the GEMM then runs in fp32 on x as given. bf16/fp16 storage:
+# the weight's value is its low-precision value, widened exactly to fp32.
+
+def quantize_int8(weight, group_size=None):
+    """weight (N, K) -> (q (N, K) int8 in [-127, 127], scale (N, K // group_size) fp32) with
+    scale = max |w| / 127 over each row's group (1 for an all-zero group) and q = round(w / scale)."""
+    n, k = weight.shape
+    g = k if group_size is None else group_size
+    w = weight.detach().float().reshape(n, k // g, g)
+    amax = w.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(n, k), scale
+
+
+def dequantize_int8(q, scale):
+    """q (N, K) int8, scale (N, G) fp32 with K % G == 0 -> the fp32 weight float(q) * scale."""
+    n, k = q.shape
+    return (q.float().reshape(n, scale.shape[1], -1) * scale.float()[..., None]).reshape(n, k)
+
+
+def linear_int8(x, q, scale, bias=None, activation=None):
+    """linear(x, dequantize_int8(q, scale), bias, activation), accumulated in fp32."""
+    w = dequantize_int8(q, scale)
+    return linear(x, w.to(device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else w.dtype), bias,
+                  activation)
+
+
 def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
-                 n_head, eps, rms, activation, softmax_scale):
+                 n_head, eps, rms, activation, softmax_scale, window_size=(-1, -1)):
     """kernels.decode.decode_layer composed from the ops above (the caches are written in place)."""
     n1w, n1b, qw, qb, pw, pb, n2w, n2b, fw, fb, f2w, f2b = weights
     norm = (lambda x, w, b, r: rms_norm(x, w, eps, r)) if rms else (lambda x, w, b, r: layer_norm(x, w, b, eps, r))
@@ -121,7 +166,7 @@ def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_tab
         t = torch.cat([torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1), t[:, n_head + hkv:]], dim=1)
     q, k, v = t.split([n_head, hkv, hkv], dim=1)
     store_kvcache(k, v, k_cache, v_cache, slot_mapping)
-    o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale).flatten(1)
+    o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, window_size).flatten(1)
     h, residual = norm(linear(o, pw, pb), n2w, n2b, residual)
     if activation == "swiglu":
         gate, up = linear(h, fw, fb).chunk(2, dim=-1)

@@ -7,6 +7,11 @@ read per-sequence offsets from cu_seqlens (VARLEN), paged K/V go through a block
 GQA reads K/V head h // (H // Hkv); the dk/dv kernel loops over the group's query heads,
 so K/V are never repeated and no atomics are needed (deterministic).
 
+Masking is a band, bottom-right aligned: row i sees keys i + lo_off <= j <= i + up, with
+up = Sk - Sq + right (CAUSAL: the right edge exists; causal is right = 0) and lo_off = Sk - Sq - left
+(LOCAL: the left edge exists). Each pass visits only the tiles that meet the band, and masks
+only the tiles that cross an edge of it, so a sliding window costs O(S x W).
+
 This file holds the kernels and their launchers (attention_fwd, attention_bwd); the autograd
 ops over them are in kernels/attention.py.
 """
@@ -36,7 +41,7 @@ _DQ_CONFIGS = _cfgs([(128, 32, 4, 4), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64,
 # and D=128 on sm_90 (benchmarks/triton_regs.py), where 4 warps spill from 128 keys up
 _DKDV_CONFIGS = _cfgs([(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 3), (64, 64, 8, 3),
                        (32, 64, 4, 3), (16, 64, 8, 3)])
-_TUNE_KEY = ["tune_q", "tune_k", "BLOCK_D", "CAUSAL", "VARLEN", "PAGED"]
+_TUNE_KEY = ["tune_q", "tune_k", "BLOCK_D", "CAUSAL", "LOCAL", "VARLEN", "PAGED"]
 
 
 @triton.jit
@@ -52,9 +57,10 @@ def _kv_ptrs(base, bt_ptr, offs_n, offs_d, stride_b, stride_t, nmask, PAGED: tl.
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
-               offs_m, offs_d, lo, hi, sk, diag, qk_scale,
+               offs_m, offs_d, lo, hi, sk, up, lo_off, qk_scale,
                BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-               CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr):
+               CAUSAL: tl.constexpr, LOCAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+               PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < sk
@@ -71,7 +77,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, s
         if MASKED:
             ok = nmask[None, :]
             if CAUSAL:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None] + diag)
+                ok = ok & (offs_n[None, :] <= offs_m[:, None] + up)
+            if LOCAL:
+                ok = ok & (offs_n[None, :] >= offs_m[:, None] + lo_off)
             qk = tl.where(ok, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked row: keep p = 0, not nan
@@ -113,17 +121,25 @@ def _q_block(CU_Q, CU_K, H, GROUP, seq_q, seq_k, CAUSAL: tl.constexpr, VARLEN: t
 
 
 @triton.jit
-def _key_range(m0, sq, sk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # the keys query rows [m0, m0 + BLOCK_M) see -> (diag, full, hi): bottom-right, row i sees keys
-    # j <= i + diag; tiles [0, full) need no mask, [full, hi) do
-    diag = sk - sq
+def _key_range(m0, sk, up, lo_off, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    # the key tiles query rows [m0, m0 + BLOCK_M) meet -> (lo, a_end, full, hi): [lo, a_end) cross the
+    # band's left edge (masked), [a_end, full) lie inside it (no mask), [max(full, a_end), hi) cross
+    # its right edge or the end of the keys (masked). Every bound is a BLOCK_N multiple or an end,
+    # so the three ranges tile [lo, hi) without overlap.
     if CAUSAL:
-        hi = tl.minimum(sk, m0 + BLOCK_M + diag)
-        full = tl.maximum(tl.minimum(m0 + diag + 1, sk), 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(sk, m0 + BLOCK_M + up)
+        full = tl.maximum(tl.minimum(m0 + up + 1, sk), 0) // BLOCK_N * BLOCK_N
     else:
         hi = sk
         full = sk // BLOCK_N * BLOCK_N
-    return diag, full, hi
+    if LOCAL:
+        lo = tl.maximum(m0 + lo_off, 0) // BLOCK_N * BLOCK_N
+        a_end = tl.maximum(tl.minimum(tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + lo_off, 0), BLOCK_N) * BLOCK_N, hi), lo)
+    else:
+        lo = 0
+        a_end = 0
+    return lo, a_end, full, hi
 
 
 @triton.jit
@@ -131,9 +147,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, BT,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
                 stride_lb, stride_lh, stride_btb,
-                H, GROUP, seq_q, seq_k, qk_scale, tune_q, tune_k,
+                H, GROUP, seq_q, seq_k, qk_scale, win_l, win_r, tune_q, tune_k,
                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                PAGED: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr,
+                PAGED: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr, LOCAL: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # grid (cdiv(max_seqlen_q, BLOCK_M), B * H)
     b, h, kvh, q_start, sq, k_start, sk, m0 = _q_block(CU_Q, CU_K, H, GROUP, seq_q, seq_k, CAUSAL, VARLEN, BLOCK_M)
@@ -153,17 +169,23 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, BT,
         v_base = V + b64 * stride_vb + k_start * stride_vt + kvh * stride_vh
     bt_ptr = BT + b64 * stride_btb
 
-    diag, full, hi = _key_range(m0, sq, sk, CAUSAL, BLOCK_M, BLOCK_N)
+    up = sk - sq + win_r
+    lo_off = sk - sq - win_l
+    lo, a_end, full, hi = _key_range(m0, sk, up, lo_off, CAUSAL, LOCAL, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if LOCAL:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, stride_vb,
+                                   stride_vt, offs_m, offs_d, lo, a_end, sk, up, lo_off, qk_scale,
+                                   BLOCK_N, HEAD_D, BLOCK_D, True, CAUSAL, LOCAL, PAGED, PAGE, PREC)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
-                               offs_m, offs_d, 0, full, sk, diag, qk_scale,
-                               BLOCK_N, HEAD_D, BLOCK_D, False, CAUSAL, PAGED, PAGE, PREC)
+                               offs_m, offs_d, a_end, full, sk, up, lo_off, qk_scale,
+                               BLOCK_N, HEAD_D, BLOCK_D, False, CAUSAL, LOCAL, PAGED, PAGE, PREC)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
-                               offs_m, offs_d, full, hi, sk, diag, qk_scale,
-                               BLOCK_N, HEAD_D, BLOCK_D, True, CAUSAL, PAGED, PAGE, PREC)
-    empty = l_i == 0.0  # rows that see no key (causal, Sq > Sk) output 0
+                               offs_m, offs_d, tl.maximum(full, a_end), hi, sk, up, lo_off, qk_scale,
+                               BLOCK_N, HEAD_D, BLOCK_D, True, CAUSAL, LOCAL, PAGED, PAGE, PREC)
+    empty = l_i == 0.0  # rows that see no key (causal with Sq > Sk, or a window past the keys) output 0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     o_base = O + b64 * stride_ob + q_start * stride_ot + h * stride_oh
@@ -196,9 +218,9 @@ def _bwd_pre_kernel(O, DO, DELTA, CU_Q,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, sk, diag,
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, sk, up, lo_off,
               qk_scale, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, PREC: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         rows = offs_n.to(tl.int64)[:, None]
@@ -214,7 +236,9 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_
         if MASKED:
             ok = offs_n[None, :] < sk
             if CAUSAL:
-                ok = ok & (offs_n[None, :] <= offs_m[:, None] + diag)
+                ok = ok & (offs_n[None, :] <= offs_m[:, None] + up)
+            if LOCAL:
+                ok = ok & (offs_n[None, :] >= offs_m[:, None] + lo_off)
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
@@ -227,9 +251,10 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K,
                stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                stride_vb, stride_vt, stride_vh, stride_db, stride_dt, stride_dh,
                stride_gb, stride_gt, stride_gh, stride_lb, stride_lh,
-               H, GROUP, seq_q, seq_k, qk_scale, scale, tune_q, tune_k,
+               H, GROUP, seq_q, seq_k, qk_scale, scale, win_l, win_r, tune_q, tune_k,
                HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-               PAGED: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               PAGED: tl.constexpr, PREC: tl.constexpr, LOCAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     # grid (cdiv(max_seqlen_q, BLOCK_M), B * H): dq = scale * dS K over the forward's key range
     b, h, kvh, q_start, sq, k_start, sk, m0 = _q_block(CU_Q, CU_K, H, GROUP, seq_q, seq_k, CAUSAL, VARLEN, BLOCK_M)
     if m0 >= sq:
@@ -246,12 +271,18 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K,
     delta = tl.load(DELTA + l_base + offs_m, mask=offs_m < sq, other=0.0)
     k_base = K + b64 * stride_kb + k_start * stride_kt + kvh * stride_kh
     v_base = V + b64 * stride_vb + k_start * stride_vt + kvh * stride_vh
-    diag, full, hi = _key_range(m0, sq, sk, CAUSAL, BLOCK_M, BLOCK_N)
+    up = sk - sq + win_r
+    lo_off = sk - sq - win_l
+    lo, a_end, full, hi = _key_range(m0, sk, up, lo_off, CAUSAL, LOCAL, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, full, sk, diag,
-                   qk_scale, BLOCK_N, HEAD_D, BLOCK_D, False, CAUSAL, PREC)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, full, hi, sk, diag,
-                   qk_scale, BLOCK_N, HEAD_D, BLOCK_D, True, CAUSAL, PREC)
+    if LOCAL:
+        dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, a_end, sk, up,
+                       lo_off, qk_scale, BLOCK_N, HEAD_D, BLOCK_D, True, CAUSAL, LOCAL, PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, a_end, full, sk, up,
+                   lo_off, qk_scale, BLOCK_N, HEAD_D, BLOCK_D, False, CAUSAL, LOCAL, PREC)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d,
+                   tl.maximum(full, a_end), hi, sk, up, lo_off, qk_scale, BLOCK_N, HEAD_D, BLOCK_D, True, CAUSAL,
+                   LOCAL, PREC)
     dq = dq * scale
     tl.store(DQ + b64 * stride_gb + h * stride_gh + rows * stride_gt + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=msk)
@@ -259,8 +290,9 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K,
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qh, stride_dh, stride_lh,
-                stride_qt, stride_dt, GROUP, offs_n, offs_d, lo, hi, sq, diag, qk_scale,
-                BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+                stride_qt, stride_dt, GROUP, offs_n, offs_d, lo, hi, sq, up, lo_off, qk_scale,
+                BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                LOCAL: tl.constexpr, PREC: tl.constexpr):
     # one flat loop over (group head g, row tile): the row loop nested in a per-head loop kept
     # far more registers live on sm_90 (255 and spilling in 7 of the 8 old D=64/128 configs)
     n = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_M)
@@ -275,8 +307,11 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qh, 
                      mask=mmask[None, :] & (offs_d[:, None] < HEAD_D), other=0.0)
         lse = tl.load(lse_base + l_off + offs_m, mask=mmask, other=float("inf"))
         pT = tl.math.exp2(tl.dot(k, qT, input_precision=PREC) * qk_scale - lse[None, :])
-        if MASKED:  # bottom-right causal: key j visible to row i when j <= i + diag
-            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, pT, 0.0)
+        if MASKED:  # the band: key j visible to row i when i + lo_off <= j <= i + up
+            if CAUSAL:
+                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + up, pT, 0.0)
+            if LOCAL:
+                pT = tl.where(offs_n[:, None] >= offs_m[None, :] + lo_off, pT, 0.0)
         do = tl.load(do_base + g * stride_dh + rows[:, None] * stride_dt + offs_d[None, :],
                      mask=mmask[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
@@ -292,9 +327,10 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K,
                  stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                  stride_vb, stride_vt, stride_vh, stride_db, stride_dt, stride_dh,
                  stride_gkb, stride_gkt, stride_gkh, stride_gvb, stride_gvt, stride_gvh, stride_lb, stride_lh,
-                 HKV, GROUP, seq_q, seq_k, qk_scale, scale, tune_q, tune_k,
+                 HKV, GROUP, seq_q, seq_k, qk_scale, scale, win_l, win_r, tune_q, tune_k,
                  HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                 PAGED: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 PAGED: tl.constexpr, PREC: tl.constexpr, LOCAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     # grid (cdiv(max_seqlen_k, BLOCK_N), B * Hkv): one K/V tile, summed over the group's GROUP q heads
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -311,26 +347,42 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K,
     msk = (offs_n[:, None] < sk) & (offs_d[None, :] < HEAD_D)
     k = tl.load(K + b64 * stride_kb + kvh * stride_kh + krows * stride_kt + offs_d[None, :], mask=msk, other=0.0)
     v = tl.load(V + b64 * stride_vb + kvh * stride_vh + krows * stride_vt + offs_d[None, :], mask=msk, other=0.0)
-    diag = sk - sq
-    if CAUSAL:  # first row that sees key n0; rows from `full` on see the whole tile
-        lo = tl.maximum(n0 - diag, 0) // BLOCK_M * BLOCK_M
-        full = tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M, lo)
+    up = sk - sq + win_r
+    lo_off = sk - sq - win_l
+    # the query rows that meet this key tile: [r_lo, u_end) cross the band's right edge, [u_end,
+    # l_start) see the whole tile, [l_start, r_hi) cross its left edge; every bound a BLOCK_M
+    # multiple or an end, so the ranges do not overlap
+    if CAUSAL:  # row i sees key j when i >= j - up
+        r_lo = tl.maximum(n0 - up, 0) // BLOCK_M * BLOCK_M
+        u_end = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - up, 0), BLOCK_M) * BLOCK_M
     else:
-        lo = 0
-        full = 0
-    mid = tl.minimum(full, sq)
+        r_lo = 0
+        u_end = 0
+    if LOCAL:  # row i sees key j when i <= j - lo_off
+        r_hi = tl.minimum(sq, tl.maximum(n0 + BLOCK_N - lo_off, 0))
+        l_start = tl.maximum(n0 - lo_off + 1, 0) // BLOCK_M * BLOCK_M
+    else:
+        r_hi = sq
+        l_start = sq
+    u_end = tl.maximum(tl.minimum(u_end, r_hi), r_lo)
+    l_start = tl.maximum(tl.minimum(l_start, r_hi), u_end)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     h = kvh * GROUP  # the group's first query head
     q_base = Q + b64 * stride_qb + q_start * stride_qt + h * stride_qh
     do_base = DO + b64 * stride_db + q_start * stride_dt + h * stride_dh
     l_off = b64 * stride_lb + h * stride_lh + q_start
+    if CAUSAL:
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + l_off, DELTA + l_off, stride_qh, stride_dh,
+                             stride_lh, stride_qt, stride_dt, GROUP, offs_n, offs_d, r_lo, u_end, sq, up, lo_off,
+                             qk_scale, BLOCK_M, HEAD_D, True, CAUSAL, LOCAL, PREC)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + l_off, DELTA + l_off, stride_qh, stride_dh, stride_lh,
-                         stride_qt, stride_dt, GROUP, offs_n, offs_d, lo, mid, sq, diag, qk_scale,
-                         BLOCK_M, HEAD_D, True, PREC)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + l_off, DELTA + l_off, stride_qh, stride_dh, stride_lh,
-                         stride_qt, stride_dt, GROUP, offs_n, offs_d, full, sq, sq, diag, qk_scale,
-                         BLOCK_M, HEAD_D, False, PREC)
+                         stride_qt, stride_dt, GROUP, offs_n, offs_d, u_end, l_start, sq, up, lo_off, qk_scale,
+                         BLOCK_M, HEAD_D, False, CAUSAL, LOCAL, PREC)
+    if LOCAL:
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + l_off, DELTA + l_off, stride_qh, stride_dh,
+                             stride_lh, stride_qt, stride_dt, GROUP, offs_n, offs_d, l_start, r_hi, sq, up, lo_off,
+                             qk_scale, BLOCK_M, HEAD_D, True, CAUSAL, LOCAL, PREC)
     dk = dk * scale
     tl.store(DK + b64 * stride_gkb + kvh * stride_gkh + krows * stride_gkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=msk)
@@ -369,14 +421,19 @@ def _last_contig(x):
 class _Meta:
     """Shape facts shared by the forward and backward launches of one call."""
 
-    def __init__(self, q, k, cu_q, max_sq, max_sk, causal, scale, paged):
+    def __init__(self, q, k, cu_q, max_sq, max_sk, causal, scale, paged, window):
         self.varlen = cu_q is not None
         self.batch = cu_q.shape[0] - 1 if self.varlen else q.shape[0]
         self.h, self.d = q.shape[-2], q.shape[-1]
         self.hkv = k.shape[-2]
         self.max_sq, self.max_sk = max_sq, max_sk
-        self.consts = dict(HEAD_D=self.d, BLOCK_D=triton.next_power_of_2(self.d), CAUSAL=bool(causal),
-                           VARLEN=self.varlen, PAGED=paged,
+        # window (left, right) with causal folded in (right 0); CAUSAL: the band has a right edge
+        left, right = window
+        if causal:
+            right = 0
+        self.window = (max(left, 0), max(right, 0))
+        self.consts = dict(HEAD_D=self.d, BLOCK_D=triton.next_power_of_2(self.d), CAUSAL=right >= 0,
+                           LOCAL=left >= 0, VARLEN=self.varlen, PAGED=paged,
                            PREC="ieee" if q.dtype == torch.float32 else "tf32")
         self.tune = (_tune_bucket(max_sq), _tune_bucket(max_sk))
         self.scale = scale
@@ -390,11 +447,12 @@ class _Meta:
         return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
 
 
-def attention_fwd(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale):
-    """Launcher: -> out like q, lse (fp32, log2). cu_q None: dense (B, S, H, D)."""
+def attention_fwd(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale, window=(-1, -1)):
+    """Launcher: -> out like q, lse (fp32, log2). cu_q None: dense (B, S, H, D). window (left, right),
+    -1 unbounded, bottom-right aligned like causal."""
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     paged = block_table is not None
-    m = _Meta(q, k, cu_q, max_sq, max_sk, causal, scale, paged)
+    m = _Meta(q, k, cu_q, max_sq, max_sk, causal, scale, paged, window)
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = m.lse_empty(q)
     if paged:
@@ -406,16 +464,16 @@ def attention_fwd(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scal
     dummy = cu_q if m.varlen else q
     args = (q, k, v, out, lse, dummy, cu_k if m.varlen else q, bt,
             *_s(q, m.varlen), *ks, *vs, *_s(out, m.varlen), *m.lse_strides(lse), bt_stride,
-            m.h, m.h // m.hkv, max_sq, max_sk, m.qk_scale, *m.tune)
+            m.h, m.h // m.hkv, max_sq, max_sk, m.qk_scale, *m.window, *m.tune)
     _launch(_fwd_tuned, _fwd_kernel, _CPU_FWD, lambda bm, bn: (triton.cdiv(max_sq, bm), m.batch * m.h),
             args, dict(m.consts, PAGE=page), q)
     return out, lse
 
 
-def attention_bwd(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale):
+def attention_bwd(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale, window=(-1, -1)):
     """Launcher: -> dq, dk, dv."""
     do, q, k, v = _last_contig(do), _last_contig(q), _last_contig(k), _last_contig(v)
-    m = _Meta(q, k, cu_q, max_sq, max_sk, causal, scale, False)
+    m = _Meta(q, k, cu_q, max_sq, max_sk, causal, scale, False, window)
     vl = m.varlen
     cu_q_, cu_k_ = (cu_q, cu_k) if vl else (q, q)
     delta = torch.empty_like(lse)
@@ -427,7 +485,7 @@ def attention_bwd(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, sca
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     common = (*_s(q, vl), *_s(k, vl), *_s(v, vl), *_s(do, vl))
-    tail = (m.h // m.hkv, max_sq, max_sk, m.qk_scale, scale, *m.tune)
+    tail = (m.h // m.hkv, max_sq, max_sk, m.qk_scale, scale, *m.window, *m.tune)
     _launch(_dq_tuned, _dq_kernel, _CPU_DQ, lambda bm, bn: (triton.cdiv(max_sq, bm), m.batch * m.h),
             (q, k, v, do, dq, lse, delta, cu_q_, cu_k_, *common, *_s(dq, vl), *m.lse_strides(lse), m.h, *tail),
             m.consts, q)

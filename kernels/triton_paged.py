@@ -4,7 +4,8 @@ Decode is bandwidth bound: each program streams one kv head's K/V for a slice of
 context once and serves all H // Hkv query heads of that group from it (one tl.dot with
 the group padded to 16 rows). A second kernel merges the per-split (max, sumexp, acc).
 Every launch decision depends on shapes only (never on seq_lens values), so the decode
-step can be captured in a CUDA graph.
+step can be captured in a CUDA graph. A sliding window (the last left + 1 keys) splits only the
+window's span: blocks before it are never read.
 """
 from __future__ import annotations
 
@@ -20,15 +21,19 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_kernel(Q, K, V, BT, SEQ, O, ML, ACC,
                    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                   stride_btb, stride_ob, stride_oh, qk_scale, split_len,
+                   stride_btb, stride_ob, stride_oh, qk_scale, split_len, win_l,
                    GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr, PREC: tl.constexpr,
+                   LOCAL: tl.constexpr):
     # grid (B, Hkv, NUM_SPLITS); ML (B, H, NUM_SPLITS, 2) fp32, ACC (B, H, NUM_SPLITS, BLOCK_D) fp32
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     n = tl.load(SEQ + b)
-    lo = split * split_len
+    if LOCAL:  # the query is token n - 1: it sees keys [n - 1 - win_l, n)
+        lo = tl.maximum(n - 1 - win_l, 0) + split * split_len
+    else:
+        lo = split * split_len
     hi = tl.minimum(lo + split_len, n)
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, BLOCK_D)
@@ -106,9 +111,10 @@ def _num_splits(batch, hkv, max_ctx, device) -> int:
     return max(1, min(want, triton.cdiv(max_ctx, 256), 64))
 
 
-def paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale):
+def paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale, left=-1):
     """q (B, H, D); caches (num_blocks, block_size, Hkv, D); block_table (B, max_blocks) int32;
-    seq_lens (B,) int32. Returns (B, H, D). Arguments already validated."""
+    seq_lens (B,) int32; left >= 0: each query sees its last left + 1 keys. Returns (B, H, D).
+    Arguments already validated."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -118,6 +124,8 @@ def paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale):
     group = h // hkv
     block_d = triton.next_power_of_2(d)
     max_ctx = block_table.shape[1] * page  # shape-based: CUDA-graph safe
+    if left >= 0:
+        max_ctx = min(max_ctx, left + 1)  # the most keys a window holds
     splits = _num_splits(batch, hkv, max_ctx, q.device)
     cuda = q.is_cuda
     block_n = (64 if block_d >= 128 else 128) if cuda else 16
@@ -132,10 +140,10 @@ def paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale):
         q, k_cache, v_cache, block_table, seq_lens, out, ml, acc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
-        out.stride(0), out.stride(1), scale * LOG2E, split_len,
+        out.stride(0), out.stride(1), scale * LOG2E, split_len, max(left, 0),
         GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_D=d, BLOCK_D=block_d,
         BLOCK_N=block_n, PAGE=page, NUM_SPLITS=splits, PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=3 if cuda else 1)
+        LOCAL=left >= 0, num_warps=4, num_stages=3 if cuda else 1)
     if splits > 1:
         _combine_kernel[(batch, h)](ml, acc, out, out.stride(0), out.stride(1), h, HEAD_D=d, BLOCK_D=block_d,
                                     NUM_SPLITS=splits, S_PAD=triton.next_power_of_2(splits), num_warps=4)

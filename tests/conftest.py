@@ -18,6 +18,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def torch_path():
+    """torch_cpu_path for a whole module: a server or engine thread that outlives one test."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        yield
+
+
 @pytest.fixture
 def torch_cpu_path(monkeypatch):
     """Engine-level tests: CPU tensors take the fast torch path instead of the (slow) Triton

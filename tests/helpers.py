@@ -8,14 +8,22 @@ import torch
 
 
 def make_hf_model(kind: str, path, vocab_size: int = 256, seed: int = 0, save: bool = True, **kw):
-    """Save a random-init transformers model of `kind` (gpt2 | llama | llama-untied | qwen2 | qwen2-untied)
-    to path; kw go to the transformers config (e.g. rope_scaling=..., max_position_embeddings=...)."""
+    """Save a random-init transformers model of `kind` (gpt2 | gpt_neo | llama | llama-untied | mistral |
+    mistral-untied | qwen2 | qwen2-untied) to path; kw go to the transformers config (e.g. rope_scaling=...,
+    max_position_embeddings=..., sliding_window=...)."""
     import transformers
     torch.manual_seed(seed)
     if kind == "gpt2":
         cfg = transformers.GPT2Config(**{**dict(n_layer=2, n_embd=64, n_head=2, vocab_size=vocab_size,
                                                 n_positions=128, bos_token_id=0, eos_token_id=0), **kw})
         model = transformers.GPT2LMHeadModel(cfg)
+    elif kind == "gpt_neo":  # one global and one local layer by default
+        cfg = transformers.GPTNeoConfig(**{**dict(num_layers=2, hidden_size=64, num_heads=2, vocab_size=vocab_size,
+                                                  max_position_embeddings=128, window_size=8,
+                                                  attention_types=[[["global", "local"], 1]], bos_token_id=0,
+                                                  eos_token_id=0), **kw})
+        model = transformers.GPTNeoForCausalLM(cfg)
+        _randomize_norms_and_biases(model)
     else:
         family = kind.split("-")[0]
         args = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=160, num_attention_heads=4,
@@ -24,19 +32,33 @@ def make_hf_model(kind: str, path, vocab_size: int = 256, seed: int = 0, save: b
                     bos_token_id=0, eos_token_id=0)
         args.update(kw)
         if family == "qwen2":
-            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(use_sliding_window=False, **args))
+            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{"use_sliding_window": False, **args}))
+        elif family == "mistral":
+            model = transformers.MistralForCausalLM(transformers.MistralConfig(**args))
         else:
             model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args))
-        with torch.no_grad():  # random norms and biases so a mis-mapped one would show
-            for n, p in model.named_parameters():
-                if "norm" in n:
-                    p.uniform_(0.5, 1.5)
-                elif n.endswith(".bias"):
-                    p.normal_(0, 0.5)
+        _randomize_norms_and_biases(model)
     model.eval()
     if save:
         model.save_pretrained(path)
     return model
+
+
+def hf_greedy(hf, prompt, n: int) -> list[int]:
+    """transformers' greedy continuation of prompt (a list of ids): n new ids, EOS off (as ignore_eos)."""
+    hf.generation_config.eos_token_id = None
+    ids = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return ids[0, len(prompt):].tolist()
+
+
+def _randomize_norms_and_biases(model) -> None:
+    """Random norms and biases, so that a mis-mapped one would show."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or ".ln_" in n:
+                p.uniform_(0.5, 1.5)
+            elif n.endswith(".bias"):
+                p.normal_(0, 0.5)
 
 
 def save_hub_gpt2(model, path) -> None:
@@ -86,3 +108,18 @@ def train_bpe(texts, vocab_size: int = 300, special_tokens=("<|endoftext|>",)):
         vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return tok
+
+
+def wait_healthy(proc, port: int, timeout: float = 120.0) -> str:
+    """The URL of a `gpt-engine serve` subprocess on port, once /health answers 200."""
+    import time
+
+    import httpx
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + timeout
+    while True:
+        assert proc.poll() is None and time.time() < deadline, "server did not come up"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            time.sleep(0.2)

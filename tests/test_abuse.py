@@ -27,7 +27,8 @@ from gpt_engine.request import Detokenizer
 from gpt_engine.sampling import SamplingParams
 from gpt_engine.scheduler import Overloaded, Scheduler, Sequence
 from gpt_engine.server import allowed_hosts, build_app, load_chat_template, serve
-from tests.test_server import KEY, ServerThread, model_dir, torch_path  # noqa: F401 (fixtures)
+from tests.helpers import wait_healthy
+from tests.test_server import KEY, ServerThread, model_dir  # noqa: F401 (fixtures)
 
 CHAT = [{"role": "user", "content": "hi"}]
 ERROR_FIELDS = {"message", "type", "param", "code"}
@@ -499,3 +500,65 @@ def test_config_values_checked_before_allocation(field, value):
 def test_model_config_fields_checked(field, value):
     with pytest.raises(ValueError, match=field):
         ModelConfig(model_type="llama", **{field: value})
+
+
+def test_sigterm_ends_a_long_stream_within_the_shutdown_timeout(tmp_path):
+    """A supervisor's SIGTERM while a stream is far from done: after --shutdown-timeout the stream
+    ends for the client (an error chunk, then the end of the response, not a cut connection) and
+    the process exits 0 soon after, instead of serving the stream to its end, dying by the signal,
+    or hanging on the engine thread."""
+    import os
+    import signal
+    import subprocess
+
+    from gpt_engine.tokenizer import Tokenizer
+    from tests.helpers import make_hf_model
+    from tests.test_server import CORPUS
+
+    model = tmp_path / "long-model"
+    make_hf_model("gpt2", model, vocab_size=384, n_positions=32768)  # room for a stream of thousands of tokens
+    Tokenizer.train([CORPUS], vocab_size=320, show_progress=False).save(model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    grace = 3.0
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "gpt_engine", "serve", str(model), "--port", str(port),
+                             "--device", "cpu", "--shutdown-timeout", str(grace), "--api-key", KEY,
+                             "--kv-cache-tokens", "33000"],
+                            env={**os.environ, "TRITON_INTERPRET": "0"}, stdout=log, stderr=log)
+    try:
+        url = wait_healthy(proc, port)
+        name = httpx.get(url + "/v1/models", headers=auth(), timeout=5).json()["data"][0]["id"]
+        body = dict(model=name, prompt="def", max_tokens=32000, ignore_eos=True, temperature=0, stream=True)
+        chunks, ended, t_term, last = 0, None, None, None
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, headers=auth(),
+                              timeout=httpx.Timeout(grace + 30)) as r:
+                assert r.status_code == 200, r.read()
+                for line in r.iter_lines():
+                    last = line or last
+                    if line == "data: [DONE]":
+                        ended = "done"
+                    elif line.startswith("data: "):
+                        chunks += 1
+                        if chunks == 20:
+                            proc.send_signal(signal.SIGTERM)
+                            t_term = time.time()
+            ended = ended or "eof"
+        except (httpx.RemoteProtocolError, httpx.ReadError):
+            ended = "closed"  # the server ended the stream by closing the connection
+        assert t_term is not None, f"the stream ended after {chunks} chunks, before the signal"
+        # the engine ended the stream: the response ends with an error chunk, not a cut connection
+        assert ended == "eof" and '"error"' in last or ended == "done", (ended, last)
+        assert chunks < 32000, "the stream ran to its end: SIGTERM did not end it"
+        code = proc.wait(grace + 10)
+        took = time.time() - t_term
+        assert code == 0, (code, (tmp_path / "serve.log").read_text()[-3000:])
+        assert took < grace + 10, took
+        assert "Exception in ASGI application" not in (tmp_path / "serve.log").read_text()
+    finally:
+        log.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -21,10 +21,10 @@ def _rand(*shape, dtype=torch.float32, device=CPU, grad=True):
     return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(grad)
 
 
-def _lowp_attention(q, k, v, causal):
+def _lowp_attention(q, k, v, causal, window=(-1, -1)):
     """The same op in plain torch at the inputs' own precision (the yardstick for fp16/bf16)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    return torch.stack([R._attend(q[b], k[b], v[b], causal, scale) for b in range(q.shape[0])])
+    return torch.stack([R._attend(q[b], k[b], v[b], causal, scale, window) for b in range(q.shape[0])])
 
 
 def _fwd_bwd(fn, inputs, do):
@@ -40,23 +40,24 @@ def assert_within(got, ref32, lowp, atol, what=""):
         assert err <= 2 * base + atol, f"{what} {name}: kernel err {err:.3g} vs torch {base:.3g}"
 
 
-def check_dense(b, sq, sk, h, hkv, d, causal, dtype, device=CPU, grads=True, atol=None):
+def check_dense(b, sq, sk, h, hkv, d, causal, dtype, device=CPU, grads=True, atol=None, window=(-1, -1)):
     torch.manual_seed(sq * 131 + sk + h + d)
     q, k, v = (_rand(b, n, hh, d, device=device) for n, hh in ((sq, h), (sk, hkv), (sk, hkv)))
     do = torch.randn(b, sq, h, d, device=device)
-    ref = _fwd_bwd(lambda *x: R.flash_attention(*x, causal=causal), [q, k, v], do)
+    ref = _fwd_bwd(lambda *x: R.flash_attention(*x, causal=causal, window_size=window), [q, k, v], do)
     lq, lk, lv = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
     if not grads:
-        got = [kernels.flash_attention(lq, lk, lv, causal=causal)]
+        got = [kernels.flash_attention(lq, lk, lv, causal=causal, window_size=window)]
         ref = ref[:1]
     else:
-        got = _fwd_bwd(lambda *x: kernels.flash_attention(*x, causal=causal), [lq, lk, lv], do.to(dtype))
+        got = _fwd_bwd(lambda *x: kernels.flash_attention(*x, causal=causal, window_size=window), [lq, lk, lv],
+                       do.to(dtype))
     if dtype == torch.float32:
         tol = atol or 2e-4
         for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
             torch.testing.assert_close(g, r, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
     else:
-        low = _fwd_bwd(lambda *x: _lowp_attention(*x, causal), [lq, lk, lv], do.to(dtype))
+        low = _fwd_bwd(lambda *x: _lowp_attention(*x, causal, window), [lq, lk, lv], do.to(dtype))
         assert_within(got, ref, low, atol or 2e-3, f"{dtype}")
 
 
@@ -324,6 +325,184 @@ def test_varlen_cpu_kernel_errors():
         ext.varlen_attention(x, x, x, cu, cu, True, 1.0)
 
 
+# ---- sliding windows: window_size=(left, right), bottom-right aligned like causal ----
+
+# (B, Sq, Sk, H, Hkv, D, causal, window): windows 1, 7, 64 and >= S; Sq < Sk and Sq > Sk; GQA;
+# non-causal windows bounded on both sides, on one side, and right-only
+WINDOWED = [
+    (1, 97, 97, 2, 1, 64, True, (7, 0)),
+    (2, 33, 57, 4, 2, 64, True, (1, -1)),
+    (1, 130, 97, 2, 2, 64, True, (64, 0)),
+    (1, 97, 130, 4, 1, 80, True, (200, 0)),
+    (1, 57, 40, 4, 4, 64, False, (7, 3)),
+    (1, 40, 57, 8, 2, 64, False, (64, -1)),
+    (1, 57, 57, 2, 1, 64, False, (-1, 1)),
+    (1, 17, 40, 2, 1, 64, False, (0, 0)),
+]
+
+
+@pytest.mark.parametrize("case", WINDOWED, ids=lambda c: "-".join(map(str, c)))
+def test_window_fp32(case):
+    *shape, window = case
+    check_dense(*shape, torch.float32, window=window)
+
+
+@pytest.mark.parametrize("case", [WINDOWED[0], WINDOWED[2], WINDOWED[4]], ids=lambda c: "-".join(map(str, c)))
+def test_window_fp16(case):
+    *shape, window = case
+    check_dense(*shape, torch.float16, window=window)
+
+
+def test_window_reference_is_the_band():
+    # the twin itself, against the definition written out: i + Sk - Sq - left <= j <= i + Sk - Sq + right
+    torch.manual_seed(9)
+    sq, sk, d = 5, 9, 64
+    q, k, v = torch.randn(1, sq, 1, d), torch.randn(1, sk, 1, d), torch.randn(1, sk, 1, d)
+    got = R.flash_attention(q.double(), k.double(), v.double(), causal=False, window_size=(2, 1))
+    for i in range(sq):
+        js = [j for j in range(sk) if i + sk - sq - 2 <= j <= i + sk - sq + 1]
+        p = torch.softmax(q[0, i, 0].double() @ k[0, js, 0].double().T / math.sqrt(d), -1)
+        torch.testing.assert_close(got[0, i, 0], p @ v[0, js, 0].double())
+    causal = R.flash_attention(q, k, v, causal=True, window_size=(2, 5))  # causal: right is 0
+    torch.testing.assert_close(causal, R.flash_attention(q, k, v, causal=False, window_size=(2, 0)))
+    wide = R.flash_attention(q, k, v, causal=True, window_size=(sk, 0))  # a window past every key is causal
+    torch.testing.assert_close(wide, R.flash_attention(q, k, v, causal=True))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernels under the interpreter")
+def test_window_skips_tiles():
+    # a NaN in key 0's value poisons every tile pass that reads it, masked or not (0 x NaN): with a
+    # window of 8 only the first query block (32 rows on CPU) and the dk/dv tiles of its rows may
+    # read it, so everything past them stays finite only if the tiles outside the band are skipped
+    torch.manual_seed(16)
+    q, k, v = (_rand(1, 128, 2, 64) for _ in range(3))
+    with torch.no_grad():
+        v[:, 0] = float("nan")
+    out = kernels.flash_attention(q, k, v, causal=True, window_size=(7, 0))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert out[:, 32:].isfinite().all() and dq[:, 32:].isfinite().all()
+    assert dk[:, 64:].isfinite().all() and dv[:, 1:].isfinite().all()
+    full = kernels.flash_attention(q, k, v, causal=True)
+    assert full[:, 32:].isnan().any()  # without a window the later rows do read key 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_window_varlen_fwd_bwd(dtype):
+    torch.manual_seed(11)
+    lq, lk, h, hkv, d, window = [1, 17, 40, 70], [5, 17, 33, 70], 4, 2, 64, (7, 0)
+    q, k, v = _rand(sum(lq), h, d), _rand(sum(lk), hkv, d), _rand(sum(lk), hkv, d)
+    cq, ck = _cu(lq), _cu(lk)
+    do = torch.randn_like(q)
+
+    def run(fn, x):
+        return fn(*x, cq, ck, max(lq), max(lk), causal=True, window_size=window)
+    ref = _fwd_bwd(lambda *x: run(R.flash_attention_varlen, x), [q, k, v], do)
+    xs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    got = _fwd_bwd(lambda *x: run(kernels.flash_attention_varlen, x), xs, do.to(dtype))
+    if dtype == torch.float32:
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, atol=2e-4, rtol=2e-4)
+    else:
+        def low(*x):
+            return torch.cat([_lowp_attention(x[0][None, cq[i]:cq[i + 1]], x[1][None, ck[i]:ck[i + 1]],
+                                              x[2][None, ck[i]:ck[i + 1]], True, window)[0] for i in range(len(lq))])
+        assert_within(got, ref, _fwd_bwd(low, xs, do.to(dtype)), 2e-3, "windowed varlen fp16")
+
+
+@pytest.mark.parametrize("window", [(1, 0), (16, 0), (100, 0)])
+def test_window_paged_prefill(window):
+    torch.manual_seed(12)
+    h, hkv, d, block_size = 4, 2, 64, 16
+    klens, qlens = [20, 1, 70], [20, 1, 9]
+    kc, vc, table = _paged(klens, block_size, hkv, d, torch.float32)
+    q = torch.randn(sum(qlens), h, d)
+    args = (_cu(qlens), _cu(klens), max(qlens), max(klens))
+    got = kernels.flash_attention_varlen(q, kc, vc, *args, block_table=table, window_size=window)
+    ref = R.flash_attention_varlen(q, kc, vc, *args, block_table=table, window_size=window)
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sq,sk", [(5, 23), (23, 5), (1, 9)])
+@pytest.mark.parametrize("window", [(-1, -1), (3, 0)])
+def test_sdpa_path_bottom_right(dtype, sq, sk, window, monkeypatch):
+    # plain CPU (no interpreter): flash_attention runs torch SDPA with its own mask, which must align
+    # causal and windows bottom-right (a top-left mask would pass square shapes only), with grads
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(sq + sk)
+    q, k, v = _rand(2, sq, 4, 64, dtype=dtype), _rand(2, sk, 2, 64, dtype=dtype), _rand(2, sk, 2, 64, dtype=dtype)
+    do = torch.randn(2, sq, 4, 64, dtype=dtype)
+    got = _fwd_bwd(lambda *x: kernels.flash_attention(*x, causal=True, window_size=window), [q, k, v], do)
+    ref = _fwd_bwd(lambda *x: R.flash_attention(*x, causal=True, window_size=window), [q, k, v], do)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window", [(7, 0), (0, 0), (-1, 3), (5, 2)])
+def test_sdpa_varlen_window(window, monkeypatch):
+    # the per-sequence SDPA fallback (float64 here) with a window, causal and not
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(13)
+    lq, lk = [3, 17, 1], [9, 17, 6]
+    q, k, v = torch.randn(sum(lq), 4, 64).double(), torch.randn(sum(lk), 2, 64).double(), torch.randn(sum(lk), 2, 64).double()
+    for causal in (True, False):
+        args = (q, k, v, _cu(lq), _cu(lk), max(lq), max(lk), causal, None)
+        got = kernels.flash_attention_varlen(*args, window_size=window)
+        torch.testing.assert_close(got, R.flash_attention_varlen(*args, window_size=window))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [(1, 0), (7, 0), (64, 0), (500, 0), (7, 3), (-1, 2)])
+def test_varlen_cpu_kernel_window(causal, window, monkeypatch):
+    # the C++ kernel's tiles start at their first row's first key: windows off the 16-key blocks,
+    # Sq < Sk and Sq > Sk, an empty sequence, GQA
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ext = _ext_or_skip()
+    torch.manual_seed(14)
+    h, hkv, d = 6, 2, 64
+    lq, lk = [1, 5, 0, 17, 40, 33, 90], [1, 9, 0, 17, 40, 50, 70]
+    q, k, v = torch.randn(sum(lq), h, d), torch.randn(sum(lk), hkv, d), torch.randn(sum(lk), hkv, d)
+    cq, ck = _cu(lq), _cu(lk)
+    with torch.no_grad():
+        got = kernels.flash_attention_varlen(q, k, v, cq, ck, max(lq), max(lk), causal=causal, window_size=window)
+    ref = R.flash_attention_varlen(q.double(), k.double(), v.double(), cq, ck, max(lq), max(lk), causal,
+                                   window_size=window)
+    torch.testing.assert_close(got, ref.float(), atol=2e-5, rtol=2e-5)
+    left, right = window
+    direct = ext.varlen_attention(q, k, v, cq, ck, causal, 1 / 8, None, left, 0 if causal else right)
+    torch.testing.assert_close(direct, got, atol=0, rtol=0)  # flash_attention_varlen took the kernel
+
+
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_varlen_cpu_kernel_paged_window(block_size, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _ext_or_skip()
+    torch.manual_seed(15)
+    h, hkv, d = 4, 2, 64
+    klens, qlens = [20, 1, 70, 33], [20, 1, 9, 4]
+    kc, vc, table = _paged(klens, block_size, hkv, d, torch.float32)
+    q = torch.randn(sum(qlens), h, d)
+    args = (_cu(qlens), _cu(klens), max(qlens), max(klens))
+    for window in ((7, 0), (30, 0)):
+        with torch.no_grad():
+            got = kernels.flash_attention_varlen(q, kc, vc, *args, block_table=table, window_size=window)
+        ref = R.flash_attention_varlen(q.double(), kc.double(), vc.double(), *args, block_table=table,
+                                       window_size=window)
+        torch.testing.assert_close(got, ref.float(), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("bad,exc", [((-2, 0), ValueError), ((0, -5), ValueError), ((1.5, 0), TypeError),
+                                     ((3,), TypeError), (5, TypeError), ((True, 0), TypeError)])
+def test_window_errors(bad, exc):
+    q = torch.randn(1, 4, 2, 64)
+    with pytest.raises(exc, match="window_size"):
+        kernels.flash_attention(q, q, q, window_size=bad)
+    cu = _cu([4])
+    with pytest.raises(exc, match="window_size"):
+        kernels.flash_attention_varlen(q[0], q[0], q[0], cu, cu, 4, 4, window_size=bad)
+
+
 # ---- GPU: realistic sizes, low precision, compile ----
 
 GPU_DENSE = [(2, 1024, 1024, 16, 16, 128, True), (2, 2048, 2048, 16, 4, 64, True),
@@ -335,6 +514,18 @@ GPU_DENSE = [(2, 1024, 1024, 16, 16, 128, True), (2, 2048, 2048, 16, 4, 64, True
 @pytest.mark.parametrize("case", GPU_DENSE, ids=lambda c: "-".join(map(str, c)))
 def test_gpu_dense(case, dtype):
     check_dense(*case, dtype, device=torch.device("cuda"))
+
+
+GPU_WINDOWED = [(2, 2048, 2048, 16, 4, 128, True, (255, 0)), (2, 1000, 1537, 16, 8, 64, True, (64, 0)),
+                (1, 1537, 1000, 16, 16, 128, False, (127, 127))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", GPU_WINDOWED, ids=lambda c: "-".join(map(str, c)))
+def test_gpu_window(case, dtype):
+    *shape, window = case
+    check_dense(*shape, dtype, device=torch.device("cuda"), window=window)
 
 
 @pytest.mark.gpu

@@ -193,7 +193,7 @@ def _hf_llama(**over):
     (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}), "short_factor"),
     (dict(rope_scaling={"rope_type": "linear", "factor": 1e9}), "factor"),
     (dict(rope_scaling=[1, 2]), "rope_scaling"),
-    (dict(use_sliding_window=True, model_type="qwen2"), "use_sliding_window"),
+    (dict(use_sliding_window="yes", model_type="qwen2"), "use_sliding_window"),
 ])
 def test_config_validation_names_the_field(over, field, tmp_path):
     with pytest.raises(ValueError, match=field):

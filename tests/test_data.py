@@ -85,6 +85,13 @@ def test_read_jsonl_errors(tmp_path):
         read_jsonl(tmp_path / "none.jsonl")
 
 
+def test_read_jsonl_invalid_utf8_names_file_and_line(tmp_path):
+    p = tmp_path / "bytes.jsonl"
+    p.write_bytes('{"text": "héllo"}\n'.encode() + b'{"text": "caf\xe9"}\n')  # latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"bytes.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 14\)"):
+        read_jsonl(p)
+
+
 def test_encode_pairs_masks_prompt(tok):
     toks, mask = encode_pairs([("line 1:", " the fox"), ("ab", "c")], tok)
     p1, c1 = tok.encode("line 1:"), tok.encode(" the fox")

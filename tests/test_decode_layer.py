@@ -79,6 +79,29 @@ def test_matches_reference(case, first):
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("window", [(0, 0), (1, 0), (7, -1), (20, 0), (64, 0)])
+def test_window_matches_reference(window):
+    # a sliding-window layer (mistral, gpt_neo's local layers): the fused call attends to each
+    # token's last left + 1 keys, as the per-op reference does
+    C, H, Hkv, D, ff, bias, act, rope = CASES[3]
+    g = torch.Generator().manual_seed(7)
+    lens = [1, 16, 17, 40, 70]
+    weights = _layer(C, H, Hkv, D, ff, bias, True, g)
+    kc, vc, table, seq_lens, slots = _batch(lens, Hkv, D, g)
+    x, res = torch.randn(len(lens), C, generator=g), torch.randn(len(lens), C, generator=g)
+    args = (table, seq_lens, None, H, 1e-5, True, act, 1 / math.sqrt(D))
+    kc2, vc2 = kc.clone(), vc.clone()
+    with torch.no_grad():
+        y, r = decode_layer(x, res, pack_layer(weights), kc, vc, slots, *args, window_size=window)
+        y_ref, r_ref = R.decode_layer(x, res, weights, kc2, vc2, slots, *args, window_size=window)
+        y_full, _ = decode_layer(x, res, pack_layer(weights), kc.clone(), vc.clone(), slots, *args)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    if window[0] < 40:  # the window cuts the longer sequences' context: a different result
+        assert not torch.allclose(y[3:], y_full[3:], atol=1e-4)
+    with pytest.raises(ValueError, match="window_size"):
+        decode_layer(x, res, pack_layer(weights), kc, vc, slots, *args, window_size=(-3, 0))
+
+
 def test_errors(monkeypatch):
     g = torch.Generator().manual_seed(0)
     weights = _layer(64, 2, 2, 32, 96, True, False, g)

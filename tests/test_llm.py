@@ -8,7 +8,7 @@ from gpt_engine.llm import LLM
 from gpt_engine.sampling import SamplingParams
 from gpt_engine.tokenizer import Tokenizer
 
-from .helpers import make_hf_model
+from .helpers import hf_greedy, make_hf_model
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
@@ -38,12 +38,6 @@ def text_model(tmp_path_factory):
 def prompts_of(lengths, seed=0, vocab=256):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_greedy(hf, prompt, n):
-    hf.generation_config.eos_token_id = None  # as ignore_eos
-    ids = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return ids[0, len(prompt):].tolist()
 
 
 def tokens(outs):

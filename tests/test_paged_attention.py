@@ -26,27 +26,27 @@ def _caches(lens, block_size, hkv, d, dtype, device="cpu", extra_blocks=7):
     return kc, vc, table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
 
 
-def _lowp_decode(q, kc, vc, table, seq_lens):
+def _lowp_decode(q, kc, vc, table, seq_lens, window=(-1, -1)):
     """The same decode in plain torch at the inputs' own precision."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     outs = []
     for b, n in enumerate(seq_lens.tolist()):
         kb, vb = R.gather_paged(kc, table[b], n), R.gather_paged(vc, table[b], n)
-        outs.append(R._attend(q[b:b + 1], kb, vb, False, scale)[0])
+        outs.append(R._attend(q[b:b + 1], kb, vb, False, scale, window)[0])
     return torch.stack(outs)
 
 
-def check_decode(lens, block_size, h, hkv, d, dtype, device="cpu", atol=2e-3):
+def check_decode(lens, block_size, h, hkv, d, dtype, device="cpu", atol=2e-3, window=(-1, -1)):
     torch.manual_seed(sum(lens) + block_size + h)
     kc, vc, table, seq_lens = _caches(lens, block_size, hkv, d, dtype, device)
     q = torch.randn(len(lens), h, d, device=device).to(dtype)
-    got = paged_attention(q, kc, vc, table, seq_lens)
-    ref = R.paged_attention(q.float(), kc.float(), vc.float(), table, seq_lens)
+    got = paged_attention(q, kc, vc, table, seq_lens, window_size=window)
+    ref = R.paged_attention(q.float(), kc.float(), vc.float(), table, seq_lens, window_size=window)
     if dtype == torch.float32:
         torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
         return
     err = (got.float() - ref).abs().max().item()
-    base = (_lowp_decode(q, kc, vc, table, seq_lens).float() - ref).abs().max().item()
+    base = (_lowp_decode(q, kc, vc, table, seq_lens, window).float() - ref).abs().max().item()
     assert err <= 2 * base + atol, f"kernel err {err:.3g} vs torch {base:.3g}"
 
 
@@ -171,6 +171,50 @@ def test_errors():
         store_kvcache(k, k, kc.to("meta"), vc.to("meta"), torch.tensor([0, 1]))
 
 
+# ---- sliding windows: the query (the last cached token) sees its last left + 1 keys ----
+
+@pytest.mark.parametrize("interpret", PATHS)
+@pytest.mark.parametrize("window", [(0, 0), (1, 0), (7, -1), (64, 0), (300, 0)])
+def test_decode_window_fp32(window, interpret, monkeypatch):
+    # windows inside one block, across block edges, and wider than every sequence; GQA
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    check_decode([1, 16, 17, 100, 250], 16, 8, 2, 64, torch.float32, window=window)
+
+
+@pytest.mark.parametrize("interpret", PATHS)
+def test_decode_window_fp16(interpret, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    check_decode([33, 5, 64, 90], 32, 4, 4, 80, torch.float16, window=(20, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_decode_window_cpu_bf16_fp64(dtype, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    check_decode([1, 16, 17, 100, 250], 16, 8, 2, 64, dtype, atol=2e-2, window=(31, 0))
+
+
+@pytest.mark.parametrize("interpret", PATHS)
+def test_decode_window_reads_only_its_blocks(interpret, monkeypatch):
+    # blocks wholly before the window are never read: NaN there must not reach the output
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    kc, vc, table, seq_lens = _caches([100, 40], 16, 2, 64, torch.float32)
+    for b, n in enumerate(seq_lens.tolist()):
+        early = table[b, :(n - 1 - 20) // 16].long()  # blocks holding only tokens before n - 1 - 20
+        kc[early], vc[early] = float("nan"), float("nan")
+    q = torch.randn(2, 4, 64)
+    got = paged_attention(q, kc, vc, table, seq_lens, window_size=(20, 0))
+    assert got.isfinite().all()
+    ref = R.paged_attention(q, kc.nan_to_num(), vc.nan_to_num(), table, seq_lens, window_size=(20, 0))
+    torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("bad,exc", [((-2, 0), ValueError), ((1.0, 0), TypeError), (None, TypeError)])
+def test_window_errors(bad, exc):
+    kc, vc, table, seq_lens = _caches([5], 16, 2, 64, torch.float32)
+    with pytest.raises(exc, match="window_size"):
+        paged_attention(torch.randn(1, 4, 64), kc, vc, table, seq_lens, window_size=bad)
+
+
 # ---- GPU: realistic decode batches ----
 
 @pytest.mark.gpu
@@ -180,6 +224,12 @@ def test_errors():
                                   ([1, 999, 12000], 16, 32, 1, 128)], ids=lambda c: f"B{len(c[0])}-{c[1]}-{c[3]}")
 def test_gpu_decode(case, dtype):
     check_decode(*case, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [(0, 0), (255, 0), (4095, 0)])
+def test_gpu_decode_window(window):
+    check_decode([1, 16, 17, 100, 4096, 777, 2048, 33, 12000], 16, 32, 8, 128, torch.bfloat16, window=window)
 
 
 @pytest.mark.gpu

@@ -23,7 +23,7 @@ from gpt_engine.async_llm import AsyncLLM
 from gpt_engine.llm import LLM
 from gpt_engine.server import ChatTemplate, add_args, build_app, load_chat_template
 from gpt_engine.tokenizer import Tokenizer
-from tests.helpers import make_hf_model
+from tests.helpers import make_hf_model, wait_healthy
 
 KEY = "test-key"
 CORPUS = ("the quick brown fox jumps over the lazy dog. " * 40 + "hello world, hello server! " * 40
@@ -63,14 +63,6 @@ class ServerThread:
             r = fn()
             return await r if asyncio.iscoroutine(r) else r
         return asyncio.run_coroutine_threadsafe(wrap(), self.loop).result(timeout)
-
-
-@pytest.fixture(scope="module")
-def torch_path():
-    # the server thread runs for the whole module: the function-scoped torch_cpu_path is too short
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -468,14 +460,7 @@ def test_serve_command_and_sigterm(model_dir, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "gpt_engine", "serve", str(model_dir), "--port", str(port),
                              "--device", "cpu", "--log-level", "info"], env=env, stdout=log, stderr=log)
     try:
-        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
-        while True:
-            assert proc.poll() is None and time.time() < deadline, "server did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        url = wait_healthy(proc, port)
         c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         r = c.chat.completions.create(model=c.models.list().data[0].id, max_tokens=4,
                                       messages=[{"role": "user", "content": "hi"}])

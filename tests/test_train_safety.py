@@ -109,3 +109,43 @@ def test_resume_with_changed_data_refused(tmp_path):
         tr.check_resume(_cfg(tmp_path, data=str(data)), ckpt, tmp_path)
     with pytest.raises(ValueError, match="data"):
         tr.check_resume(_cfg(tmp_path, data=str(tmp_path / "other.txt")), ckpt, tmp_path)
+
+
+def _tokenizer(text, size):
+    from gpt_engine.tokenizer import Tokenizer
+    return Tokenizer.train([text] * 20, size, show_progress=False)
+
+
+def test_resume_with_other_tokenizer_refused(tmp_path):
+    a = _tokenizer("def f(x):\n    return x * 2\n", 300)
+    ckpt = _ckpt(10, tokenizer_fingerprint=tr.tokenizer_fingerprint(a))
+    tr.check_resume_tokenizer(ckpt, _tokenizer("def f(x):\n    return x * 2\n", 300), tmp_path)  # same: fine
+    tr.check_resume_tokenizer(_ckpt(10), a, tmp_path)  # a checkpoint from before fingerprints: not checked
+    with pytest.raises(ValueError, match=r"tokenizer differs.*\(\d+ tokens, the checkpoint's \d+"):
+        tr.check_resume_tokenizer(ckpt, _tokenizer("SELECT name FROM users WHERE id = 1;\n", 280), tmp_path)
+    other = _tokenizer("SELECT name FROM users WHERE id = 1;\n" * 3 + "def g(y): pass\n", 300)
+    if other.vocab_size == a.vocab_size:
+        with pytest.raises(ValueError, match=r"tokenizer differs.*same size"):
+            tr.check_resume_tokenizer(ckpt, other, tmp_path)
+
+
+def test_train_resume_with_replaced_tokenizer_refused(tmp_path, monkeypatch):
+    """End to end: the checkpoint records the tokenizer, and a resumed run whose cached
+    OUT/data/tokenizer.json was replaced stops before training on ids it was not trained with."""
+    import json
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(300)))
+    mcfg = tmp_path / "cfg.json"
+    mcfg.write_text(json.dumps(dict(model_type="gpt2", n_layer=1, n_head=2, d_model=64, max_seq_len=32,
+                                    vocab_size=300)))
+    cfg = dict(out=str(tmp_path / "run"), data=str(corpus), model=str(mcfg), steps=4, batch_size=2, seq_len=16,
+               warmup=1, eval_every=2, eval_iters=1, sample_tokens=2, progress=False, device="cpu")
+    tr.train(tr.TrainConfig(**cfg, stop_after=2))
+    assert tr.torch.load(tr.latest_checkpoint(tmp_path / "run"), weights_only=True)["tokenizer_fingerprint"]
+    _tokenizer("SELECT name FROM users;\n" * 50, 300).save(tmp_path / "run" / "data")
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        tr.train(tr.TrainConfig(**cfg, resume=True))
+    # the original tokenizer back: the run resumes
+    (tmp_path / "run" / "data" / "meta.json").unlink()
+    tr.train(tr.TrainConfig(**cfg, resume=True))
