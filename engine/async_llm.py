@@ -34,6 +34,7 @@ class EngineClient(Protocol):
     model_name: str
     max_model_len: int
     vocab_size: int
+    default_sampling: dict       # SamplingParams fields the model directory sets (generation_config.json)
 
     @property
     def is_running(self) -> bool: ...
@@ -59,6 +60,7 @@ class AsyncLLM:
     def __init__(self, llm: LLM):
         self.llm = llm
         self.tokenizer, self.model_name = llm.tokenizer, llm.model_name
+        self.default_sampling = llm.default_sampling  # generation_config.json's, for unset request fields
         self.max_model_len, self.vocab_size = llm.max_model_len, llm.vocab_size
         self._lock = threading.Lock()           # guards _pending
         self._pending: list = []                # ("add", prompt, params, request_id) | ("abort", request_id)

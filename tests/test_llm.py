@@ -382,3 +382,20 @@ def test_generation_config_eos_list_and_defaults(models, tmp_path):
     out = llm.generate([prompt], use_tqdm=False)[0]  # greedy, 8 tokens at most: the directory's defaults
     j = next(i for i, t in enumerate(toks) if t in (0, e))
     assert out.token_ids == toks[:j + 1] and out.finish_reason == "stop"
+
+
+def test_server_fills_unset_fields_from_generation_config():
+    # a request's unset sampling fields take the model directory's defaults; set ones win
+    from types import SimpleNamespace
+
+    from gpt_engine.api.protocol import CompletionRequest
+    from gpt_engine.api.serving import sampling_params
+    engine = SimpleNamespace(max_model_len=100, default_sampling={"temperature": 0.0, "top_k": 5, "max_tokens": 7})
+    st = SimpleNamespace(engine=engine)
+    p = sampling_params(st, CompletionRequest(prompt="x"), 10, 16, None)
+    assert (p.temperature, p.top_k, p.max_tokens, p.top_p) == (0.0, 5, 7, 1.0)
+    p = sampling_params(st, CompletionRequest(prompt="x", temperature=0.5, top_k=3, max_tokens=2), 10, 16, None)
+    assert (p.temperature, p.top_k, p.max_tokens) == (0.5, 3, 2)
+    engine.default_sampling = {}
+    p = sampling_params(st, CompletionRequest(prompt="x"), 10, 16, None)
+    assert (p.temperature, p.top_k, p.max_tokens) == (1.0, -1, 16)

@@ -97,15 +97,19 @@ async def off_loop(fn, *args):
 
 def sampling_params(st: ServerState, req, prompt_len: int, default_max: int | None,
                     logprobs: int | None) -> SamplingParams:
-    # without max_tokens: what is left of the context, or of the KV pool when that is smaller
+    # the model directory's generation_config.json fills what the request leaves unset, as vLLM does
+    model_defaults = getattr(st.engine, "default_sampling", None) or {}
+    default_max = model_defaults.get("max_tokens", default_max)
+    # without max_tokens: what is left of the context (the engine's context fits its KV pool)
     room = st.engine.max_model_len - prompt_len
     max_tokens = req.max_tokens if req.max_tokens is not None else min(default_max or room, room)
     check_context(prompt_len, max_tokens, st.engine.max_model_len)
+    fields = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k if req.top_k > 0 else -1,
+                  min_p=req.min_p, repetition_penalty=req.repetition_penalty)
+    fields.update({k: v for k, v in model_defaults.items() if k in fields and k not in req.model_fields_set})
     try:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-            top_k=req.top_k if req.top_k > 0 else -1, min_p=req.min_p,
-            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            max_tokens=max_tokens, **fields, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, stop=req.stop, stop_token_ids=req.stop_token_ids,
             seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs)
     except ValueError as e:  # what the protocol lets through but the sampler refuses
