@@ -233,7 +233,7 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
         """From a model directory or a config.json file."""
-        d = _read_json(_config_path(path), required=True)
+        d = read_json(_config_path(path), required=True)
         if "d_model" in d:  # our own field names
             try:
                 return cls(**d)
@@ -411,8 +411,8 @@ def load_generation_config(path: str | Path, tokenizer=None, vocab_size: int | N
     """GenerationDefaults of a model directory (config.json and generation_config.json, both optional).
     `do_sample: false` maps to temperature 0 (greedy, as transformers would run it); HF's top_k 0 to -1."""
     d = Path(path)
-    cfg = _read_json(_config_path(d), required=False)
-    gen = _read_json(d / "generation_config.json" if d.is_dir() else d.parent / "generation_config.json",
+    cfg = read_json(_config_path(d), required=False)
+    gen = read_json(d / "generation_config.json" if d.is_dir() else d.parent / "generation_config.json",
                      required=False)
     eos: list[int] = []
     for src, name in ((cfg, "config.json"), (gen, "generation_config.json")):
@@ -520,7 +520,8 @@ def _config_path(path) -> Path:
     return p / "config.json" if p.is_dir() else p
 
 
-def _read_json(p: Path, required: bool) -> dict:
+def read_json(p: Path, required: bool = False) -> dict:
+    """A JSON object file; {} when absent (unless required); ValueError naming the file when malformed."""
     if not p.is_file():
         if required:
             raise FileNotFoundError(f"no {p.name} at {p}")

@@ -11,6 +11,8 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from .config import read_json
+
 EOS = "<|endoftext|>"
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -61,8 +63,8 @@ class Tokenizer:
             if not p.is_file():
                 raise FileNotFoundError(f"no tokenizer.json at {p}")
             return cls(_HFTokenizer.from_file(str(p)))
-        cfg = _read_json(p / "tokenizer_config.json")
-        for k, v in _read_json(p / "special_tokens_map.json").items():
+        cfg = read_json(p / "tokenizer_config.json")
+        for k, v in read_json(p / "special_tokens_map.json").items():
             cfg.setdefault(k, v)
         template = (p / "chat_template.jinja").read_text() if (p / "chat_template.jinja").is_file() else None
         if (p / "tokenizer.json").is_file():
@@ -208,16 +210,6 @@ def _chat_template(v) -> str | None:
     raise ValueError(f"tokenizer_config.json: chat_template must be a string or a list, got {type(v).__name__}")
 
 
-def _read_json(p: Path) -> dict:
-    if not p.is_file():
-        return {}
-    try:
-        d = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{p} must hold a JSON object")
-    return d
 
 
 def iter_texts(paths: Iterable[Path]) -> Iterator[str]:
