@@ -123,3 +123,21 @@ def wait_healthy(proc, port: int, timeout: float = 120.0) -> str:
                 return url
         except httpx.HTTPError:
             time.sleep(0.2)
+
+
+def paged_batch(lens, Hkv, D, g, bs: int = 16, pad_last: bool = False):
+    """KV caches with each sequence's blocks scattered, the block table, seq_lens and the slot of
+    each sequence's last token (-1 for the last sequence with pad_last: a padded row stores nothing)."""
+    nblk = [-(-n // bs) for n in lens]
+    total = sum(nblk) + 3
+    kc, vc = torch.randn(total, bs, Hkv, D, generator=g), torch.randn(total, bs, Hkv, D, generator=g)
+    perm = torch.randperm(total, generator=g)
+    table = torch.zeros(len(lens), max(nblk), dtype=torch.int32)
+    slots, i = [], 0
+    for s, n in enumerate(lens):
+        table[s, :nblk[s]] = perm[i:i + nblk[s]]
+        i += nblk[s]
+        slots.append(int(table[s, (n - 1) // bs]) * bs + (n - 1) % bs)
+    if pad_last:
+        slots[-1] = -1
+    return kc, vc, table, torch.tensor(lens, dtype=torch.int32), torch.tensor(slots)

@@ -14,6 +14,8 @@ from gpt_engine.kernels._ext import ext
 from gpt_engine.kernels.decode import (PackedLayer, decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, rope_,
                             swiglu)
 
+from .helpers import paged_batch
+
 BS = 16
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")  # conftest's TRITON_INTERPRET=1 routes decode to Triton
 
@@ -26,22 +28,6 @@ def _layer(C, H, Hkv, D, ff, bias, swiglu, g):
         return w(n) if bias else None
     return (1 + w(C), b(C), w((H + 2 * Hkv) * D, C), b((H + 2 * Hkv) * D), w(C, H * D), b(C),
             1 + w(C), b(C), w(2 * ff if swiglu else ff, C), b(2 * ff if swiglu else ff), w(C, ff), b(C))
-
-
-def _batch(lens, Hkv, D, g):
-    """Caches with each sequence's blocks scattered; slots for each sequence's last token (-1 for one)."""
-    nblk = [-(-n // BS) for n in lens]
-    total = sum(nblk) + 3
-    kc, vc = torch.randn(total, BS, Hkv, D, generator=g), torch.randn(total, BS, Hkv, D, generator=g)
-    perm = torch.randperm(total, generator=g)
-    table = torch.zeros(len(lens), max(nblk), dtype=torch.int32)
-    slots, i = [], 0
-    for s, n in enumerate(lens):
-        table[s, :nblk[s]] = perm[i:i + nblk[s]]
-        i += nblk[s]
-        slots.append(int(table[s, (n - 1) // BS]) * BS + (n - 1) % BS)
-    slots[-1] = -1  # a padded row: nothing stored
-    return kc, vc, table, torch.tensor(lens, dtype=torch.int32), torch.tensor(slots)
 
 
 # (C, H, Hkv, D, ff, bias, activation, rope): gpt2-like and llama-like (GQA, RoPE, SwiGLU), D = 80 too
@@ -61,7 +47,7 @@ def test_matches_reference(case, first):
     g = torch.Generator().manual_seed(C + H + D)
     lens = [1, 16, 17, 40, 5]
     weights = _layer(C, H, Hkv, D, ff, bias, act == "swiglu", g)
-    kc, vc, table, seq_lens, slots = _batch(lens, Hkv, D, g)
+    kc, vc, table, seq_lens, slots = paged_batch(lens, Hkv, D, g, bs=BS, pad_last=True)
     x, res = torch.randn(len(lens), C, generator=g), None if first else torch.randn(len(lens), C, generator=g)
     pos = seq_lens.long() - 1
     cs = None
@@ -87,7 +73,7 @@ def test_window_matches_reference(window):
     g = torch.Generator().manual_seed(7)
     lens = [1, 16, 17, 40, 70]
     weights = _layer(C, H, Hkv, D, ff, bias, True, g)
-    kc, vc, table, seq_lens, slots = _batch(lens, Hkv, D, g)
+    kc, vc, table, seq_lens, slots = paged_batch(lens, Hkv, D, g, bs=BS, pad_last=True)
     x, res = torch.randn(len(lens), C, generator=g), torch.randn(len(lens), C, generator=g)
     args = (table, seq_lens, None, H, 1e-5, True, act, 1 / math.sqrt(D))
     kc2, vc2 = kc.clone(), vc.clone()
@@ -105,7 +91,7 @@ def test_window_matches_reference(window):
 def test_errors(monkeypatch):
     g = torch.Generator().manual_seed(0)
     weights = _layer(64, 2, 2, 32, 96, True, False, g)
-    kc, vc, table, seq_lens, slots = _batch([3, 20], 2, 32, g)
+    kc, vc, table, seq_lens, slots = paged_batch([3, 20], 2, 32, g, bs=BS, pad_last=True)
     x = torch.randn(2, 64)
     args = (kc, vc, slots, table, seq_lens, None)
 
@@ -193,7 +179,7 @@ def test_engine_decode_step_same_with_and_without(preset, monkeypatch):
     model = M.GPT(cfg).eval()
     lens = [1, 17, 33, 80]
     g = torch.Generator().manual_seed(1)
-    kv = [_batch(lens, cfg.n_kv_head, cfg.head_dim, g) for _ in range(cfg.n_layer)]
+    kv = [paged_batch(lens, cfg.n_kv_head, cfg.head_dim, g, bs=BS, pad_last=True) for _ in range(cfg.n_layer)]
     _, _, table, seq_lens, slots = kv[0]
     meta = M.StepMeta(slot_mapping=slots, block_table=table, seq_lens=seq_lens,
                       cu_seqlens_q=torch.arange(len(lens) + 1, dtype=torch.int32),

@@ -15,6 +15,8 @@ from gpt_engine.kernels._ext import ext
 from gpt_engine.kernels.decode import decode_layer, pack_layer, pack_linear, packed_linear, unpack_linear
 from gpt_engine.kernels.quant import QuantizedWeight, dequantize, linear_int8, quantize_int8
 
+from .helpers import paged_batch
+
 ACTS = [None, "gelu", "gelu_tanh", "relu"]
 PANELS = [24, 48]
 
@@ -123,21 +125,6 @@ def _layer(C, H, Hkv, D, ff, bias, swiglu, g):
             1 + w(C), b(C), w(2 * ff if swiglu else ff, C), b(2 * ff if swiglu else ff), w(C, ff), b(C))
 
 
-def _batch(lens, Hkv, D, g, bs=16):
-    """Caches with each sequence's blocks scattered; slots for each sequence's last token."""
-    nblk = [-(-n // bs) for n in lens]
-    total = sum(nblk) + 3
-    kc, vc = torch.randn(total, bs, Hkv, D, generator=g), torch.randn(total, bs, Hkv, D, generator=g)
-    perm = torch.randperm(total, generator=g)
-    table = torch.zeros(len(lens), max(nblk), dtype=torch.int32)
-    slots, i = [], 0
-    for s, n in enumerate(lens):
-        table[s, :nblk[s]] = perm[i:i + nblk[s]]
-        i += nblk[s]
-        slots.append(int(table[s, (n - 1) // bs]) * bs + (n - 1) % bs)
-    return kc, vc, table, torch.tensor(lens, dtype=torch.int32), torch.tensor(slots)
-
-
 @pytest.mark.parametrize("fmt", ["int8", "int8-g32", "bf16"])
 @pytest.mark.parametrize("case", [(64, 2, 2, 32, 96, True, "gelu"), (128, 4, 1, 32, 160, False, "swiglu")])
 def test_decode_layer_low(case, fmt, torch_cpu_path):
@@ -156,7 +143,7 @@ def test_decode_layer_low(case, fmt, torch_cpu_path):
     layer = pack_layer([pack_linear(t) if i in (2, 4, 8, 10) else t for i, t in enumerate(given)])
     assert layer is not None
     lens = [1, 17, 40]
-    kc, vc, table, seq_lens, slots = _batch(lens, Hkv, D, g)
+    kc, vc, table, seq_lens, slots = paged_batch(lens, Hkv, D, g)
     x, res = torch.randn(len(lens), C, generator=g), torch.randn(len(lens), C, generator=g)
     rope = None
     args = (H, 1e-5, act == "swiglu", act, D ** -0.5)
