@@ -254,13 +254,18 @@ def data_fingerprint(data: str | None) -> list | None:
     return [[str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
-def check_resume(cfg: TrainConfig, ckpt: dict, path: Path) -> None:
-    """ValueError naming the first setting where this run differs from the checkpoint's."""
+def check_resume(cfg: TrainConfig, ckpt: dict, path: Path, world: int | None = None) -> None:
+    """ValueError naming the first setting where this run (of `world` processes) differs from the
+    checkpoint's."""
     saved = ckpt.get("train_config") or {}
     for name in RESUME_FIELDS:
         if name in saved and saved[name] != getattr(cfg, name) and getattr(cfg, name) is not None:
             raise ValueError(f"--resume: {name} is {getattr(cfg, name)!r} but the checkpoint {path} was trained with "
                              f"{saved[name]!r}; use the same settings or another --out")
+    # the global batch and each rank's RNG state come from the world size: another one is another run
+    if world is not None and "world" in ckpt and ckpt["world"] != world:
+        raise ValueError(f"--resume: the world size is {world} but the checkpoint {path} was trained with "
+                         f"{ckpt['world']}; resume with {ckpt['world']} processes or use another --out")
     if "data_fingerprint" in ckpt and ckpt["data_fingerprint"] != data_fingerprint(cfg.data):
         raise ValueError(f"--resume: the data at {cfg.data} changed since the checkpoint {path} was saved "
                          "(files, sizes or times differ); use another --out for new data")
@@ -377,7 +382,7 @@ def load_checkpoint(out: Path, dd: Dist, cfg: TrainConfig | None = None) -> dict
             dd.log("warning: " + msg)
             continue
         if cfg is not None:
-            check_resume(cfg, ckpt, path)
+            check_resume(cfg, ckpt, path, dd.world)
         dd.log(f"resuming from {path} (step {ckpt['step']})")
         return ckpt
     raise RuntimeError(f"--resume: no readable checkpoint under {d} ({len(paths)} found, all unreadable)")
@@ -488,7 +493,8 @@ def restore(m: Modules, ckpt: dict, dd: Dist) -> int:
     full = StateDictOptions(full_state_dict=True)
     set_model_state_dict(m.lm, ckpt["model"], options=full)
     set_optimizer_state_dict(m.lm, m.opt, ckpt["optimizer"], options=full)
-    # a run resumed on more ranks than it was saved from gives the extra ranks the last rank's state
+    # a checkpoint older than its recorded world size may come from fewer ranks: the extra ones take
+    # the last rank's state
     _set_rng_states(ckpt["rng"][min(dd.rank, len(ckpt["rng"]) - 1)])
     return ckpt["step"]
 

@@ -1,5 +1,13 @@
-"""Argument checks shared by the public ops: wrong input raises ValueError/TypeError naming it."""
+"""Argument checks shared by the public ops: wrong input raises ValueError/TypeError naming it.
+
+Index values (block tables, slots, sequence offsets) are checked against the cache by the C++ CPU
+kernels always (csrc/bindings.cpp), and on the other paths (Triton, torch) only with
+GPT_ENGINE_DEBUG_CHECKS=1 (read at each call): reading them costs a device sync, and on CUDA a bad
+index is silent memory corruption. The rules below are the bindings', rule for rule.
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -34,7 +42,6 @@ def int_tensor(name, x, ndim, device):
     return x
 
 
-
 def window(window_size):
     """window_size (left, right): a pair of ints >= -1 (-1: unbounded on that side) -> (left, right)."""
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
@@ -51,3 +58,88 @@ def band(window_size, causal):
     Causal is the band's right edge at 0, whatever window_size says on the right (FlashAttention's rule)."""
     left, right = window(window_size)
     return left, 0 if causal else right
+
+
+# ---- index values (debug mode): the rules of csrc/bindings.cpp's CPU entry points
+
+def debug_checks() -> bool:
+    """GPT_ENGINE_DEBUG_CHECKS=1: the public ops check index values on the paths without the C++ checks."""
+    return os.environ.get("GPT_ENGINE_DEBUG_CHECKS") == "1"
+
+
+def _host(x: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a capture cannot sync; the runner then decodes eagerly, where every call is checked
+        raise RuntimeError("GPT_ENGINE_DEBUG_CHECKS=1 reads indices on the host, which a CUDA graph capture "
+                           "cannot do")
+    return x.detach().to("cpu", torch.int64)
+
+
+def _in_range(name, x, lo, hi, why=""):
+    """Every entry of x (1-D, on the host) in [lo, hi]."""
+    bad = ((x < lo) | (x > hi)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"{name}[{i}] = {int(x[i])} is outside [{lo}, {hi}]{why}")
+
+
+def _table_rows(table, lens, num_blocks, block_size):
+    """The blocks holding the first lens[b] tokens of each row b are blocks of the cache; entries
+    past them are padding, never read."""
+    used = torch.arange(table.shape[1])[None, :] < ((lens + block_size - 1) // block_size)[:, None]
+    bad = (used & ((table < 0) | (table >= num_blocks))).nonzero()
+    if len(bad):
+        b, j = bad[0].tolist()
+        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is outside [0, {num_blocks - 1}] "
+                         f"(the cache's blocks)")
+
+
+def paged_indices(block_table, seq_lens, k_cache):
+    """paged_attention: seq_lens[b] in [1, max_blocks * block_size], and the blocks they cover exist."""
+    table, lens = _host(block_table), _host(seq_lens)
+    num_blocks, bs = k_cache.shape[:2]
+    _in_range("seq_lens", lens, 1, table.shape[1] * bs, f" (block_table's {table.shape[1]} entries x "
+              f"block size {bs})")
+    _table_rows(table, lens, num_blocks, bs)
+
+
+def slot_indices(slot_mapping, k_cache):
+    """store_kvcache: each slot in [-1, num_blocks * block_size) (-1 skips a token)."""
+    _in_range("slot_mapping", _host(slot_mapping), -1, k_cache.shape[0] * k_cache.shape[1] - 1,
+              " (-1 skips a token)")
+
+
+def _offsets(name, cu, rows, of):
+    """cu (B + 1) rises from 0, within rows (None: unbounded)."""
+    lo = torch.cat([cu.new_zeros(1), cu[:-1]])  # entry i lies at or past entry i - 1 (0 for the first)
+    bad = cu < lo
+    if rows is not None:
+        bad |= cu > rows
+    bad = bad.nonzero()
+    if len(bad):
+        i = int(bad[0])
+        where = (f"[{int(lo[i])}, {rows}] (offsets rise from 0 within {of}'s {rows} rows)" if rows is not None
+                 else f"[{int(lo[i])}, ...) (offsets rise from 0)")
+        raise ValueError(f"{name}[{i}] = {int(cu[i])} is outside {where}")
+
+
+def varlen_indices(cu_seqlens_q, cu_seqlens_k, q, k, block_table=None):
+    """flash_attention_varlen: the offsets rise from 0 within q's rows (and k's when packed); with
+    block_table, sequence b's cu_seqlens_k[b + 1] - cu_seqlens_k[b] cached keys fit its table row
+    and the blocks they cover exist."""
+    cq, ck = _host(cu_seqlens_q), _host(cu_seqlens_k)
+    if len(cq) < 2:  # no sequence, nothing read
+        return
+    _offsets("cu_seqlens_q", cq, q.shape[0], "q")
+    _offsets("cu_seqlens_k", ck, None if block_table is not None else k.shape[0], "k")
+    if block_table is None:
+        return
+    table, lens = _host(block_table), ck[1:] - ck[:-1]
+    num_blocks, bs = k.shape[:2]
+    cap = table.shape[1] * bs
+    bad = (lens > cap).nonzero()
+    if len(bad):
+        b = int(bad[0])
+        raise ValueError(f"cu_seqlens_k gives sequence {b} {int(lens[b])} cached keys, outside [0, {cap}] "
+                         f"(block_table's {table.shape[1]} entries x block size {bs})")
+    _table_rows(table, lens, num_blocks, bs)

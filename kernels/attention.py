@@ -217,9 +217,13 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise ValueError(f"block_table has {block_table.shape[0]} rows for {cu_seqlens_q.shape[0] - 1} sequences")
     scale = _scale(softmax_scale, q.shape[-1])
     window = C.band(window_size, causal)
-    if dispatch.use_triton(q):
+    triton = dispatch.use_triton(q)
+    cpu = not triton and dispatch.cpu_varlen_attention(q, k, v, paged=block_table is not None)
+    if not cpu and C.debug_checks():  # the C++ kernel checks the indices itself, always
+        C.varlen_indices(cu_seqlens_q, cu_seqlens_k, q, k, block_table)
+    if triton:
         return _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
                            float(scale), block_table, *window)[0]
-    if dispatch.cpu_varlen_attention(q, k, v, paged=block_table is not None):
+    if cpu:
         return _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window)
     return _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window)

@@ -24,7 +24,9 @@ def _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale, left):
     B, H, D = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     L = block_table.shape[1] * bs
-    idx = block_table.long().flatten()
+    # table entries past a sequence's blocks are padding, any value (as in the kernels): read block 0
+    used = torch.arange(0, L, bs, device=q.device)[None, :] < seq_lens[:, None]
+    idx = block_table.masked_fill(~used, 0).long().flatten()
     k = k_cache.index_select(0, idx).view(B, L, hkv, D).transpose(1, 2)  # (B, Hkv, L, D)
     v = v_cache.index_select(0, idx).view(B, L, hkv, D).transpose(1, 2)
     pos = torch.arange(L, device=q.device)[None, :]
@@ -60,10 +62,14 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=No
                          f"must equal the batch size ({q.shape[0]})")
     scale = _scale(softmax_scale, q.shape[-1])
     left = C.window(window_size)[0]
-    if dispatch.use_triton(q):
+    triton = dispatch.use_triton(q)
+    cpu = not triton and dispatch.cpu_paged_attention(q, k_cache, v_cache)
+    if not cpu and C.debug_checks():  # the C++ kernel checks the indices itself, always
+        C.paged_indices(block_table, seq_lens, k_cache)
+    if triton:
         from .triton_paged import paged_attention_fwd
         return paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale, left)
-    if dispatch.cpu_paged_attention(q, k_cache, v_cache):
+    if cpu:
         return _paged_cpu(q, k_cache, v_cache, block_table, seq_lens, scale, left)
     return _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale, left)
 
@@ -88,11 +94,15 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} tokens")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must be contiguous in the head dim")
-    if dispatch.use_triton(k):
+    triton = dispatch.use_triton(k)
+    cpu = not triton and dispatch.cpu_store_kvcache(k, v, k_cache, v_cache)
+    if not cpu and C.debug_checks():
+        C.slot_indices(slot_mapping, k_cache)
+    if triton:
         from .triton_paged import store_kvcache_fwd
         store_kvcache_fwd(k, v, k_cache, v_cache, slot_mapping)
         return
-    if dispatch.cpu_store_kvcache(k, v, k_cache, v_cache):
+    if cpu:
         ext().store_kvcache(k, v, k_cache, v_cache, slot_mapping)
         return
     reference.store_kvcache(k, v, k_cache, v_cache, slot_mapping)

@@ -98,6 +98,25 @@ def test_resume_with_other_settings_refused(tmp_path, field, value):
         tr.check_resume(_cfg(tmp_path, **{field: value}), ckpt, tmp_path)
 
 
+def test_resume_with_other_world_size_refused(tmp_path):
+    ckpt = {**_ckpt(10), "world": 2}
+    tr.check_resume(_cfg(tmp_path), ckpt, tmp_path, world=2)  # the same world size: fine
+    with pytest.raises(ValueError, match="world size is 4 but the checkpoint .* was trained with 2"):
+        tr.check_resume(_cfg(tmp_path), ckpt, tmp_path, world=4)
+    del ckpt["world"]  # a checkpoint that did not record it: accepted, as before
+    tr.check_resume(_cfg(tmp_path), ckpt, tmp_path, world=4)
+
+
+def test_load_checkpoint_checks_world_size(tmp_path):
+    # the path --resume takes: load_checkpoint with the run's config checks this process's world size
+    d = tmp_path / "checkpoint"
+    d.mkdir()
+    torch.save(_ckpt(10), d / "step_00000010.pt")  # saved by one process
+    assert tr.load_checkpoint(tmp_path, _dd(), _cfg(tmp_path))["step"] == 10
+    with pytest.raises(ValueError, match="world size is 2 .* trained with 1"):
+        tr.load_checkpoint(tmp_path, types.SimpleNamespace(**{**vars(_dd()), "world": 2}), _cfg(tmp_path))
+
+
 def test_resume_with_changed_data_refused(tmp_path):
     data = tmp_path / "corpus.txt"
     data.write_text("hello world\n" * 100)
