@@ -1,4 +1,4 @@
-"""Chunked linear + cross-entropy: the LM head and the loss in one autograd Function.
+"""Chunked linear + cross-entropy: the LM head and the loss in one custom op.
 
 The full (tokens x vocab) logits never exist at once: forward walks over chunks of tokens,
 computes each chunk's logits in fp32, its loss, and (when a gradient is wanted) its
@@ -41,7 +41,7 @@ def _compiled_ce_chunk():
 
 
 def _run_chunk(logits, targets, ignore_index, want_grad):
-    if logits.is_cuda and not torch.compiler.is_compiling():
+    if logits.is_cuda:
         try:
             return _compiled_ce_chunk()(logits, targets, ignore_index, want_grad)
         except Exception as e:  # no working inductor here: eager is correct, only slower
@@ -64,8 +64,7 @@ def _wgrad_acc(grad_w, g, hc, acc):
     # grad_w (V, C) in acc dtype or None, plus g (n, V)^T @ hc (n, C). On CUDA the GEMM accumulates
     # into the fp32 sum itself: a bf16 product cast up and then added would take extra passes over
     # the (V, C) fp32 gradient for every chunk
-    if (g.is_cuda and g.dtype != acc and not torch.compiler.is_compiling()
-            and _gemm_out_dtype_ok(g.device, g.dtype)):
+    if g.is_cuda and g.dtype != acc and _gemm_out_dtype_ok(g.device, g.dtype):
         if grad_w is None:
             return torch.mm(g.t(), hc, out_dtype=acc)
         return torch.addmm(grad_w, g.t(), hc, out_dtype=acc)
@@ -73,43 +72,63 @@ def _wgrad_acc(grad_w, g, hc, acc):
     return gw if grad_w is None else grad_w + gw
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    # forward is functional on purpose: no tensor it returns or saves is written in place, because
-    # dynamo before torch 2.13 mis-traces an autograd.Function whose forward mutates what it returns
-    # (pytorch/pytorch#180642): the compiled backward gets a zero grad_output, so every gradient of
-    # a torch.compile'd model would be 0.
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size, ignore_index):
-        # h (N, C), weight (V, C), targets (N,) int64 -> summed loss over targets != ignore_index
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        losses, grad_hs, grad_w = [], [], None
-        for s in range(0, h.shape[0], chunk_size):
-            hc, tc = h[s:s + chunk_size], targets[s:s + chunk_size]
-            chunk_loss, g = _run_chunk(hc @ weight.t(), tc, ignore_index, want_h or want_w)  # logits (n, V)
-            losses.append(chunk_loss.to(acc))
-            if want_h:
-                grad_hs.append(g @ weight)
-            if want_w:
-                grad_w = _wgrad_acc(grad_w, g, hc, acc)
-        loss = torch.stack(losses).sum() if losses else h.new_zeros((), dtype=acc)
-        grad_h = None
-        if want_h:
-            grad_h = torch.cat(grad_hs) if grad_hs else torch.zeros_like(h)
-        if want_w and grad_w is None:  # no tokens
-            grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (h.dtype, weight.dtype)
-        return loss
+def _none(like: torch.Tensor) -> torch.Tensor:
+    # custom ops cannot return None: a gradient not asked for is an empty tensor
+    return like.new_empty((0,))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h = grad_h * grad_out.to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_out).to(ctx.dtypes[1])
-        return grad_h, grad_w, None, None, None
+
+def _acc_dtype(h: torch.Tensor) -> torch.dtype:
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("gpt_engine::linear_cross_entropy", mutates_args=())
+def _linear_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int, ignore_index: int,
+               want_h: bool, want_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h (N, C), weight (V, C) (used in h's dtype), targets (N,) int64 -> summed loss over targets !=
+    ignore_index (fp32, fp64 for fp64 h), d loss / d h (N, C) in h's dtype, d loss / d weight (V, C) in the
+    loss's dtype; a gradient not wanted is empty (0,)."""
+    acc, w = _acc_dtype(h), weight.to(h.dtype)
+    losses, grad_hs, grad_w = [], [], None
+    for s in range(0, h.shape[0], chunk_size):
+        hc, tc = h[s:s + chunk_size], targets[s:s + chunk_size]
+        chunk_loss, g = _run_chunk(hc @ w.t(), tc, ignore_index, want_h or want_w)  # logits (n, V)
+        losses.append(chunk_loss.to(acc))
+        if want_h:
+            grad_hs.append(g @ w)
+        if want_w:
+            grad_w = _wgrad_acc(grad_w, g, hc, acc)
+    loss = torch.stack(losses).sum() if losses else h.new_zeros((), dtype=acc)
+    grad_h = _none(h)
+    if want_h:
+        grad_h = torch.cat(grad_hs) if grad_hs else torch.zeros_like(h)
+    if not want_w:
+        grad_w = _none(h)
+    elif grad_w is None:  # no tokens
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device)
+    return loss, grad_h, grad_w
+
+
+@_linear_ce.register_fake
+def _(h, weight, targets, chunk_size, ignore_index, want_h, want_w):
+    acc = _acc_dtype(h)
+    return (h.new_empty((), dtype=acc), h.new_empty(h.shape) if want_h else _none(h),
+            h.new_empty(weight.shape, dtype=acc) if want_w else _none(h))
+
+
+def _linear_ce_setup(ctx, inputs, output):
+    ctx.weight_dtype = inputs[1].dtype
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _linear_ce_grad(ctx, grad_out, _dgrad_h, _dgrad_w):
+    # forward already computed the gradients: backward only scales them
+    grad_h, grad_w = ctx.saved_tensors
+    dh = grad_h * grad_out.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+    dw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+    return dh, dw, None, None, None, None, None
+
+
+_linear_ce.register_autograd(_linear_ce_grad, setup_context=_linear_ce_setup)
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -124,4 +143,11 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     if weight.shape[1] != h.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {h.shape[-1]}")
     h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
-    return LinearCrossEntropy.apply(h2, weight, t2, chunk_size or default_chunk_size(weight.shape[0]), ignore_index)
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev) and h.dtype != torch.float64:
+        # a compiled graph runs the op without autocast: cast here as autocast casts a GEMM's input, so
+        # eager and compiled compute alike
+        h2 = h2.to(torch.get_autocast_dtype(dev))
+    grad = torch.is_grad_enabled()
+    return _linear_ce(h2, weight, t2, chunk_size or default_chunk_size(weight.shape[0]), ignore_index,
+                      grad and h.requires_grad, grad and weight.requires_grad)[0]

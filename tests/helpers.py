@@ -1,10 +1,20 @@
-"""Small random-init HF models saved to disk, shared by the engine tests."""
+"""Small random-init HF models saved to disk, and the server in a thread, shared by the engine tests."""
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+CORPUS = ("the quick brown fox jumps over the lazy dog. " * 40 + "hello world, hello server! " * 40
+          + "def f(x):\n    return x * 2\n" * 20)
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}[assistant] {% endif %}")
 
 
 def make_hf_model(kind: str, path, vocab_size: int = 256, seed: int = 0, save: bool = True, **kw):
@@ -112,8 +122,6 @@ def train_bpe(texts, vocab_size: int = 300, special_tokens=("<|endoftext|>",)):
 
 def wait_healthy(proc, port: int, timeout: float = 120.0) -> str:
     """The URL of a `gpt-engine serve` subprocess on port, once /health answers 200."""
-    import time
-
     import httpx
     url, deadline = f"http://127.0.0.1:{port}", time.time() + timeout
     while True:
@@ -141,3 +149,73 @@ def paged_batch(lens, Hkv, D, g, bs: int = 16, pad_last: bool = False):
     if pad_last:
         slots[-1] = -1
     return kc, vc, table, torch.tensor(lens, dtype=torch.int32), torch.tensor(slots)
+
+
+def make_chat_model(path, **kw):
+    """A random-init GPT-2 (vocab 384; kw go to its transformers config) with a BPE tokenizer trained on
+    CORPUS and TEMPLATE as its chat template, saved to path."""
+    from gpt_engine.tokenizer import Tokenizer
+    tok = Tokenizer.train([CORPUS], vocab_size=320, show_progress=False)
+    make_hf_model("gpt2", path, vocab_size=384, **kw)
+    (Path(path) / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    tok.save(path)
+    return path
+
+
+class ServerThread:
+    """uvicorn serving `app` on a pre-bound loopback socket, in a thread with its own loop."""
+
+    def __init__(self, app):
+        import uvicorn
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_until_complete,
+                                       args=(self.server.serve(sockets=[self.sock]),), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+    def call(self, fn, timeout=30):
+        """Run fn() (sync or async) on the server's loop, where the engine lives."""
+        async def wrap():
+            r = fn()
+            return await r if asyncio.iscoroutine(r) else r
+        return asyncio.run_coroutine_threadsafe(wrap(), self.loop).result(timeout)
+
+
+@contextmanager
+def serving(model_dir, api_key=None, template=True, **llm_kw):
+    """A ServerThread over an AsyncLLM of model_dir on the CPU (llm_kw go to LLM), the engine as server.engine;
+    template=False serves without the model's chat template."""
+    from gpt_engine.async_llm import AsyncLLM
+    from gpt_engine.llm import LLM
+    from gpt_engine.server import build_app, load_chat_template
+    engine = AsyncLLM(LLM(str(model_dir), device="cpu", **llm_kw))
+    app = build_app(engine, api_key=api_key, chat_template=load_chat_template(model_dir) if template else None)
+    with ServerThread(app) as server:
+        server.engine = engine
+        yield server
+
+
+def wait_pool_empty(srv, timeout=30.0):
+    """Wait until srv's engine runs and queues nothing and every KV block is free; -> its stats."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = srv.call(srv.engine.stats)
+        if s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_free_blocks"] == s["num_total_blocks"]:
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"KV pool not released: {s}")

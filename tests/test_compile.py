@@ -3,10 +3,10 @@ benchmarks/gpu_train.py): the same loss and gradients as eager, and the loss fal
 
 On torch 2.11 an in-place op on the tensor an autograd.Function's forward returns made the
 compiled backward route grad_output to the wrong slot, so every gradient was 0
-(pytorch/pytorch#180642, fixed by #180921). LinearCrossEntropy (engine/losses.py) did exactly
-that (`loss += chunk_loss`), and the H100 benchmark's compiled model never left its initial
-loss. The last test re-creates 2.11's tracing on the installed torch and checks that our
-model trains under it.
+(pytorch/pytorch#180642, fixed by #180921). The fused loss (engine/losses.py) was once such a
+Function (`loss += chunk_loss`), and the H100 benchmark's compiled model never left its initial
+loss; it is now a torch.library custom op, which dynamo does not trace into. The last test
+re-creates 2.11's tracing on the installed torch and checks that our model trains under it.
 """
 from __future__ import annotations
 

@@ -11,80 +11,27 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from gpt_engine.async_llm import AsyncLLM
-from gpt_engine.llm import LLM
-from gpt_engine.server import ChatTemplate, add_args, build_app, load_chat_template
-from gpt_engine.tokenizer import Tokenizer
-from tests.helpers import make_hf_model, wait_healthy
+from gpt_engine.server import ChatTemplate, add_args, load_chat_template
+# CORPUS and ServerThread: test_abuse and test_auth_errors import them from here
+from tests.helpers import CORPUS, ServerThread, make_chat_model, serving, wait_healthy, wait_pool_empty  # noqa: F401
 
 KEY = "test-key"
-CORPUS = ("the quick brown fox jumps over the lazy dog. " * 40 + "hello world, hello server! " * 40
-          + "def f(x):\n    return x * 2\n" * 20)
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}[assistant] {% endif %}")
-
-
-class ServerThread:
-    """uvicorn serving `app` on a pre-bound loopback socket, in a thread with its own loop."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_until_complete,
-                                       args=(self.server.serve(sockets=[self.sock]),), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-
-    def call(self, fn, timeout=30):
-        """Run fn() (sync or async) on the server's loop, where the engine lives."""
-        async def wrap():
-            r = fn()
-            return await r if asyncio.iscoroutine(r) else r
-        return asyncio.run_coroutine_threadsafe(wrap(), self.loop).result(timeout)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve-model")
-    tok = Tokenizer.train([CORPUS], vocab_size=320, show_progress=False)
-    make_hf_model("gpt2", d, vocab_size=384)
-    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
-    tok.save(d)
-    return d
-
-
-def _start(model_dir, api_key):
-    engine = AsyncLLM(LLM(str(model_dir), device="cpu"))
-    return ServerThread(build_app(engine, api_key=api_key, chat_template=load_chat_template(model_dir))), engine
+    return make_chat_model(tmp_path_factory.mktemp("serve-model"))
 
 
 @pytest.fixture(scope="module")
 def srv(torch_path, model_dir):
-    server, engine = _start(model_dir, KEY)
-    with server:
-        server.engine = engine
+    with serving(model_dir, api_key=KEY) as server:
         yield server
 
 
@@ -95,16 +42,6 @@ def client(srv):
 
 def auth():
     return {"Authorization": f"Bearer {KEY}"}
-
-
-def wait_pool_empty(srv, timeout=30.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        s = srv.call(srv.engine.stats)
-        if s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_free_blocks"] == s["num_total_blocks"]:
-            return s
-        time.sleep(0.05)
-    raise AssertionError(f"KV pool not released: {s}")
 
 
 # ---------------------------------------------------------------- happy paths
@@ -150,8 +87,7 @@ def test_chat_and_stream_agree(client, srv, model_dir):
 
 def test_no_chat_template_is_a_clear_400(model_dir):
     # no format is guessed for a model without a template: chat requests are refused, completions served
-    engine = AsyncLLM(LLM(str(model_dir), device="cpu", max_num_seqs=4))
-    with ServerThread(build_app(engine)) as server:
+    with serving(model_dir, template=False, max_num_seqs=4) as server:
         r = httpx.post(server.url + "/v1/chat/completions",
                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert r.status_code == 400 and r.json()["error"]["code"] == "chat_template_missing"
@@ -419,9 +355,8 @@ def test_metrics(srv, client):
 # ---------------------------------------------------------------- no key, dead engine, CLI
 
 def test_no_key_and_dead_engine(torch_path, model_dir):
-    server, engine = _start(model_dir, None)
-    with server:
-        url = server.url
+    with serving(model_dir) as server:
+        url, engine = server.url, server.engine
         assert httpx.get(url + "/v1/models", timeout=30).status_code == 200  # no key needed
         assert httpx.get(url + "/health", timeout=30).status_code == 200
         step, calls = engine.llm.step, itertools.count()

@@ -104,6 +104,44 @@ def test_chunked_ce_low_precision(dtype, device):
         assert (o - r).abs().max() <= 2 * (tl - r).abs().max() + 1e-3 * r.abs().max()
 
 
+@pytest.mark.parametrize("n,c,v,chunk,want,dtype", [(13, 5, 11, 4, (True, True), torch.float64),
+                                                    (1, 3, 2, 7, (True, False), torch.float32),
+                                                    (9, 7, 17, 9, (False, True), torch.float32),
+                                                    (6, 4, 3, 5, (False, False), torch.float64)])
+def test_linear_ce_op(n, c, v, chunk, want, dtype):
+    from gpt_engine import losses
+    g = torch.Generator().manual_seed(n)
+    h = torch.randn(n, c, dtype=dtype, generator=g).requires_grad_(want[0])
+    w = torch.randn(v, c, dtype=dtype, generator=g).requires_grad_(want[1])
+    t = torch.randint(0, v, (n,), generator=g)
+    t[1::3] = -100
+    torch.library.opcheck(losses._linear_ce, (h, w, t, chunk, -100, *want))
+    loss, gh, gw = losses._linear_ce(h.detach(), w.detach(), t, chunk, -100, *want)
+    assert loss.shape == () and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert gh.shape == ((n, c) if want[0] else (0,)) and gh.dtype == dtype
+    assert gw.shape == ((v, c) if want[1] else (0,)) and gw.dtype == (loss.dtype if want[1] else dtype)
+
+
+def test_chunked_ce_autocast_compiled_matches_eager():
+    # the compiled graph runs the op outside autocast: it must still compute in the autocast dtype
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 11, 16, generator=g, requires_grad=True)
+    w = torch.randn(37, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 37, (2, 11), generator=g)
+
+    def run(fn):
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = fn(h, w, t)
+        return (loss, *torch.autograd.grad(loss, (h, w)))
+    f = lambda h, w, t: chunked_cross_entropy(h, w, t, chunk_size=7)  # noqa: E731
+    want = run(f)
+    torch._dynamo.reset()
+    got = run(torch.compile(f, backend="aot_eager", fullgraph=True))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (want[0] - F.cross_entropy((h @ w.t()).flatten(0, 1), t.flatten(), reduction="sum")).abs() > 1e-4  # bf16
+
+
 def test_lr_schedule_and_vocab_padding():
     c = TrainConfig(out="x", steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
     assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)

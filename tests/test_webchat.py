@@ -4,20 +4,13 @@ where the browser, its driver or selenium is missing; .ci/run installs them."""
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
 
-from gpt_engine.async_llm import AsyncLLM
-from gpt_engine.llm import LLM
-from gpt_engine.server import build_app, load_chat_template
-from gpt_engine.tokenizer import Tokenizer
-from tests.helpers import make_hf_model
-from tests.test_server import CORPUS, TEMPLATE, ServerThread, wait_pool_empty
+from tests.helpers import make_chat_model, serving, wait_pool_empty
 
 KEY = "web-key"
 CONTEXT = 2048
@@ -29,28 +22,14 @@ CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("webchat-model")
-    tok = Tokenizer.train([CORPUS], vocab_size=320, show_progress=False)
     # weights larger than the default init: the greedy answer then depends on the prompt, so an answer
     # that matches the reference shows which messages the page sent
-    make_hf_model("gpt2", d, vocab_size=384, n_positions=CONTEXT, initializer_range=0.2)
-    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
-    tok.save(d)
-    return d
-
-
-@contextmanager
-def serving(model_dir, api_key=None, template=True):
-    engine = AsyncLLM(LLM(str(model_dir), device="cpu", max_num_seqs=4))
-    app = build_app(engine, api_key=api_key, chat_template=load_chat_template(model_dir) if template else None)
-    with ServerThread(app) as server:
-        server.engine = engine
-        yield server
+    return make_chat_model(tmp_path_factory.mktemp("webchat-model"), n_positions=CONTEXT, initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
 def srv(torch_path, model_dir):
-    with serving(model_dir, api_key=KEY) as server:
+    with serving(model_dir, api_key=KEY, max_num_seqs=4) as server:
         yield server
 
 
@@ -242,7 +221,7 @@ def test_refused_settings_show_the_400_message(srv, driver):
 
 
 def test_missing_chat_template_is_shown(torch_path, model_dir, driver):
-    with serving(model_dir, template=False) as server:
+    with serving(model_dir, template=False, max_num_seqs=4) as server:
         page = Page(driver, server.url)
         page.settings(key="", max_tokens="4")
         page.send("hi")
@@ -251,7 +230,7 @@ def test_missing_chat_template_is_shown(torch_path, model_dir, driver):
 
 
 def test_engine_failure_mid_answer_is_shown(torch_path, model_dir, driver):
-    with serving(model_dir) as server:
+    with serving(model_dir, max_num_seqs=4) as server:
         step, calls = server.engine.llm.step, itertools.count()
 
         def dying_step():  # the engine loop dies a few tokens into the answer
