@@ -107,7 +107,7 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& 
   const auto [pk, P] = packed_geometry(pw);
   TORCH_CHECK_VALUE(known_panel(P) && pk == x.size(1) && pw.is_contiguous() && pw.device().is_cpu(),
                     "linear_packed: packed must come from linear_pack (kernels.decode.pack_linear) of an (N, ", x.size(1),
-                    ") weight (float32, bfloat16 or int8), got ", pw.scalar_type(), " ", pw.sizes());
+                    ") weight (float32, bfloat16, int8 or w8a8 uint8), got ", pw.scalar_type(), " ", pw.sizes());
   TORCH_CHECK_VALUE(N > 0 && (N + P - 1) / P == pw.size(0), "linear_packed: N = ", N, " does not match the ",
                     pw.size(0), " panels of ", P, " rows");
   if (present(bias)) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "panels_cpu.h"
 #include "quant_cpu.h"
 #include "simd_cpu.h"
 
@@ -142,9 +143,6 @@ HOT void gemm_cols(const float* x, const float* w, const float* bias, float* y, 
 // form: per k one broadcast of x against three vectors of w. No horizontal sums (which the
 // dot-product form above needs per output), w is one sequential stream, and bias and activation
 // are applied in registers.
-constexpr int PNR = 24;
-constexpr int64_t PMB = 128;  // rows of x per pass over the panels: a 128 x K block stays in L2
-
 template <int mr, int act>
 HOT void ptile(const float* x, int64_t K, const float* pw, const f8* b, float* y, int64_t ldy, int nv) {
   f8 acc[mr][3] = {};
@@ -173,7 +171,9 @@ HOT void ptile(const float* x, int64_t K, const float* pw, const f8* b, float* y
 }
 
 template <int act>
-HOT void ptile_m(int mr, const float* x, int64_t K, const float* pw, const f8* b, float* y, int64_t ldy, int nv) {
+HOT void ptile_m(int mr, const float* x, int64_t K, int64_t, const char* w, const f8* b, float* y, int64_t ldy,
+                 int nv) {
+  const float* pw = reinterpret_cast<const float*>(w);
   switch (mr) {
     case 4: return ptile<4, act>(x, K, pw, b, y, ldy, nv);
     case 3: return ptile<3, act>(x, K, pw, b, y, ldy, nv);
@@ -182,22 +182,12 @@ HOT void ptile_m(int mr, const float* x, int64_t K, const float* pw, const f8* b
   }
 }
 
-// Panels [p0, p1) of y = act(x @ w^T + bias) for all M rows.
+// Panels [p0, p1) of y = act(x @ w^T + bias), the activation applied in the tile
 template <int act>
 HOT void packed_panels(const float* x, const float* pw, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
                        int64_t p0, int64_t p1) {
-  for (int64_t m0 = 0; m0 < M; m0 += PMB) {
-    const int64_t m1 = std::min(M, m0 + PMB);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int nv = static_cast<int>(std::min<int64_t>(PNR, N - p * PNR));
-      float bb[PNR] = {};
-      if (bias) std::memcpy(bb, bias + p * PNR, nv * sizeof(float));
-      const f8 b[3] = {load8(bb), load8(bb + 8), load8(bb + 16)};
-      const float* w = pw + p * K * PNR;
-      for (int64_t m = m0; m < m1; m += 4)
-        ptile_m<act>(static_cast<int>(std::min<int64_t>(4, m1 - m)), x + m * K, K, w, b, y + m * N + p * PNR, N, nv);
-    }
-  }
+  panel_loop<PNR, 4, f8, ptile_m<act>>(x, reinterpret_cast<const char*>(pw), K * PNR * sizeof(float), bias, y, M, N,
+                                       K, 0, p0, p1, 0);
 }
 
 // Panels [p0, p1) with the activation as a template argument
@@ -216,8 +206,6 @@ HOT void packed_any(const float* x, const float* pw, const float* bias, float* y
 // than templates of the vector type shared with the code above: inlined that way, GCC builds each
 // broadcast lane by lane and keeps the accumulators in memory.
 #ifdef HAVE_AVX2_CLONES
-constexpr int PNR16 = 48;
-
 HOT f16 load16(const float* p) {
   f16 v;
   std::memcpy(&v, p, sizeof(v));
@@ -244,8 +232,9 @@ AVX512 void ptile16(const float* x, int64_t K, const float* pw, const f16* b, fl
   }
 }
 
-AVX512 void ptile16_m(int mr, const float* x, int64_t K, const float* pw, const f16* b, float* y, int64_t ldy,
-                      int nv) {
+AVX512 void ptile16_m(int mr, const float* x, int64_t K, int64_t, const char* w, const f16* b, float* y,
+                      int64_t ldy, int nv) {
+  const float* pw = reinterpret_cast<const float*>(w);
   switch (mr) {
     case 8: return ptile16<8>(x, K, pw, b, y, ldy, nv);
     case 7: return ptile16<7>(x, K, pw, b, y, ldy, nv);
@@ -263,19 +252,8 @@ AVX512 void ptile16_m(int mr, const float* x, int64_t K, const float* pw, const 
 // crowd its inner loop.
 AVX512 void packed_avx512(const float* x, const float* pw, const float* bias, float* y, int64_t M, int64_t N,
                           int64_t K, int64_t p0, int64_t p1, int act) {
-  for (int64_t m0 = 0; m0 < M; m0 += PMB) {
-    const int64_t m1 = std::min(M, m0 + PMB);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int nv = static_cast<int>(std::min<int64_t>(PNR16, N - p * PNR16));
-      float bb[PNR16] = {};
-      if (bias) std::memcpy(bb, bias + p * PNR16, nv * sizeof(float));
-      const f16 b[3] = {load16(bb), load16(bb + 16), load16(bb + 32)};
-      const float* w = pw + p * K * PNR16;
-      for (int64_t m = m0; m < m1; m += 8)
-        ptile16_m(static_cast<int>(std::min<int64_t>(8, m1 - m)), x + m * K, K, w, b, y + m * N + p * PNR16, N, nv);
-      activate_rows(act, y + m0 * N + p * PNR16, N, m1 - m0, nv);
-    }
-  }
+  panel_loop<PNR16, 8, f16, ptile16_m>(x, reinterpret_cast<const char*>(pw), K * PNR16 * sizeof(float), bias, y, M, N,
+                                       K, 0, p0, p1, act);
 }
 #endif
 

@@ -3,23 +3,26 @@
 // in registers (bf16: the 16 bits shifted into an fp32's high half, exact; int8: converted, then
 // multiplied by its row's group scale, float(q) * scale as kernels.reference.dequantize_int8), so the
 // arithmetic is the fp32 packed GEMM's on the dequantised weight and only the weight stream shrinks
-// (2x, ~4x), which is what bounds a decode step. The AVX-512 VNNI / BF16 dot-product instructions
-// are not used: they would round x to int8 / bf16, changing the arithmetic the reference defines.
+// (2x, ~4x), which is what bounds a decode step. The w8a8 format (below) rounds x to int8 as well,
+// by its own reference arithmetic, and so can use AVX-512 VNNI's integer dot products.
 #include <ATen/Parallel.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 
 #include "checks.h"
+#include "panels_cpu.h"
 #include "quant_cpu.h"
 #include "simd_cpu.h"
 
 namespace {
 
-constexpr int PNR = 24;       // linear_cpu.cpp's panel widths: 3 vectors of 8 (AVX2) or of 16 (AVX-512)
-constexpr int64_t PMB = 128;  // rows of x per pass over the panels: a 128 x K block stays in L2
 enum Fmt { BF16 = 0, INT8 = 1 };
 
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef int16_t s16x8 __attribute__((vector_size(16)));
 typedef int8_t s8x8 __attribute__((vector_size(8)));
 
 // 8 weights at p (element index) widened to fp32
@@ -35,7 +38,8 @@ HOT f8 wload8(const void* p) {
   } else {
     s8x8 q;
     std::memcpy(&q, p, sizeof(q));
-    return __builtin_convertvector(q, f8);
+    // through int16: GCC lowers a direct int8 -> fp32 vector conversion one lane at a time
+    return __builtin_convertvector(__builtin_convertvector(__builtin_convertvector(q, s16x8), i8), f8);
   }
 }
 
@@ -85,23 +89,11 @@ HOT void qtile_m(int mr, const float* x, int64_t K, int64_t G, const char* pw, c
   }
 }
 
-// Panels [p0, p1) of y for all M rows; panel bytes: pb. The activation runs on each block of y just written.
+// Panels [p0, p1) of y for all M rows; panel bytes: pb
 template <int fmt>
 HOT void qpanels(const float* x, const char* pw, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
                  int64_t G, int64_t pb, int64_t p0, int64_t p1, int act) {
-  for (int64_t m0 = 0; m0 < M; m0 += PMB) {
-    const int64_t m1 = std::min(M, m0 + PMB);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int nv = static_cast<int>(std::min<int64_t>(PNR, N - p * PNR));
-      float bb[PNR] = {};
-      if (bias) std::memcpy(bb, bias + p * PNR, nv * sizeof(float));
-      const f8 b[3] = {load8(bb), load8(bb + 8), load8(bb + 16)};
-      for (int64_t m = m0; m < m1; m += 4)
-        qtile_m<fmt>(static_cast<int>(std::min<int64_t>(4, m1 - m)), x + m * K, K, G, pw + p * pb, b,
-                     y + m * N + p * PNR, N, nv);
-      linear_cpu_activate(act, y + m0 * N + p * PNR, N, m1 - m0, nv);
-    }
-  }
+  panel_loop<PNR, 4, f8, qtile_m<fmt>>(x, pw, pb, bias, y, M, N, K, G, p0, p1, act);
 }
 
 HOT void qpanels_bf16(const float* x, const char* pw, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
@@ -117,10 +109,8 @@ HOT void qpanels_int8(const float* x, const char* pw, const float* bias, float* 
 // ---- AVX-512: panels of 48 rows (three 16-float vectors) against up to 8 rows of x, as linear_cpu.cpp's
 // packed_avx512, in functions compiled for that target.
 #ifdef HAVE_AVX2_CLONES
-constexpr int PNR16 = 48;
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef int32_t i16v __attribute__((vector_size(64)));
-typedef int8_t s8x16 __attribute__((vector_size(16)));
 
 template <int fmt>
 AVX512 inline f16 wload16(const void* p) {
@@ -132,9 +122,11 @@ AVX512 inline f16 wload16(const void* p) {
     std::memcpy(&v, &b, sizeof(v));
     return v;
   } else {
-    s8x16 q;
-    std::memcpy(&q, p, sizeof(q));
-    return __builtin_convertvector(q, f16);
+    // one vpmovsxbd + vcvtdq2ps; GCC lowers __builtin_convertvector(s8x16 -> f16) one lane at a time
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p))));
+    f16 r;
+    std::memcpy(&r, &v, sizeof(r));
+    return r;
   }
 }
 
@@ -191,18 +183,125 @@ AVX512 void qtile16_m(int mr, const float* x, int64_t K, int64_t G, const char* 
 template <int fmt>
 AVX512 void qpanels16(const float* x, const char* pw, const float* bias, float* y, int64_t M, int64_t N, int64_t K,
                       int64_t G, int64_t pb, int64_t p0, int64_t p1, int act) {
-  for (int64_t m0 = 0; m0 < M; m0 += PMB) {
-    const int64_t m1 = std::min(M, m0 + PMB);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int nv = static_cast<int>(std::min<int64_t>(PNR16, N - p * PNR16));
-      float bb[PNR16] = {};
-      if (bias) std::memcpy(bb, bias + p * PNR16, nv * sizeof(float));
-      f16 b[3];
-      std::memcpy(b, bb, sizeof(b));
-      for (int64_t m = m0; m < m1; m += 8)
-        qtile16_m<fmt>(static_cast<int>(std::min<int64_t>(8, m1 - m)), x + m * K, K, G, pw + p * pb, b,
-                       y + m * N + p * PNR16, N, nv);
-      linear_cpu_activate(act, y + m0 * N + p * PNR16, N, m1 - m0, nv);
+  panel_loop<PNR16, 8, f16, qtile16_m<fmt>>(x, pw, pb, bias, y, M, N, K, G, p0, p1, act);
+}
+#endif
+
+// ---- w8a8: int8 weights against int8 activations (kernels.reference.linear_w8a8). Each row of x is
+// quantised per block of 32 inputs (scale max|x| / 127, round half to even) and each block's dot
+// product is an exact int32 sum; fp32 takes over from there. The weights are stored as q + 128 (the
+// unsigned operand of AVX-512 VNNI's vpdpbusd), four consecutive inputs per column together:
+// per panel and group, the W scales (4 W bytes), then G / 4 quads of W x 4 bytes.
+constexpr int64_t QB = 32;  // inputs per activation block
+
+// Per row and block: qx, its scale sx and 128 x sum(qx), which undoes the weights' +128 offset
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* qx, float* sx, int32_t* cx) {
+  const int64_t nb = K / QB;
+  for (int64_t i = 0; i < M * nb; ++i) {
+    const float* v = x + i * QB;
+    float amax = 0.f;
+    for (int64_t k = 0; k < QB; ++k) amax = std::max(amax, std::fabs(v[k]));
+    const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < QB; ++k) {
+      const int q = static_cast<int>(std::nearbyint(v[k] * id));  // |v id| <= 127 up to rounding
+      qx[i * QB + k] = static_cast<int8_t>(std::clamp(q, -127, 127));
+      sum += qx[i * QB + k];
+    }
+    sx[i] = d;
+    cx[i] = 128 * sum;
+  }
+}
+
+// The plain loop (any panel width, any CPU): the arithmetic of the VNNI kernel, one output at a time.
+void w8a8_panels_plain(const int8_t* qx, const float* sx, const int32_t* cx, const uint8_t* pw, float* y,
+                       int64_t M, int64_t N, int64_t K, int64_t G, int64_t W, int64_t pb, int64_t p0, int64_t p1) {
+  const int64_t nb = K / QB;
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t c = 0; c < std::min(W, N - p * W); ++c)
+      for (int64_t i = 0; i < M; ++i) {
+        const uint8_t* g = pw + p * pb;
+        float out = 0.f;
+        for (int64_t g0 = 0; g0 < K; g0 += G, g += (G + 4) * W) {
+          float sw;
+          std::memcpy(&sw, g + 4 * c, sizeof(sw));
+          float a = 0.f;
+          for (int64_t b0 = g0; b0 < g0 + G; b0 += QB) {
+            int32_t dot = 0;
+            for (int64_t k = b0; k < b0 + QB; ++k) dot += qx[i * K + k] * g[4 * W + ((k - g0) / 4 * W + c) * 4 + k % 4];
+            a = std::fma(static_cast<float>(dot - cx[i * nb + b0 / QB]), sx[i * nb + b0 / QB], a);
+          }
+          out = std::fma(a, sw, out);
+        }
+        y[i * N + p * W + c] = out;
+      }
+}
+
+#ifdef HAVE_AVX2_CLONES
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
+inline bool cpu_has_vnni() {
+  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+
+// An mr x 48 tile: per block 8 vpdpbusd per accumulator, then one fma into the group's sum; group
+// sums go into yt through the group's weight scales.
+template <int mr>
+VNNI void w8a8_tile(const int8_t* qx, const float* sx, const int32_t* cx, int64_t K, int64_t G, const uint8_t* pw,
+                    float (*yt)[PNR16]) {
+  const int64_t nb = K / QB;
+  for (int64_t g0 = 0; g0 < K; g0 += G, pw += (G + 4) * PNR16) {
+    const uint8_t* q = pw + 4 * PNR16;
+    __m512 a[mr][3];
+    for (int i = 0; i < mr; ++i)
+      for (int j = 0; j < 3; ++j) a[i][j] = _mm512_setzero_ps();
+    for (int64_t b0 = g0; b0 < g0 + G; b0 += QB, q += QB * PNR16) {
+      __m512i acc[mr][3];
+      for (int i = 0; i < mr; ++i)
+        for (int j = 0; j < 3; ++j) acc[i][j] = _mm512_setzero_si512();
+      for (int t = 0; t < QB / 4; ++t) {
+        __m512i w[3];
+        for (int j = 0; j < 3; ++j) w[j] = _mm512_loadu_si512(q + (t * PNR16 + 16 * j) * 4);
+        for (int i = 0; i < mr; ++i) {
+          int32_t x4;
+          std::memcpy(&x4, qx + i * K + b0 + 4 * t, sizeof(x4));
+          const __m512i xb = _mm512_set1_epi32(x4);
+          for (int j = 0; j < 3; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], w[j], xb);
+        }
+      }
+      for (int i = 0; i < mr; ++i) {
+        const __m512i corr = _mm512_set1_epi32(cx[i * nb + b0 / QB]);
+        const __m512 s = _mm512_set1_ps(sx[i * nb + b0 / QB]);
+        for (int j = 0; j < 3; ++j)
+          a[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], corr)), s, a[i][j]);
+      }
+    }
+    for (int j = 0; j < 3; ++j) {
+      const __m512 sw = _mm512_loadu_ps(reinterpret_cast<const float*>(pw) + 16 * j);
+      for (int i = 0; i < mr; ++i)
+        _mm512_storeu_ps(yt[i] + 16 * j, _mm512_fmadd_ps(a[i][j], sw, _mm512_loadu_ps(yt[i] + 16 * j)));
+    }
+  }
+}
+
+VNNI void w8a8_panels_vnni(const int8_t* qx, const float* sx, const int32_t* cx, const uint8_t* pw, float* y,
+                           int64_t M, int64_t N, int64_t K, int64_t G, int64_t pb, int64_t p0, int64_t p1) {
+  const int64_t nb = K / QB;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int nv = static_cast<int>(std::min<int64_t>(PNR16, N - p * PNR16));
+    for (int64_t m = 0; m < M; m += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, M - m));
+      float yt[4][PNR16] = {};
+      const int8_t* xq = qx + m * K;
+      const float* xs = sx + m * nb;
+      const int32_t* xc = cx + m * nb;
+      switch (mr) {
+        case 4: w8a8_tile<4>(xq, xs, xc, K, G, pw + p * pb, yt); break;
+        case 3: w8a8_tile<3>(xq, xs, xc, K, G, pw + p * pb, yt); break;
+        case 2: w8a8_tile<2>(xq, xs, xc, K, G, pw + p * pb, yt); break;
+        default: w8a8_tile<1>(xq, xs, xc, K, G, pw + p * pb, yt);
+      }
+      for (int i = 0; i < mr; ++i) std::memcpy(y + (m + i) * N + p * PNR16, yt[i], nv * sizeof(float));
     }
   }
 }
@@ -213,11 +312,47 @@ AVX512 void qpanels16(const float* x, const char* pw, const float* bias, float* 
 std::pair<int64_t, int64_t> packed_geometry(const at::Tensor& pw) {
   const auto t = pw.scalar_type();
   if ((t == at::kFloat || t == at::kBFloat16) && pw.dim() == 3) return {pw.size(1), pw.size(2)};
-  if (t == at::kChar && pw.dim() == 4 && pw.size(2) > 4) return {pw.size(1) * (pw.size(2) - 4), pw.size(3)};
+  if ((t == at::kChar || t == at::kByte) && pw.dim() == 4 && pw.size(2) > 4)
+    return {pw.size(1) * (pw.size(2) - 4), pw.size(3)};
   return {-1, -1};
 }
 
+namespace {
+at::Tensor w8a8_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act) {
+  const int64_t M = x.size(0), K = x.size(1), P = pw.size(0), W = pw.size(3), G = pw.size(2) - 4;
+  TORCH_CHECK_VALUE(K % QB == 0 && G % QB == 0, "linear_packed: a w8a8 weight needs K (", K, ") and its group (", G,
+                    ") in multiples of ", QB);
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+  auto qx = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto sx = at::empty({M, K / QB}, x.options());
+  auto cx = at::empty({M, K / QB}, x.options().dtype(at::kInt));
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = qx.data_ptr<int8_t>();
+  float* sp = sx.data_ptr<float>();
+  int32_t* cp = cx.data_ptr<int32_t>();
+  quantize_rows(xp, M, K, qp, sp, cp);
+  const uint8_t* wp = pw.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t pb = pw.numel() / P;
+  bool vnni = false;
+#ifdef HAVE_AVX2_CLONES
+  vnni = W == PNR16 && cpu_has_vnni();
+#endif
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+#ifdef HAVE_AVX2_CLONES
+    if (vnni) return w8a8_panels_vnni(qp, sp, cp, wp, yp, M, N, K, G, pb, p0, p1);
+#endif
+    w8a8_panels_plain(qp, sp, cp, wp, yp, M, N, K, G, W, pb, p0, p1);
+  });
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  if (act) linear_cpu_activate(static_cast<int>(act), yp, N, M, N);
+  return y;
+}
+}  // namespace
+
 at::Tensor quant_cpu_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act) {
+  if (pw.scalar_type() == at::kByte) return w8a8_packed(x, pw, bias, N, act);
   const int64_t M = x.size(0), K = x.size(1);
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;

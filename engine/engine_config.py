@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 DTYPES = ("float32", "float16", "bfloat16")
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "w8a8")
 
 
 @dataclass
@@ -16,7 +16,8 @@ class EngineConfig:
         "help": "weight dtype (default: bfloat16 on GPU, the checkpoint's on CPU); on GPU also the compute dtype, "
                 "on CPU bfloat16/float16 are the weights' storage and compute stays float32", "choices": DTYPES})
     quantization: str | None = field(default=None, metadata={
-        "help": "weight-only quantization at load: int8 (symmetric, per output channel or per group)",
+        "help": "quantization at load: int8 (weight-only, symmetric, per output channel or per group); w8a8 (CPU: "
+                "int8 weights as int8, activations quantised per 32 values, integer dot products as llama.cpp's q8_0)",
         "choices": QUANTIZATIONS})
     quantization_group_size: int | None = field(default=None, metadata={
         "help": "int8 scales per group of this many inputs (e.g. 32-128; must divide every GEMM's input "

@@ -14,11 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt_engine.kernels import flash_attention, flash_attention_varlen, layer_norm, linear, paged_attention, rms_norm
-from gpt_engine.kernels.decode import (decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, rope_,
-                            swiglu, unpack_linear)
+from gpt_engine.kernels.decode import (decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear,
+                                      packed_rows, rope_, swiglu, unpack_linear)
 from gpt_engine.kernels.paged import store_kvcache
-from gpt_engine.kernels._dispatch import triton_w8a16
-from gpt_engine.kernels.quant import QuantizedWeight, dequantize, linear_int8, quantize_int8
+from gpt_engine.kernels._dispatch import cpu_inference, triton_w8a16
+from gpt_engine.kernels.quant import QuantizedWeight, dequantize, linear_int8, linear_w8a8, quantize_int8
 
 from .config import ModelConfig
 
@@ -54,6 +54,7 @@ class Linear(nn.Module):
     def __init__(self, d_in, d_out, bias, activation=None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
+        self.in_features = d_in
         self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
         self.activation = activation
         self.packed = None  # kernels.decode.PackedLinear from GPT.pack_for_cpu: a snapshot of the weight
@@ -64,6 +65,7 @@ class Linear(nn.Module):
         # None and `stored` holds it (a QuantizedWeight or a bf16 tensor) until pack_for_cpu, whose
         # pack becomes the only copy. A float32 copy beside it would be most of the model's memory.
         self.stored = None
+        self.int8_activations = False  # set_weight_format "w8a8": x is quantised too (kernels.reference.linear_w8a8)
         nn.init.normal_(self.weight, std=0.02)
 
     @property
@@ -75,18 +77,25 @@ class Linear(nn.Module):
         a temporary built from its stored (or packed) int8 / bf16 form."""
         if self.weight is not None:
             return self.weight
+        self._check_inference()
+        w = self.stored if self.stored is not None else unpack_linear(self.packed)
+        w = dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w.to(dtype)
+        return w if device is None else w.to(device)
+
+    def _check_inference(self):
         if self.training and torch.is_grad_enabled():
             raise RuntimeError("this model's GEMM weights are stored in int8 / bf16 for inference only (their "
                                "float32 copies were released): it cannot be trained; load it without "
                                "quantization or a bf16 dtype to train")
-        w = self.stored if self.stored is not None else unpack_linear(self.packed)
-        w = dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w.to(dtype)
-        return w if device is None else w.to(device)
 
     def forward(self, x):
         p = self.packed
         if p is not None and decode_layer_applies(x, (p.weight,)):  # CPU inference: the packed GEMM
             return packed_linear(x, p, self.bias, self.activation)
+        if self.int8_activations:  # off the packed kernel: its arithmetic, on the int8 values
+            self._check_inference()
+            w = self.quant or self.stored or unpack_linear(self.packed)
+            return linear_w8a8(x, w, self.bias, self.activation)
         if self.quant is not None and triton_w8a16(x):  # decode-sized GPU batches: the int8 weight stream
             return linear_int8(x, self.quant, self.bias, self.activation)
         return linear(x, self.dense_weight(x.dtype, x.device), self.bias, self.activation)
@@ -282,7 +291,7 @@ class Block(nn.Module):
     def decode_step(self, x, residual, positions, cache, meta: StepMeta, rope):
         """forward() for a decode step: once packed (CPU fp32), the whole layer is one call into gpt_engine.kernels._C."""
         layer = self.packed
-        if layer is None or not decode_layer_applies(x, layer.tensors):
+        if layer is None or not cpu_inference(x):
             return self(x, residual, positions, cache, meta)
         return decode_layer(x, residual, layer, *cache, meta.slot_mapping, meta.block_table, meta.seq_lens, rope,
                             *self.decode_args)
@@ -299,6 +308,8 @@ class GPT(nn.Module):
         self.norm_f = Norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.packed_head = None  # kernels.decode.PackedLinear from pack_for_cpu
+        # the head in set_weight_format's int8 / bf16 form once its float32 copy is released (as Linear.stored)
+        self.head_stored = None
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2 scaled init of the residual projections
             if name.endswith("proj.weight"):
@@ -319,14 +330,18 @@ class GPT(nn.Module):
                           group_size: int | None = None) -> None:
         """Inference weight formats, applied once at load. weight_dtype (torch.bfloat16 / torch.float16):
         every parameter is rounded to it (kept in the compute dtype, so every path sees the stored
-        values) and pack_for_cpu packs the GEMM weights in bf16. quantization "int8": each transformer
-        layer's GEMM weight is quantised (kernels.quant.quantize_int8: per output channel, or per
-        group_size inputs) and replaced by its dequantised values; the embeddings, the head and the
-        norms keep weight_dtype. Call before pack_for_cpu."""
+        values) and pack_for_cpu packs the GEMM weights in bf16. quantization "int8": each GEMM weight
+        (the transformer layers' and the head's, so a tied embedding's too) is quantised
+        (kernels.quant.quantize_int8: per output channel, or per group_size inputs) and replaced by its
+        dequantised values; the norms and other embeddings keep weight_dtype. "w8a8" (CPU float32
+        models): int8 weights as "int8", and every GEMM quantises its input per 32 values too
+        (kernels.reference.linear_w8a8). Call before pack_for_cpu."""
         if weight_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"weight_dtype must be None, torch.bfloat16 or torch.float16, got {weight_dtype!r}")
-        if quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be None or 'int8', got {quantization!r}")
+        if quantization not in (None, "int8", "w8a8"):
+            raise ValueError(f"quantization must be None, 'int8' or 'w8a8', got {quantization!r}")
+        if quantization == "w8a8":
+            self._check_w8a8(group_size)
         if weight_dtype is not None:
             for p in self.parameters():
                 if p.is_floating_point():
@@ -338,18 +353,42 @@ class GPT(nn.Module):
                 return  # already in this format (a second LLM over the same module)
             raise ValueError(f"the model's GEMM weights are already stored as {self._format} without a float32 "
                              f"copy; load the model again for another format")
-        if quantization == "int8":
+        head = self.head_weight
+        head_quant = None
+        if quantization in ("int8", "w8a8"):
             for m in linears:
                 m.quant = quantize_int8(m.weight, group_size)
                 m.weight.copy_(dequantize(m.quant, m.weight.dtype))
+            # the head is the largest GEMM of a small model: left in float32 it would be most of a
+            # decode step's weight reads (a tied embedding then holds the same int8 values)
+            head_quant = quantize_int8(head, group_size)
+            head.copy_(dequantize(head_quant, head.dtype))
+            for m in (*linears, self):
+                m.int8_activations = quantization == "w8a8"
         # CPU inference runs the packed int8 / bf16 copies (pack_for_cpu): the float32 parameters of
         # those GEMMs go, and a path without the packed kernel dequantises on the fly
-        low = quantization == "int8" or weight_dtype == torch.bfloat16
-        if low and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in linears):
+        low = quantization is not None or weight_dtype == torch.bfloat16
+        if low and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in (head, *(m.weight for m in linears))):
             for m in linears:
                 m.stored = m.quant if m.quant is not None else m.weight.detach().to(torch.bfloat16)
                 m.weight = None
+            self.head_stored = head_quant if head_quant is not None else head.detach().to(torch.bfloat16)
+            (self.tok_emb if self.lm_head is None else self.lm_head).weight = None
         self._format = (weight_dtype, quantization, group_size)
+
+    int8_activations = False  # set_weight_format "w8a8", for the head (as Linear.int8_activations)
+
+    def _check_w8a8(self, group_size):
+        params = list(self.parameters())
+        if not all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params):
+            raise ValueError("quantization 'w8a8' is for CPU float32 models (it quantises activations in the CPU "
+                             "kernels); use 'int8' on other devices and dtypes")
+        ks = {m.in_features for m in self.layers.modules() if isinstance(m, Linear)} | {self.config.d_model}
+        for k in sorted(ks):
+            g = group_size or k
+            if k % 32 or g % 32:
+                raise ValueError(f"quantization 'w8a8' needs every GEMM's input features and group size in multiples "
+                                 f"of 32 (blocks of activations), got {k} inputs in groups of {g}; use 'int8'")
 
     def _packable(self, w: torch.Tensor):
         # bf16 storage packs bf16 (exact: the values were rounded to it); fp16 has no packed CPU format
@@ -363,27 +402,33 @@ class GPT(nn.Module):
         params' memory, and are a snapshot: pack again after changing the weights.
         Returns the packed tensors."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
-        if self.head_weight.dtype != torch.float32:  # the packed kernels compute in float32 only
+        if self.norm_f.weight.dtype != torch.float32:  # the packed kernels compute in float32 only
             for m in (*linears, *self.layers):
                 if not m.released:  # a released weight's pack is its only copy
                     m.packed = None
-            self.packed_head = None
+            if self.head_weight is not None:
+                self.packed_head = None
             return []
         for m in linears:
             if m.released:
                 if m.stored is not None:
-                    m.packed = pack_linear(m.stored)
+                    m.packed = pack_linear(m.stored, int8_activations=m.int8_activations)
                     if m.packed is not None:  # the pack is now the weight's one copy
                         m.stored = m.quant = None
                 continue
             m.packed = pack_linear(m.quant if m.quant is not None else self._packable(m.weight.detach()))
-        self.packed_head = pack_linear(self._packable(self.head_weight.detach()))
+        if self.head_weight is not None:
+            self.packed_head = pack_linear(self._packable(self.head_weight.detach()))
+        elif self.head_stored is not None:
+            self.packed_head = pack_linear(self.head_stored, int8_activations=self.int8_activations)
+            if self.packed_head is not None:
+                self.head_stored = None
         for layer in self.layers:
             layer.packed = pack_layer(layer.decode_weights())
         return [p.weight for p in (*(m.packed for m in linears), self.packed_head) if p is not None]
 
     def state_dict(self, *args, **kwargs):
-        if any(isinstance(m, Linear) and m.released for m in self.modules()):
+        if self.head_weight is None or any(isinstance(m, Linear) and m.released for m in self.modules()):
             raise RuntimeError("this model's GEMM weights are stored in int8 / bf16 for CPU inference without "
                                "their float32 parameters, so it has no full state dict; save the model it was "
                                "loaded from instead")
@@ -416,17 +461,37 @@ class GPT(nn.Module):
         return dict(params=size((*self.parameters(), *self.buffers())),
                     packed=size(p.weight for p in (*(m.packed for m in self.modules() if isinstance(m, Linear)),
                                                    self.packed_head) if p is not None),
-                    stored=size(t for m in linears for t in (m.stored, m.quant)),
+                    stored=size((self.head_stored, *(t for m in linears for t in (m.stored, m.quant)))),
                     gemm=gemm)
 
     @property
     def head_weight(self):
+        """The head's float parameter; None once set_weight_format released it (head_stored / packed_head)."""
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def dense_head(self, dtype: torch.dtype) -> torch.Tensor:
+        """The head's (V, C) weight as the GEMM computes with it (as Linear.dense_weight)."""
+        if self.head_weight is not None:
+            return self.head_weight
+        w = self.head_stored if self.head_stored is not None else unpack_linear(self.packed_head)
+        return dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w.to(dtype)
+
+    def embed(self, input_ids):
+        if self.tok_emb.weight is not None:
+            return self.tok_emb(input_ids)
+        # a tied embedding released with the head: its rows from the head's int8 / bf16 form
+        if self.head_stored is None:
+            return packed_rows(self.packed_head, input_ids)
+        w = self.head_stored
+        if isinstance(w, QuantizedWeight):
+            return dequantize(QuantizedWeight(w.q[input_ids.flatten()], w.scale[input_ids.flatten()], w.group_size)
+                              ).view(*input_ids.shape, -1)
+        return w[input_ids].float()
 
     def hidden(self, input_ids, positions, kv_caches=None, meta=None, rope=None):
         """Final-norm hidden states (..., C) for input_ids (...); rope: (cos, sin) replacing the rotary tables
         in a dense forward (Rotary.tables_for)."""
-        x = self.tok_emb(input_ids)
+        x = self.embed(input_ids)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         residual = None
@@ -457,7 +522,9 @@ class GPT(nn.Module):
         head = self.packed_head
         if head is not None and decode_layer_applies(h, (head.weight,)):  # CPU inference: the packed GEMM
             return packed_linear(h, head)
-        return linear(h, self.head_weight)
+        if self.int8_activations:
+            return linear_w8a8(h, self.head_stored or unpack_linear(self.packed_head))
+        return linear(h, self.dense_head(h.dtype))
 
     @torch.no_grad()
     def step(self, input_ids, positions, kv_caches, meta: StepMeta, logits_indices=None):

@@ -110,8 +110,9 @@ def cpu_gemm(x, weight, bias, activation, backend="auto") -> bool:
 
 # ---- decode.py
 
-# The weight formats the packed CPU GEMM reads (csrc/linear_cpu.cpp fp32, csrc/quant_cpu.cpp bf16 and int8)
-PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
+# The weight formats the packed CPU GEMM reads (csrc/linear_cpu.cpp fp32, csrc/quant_cpu.cpp bf16, int8 and
+# w8a8 as uint8)
+PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8, torch.uint8)
 
 
 def cpu_packed_weight(weight: torch.Tensor) -> bool:
@@ -123,9 +124,12 @@ def cpu_decode_layer(x: torch.Tensor, weights) -> bool:
     """The CPU decode kernels (decode_layer, packed_linear, swiglu) for CPU float32 inference with
     contiguous weights (packed GEMM weights in any of PACKED_DTYPES); not under TRITON_INTERPRET=1,
     where tests want the per-op path."""
-    return (_eager_cpu_fp32(x) and not torch.is_grad_enabled() and not use_triton(x)
-            and ext() is not None
-            and all(w is None or (w.dtype in PACKED_DTYPES and w.is_contiguous()) for w in weights))
+    return cpu_inference(x) and all(w is None or (w.dtype in PACKED_DTYPES and w.is_contiguous()) for w in weights)
+
+
+def cpu_inference(x: torch.Tensor) -> bool:
+    """cpu_decode_layer's test of x alone: for weights a pack_layer already holds."""
+    return _eager_cpu_fp32(x) and not torch.is_grad_enabled() and not use_triton(x) and ext() is not None
 
 
 # ---- quant.py

@@ -35,16 +35,20 @@ class PackedLinear(NamedTuple):
     n: int
 
 
-def pack_linear(weight, panel: int = 0) -> PackedLinear | None:
+def pack_linear(weight, panel: int = 0, int8_activations: bool = False) -> PackedLinear | None:
     """A copy of weight (N, K) in the CPU decode GEMM's layout (a snapshot), or None where that
     kernel cannot run it (not on CPU, or no gpt_engine.kernels._C). The weight's format is kept:
     float32, bfloat16 (widened in registers), or a kernels.quant.QuantizedWeight (int8 with its
-    scales, dequantised in registers); the GEMM runs in fp32 either way. panel: one of
-    gpt_engine.kernels._C.linear_panels() (0: the fastest on this CPU)."""
+    scales, dequantised in registers); the GEMM runs in fp32 either way. int8_activations (a
+    QuantizedWeight with K and its group in multiples of 32): the GEMM quantises x too and sums
+    integer dot products (kernels.reference.linear_w8a8; AVX-512 VNNI where the CPU has it). panel:
+    one of gpt_engine.kernels._C.linear_panels() (0: the fastest on this CPU)."""
     from .quant import QuantizedWeight  # a light module, imported only here to keep this import cheap
     quant = isinstance(weight, QuantizedWeight)
     w = weight.q if quant else weight
     C.tensor("weight", w, 2, dtypes=(torch.int8,) if quant else C.FLOAT_DTYPES)
+    if int8_activations and not (quant and w.shape[1] % 32 == 0 and weight.group_size % 32 == 0):
+        raise ValueError("int8_activations needs a QuantizedWeight whose K and group size are multiples of 32")
     if not dispatch.cpu_packed_weight(w):
         return None
     panels = ext().linear_panels()
@@ -54,7 +58,7 @@ def pack_linear(weight, panel: int = 0) -> PackedLinear | None:
     with torch.no_grad():
         if w.dtype == torch.float32:
             return PackedLinear(ext().linear_pack(w, width), w.shape[0])
-        return PackedLinear(_pack_low(weight, width), w.shape[0])
+        return PackedLinear(_pack_low(weight, width, int8_activations), w.shape[0])
 
 
 def _panels(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -66,19 +70,33 @@ def _panels(t: torch.Tensor, width: int) -> torch.Tensor:
     return out.view(p, width, *t.shape[1:])
 
 
-def _pack_low(weight, width: int) -> torch.Tensor:
+def _pack_low(weight, width: int, int8_activations: bool = False) -> torch.Tensor:
     """csrc/quant_cpu.h's layouts. bf16 (N, K) -> (P, K, width), as the fp32 panels. QuantizedWeight ->
     (P, ng, 4 + G, width) int8: per panel and group the rows' fp32 scales (as 4 x width bytes), then the
-    group's G x width values, k-major."""
+    group's G x width values, k-major; with int8_activations, uint8: the values as q + 128 in G / 4
+    quads of (width, 4), each column's four consecutive inputs together."""
     if isinstance(weight, torch.Tensor):
         return _panels(weight.contiguous(), width).transpose(1, 2).contiguous()
     q, scale, g = weight
     n, k = q.shape
     ng = k // g
     qp = _panels(q.contiguous(), width).view(-1, width, ng, g).permute(0, 2, 3, 1)  # (P, ng, G, width)
+    if int8_activations:
+        qp = (qp.to(torch.int16) + 128).to(torch.uint8)
+        qp = qp.reshape(-1, ng, g // 4, 4, width).transpose(3, 4).reshape(-1, ng, g, width)
     sp = _panels(scale.float().contiguous(), width).permute(0, 2, 1).contiguous()  # (P, ng, width) fp32
-    sb = sp.view(torch.int8).reshape(-1, ng, 4, width)  # each group's width scales as 4 x width bytes, in order
+    sb = sp.view(qp.dtype).reshape(-1, ng, 4, width)  # each group's width scales as 4 x width bytes, in order
     return torch.cat([sb, qp], dim=2).contiguous()
+
+
+def _low_values(t: torch.Tensor) -> torch.Tensor:
+    """A packed int8 / uint8 weight's (P, ng, G, width) int8 values, k-major, from either layout."""
+    p, ng, rows, width = t.shape
+    v = t[:, :, 4:]
+    if t.dtype == torch.uint8:
+        v = v.reshape(p, ng, (rows - 4) // 4, width, 4).transpose(3, 4).reshape(p, ng, rows - 4, width)
+        v = (v.to(torch.int16) - 128).to(torch.int8)
+    return v
 
 
 def unpack_linear(w: PackedLinear):
@@ -88,7 +106,7 @@ def unpack_linear(w: PackedLinear):
     if not isinstance(w, PackedLinear):
         raise TypeError(f"w must be a PackedLinear from pack_linear, got {type(w).__name__}")
     t, n = w.weight, w.n
-    if t.dtype != torch.int8:  # (P, K, width) panels
+    if t.dim() == 3:  # (P, K, width) float panels
         p, k, width = t.shape
         return t.permute(0, 2, 1).reshape(p * width, k)[:n].contiguous()
     from .quant import QuantizedWeight
@@ -96,8 +114,31 @@ def unpack_linear(w: PackedLinear):
     g = rows - 4
     scale = t[:, :, :4].reshape(p, ng, 4 * width).contiguous().view(torch.float32)  # (P, ng, width)
     scale = scale.permute(0, 2, 1).reshape(p * width, ng)[:n].contiguous()
-    q = t[:, :, 4:].permute(0, 3, 1, 2).reshape(p * width, ng * g)[:n].contiguous()
+    q = _low_values(t).permute(0, 3, 1, 2).reshape(p * width, ng * g)[:n].contiguous()
     return QuantizedWeight(q, scale, g)
+
+
+def packed_rows(w: PackedLinear, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ids (...) of the weight pack_linear packed, dequantised to float32: (..., K). A tied
+    embedding's lookup when the packed head is its only copy; reads len(ids) rows, not the pack."""
+    if not isinstance(w, PackedLinear):
+        raise TypeError(f"w must be a PackedLinear from pack_linear, got {type(w).__name__}")
+    t, flat = w.weight, ids.reshape(-1).long()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= w.n):
+        raise ValueError(f"row ids must be in [0, {w.n}), got {int(flat.min())}..{int(flat.max())}")
+    width = t.shape[-1]
+    p, c = flat // width, flat % width
+    if t.dim() == 3:  # (P, K, width)
+        return t[p, :, c].float().view(*ids.shape, t.shape[1])
+    _, ng, rows, _ = t.shape
+    if t.dtype == torch.uint8:  # values as q + 128 in quads of (width, 4)
+        q = t[p, :, 4:].reshape(len(flat), ng, (rows - 4) // 4, width, 4)
+        q = q[torch.arange(len(flat)), :, :, c].reshape(len(flat), ng, rows - 4).to(torch.int16) - 128
+    else:
+        q = t[p, :, 4:, c]  # (n, ng, G)
+    scale = t[p, :, :4].reshape(len(flat), ng, 4 * width).view(torch.float32)  # (n, ng, width)
+    scale = scale.gather(2, c.view(-1, 1, 1).expand(-1, ng, 1))  # (n, ng, 1)
+    return (q.float() * scale).view(*ids.shape, ng * (rows - 4))
 
 
 def packed_linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None, activation=None):
@@ -171,7 +212,7 @@ def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     left = C.window(window_size)[0]
-    if not decode_layer_applies(x, layer.tensors):
+    if not dispatch.cpu_inference(x):  # the pack's tensors were checked by pack_layer
         raise ValueError("decode_layer runs CPU float32 inference (no grad, not under TRITON_INTERPRET=1) with "
                          "contiguous weights and gpt_engine.kernels._C built")
     cos, sin = rope if rope is not None else (None, None)

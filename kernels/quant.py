@@ -86,3 +86,19 @@ def linear_int8(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None =
         y = w8a16(x2, w.q.contiguous(), w.scale.contiguous(), bias, _ACT_IDS[activation])
         return y.view(*x.shape[:-1], n)
     return linear(x, dequantize(w, x.dtype), bias, activation)
+
+
+def linear_w8a8(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, activation=None):
+    """act(x @ w^T + bias) with x quantised per 32 inputs to int8 as well (kernels.reference.linear_w8a8):
+    the w8a8 arithmetic off the packed CPU kernel (kernels.decode.pack_linear(..., int8_activations=True)),
+    in torch. x (..., K) float32 -> (..., N). Inference only."""
+    _check_weight(w)
+    C.tensor("x", x, dtypes=(torch.float32,))
+    n, k = w.q.shape
+    if x.dim() == 0 or x.shape[-1] != k or k % 32 or w.group_size % 32:
+        raise ValueError(f"x must be (..., {k}) with {k} and the group size ({w.group_size}) multiples of 32, "
+                         f"got {tuple(x.shape)}")
+    if activation not in _ACT_IDS:
+        raise ValueError(f"activation must be one of {list(_ACT_IDS)}, got {activation!r}")
+    y = reference.linear_w8a8(x.detach(), w.q, w.scale, None if bias is None else bias.detach(), activation)
+    return y.float()

@@ -152,6 +152,35 @@ def linear_int8(x, q, scale, bias=None, activation=None):
                   activation)
 
 
+# w8a8 (CPU): int8 weights as above against int8 activations, as llama.cpp's q8_0 dot products. Each row
+# of x is quantised per block of 32 inputs; each block's dot product with the weight's q is an exact
+# integer; the rest is fp32.
+
+def quantize_act32(x):
+    """x (M, K) fp32, K % 32 == 0 -> (qx (M, K) int8, sx (M, K // 32) fp32): per row and block of 32
+    inputs sx = max |x| / 127 and qx = round-half-even(x * (1 / sx)) (qx 0 where sx is 0)."""
+    m, k = x.shape
+    b = x.float().reshape(m, k // 32, 32)
+    sx = b.abs().amax(-1) / 127.0
+    inv = torch.where(sx > 0, 1.0 / sx, torch.zeros_like(sx))
+    qx = torch.round(b * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+    return qx.reshape(m, k), sx
+
+
+def linear_w8a8(x, q, scale, bias=None, activation=None):
+    """x (..., K) fp32, q (N, K) int8, scale (N, K // G) -> act(y + bias), y[m, n] = sum over groups g of
+    scale[n, g] * (sum over the group's blocks b of sx[m, b] * dot(qx[m, b], q[n, b])), in fp64 here."""
+    n, k = q.shape
+    qx, sx = quantize_act32(x.reshape(-1, k).float())
+    dots = torch.einsum("mbk,nbk->mnb", qx.double().reshape(-1, k // 32, 32), q.double().reshape(n, k // 32, 32))
+    a = dots * sx.double()[:, None, :]  # (M, N, blocks)
+    ng = scale.shape[1]
+    y = (a.reshape(a.shape[0], n, ng, -1).sum(-1) * scale.double()).sum(-1)
+    if bias is not None:
+        y = y + bias.double()
+    return ACTIVATIONS[activation](y).to(x.dtype).reshape(*x.shape[:-1], n)
+
+
 def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
                  n_head, eps, rms, activation, softmax_scale, window_size=(-1, -1)):
     """kernels.decode.decode_layer composed from the ops above (the caches are written in place)."""

@@ -12,8 +12,8 @@ from gpt_engine.config import resolve_config
 from gpt_engine.engine_config import EngineConfig
 from gpt_engine.kernels import reference as R
 from gpt_engine.kernels._ext import ext
-from gpt_engine.kernels.decode import decode_layer, pack_layer, pack_linear, packed_linear, unpack_linear
-from gpt_engine.kernels.quant import QuantizedWeight, dequantize, linear_int8, quantize_int8
+from gpt_engine.kernels.decode import decode_layer, pack_layer, pack_linear, packed_linear, packed_rows, unpack_linear
+from gpt_engine.kernels.quant import QuantizedWeight, dequantize, linear_int8, linear_w8a8, quantize_int8
 
 from .helpers import paged_batch
 
@@ -85,6 +85,54 @@ def test_packed_int8(M, N, K, group, act, panel):
     y = packed_linear(x, p, b if act else None, ACTS[act])
     ref = R.linear_int8(x.double(), qw.q, qw.scale, b.double() if act else None, ACTS[act])
     torch.testing.assert_close(y, ref.float(), atol=1e-5, rtol=1e-5)
+
+
+# w8a8: K and groups in multiples of 32 (the activation blocks)
+SHAPES_A8 = [(1, 1, 32, None), (5, 23, 64, None), (3, 97, 96, 32), (17, 50, 192, 64), (131, 61, 256, 128),
+             (8, 768, 256, None), (4, 49, 768, 32)]
+
+
+@pytest.mark.parametrize("M,N,K,group", SHAPES_A8)
+@pytest.mark.parametrize("act", [0, 1, 3])
+@pytest.mark.parametrize("panel", PANELS)
+def test_packed_w8a8(M, N, K, group, act, panel):
+    """Panel 48 runs the AVX-512 VNNI kernel where the CPU has it, 24 the plain loop: both the reference's
+    arithmetic, including all-zero activation blocks (scale 0) and outliers confined to their block."""
+    _panel(panel)
+    g = torch.Generator().manual_seed(M * N + K + 7)
+    x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K ** 0.5, torch.randn(N, generator=g)
+    x[0, :32] = 0
+    x[-1, -1] = 40.0
+    qw = quantize_int8(w, group)
+    p = pack_linear(qw, panel, int8_activations=True)
+    assert p.weight.dtype == torch.uint8 and p.weight.shape[-1] == panel
+    y = packed_linear(x, p, b if act else None, ACTS[act])
+    ref = R.linear_w8a8(x, qw.q, qw.scale, b if act else None, ACTS[act])
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(linear_w8a8(x, qw, b if act else None, ACTS[act]), ref, atol=0, rtol=0)
+    # the activation quantisation is what separates it from weight-only int8: close, not equal
+    wo = R.linear_int8(x.double(), qw.q, qw.scale, b.double() if act else None, ACTS[act]).float()
+    assert (y - wo).abs().max() < 0.05 * wo.abs().max() + 1e-3
+
+
+def test_quantize_act32():
+    x = torch.tensor([[0.0] * 32 + [1.0, -2.0, 0.5] + [0.0] * 29])
+    qx, sx = R.quantize_act32(x)
+    assert sx[0, 0] == 0 and not qx[0, :32].any()
+    assert sx[0, 1] == pytest.approx(2 / 127) and qx[0, 32:35].tolist() == [64, -127, 32]  # 63.5 -> 64 (half even)
+
+
+def test_w8a8_errors():
+    qw = quantize_int8(torch.randn(8, 48))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        pack_linear(qw, int8_activations=True)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        pack_linear(quantize_int8(torch.randn(8, 64), 16), int8_activations=True)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        pack_linear(torch.randn(8, 64), int8_activations=True)
+    model = M.GPT(resolve_config("gpt2-tiny", d_model=48, n_head=4))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model.set_weight_format(None, "w8a8")
 
 
 @pytest.mark.parametrize("M,N,K,group", SHAPES)
@@ -205,6 +253,7 @@ def test_cli_flags():
 
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
 @pytest.mark.parametrize("fmt", [dict(quantization="int8"), dict(quantization="int8", quantization_group_size=32),
+                                 dict(quantization="w8a8"), dict(quantization="w8a8", quantization_group_size=64),
                                  dict(dtype="bfloat16"), dict(dtype=torch.float16)])
 def test_llm_weight_formats(preset, fmt, torch_cpu_path, monkeypatch):
     """LLM quantises / rounds at load, keeps float32 compute and KV cache on CPU, runs the packed
@@ -216,7 +265,7 @@ def test_llm_weight_formats(preset, fmt, torch_cpu_path, monkeypatch):
     ref.load_state_dict(model.state_dict())
     llm = LLM(model, device="cpu", max_num_seqs=4, **fmt)
     assert next(llm.model.parameters()).dtype == torch.float32 and llm.runner.kv.dtype == torch.float32
-    want = torch.int8 if "quantization" in fmt else \
+    want = torch.uint8 if fmt.get("quantization") == "w8a8" else torch.int8 if "quantization" in fmt else \
         torch.bfloat16 if fmt.get("dtype") == "bfloat16" else torch.float32  # fp16: no packed format, values rounded
     assert llm.model.layers[0].attn.qkv.packed.weight.dtype == want
     # the reference: the same formats applied to a plain copy, run densely with no packing
@@ -241,13 +290,19 @@ def test_llm_weight_formats(preset, fmt, torch_cpu_path, monkeypatch):
 # ---- memory: an int8 / bf16 model holds its GEMM weights in that format only
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int8-g32"])
+def _formats(w):
+    return {"fp32": (w, False), "bf16": (w.bfloat16(), False), "int8": (quantize_int8(w), False),
+            "int8-g32": (quantize_int8(w, 32), False), "w8a8": (quantize_int8(w), True),
+            "w8a8-g32": (quantize_int8(w, 32), True)}
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int8-g32", "w8a8", "w8a8-g32"])
 @pytest.mark.parametrize("panel", PANELS)
 def test_unpack_linear_roundtrip(fmt, panel):
     _panel(panel)
     w = torch.randn(100, 64)  # 100 rows: the last panel is part padding
-    given = {"fp32": w, "bf16": w.bfloat16(), "int8": quantize_int8(w), "int8-g32": quantize_int8(w, 32)}[fmt]
-    back = unpack_linear(pack_linear(given, panel))
+    given, a8 = _formats(w)[fmt]
+    back = unpack_linear(pack_linear(given, panel, int8_activations=a8))
     if isinstance(given, QuantizedWeight):
         assert torch.equal(back.q, given.q) and torch.equal(back.scale, given.scale)
         assert back.group_size == given.group_size
@@ -255,11 +310,31 @@ def test_unpack_linear_roundtrip(fmt, panel):
         assert back.dtype == given.dtype and torch.equal(back, given)
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int8-g32", "w8a8", "w8a8-g32"])
+@pytest.mark.parametrize("panel", PANELS)
+def test_packed_rows(fmt, panel):
+    """A tied embedding's lookup from the packed head: the rows it stands for, dequantised."""
+    _panel(panel)
+    w = torch.randn(100, 64)
+    given, a8 = _formats(w)[fmt]
+    dense = dequantize(given) if isinstance(given, QuantizedWeight) else given.float()
+    ids = torch.tensor([[0, 99, 47], [48, 23, 0]])  # both ends, both sides of a panel edge, repeats
+    packed = pack_linear(given, panel, int8_activations=a8)
+    got = packed_rows(packed, ids)
+    assert got.shape == (2, 3, 64) and got.dtype == torch.float32
+    assert torch.equal(got, dense[ids])
+    assert packed_rows(packed, torch.zeros(0, dtype=torch.long)).shape == (0, 64)
+    for bad in (100, -1):
+        with pytest.raises(ValueError, match="row ids"):
+            packed_rows(packed, torch.tensor([3, bad]))
+
+
 def _gemm_param_bytes(model):
     return sum(m.weight.numel() * 4 for m in model.layers.modules() if isinstance(m, M.Linear))
 
 
-@pytest.mark.parametrize("fmt,most", [(dict(quantization="int8"), 0.35), (dict(dtype="bfloat16"), 0.55)])
+@pytest.mark.parametrize("fmt,most", [(dict(quantization="int8"), 0.35), (dict(quantization="w8a8"), 0.35),
+                                      (dict(dtype="bfloat16"), 0.55)])
 def test_low_formats_release_float32_gemm_weights(fmt, most, torch_cpu_path):
     """On CPU an int8 (bf16) model's GEMM weights take about a quarter (half) of their float32
     bytes: the packed copy is their only copy. Paths without the packed kernel still compute on the
@@ -272,6 +347,10 @@ def test_low_formats_release_float32_gemm_weights(fmt, most, torch_cpu_path):
     mem = llm.model.memory_bytes()
     assert mem["gemm"] < most * fp32_gemm, (mem, fp32_gemm)
     assert mem["stored"] == 0  # after packing nothing but the pack
+    # the (tied) head too: the whole model, not just its layers, shrinks
+    fp32_all = sum(t.numel() * 4 for t in (*M.GPT(cfg).parameters(), *M.GPT(cfg).buffers()))
+    assert llm.model.head_weight is None and llm.model.tok_emb.weight is None
+    assert mem["params"] + mem["packed"] < most * fp32_all, (mem, fp32_all)
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         packed = llm.model(ids)
