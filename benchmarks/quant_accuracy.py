@@ -1,7 +1,8 @@
 """Accuracy and CPU decode speed of the inference weight formats on a trained model.
 
-For fp32, bf16 storage, fp16 storage, int8 per output channel and int8 per group (64, 32), on the
-engine's CPU path (GEMMs packed in each format, compute in fp32):
+For fp32, bf16 storage, fp16 storage, int8 per output channel and int8 per group (64, 32), and
+w8a8 (int8 weights against activations quantised per 32 values), on the engine's CPU path (GEMMs
+packed in each format):
 - validation loss over fixed windows of the model's own validation split (runs/tiny/data/val.bin,
   written by `gpt-engine train`), relative to fp32;
 - greedy agreement with fp32 over a batch of prompts: the share of prompts whose whole continuation
@@ -36,6 +37,7 @@ FORMATS = {
     "int8": dict(quantization="int8"),
     "int8-g64": dict(quantization="int8", quantization_group_size=64),
     "int8-g32": dict(quantization="int8", quantization_group_size=32),
+    "w8a8": dict(quantization="w8a8"),
 }
 
 
@@ -66,7 +68,7 @@ def decode_speed(llm, prompt, tokens: int, repeats: int) -> float:
     return 1.0 / best
 
 
-MEMORY_FORMATS = ("fp32", "bf16", "int8")
+MEMORY_FORMATS = ("fp32", "bf16", "int8", "w8a8")
 
 
 def _child_memory(model_dir: str, fmt: str) -> dict:
@@ -74,10 +76,16 @@ def _child_memory(model_dir: str, fmt: str) -> dict:
     process's resident size (current, and the peak of loading)."""
     import resource
     from gpt_engine import LLM
+
+    def rss():
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) * 1024
+    before = rss()
     llm = LLM(model_dir, device="cpu", kv_cache_tokens=1024, **FORMATS[fmt])  # a small fixed KV cache
-    rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) * 1024
+    after = rss()
     mem = llm.model.memory_bytes()
-    return dict(tensor_bytes=mem, rss_bytes=rss, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    kv = llm.runner.kv.numel() * llm.runner.kv.element_size()
+    return dict(tensor_bytes=mem, rss_bytes=after, model_rss_bytes=after - before - kv, kv_cache_bytes=kv,
+                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def memory(preset: str, out: str) -> None:
@@ -107,9 +115,11 @@ def memory(preset: str, out: str) -> None:
         r = res[fmt]
         r["gemm_bytes_rel_to_fp32_params"] = r["tensor_bytes"]["gemm"] / gemm_fp32
         r["rss_rel_to_fp32"] = r["rss_bytes"] / base["rss_bytes"]
+        r["model_rss_rel_to_fp32"] = r["model_rss_bytes"] / base["model_rss_bytes"]
     doc = dict(preset=preset, gemm_weight_bytes_fp32=gemm_fp32, kv_cache_tokens=1024, formats=res,
                note="tensor_bytes: params (parameters and buffers), packed (CPU GEMM copies), gemm (the layers' "
-                    "GEMM weights in every form held); rss_bytes after LLM(...) in a fresh process")
+                    "GEMM weights in every form held); rss_bytes after LLM(...) in a fresh process; "
+                    "model_rss_bytes: what LLM(...) added to the resident size, less its KV cache")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(doc, indent=1) + "\n")
     print("wrote", out)

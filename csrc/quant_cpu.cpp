@@ -238,11 +238,6 @@ void w8a8_panels_plain(const int8_t* qx, const float* sx, const int32_t* cx, con
 }
 
 #ifdef HAVE_AVX2_CLONES
-#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
-inline bool cpu_has_vnni() {
-  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
-  return ok;
-}
 
 // An mr x 48 tile: per block 8 vpdpbusd per accumulator, then one fma into the group's sum; group
 // sums go into yt through the group's weight scales.

@@ -95,6 +95,12 @@ inline bool cpu_has_avx512() {
   static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("avx512f");
   return ok;
 }
+// AVX-512 VNNI's integer dot products (vpdpbusd), for kernels whose arithmetic is integer
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
+inline bool cpu_has_vnni() {
+  static const bool ok = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
 #endif
 
 template <auto kernel>

@@ -7,6 +7,7 @@ advises the kernel (MADV_HUGEPAGE; Linux only, elsewhere plain zeros).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 from typing import Iterable
@@ -63,3 +64,13 @@ def adopt(tensors: Iterable[torch.Tensor]) -> None:
             new = arena[off:off + n].view(t.dtype).view(t.shape)
             new.copy_(t)
             t.data = new
+    _trim()
+
+
+def _trim() -> None:
+    """Hands the heap's free pages back to the OS (glibc): the storages the tensors just left, and
+    a checkpoint's float32 copies freed by quantisation, would otherwise stay resident."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
