@@ -87,16 +87,21 @@ def debug(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+def _stub_kernels(monkeypatch, fn, attention_fwd=None):
+    """Every launcher behind the check (Triton and torch) replaced by fn (attention_fwd: Triton's varlen)."""
+    from gpt_engine.kernels import triton_attention, triton_paged
+    monkeypatch.setattr(triton_paged, "paged_attention_fwd", fn)
+    monkeypatch.setattr(triton_paged, "store_kvcache_fwd", fn)
+    monkeypatch.setattr(triton_attention, "attention_fwd", attention_fwd or fn)
+    monkeypatch.setattr(paged, "_paged_sdpa", fn)
+    monkeypatch.setattr(paged.reference, "store_kvcache", fn)
+    monkeypatch.setattr(attention, "_varlen_sdpa", fn)
+
+
 @pytest.fixture
 def no_kernels(monkeypatch, debug):
-    """Every launcher behind the check (Triton and torch) fails the test if reached."""
-    from gpt_engine.kernels import triton_attention, triton_paged
-    monkeypatch.setattr(triton_paged, "paged_attention_fwd", _kernel_reached)
-    monkeypatch.setattr(triton_paged, "store_kvcache_fwd", _kernel_reached)
-    monkeypatch.setattr(triton_attention, "attention_fwd", _kernel_reached)
-    monkeypatch.setattr(paged, "_paged_sdpa", _kernel_reached)
-    monkeypatch.setattr(paged.reference, "store_kvcache", _kernel_reached)
-    monkeypatch.setattr(attention, "_varlen_sdpa", _kernel_reached)
+    """Every launcher behind the check fails the test if reached."""
+    _stub_kernels(monkeypatch, _kernel_reached)
 
 
 # (what, call, message): each names the tensor, the bad value and the allowed range
@@ -187,20 +192,13 @@ def test_checks_off_unless_asked(dtype, value, monkeypatch):
     for name in CHECKS:
         monkeypatch.setattr(_checks, name, _check_raises)
     # nothing past the check matters here: stand-ins for the kernels keep the test fast
-    from gpt_engine.kernels import triton_attention, triton_paged
-
     def done(*args, **kwargs):
         return None
 
     def attention_fwd(q, *args, **kwargs):  # its (out, lse), for the custom op around it
         return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
 
-    monkeypatch.setattr(triton_paged, "paged_attention_fwd", done)
-    monkeypatch.setattr(triton_paged, "store_kvcache_fwd", done)
-    monkeypatch.setattr(triton_attention, "attention_fwd", attention_fwd)
-    monkeypatch.setattr(paged, "_paged_sdpa", done)
-    monkeypatch.setattr(paged.reference, "store_kvcache", done)
-    monkeypatch.setattr(attention, "_varlen_sdpa", done)
+    _stub_kernels(monkeypatch, done, attention_fwd)
     calls = [lambda: _decode(dtype), lambda: _store(dtype, [3, -1]), lambda: _prefill(dtype)]
     if value is None:
         monkeypatch.delenv("GPT_ENGINE_DEBUG_CHECKS", raising=False)
