@@ -35,6 +35,9 @@ class StepMeta:
     max_seqlen_k: int
     decode: bool                 # one new token per sequence: use paged decode attention
     fresh: bool = False          # no sequence has cached context: prefill attends to its own new K/V
+    # (N,) int64, dynamic/longrope rope only: the sequence length each new token is rotated for where it is
+    # not position + 1 (a prompt's tokens, rotated for the whole prompt as transformers' prefill does)
+    rope_seq_lens: torch.Tensor | None = None
 
 
 class Norm(nn.Module):
@@ -152,19 +155,25 @@ def rope_inv_freq(cfg: ModelConfig, seq_len=None) -> tuple[torch.Tensor, float]:
     return inv, 1.0
 
 
-def rope_tables(cfg: ModelConfig, n: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (n, D/2) fp32 for positions 0..n-1 (attention scaling folded in). seq_len None: each position
-    rotated as transformers rotates it when it is the newest token (dynamic/longrope switch per position, as in
-    incremental decoding); seq_len T: every position as in a forward over T tokens."""
-    pos = torch.arange(n, dtype=torch.int64)
-    seq_dependent = (cfg.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope")
-    if seq_dependent and seq_len is None:
-        inv, scale = rope_inv_freq(cfg, pos + 1)          # (n, D/2)
-        ang = pos.float().unsqueeze(-1) * inv
-    else:
-        inv, scale = rope_inv_freq(cfg, seq_len if seq_dependent else None)
-        ang = pos.float().unsqueeze(-1) * inv              # (n, D/2), fp32 like transformers
+def seq_dependent_rope(cfg: ModelConfig) -> bool:
+    """Whether a token's rotation depends on the length of the sequence it is computed in."""
+    return (cfg.rope_scaling or {}).get("rope_type") in ("dynamic", "longrope")
+
+
+def rope_at(cfg: ModelConfig, pos: torch.Tensor, seq_len=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (N, D/2) fp32 (attention scaling folded in) at positions pos (N,) int64, each in a forward
+    over seq_len tokens (an int or an (N,) tensor; dynamic and longrope only)."""
+    inv, scale = rope_inv_freq(cfg, seq_len if seq_dependent_rope(cfg) else None)  # (D/2,) or (N, D/2)
+    ang = pos.float().unsqueeze(-1) * inv  # fp32 like transformers
     return ang.cos() * scale, ang.sin() * scale
+
+
+def rope_tables(cfg: ModelConfig, n: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (n, D/2) for positions 0..n-1. seq_len None: each position rotated as transformers rotates it
+    when it is the newest token (dynamic/longrope switch per position, as in incremental decoding);
+    seq_len T: every position as in a forward over T tokens."""
+    pos = torch.arange(n, dtype=torch.int64)
+    return rope_at(cfg, pos, pos + 1 if seq_len is None else seq_len)
 
 
 class Rotary(nn.Module):
@@ -227,9 +236,9 @@ class Attention(nn.Module):
         o = flash_attention(q, k, v, causal=True, softmax_scale=self.scale, window_size=self.window)
         return self.proj(o.flatten(-2))
 
-    def step(self, x, positions, cache, meta: StepMeta):
+    def step(self, x, positions, cache, meta: StepMeta, rope=None):
         # x (N, C) packed new tokens; cache = (k_cache, v_cache) each (blocks, block_size, hkv, d)
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, positions, rope)
         k_cache, v_cache = cache
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         attn = dict(softmax_scale=self.scale, window_size=self.window)
@@ -278,7 +287,7 @@ class Block(nn.Module):
     def forward(self, x, residual, positions, cache=None, meta=None, rope=None):
         # pre-norm with the residual add fused into each norm: returns (sublayer output, residual stream)
         h, residual = self.norm1(x, residual) if residual is not None else (self.norm1(x), x)
-        h = self.attn(h, positions, rope) if meta is None else self.attn.step(h, positions, cache, meta)
+        h = self.attn(h, positions, rope) if meta is None else self.attn.step(h, positions, cache, meta, rope)
         h, residual = self.norm2(h, residual)
         return self.mlp(h), residual
 
@@ -502,6 +511,11 @@ class GPT(nn.Module):
             for layer, cache in zip(self.layers, kv_caches):
                 x, residual = layer.decode_step(x, residual, positions, cache, meta, rope)
         else:
+            if meta is not None and meta.rope_seq_lens is not None:
+                # one table row per token, rotated for its own sequence length
+                cos, sin = rope_at(self.config, positions.cpu(), meta.rope_seq_lens.cpu())
+                rope = cos.to(x.device), sin.to(x.device)
+                positions = torch.arange(len(positions), device=x.device)
             for i, layer in enumerate(self.layers):
                 x, residual = layer(x, residual, positions, None if kv_caches is None else kv_caches[i], meta,
                                     rope)

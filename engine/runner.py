@@ -14,7 +14,7 @@ import logging
 import torch
 
 from . import hugepages
-from .model import StepMeta
+from .model import StepMeta, seq_dependent_rope
 from .sampling import Sampler
 from .scheduler import ScheduledBatch
 
@@ -75,6 +75,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.cuda = self.device.type == "cuda"
         self.vocab_size = cfg.vocab_size
+        self.seq_rope = seq_dependent_rope(cfg)
         self.sampler = Sampler(seed)
         self.generators: dict[str, torch.Generator] = {}   # seeded requests' own random streams
         self.rows: dict[str, tuple] = {}                    # table_rows' kept rows
@@ -185,6 +186,11 @@ class ModelRunner:
                         seq_lens=self._to(seq_lens, torch.int32), cu_seqlens_q=self._to(cu_q, torch.int32),
                         cu_seqlens_k=self._to(cu_k, torch.int32), max_seqlen_q=max(batch.num_new_tokens),
                         max_seqlen_k=max(seq_lens), decode=batch.is_decode, fresh=cu_q == cu_k)
+        if self.seq_rope and not batch.is_decode:  # prompts rotated as a whole (dynamic/longrope)
+            plen = (s.num_prompt_tokens for s, n in zip(batch.seqs, batch.num_new_tokens) for _ in range(n))
+            rope_lens = [max(p + 1, n) for p, n in zip(pos, plen)]
+            if rope_lens != [p + 1 for p in pos]:
+                meta.rope_seq_lens = self._to(rope_lens, torch.long)
         li = None if len(logits_idx) == len(ids) else self._to(logits_idx, torch.long)
         return self.model.step(self._to(ids, torch.long), self._to(pos, torch.long), self.kv_caches, meta, li)
 

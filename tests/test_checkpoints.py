@@ -292,10 +292,10 @@ GREEDY_TOKENS = 12
 SHARP = {"initializer_range": 0.1}
 
 
-def _assert_greedy_matches(path, hf, lengths):
+def _assert_greedy_matches(path, hf, lengths, **llm_kw):
     from gpt_engine.llm import LLM
     from gpt_engine.sampling import SamplingParams
-    llm = LLM(str(path), device="cpu")
+    llm = LLM(str(path), device="cpu", **llm_kw)
     model = llm.runner.model
     assert model.packed_head is not None and all(layer.packed is not None for layer in model.layers)
     g = torch.Generator().manual_seed(3)
@@ -321,18 +321,21 @@ def test_qwen2_greedy(kind, tmp_path):
 
 
 # Contexts run past original_max_position_embeddings (32; max_position_embeddings for linear and dynamic).
-# dynamic and longrope rotate a position by the sequence's length when it is the newest token, as
-# transformers' incremental decoding does: their prompts stay under the threshold and the generated
-# tokens cross it (a prompt that crosses it is rotated as a whole by transformers' prefill).
+# dynamic and longrope rotate a generated token by the sequence's length when it is the newest, as
+# transformers' incremental decoding does, and a prompt's tokens by the whole prompt's length, as its
+# prefill does: prompts under the threshold (30, the generated tokens cross it) and over it (40), in
+# one prefill and in chunks of 16. (transformers keeps dynamic's grown table across generate calls
+# until a call starts under the threshold, so the 40-token prompt goes before the 30-token one.)
 @pytest.mark.parametrize("name,lengths", [
     ("llama3", [3, 17, 40]), ("linear", [3, 17, 40]), ("yarn", [3, 17, 40]),
-    ("dynamic", [3, 17, 30]), ("longrope", [3, 17, 30]),
+    ("dynamic", [3, 40, 30]), ("longrope", [3, 40, 30]),
 ])
-def test_rope_scaling_greedy(name, lengths, tmp_path):
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_rope_scaling_greedy(name, lengths, chunk, tmp_path):
     kw = {"max_position_embeddings": 32} if name in ("linear", "dynamic") else {}
     hf = make_hf_model("llama", tmp_path, rope_scaling=dict(ROPE[name]), **SHARP, **kw)
     assert max(lengths) + GREEDY_TOKENS > 32
-    _assert_greedy_matches(tmp_path, hf, lengths)
+    _assert_greedy_matches(tmp_path, hf, lengths, **({"max_num_batched_tokens": chunk} if chunk else {}))
 
 
 # --- loading memory ----------------------------------------------------------------------------
