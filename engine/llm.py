@@ -37,7 +37,8 @@ class LLM:
     """Offline engine over model (an HF-format directory or a GPT module). Settings are
     EngineConfig's fields, as keyword arguments or as config=. On CPU it packs the model's GEMM
     weights once at start (GPT.pack_for_cpu): later changes to a given module's weights do not
-    reach it. quantization="int8" quantises the GEMM weights at load (GPT.set_weight_format; a
+    reach it, and a model loaded from a directory keeps them only in the packs (inference only:
+    no state dict, no training). quantization="int8" quantises the GEMM weights at load (GPT.set_weight_format; a
     given module is changed in place); on CPU a bfloat16/float16 dtype is the weights' storage,
     compute and the KV cache staying float32."""
 
@@ -78,8 +79,10 @@ class LLM:
         storage = dtype if _half(dtype, device) else held if _half(held, device) else None
         if storage is not None and held != torch.float32:
             model_obj = model_obj.float()
-        if storage is not None or cfg.quantization is not None:
-            model_obj.set_weight_format(storage, cfg.quantization, cfg.quantization_group_size)
+        # a model loaded here is the engine's own: on CPU its GEMM weights then live in their packs only
+        owned = isinstance(model, (str, Path)) and device.type == "cpu"
+        if storage is not None or cfg.quantization is not None or owned:
+            model_obj.set_weight_format(storage, cfg.quantization, cfg.quantization_group_size, release=owned)
         self.model, self.tokenizer = model_obj, tokenizer
         self.chat_template = ChatTemplate.of_tokenizer(tokenizer) if tokenizer is not None else None
         mcfg = model_obj.config

@@ -336,7 +336,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def set_weight_format(self, weight_dtype: torch.dtype | None = None, quantization: str | None = None,
-                          group_size: int | None = None) -> None:
+                          group_size: int | None = None, release: bool = False) -> None:
         """Inference weight formats, applied once at load. weight_dtype (torch.bfloat16 / torch.float16):
         every parameter is rounded to it (kept in the compute dtype, so every path sees the stored
         values) and pack_for_cpu packs the GEMM weights in bf16. quantization "int8": each GEMM weight
@@ -344,7 +344,9 @@ class GPT(nn.Module):
         (kernels.quant.quantize_int8: per output channel, or per group_size inputs) and replaced by its
         dequantised values; the norms and other embeddings keep weight_dtype. "w8a8" (CPU float32
         models): int8 weights as "int8", and every GEMM quantises its input per 32 values too
-        (kernels.reference.linear_w8a8). Call before pack_for_cpu."""
+        (kernels.reference.linear_w8a8). On CPU the low formats keep each GEMM weight only in its
+        pack; release=True does so for float32 too (a model the engine loaded and owns). Call before
+        pack_for_cpu."""
         if weight_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"weight_dtype must be None, torch.bfloat16 or torch.float16, got {weight_dtype!r}")
         if quantization not in (None, "int8", "w8a8"):
@@ -377,11 +379,12 @@ class GPT(nn.Module):
         # CPU inference runs the packed int8 / bf16 copies (pack_for_cpu): the float32 parameters of
         # those GEMMs go, and a path without the packed kernel dequantises on the fly
         low = quantization is not None or weight_dtype == torch.bfloat16
-        if low and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in (head, *(m.weight for m in linears))):
+        if (low or release) and all(w.device.type == "cpu" and w.dtype == torch.float32
+                                    for w in (head, *(m.weight for m in linears))):
             for m in linears:
-                m.stored = m.quant if m.quant is not None else m.weight.detach().to(torch.bfloat16)
+                m.stored = m.quant if m.quant is not None else self._packable(m.weight.detach())
                 m.weight = None
-            self.head_stored = head_quant if head_quant is not None else head.detach().to(torch.bfloat16)
+            self.head_stored = head_quant if head_quant is not None else self._packable(head.detach())
             (self.tok_emb if self.lm_head is None else self.lm_head).weight = None
         self._format = (weight_dtype, quantization, group_size)
 

@@ -368,3 +368,26 @@ def test_low_formats_release_float32_gemm_weights(fmt, most, torch_cpu_path):
     assert again.generate([[1, 2, 3]], sp)[0].token_ids == llm.generate([[1, 2, 3]], sp)[0].token_ids
     with pytest.raises(ValueError, match="load the model again"):
         model.set_weight_format(None, "int8", 32)
+
+
+def test_loaded_fp32_model_holds_gemm_weights_once(tmp_path, torch_cpu_path):
+    """A model the engine loads itself keeps its float32 GEMM weights (the head's too) only in the
+    packs; outputs as the module it was saved from."""
+    from gpt_engine.weights import save_model
+    torch.manual_seed(0)
+    cfg = resolve_config("gpt2-tiny")
+    model = M.GPT(cfg).eval()
+    save_model(model, tmp_path)
+    fp32_gemm = _gemm_param_bytes(model)
+    llm = LLM(str(tmp_path), device="cpu", max_num_seqs=2)
+    mem = llm.model.memory_bytes()
+    assert mem["gemm"] <= 1.15 * fp32_gemm and mem["stored"] == 0, (mem, fp32_gemm)  # panel padding only
+    assert llm.model.head_weight is None
+    ref = LLM(model, device="cpu", max_num_seqs=2)  # a given module keeps its parameters
+    assert model.head_weight is not None and model.layers[0].attn.qkv.weight is not None
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [[1, 2, 3, 4, 5], [7] * 11]
+    assert [o.token_ids for o in llm.generate(prompts, sp)] == [o.token_ids for o in ref.generate(prompts, sp)]
+    with torch.no_grad():
+        torch.testing.assert_close(llm.model(torch.tensor([[1, 2, 3]])), model(torch.tensor([[1, 2, 3]])),
+                                   atol=1e-5, rtol=1e-5)
