@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == chosen:
             importlib.import_module(mod).add_args(p)
     args = parser.parse_args(argv)
-    return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+    except (ValueError, OSError) as e:  # bad input (flags, files, model configs): the message, not a traceback
+        print(f"gpt-engine {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

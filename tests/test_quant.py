@@ -391,3 +391,14 @@ def test_loaded_fp32_model_holds_gemm_weights_once(tmp_path, torch_cpu_path):
     with torch.no_grad():
         torch.testing.assert_close(llm.model(torch.tensor([[1, 2, 3]])), model(torch.tensor([[1, 2, 3]])),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_cli_reports_bad_format_flags(tmp_path, capsys):
+    from gpt_engine.cli import main
+    from gpt_engine.weights import save_model
+    save_model(M.GPT(resolve_config("gpt2-tiny")), tmp_path)
+    for flags, msg in ((["--quantization", "w8a8", "--quantization-group-size", "48"], "multiples of 32"),
+                       (["--quantization", "int8", "--quantization-group-size", "48"], "divisor")):
+        assert main(["generate", str(tmp_path), "--prompt", "x", "--max-tokens", "2", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("gpt-engine generate: error:") and msg in err and "Traceback" not in err
