@@ -119,6 +119,21 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& 
   return linear_cpu_packed(x, pw, present(bias) ? bias : OptT(), N, act);
 }
 
+at::Tensor packed_rows(const at::Tensor& pw, const at::Tensor& ids, int64_t N) {
+  const auto [K, W] = packed_geometry(pw);
+  TORCH_CHECK_VALUE(known_panel(W) && K > 0 && pw.is_contiguous() && pw.device().is_cpu(),
+                    "packed_rows: packed must come from kernels.decode.pack_linear, got ", pw.scalar_type(), " ",
+                    pw.sizes());
+  TORCH_CHECK_VALUE(N > 0 && (N + W - 1) / W == pw.size(0), "packed_rows: N = ", N, " does not match the ",
+                    pw.size(0), " panels of ", W, " rows");
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong && ids.device().is_cpu() && ids.dim() == 1 && ids.is_contiguous(),
+                   "packed_rows: ids must be a contiguous 1-D CPU int64 tensor");
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t r = 0; r < ids.numel(); ++r)
+    TORCH_CHECK_VALUE(id[r] >= 0 && id[r] < N, "packed_rows: row ids must be in [0, ", N, "), got ", id[r]);
+  return packed_rows_cpu(pw, ids);
+}
+
 // In place: the first `heads` heads of t (N, heads', D), rows dense, rotated by cos, sin (N, D/2)
 void rope_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
   check_rows(t, "t");
@@ -429,6 +444,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_panels", &linear_cpu_panels, "the panel widths linear_pack can make on this CPU, fastest first");
   m.def("linear_packed", &linear_packed, "CPU act(x @ w.T + bias) on a weight from linear_pack -> (M, N)",
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("n"), py::arg("act"));
+  m.def("packed_rows", &packed_rows, "rows ids of a packed (N, K) weight, dequantised -> (len(ids), K) float32",
+        py::arg("packed"), py::arg("ids"), py::arg("n"));
   m.def("swiglu", &swiglu, "CPU [gate | up] -> silu(gate) * up", py::arg("f"));
   m.def("rope_", &rope_, "CPU rotary embedding of t's first heads, in place", py::arg("t"), py::arg("cos"),
         py::arg("sin"), py::arg("heads"));

@@ -370,3 +370,41 @@ at::Tensor quant_cpu_packed(const at::Tensor& x, const at::Tensor& pw, const Opt
   });
   return y;
 }
+
+at::Tensor packed_rows_cpu(const at::Tensor& pw, const at::Tensor& ids) {
+  const auto [K, W] = packed_geometry(pw);
+  const int64_t n = ids.numel();
+  auto out = at::empty({n, K}, pw.options().dtype(at::kFloat));
+  const int64_t* id = ids.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  const auto t = pw.scalar_type();
+  const int64_t G = t == at::kChar || t == at::kByte ? pw.size(2) - 4 : K;  // the group length
+  const int64_t pb = pw.numel() / pw.size(0) * pw.element_size();         // bytes per panel
+  const char* base = static_cast<const char*>(pw.data_ptr());
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t p = id[r] / W, c = id[r] % W;
+    const char* panel = base + p * pb;
+    float* row = o + r * K;
+    if (t == at::kFloat) {
+      for (int64_t k = 0; k < K; ++k) row[k] = reinterpret_cast<const float*>(panel)[k * W + c];
+    } else if (t == at::kBFloat16) {
+      for (int64_t k = 0; k < K; ++k) {
+        const uint32_t b = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(panel)[k * W + c]) << 16;
+        std::memcpy(row + k, &b, sizeof(float));
+      }
+    } else {  // int8 k-major, or w8a8's q + 128 in quads of (W, 4); per group: W fp32 scales, then values
+      for (int64_t g0 = 0; g0 < K; g0 += G) {
+        const char* grp = panel + g0 / G * (G + 4) * W;
+        float s;
+        std::memcpy(&s, grp + 4 * c, sizeof(s));
+        const char* v = grp + 4 * W;
+        for (int64_t k = 0; k < G; ++k) {
+          const int q = t == at::kChar ? static_cast<int8_t>(v[k * W + c])
+                                       : static_cast<int>(static_cast<uint8_t>(v[(k / 4 * W + c) * 4 + k % 4])) - 128;
+          row[g0 + k] = static_cast<float>(q) * s;
+        }
+      }
+    }
+  }
+  return out;
+}

@@ -17,3 +17,6 @@ std::pair<int64_t, int64_t> packed_geometry(const at::Tensor& pw);
 // x (M, K) float32, pw bf16, int8 or uint8 (w8a8) packed as above, bias (N,) float32 or undefined; checked by the binding
 at::Tensor quant_cpu_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act);
 
+
+// rows ids (n,) int64 (checked by the binding) of a packed weight of any format, dequantised: (n, K) float32
+at::Tensor packed_rows_cpu(const at::Tensor& pw, const at::Tensor& ids);

@@ -123,22 +123,9 @@ def packed_rows(w: PackedLinear, ids: torch.Tensor) -> torch.Tensor:
     embedding's lookup when the packed head is its only copy; reads len(ids) rows, not the pack."""
     if not isinstance(w, PackedLinear):
         raise TypeError(f"w must be a PackedLinear from pack_linear, got {type(w).__name__}")
-    t, flat = w.weight, ids.reshape(-1).long()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= w.n):
-        raise ValueError(f"row ids must be in [0, {w.n}), got {int(flat.min())}..{int(flat.max())}")
-    width = t.shape[-1]
-    p, c = flat // width, flat % width
-    if t.dim() == 3:  # (P, K, width)
-        return t[p, :, c].float().view(*ids.shape, t.shape[1])
-    _, ng, rows, _ = t.shape
-    if t.dtype == torch.uint8:  # values as q + 128 in quads of (width, 4)
-        q = t[p, :, 4:].reshape(len(flat), ng, (rows - 4) // 4, width, 4)
-        q = q[torch.arange(len(flat)), :, :, c].reshape(len(flat), ng, rows - 4).to(torch.int16) - 128
-    else:
-        q = t[p, :, 4:, c]  # (n, ng, G)
-    scale = t[p, :, :4].reshape(len(flat), ng, 4 * width).view(torch.float32)  # (n, ng, width)
-    scale = scale.gather(2, c.view(-1, 1, 1).expand(-1, ng, 1))  # (n, ng, 1)
-    return (q.float() * scale).view(*ids.shape, ng * (rows - 4))
+    C.tensor("ids", ids, dtypes=(torch.int64, torch.int32))
+    rows = ext().packed_rows(w.weight, ids.reshape(-1).long().contiguous(), w.n)
+    return rows.view(*ids.shape, rows.shape[1])
 
 
 def packed_linear(x: torch.Tensor, w: PackedLinear, bias: torch.Tensor | None = None, activation=None):
