@@ -144,6 +144,23 @@ MUTATIONS = [
      "def layer_norm(x, weight, bias, eps=1e-5", "def layer_norm(x, weight, bias, eps=1e-3", [NORM], True),
     ("rms-norm-default-eps", "kernels/norm.py",
      "def rms_norm(x, weight, eps=1e-6", "def rms_norm(x, weight, eps=1e-3", [NORM], True),
+    # ---- debug index checks, resume, rope for prompts, w8a8
+    ("debug-block-id-upper", "kernels/_checks.py",
+     "(table >= num_blocks)", "(table > num_blocks)", ["tests/test_debug_checks.py"], True),
+    ("debug-padding-checked", "kernels/_checks.py",
+     "bad = (used & ((table < 0) | (table >= num_blocks))).nonzero()",
+     "bad = ((table < 0) | (table >= num_blocks)).nonzero()", ["tests/test_debug_checks.py"], True),
+    ("resume-any-world", "engine/train.py",
+     "and ckpt[\"world\"] != world:", "and False:", ["tests/test_train_safety.py"], True),
+    ("rope-prompt-per-position", "engine/runner.py",
+     "rope_lens = [max(p + 1, n) for p, n in zip(pos, plen)]", "rope_lens = [p + 1 for p, n in zip(pos, plen)]",
+     ["tests/test_checkpoints.py::test_rope_scaling_greedy"], True),
+    ("w8a8-act-scale", "kernels/reference.py",
+     "sx = b.abs().amax(-1) / 127.0", "sx = b.abs().amax(-1) / 127.5", ["tests/test_quant.py::test_quantize_act32"],
+     True),
+    ("int8-head-unquantized", "engine/model.py",
+     "            head_quant = quantize_int8(head, group_size)\n            head.copy_(dequantize(head_quant, head.dtype))",
+     "            head_quant = None", ["tests/test_quant.py::test_low_formats_release_float32_gemm_weights"], True),
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
