@@ -87,9 +87,9 @@ class Linear(nn.Module):
 
     def _check_inference(self):
         if self.training and torch.is_grad_enabled():
-            raise RuntimeError("this model's GEMM weights are stored in int8 / bf16 for inference only (their "
-                               "float32 copies were released): it cannot be trained; load it without "
-                               "quantization or a bf16 dtype to train")
+            raise RuntimeError("this model's GEMM weights live only in the CPU inference engine's packs (int8 / "
+                               "bf16 formats, or a model LLM loaded itself): it cannot be trained; load it with "
+                               "gpt_engine.weights.load_model (no quantization or bf16 dtype) to train")
 
     def forward(self, x):
         p = self.packed
@@ -441,9 +441,9 @@ class GPT(nn.Module):
 
     def state_dict(self, *args, **kwargs):
         if self.head_weight is None or any(isinstance(m, Linear) and m.released for m in self.modules()):
-            raise RuntimeError("this model's GEMM weights are stored in int8 / bf16 for CPU inference without "
-                               "their float32 parameters, so it has no full state dict; save the model it was "
-                               "loaded from instead")
+            raise RuntimeError("this model's GEMM weights live only in the CPU inference engine's packs (int8 / "
+                               "bf16 formats, or a model LLM loaded itself), without their float32 parameters, so "
+                               "it has no full state dict; save the model it was loaded from instead")
         return super().state_dict(*args, **kwargs)
 
     def memory_bytes(self) -> dict:
