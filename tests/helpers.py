@@ -133,6 +133,18 @@ def wait_healthy(proc, port: int, timeout: float = 120.0) -> str:
             time.sleep(0.2)
 
 
+def layer_weights(C, H, Hkv, D, ff, bias, swiglu, g):
+    """One decoder layer's 12 tensors in kernels.decode's order (norm1, qkv, proj, norm2, fc, fc2:
+    weight, bias), random from generator g; biases None without bias."""
+    def w(*shape, scale=0.1):
+        return torch.randn(*shape, generator=g) * scale
+
+    def b(n):
+        return w(n) if bias else None
+    return (1 + w(C), b(C), w((H + 2 * Hkv) * D, C), b((H + 2 * Hkv) * D), w(C, H * D), b(C),
+            1 + w(C), b(C), w(2 * ff if swiglu else ff, C), b(2 * ff if swiglu else ff), w(C, ff), b(C))
+
+
 def paged_batch(lens, Hkv, D, g, bs: int = 16, pad_last: bool = False):
     """KV caches with each sequence's blocks scattered, the block table, seq_lens and the slot of
     each sequence's last token (-1 for the last sequence with pad_last: a padded row stores nothing)."""
@@ -208,6 +220,24 @@ def serving(model_dir, api_key=None, template=True, **llm_kw):
     with ServerThread(app) as server:
         server.engine = engine
         yield server
+
+
+@contextmanager
+def slow_engine_steps(srv, seconds: float = 0.02):
+    """Each engine step of the served LLM takes >= seconds longer; yields the list of steps taken
+    (one entry per step), so a test can tell where generation ended."""
+    llm, calls = srv.engine.llm, []
+    step = llm.step
+
+    def slow():
+        calls.append(1)
+        time.sleep(seconds)
+        return step()
+    llm.step = slow
+    try:
+        yield calls
+    finally:
+        del llm.step  # the instance attribute shadowed the method
 
 
 def wait_pool_empty(srv, timeout=30.0):

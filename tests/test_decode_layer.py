@@ -14,20 +14,10 @@ from gpt_engine.kernels._ext import ext
 from gpt_engine.kernels.decode import (PackedLayer, decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, rope_,
                             swiglu)
 
-from .helpers import paged_batch
+from .helpers import layer_weights, paged_batch
 
 BS = 16
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")  # conftest's TRITON_INTERPRET=1 routes decode to Triton
-
-
-def _layer(C, H, Hkv, D, ff, bias, swiglu, g):
-    def w(*shape, scale=0.1):
-        return torch.randn(*shape, generator=g) * scale
-
-    def b(n):
-        return w(n) if bias else None
-    return (1 + w(C), b(C), w((H + 2 * Hkv) * D, C), b((H + 2 * Hkv) * D), w(C, H * D), b(C),
-            1 + w(C), b(C), w(2 * ff if swiglu else ff, C), b(2 * ff if swiglu else ff), w(C, ff), b(C))
 
 
 # (C, H, Hkv, D, ff, bias, activation, rope): gpt2-like and llama-like (GQA, RoPE, SwiGLU), D = 80 too
@@ -46,7 +36,7 @@ def test_matches_reference(case, first):
     C, H, Hkv, D, ff, bias, act, rope = case
     g = torch.Generator().manual_seed(C + H + D)
     lens = [1, 16, 17, 40, 5]
-    weights = _layer(C, H, Hkv, D, ff, bias, act == "swiglu", g)
+    weights = layer_weights(C, H, Hkv, D, ff, bias, act == "swiglu", g)
     kc, vc, table, seq_lens, slots = paged_batch(lens, Hkv, D, g, bs=BS, pad_last=True)
     x, res = torch.randn(len(lens), C, generator=g), None if first else torch.randn(len(lens), C, generator=g)
     pos = seq_lens.long() - 1
@@ -72,7 +62,7 @@ def test_window_matches_reference(window):
     C, H, Hkv, D, ff, bias, act, rope = CASES[3]
     g = torch.Generator().manual_seed(7)
     lens = [1, 16, 17, 40, 70]
-    weights = _layer(C, H, Hkv, D, ff, bias, True, g)
+    weights = layer_weights(C, H, Hkv, D, ff, bias, True, g)
     kc, vc, table, seq_lens, slots = paged_batch(lens, Hkv, D, g, bs=BS, pad_last=True)
     x, res = torch.randn(len(lens), C, generator=g), torch.randn(len(lens), C, generator=g)
     args = (table, seq_lens, None, H, 1e-5, True, act, 1 / math.sqrt(D))
@@ -90,7 +80,7 @@ def test_window_matches_reference(window):
 
 def test_errors(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    weights = _layer(64, 2, 2, 32, 96, True, False, g)
+    weights = layer_weights(64, 2, 2, 32, 96, True, False, g)
     kc, vc, table, seq_lens, slots = paged_batch([3, 20], 2, 32, g, bs=BS, pad_last=True)
     x = torch.randn(2, 64)
     args = (kc, vc, slots, table, seq_lens, None)

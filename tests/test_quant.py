@@ -15,7 +15,7 @@ from gpt_engine.kernels._ext import ext
 from gpt_engine.kernels.decode import decode_layer, pack_layer, pack_linear, packed_linear, packed_rows, unpack_linear
 from gpt_engine.kernels.quant import QuantizedWeight, dequantize, linear_int8, linear_w8a8, quantize_int8
 
-from .helpers import paged_batch
+from .helpers import layer_weights, paged_batch
 
 ACTS = [None, "gelu", "gelu_tanh", "relu"]
 PANELS = [24, 48]
@@ -163,23 +163,13 @@ def test_packed_low_errors():
         pack_linear(qw, 16)
 
 
-def _layer(C, H, Hkv, D, ff, bias, swiglu, g):
-    def w(*shape, scale=0.1):
-        return torch.randn(*shape, generator=g) * scale
-
-    def b(n):
-        return w(n) if bias else None
-    return (1 + w(C), b(C), w((H + 2 * Hkv) * D, C), b((H + 2 * Hkv) * D), w(C, H * D), b(C),
-            1 + w(C), b(C), w(2 * ff if swiglu else ff, C), b(2 * ff if swiglu else ff), w(C, ff), b(C))
-
-
 @pytest.mark.parametrize("fmt", ["int8", "int8-g32", "bf16"])
 @pytest.mark.parametrize("case", [(64, 2, 2, 32, 96, True, "gelu"), (128, 4, 1, 32, 160, False, "swiglu")])
 def test_decode_layer_low(case, fmt, torch_cpu_path):
     """decode_layer on bf16 / int8 packed GEMM weights vs the reference on the weights they stand for."""
     C, H, Hkv, D, ff, bias, act = case
     g = torch.Generator().manual_seed(5)
-    w = list(_layer(C, H, Hkv, D, ff, bias, act == "swiglu", g))
+    w = list(layer_weights(C, H, Hkv, D, ff, bias, act == "swiglu", g))
     given, ref_w = list(w), list(w)
     for i in (2, 4, 8, 10):
         if fmt == "bf16":

@@ -19,7 +19,8 @@ import pytest
 
 from gpt_engine.server import ChatTemplate, add_args, load_chat_template
 # CORPUS and ServerThread: test_abuse and test_auth_errors import them from here
-from tests.helpers import CORPUS, ServerThread, make_chat_model, serving, wait_healthy, wait_pool_empty  # noqa: F401
+from tests.helpers import (CORPUS, ServerThread, make_chat_model, serving, slow_engine_steps,  # noqa: F401
+                           wait_healthy, wait_pool_empty)
 
 KEY = "test-key"
 
@@ -304,16 +305,8 @@ def test_many_concurrent_streams(srv):
 def slow_steps(srv):
     """Engine steps of >= 20 ms, counted: a request of 100 tokens then takes >= 2 s, so one
     that ends after a handful of steps was aborted, not run to the end."""
-    llm, calls = srv.engine.llm, []
-    step = llm.step
-
-    def slow():
-        calls.append(1)
-        time.sleep(0.02)
-        return step()
-    llm.step = slow
-    yield calls
-    del llm.step  # the instance attribute shadowed the method
+    with slow_engine_steps(srv) as calls:
+        yield calls
 
 
 def test_disconnect_mid_stream_frees_kv(srv, slow_steps):

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import make_chat_model, serving, wait_pool_empty
+from tests.helpers import make_chat_model, serving, slow_engine_steps, wait_pool_empty
 
 KEY = "web-key"
 CONTEXT = 2048
@@ -37,16 +37,8 @@ def srv(torch_path, model_dir):
 def slow_steps(srv):
     """Engine steps of >= 20 ms, counted: a long answer then streams for many seconds, so the page
     is still receiving it when the test presses stop, and the count shows where generation ended."""
-    llm, calls = srv.engine.llm, []
-    step = llm.step
-
-    def slow():
-        calls.append(1)
-        time.sleep(0.02)
-        return step()
-    llm.step = slow
-    yield calls
-    del llm.step  # the instance attribute shadowed the method
+    with slow_engine_steps(srv) as calls:
+        yield calls
 
 
 @pytest.fixture(scope="module")
