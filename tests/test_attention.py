@@ -173,7 +173,7 @@ def test_paged_prefill(dtype, block_size):
     if dtype == torch.float32:
         torch.testing.assert_close(got, ref, atol=2e-4, rtol=2e-4)
     else:
-        cq, ck = _cu(qlens), _cu(klens)
+        cq = _cu(qlens)
         low = torch.cat([_lowp_attention(q[None, cq[b]:cq[b + 1]], R.gather_paged(kc, table[b], klens[b])[None],
                                          R.gather_paged(vc, table[b], klens[b])[None], True)[0]
                          for b in range(len(klens))])
@@ -552,7 +552,7 @@ def test_gpu_paged_prefill():
     args = (_cu(qlens).cuda(), _cu(klens).cuda(), max(qlens), max(klens))
     got = kernels.flash_attention_varlen(q, kc, vc, *args, block_table=table)
     ref = R.flash_attention_varlen(q.float(), kc.float(), vc.float(), *args, block_table=table)
-    cq, ck = _cu(qlens), _cu(klens)
+    cq = _cu(qlens)
     low = torch.cat([_lowp_attention(q[None, cq[b]:cq[b + 1]], R.gather_paged(kc, table[b], klens[b])[None],
                                      R.gather_paged(vc, table[b], klens[b])[None], True)[0] for b in range(3)])
     assert_within([got], [ref], [low], 2e-3, "gpu paged prefill")
