@@ -53,6 +53,17 @@ class Norm(nn.Module):
         return layer_norm(x, self.weight, self.bias, self.eps, residual)
 
 
+def released_form(stored, packed):
+    """A GEMM weight whose float parameter was released, in its own format: what set_weight_format
+    stored, or, once packed, read back from the pack (a bf16 / fp32 tensor or a QuantizedWeight)."""
+    return stored if stored is not None else unpack_linear(packed)
+
+
+def dense(w, dtype: torch.dtype) -> torch.Tensor:
+    """released_form's weight as a dense (N, K) tensor of dtype."""
+    return dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w.to(dtype)
+
+
 class Linear(nn.Module):
     def __init__(self, d_in, d_out, bias, activation=None):
         super().__init__()
@@ -81,8 +92,7 @@ class Linear(nn.Module):
         if self.weight is not None:
             return self.weight
         self._check_inference()
-        w = self.stored if self.stored is not None else unpack_linear(self.packed)
-        w = dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w.to(dtype)
+        w = dense(released_form(self.stored, self.packed), dtype)
         return w if device is None else w.to(device)
 
     def _check_inference(self):
@@ -97,8 +107,7 @@ class Linear(nn.Module):
             return packed_linear(x, p, self.bias, self.activation)
         if self.int8_activations:  # off the packed kernel: its arithmetic, on the int8 values
             self._check_inference()
-            w = self.quant or self.stored or unpack_linear(self.packed)
-            return linear_w8a8(x, w, self.bias, self.activation)
+            return linear_w8a8(x, released_form(self.stored, self.packed), self.bias, self.activation)
         if self.quant is not None and triton_w8a16(x):  # decode-sized GPU batches: the int8 weight stream
             return linear_int8(x, self.quant, self.bias, self.activation)
         return linear(x, self.dense_weight(x.dtype, x.device), self.bias, self.activation)
@@ -485,8 +494,7 @@ class GPT(nn.Module):
         """The head's (V, C) weight as the GEMM computes with it (as Linear.dense_weight)."""
         if self.head_weight is not None:
             return self.head_weight
-        w = self.head_stored if self.head_stored is not None else unpack_linear(self.packed_head)
-        return dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w.to(dtype)
+        return dense(released_form(self.head_stored, self.packed_head), dtype)
 
     def embed(self, input_ids):
         if self.tok_emb.weight is not None:
@@ -540,7 +548,7 @@ class GPT(nn.Module):
         if head is not None and decode_layer_applies(h, (head.weight,)):  # CPU inference: the packed GEMM
             return packed_linear(h, head)
         if self.int8_activations:
-            return linear_w8a8(h, self.head_stored or unpack_linear(self.packed_head))
+            return linear_w8a8(h, released_form(self.head_stored, self.packed_head))
         return linear(h, self.dense_head(h.dtype))
 
     @torch.no_grad()
