@@ -194,10 +194,10 @@ AVX512 void qpanels16(const float* x, const char* pw, const float* bias, float* 
 // per panel and group, the W scales (4 W bytes), then G / 4 quads of W x 4 bytes.
 constexpr int64_t QB = 32;  // inputs per activation block
 
-// Per row and block: qx, its scale sx and 128 x sum(qx), which undoes the weights' +128 offset
-void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* qx, float* sx, int32_t* cx) {
-  const int64_t nb = K / QB;
-  for (int64_t i = 0; i < M * nb; ++i) {
+// n consecutive blocks of QB values of x (the rows' blocks, row after row): per block qx, its scale
+// sx and 128 x sum(qx), which undoes the weights' +128 offset
+void quantize_blocks(const float* x, int64_t n, int8_t* qx, float* sx, int32_t* cx) {
+  for (int64_t i = 0; i < n; ++i) {
     const float* v = x + i * QB;
     float amax = 0.f;
     for (int64_t k = 0; k < QB; ++k) amax = std::max(amax, std::fabs(v[k]));
@@ -326,7 +326,10 @@ at::Tensor w8a8_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bi
   int8_t* qp = qx.data_ptr<int8_t>();
   float* sp = sx.data_ptr<float>();
   int32_t* cp = cx.data_ptr<int32_t>();
-  quantize_rows(xp, M, K, qp, sp, cp);
+  const int64_t nb = K / QB;  // blocks are independent: threads split them as they split the panels
+  at::parallel_for(0, M * nb, 256, [&](int64_t b0, int64_t b1) {
+    quantize_blocks(xp + b0 * QB, b1 - b0, qp + b0 * QB, sp + b0, cp + b0);
+  });
   const uint8_t* wp = pw.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t pb = pw.numel() / P;
