@@ -45,7 +45,7 @@ run: setup
 # fine-tunes make run's model (pretrained first when absent) on questions about the standard library's
 # docstrings, prints the held-out answer loss before and after, then opens the terminal chat
 chat: setup
-	$(VPY) -m gpt_engine.chat_demo --base $(RUN_DIR) --out runs/chat
+	$(VPY) -m gpt_engine.cli.chat_demo --base $(RUN_DIR) --out runs/chat
 
 # pytest exits 5 when it collects nothing: not a failure here
 test: setup

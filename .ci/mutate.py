@@ -202,7 +202,7 @@ def env_for(pkgroot: Path) -> dict:
 
 
 def check_imports(src: Path, pkgroot: Path) -> None:
-    code = ("import torch, gpt_engine, gpt_engine.kernels, gpt_engine.kernels._C as c, gpt_engine.kv_cache as k;"
+    code = ("import torch, gpt_engine, gpt_engine.kernels, gpt_engine.kernels._C as c, gpt_engine.core.block_manager as k;"
             "print(gpt_engine.__file__); print(gpt_engine.kernels.__file__); print(c.__file__); print(k.__file__)")
     r = subprocess.run([sys.executable, "-c", code], cwd=src, env=env_for(pkgroot), capture_output=True, text=True)
     files = r.stdout.split()

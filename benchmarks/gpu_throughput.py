@@ -23,7 +23,7 @@ CASES = [
 def main(outdir: Path) -> str:
     import torch
 
-    from gpt_engine.bench import format_result, run_bench
+    from gpt_engine.cli.bench import format_result, run_bench
     rows = []
     for name, n, inp, out, hf in CASES:
         for eager in (False, True):

@@ -71,9 +71,9 @@ class NanoGPT(nn.Module):
 # --- variants ----------------------------------------------------------------------------
 
 def _ours(compile_: bool):
-    from gpt_engine.config import resolve_config
-    from gpt_engine.model import GPT
-    from gpt_engine.train import CastParams, LMLoss
+    from gpt_engine.models.config import resolve_config
+    from gpt_engine.models.gpt import GPT
+    from gpt_engine.train.trainer import CastParams, LMLoss
     lm = LMLoss(GPT(resolve_config("gpt2"))).cuda()
     model = CastParams(lm, torch.bfloat16)
     return lm, (torch.compile(model) if compile_ else model), None
@@ -107,8 +107,8 @@ def _profile(step, path: Path) -> None:
 
 def _measure(name, build, compile_, outdir=None):
     from contextlib import nullcontext
-    from gpt_engine.train import flops_per_token
-    from gpt_engine.config import resolve_config
+    from gpt_engine.train.trainer import flops_per_token
+    from gpt_engine.models.config import resolve_config
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)

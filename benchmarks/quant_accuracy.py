@@ -93,9 +93,9 @@ def memory(preset: str, out: str) -> None:
     import subprocess
     import sys
     import tempfile
-    from gpt_engine.config import resolve_config
-    from gpt_engine.model import GPT, Linear
-    from gpt_engine.weights import save_model
+    from gpt_engine.models.config import resolve_config
+    from gpt_engine.models.gpt import GPT, Linear
+    from gpt_engine.models.loader import save_model
     torch.manual_seed(0)
     res = {}
     with tempfile.TemporaryDirectory() as d:
@@ -177,8 +177,8 @@ def main():
                machine=dict(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                             panels=list(ext().linear_panels())))
     if args.speed_model:
-        from gpt_engine.config import resolve_config
-        from gpt_engine.model import GPT
+        from gpt_engine.models.config import resolve_config
+        from gpt_engine.models.gpt import GPT
         torch.manual_seed(0)
         speed = {}
         for name, fmt in FORMATS.items():

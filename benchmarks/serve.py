@@ -114,7 +114,7 @@ def preset_dir(spec: str, tmp: str, seed: int) -> str:
     with a small tokenizer (the server needs one to detokenize)."""
     if Path(spec).is_dir():
         return spec
-    from gpt_engine.bench import model_dir
+    from gpt_engine.cli.bench import model_dir
     from gpt_engine.tokenizer import Tokenizer
     path = model_dir(spec, tmp, seed)
     Tokenizer.train([Path(__file__).read_text()] * 4, vocab_size=512, show_progress=False).save(path)

@@ -8,9 +8,9 @@ import importlib
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "LLM": "llm", "AsyncLLM": "async_llm", "EngineConfig": "engine_config", "RequestOutput": "request",
-    "SamplingParams": "sampling", "load_model": "weights", "save_model": "weights",
-    "ModelConfig": "config", "GPT": "model", "Tokenizer": "tokenizer",
+    "LLM": "llm", "AsyncLLM": "async_llm", "EngineConfig": "engine_config", "RequestOutput": "core.request",
+    "SamplingParams": "core.sampling_params", "load_model": "models.loader", "save_model": "models.loader",
+    "ModelConfig": "models.config", "GPT": "models.gpt", "Tokenizer": "tokenizer",
 }
 __all__ = list(_EXPORTS)
 

@@ -20,9 +20,9 @@ from collections import OrderedDict
 from typing import AsyncIterator, Protocol
 
 from .llm import LLM
-from .request import RequestOutput
-from .sampling import SamplingParams
-from .scheduler import Overloaded
+from .core.request import RequestOutput
+from .core.sampling_params import SamplingParams
+from .core.scheduler import Overloaded
 
 log = logging.getLogger("gpt_engine.engine")
 STOP_JOIN_S = 10.0   # how long stop() waits for the loop: a hung step must not hang shutdown

@@ -19,11 +19,11 @@ import torch
 
 from .chat_template import ChatTemplate
 from .engine_config import EngineConfig
-from .kv_cache import BlockManager
-from .request import Request, RequestError, RequestOutput, check_context, check_pool, check_stop, check_token_ids
-from .runner import ModelRunner
-from .sampling import SamplingParams
-from .scheduler import Scheduler, Sequence
+from .core.block_manager import BlockManager
+from .core.request import Request, RequestError, RequestOutput, check_context, check_pool, check_stop, check_token_ids
+from .worker.model_runner import ModelRunner
+from .core.sampling_params import SamplingParams
+from .core.scheduler import Scheduler, Sequence
 
 log = logging.getLogger("gpt_engine.llm")
 
@@ -55,9 +55,9 @@ class LLM:
         # what the model directory says about generation: every EOS id, default sampling settings
         self.default_sampling: dict = {}
         if isinstance(model, (str, Path)):
-            from .config import load_generation_config
+            from .models.config import load_generation_config
             from .tokenizer import Tokenizer
-            from .weights import load_model
+            from .models.loader import load_model
             path = Path(model)
             if dtype is None and device.type == "cuda":
                 dtype = torch.bfloat16  # fp32 checkpoints serve in bf16 on GPU

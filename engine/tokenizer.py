@@ -11,7 +11,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from .config import read_json
+from .models.config import read_json
 
 EOS = "<|endoftext|>"
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")

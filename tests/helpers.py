@@ -214,7 +214,7 @@ def serving(model_dir, api_key=None, template=True, **llm_kw):
     template=False serves without the model's chat template."""
     from gpt_engine.async_llm import AsyncLLM
     from gpt_engine.llm import LLM
-    from gpt_engine.server import build_app, load_chat_template
+    from gpt_engine.cli.serve import build_app, load_chat_template
     engine = AsyncLLM(LLM(str(model_dir), device="cpu", **llm_kw))
     app = build_app(engine, api_key=api_key, chat_template=load_chat_template(model_dir) if template else None)
     with ServerThread(app) as server:

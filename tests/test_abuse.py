@@ -20,13 +20,13 @@ import pytest
 
 from gpt_engine.api.protocol import ChatCompletionRequest, CompletionRequest
 from gpt_engine.async_llm import AsyncLLM
-from gpt_engine.config import ModelConfig
-from gpt_engine.kv_cache import BlockManager, block_hash
+from gpt_engine.models.config import ModelConfig
+from gpt_engine.core.block_manager import BlockManager, block_hash
 from gpt_engine.llm import LLM
-from gpt_engine.request import Detokenizer
-from gpt_engine.sampling import SamplingParams
-from gpt_engine.scheduler import Overloaded, Scheduler, Sequence
-from gpt_engine.server import allowed_hosts, build_app, load_chat_template, serve
+from gpt_engine.core.request import Detokenizer
+from gpt_engine import SamplingParams
+from gpt_engine.core.scheduler import Overloaded, Scheduler, Sequence
+from gpt_engine.cli.serve import allowed_hosts, build_app, load_chat_template, serve
 from tests.helpers import wait_healthy
 from tests.test_server import KEY, ServerThread, model_dir  # noqa: F401 (fixtures)
 

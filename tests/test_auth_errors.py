@@ -8,7 +8,7 @@ import pytest
 
 from gpt_engine.async_llm import AsyncLLM
 from gpt_engine.llm import LLM
-from gpt_engine.server import build_app, load_chat_template
+from gpt_engine.cli.serve import build_app, load_chat_template
 from tests.test_server import KEY, ServerThread, model_dir, srv  # noqa: F401 (fixtures)
 
 CHAT = [{"role": "user", "content": "hi"}]

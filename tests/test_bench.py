@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpt_engine.bench import _best_times, _range, format_result, run_bench
+from gpt_engine.cli.bench import _best_times, _range, format_result, run_bench
 
 
 @pytest.mark.usefixtures("torch_cpu_path")

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from gpt_engine.chat_cli import PROMPT, STOPPED, Chat, repl
+from gpt_engine.cli.chat import PROMPT, STOPPED, Chat, repl
 from gpt_engine.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from gpt_engine.llm import LLM
-from gpt_engine.sampling import SamplingParams
+from gpt_engine import SamplingParams
 from gpt_engine.tokenizer import Tokenizer
 
 from .helpers import make_hf_model, train_bpe

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpt_engine.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, assistant_spans
-from gpt_engine.data import (IGNORE_INDEX, build_dataset, encode_examples, example_batch, example_windows,
+from gpt_engine.train.data import (IGNORE_INDEX, build_dataset, encode_examples, example_batch, example_windows,
                              read_jsonl)
 from gpt_engine.tokenizer import EOS, Tokenizer
 
@@ -133,8 +133,8 @@ def test_build_dataset_gives_a_template_and_bounds(tmp_path, tok):
 def test_chat_finetune_end_to_end(tmp_path):
     transformers = pytest.importorskip("transformers")
     from gpt_engine.llm import LLM
-    from gpt_engine.sampling import SamplingParams
-    from gpt_engine.train import TrainConfig, train
+    from gpt_engine import SamplingParams
+    from gpt_engine.train.trainer import TrainConfig, train
     from tests.helpers import make_hf_model
     init = tmp_path / "base"
     make_hf_model("gpt2", init, vocab_size=320)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gpt_engine import ModelConfig, load_model, save_model
-from gpt_engine.config import load_generation_config
-from gpt_engine.model import GPT
+from gpt_engine.models.config import load_generation_config
+from gpt_engine.models.gpt import GPT
 
 from .helpers import make_hf_model, save_bin, save_hub_gpt2
 
@@ -264,7 +264,7 @@ def test_generation_defaults_from_transformers_save(tmp_path):
 
 
 def test_shards_are_read_one_at_a_time(tmp_path, monkeypatch):
-    import gpt_engine.weights as W
+    import gpt_engine.models.loader as W
     hf = make_hf_model("llama-untied", tmp_path, save=False)
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
     real, open_now, opened = W._iter_tensors, [0], []
@@ -294,7 +294,7 @@ SHARP = {"initializer_range": 0.1}
 
 def _assert_greedy_matches(path, hf, lengths, **llm_kw):
     from gpt_engine.llm import LLM
-    from gpt_engine.sampling import SamplingParams
+    from gpt_engine import SamplingParams
     llm = LLM(str(path), device="cpu", **llm_kw)
     model = llm.runner.model
     assert model.packed_head is not None and all(layer.packed is not None for layer in model.layers)
@@ -342,7 +342,7 @@ def test_rope_scaling_greedy(name, lengths, chunk, tmp_path):
 @pytest.mark.parametrize("layout", ["hub-gpt2", "bin-gpt2", "llama-fp16", "bin-llama-fp16"])
 def test_tensors_copied_in_row_blocks(layout, tmp_path, monkeypatch):
     """Tiny blocks, so that a transposed (GPT-2 Conv1D), converted or fused tensor crosses many block edges."""
-    import gpt_engine.weights as W
+    import gpt_engine.models.loader as W
     monkeypatch.setattr(W, "_CHUNK_BYTES", 1000)
     kind = layout.split("-")[-2] if layout.endswith("fp16") else layout.split("-")[-1]
     hf = make_hf_model(kind, None, save=False)

@@ -15,10 +15,10 @@ import contextlib
 import pytest
 import torch
 
-from gpt_engine.config import ModelConfig
-from gpt_engine.losses import chunked_cross_entropy
-from gpt_engine.model import GPT
-from gpt_engine.train import CastParams, LMLoss
+from gpt_engine.models.config import ModelConfig
+from gpt_engine.train.losses import chunked_cross_entropy
+from gpt_engine.models.gpt import GPT
+from gpt_engine.train.trainer import CastParams, LMLoss
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 

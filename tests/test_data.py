@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from gpt_engine.data import (IGNORE_INDEX, build_dataset, default_corpus_files, encode_pairs, read_jsonl, sample_batch,
+from gpt_engine.train.data import (IGNORE_INDEX, build_dataset, default_corpus_files, encode_pairs, read_jsonl, sample_batch,
                          split_train_val, text_files, token_dtype, windows, write_tokens)
 from gpt_engine.tokenizer import Tokenizer
 

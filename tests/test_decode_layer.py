@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-import gpt_engine.model as M
-from gpt_engine.config import resolve_config
+import gpt_engine.models.gpt as M
+from gpt_engine.models.config import resolve_config
 from gpt_engine.kernels import reference as R
 from gpt_engine.kernels._ext import ext
 from gpt_engine.kernels.decode import (PackedLayer, decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, rope_,
@@ -239,7 +239,7 @@ def test_swiglu():
 
 @pytest.mark.parametrize("d", [32, 20, 6])  # the AVX2 loop's 8-wide body, with and without a tail
 def test_rope_matches_the_model_rotary(d):
-    from gpt_engine.model import Rotary
+    from gpt_engine.models.gpt import Rotary
     cfg = resolve_config("llama-tiny", n_head=5, n_kv_head=1, d_model=5 * d)
     rot = Rotary(cfg)
     torch.manual_seed(0)

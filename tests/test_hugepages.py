@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 from gpt_engine import hugepages
-from gpt_engine.config import resolve_config
-from gpt_engine.model import GPT
+from gpt_engine.models.config import resolve_config
+from gpt_engine.models.gpt import GPT
 
 
 def _thp_mode() -> str | None:

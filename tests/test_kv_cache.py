@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from gpt_engine.kv_cache import BlockManager
+from gpt_engine.core.block_manager import BlockManager
 
 
 def test_random_operations_keep_invariants():

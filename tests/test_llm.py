@@ -5,7 +5,7 @@ import torch
 
 from gpt_engine.async_llm import AsyncLLM
 from gpt_engine.llm import LLM
-from gpt_engine.sampling import SamplingParams
+from gpt_engine import SamplingParams
 from gpt_engine.tokenizer import Tokenizer
 
 from .helpers import hf_greedy, make_hf_model
@@ -164,7 +164,7 @@ def test_bad_inputs_raise_clear_errors(models, tmp_path):
 
 
 def test_text_prompts_and_gpt_module(text_model):
-    from gpt_engine.weights import load_model
+    from gpt_engine.models.loader import load_model
     llm = LLM(str(text_model), device="cpu")
     a = llm.generate(["hello world", "the"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     assert [o.prompt for o in a] == ["hello world", "the"]
@@ -311,7 +311,7 @@ def test_gpu_bf16_batch_runs_and_frees(models):
 
 def test_runner_host_tensors():
     # the step inputs built through array.array equal torch.tensor on the lists they replace
-    from gpt_engine.runner import host_tensor, padded_tables
+    from gpt_engine.worker.model_runner import host_tensor, padded_tables
     for dtype in (torch.long, torch.int32):
         for data in ([], [0], [3, -1, 2 ** 30]):
             got = host_tensor(data, dtype)
@@ -326,7 +326,7 @@ def test_runner_table_rows_follow_the_tables():
     # kept rows are rebuilt when a table grows, is replaced (re-admission) or the width changes
     from types import SimpleNamespace
 
-    from gpt_engine.runner import padded_tables, table_rows
+    from gpt_engine.worker.model_runner import padded_tables, table_rows
     a, b = SimpleNamespace(request_id="a", block_table=[5, 1]), SimpleNamespace(request_id="b", block_table=[])
     kept = {}
 
@@ -345,7 +345,7 @@ def test_runner_table_rows_follow_the_tables():
 
 def test_runner_decode_inputs_equal_the_general_path(models):
     # prepare()'s one-token fast path builds what the general per-range loop builds, sampled rows or not
-    from gpt_engine.scheduler import ScheduledBatch
+    from gpt_engine.core.scheduler import ScheduledBatch
 
     class General(ScheduledBatch):
         is_decode = False

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gpt_engine import ModelConfig, load_model, save_model
-from gpt_engine.model import GPT
+from gpt_engine.models.gpt import GPT
 
 from .helpers import make_hf_model
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import gpt_engine.model as M
+import gpt_engine.models.gpt as M
 from gpt_engine import LLM, SamplingParams
-from gpt_engine.config import resolve_config
+from gpt_engine.models.config import resolve_config
 from gpt_engine.engine_config import EngineConfig
 from gpt_engine.kernels import reference as R
 from gpt_engine.kernels._ext import ext
@@ -233,7 +233,7 @@ def test_engine_config():
 def test_cli_flags():
     import argparse
 
-    from gpt_engine.flags import add_dataclass_args, from_args
+    from gpt_engine.cli.flags import add_dataclass_args, from_args
     parser = argparse.ArgumentParser()
     add_dataclass_args(parser, EngineConfig)
     cfg = from_args(EngineConfig, parser.parse_args(["--quantization", "int8", "--quantization-group-size", "64",
@@ -363,7 +363,7 @@ def test_low_formats_release_float32_gemm_weights(fmt, most, torch_cpu_path):
 def test_loaded_fp32_model_holds_gemm_weights_once(tmp_path, torch_cpu_path):
     """A model the engine loads itself keeps its float32 GEMM weights (the head's too) only in the
     packs; outputs as the module it was saved from."""
-    from gpt_engine.weights import save_model
+    from gpt_engine.models.loader import save_model
     torch.manual_seed(0)
     cfg = resolve_config("gpt2-tiny")
     model = M.GPT(cfg).eval()
@@ -385,7 +385,7 @@ def test_loaded_fp32_model_holds_gemm_weights_once(tmp_path, torch_cpu_path):
 
 def test_cli_reports_bad_format_flags(tmp_path, capsys):
     from gpt_engine.cli import main
-    from gpt_engine.weights import save_model
+    from gpt_engine.models.loader import save_model
     save_model(M.GPT(resolve_config("gpt2-tiny")), tmp_path)
     for flags, msg in ((["--quantization", "w8a8", "--quantization-group-size", "48"], "multiples of 32"),
                        (["--quantization", "int8", "--quantization-group-size", "48"], "divisor")):

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from gpt_engine.sampling import SamplingParams, Sampler, _argmax, apply_min_p, apply_penalties, apply_top_k_top_p
+from gpt_engine import SamplingParams
+from gpt_engine.worker.sampler import Sampler, _argmax, apply_min_p, apply_penalties, apply_top_k_top_p
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),

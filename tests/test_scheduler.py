@@ -4,9 +4,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from gpt_engine.kv_cache import BlockManager
-from gpt_engine.request import Request, check_stop
-from gpt_engine.scheduler import Scheduler, Sequence, Status
+from gpt_engine.core.block_manager import BlockManager
+from gpt_engine.core.request import Request, check_stop
+from gpt_engine.core.scheduler import Scheduler, Sequence, Status
 
 
 def params(max_tokens=8, **kw):

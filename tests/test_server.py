@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from gpt_engine.server import ChatTemplate, add_args, load_chat_template
+from gpt_engine.cli.serve import ChatTemplate, add_args, load_chat_template
 # CORPUS and ServerThread: test_abuse and test_auth_errors import them from here
 from tests.helpers import (CORPUS, ServerThread, make_chat_model, serving, slow_engine_steps,  # noqa: F401
                            wait_healthy, wait_pool_empty)

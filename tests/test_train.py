@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt_engine.losses import chunked_cross_entropy
-from gpt_engine.train import TrainConfig, latest_checkpoint, lr_at, pad_vocab, train
+from gpt_engine.train.losses import chunked_cross_entropy
+from gpt_engine.train.trainer import TrainConfig, latest_checkpoint, lr_at, pad_vocab, train
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
@@ -154,7 +154,7 @@ def test_lr_schedule_and_vocab_padding():
 def _train_parser():
     import argparse
 
-    from gpt_engine.train import add_args
+    from gpt_engine.train.trainer import add_args
     p = argparse.ArgumentParser()
     add_args(p)
     return p
@@ -189,7 +189,7 @@ def test_flags_parse_types_and_switches():
 
 
 def test_device_defaults_come_from_the_fields():
-    from gpt_engine.train import resolve_defaults
+    from gpt_engine.train.trainer import resolve_defaults
     cpu, gpu = resolve_defaults(TrainConfig(out="x"), cuda=False), resolve_defaults(TrainConfig(out="x"), cuda=True)
     assert (cpu.steps, cpu.batch_size, cpu.seq_len, cpu.dtype, cpu.log_every) == (300, 16, 128, "fp32", 1)
     assert (gpu.steps, gpu.batch_size, gpu.seq_len, gpu.dtype, gpu.log_every) == (1500, 32, 256, "bf16", 10)
@@ -238,7 +238,7 @@ def test_resume_is_bit_exact(tmp_path, corpus, model_type):
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_transformers_loads_result(tmp_path, corpus, model_type):
     transformers = pytest.importorskip("transformers")
-    from gpt_engine.weights import load_model
+    from gpt_engine.models.loader import load_model
     out = train(cfg_for(tmp_path, corpus, model=tiny_config(tmp_path / "m.json", model_type), steps=3))
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ours = load_model(out)
@@ -257,8 +257,8 @@ def test_gradients_match_transformers(tmp_path, kind):
 
     import transformers
 
-    from gpt_engine.train import LMLoss
-    from gpt_engine.weights import load_model, to_hf
+    from gpt_engine.train.trainer import LMLoss
+    from gpt_engine.models.loader import load_model, to_hf
 
     from .helpers import make_hf_model
     make_hf_model(kind, tmp_path)
@@ -337,18 +337,18 @@ def test_finetune_jsonl_from_hf_dir(tmp_path, kind):
     assert losses[-1] < losses[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert hf.config.model_type == kind
-    from gpt_engine.weights import load_model
+    from gpt_engine.models.loader import load_model
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(load_model(out)(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_loss_counts_completion_tokens_only(tmp_path):
-    from gpt_engine.data import build_dataset, windows
-    from gpt_engine.model import GPT
-    from gpt_engine.config import ModelConfig
+    from gpt_engine.train.data import build_dataset, windows
+    from gpt_engine.models.gpt import GPT
+    from gpt_engine.models.config import ModelConfig
     from gpt_engine.tokenizer import Tokenizer
-    from gpt_engine.train import LMLoss
+    from gpt_engine.train.trainer import LMLoss
     tok = Tokenizer.train([TEXT], vocab_size=300, show_progress=False)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": "PROMPT " * 3, "completion": f" answer {i}"}) + "\n"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gpt_engine import train as tr
-from gpt_engine.weights import atomic_write
+from gpt_engine.models.loader import atomic_write
 
 
 def _dd():

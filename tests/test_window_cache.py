@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from gpt_engine.kv_cache import BlockManager, block_hash
-from gpt_engine.request import RequestError
-from gpt_engine.scheduler import Scheduler, Sequence
+from gpt_engine.core.block_manager import BlockManager, block_hash
+from gpt_engine.core.request import RequestError
+from gpt_engine.core.scheduler import Scheduler, Sequence
 
 from .test_scheduler import drain, params, run_step
 
@@ -169,7 +169,7 @@ def test_windowed_engine_matches_transformers(mistral, blocks, budget):
     prefill in chunks. A pool of 9 usable blocks of 4 holds less than one sequence; one of 63 keeps the released
     blocks findable, and the repeated prompts hit them."""
     from gpt_engine.llm import LLM
-    from gpt_engine.sampling import SamplingParams
+    from gpt_engine import SamplingParams
 
     from .helpers import hf_greedy
     d, hf = mistral
@@ -192,7 +192,7 @@ def test_pool_of_just_the_window(mistral):
     """A pool whose free blocks are one window's band: a 45-token prompt generating 60 runs alone, in chunks
     that fit; each step it holds at most the band."""
     from gpt_engine.llm import LLM
-    from gpt_engine.sampling import SamplingParams
+    from gpt_engine import SamplingParams
 
     from .helpers import hf_greedy
     d, hf = mistral
@@ -215,7 +215,7 @@ def test_pool_of_just_the_window(mistral):
 def test_mixed_model_releases_nothing(tmp_path):
     """GPT-Neo's global layer reads every key: no block is released, every table entry stays a real block."""
     from gpt_engine.llm import LLM
-    from gpt_engine.sampling import SamplingParams
+    from gpt_engine import SamplingParams
 
     from .helpers import hf_greedy, make_hf_model
     hf = make_hf_model("gpt_neo", tmp_path, window_size=EW, initializer_range=0.1)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from gpt_engine import ModelConfig, load_model, save_model
-from gpt_engine.config import PRESETS, resolve_config
+from gpt_engine.models.config import PRESETS, resolve_config
 from gpt_engine.llm import LLM
-from gpt_engine.model import GPT
-from gpt_engine.sampling import SamplingParams
+from gpt_engine.models.gpt import GPT
+from gpt_engine import SamplingParams
 
 from .helpers import hf_greedy, make_hf_model
 
@@ -180,7 +180,7 @@ def test_gpt3_presets_follow_the_paper():
 def test_train_gpt3_tiny_and_load_in_transformers(tmp_path):
     import transformers
 
-    from gpt_engine.train import TrainConfig, train
+    from gpt_engine.train.trainer import TrainConfig, train
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"line {i}: {i * 7 % 13} apples and {i % 5} pears.\n" for i in range(300)))
     out = train(TrainConfig(out=str(tmp_path / "run"), data=str(corpus), model="gpt3-tiny", vocab_size=300,

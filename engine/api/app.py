@@ -17,7 +17,7 @@ from .metrics import Metrics
 from .middleware import DEFAULT_MAX_BODY_BYTES, Gate
 from .serving import ServerState, state_of
 
-log = logging.getLogger("gpt_engine.server")
+log = logging.getLogger("gpt_engine.cli.serve")
 router = APIRouter()
 
 # the page is one inline file talking only to this server: nothing may load from elsewhere

@@ -14,8 +14,8 @@ from typing import AsyncIterator
 
 from fastapi import Request
 
-from ..request import check_context, check_token_ids
-from ..sampling import SamplingParams
+from ..core.request import check_context, check_token_ids
+from ..core.sampling_params import SamplingParams
 from .errors import APIError, engine_error
 from .metrics import Metrics
 

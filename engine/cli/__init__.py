@@ -9,14 +9,14 @@ import importlib
 import os
 import sys
 
-from . import __version__
+from .. import __version__
 
 COMMANDS = {
-    "train": ("gpt_engine.train", "train or fine-tune a model; writes an HF-format directory"),
-    "generate": ("gpt_engine.generate", "generate text from a model directory"),
-    "chat": ("gpt_engine.chat_cli", "chat with a model in the terminal (streamed answers)"),
-    "serve": ("gpt_engine.server", "OpenAI-compatible HTTP server"),
-    "bench": ("gpt_engine.bench", "offline throughput benchmark against HF generate"),
+    "train": ("gpt_engine.cli.train", "train or fine-tune a model; writes an HF-format directory"),
+    "generate": ("gpt_engine.cli.generate", "generate text from a model directory"),
+    "chat": ("gpt_engine.cli.chat", "chat with a model in the terminal (streamed answers)"),
+    "serve": ("gpt_engine.cli.serve", "OpenAI-compatible HTTP server"),
+    "bench": ("gpt_engine.cli.bench", "offline throughput benchmark against HF generate"),
 }
 
 

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .model import GPT
+from .gpt import GPT
 
 
 # Each family's tensor names: HF name (without its `transformer.` / `model.` prefix) -> (our parameter, the rows

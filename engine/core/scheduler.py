@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .kv_cache import BlockManager
+from .block_manager import BlockManager
 from .request import check_pool
 
 

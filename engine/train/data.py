@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate
+from ..chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 
 IGNORE_INDEX = -100
 
@@ -185,7 +185,7 @@ def encode_pairs(pairs, tokenizer) -> tuple[list[int], list[int]]:
 def encode_chat(messages: list[dict], tokenizer, template) -> tuple[list[int], list[int]]:
     """A conversation rendered by template and tokenized whole, as the engine tokenizes a rendered
     prompt; mask is 1 on the tokens that start inside an assistant turn."""
-    from .chat_template import assistant_spans
+    from ..chat_template import assistant_spans
     text, spans = assistant_spans(template, messages)
     ids, offsets = tokenizer.encode_offsets(text)
     mask = [int(any(a <= start < b for a, b in spans)) for start, _ in offsets]
@@ -277,7 +277,7 @@ def build_dataset(data: str | Path | None, out: Path, tokenizer, vocab_size: int
     rendered with the tokenizer's chat template; a tokenizer without one gets
     DEFAULT_CHAT_TEMPLATE (saved with it, so the trained model chats as it was taught).
     Returns (tokenizer, train, val)."""
-    from .tokenizer import Tokenizer, iter_texts  # the tokenizers library loads only when needed
+    from ..tokenizer import Tokenizer, iter_texts  # the tokenizers library loads only when needed
 
     out.mkdir(parents=True, exist_ok=True)
     jsonl = data is not None and str(data).endswith(".jsonl")

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .engine_config import EngineConfig
+from ..engine_config import EngineConfig
 from .flags import add_dataclass_args
 
 
@@ -56,9 +56,9 @@ def model_dir(spec: str, tmp: str, seed: int) -> str:
         return spec
     import torch
 
-    from .config import resolve_config
-    from .model import GPT
-    from .weights import save_model
+    from ..models.config import resolve_config
+    from ..models.gpt import GPT
+    from ..models.loader import save_model
     cfg = resolve_config(spec)
     torch.manual_seed(seed)
     save_model(GPT(cfg), tmp)
@@ -87,8 +87,8 @@ def _best_times(fns: dict, repeat, device) -> dict:
 
 def prepare_ours(path, prompts, outs, device, dtype, **engine_args):
     """-> (a timed-run callable, the LLM), warmed up."""
-    from .llm import LLM
-    from .sampling import SamplingParams
+    from ..llm import LLM
+    from ..core.sampling_params import SamplingParams
     # random prompts: nothing to share, so no prefix caching unless asked: keeps the comparison plain
     llm = LLM(path, device=device, dtype=dtype, **{"enable_prefix_caching": False, **engine_args})
     sps = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in outs]
@@ -139,7 +139,7 @@ def run_bench(model: str, num_prompts=32, input_len=(8, 128), output_len=(64, 64
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         path = model_dir(model, tmp, seed)
-        from .config import ModelConfig
+        from ..models.config import ModelConfig
         cfg = ModelConfig.load(path)
         if dtype is None:
             dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32

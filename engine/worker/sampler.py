@@ -1,4 +1,4 @@
-"""SamplingParams and the batched sampler.
+"""The batched sampler (its per-request settings: core/sampling_params.py).
 
 The sampler works on the whole batch's logits (B, V) at once; per-row settings become (B,)
 tensors. Order: penalties -> greedy rows take argmax -> temperature -> top-k -> top-p ->
@@ -11,73 +11,11 @@ temperature (vLLM's "raw_logprobs"), so they mean the same whatever the sampling
 """
 from __future__ import annotations
 
-import numbers
-from dataclasses import dataclass
-
 import torch
 
-_GREEDY_EPS = 1e-5
+
 _FMAX = torch.finfo(torch.float32).max
 _PEN_RANGE = (1e-30, 1e30)
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-    logprobs: int | None = None
-
-    def __post_init__(self):
-        def bad(msg):
-            raise ValueError(msg)
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), numbers.Real):
-                bad(f"{name} must be a number, got {getattr(self, name)!r}")
-        if not self.temperature >= 0.0:  # also catches NaN
-            bad(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k == 0 or self.top_k < -1:
-            bad(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0.0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                bad(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            bad(f"stop must be non-empty strings, got {self.stop!r}")
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad(f"seed must be an integer, got {self.seed!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            bad(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < _GREEDY_EPS
-
-    @property
-    def has_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def _rows(lists: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from .engine_config import EngineConfig
+from ..engine_config import EngineConfig
 from .flags import add_dataclass_args, from_args
 
 
@@ -23,8 +23,8 @@ def add_args(p) -> None:
 def run(args) -> int:
     import torch
 
-    from .llm import LLM
-    from .sampling import SamplingParams
+    from ..llm import LLM
+    from ..core.sampling_params import SamplingParams
     prompts = args.prompt or ["The"]
     # one seed per prompt: equal seeds would give every prompt the same random stream
     params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

@@ -99,7 +99,7 @@ class Linear(nn.Module):
         if self.training and torch.is_grad_enabled():
             raise RuntimeError("this model's GEMM weights live only in the CPU inference engine's packs (int8 / "
                                "bf16 formats, or a model LLM loaded itself): it cannot be trained; load it with "
-                               "gpt_engine.weights.load_model (no quantization or bf16 dtype) to train")
+                               "gpt_engine.models.loader.load_model (no quantization or bf16 dtype) to train")
 
     def forward(self, x):
         p = self.packed

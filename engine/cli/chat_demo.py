@@ -1,6 +1,6 @@
 """`make chat`: a small model taught to answer questions about the Python standard library.
 
-    python -m gpt_engine.chat_demo [--base runs/tiny] [--out runs/chat] [--no-chat]
+    python -m gpt_engine.cli.chat_demo [--base runs/tiny] [--out runs/chat] [--no-chat]
 
 1. The base model: --base if it holds a model (make run's), else pretrained there on the default corpus.
 2. Conversations from the standard library's own docstrings: "What does json.dumps do?" -> the first
@@ -87,10 +87,10 @@ def answer_loss(model_dir: Path, records: list[dict], template_source: str) -> f
     import torch
     import torch.nn.functional as F
 
-    from .chat_template import ChatTemplate
-    from .data import IGNORE_INDEX, encode_examples
-    from .tokenizer import Tokenizer
-    from .weights import load_model
+    from ..chat_template import ChatTemplate
+    from ..train.data import IGNORE_INDEX, encode_examples
+    from ..tokenizer import Tokenizer
+    from ..models.loader import load_model
     tok = Tokenizer.load(model_dir)
     model = load_model(model_dir, dtype=torch.float32).eval()
     template = ChatTemplate(template_source, {"eos_token": tok.eos_token, "bos_token": tok.bos_token})
@@ -115,10 +115,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-chat", action="store_true", help="stop after fine-tuning (also GPT_ENGINE_NO_CHAT=1)")
     args = p.parse_args(argv)
 
-    from .chat_template import DEFAULT_CHAT_TEMPLATE
-    from .cli import main as cli
-    from .tokenizer import Tokenizer
-    from .train import TrainConfig, train
+    from ..chat_template import DEFAULT_CHAT_TEMPLATE
+    from ..cli import main as cli
+    from ..tokenizer import Tokenizer
+    from ..train.trainer import TrainConfig, train
     base, out = Path(args.base), Path(args.out)
     if not (base / "config.json").is_file():
         print(f"pretraining {base} on the default corpus")

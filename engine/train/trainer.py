@@ -19,7 +19,6 @@ resuming needs no data-loader state beyond the step.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
@@ -37,12 +36,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import ModelConfig, resolve_config
+from ..models.config import ModelConfig, resolve_config
 from .data import IGNORE_INDEX, Split, build_dataset, example_batch, example_windows, sample_starts, windows
-from .flags import add_dataclass_args, from_args
 from .losses import chunked_cross_entropy
-from .model import GPT, Block
-from .weights import atomic_write, save_model
+from ..models.gpt import GPT, Block
+from ..models.loader import atomic_write, save_model
 
 # dense bf16 tensor-core peak per GPU (vendor specs), for MFU
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
@@ -390,7 +388,7 @@ def load_checkpoint(out: Path, dd: Dist, cfg: TrainConfig | None = None) -> dict
 
 def model_config(cfg: TrainConfig, ckpt: dict | None):
     """(ModelConfig, tokenizer or None): from --init, from the checkpoint, or new from --model."""
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
     if cfg.init:
         init = Path(cfg.init)
         if not init.is_dir():
@@ -428,7 +426,7 @@ def build(cfg: TrainConfig, dd: Dist, mcfg: ModelConfig, fine_tune: bool) -> Mod
     """The model (new, or loaded from --init), wrapped for this run, and its optimizer."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if fine_tune:
-        from .weights import load_model
+        from ..models.loader import load_model
         gpt = load_model(cfg.init, device="cpu", dtype=torch.float32).requires_grad_(True)
         gpt.config = mcfg
     else:
@@ -703,14 +701,3 @@ def plot_loss(log_path: Path, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
-
-
-# --- CLI: one flag per TrainConfig field -----------------------------------------------------
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    add_dataclass_args(p, TrainConfig)
-
-
-def run(args: argparse.Namespace) -> int:
-    train(from_args(TrainConfig, args))
-    return 0

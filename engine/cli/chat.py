@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from .engine_config import EngineConfig
+from ..engine_config import EngineConfig
 from .flags import add_dataclass_args, from_args
 
 PROMPT = ">>> "
@@ -137,9 +137,9 @@ def repl(chat: Chat, read=input, write=None) -> int:
 
 
 def run(args) -> int:
-    from .chat_template import ChatTemplate, read_template_arg
-    from .llm import LLM
-    from .sampling import SamplingParams
+    from ..chat_template import ChatTemplate, read_template_arg
+    from ..llm import LLM
+    from ..core.sampling_params import SamplingParams
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     llm = LLM(args.model, config=from_args(EngineConfig, args))

@@ -13,12 +13,12 @@ import logging
 
 import torch
 
-from . import hugepages
-from .model import StepMeta, seq_dependent_rope
-from .sampling import Sampler
-from .scheduler import ScheduledBatch
+from ..worker import hugepages
+from ..models.gpt import StepMeta, seq_dependent_rope
+from .sampler import Sampler
+from ..core.scheduler import ScheduledBatch
 
-log = logging.getLogger("gpt_engine.runner")
+log = logging.getLogger("gpt_engine.worker.model_runner")
 
 
 _TYPECODE = {torch.long: "q", torch.int32: "i"}

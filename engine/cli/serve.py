@@ -12,14 +12,14 @@ import logging
 import os
 import signal
 
-from .api.app import build_app
-from .api.middleware import DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS
-from .chat_template import ChatTemplate, load_chat_template, read_template_arg
-from .engine_config import EngineConfig
+from ..api.app import build_app
+from ..api.middleware import DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS
+from ..chat_template import ChatTemplate, load_chat_template, read_template_arg
+from ..engine_config import EngineConfig
 from .flags import add_dataclass_args, from_args
 
 __all__ = ["build_app", "ChatTemplate", "load_chat_template", "add_args", "run"]
-log = logging.getLogger("gpt_engine.server")
+log = logging.getLogger("gpt_engine.cli.serve")
 
 
 def add_args(p) -> None:
@@ -44,8 +44,8 @@ def add_args(p) -> None:
 def run(args) -> int:
     import uvicorn
 
-    from .async_llm import AsyncLLM
-    from .llm import LLM
+    from ..async_llm import AsyncLLM
+    from ..llm import LLM
 
     logging.basicConfig(level=args.log_level.upper())
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
