@@ -14,6 +14,23 @@ _OPS = {
     "layer_norm": "norm",
     "rms_norm": "norm",
     "linear": "gemm",
+    "store_kvcache": "paged",
+    "decode_layer": "decode",
+    "decode_layer_applies": "decode",
+    "pack_layer": "decode",
+    "pack_linear": "decode",
+    "packed_linear": "decode",
+    "packed_rows": "decode",
+    "rope_": "decode",
+    "swiglu": "decode",
+    "unpack_linear": "decode",
+    "QuantizedWeight": "quant",
+    "dequantize": "quant",
+    "linear_int8": "quant",
+    "linear_w8a8": "quant",
+    "quantize_int8": "quant",
+    "cpu_inference": "_dispatch",
+    "triton_w8a16": "_dispatch",
 }
 
 __all__ = list(_OPS)
