@@ -150,7 +150,7 @@ MUTATIONS = [
     ("debug-padding-checked", "kernels/_checks.py",
      "bad = (used & ((table < 0) | (table >= num_blocks))).nonzero()",
      "bad = ((table < 0) | (table >= num_blocks)).nonzero()", ["tests/test_debug_checks.py"], True),
-    ("resume-any-world", "engine/train.py",
+    ("resume-any-world", "engine/train/checkpoint.py",
      "and ckpt[\"world\"] != world:", "and False:", ["tests/test_train_safety.py"], True),
     ("rope-prompt-per-position", "engine/runner.py",
      "rope_lens = [max(p + 1, n) for p, n in zip(pos, plen)]", "rope_lens = [p + 1 for p, n in zip(pos, plen)]",

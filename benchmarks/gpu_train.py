@@ -73,7 +73,8 @@ class NanoGPT(nn.Module):
 def _ours(compile_: bool):
     from gpt_engine.models.config import resolve_config
     from gpt_engine.models.gpt import GPT
-    from gpt_engine.train.trainer import CastParams, LMLoss
+    from gpt_engine.train.distributed import CastParams
+    from gpt_engine.train.model import LMLoss
     lm = LMLoss(GPT(resolve_config("gpt2"))).cuda()
     model = CastParams(lm, torch.bfloat16)
     return lm, (torch.compile(model) if compile_ else model), None
@@ -107,7 +108,7 @@ def _profile(step, path: Path) -> None:
 
 def _measure(name, build, compile_, outdir=None):
     from contextlib import nullcontext
-    from gpt_engine.train.trainer import flops_per_token
+    from gpt_engine.train.metrics import flops_per_token
     from gpt_engine.models.config import resolve_config
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -134,7 +134,8 @@ def test_chat_finetune_end_to_end(tmp_path):
     transformers = pytest.importorskip("transformers")
     from gpt_engine.llm import LLM
     from gpt_engine import SamplingParams
-    from gpt_engine.train.trainer import TrainConfig, train
+    from gpt_engine.train.config import TrainConfig
+    from gpt_engine.train.trainer import train
     from tests.helpers import make_hf_model
     init = tmp_path / "base"
     make_hf_model("gpt2", init, vocab_size=320)

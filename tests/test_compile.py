@@ -18,7 +18,8 @@ import torch
 from gpt_engine.models.config import ModelConfig
 from gpt_engine.train.losses import chunked_cross_entropy
 from gpt_engine.models.gpt import GPT
-from gpt_engine.train.trainer import CastParams, LMLoss
+from gpt_engine.train.distributed import CastParams
+from gpt_engine.train.model import LMLoss
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 

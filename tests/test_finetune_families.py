@@ -11,7 +11,8 @@ import torch
 
 from gpt_engine import ModelConfig, load_model
 from gpt_engine.tokenizer import Tokenizer
-from gpt_engine.train.trainer import TrainConfig, train
+from gpt_engine.train.config import TrainConfig
+from gpt_engine.train.trainer import train
 
 from .helpers import make_hf_model
 

@@ -12,8 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gpt_engine.train.checkpoint import latest_checkpoint
+from gpt_engine.train.config import TrainConfig, lr_at
 from gpt_engine.train.losses import chunked_cross_entropy
-from gpt_engine.train.trainer import TrainConfig, latest_checkpoint, lr_at, pad_vocab, train
+from gpt_engine.train.model import pad_vocab
+from gpt_engine.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
@@ -109,7 +112,7 @@ def test_chunked_ce_low_precision(dtype, device):
                                                     (9, 7, 17, 9, (False, True), torch.float32),
                                                     (6, 4, 3, 5, (False, False), torch.float64)])
 def test_linear_ce_op(n, c, v, chunk, want, dtype):
-    from gpt_engine import losses
+    from gpt_engine.train import losses
     g = torch.Generator().manual_seed(n)
     h = torch.randn(n, c, dtype=dtype, generator=g).requires_grad_(want[0])
     w = torch.randn(v, c, dtype=dtype, generator=g).requires_grad_(want[1])
@@ -154,7 +157,7 @@ def test_lr_schedule_and_vocab_padding():
 def _train_parser():
     import argparse
 
-    from gpt_engine.train.trainer import add_args
+    from gpt_engine.cli.train import add_args
     p = argparse.ArgumentParser()
     add_args(p)
     return p
@@ -189,7 +192,7 @@ def test_flags_parse_types_and_switches():
 
 
 def test_device_defaults_come_from_the_fields():
-    from gpt_engine.train.trainer import resolve_defaults
+    from gpt_engine.train.config import resolve_defaults
     cpu, gpu = resolve_defaults(TrainConfig(out="x"), cuda=False), resolve_defaults(TrainConfig(out="x"), cuda=True)
     assert (cpu.steps, cpu.batch_size, cpu.seq_len, cpu.dtype, cpu.log_every) == (300, 16, 128, "fp32", 1)
     assert (gpu.steps, gpu.batch_size, gpu.seq_len, gpu.dtype, gpu.log_every) == (1500, 32, 256, "bf16", 10)
@@ -257,7 +260,7 @@ def test_gradients_match_transformers(tmp_path, kind):
 
     import transformers
 
-    from gpt_engine.train.trainer import LMLoss
+    from gpt_engine.train.model import LMLoss
     from gpt_engine.models.loader import load_model, to_hf
 
     from .helpers import make_hf_model
@@ -348,7 +351,7 @@ def test_loss_counts_completion_tokens_only(tmp_path):
     from gpt_engine.models.gpt import GPT
     from gpt_engine.models.config import ModelConfig
     from gpt_engine.tokenizer import Tokenizer
-    from gpt_engine.train.trainer import LMLoss
+    from gpt_engine.train.model import LMLoss
     tok = Tokenizer.train([TEXT], vocab_size=300, show_progress=False)
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": "PROMPT " * 3, "completion": f" answer {i}"}) + "\n"

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_engine import train as tr
-from gpt_engine.models.loader import atomic_write
+from gpt_engine.models.save import atomic_write
+from gpt_engine.train import checkpoint as ck
+from gpt_engine.train.config import TrainConfig
+from gpt_engine.train.trainer import train
 
 
 def _dd():
@@ -20,7 +22,7 @@ def _dd():
 
 
 def _ckpt(step, **extra):
-    return dict(model={"w": torch.ones(2)}, optimizer={}, step=step, rng=[tr._rng_states()],
+    return dict(model={"w": torch.ones(2)}, optimizer={}, step=step, rng=[ck._rng_states()],
                 model_config={}, train_config={"model": "gpt2-tiny", "data": None, "vocab_size": 512}, world=1,
                 **extra)
 
@@ -31,9 +33,9 @@ def test_rng_states_load_weights_only_and_restore(tmp_path):
     random.seed(3)
     np.random.standard_normal()  # a cached gaussian in numpy's state
     path = tmp_path / "rng.pt"
-    torch.save(tr._rng_states(), path)
+    torch.save(ck._rng_states(), path)
     want = (torch.rand(3), np.random.standard_normal(3), random.random())
-    tr._set_rng_states(torch.load(path, weights_only=True))
+    ck._set_rng_states(torch.load(path, weights_only=True))
     got = (torch.rand(3), np.random.standard_normal(3), random.random())
     assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
 
@@ -61,11 +63,11 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path):
     data = (d / "step_00000020.pt").read_bytes()
     (d / "step_00000020.pt").write_bytes(data[:len(data) // 2])  # a crash mid-write (no atomic rename)
     with pytest.warns(UserWarning, match="step_00000020.pt is unreadable"):
-        ckpt = tr.load_checkpoint(tmp_path, _dd())
+        ckpt = ck.load_checkpoint(tmp_path, _dd())
     assert ckpt["step"] == 10
     (d / "step_00000010.pt").write_bytes(b"garbage")
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no readable checkpoint"):
-        tr.load_checkpoint(tmp_path, _dd())
+        ck.load_checkpoint(tmp_path, _dd())
 
 
 def test_checkpoint_that_runs_code_is_refused(tmp_path):
@@ -74,7 +76,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
     torch.save(_ckpt(10), d / "step_00000010.pt")
     torch.save({**_ckpt(20), "evil": types.SimpleNamespace(x=1)}, d / "step_00000020.pt")  # needs pickle's globals
     with pytest.warns(UserWarning, match="unreadable"):
-        assert tr.load_checkpoint(tmp_path, _dd())["step"] == 10
+        assert ck.load_checkpoint(tmp_path, _dd())["step"] == 10
 
 
 def test_stale_temp_files_removed(tmp_path):
@@ -82,29 +84,29 @@ def test_stale_temp_files_removed(tmp_path):
     d.mkdir()
     (d / ".step_00000010.pt.abc.tmp").write_bytes(b"half")
     (d / "step_00000005.pt").write_bytes(b"kept")
-    tr.remove_stale_temps(d)
+    ck.remove_stale_temps(d)
     assert sorted(p.name for p in d.iterdir()) == ["step_00000005.pt"]
 
 
 def _cfg(tmp_path, **kw):
-    return tr.TrainConfig(out=str(tmp_path), **kw)
+    return TrainConfig(out=str(tmp_path), **kw)
 
 
 @pytest.mark.parametrize("field,value", [("model", "gpt2-small"), ("vocab_size", 1024)])
 def test_resume_with_other_settings_refused(tmp_path, field, value):
     ckpt = _ckpt(10)
-    tr.check_resume(_cfg(tmp_path), ckpt, tmp_path)  # the same run: fine
+    ck.check_resume(_cfg(tmp_path), ckpt, tmp_path)  # the same run: fine
     with pytest.raises(ValueError, match=field):
-        tr.check_resume(_cfg(tmp_path, **{field: value}), ckpt, tmp_path)
+        ck.check_resume(_cfg(tmp_path, **{field: value}), ckpt, tmp_path)
 
 
 def test_resume_with_other_world_size_refused(tmp_path):
     ckpt = {**_ckpt(10), "world": 2}
-    tr.check_resume(_cfg(tmp_path), ckpt, tmp_path, world=2)  # the same world size: fine
+    ck.check_resume(_cfg(tmp_path), ckpt, tmp_path, world=2)  # the same world size: fine
     with pytest.raises(ValueError, match="world size is 4 but the checkpoint .* was trained with 2"):
-        tr.check_resume(_cfg(tmp_path), ckpt, tmp_path, world=4)
+        ck.check_resume(_cfg(tmp_path), ckpt, tmp_path, world=4)
     del ckpt["world"]  # a checkpoint that did not record it: accepted, as before
-    tr.check_resume(_cfg(tmp_path), ckpt, tmp_path, world=4)
+    ck.check_resume(_cfg(tmp_path), ckpt, tmp_path, world=4)
 
 
 def test_load_checkpoint_checks_world_size(tmp_path):
@@ -112,22 +114,22 @@ def test_load_checkpoint_checks_world_size(tmp_path):
     d = tmp_path / "checkpoint"
     d.mkdir()
     torch.save(_ckpt(10), d / "step_00000010.pt")  # saved by one process
-    assert tr.load_checkpoint(tmp_path, _dd(), _cfg(tmp_path))["step"] == 10
+    assert ck.load_checkpoint(tmp_path, _dd(), _cfg(tmp_path))["step"] == 10
     with pytest.raises(ValueError, match="world size is 2 .* trained with 1"):
-        tr.load_checkpoint(tmp_path, types.SimpleNamespace(**{**vars(_dd()), "world": 2}), _cfg(tmp_path))
+        ck.load_checkpoint(tmp_path, types.SimpleNamespace(**{**vars(_dd()), "world": 2}), _cfg(tmp_path))
 
 
 def test_resume_with_changed_data_refused(tmp_path):
     data = tmp_path / "corpus.txt"
     data.write_text("hello world\n" * 100)
-    ckpt = _ckpt(10, data_fingerprint=tr.data_fingerprint(str(data)))
+    ckpt = _ckpt(10, data_fingerprint=ck.data_fingerprint(str(data)))
     ckpt["train_config"]["data"] = str(data)
-    tr.check_resume(_cfg(tmp_path, data=str(data)), ckpt, tmp_path)
+    ck.check_resume(_cfg(tmp_path, data=str(data)), ckpt, tmp_path)
     data.write_text("other text\n" * 120)
     with pytest.raises(ValueError, match="data"):
-        tr.check_resume(_cfg(tmp_path, data=str(data)), ckpt, tmp_path)
+        ck.check_resume(_cfg(tmp_path, data=str(data)), ckpt, tmp_path)
     with pytest.raises(ValueError, match="data"):
-        tr.check_resume(_cfg(tmp_path, data=str(tmp_path / "other.txt")), ckpt, tmp_path)
+        ck.check_resume(_cfg(tmp_path, data=str(tmp_path / "other.txt")), ckpt, tmp_path)
 
 
 def _tokenizer(text, size):
@@ -137,15 +139,15 @@ def _tokenizer(text, size):
 
 def test_resume_with_other_tokenizer_refused(tmp_path):
     a = _tokenizer("def f(x):\n    return x * 2\n", 300)
-    ckpt = _ckpt(10, tokenizer_fingerprint=tr.tokenizer_fingerprint(a))
-    tr.check_resume_tokenizer(ckpt, _tokenizer("def f(x):\n    return x * 2\n", 300), tmp_path)  # same: fine
-    tr.check_resume_tokenizer(_ckpt(10), a, tmp_path)  # a checkpoint from before fingerprints: not checked
+    ckpt = _ckpt(10, tokenizer_fingerprint=ck.tokenizer_fingerprint(a))
+    ck.check_resume_tokenizer(ckpt, _tokenizer("def f(x):\n    return x * 2\n", 300), tmp_path)  # same: fine
+    ck.check_resume_tokenizer(_ckpt(10), a, tmp_path)  # a checkpoint from before fingerprints: not checked
     with pytest.raises(ValueError, match=r"tokenizer differs.*\(\d+ tokens, the checkpoint's \d+"):
-        tr.check_resume_tokenizer(ckpt, _tokenizer("SELECT name FROM users WHERE id = 1;\n", 280), tmp_path)
+        ck.check_resume_tokenizer(ckpt, _tokenizer("SELECT name FROM users WHERE id = 1;\n", 280), tmp_path)
     other = _tokenizer("SELECT name FROM users WHERE id = 1;\n" * 3 + "def g(y): pass\n", 300)
     if other.vocab_size == a.vocab_size:
         with pytest.raises(ValueError, match=r"tokenizer differs.*same size"):
-            tr.check_resume_tokenizer(ckpt, other, tmp_path)
+            ck.check_resume_tokenizer(ckpt, other, tmp_path)
 
 
 def test_train_resume_with_replaced_tokenizer_refused(tmp_path, monkeypatch):
@@ -160,11 +162,11 @@ def test_train_resume_with_replaced_tokenizer_refused(tmp_path, monkeypatch):
                                     vocab_size=300)))
     cfg = dict(out=str(tmp_path / "run"), data=str(corpus), model=str(mcfg), steps=4, batch_size=2, seq_len=16,
                warmup=1, eval_every=2, eval_iters=1, sample_tokens=2, progress=False, device="cpu")
-    tr.train(tr.TrainConfig(**cfg, stop_after=2))
-    assert tr.torch.load(tr.latest_checkpoint(tmp_path / "run"), weights_only=True)["tokenizer_fingerprint"]
+    train(TrainConfig(**cfg, stop_after=2))
+    assert torch.load(ck.latest_checkpoint(tmp_path / "run"), weights_only=True)["tokenizer_fingerprint"]
     _tokenizer("SELECT name FROM users;\n" * 50, 300).save(tmp_path / "run" / "data")
     with pytest.raises(ValueError, match="tokenizer differs"):
-        tr.train(tr.TrainConfig(**cfg, resume=True))
+        train(TrainConfig(**cfg, resume=True))
     # the original tokenizer back: the run resumes
     (tmp_path / "run" / "data" / "meta.json").unlink()
-    tr.train(tr.TrainConfig(**cfg, resume=True))
+    train(TrainConfig(**cfg, resume=True))

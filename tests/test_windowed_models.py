@@ -180,7 +180,8 @@ def test_gpt3_presets_follow_the_paper():
 def test_train_gpt3_tiny_and_load_in_transformers(tmp_path):
     import transformers
 
-    from gpt_engine.train.trainer import TrainConfig, train
+    from gpt_engine.train.config import TrainConfig
+    from gpt_engine.train.trainer import train
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"line {i}: {i * 7 % 13} apples and {i % 5} pears.\n" for i in range(300)))
     out = train(TrainConfig(out=str(tmp_path / "run"), data=str(corpus), model="gpt3-tiny", vocab_size=300,

@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     from ..chat_template import DEFAULT_CHAT_TEMPLATE
     from ..cli import main as cli
     from ..tokenizer import Tokenizer
-    from ..train.trainer import TrainConfig, train
+    from ..train.config import TrainConfig
+    from ..train.trainer import train
     base, out = Path(args.base), Path(args.out)
     if not (base / "config.json").is_file():
         print(f"pretraining {base} on the default corpus")

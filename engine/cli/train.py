@@ -7,11 +7,12 @@ from .flags import add_dataclass_args, from_args
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from ..train.trainer import TrainConfig
+    from ..train.config import TrainConfig
     add_dataclass_args(p, TrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train.trainer import TrainConfig, train
+    from ..train.config import TrainConfig
+    from ..train.trainer import train
     train(from_args(TrainConfig, args))
     return 0

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a token without loss (padding, prompts): cross-entropy's ignore_index
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".html", ".csv", ""}
 
@@ -271,12 +271,12 @@ def _save(path: Path, values, dtype) -> np.ndarray:
 
 
 def build_dataset(data: str | Path | None, out: Path, tokenizer, vocab_size: int,
-                  corpus_mb: float = 8, tokenizer_vocab: int | None = None, log=print):
+                  corpus_mb: float | None = None, tokenizer_vocab: int | None = None, log=print):
     """Tokenize data into out/ (reused when meta.json matches). tokenizer None: train a
     byte-level BPE of tokenizer_vocab tokens on the training text. Conversations in a .jsonl are
     rendered with the tokenizer's chat template; a tokenizer without one gets
     DEFAULT_CHAT_TEMPLATE (saved with it, so the trained model chats as it was taught).
-    Returns (tokenizer, train, val)."""
+    corpus_mb caps the default corpus (None: all of it). Returns (tokenizer, train, val)."""
     from ..tokenizer import Tokenizer, iter_texts  # the tokenizers library loads only when needed
 
     out.mkdir(parents=True, exist_ok=True)
@@ -315,7 +315,8 @@ def build_dataset(data: str | Path | None, out: Path, tokenizer, vocab_size: int
             splits.append(Split(_save(out / f"{name}.bin", toks, dtype), _save(out / f"{name}.mask", mask, np.uint8),
                                 np.asarray(_save(out / f"{name}.idx", bounds, np.int64))))
     else:
-        files = default_corpus_files(int(corpus_mb * (1 << 20))) if data is None else text_files(data)
+        cap = None if corpus_mb is None else int(corpus_mb * (1 << 20))
+        files = default_corpus_files(cap) if data is None else text_files(data)
         train_f, val_f = split_train_val(files)
         if not any(read_text(f).strip() for f in train_f):
             raise ValueError(f"data {data or 'default corpus'} is empty")

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX
 
 
 def default_chunk_size(vocab_size: int) -> int:
