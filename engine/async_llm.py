@@ -5,7 +5,8 @@ A background thread runs LLM.step(); each RequestOutput travels to its request's
 queue via call_soon_threadsafe, so the event loop never blocks on a model step. Requests
 enter and leave the LLM only on that thread, between steps.
 
-Bounded: at most max_inflight requests are held (past it, Overloaded: a 429). Fail-stop: an
+Bounded: at most max_inflight requests are held, the engine's one admission bound (past it,
+Overloaded: a 429); requests arrive prepared (LLM.prepare), so nothing is checked here. Fail-stop: an
 exception in a step, or a step that outlasts the watchdog (step_timeout), ends every request
 with an error and leaves the engine failed for good (the server then exits for a supervisor
 to restart it).
@@ -13,16 +14,16 @@ to restart it).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from typing import AsyncIterator, Protocol
 
 from .llm import LLM
-from .core.request import RequestOutput
+from .core.intake import PreparedRequest
+from .core.request import Overloaded, RequestOutput
 from .core.sampling_params import SamplingParams
-from .core.scheduler import Overloaded
 
 log = logging.getLogger("gpt_engine.engine")
 STOP_JOIN_S = 10.0   # how long stop() waits for the loop: a hung step must not hang shutdown
@@ -34,7 +35,6 @@ class EngineClient(Protocol):
     model_name: str
     max_model_len: int
     vocab_size: int
-    default_sampling: dict       # SamplingParams fields the model directory sets (generation_config.json)
 
     @property
     def is_running(self) -> bool: ...
@@ -43,34 +43,41 @@ class EngineClient(Protocol):
 
     async def stop(self) -> None: ...
 
-    def validate(self, prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
-        """RequestError (a ValueError) for a request the engine would refuse."""
+    def prepare(self, prompt, sampling: SamplingParams | dict | None = None, **kwargs) -> PreparedRequest:
+        """Default, tokenize and check a request (LLM.prepare): RequestError (a ValueError) for one
+        the engine would refuse."""
 
-    def generate(self, prompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]: ...
+    def generate(self, prompt, sampling=None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """prompt: a PreparedRequest (from prepare), or text / token ids prepared with sampling."""
 
     def abort(self, request_id: str) -> None: ...
 
     def stats(self) -> dict: ...
 
-    def admit(self, n: int) -> None:
-        """Overloaded when n more requests would pass the engine's bound."""
+    def admit(self, request_ids: list[str]) -> None:
+        """Hold room for these requests (before a response starts); Overloaded when they would pass
+        the engine's bound."""
 
 
 class AsyncLLM:
     def __init__(self, llm: LLM):
         self.llm = llm
         self.tokenizer, self.model_name = llm.tokenizer, llm.model_name
-        self.default_sampling = llm.default_sampling  # generation_config.json's, for unset request fields
         self.max_model_len, self.vocab_size = llm.max_model_len, llm.vocab_size
         self._lock = threading.Lock()           # guards _pending
-        self._pending: list = []                # ("add", prompt, params, request_id) | ("abort", request_id)
+        self._pending: list = []                # ("add", PreparedRequest, request_id) | ("abort", request_id)
         self._wake = threading.Condition(self._lock)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._admitted: set[str] = set()        # admitted, generate() not yet called
+        self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._error: BaseException | None = None
         cfg = llm.config
-        self.max_inflight = cfg.max_inflight_requests or (cfg.max_num_seqs + llm.max_waiting)
+        # every waiting sequence needs at least one block once admitted: more waiting than the pool
+        # (or the batch) holds would only keep clients that cannot run for several turns of it
+        waiting = cfg.max_waiting_seqs or max(cfg.max_num_seqs, llm.block_manager.num_blocks)
+        self.max_inflight = cfg.max_inflight_requests or (cfg.max_num_seqs + waiting)
         self.step_timeout = cfg.step_timeout
         self._step_start: float | None = None   # monotonic start of the step in progress
         self._watchdog: threading.Thread | None = None
@@ -91,13 +98,21 @@ class AsyncLLM:
     def stats(self) -> dict:
         return self.llm.stats()
 
-    def admit(self, n: int) -> None:
-        if len(self._queues) + n > self.max_inflight:
+    def admit(self, request_ids: list[str]) -> None:
+        """The one admission bound: room for these requests is held from now until each ends (or is
+        aborted), so admitting a whole API request's choices at once cannot overshoot."""
+        if len(self._queues) + len(request_ids) > self.max_inflight:
             raise Overloaded(f"the server holds {len(self._queues)} requests (max_inflight_requests "
                              f"{self.max_inflight}); retry later")
+        if len(set(request_ids)) != len(request_ids) or any(rid in self._queues for rid in request_ids):
+            raise ValueError(f"duplicate request id among {request_ids!r}")
+        loop = asyncio.get_running_loop()
+        for rid in request_ids:
+            self._queues[rid] = (loop, asyncio.Queue())
+            self._admitted.add(rid)
 
-    def validate(self, prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
-        return self.llm.validate(prompt, params)
+    def prepare(self, prompt, sampling: SamplingParams | dict | None = None, **kwargs) -> PreparedRequest:
+        return self.llm.prepare(prompt, sampling, **kwargs)
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -154,36 +169,30 @@ class AsyncLLM:
     def _end(self, rid: str, item=None) -> None:
         self._post(rid, item)
         self._queues.pop(rid, None)
+        self._admitted.discard(rid)
 
     def _loop(self) -> None:
         llm = self.llm
-        deferred: OrderedDict[str, tuple] = OrderedDict()   # request id -> add_request's arguments
         try:
             while True:
                 with self._lock:
-                    while not self._pending and not llm.has_unfinished() and not deferred and not self._stopping:
+                    while not self._pending and not llm.has_unfinished() and not self._stopping:
                         self._wake.wait()
                     pending, self._pending = self._pending, []
                     stopping = self._stopping
                 for op, *args in pending:
                     if op == "add":
-                        deferred[args[2]] = args
+                        try:
+                            llm.add_request(args[0], request_id=args[1], stream=True)
+                        except Exception as e:
+                            self._end(args[1], e)
                     else:  # the stream (if anyone still reads it) ends unfinished
-                        if deferred.pop(args[0], None) is None:
-                            llm.abort(args[0])
+                        llm.abort(args[0])
                         self._end(args[0])
                 if stopping:
-                    for rid in [*llm.abort_all(), *deferred]:
+                    for rid in llm.abort_all():
                         self._end(rid)
                     return
-                # admitted requests past the scheduler's waiting bound wait here, in order
-                # (max_inflight bounds both)
-                while deferred and llm.can_add():
-                    rid, args = deferred.popitem(last=False)
-                    try:
-                        llm.add_request(*args, stream=True)
-                    except Exception as e:
-                        self._end(rid, e)
                 if self._error is not None:  # the watchdog gave up on a step that has now returned
                     return
                 if llm.has_unfinished():
@@ -205,23 +214,28 @@ class AsyncLLM:
             self._pending.append(("abort", request_id))
             self._wake.notify()
 
-    async def generate(self, prompt, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt, sampling: SamplingParams | dict | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """The outputs of a request as the engine steps: a PreparedRequest (nothing is checked again),
+        or a prompt and its sampling, prepared here. A server admits (admit) before it prepares, so
+        that its requests count against the bound before a response starts."""
         if self._error is not None:
             raise RuntimeError(f"engine loop died: {type(self._error).__name__}: {self._error}")
         if not self.is_running:
             raise RuntimeError("the engine is not running (call await engine.start())")
-        params = params or SamplingParams()
-        self.llm.validate(prompt, params)  # errors before anything is yielded
-        if request_id in self._queues:
-            raise ValueError(f"duplicate request id {request_id!r}")
-        self.admit(1)
-        q: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = (asyncio.get_running_loop(), q)
+        request = prompt if isinstance(prompt, PreparedRequest) else self.prepare(prompt, sampling)
+        if request_id is None:
+            request_id = f"async-{next(self._ids)}"
+        if request_id in self._admitted:
+            self._admitted.discard(request_id)
+        else:
+            self.admit([request_id])
+        q = self._queues[request_id][1]
         with self._lock:
             if self._error is not None:  # failed meanwhile: nobody would post to this queue
                 self._queues.pop(request_id, None)
                 raise RuntimeError(f"engine loop died: {type(self._error).__name__}: {self._error}")
-            self._pending.append(("add", prompt, params, request_id))
+            self._pending.append(("add", request, request_id))
             self._wake.notify()
         finished = False
         try:

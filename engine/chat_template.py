@@ -71,16 +71,16 @@ class ChatTemplate:
             raise RequestError(f"chat template: {e}", "messages") from e
 
 
+def missing_template(hint: str = "pass chat_template=") -> RequestError:
+    """The one message for a model without a chat template; hint says how the caller can give one."""
+    return RequestError("the model has no chat template (none in its tokenizer_config.json or chat_template.jinja): "
+                        + hint, "messages", "chat_template_missing")
+
+
 def read_template_arg(value: str) -> str:
     """--chat-template FILE|STRING: a file's text, else the string itself."""
     p = Path(value)
     return p.read_text() if len(value) < 4096 and p.is_file() else value
-
-
-def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
-    """The chat template of an HF model directory, with its tokenizer's special tokens; None without one."""
-    from .tokenizer import Tokenizer
-    return ChatTemplate.of_tokenizer(Tokenizer.load(model_dir))
 
 
 # The template chat fine-tuning writes for a model that has none: ChatML's layout, with the

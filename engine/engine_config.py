@@ -1,9 +1,9 @@
 """EngineConfig: every setting of the inference engine in one dataclass. LLM, the model
 runner, the scheduler and the block manager read it; the generate/serve/bench flags are
-generated from its fields (engine/flags.py)."""
+generated from its fields (cli/flags.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZATIONS = ("int8", "w8a8")
@@ -37,10 +37,12 @@ class EngineConfig:
     enforce_eager: bool | None = field(default=None, metadata={"help": "no CUDA graphs"})
     seed: int | None = field(default=None, metadata={"help": "seed of unseeded requests' sampling"})
     max_waiting_seqs: int | None = field(default=None, metadata={
-        "help": "most sequences waiting for a batch slot; past it new requests get 429 "
-                "(default: max_num_seqs or the KV pool's block count, whichever is larger)"})
+        "help": "the server's room for requests waiting for a batch slot, beside max_num_seqs running: the "
+                "default of max_inflight_requests (default: max_num_seqs or the KV pool's block count, whichever "
+                "is larger)"})
     max_inflight_requests: int | None = field(default=None, metadata={
-        "help": "most requests the server holds at once; past it 429 (default: max_num_seqs + max_waiting_seqs)"})
+        "help": "most requests the server holds at once, the one admission bound: past it 429 "
+                "(default: max_num_seqs + max_waiting_seqs)"})
     step_timeout: float = field(default=600.0, metadata={
         "help": "seconds one engine step may take before the watchdog fails the engine (0: no watchdog)"})
 
@@ -65,6 +67,11 @@ class EngineConfig:
             raise ValueError(f"step_timeout must be a finite number of seconds >= 0, got {self.step_timeout!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    def resolved(self, device_type: str) -> "EngineConfig":
+        """The settings whose defaults depend on the device, decided here once."""
+        return replace(self, max_num_batched_tokens=self.max_num_batched_tokens or
+                       (8192 if device_type == "cuda" else 2048))
 
     @classmethod
     def names(cls) -> set[str]:

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .chat_template import ChatTemplate
+from .chat_template import ChatTemplate, missing_template
 from .engine_config import EngineConfig
 from .core.block_manager import BlockManager
-from .core.request import Request, RequestError, RequestOutput, check_context, check_pool, check_stop, check_token_ids
+from .core.intake import Intake, PreparedRequest
+from .core.request import Request, RequestError, RequestOutput, check_stop
 from .worker.model_runner import ModelRunner
 from .core.sampling_params import SamplingParams
 from .core.scheduler import Scheduler, Sequence
@@ -49,13 +50,15 @@ class LLM:
             raise TypeError(f"unknown engine arguments {sorted(unknown)}; known: {sorted(EngineConfig.names())}")
         base = asdict(config) if config is not None else {}
         given = {k: v for k, v in dict(device=device, dtype=dtype, quantization=quantization).items() if v is not None}
-        self.config = cfg = EngineConfig(**{**base, **given, **engine_args})
-        self.device = device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        cfg = EngineConfig(**{**base, **given, **engine_args})
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.config = cfg = cfg.resolved(device.type)
+        self.device = device
         dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
         # what the model directory says about generation: every EOS id, default sampling settings
         self.default_sampling: dict = {}
         if isinstance(model, (str, Path)):
-            from .models.config import load_generation_config
+            from .models.generation_config import load_generation_config
             from .tokenizer import Tokenizer
             from .models.loader import load_model
             path = Path(model)
@@ -87,11 +90,10 @@ class LLM:
         self.chat_template = ChatTemplate.of_tokenizer(tokenizer) if tokenizer is not None else None
         mcfg = model_obj.config
         self.vocab_size = mcfg.vocab_size
-        self.max_model_len = min(cfg.max_model_len or mcfg.max_seq_len, mcfg.max_seq_len)
         self.eos_token_ids = frozenset(eos)
-        mbt = cfg.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+        max_model_len = min(cfg.max_model_len or mcfg.max_seq_len, mcfg.max_seq_len)
         self.runner = ModelRunner(model_obj, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
-                                  max_num_batched_tokens=mbt, max_model_len=self.max_model_len,
+                                  max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=max_model_len,
                                   num_kv_blocks=cfg.num_kv_blocks, kv_cache_tokens=cfg.kv_cache_tokens,
                                   gpu_memory_utilization=cfg.gpu_memory_utilization,
                                   enforce_eager=cfg.enforce_eager, seed=cfg.seed)
@@ -101,53 +103,44 @@ class LLM:
                                                sliding_window=window)
         pool = bm.capacity * bm.block_size
         # a longer request could never fit: the context is what the pool holds
-        if pool < bm.held_tokens(self.max_model_len):
+        if pool < bm.held_tokens(max_model_len):
             if cfg.max_model_len is not None:
                 raise ValueError(f"max_model_len {cfg.max_model_len} is more than the KV cache holds ({pool} tokens "
                                  f"in {bm.capacity} blocks): lower max_model_len or give the cache more room")
-            log.warning("the KV cache holds %d tokens: max_model_len %d -> %d", pool, self.max_model_len, pool)
-            self.max_model_len = pool
-        self.scheduler = Scheduler(bm, cfg.max_num_seqs, mbt, self.max_model_len, cfg.max_waiting_seqs)
-        self.requests: dict[str, Request] = {}
+            log.warning("the KV cache holds %d tokens: max_model_len %d -> %d", pool, max_model_len, pool)
+            max_model_len = pool
+        self.max_model_len = max_model_len
+        self.runner.start(max_model_len)
+        self.scheduler = Scheduler(bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, max_model_len)
+        self.intake = Intake(tokenizer, self.vocab_size, max_model_len, bm, self.default_sampling)
+        self.requests: dict[str, Request] = {}   # the one registry of live requests
         self._ids = itertools.count()
 
     # ---------------------------------------------------------------- requests
-    def validate(self, prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
-        """Tokenize and check a request against the model and the KV pool: the engine's only
-        request checks. RequestError (a ValueError) names what is wrong."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError("text prompts need a tokenizer (no tokenizer.json with the model): "
-                                   "pass token-id lists or tokenizer=", "prompt")
-            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
-        else:
-            text, ids = None, list(prompt)
-        ids = check_token_ids(ids, self.vocab_size)
-        check_context(len(ids), params.max_tokens, self.max_model_len)
-        bm = self.block_manager
-        check_pool(bm.held_tokens(len(ids) + params.max_tokens), bm.capacity, bm.block_size)
-        if params.stop and self.tokenizer is None:
-            raise RequestError("stop strings need a tokenizer", "stop")
-        if params.logprobs is not None and params.logprobs > self.vocab_size:
-            raise RequestError(f"logprobs ({params.logprobs}) exceeds the vocabulary size ({self.vocab_size})",
-                               "logprobs")
-        return text, ids
+    def prepare(self, prompt, sampling: SamplingParams | dict | None = None, **kwargs) -> PreparedRequest:
+        """Default, tokenize and check a request once (Intake.prepare); add_request takes the result."""
+        return self.intake.prepare(prompt, sampling, **kwargs)
 
-    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+    def add_request(self, prompt, sampling: SamplingParams | dict | None = None, request_id: str | None = None,
                     stream: bool = False) -> Sequence:
-        params = params or SamplingParams()
-        text, ids = self.validate(prompt, params)
+        """Queue a request: a PreparedRequest (from prepare: nothing is checked again), or a prompt and
+        its sampling, prepared here."""
+        request = prompt if isinstance(prompt, PreparedRequest) else self.prepare(prompt, sampling)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"duplicate request id {rid!r}")
-        seq = Sequence(rid, ids, params)
+        seq = Sequence(rid, request.prompt_token_ids, request.params)
         self.scheduler.add(seq)
-        self.requests[rid] = Request(seq, text, self.tokenizer, self.eos_token_ids, stream)
+        self.requests[rid] = Request(seq, request.prompt, self.tokenizer, self.eos_token_ids, stream)
         return seq
 
     def abort(self, request_id: str) -> bool:
-        self.requests.pop(request_id, None)
-        return self.scheduler.abort(request_id)
+        """Drop a request now, freeing its blocks. Returns whether it was live."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req.seq, "abort")
+        return True
 
     def abort_all(self) -> list[str]:
         ids = list(self.requests)
@@ -157,15 +150,6 @@ class LLM:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
-
-    @property
-    def max_waiting(self) -> int:
-        """The scheduler's bound on waiting sequences (EngineConfig.max_waiting_seqs or its default)."""
-        return self.scheduler.max_waiting
-
-    def can_add(self) -> bool:
-        """Whether another request fits under the waiting bound now."""
-        return len(self.scheduler.waiting) < self.scheduler.max_waiting
 
     # ---------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:
@@ -177,9 +161,9 @@ class LLM:
         for i in self.scheduler.postprocess(batch, tokens):
             seq = batch.seqs[i]
             req = self.requests[seq.request_id]
-            lp = [logprobs[i]] if logprobs is not None and seq.params.logprobs is not None else None
+            lp = [logprobs[i]] if req.logprobs is not None and logprobs is not None else None
             if lp is not None:
-                req.logprobs = (req.logprobs or []) + lp
+                req.logprobs.extend(lp)
             reason = check_stop(req, self.max_model_len)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
@@ -194,15 +178,21 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params or SamplingParams(**self.default_sampling)] * len(prompts)
+            sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
-        checked = [self.validate(p, sp) for p, sp in zip(prompts, sampling_params)]  # all before any runs
+        # without sampling params: the model's generation_config.json defaults, else SamplingParams'
+        default_max = SamplingParams.max_tokens
+        return self.run_prepared([self.prepare(p, sp, default_max_tokens=default_max)  # all checked before any runs
+                                  for p, sp in zip(prompts, sampling_params)], use_tqdm)
+
+    def run_prepared(self, requests: list[PreparedRequest], use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run prepared requests to the end -> their outputs in order."""
         rids = []
         bar = None
         try:
-            for (text, ids), p in zip(checked, sampling_params):
-                rids.append(self.add_request(ids if text is None else text, p).request_id)
+            for r in requests:
+                rids.append(self.add_request(r).request_id)
             if use_tqdm:
                 from tqdm.auto import tqdm
                 bar = tqdm(total=len(rids), desc="generate", unit="req", dynamic_ncols=True)
@@ -225,24 +215,27 @@ class LLM:
                 bar.close()
         return [done[rid] for rid in rids]
 
+    def template(self, source: str | None = None, hint: str = "pass chat_template=") -> ChatTemplate:
+        """The chat template: source (a jinja string) if given, else the model's own; a clear error
+        (with hint: how to give one) when there is none."""
+        if source is None and self.chat_template is not None:
+            return self.chat_template
+        template = ChatTemplate.of_tokenizer(self.tokenizer, source) if self.tokenizer is not None else None
+        if template is None:
+            raise missing_template(hint)
+        return template
+
     def chat(self, messages, sampling_params=None, chat_template: str | None = None,
              add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a list of them, rendered by the model's
         chat template (or chat_template, a jinja string) as transformers' apply_chat_template
         renders it; each output's .prompt is the rendered text."""
-        if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer")
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        template = ChatTemplate.of_tokenizer(self.tokenizer, chat_template)
-        if template is None:
-            raise ValueError("the model has no chat template (none in tokenizer_config.json or chat_template.jinja): "
-                             "pass chat_template=")
-        texts = [template.render(c, add_generation_prompt) for c in convs]
-        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]  # the template carries its BOS
-        outs = self.generate(ids, sampling_params, use_tqdm=use_tqdm)
-        for out, text in zip(outs, texts):
-            out.prompt = text
-        return outs
+        template = self.template(chat_template)
+        # the template carries its BOS
+        return self.run_prepared([self.prepare(template.render(c, add_generation_prompt), sampling_params,
+                                               add_special_tokens=False, default_max_tokens=SamplingParams.max_tokens,
+                                               param="messages") for c in convs], use_tqdm)
 
     def stats(self) -> dict:
         bm = self.block_manager

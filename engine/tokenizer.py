@@ -11,7 +11,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from .models.config import read_json
+from .models.hf_json import read_json
 
 EOS = "<|endoftext|>"
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -141,24 +141,6 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
-
-
-class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas without re-emitting or splitting
-    multi-byte characters (a byte-level token can end mid-UTF-8 sequence)."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.text = ""  # text emitted so far
-
-    def push(self, token_ids: Iterable[int]) -> str:
-        self.ids.extend(token_ids)
-        full = self.tok.decode(self.ids)
-        if full.endswith("\ufffd"):  # incomplete character: wait for the next token
-            return ""
-        delta, self.text = full[len(self.text):], full
-        return delta
 
 
 def _token_content(v, key: str) -> str | None:

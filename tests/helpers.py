@@ -214,9 +214,9 @@ def serving(model_dir, api_key=None, template=True, **llm_kw):
     template=False serves without the model's chat template."""
     from gpt_engine.async_llm import AsyncLLM
     from gpt_engine.llm import LLM
-    from gpt_engine.cli.serve import build_app, load_chat_template
+    from gpt_engine.cli.serve import build_app
     engine = AsyncLLM(LLM(str(model_dir), device="cpu", **llm_kw))
-    app = build_app(engine, api_key=api_key, chat_template=load_chat_template(model_dir) if template else None)
+    app = build_app(engine, api_key=api_key, chat_template=engine.llm.chat_template if template else None)
     with ServerThread(app) as server:
         server.engine = engine
         yield server

@@ -8,7 +8,7 @@ import pytest
 
 from gpt_engine.async_llm import AsyncLLM
 from gpt_engine.llm import LLM
-from gpt_engine.cli.serve import build_app, load_chat_template
+from gpt_engine.cli.serve import build_app
 from tests.test_server import KEY, ServerThread, model_dir, srv  # noqa: F401 (fixtures)
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -90,7 +90,7 @@ POOL_BLOCKS, BLOCK = 4, 16   # 64 tokens of KV: far less than the model's 128-to
 def small_pool(torch_path, model_dir):  # noqa: F811
     engine = AsyncLLM(LLM(str(model_dir), device="cpu", num_kv_blocks=POOL_BLOCKS, block_size=BLOCK))
     assert engine.max_model_len == POOL_BLOCKS * BLOCK  # clamped: the model's own context is 128
-    server = ServerThread(build_app(engine, api_key=KEY, chat_template=load_chat_template(model_dir)))
+    server = ServerThread(build_app(engine, api_key=KEY, chat_template=engine.llm.chat_template))
     with server:
         server.engine = engine
         yield server

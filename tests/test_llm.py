@@ -49,7 +49,7 @@ def test_greedy_batch_matches_transformers(models, kind):
     d, hf = models[kind]
     llm = LLM(str(d), device="cpu")
     model = llm.runner.model
-    assert model.packed_head is not None and all(layer.packed is not None for layer in model.layers)  # packed GEMMs
+    assert model.head.packed is not None and all(layer.packed is not None for layer in model.layers)  # packed GEMMs
     prompts = prompts_of([1, 7, 16, 17, 45, 90])
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     for p, o in zip(prompts, outs):
@@ -208,7 +208,8 @@ def test_async_streaming_matches_generate(text_model):
         assert deltas[-1].finished and deltas[-1].finish_reason == "length"
         assert "".join(d.new_text for d in deltas) == ref[i].text == deltas[-1].text
         assert [t for d in deltas for t in d.new_token_ids] == ref[i].token_ids == deltas[-1].token_ids
-        assert all(d.text == "".join(x.new_text for x in deltas[:k + 1]) for k, d in enumerate(deltas))
+        # a stream carries deltas only: the whole output once, on the finished one
+        assert all(d.text == "" and d.token_ids == [] for d in deltas[:-1])
     assert [len(d.new_logprobs) for d in res[1]] == [1] * 20 and res[0][0].new_logprobs is None
     stopped = res[3]
     assert stopped[-1].finish_reason == "stop"
@@ -384,18 +385,28 @@ def test_generation_config_eos_list_and_defaults(models, tmp_path):
     assert out.token_ids == toks[:j + 1] and out.finish_reason == "stop"
 
 
-def test_server_fills_unset_fields_from_generation_config():
-    # a request's unset sampling fields take the model directory's defaults; set ones win
-    from types import SimpleNamespace
-
+def test_intake_fills_unset_fields_from_generation_config():
+    # a request's unset sampling fields take the model directory's defaults; set ones win; an unset
+    # max_tokens is the model's (else the caller's) default cut to the context left, else all of it
     from gpt_engine.api.protocol import CompletionRequest
-    from gpt_engine.api.serving import sampling_params
-    engine = SimpleNamespace(max_model_len=100, default_sampling={"temperature": 0.0, "top_k": 5, "max_tokens": 7})
-    st = SimpleNamespace(engine=engine)
-    p = sampling_params(st, CompletionRequest(prompt="x"), 10, 16, None)
+    from gpt_engine.core.block_manager import BlockManager
+    from gpt_engine.core.intake import Intake
+    intake = Intake(None, 50, 100, BlockManager(100, 4), {"temperature": 0.0, "top_k": 5, "max_tokens": 7})
+
+    def params(req, n=10, default_max=16):
+        return intake.prepare([1] * n, req.sampling_fields(), default_max_tokens=default_max).params
+    p = params(CompletionRequest(prompt="x"))
     assert (p.temperature, p.top_k, p.max_tokens, p.top_p) == (0.0, 5, 7, 1.0)
-    p = sampling_params(st, CompletionRequest(prompt="x", temperature=0.5, top_k=3, max_tokens=2), 10, 16, None)
+    p = params(CompletionRequest(prompt="x", temperature=0.5, top_k=3, max_tokens=2))
     assert (p.temperature, p.top_k, p.max_tokens) == (0.5, 3, 2)
-    engine.default_sampling = {}
-    p = sampling_params(st, CompletionRequest(prompt="x"), 10, 16, None)
+    assert params(CompletionRequest(prompt="x", top_k=0)).top_k == -1   # OpenAI-style "no top-k"
+    assert params(CompletionRequest(prompt="x"), n=97).max_tokens == 3   # the model's 7 cut to the room left
+    intake.defaults = {}
+    p = params(CompletionRequest(prompt="x"))
     assert (p.temperature, p.top_k, p.max_tokens) == (1.0, -1, 16)
+    assert params(CompletionRequest(prompt="x"), default_max=None).max_tokens == 90   # all the room
+    with pytest.raises(ValueError, match="maximum context length"):   # a given max_tokens is never cut
+        params(CompletionRequest(prompt="x", max_tokens=95))
+    with pytest.raises(ValueError, match="top_p") as e:
+        params(CompletionRequest(prompt="x", top_p=1.5))
+    assert e.value.param == "top_p"

@@ -10,7 +10,7 @@ from gpt_engine.core.scheduler import Scheduler, Sequence, Status
 
 
 def params(max_tokens=8, **kw):
-    return SimpleNamespace(max_tokens=max_tokens, ignore_eos=True, stop_token_ids=[], stop=[], **kw)
+    return SimpleNamespace(max_tokens=max_tokens, ignore_eos=True, stop_token_ids=[], stop=[], logprobs=None, **kw)
 
 
 def run_step(s: Scheduler, eos=()):
@@ -108,16 +108,18 @@ def test_abort_frees_blocks_at_once():
     run_step(s)
     run_step(s)
     used = bm.num_blocks - bm.num_free_blocks
-    assert s.abort("a")
+    s.finish(a, "abort")
     assert a.status is Status.FINISHED and a.finish_reason == "abort" and a.block_table == []
     assert bm.num_blocks - bm.num_free_blocks < used
-    assert not s.abort("a")  # unknown now
-    assert s.abort("b")
+    s.finish(a, "abort")  # twice: nothing more happens
+    assert bm.num_blocks - bm.num_free_blocks < used and s.finished_ids == ["a"]
+    s.finish(b, "abort")
     assert not s.has_unfinished() and bm.num_free_blocks == bm.num_blocks
     # aborting a waiting request too
     c = Sequence("c", [1], params())
     s.add(c)
-    assert s.abort("c") and not s.waiting
+    s.finish(c, "abort")
+    assert not s.waiting
 
 
 def test_prefix_cache_hit_skips_computed_tokens():
@@ -145,9 +147,9 @@ def test_eos_and_stop_tokens_finish():
     bm = BlockManager(16, 4)
     s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
     # fake tokens: num_tokens % 7 -> prompt of 3 samples 3, then 4, 5, ...
-    a = Sequence("a", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=False, stop_token_ids=[], stop=[]))
-    b = Sequence("b", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=False, stop_token_ids=[4], stop=[]))
-    c = Sequence("c", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=True, stop_token_ids=[], stop=[]))
+    a = Sequence("a", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=False, stop_token_ids=[], stop=[], logprobs=None))
+    b = Sequence("b", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=False, stop_token_ids=[4], stop=[], logprobs=None))
+    c = Sequence("c", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=True, stop_token_ids=[], stop=[], logprobs=None))
     for q in (a, b, c):
         s.add(q)
     drain(s, eos=[5, 6])
@@ -172,8 +174,12 @@ def test_max_num_seqs_caps_the_batch():
     assert bm.num_free_blocks == bm.num_blocks
 
 
-def test_request_that_could_outgrow_the_pool_is_refused():
-    s = Scheduler(BlockManager(4, 4), max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+def test_request_that_could_outgrow_the_pool_is_refused_at_intake():
+    from gpt_engine import SamplingParams
+    from gpt_engine.core.intake import Intake
+    intake = Intake(None, 10, 64, BlockManager(4, 4))
     with pytest.raises(ValueError, match="never fit"):
-        s.add(Sequence("huge", [0] * 10, params(10)))  # up to 20 tokens > 16 slots
-    s.add(Sequence("ok", [0] * 10, params(6)))
+        intake.prepare([0] * 10, SamplingParams(max_tokens=10))  # up to 20 tokens > 16 slots
+    r = intake.prepare([0] * 10, SamplingParams(max_tokens=6))
+    s = Scheduler(BlockManager(4, 4), max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    s.add(Sequence("ok", r.prompt_token_ids, r.params))

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from gpt_engine.cli.serve import ChatTemplate, add_args, load_chat_template
+from gpt_engine.cli.serve import ChatTemplate, add_args
 # CORPUS and ServerThread: test_abuse and test_auth_errors import them from here
 from tests.helpers import (CORPUS, ServerThread, make_chat_model, serving, slow_engine_steps,  # noqa: F401
                            wait_healthy, wait_pool_empty)
@@ -77,7 +77,7 @@ def test_chat_and_stream_agree(client, srv, model_dir):
     msg = r.choices[0].message
     assert msg.role == "assistant" and r.usage.completion_tokens == 10
     # the model directory's jinja template was used
-    rendered = load_chat_template(model_dir).render(msgs)
+    rendered = srv.engine.llm.chat_template.render(msgs)
     assert rendered == "<|endoftext|>[system] be brief\n[user] hello server\n[assistant] "
     assert r.usage.prompt_tokens == len(srv.engine.tokenizer.encode(rendered))
     chunks = list(client.chat.completions.create(**args, stream=True))

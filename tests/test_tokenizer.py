@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from gpt_engine.tokenizer import EOS, IncrementalDecoder, Tokenizer
+from gpt_engine.core.detokenizer import Detokenizer
+from gpt_engine.tokenizer import EOS, Tokenizer
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
@@ -41,10 +42,17 @@ def test_save_load(tok, tmp_path):
         Tokenizer.load(tmp_path / "missing")
 
 
-def test_incremental_decoder(tok):
+def test_incremental_detokenizer(tok):
+    """Byte-level tokens end mid-character: the stream never splits or repeats one."""
     text = "日本語 🙂 café"
-    dec = IncrementalDecoder(tok)
-    assert "".join(dec.push([i]) for i in tok.encode(text)) == text
+    dec = Detokenizer(tok, [])
+    deltas = []
+    for i in tok.encode(text):
+        dec.push([i])
+        deltas.append(dec.delta(False))
+    dec.flush()
+    deltas.append(dec.delta(True))
+    assert "".join(deltas) == text and "\ufffd" not in "".join(deltas)
 
 
 # --- hub directories: vocab.json + merges.txt, tokenizer_config.json -----------------------------------

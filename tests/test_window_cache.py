@@ -7,7 +7,9 @@ import random
 
 import pytest
 
+from gpt_engine import SamplingParams
 from gpt_engine.core.block_manager import BlockManager, block_hash
+from gpt_engine.core.intake import Intake
 from gpt_engine.core.request import RequestError
 from gpt_engine.core.scheduler import Scheduler, Sequence
 
@@ -70,7 +72,7 @@ def test_released_entries_are_the_null_block_and_never_handed_out():
 def test_request_longer_than_the_pool_runs_when_windowed():
     """A pool of 4 blocks (16 tokens) and sequences of 90: refused without the window, served with it."""
     with pytest.raises(RequestError, match="never fit"):
-        Scheduler(BlockManager(5, BS), max_model_len=256).add(Sequence("x", list(range(30)), params(60)))
+        Intake(None, 100, 256, BlockManager(5, BS)).prepare(list(range(30)), SamplingParams(max_tokens=60))
     bm = BlockManager(5, BS, sliding_window=W)
     s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=256)
     seqs = [Sequence(str(i), [i] * (30 + i), params(max_tokens=60)) for i in range(3)]
@@ -81,7 +83,7 @@ def test_request_longer_than_the_pool_runs_when_windowed():
     assert bm.num_free_blocks == bm.capacity
     # a window that cannot fit is still refused: 3 blocks needed, 2 there
     with pytest.raises(RequestError, match="never fit"):
-        Scheduler(BlockManager(3, BS, sliding_window=W), max_model_len=256).add(Sequence("y", [1] * 9, params(60)))
+        Intake(None, 100, 256, BlockManager(3, BS, sliding_window=W)).prepare([1] * 9, SamplingParams(max_tokens=60))
 
 
 def chain(tokens, n_blocks):
@@ -135,8 +137,8 @@ def test_preempt_and_abort_free_only_real_blocks():
         run_step(s)
         nulls |= any(bm.null_block in q.block_table for q in s.running)
     assert nulls
-    s.abort("1")
-    s.abort("4")
+    s.finish(seqs[1], "abort")
+    s.finish(seqs[4], "abort")
     bm.check()
     drain(s)
     assert bm.num_free_blocks == bm.capacity

@@ -96,7 +96,7 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
     app.state.server = st = ServerState(engine, Metrics(), chat_template)
     app.state.engine, app.state.metrics = engine, st.metrics
     app.add_middleware(Gate, api_key=api_key, metrics=st.metrics, allowed_hosts=allowed_hosts,
-                       max_body_bytes=max_body_bytes, max_requests=getattr(engine, "max_inflight", None))
+                       max_body_bytes=max_body_bytes)
     errors.install(app)
     for r in (router, completions.router, chat.router):
         app.include_router(r)

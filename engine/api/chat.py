@@ -7,9 +7,10 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from .errors import GENERATE_ERRORS, APIError
+from ..chat_template import missing_template
+from .errors import GENERATE_ERRORS, engine_error
 from .protocol import ChatCompletionRequest
-from .serving import begin, collect, make_choices, merge, off_loop, prompt_of, record, sse_stream, usage
+from .serving import begin, collect, make_choices, merge, norm_logprobs, off_loop, record, sse_stream, usage
 
 router = APIRouter()
 
@@ -19,16 +20,12 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     t0, st = begin(request, req)
     model = st.engine.model_name
     if st.template is None:
-        raise APIError(400, "this model has no chat template (none in its tokenizer_config.json or "
-                            "chat_template.jinja): start the server with --chat-template FILE", param="messages",
-                       code="chat_template_missing")
+        raise engine_error(missing_template("start the server with --chat-template FILE"), st.engine)
     messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
     top_n = (req.top_logprobs or 0) if req.logprobs else None
-
-    def render():
-        return prompt_of(st, st.template.render(messages, req.add_generation_prompt), "messages",
-                         add_special_tokens=False)
-    rid, choices = make_choices(st, req, [await off_loop(render)], "chatcmpl", None, top_n)
+    text = await off_loop(st.template.render, messages, req.add_generation_prompt)
+    # the rendered template carries its own BOS
+    rid, choices = await make_choices(st, req, [text], "chatcmpl", top_n, add_special_tokens=False, param="messages")
 
     def logprobs_of(entries) -> dict | None:
         if top_n is None:
@@ -48,20 +45,21 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                     {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}]}
             async for c, out in merge(st, choices, t0):
-                n_before = len(c.logprobs)
-                record(c, out, top_n is not None)
+                record(c, out)
                 if not out.new_text and not out.finished and not out.new_token_ids:
                     continue
                 delta = {"content": out.new_text} if out.new_text else {}
                 yield {**base, "created": int(time.time()), "choices": [
-                    {"index": c.index, "delta": delta, "logprobs": logprobs_of(c.logprobs[n_before:]),
+                    {"index": c.index, "delta": delta,
+                     "logprobs": logprobs_of(norm_logprobs(out.new_token_ids, out.new_logprobs)),
                      "finish_reason": c.finish_reason}]}
         return StreamingResponse(sse_stream(st, chunks(), choices, rid, "chat.completion.chunk", req.include_usage),
                                  media_type="text/event-stream")
 
-    await collect(st, request, choices, top_n is not None, t0)
+    await collect(st, request, choices, t0)
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": logprobs_of(c.logprobs), "finish_reason": c.finish_reason}
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.final.text},
+                         "logprobs": logprobs_of(norm_logprobs(c.final.token_ids, c.final.logprobs)),
+                         "finish_reason": c.finish_reason}
                         for c in choices],
             "usage": usage(choices)}

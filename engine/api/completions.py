@@ -8,7 +8,10 @@ from fastapi.responses import StreamingResponse
 
 from .errors import GENERATE_ERRORS
 from .protocol import CompletionRequest
-from .serving import Choice, begin, collect, make_choices, merge, off_loop, prompt_of, record, sse_stream, usage
+from .serving import (Choice, begin, collect, make_choices, merge, norm_logprobs, prompt_text, record, sse_stream,
+                      usage)
+
+DEFAULT_MAX_TOKENS = 16   # OpenAI's legacy completions default
 
 router = APIRouter()
 
@@ -17,8 +20,7 @@ router = APIRouter()
 async def completions(req: CompletionRequest, request: Request):
     t0, st = begin(request, req)
     model = st.engine.model_name
-    prompts = await off_loop(lambda: [prompt_of(st, p) for p in req.prompt])
-    rid, choices = make_choices(st, req, prompts, "cmpl", 16, req.logprobs)
+    rid, choices = await make_choices(st, req, req.prompt, "cmpl", req.logprobs, DEFAULT_MAX_TOKENS)
     want_lp = req.logprobs is not None
     offsets = {c.index: 0 for c in choices}
 
@@ -38,23 +40,24 @@ async def completions(req: CompletionRequest, request: Request):
         async def chunks():
             echoed = set()
             async for c, out in merge(st, choices, t0):
-                n_before = len(c.logprobs)
-                record(c, out, want_lp)
+                record(c, out)
                 text = out.new_text or ""
                 if req.echo and c.index not in echoed:
                     echoed.add(c.index)
-                    text = c.prompt_text + text
+                    text = prompt_text(st, c) + text
                 if not text and not out.finished and not out.new_token_ids:
                     continue
                 yield {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                       "choices": [{"index": c.index, "text": text, "logprobs": logprobs_of(c, c.logprobs[n_before:]),
+                       "choices": [{"index": c.index, "text": text,
+                                    "logprobs": logprobs_of(c, norm_logprobs(out.new_token_ids, out.new_logprobs)),
                                     "finish_reason": c.finish_reason}]}
         return StreamingResponse(sse_stream(st, chunks(), choices, rid, "text_completion", req.include_usage),
                                  media_type="text/event-stream")
 
-    await collect(st, request, choices, want_lp, t0)
+    await collect(st, request, choices, t0)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": c.index, "text": (c.prompt_text if req.echo else "") + c.text,
-                         "logprobs": logprobs_of(c, c.logprobs), "finish_reason": c.finish_reason}
+            "choices": [{"index": c.index, "text": (prompt_text(st, c) if req.echo else "") + c.final.text,
+                         "logprobs": logprobs_of(c, norm_logprobs(c.final.token_ids, c.final.logprobs)),
+                         "finish_reason": c.finish_reason}
                         for c in choices],
             "usage": usage(choices)}

@@ -7,8 +7,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..core.request import RequestError
-from ..core.scheduler import Overloaded
+from ..core.request import Overloaded, RequestError
 from .protocol import ErrorResponse, error_body
 
 RETRY_AFTER_S = 1   # a full engine frees slots as requests finish: a short wait is worth a retry

@@ -10,12 +10,10 @@ import hmac
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from .errors import RETRY_AFTER_S
 from .metrics import Metrics
 from .protocol import error_body
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
-GENERATING = ("/v1/completions", "/v1/chat/completions")
 DEFAULT_MAX_BODY_BYTES = 16 << 20   # a full-context prompt as JSON token ids, with room to spare
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -41,15 +39,14 @@ def host_of(scope) -> str | None:
 
 class Gate:
     """api_key None: no key needed. allowed_hosts None: any Host; else a list of names ("*" any).
-    max_requests: generating requests in progress at once (None: no bound)."""
+    How many requests are held is the engine's bound (AsyncLLM.admit), not this gate's."""
 
     def __init__(self, app, api_key: str | None, metrics: Metrics, allowed_hosts=None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_requests: int | None = None):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         self.app, self.api_key, self.metrics = app, api_key, metrics
         self.allowed_hosts = None if allowed_hosts is None or "*" in allowed_hosts else \
             {h.lower().strip("[]") for h in allowed_hosts}
-        self.max_body_bytes, self.max_requests = max_body_bytes, max_requests
-        self.num_requests = 0
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -64,11 +61,10 @@ class Gate:
                 status = msg["status"]
             await send(msg)
 
-        async def refuse(code: int, message: str, err: str, headers=None, type_="invalid_request_error"):
-            resp = JSONResponse(error_body(message, type_, code=err), status_code=code, headers=headers)
+        async def refuse(code: int, message: str, err: str, headers=None):
+            resp = JSONResponse(error_body(message, code=err), status_code=code, headers=headers)
             await resp(scope, receive, send_status)
 
-        counted = False
         try:
             if self.allowed_hosts is not None and host_of(scope) not in self.allowed_hosts:
                 return await refuse(400, "Host header not allowed (see --allowed-hosts)", "invalid_host")
@@ -77,20 +73,12 @@ class Gate:
             if self.api_key and (path == "/v1" or path.startswith("/v1/")) and not self._authorized(scope):
                 return await refuse(401, "Incorrect or missing API key: send Authorization: Bearer <key>",
                                     "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-            if self.max_requests is not None and path in GENERATING:
-                if self.num_requests >= self.max_requests:
-                    return await refuse(429, f"the server is handling {self.num_requests} requests; retry later",
-                                        "server_overloaded", {"Retry-After": str(RETRY_AFTER_S)}, "rate_limit_error")
-                self.num_requests += 1
-                counted = True
             try:
                 await self.app(scope, self._limited(receive), send_status)
             except BodyTooLarge:
                 if status == 500:  # nothing sent yet
                     await refuse(413, f"request body over {self.max_body_bytes} bytes", "request_too_large")
         finally:
-            if counted:
-                self.num_requests -= 1
             self.metrics.requests.labels(endpoint, str(status)).inc()
 
     def _limited(self, receive):

@@ -5,7 +5,7 @@ official client is the schema check in the tests.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -26,19 +26,20 @@ class StreamOptions(BaseModel):
 
 class SamplingFields(BaseModel):
     """Fields shared by both endpoints; unknown fields are ignored, as OpenAI clients send
-    a few (user, metadata, ...) that change nothing here."""
+    a few (user, metadata, ...) that change nothing here. Only the server's own bounds are
+    checked here; what SamplingParams checks (core/sampling_params.py) it checks, once."""
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = None
     n: int = Field(1, ge=1, le=MAX_N)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1, le=INT64)  # the sampler puts it in an int64 tensor: beyond, the engine loop dies
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    max_tokens: Optional[int] = None
+    temperature: float = Field(1.0, le=2.0)          # OpenAI's cap
+    top_p: float = 1.0
+    top_k: int = Field(-1, le=INT64)  # the sampler puts it in an int64 tensor: beyond, the engine loop dies
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = Field(1.0, le=10.0)
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
     seed: Optional[int] = Field(None, ge=-INT64 - 1, le=INT64)
@@ -76,6 +77,17 @@ class SamplingFields(BaseModel):
         if v:
             raise ValueError("logit_bias is not supported")
         return None
+
+    SAMPLING: ClassVar[tuple[str, ...]] = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                "frequency_penalty", "stop", "stop_token_ids", "seed", "ignore_eos")
+
+    def sampling_fields(self) -> dict:
+        """The SamplingParams fields this request set (the engine's intake defaults the rest);
+        top_k 0 means none, as in OpenAI-style clients."""
+        fields = {k: getattr(self, k) for k in self.SAMPLING if k in self.model_fields_set}
+        if fields.get("top_k") == 0:
+            fields["top_k"] = -1
+        return fields
 
     @property
     def include_usage(self) -> bool:
@@ -143,7 +155,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
@@ -162,6 +174,7 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs needs logprobs: true")
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+            self.model_fields_set.add("max_tokens")
         return self
 
 

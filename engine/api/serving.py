@@ -1,5 +1,5 @@
 """What the completion and chat endpoints share: an API request becomes choices (one engine
-request per prompt and sample), each checked by the engine before any response starts; their
+request per prompt and sample), each prepared by the engine's intake before any response starts; their
 outputs are merged in arrival order, so streams interleave choices like OpenAI's do."""
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from typing import AsyncIterator
 
 from fastapi import Request
 
-from ..core.request import check_context, check_token_ids
-from ..core.sampling_params import SamplingParams
+from ..core.intake import PreparedRequest
 from .errors import APIError, engine_error
 from .metrics import Metrics
 
@@ -61,33 +60,18 @@ class Choice:
     """One engine request: a (prompt, sample index) pair of an API request."""
     index: int
     prompt_index: int
-    prompt_text: str
-    prompt_ids: list[int]
-    params: SamplingParams
+    request: PreparedRequest
     request_id: str
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    num_tokens: int = 0                      # generated so far (usage)
     finish_reason: str | None = None
-    logprobs: list = field(default_factory=list)   # [(token_id, logprob, [(id, logprob), ...])]
+    final: object = None                     # the finished RequestOutput (whole text, ids, logprobs)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
 
 
 # ---------------------------------------------------------------- request -> choices
-
-def prompt_of(st: ServerState, p, param: str = "prompt", add_special_tokens: bool = True) -> tuple[str, list[int]]:
-    """A prompt (text or token ids) -> (text, ids). Text gets the tokenizer's BOS where it adds one,
-    except rendered chat, which carries its own (add_special_tokens=False)."""
-    tok = st.tokenizer
-    if isinstance(p, str):
-        try:  # JSON's "\ud800" decodes to a lone surrogate, on which the tokenizer raises TypeError
-            p.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise APIError(400, f"{param} is not valid Unicode: {e.reason}", param=param) from None
-        ids = tok.encode(p, add_special_tokens=add_special_tokens)
-        check_token_ids(ids, st.engine.vocab_size, param)
-        return p, ids
-    ids = check_token_ids(p, max(tok.vocab_size, st.engine.vocab_size), param)
-    return tok.decode(ids), ids
-
 
 async def off_loop(fn, *args):
     """Tokenizing or rendering a long prompt takes long: on a worker thread it cannot stall
@@ -95,45 +79,40 @@ async def off_loop(fn, *args):
     return await asyncio.to_thread(fn, *args)
 
 
-def sampling_params(st: ServerState, req, prompt_len: int, default_max: int | None,
-                    logprobs: int | None) -> SamplingParams:
-    # the model directory's generation_config.json fills what the request leaves unset, as vLLM does
-    model_defaults = getattr(st.engine, "default_sampling", None) or {}
-    default_max = model_defaults.get("max_tokens", default_max)
-    # without max_tokens: what is left of the context (the engine's context fits its KV pool)
-    room = st.engine.max_model_len - prompt_len
-    max_tokens = req.max_tokens if req.max_tokens is not None else min(default_max or room, room)
-    check_context(prompt_len, max_tokens, st.engine.max_model_len)
-    fields = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k if req.top_k > 0 else -1,
-                  min_p=req.min_p, repetition_penalty=req.repetition_penalty)
-    fields.update({k: v for k, v in model_defaults.items() if k in fields and k not in req.model_fields_set})
-    try:
-        return SamplingParams(
-            max_tokens=max_tokens, **fields, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, stop=req.stop, stop_token_ids=req.stop_token_ids,
-            seed=req.seed, ignore_eos=req.ignore_eos, logprobs=logprobs)
-    except ValueError as e:  # what the protocol lets through but the sampler refuses
-        raise APIError(400, str(e)) from None
-
-
-def make_choices(st: ServerState, req, prompts: list[tuple[str, list[int]]], prefix: str, default_max,
-                 logprobs) -> tuple[str, list[Choice]]:
-    """The engine requests of an API request, each already checked by the engine and admitted:
-    every error it can detect, and a full server (429), answers before a response (or a stream's
-    200) starts."""
+async def make_choices(st: ServerState, req, prompts: list, prefix: str, logprobs: int | None,
+                       default_max_tokens: int | None = None, **prepare) -> tuple[str, list[Choice]]:
+    """The engine requests of an API request. Admitted first (the engine's one bound: a full server
+    answers 429 before any tokenizing), then each prompt prepared once by the engine's intake
+    (defaulted, tokenized, checked; off the event loop): every error it can detect answers before a
+    response (or a stream's 200) starts."""
     rid = f"{prefix}-{uuid.uuid4().hex}"
+    ids = [f"{rid}-{i}" for i in range(len(prompts) * req.n)]
+    st.engine.admit(ids)
+    fields = {**req.sampling_fields(), "logprobs": logprobs}
+    try:
+        prepared = await off_loop(lambda: [st.engine.prepare(p, fields, default_max_tokens=default_max_tokens,
+                                                             **prepare) for p in prompts])
+    except BaseException:
+        for i in ids:
+            _abort(st.engine, i)
+        raise
     choices = []
-    for pi, (text, ids) in enumerate(prompts):
-        params = sampling_params(st, req, len(ids), default_max, logprobs)
-        st.engine.validate(ids, params)
+    for pi, r in enumerate(prepared):
+        seed = r.params.seed
         for j in range(req.n):
             i = pi * req.n + j
             # seeded samples of one prompt each get their own stream (seed + index, as vLLM),
             # so n > 1 choices differ and stay reproducible
-            p = params if params.seed is None or j == 0 else dataclasses.replace(params, seed=params.seed + j)
-            choices.append(Choice(i, pi, text, ids, p, f"{rid}-{i}"))
-    st.engine.admit(len(choices))
+            rj = r if seed is None or j == 0 else \
+                dataclasses.replace(r, params=dataclasses.replace(r.params, seed=seed + j))
+            choices.append(Choice(i, pi, rj, ids[i]))
     return rid, choices
+
+
+def prompt_text(st: ServerState, c: Choice) -> str:
+    """The prompt as text (echo): the caller's text, or its token ids decoded."""
+    r = c.request
+    return r.prompt if r.prompt is not None else st.tokenizer.decode(r.prompt_token_ids)
 
 
 # ---------------------------------------------------------------- running choices
@@ -156,11 +135,11 @@ async def merge(st: ServerState, choices: list[Choice], t0: float) -> AsyncItera
     async def pump(c: Choice):
         last, finished = t0, False
         try:
-            async for out in engine.generate(c.prompt_ids, c.params, c.request_id):
+            async for out in engine.generate(c.request, request_id=c.request_id):
                 now = time.perf_counter()
                 k = len(out.new_token_ids)
                 if k:
-                    if not c.token_ids:
+                    if not c.num_tokens:
                         metrics.ttft.observe(now - t0)
                     else:
                         for _ in range(k):
@@ -168,7 +147,8 @@ async def merge(st: ServerState, choices: list[Choice], t0: float) -> AsyncItera
                     metrics.generation_tokens.inc(k)
                     last = now
                 queue.put_nowait((c, out, None))
-                c.token_ids, finished = list(out.token_ids), out.finished
+                c.num_tokens += k
+                finished = out.finished
             if not finished:  # the engine dropped it (stopped meanwhile): not a complete answer
                 raise RuntimeError(f"request {c.request_id} ended unfinished")
             metrics.e2e.observe(time.perf_counter() - t0)
@@ -197,21 +177,17 @@ async def merge(st: ServerState, choices: list[Choice], t0: float) -> AsyncItera
                 _abort(engine, c.request_id)
 
 
-def record(c: Choice, out, want_logprobs: bool) -> None:
-    """Fold a delta into the choice; keep the logprobs of its new tokens if asked for."""
-    c.text += out.new_text or ""
-    c.token_ids = list(out.token_ids)
+def record(c: Choice, out) -> None:
+    """Note a choice's end: its finish reason and its whole output."""
     if out.finished:
-        c.finish_reason = out.finish_reason or "stop"
-    if want_logprobs:
-        c.logprobs.extend(_norm_logprobs(out))
+        c.finish_reason, c.final = out.finish_reason or "stop", out
 
 
-def _norm_logprobs(out) -> list[tuple[int, float, list[tuple[int, float]]]]:
-    """RequestOutput.new_logprobs ({token_id: logprob} dicts holding the sampled token and the
-    top-N) -> [(token_id, logprob, top[(id, logprob)] best first)]."""
+def norm_logprobs(token_ids, logprobs) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """RequestOutput logprobs ({token_id: logprob} dicts holding the sampled token and the top-N)
+    -> [(token_id, logprob, top[(id, logprob)] best first)]."""
     res = []
-    for tid, entry in zip(out.new_token_ids, out.new_logprobs or []):
+    for tid, entry in zip(token_ids, logprobs or []):
         top = sorted(entry.items(), key=lambda kv: -_finite(kv[1]))
         lp = entry.get(tid, top[0][1] if top else 0.0)
         res.append((int(tid), _finite(lp), [(int(i), _finite(v)) for i, v in top]))
@@ -226,7 +202,7 @@ def _finite(x) -> float:
 def usage(choices: list[Choice]) -> dict:
     # a prompt counts once however many samples (n) were drawn from it
     p = sum({c.prompt_index: len(c.prompt_ids) for c in choices}.values())
-    g = sum(len(c.token_ids) for c in choices)
+    g = sum(c.num_tokens for c in choices)
     return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
 
 
@@ -238,11 +214,12 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def collect(st: ServerState, request: Request, choices: list[Choice], want_logprobs: bool, t0: float):
-    """Run to the end; a client that disconnects meanwhile cancels the work."""
+async def collect(st: ServerState, request: Request, choices: list[Choice], t0: float):
+    """Run to the end (each choice's final output in c.final); a client that disconnects meanwhile
+    cancels the work."""
     async def run():
         async for c, out in merge(st, choices, t0):
-            record(c, out, want_logprobs)
+            record(c, out)
 
     work = asyncio.ensure_future(run())
     gone = asyncio.ensure_future(_disconnected(request))

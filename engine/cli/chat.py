@@ -6,15 +6,16 @@ chat template (or --chat-template); replies join the history. /reset forgets the
 """
 from __future__ import annotations
 
-import dataclasses
 import signal
 import sys
 import threading
 
+from ..core.request import RequestError
 from ..engine_config import EngineConfig
 from .flags import add_dataclass_args, from_args
 
 PROMPT = ">>> "
+DEFAULT_MAX_TOKENS = 256
 STOPPED = "[stopped]"
 HELP = "commands: /reset forgets the conversation, /exit quits; Ctrl-C stops an answer, Ctrl-D quits"
 
@@ -24,7 +25,9 @@ def add_args(p) -> None:
     p.add_argument("--system", default=None, help="system prompt opening every conversation")
     p.add_argument("--chat-template", default=None, metavar="FILE|STRING",
                    help="jinja chat template (a file or the template itself) instead of the model's")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens of one answer (default: 256)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens of one answer; older exchanges are dropped to leave room for them (default: the "
+                        f"model's generation_config max_new_tokens, else {DEFAULT_MAX_TOKENS}, cut to the context left)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default: 0.7)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95)")
     p.add_argument("--ignore-eos", action="store_true", help="write until --max-tokens or the context is full")
@@ -34,8 +37,9 @@ def add_args(p) -> None:
 class Chat:
     """A conversation with llm (an LLM): the history, and one streamed answer at a time."""
 
-    def __init__(self, llm, template, params, system: str | None = None):
-        self.llm, self.template, self.params, self.system = llm, template, params, system
+    def __init__(self, llm, template, fields: dict, system: str | None = None):
+        """fields: the SamplingParams fields the user set (the model's defaults fill the rest)."""
+        self.llm, self.template, self.fields, self.system = llm, template, fields, system
         self.history: list[dict] = []
         self.interrupted = False
         self._turn = 0
@@ -44,21 +48,25 @@ class Chat:
     def reset(self) -> None:
         self.history = [{"role": "system", "content": self.system}] if self.system else []
 
-    def prompt_ids(self) -> list[int]:
+    def prepare(self):
+        """The conversation as a prepared request (the template carries its BOS)."""
         text = self.template.render(self.history, add_generation_prompt=True)
-        return self.llm.tokenizer.encode(text, add_special_tokens=False)  # the template carries its BOS
+        return self.llm.prepare(text, self.fields, add_special_tokens=False, param="messages",
+                                default_max_tokens=DEFAULT_MAX_TOKENS)
 
-    def fit(self, write) -> list[int] | None:
-        """The prompt's ids once the conversation leaves room to answer: the oldest exchanges are
+    def fit(self, write):
+        """The prepared request once the conversation leaves room to answer: the oldest exchanges are
         dropped as the context fills (the system prompt and the new message stay); None when the new
         message alone leaves no room."""
         first = 1 if self.system else 0
         while True:
-            ids = self.prompt_ids()
-            if len(ids) < self.llm.max_model_len:
-                return ids
-            if len(self.history) - first <= 1:
-                return None
+            try:
+                return self.prepare()
+            except RequestError as e:
+                if e.code != "context_length_exceeded":
+                    raise
+                if len(self.history) - first <= 1:
+                    return None
             del self.history[first:first + 2]
             write("[the oldest exchange was dropped to fit the context]\n")
 
@@ -71,17 +79,16 @@ class Chat:
         previous = signal.signal(signal.SIGINT, lambda *_: self.stop()) if _main_thread() else None
         rid = f"chat-{self._turn}"
         self._turn += 1
-        reply, finished = [], False
+        reply, finished, started = [], False, False
         try:
             self.history.append({"role": "user", "content": message})
-            ids = self.fit(write)
-            if ids is None:
+            request = self.fit(write)
+            if request is None:
                 self.history.pop()
                 write("[the message does not fit the model's context]\n")
                 return ""
-            room = self.llm.max_model_len - len(ids)
-            params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, room))
-            self.llm.add_request(ids, params, request_id=rid, stream=True)
+            self.llm.add_request(request, request_id=rid, stream=True)
+            started = True
             while not finished and not self.interrupted:
                 for out in self.llm.step():
                     if out.request_id == rid:
@@ -89,7 +96,7 @@ class Chat:
                         write(out.new_text)
                         finished = out.finished
         finally:
-            if not finished and rid in self.llm.requests:
+            if started and not finished:
                 self.llm.abort(rid)
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -137,23 +144,19 @@ def repl(chat: Chat, read=input, write=None) -> int:
 
 
 def run(args) -> int:
-    from ..chat_template import ChatTemplate, read_template_arg
+    from ..chat_template import read_template_arg
     from ..llm import LLM
-    from ..core.sampling_params import SamplingParams
-    if args.max_tokens < 1:
+    if args.max_tokens is not None and args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     llm = LLM(args.model, config=from_args(EngineConfig, args))
     if llm.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer (tokenizer.json or vocab.json + merges.txt): chat needs one")
-    source = read_template_arg(args.chat_template) if args.chat_template else None
-    template = ChatTemplate.of_tokenizer(llm.tokenizer, source)
-    if template is None:
-        raise ValueError(f"{args.model} has no chat template (none in tokenizer_config.json or chat_template.jinja): "
-                         f"pass --chat-template FILE|STRING")
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            ignore_eos=args.ignore_eos)
+    template = llm.template(read_template_arg(args.chat_template) if args.chat_template else None,
+                            hint="pass --chat-template FILE|STRING")
+    fields = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                  ignore_eos=args.ignore_eos)
     try:
         import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
     except ImportError:
         pass
-    return repl(Chat(llm, template, params, args.system))
+    return repl(Chat(llm, template, fields, args.system))

@@ -14,11 +14,11 @@ import signal
 
 from ..api.app import build_app
 from ..api.middleware import DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS
-from ..chat_template import ChatTemplate, load_chat_template, read_template_arg
+from ..chat_template import ChatTemplate, read_template_arg
 from ..engine_config import EngineConfig
 from .flags import add_dataclass_args, from_args
 
-__all__ = ["build_app", "ChatTemplate", "load_chat_template", "add_args", "run"]
+__all__ = ["build_app", "ChatTemplate", "add_args", "run"]
 log = logging.getLogger("gpt_engine.cli.serve")
 
 
@@ -51,7 +51,9 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     llm = LLM(args.model, config=from_args(EngineConfig, args))
-    template = ChatTemplate.of_tokenizer(llm.tokenizer, args.chat_template and read_template_arg(args.chat_template))
+    # without a template the server still serves completions; chat requests get a 400 saying so
+    template = llm.template(read_template_arg(args.chat_template), hint="pass --chat-template FILE") \
+        if args.chat_template else llm.chat_template
     engine = AsyncLLM(llm)
     app = build_app(engine, api_key=args.api_key, chat_template=template,
                     allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), max_body_bytes=args.max_body_bytes)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
+from .request import RequestError
+
 GREEDY_EPS = 1e-5   # a temperature below this is greedy
 
 
@@ -25,8 +27,8 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self):
-        def bad(msg):
-            raise ValueError(msg)
+        def bad(msg):  # the message starts with the field's name: the server's 400 names it as param
+            raise RequestError(msg, msg.split(" ", 1)[0])
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from .block_manager import BlockManager
-from .request import check_pool
 
 
 class Status(Enum):
@@ -72,10 +71,6 @@ class Sequence:
 
 def _arrival(seq: Sequence) -> int:
     return seq.arrival
-
-
-class Overloaded(Exception):
-    """The engine holds as many requests as it may: the client should retry later (429)."""
 
 
 class WaitQueue:
@@ -129,46 +124,23 @@ class ScheduledBatch:
         return len(self.seqs)
 
 
-def default_max_waiting(max_num_seqs: int, num_blocks: int) -> int:
-    """Every waiting sequence needs at least one block once admitted: a queue longer than the
-    pool (or the batch) would only hold clients that cannot run for several turns of it."""
-    return max(max_num_seqs, num_blocks)
-
-
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 max_model_len: int = 1024, max_waiting: int | None = None):
+                 max_model_len: int = 1024):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.bm = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.max_waiting = max_waiting if max_waiting is not None else default_max_waiting(max_num_seqs,
-                                                                                          block_manager.num_blocks)
         self.waiting = WaitQueue()
         self.running: list[Sequence] = []
-        self.requests: dict[str, Sequence] = {}
         self.finished_ids: list[str] = []          # handed to the runner with the next batch
         self.num_preemptions = 0
 
     # ---------------------------------------------------------------- requests
     def add(self, seq: Sequence) -> None:
-        if seq.request_id in self.requests:
-            raise ValueError(f"duplicate request id {seq.request_id!r}")
-        check_pool(self.bm.held_tokens(min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_model_len)),
-                   self.bm.capacity, self.bm.block_size)
-        if len(self.waiting) >= self.max_waiting:
-            raise Overloaded(f"{len(self.waiting)} requests are already waiting (max_waiting_seqs); retry later")
-        self.requests[seq.request_id] = seq
+        """seq comes checked from the intake (core/intake.py): it fits the context and the pool."""
         self.waiting.append(seq)
-
-    def abort(self, request_id: str) -> bool:
-        """Drop a request now, freeing its blocks. Returns whether it was known."""
-        seq = self.requests.get(request_id)
-        if seq is None:
-            return False
-        self.finish(seq, "abort")
-        return True
 
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq.status is Status.FINISHED:
@@ -179,7 +151,6 @@ class Scheduler:
             self.waiting.remove(seq)
         self.bm.free(seq.block_table)
         seq.status, seq.finish_reason = Status.FINISHED, reason
-        self.requests.pop(seq.request_id, None)
         self.finished_ids.append(seq.request_id)
 
     def has_unfinished(self) -> bool:

@@ -14,7 +14,8 @@ import logging
 import torch
 
 from ..worker import hugepages
-from ..models.gpt import StepMeta, seq_dependent_rope
+from ..models.layers import StepMeta
+from ..models.rope import seq_dependent_rope
 from .sampler import Sampler
 from ..core.scheduler import ScheduledBatch
 
@@ -89,9 +90,14 @@ class ModelRunner:
             self.kv = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.kv_caches = [(self.kv[0, i], self.kv[1, i]) for i in range(cfg.n_layer)]
         self.graphs: dict[int, tuple] = {}
-        if enforce_eager is None:
-            enforce_eager = not self.cuda
-        if not enforce_eager and self.cuda:
+        self.enforce_eager = not self.cuda if enforce_eager is None else enforce_eager
+
+    def start(self, max_model_len: int) -> None:
+        """The context length the engine settled on once the KV pool was sized (never above the one
+        it was built with): decode graphs are captured for it."""
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        if not self.enforce_eager and self.cuda:
             try:
                 self._capture()
             except Exception as e:  # never fatal: eager decode is correct, only slower
