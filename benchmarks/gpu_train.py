@@ -71,7 +71,7 @@ class NanoGPT(nn.Module):
 # --- variants ----------------------------------------------------------------------------
 
 def _ours(compile_: bool):
-    from gpt_engine.models.config import resolve_config
+    from gpt_engine.models.presets import resolve_config
     from gpt_engine.models.gpt import GPT
     from gpt_engine.train.distributed import CastParams
     from gpt_engine.train.model import LMLoss
@@ -109,7 +109,7 @@ def _profile(step, path: Path) -> None:
 def _measure(name, build, compile_, outdir=None):
     from contextlib import nullcontext
     from gpt_engine.train.metrics import flops_per_token
-    from gpt_engine.models.config import resolve_config
+    from gpt_engine.models.presets import resolve_config
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)

@@ -27,11 +27,11 @@ def main() -> None:
 
     import torch
 
-    from gpt_engine.models.config import resolve_config
+    from gpt_engine.models.presets import resolve_config
     from gpt_engine.llm import LLM
     from gpt_engine.models.gpt import GPT
     from gpt_engine import SamplingParams
-    from gpt_engine.models.loader import save_model
+    from gpt_engine.models.save import save_model
     torch.manual_seed(0)
     n, V = args.num_seqs, args.vocab
     cfg = resolve_config("gpt2-tiny", vocab_size=V, max_seq_len=1024, n_layer=1, d_model=64, n_head=1)

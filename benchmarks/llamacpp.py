@@ -75,9 +75,9 @@ def write_model(path: Path, seed: int) -> None:
     """A random-init GPT-2 124M in transformers' layout, with a byte-level BPE tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from gpt_engine.models.config import resolve_config
+    from gpt_engine.models.presets import resolve_config
     from gpt_engine.models.gpt import GPT
-    from gpt_engine.models.loader import save_model
+    from gpt_engine.models.save import save_model
     torch.manual_seed(seed)
     save_model(GPT(resolve_config("gpt2")), path)
     vocab = {tok: i for i, tok in enumerate(pre_tokenizers.ByteLevel.alphabet())}

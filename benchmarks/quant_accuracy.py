@@ -93,9 +93,10 @@ def memory(preset: str, out: str) -> None:
     import subprocess
     import sys
     import tempfile
-    from gpt_engine.models.config import resolve_config
-    from gpt_engine.models.gpt import GPT, Linear
-    from gpt_engine.models.loader import save_model
+    from gpt_engine.models.presets import resolve_config
+    from gpt_engine.models.gpt import GPT
+    from gpt_engine.models.layers import Linear
+    from gpt_engine.models.save import save_model
     torch.manual_seed(0)
     res = {}
     with tempfile.TemporaryDirectory() as d:
@@ -160,7 +161,7 @@ def main():
         outs = [o.token_ids for o in llm.generate(prompts, sp)]
         speed = decode_speed(llm, prompts[0], args.speed_tokens, args.repeats)
         r = dict(val_loss=loss, decode_tokens_per_s=speed,
-                 packed_dtype=str(llm.model.layers[0].attn.qkv.packed.weight.dtype).removeprefix("torch."))
+                 packed_dtype=str(llm.model.layers[0].attn.qkv.format.packed.weight.dtype).removeprefix("torch."))
         if base is None:
             base = dict(loss=loss, outs=outs)
         else:
@@ -177,7 +178,7 @@ def main():
                machine=dict(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                             panels=list(ext().linear_panels())))
     if args.speed_model:
-        from gpt_engine.models.config import resolve_config
+        from gpt_engine.models.presets import resolve_config
         from gpt_engine.models.gpt import GPT
         torch.manual_seed(0)
         speed = {}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpt_engine import ModelConfig, load_model, save_model
-from gpt_engine.models.config import load_generation_config
+from gpt_engine.models.generation_config import load_generation_config
 from gpt_engine.models.gpt import GPT
 
 from .helpers import make_hf_model, save_bin, save_hub_gpt2
@@ -264,10 +264,10 @@ def test_generation_defaults_from_transformers_save(tmp_path):
 
 
 def test_shards_are_read_one_at_a_time(tmp_path, monkeypatch):
-    import gpt_engine.models.loader as W
+    import gpt_engine.models.weight_files as W
     hf = make_hf_model("llama-untied", tmp_path, save=False)
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
-    real, open_now, opened = W._iter_tensors, [0], []
+    real, open_now, opened = W.iter_tensors, [0], []
 
     def spy(path):
         open_now[0] += 1
@@ -277,8 +277,8 @@ def test_shards_are_read_one_at_a_time(tmp_path, monkeypatch):
             yield from real(path)
         finally:
             open_now[0] -= 1
-    monkeypatch.setattr(W, "_iter_tensors", spy)
-    _close(W.load_model(tmp_path), hf, torch.randint(0, 256, (1, 9)))
+    monkeypatch.setattr(W, "iter_tensors", spy)
+    _close(load_model(tmp_path), hf, torch.randint(0, 256, (1, 9)))
     shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
     assert sorted(set(opened)) == shards and len(opened) == len(shards) + 1  # + the dtype peek
 
@@ -297,7 +297,7 @@ def _assert_greedy_matches(path, hf, lengths, **llm_kw):
     from gpt_engine import SamplingParams
     llm = LLM(str(path), device="cpu", **llm_kw)
     model = llm.runner.model
-    assert model.packed_head is not None and all(layer.packed is not None for layer in model.layers)
+    assert model.head.packed is not None and all(layer.packed is not None for layer in model.layers)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 256, (n,), generator=g).tolist() for n in lengths]
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True),
@@ -342,7 +342,7 @@ def test_rope_scaling_greedy(name, lengths, chunk, tmp_path):
 @pytest.mark.parametrize("layout", ["hub-gpt2", "bin-gpt2", "llama-fp16", "bin-llama-fp16"])
 def test_tensors_copied_in_row_blocks(layout, tmp_path, monkeypatch):
     """Tiny blocks, so that a transposed (GPT-2 Conv1D), converted or fused tensor crosses many block edges."""
-    import gpt_engine.models.loader as W
+    import gpt_engine.models.weight_files as W
     monkeypatch.setattr(W, "_CHUNK_BYTES", 1000)
     kind = layout.split("-")[-2] if layout.endswith("fp16") else layout.split("-")[-1]
     hf = make_hf_model(kind, None, save=False)
@@ -354,11 +354,11 @@ def test_tensors_copied_in_row_blocks(layout, tmp_path, monkeypatch):
         hf.save_pretrained(tmp_path)
     if layout.endswith("fp16"):
         want = load_model(tmp_path).half()  # fp32 is read whole, straight into the parameters
-        got = W.load_model(tmp_path, dtype=torch.float16)
+        got = load_model(tmp_path, dtype=torch.float16)
         for (n, a), b in zip(want.state_dict().items(), got.state_dict().values()):
             assert torch.equal(a, b), n
     else:
-        _close(W.load_model(tmp_path), hf, torch.randint(0, 256, (2, 23)))
+        _close(load_model(tmp_path), hf, torch.randint(0, 256, (2, 23)))
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "bin"])

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
+import gpt_engine.models.formats as F
 import gpt_engine.models.gpt as M
-from gpt_engine.models.config import resolve_config
+import gpt_engine.models.layers as L
+from gpt_engine.models.presets import resolve_config
 from gpt_engine.kernels import reference as R
 from gpt_engine.kernels._ext import ext
 from gpt_engine.kernels.decode import (PackedLayer, decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear, rope_,
@@ -171,7 +173,7 @@ def test_engine_decode_step_same_with_and_without(preset, monkeypatch):
     g = torch.Generator().manual_seed(1)
     kv = [paged_batch(lens, cfg.n_kv_head, cfg.head_dim, g, bs=BS, pad_last=True) for _ in range(cfg.n_layer)]
     _, _, table, seq_lens, slots = kv[0]
-    meta = M.StepMeta(slot_mapping=slots, block_table=table, seq_lens=seq_lens,
+    meta = L.StepMeta(slot_mapping=slots, block_table=table, seq_lens=seq_lens,
                       cu_seqlens_q=torch.arange(len(lens) + 1, dtype=torch.int32),
                       cu_seqlens_k=torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).int(), max_seqlen_q=1,
                       max_seqlen_k=max(lens), decode=True)
@@ -179,10 +181,11 @@ def test_engine_decode_step_same_with_and_without(preset, monkeypatch):
     caches = [(kc.clone(), vc.clone()) for kc, vc, *_ in kv]
     assert model.pack_for_cpu() and all(layer.packed is not None for layer in model.layers)
     calls = []
-    monkeypatch.setattr(M, "decode_layer", lambda *a, **k: calls.append(1) or decode_layer(*a, **k))
+    monkeypatch.setattr(L, "decode_layer", lambda *a, **k: calls.append(1) or decode_layer(*a, **k))
     fused = model.step(ids, pos, caches, meta)
     assert len(calls) == cfg.n_layer  # every layer took the one-call path
-    monkeypatch.setattr(M, "decode_layer_applies", lambda *a: False)
+    for mod in (L, F):  # no fused layer, packed GEMM, in-place rope or one-pass SwiGLU
+        monkeypatch.setattr(mod, "decode_layer_applies", lambda *a: False)
     plain_caches = [(kc.clone(), vc.clone()) for kc, vc, *_ in kv]
     plain = model.step(ids, pos, plain_caches, meta)
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
@@ -219,7 +222,7 @@ def test_model_packed_matches_unpacked(preset, monkeypatch):
         ref, ref_h = model(ids), model.logits(h)
         assert len(model.pack_for_cpu()) == 4 * model.config.n_layer + 1
         calls = []
-        monkeypatch.setattr(M, "packed_linear", lambda *a, **k: calls.append(1) or packed_linear(*a, **k))
+        monkeypatch.setattr(F, "packed_linear", lambda *a, **k: calls.append(1) or packed_linear(*a, **k))
         torch.testing.assert_close(model(ids), ref, atol=1e-5, rtol=1e-5)
         assert len(calls) == 4 * model.config.n_layer + 1
         torch.testing.assert_close(model.logits(h), ref_h, atol=1e-5, rtol=1e-5)
@@ -239,7 +242,7 @@ def test_swiglu():
 
 @pytest.mark.parametrize("d", [32, 20, 6])  # the AVX2 loop's 8-wide body, with and without a tail
 def test_rope_matches_the_model_rotary(d):
-    from gpt_engine.models.gpt import Rotary
+    from gpt_engine.models.rope import Rotary
     cfg = resolve_config("llama-tiny", n_head=5, n_kv_head=1, d_model=5 * d)
     rot = Rotary(cfg)
     torch.manual_seed(0)

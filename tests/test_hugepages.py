@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from gpt_engine import hugepages
-from gpt_engine.models.config import resolve_config
+from gpt_engine.models.presets import resolve_config
 from gpt_engine.models.gpt import GPT
 
 

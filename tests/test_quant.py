@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import gpt_engine.models.formats as F
 import gpt_engine.models.gpt as M
+from gpt_engine.models.layers import Linear
 from gpt_engine import LLM, SamplingParams
-from gpt_engine.models.config import resolve_config
+from gpt_engine.models.presets import resolve_config
 from gpt_engine.engine_config import EngineConfig
 from gpt_engine.kernels import reference as R
 from gpt_engine.kernels._ext import ext
@@ -257,16 +259,17 @@ def test_llm_weight_formats(preset, fmt, torch_cpu_path, monkeypatch):
     assert next(llm.model.parameters()).dtype == torch.float32 and llm.runner.kv.dtype == torch.float32
     want = torch.uint8 if fmt.get("quantization") == "w8a8" else torch.int8 if "quantization" in fmt else \
         torch.bfloat16 if fmt.get("dtype") == "bfloat16" else torch.float32  # fp16: no packed format, values rounded
-    assert llm.model.layers[0].attn.qkv.packed.weight.dtype == want
+    assert llm.model.layers[0].attn.qkv.format.packed.weight.dtype == want
     # the reference: the same formats applied to a plain copy, run densely with no packing
     wd = {"bfloat16": torch.bfloat16}.get(fmt.get("dtype"), fmt.get("dtype"))
     ref.set_weight_format(wd, fmt.get("quantization"), fmt.get("quantization_group_size"))
     assert [n for n, _ in llm.model.named_parameters()] == [n for n, _ in ref.named_parameters()]
     for a, b in zip(llm.model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    linears = [(a, b) for a, b in zip(llm.model.modules(), ref.modules()) if isinstance(a, M.Linear)]
+    linears = [(a, b) for a, b in zip(llm.model.modules(), ref.modules()) if isinstance(a, Linear)]
     for a, b in linears:  # the GEMM weights, from the packed copy and from the reference's own format
-        torch.testing.assert_close(a.dense_weight(torch.float32), b.dense_weight(torch.float32), atol=0, rtol=0)
+        torch.testing.assert_close(a.format.dense_weight(torch.float32), b.format.dense_weight(torch.float32), atol=0,
+                                   rtol=0)
     prompts = [[1, 2, 3, 4, 5], [7] * 11, [9, 3]]
     outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     with torch.no_grad():
@@ -275,6 +278,41 @@ def test_llm_weight_formats(preset, fmt, torch_cpu_path, monkeypatch):
             for _ in range(6):
                 ids.append(int(ref(torch.tensor([ids]))[0, -1].argmax()))
             assert o.token_ids == ids[len(p):]
+
+
+def test_formats_per_layer(torch_cpu_path):
+    """Each GEMM holds one format object: the float parameter by default, the engine's packed copy
+    of its int8 weight once LLM quantised it (released: the pack is the only copy)."""
+    torch.manual_seed(0)
+    model = M.GPT(resolve_config("gpt2-tiny")).eval()
+    assert all(type(m.format) is F.Dense for m in model.linears()) and type(model.head) is F.Dense
+    llm = LLM(model, device="cpu", max_num_seqs=2, quantization="int8", quantization_group_size=32)
+    for f in (*(m.format for m in llm.model.linears()), llm.model.head):
+        assert type(f) is F.Packed and f.released and type(f.base()) is F.Int8
+        assert f.base().q.group_size == 32 and f.held() == ()
+    assert all(m.weight is None for m in llm.model.linears())
+
+
+@pytest.mark.parametrize("rows,streams", [(5, True), (100, False)])
+def test_int8_with_its_parameter(rows, streams, monkeypatch):
+    """Where the parameter stays (GPU models), it holds the dequantised values: decode-sized batches
+    stream the int8 weight (Triton w8a16, here under the interpreter), larger ones run its dense GEMM."""
+    import gpt_engine.kernels.triton_w8a16 as T
+    calls = []
+    real = T.w8a16
+    monkeypatch.setattr(T, "w8a16", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    m = Linear(64, 48, bias=True, activation="gelu")
+    with torch.no_grad():
+        m.format = F.weight_format(m, quantization="int8", group_size=32)
+        assert type(m.format) is F.Int8 and not m.format.released
+        assert torch.equal(m.weight, dequantize(m.format.q))
+        x = torch.randn(rows, 64)
+        y = m(x)
+    assert bool(calls) == streams
+    torch.testing.assert_close(y, R.linear(x, dequantize(m.format.q), m.bias, "gelu"), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="w8a8"):  # only ever released, on CPU float32 models
+        F.weight_format(Linear(64, 48, bias=False), quantization="w8a8")
 
 
 # ---- memory: an int8 / bf16 model holds its GEMM weights in that format only
@@ -320,7 +358,7 @@ def test_packed_rows(fmt, panel):
 
 
 def _gemm_param_bytes(model):
-    return sum(m.weight.numel() * 4 for m in model.layers.modules() if isinstance(m, M.Linear))
+    return sum(m.weight.numel() * 4 for m in model.layers.modules() if isinstance(m, Linear))
 
 
 @pytest.mark.parametrize("fmt,most", [(dict(quantization="int8"), 0.35), (dict(quantization="w8a8"), 0.35),
@@ -363,7 +401,7 @@ def test_low_formats_release_float32_gemm_weights(fmt, most, torch_cpu_path):
 def test_loaded_fp32_model_holds_gemm_weights_once(tmp_path, torch_cpu_path):
     """A model the engine loads itself keeps its float32 GEMM weights (the head's too) only in the
     packs; outputs as the module it was saved from."""
-    from gpt_engine.models.loader import save_model
+    from gpt_engine.models.save import save_model
     torch.manual_seed(0)
     cfg = resolve_config("gpt2-tiny")
     model = M.GPT(cfg).eval()
@@ -385,7 +423,7 @@ def test_loaded_fp32_model_holds_gemm_weights_once(tmp_path, torch_cpu_path):
 
 def test_cli_reports_bad_format_flags(tmp_path, capsys):
     from gpt_engine.cli import main
-    from gpt_engine.models.loader import save_model
+    from gpt_engine.models.save import save_model
     save_model(M.GPT(resolve_config("gpt2-tiny")), tmp_path)
     for flags, msg in ((["--quantization", "w8a8", "--quantization-group-size", "48"], "multiples of 32"),
                        (["--quantization", "int8", "--quantization-group-size", "48"], "divisor")):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt_engine import ModelConfig, load_model, save_model
-from gpt_engine.models.config import PRESETS, resolve_config
+from gpt_engine.models.presets import PRESETS, resolve_config
 from gpt_engine.llm import LLM
 from gpt_engine.models.gpt import GPT
 from gpt_engine import SamplingParams

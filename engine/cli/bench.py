@@ -56,9 +56,9 @@ def model_dir(spec: str, tmp: str, seed: int) -> str:
         return spec
     import torch
 
-    from ..models.config import resolve_config
+    from ..models.presets import resolve_config
     from ..models.gpt import GPT
-    from ..models.loader import save_model
+    from ..models.save import save_model
     cfg = resolve_config(spec)
     torch.manual_seed(seed)
     save_model(GPT(cfg), tmp)

@@ -1,0 +1,176 @@
+"""The layers of a decoder block: Norm, Linear, Attention, MLP, and Block itself, on the kernels ops.
+
+Each layer runs two ways: a dense causal forward over (B, T, C) (training, model(input_ids)) and an
+engine step over packed tokens with a paged KV cache (StepMeta). On CPU float32 inference a decode
+step's whole block is one call into the C++ extension (Block.decode_step), over the GEMM weights
+GPT.pack_for_cpu packed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gpt_engine.kernels import (decode_layer, decode_layer_applies, flash_attention, flash_attention_varlen, layer_norm,
+                                pack_layer, paged_attention, rms_norm, rope_, store_kvcache, swiglu)
+
+from .config import ModelConfig
+from .formats import Dense, WeightFormat
+from .rope import Rotary
+
+
+@dataclass
+class StepMeta:
+    """Attention metadata for one engine step over B sequences and N new tokens."""
+    slot_mapping: torch.Tensor   # (N,) int64 flat cache slot of each new token (-1: don't store)
+    block_table: torch.Tensor    # (B, max_blocks) int32
+    seq_lens: torch.Tensor       # (B,) int32 cached length after this step (new tokens included)
+    cu_seqlens_q: torch.Tensor   # (B+1,) int32 offsets of each sequence's new tokens
+    cu_seqlens_k: torch.Tensor   # (B+1,) int32 cumsum of seq_lens
+    max_seqlen_q: int
+    max_seqlen_k: int
+    decode: bool                 # one new token per sequence: use paged decode attention
+    fresh: bool = False          # no sequence has cached context: prefill attends to its own new K/V
+    # (N,) int64, dynamic/longrope rope only: the sequence length each new token is rotated for where it is
+    # not position + 1 (a prompt's tokens, rotated for the whole prompt as transformers' prefill does)
+    rope_seq_lens: torch.Tensor | None = None
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.rms, self.eps = cfg.rotary, cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(cfg.d_model))
+
+    def forward(self, x, residual=None):
+        if self.rms:
+            return rms_norm(x, self.weight, self.eps, residual)
+        return layer_norm(x, self.weight, self.bias, self.eps, residual)
+
+
+class Linear(nn.Module):
+    """act(x @ W^T + b), W (d_out, d_in) held in one weight format (formats.py): the float parameter
+    `weight` until GPT.set_weight_format or GPT.pack_for_cpu give it another."""
+
+    def __init__(self, d_in, d_out, bias, activation=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in))
+        self.in_features = d_in
+        self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+        self.activation = activation
+        self.format: WeightFormat = Dense(self)
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x):
+        return self.format.apply(x, self.bias, self.activation)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None, layer: int = 0):
+        super().__init__()
+        self.h, self.hkv, self.d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.scale, self.window = cfg.softmax_scale, cfg.window_sizes[layer]  # window (-1, -1): plain causal
+        self.qkv = Linear(cfg.d_model, (self.h + 2 * self.hkv) * self.d, cfg.qkv_has_bias)
+        self.proj = Linear(self.h * self.d, cfg.d_model, cfg.bias)
+        # one Rotary (its cos/sin tables) shared by every layer: GPT passes it in
+        self.rotary = (rotary if rotary is not None else Rotary(cfg)) if cfg.rotary else None
+
+    def _qkv(self, x, positions, rope=None):
+        # (..., C) -> q (..., h, d), k and v (..., hkv, d): views of one fused projection
+        h, hkv = self.h, self.hkv
+        t = self.qkv(x).unflatten(-1, (h + 2 * hkv, self.d))
+        if self.rotary is None:
+            return t.split([h, hkv, hkv], dim=-2)
+        if decode_layer_applies(t, ()) and t.is_contiguous():  # CPU inference: rotate in place, one pass
+            cos, sin = rope if rope is not None else (self.rotary.cos, self.rotary.sin)
+            rope_(t, cos[positions], sin[positions], h + hkv)
+            return t.split([h, hkv, hkv], dim=-2)
+        qk, v = t.split([h + hkv, hkv], dim=-2)
+        q, k = self.rotary(qk, positions, rope).split([h, hkv], dim=-2)  # q and k side by side: one rotation
+        return q, k, v
+
+    def forward(self, x, positions, rope=None):
+        # x (B, T, C) -> (B, T, C); rope: (cos, sin) tables replacing the cached ones (dynamic/longrope)
+        q, k, v = self._qkv(x, positions, rope)
+        o = flash_attention(q, k, v, causal=True, softmax_scale=self.scale, window_size=self.window)
+        return self.proj(o.flatten(-2))
+
+    def step(self, x, positions, cache, meta: StepMeta, rope=None):
+        # x (N, C) packed new tokens; cache = (k_cache, v_cache) each (blocks, block_size, hkv, d)
+        q, k, v = self._qkv(x, positions, rope)
+        k_cache, v_cache = cache
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        attn = dict(softmax_scale=self.scale, window_size=self.window)
+        if meta.decode:
+            o = paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, **attn)
+        elif meta.fresh:  # the new K/V are the whole context: no reads back from the cache
+            o = flash_attention_varlen(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, meta.max_seqlen_q,
+                                       meta.max_seqlen_q, causal=True, **attn)
+        else:
+            o = flash_attention_varlen(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
+                                       meta.max_seqlen_q, meta.max_seqlen_k, causal=True,
+                                       block_table=meta.block_table, **attn)
+        return self.proj(o.flatten(-2))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.rotary
+        if self.swiglu:  # gate and up projections as one GEMM
+            self.fc = Linear(cfg.d_model, 2 * cfg.d_ff, cfg.bias)
+        else:
+            self.fc = Linear(cfg.d_model, cfg.d_ff, cfg.bias, activation=cfg.activation)
+        self.proj = Linear(cfg.d_ff, cfg.d_model, cfg.bias)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.swiglu and decode_layer_applies(h, ()):  # CPU inference: one pass, not three
+            h = swiglu(h)
+        elif self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None, layer: int = 0):
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = Norm(cfg), Attention(cfg, rotary, layer), Norm(cfg)
+        self.mlp = MLP(cfg)
+        # decode_layer's scalar arguments: n_head, eps, rms, activation, softmax scale, window
+        self.decode_args = (cfg.n_head, cfg.norm_eps, self.norm1.rms, "swiglu" if self.mlp.swiglu else cfg.activation,
+                            cfg.softmax_scale, self.attn.window)
+        self.packed = None  # kernels.pack_layer's PackedLayer, from pack_for_cpu: a snapshot of the weights
+
+    def forward(self, x, residual, positions, cache=None, meta=None, rope=None):
+        # pre-norm with the residual add fused into each norm: returns (sublayer output, residual stream)
+        h, residual = self.norm1(x, residual) if residual is not None else (self.norm1(x), x)
+        h = self.attn(h, positions, rope) if meta is None else self.attn.step(h, positions, cache, meta, rope)
+        h, residual = self.norm2(h, residual)
+        return self.mlp(h), residual
+
+    def pack_for_cpu(self) -> None:
+        """The fused decode layer (kernels.pack_layer) over the GEMMs' CPU packs, sharing their
+        tensors; none unless every GEMM is packed and the norms are CPU float32."""
+        a, m = self.attn, self.mlp
+        packs = [lin.format.packed for lin in (a.qkv, a.proj, m.fc, m.proj)]
+        if any(p is None for p in packs):
+            self.packed = None
+            return
+        qkv, proj, fc, fc2 = packs
+        # decode_layer's order: norm1, qkv, proj, norm2, fc, fc2, each (weight, bias)
+        self.packed = pack_layer((self.norm1.weight, self.norm1.bias, qkv, a.qkv.bias, proj, a.proj.bias,
+                                  self.norm2.weight, self.norm2.bias, fc, m.fc.bias, fc2, m.proj.bias))
+
+    def decode_step(self, x, residual, positions, cache, meta: StepMeta, rope):
+        """forward() for a decode step: once packed (CPU fp32), the whole layer is one call into
+        gpt_engine.kernels._C."""
+        layer = self.packed
+        if layer is None or not decode_layer_applies(x, ()):
+            return self(x, residual, positions, cache, meta)
+        return decode_layer(x, residual, layer, *cache, meta.slot_mapping, meta.block_table, meta.seq_lens, rope,
+                            *self.decode_args)
