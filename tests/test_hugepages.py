@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gpt_engine import hugepages
+from gpt_engine.worker import hugepages
 from gpt_engine.models.presets import resolve_config
 from gpt_engine.models.gpt import GPT
 
