@@ -3,8 +3,9 @@
     llm = LLM("path/to/model")
     outs = llm.generate(["Hello", "The"], SamplingParams(max_tokens=32, temperature=0))
 
-One step: the scheduler picks the batch (scheduler.py) -> the runner computes it and samples
-(runner.py) -> the scheduler appends the tokens -> request.check_stop decides who is done ->
+A request is prepared once (core/intake.py: defaults, tokens, checks), then each step: the
+scheduler picks the batch (core/scheduler.py) -> the runner computes it and samples
+(worker/model_runner.py) -> the scheduler appends the tokens -> check_stop decides who is done ->
 outputs for streamed and finished requests. AsyncLLM (async_llm.py) drives the same steps
 for the server.
 """

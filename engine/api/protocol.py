@@ -1,6 +1,6 @@
 """Pydantic request models of the OpenAI API subset the server speaks, and the error body.
 
-Responses are plain dicts (built in server.py): they are only ever serialized, and the
+Responses are plain dicts (built by the endpoints): they are only ever serialized, and the
 official client is the schema check in the tests.
 """
 from __future__ import annotations
