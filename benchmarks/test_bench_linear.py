@@ -1,5 +1,5 @@
 """CPU GEMM micro-benchmarks (pytest-benchmark): kernels.linear's fp32 inference kernel and the
-engine's packed-weight kernel (kernels.decode.packed_linear; both csrc/linear_cpu.cpp) against
+engine's packed-weight kernel (kernels.packed_linear; both csrc/linear_cpu.cpp) against
 torch (F.linear + activation, MKL), on a decode step of
 gpt2-tiny's layers: 4 layers' weights plus the LM head, cycled the way a decode step reads them
 (16.6 MB, more than L2, so the weights come from L3 as in the engine).
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt_engine import kernels
-from gpt_engine.kernels.decode import pack_linear, packed_linear
+from gpt_engine.kernels import pack_linear, packed_linear
 
 
 def _layers(d=256, n_layer=4, vocab=4096):

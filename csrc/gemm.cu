@@ -13,7 +13,7 @@
 #include <type_traits>
 
 #include "act.cuh"
-#include "checks.h"
+#include "cuda_utils.cuh"
 #include "gemm_sm90.h"
 
 namespace {

@@ -18,7 +18,7 @@
 #include <cute/tensor.hpp>
 
 #include "act.cuh"
-#include "checks.h"
+#include "cuda_utils.cuh"
 #include "gemm_sm90.h"
 
 namespace sm90 {

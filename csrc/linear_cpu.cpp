@@ -10,7 +10,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "checks.h"
+#include "ops.h"
 #include "panels_cpu.h"
 #include "quant_cpu.h"
 #include "simd_cpu.h"
@@ -138,7 +138,7 @@ HOT void gemm_cols(const float* x, const float* w, const float* bias, float* y, 
 }
 
 
-// ---- Packed weights: the engine's decode steps (kernels.decode). w is rearranged once into
+// ---- Packed weights: the engine's decode steps (kernels.packed). w is rearranged once into
 // panels of PNR rows stored k-major, (ceil(N / PNR), K, PNR), so the kernel is the outer-product
 // form: per k one broadcast of x against three vectors of w. No horizontal sums (which the
 // dot-product form above needs per output), w is one sequential stream, and bias and activation

@@ -6,7 +6,7 @@
 // a second kernel sums the partials per column: deterministic, no atomics.
 #include <cuda_runtime.h>
 
-#include "checks.h"
+#include "cuda_utils.cuh"
 
 namespace {
 

@@ -9,7 +9,7 @@
 #include <cmath>
 #include <vector>
 
-#include "checks.h"
+#include "ops.h"
 #include "simd_cpu.h"
 
 namespace {

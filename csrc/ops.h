@@ -1,6 +1,7 @@
 #pragma once
 // The kernels each device file defines (*_cpu, *_cuda: inputs already checked), and the checked
 // entry points bindings.cpp defines, which C++ callers (decode_cpu.cpp) share with Python.
+// Argument rules: checks.h.
 #include <torch/extension.h>
 
 #include <vector>
@@ -38,7 +39,7 @@ at::Tensor gemm_wgrad_cuda(const at::Tensor& dz, const at::Tensor& x);
 bool gemm_sm90_taken(const at::Tensor& a, const at::Tensor& b);
 #endif
 
-// ---- checked entry points (bindings.cpp): validate, dispatch on device, return
+// ---- checked entry points (bindings.cpp): check (checks.h), dispatch on device, return
 std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const OptT& residual, const at::Tensor& weight,
                                  const OptT& bias, double eps, bool rms);
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act);
@@ -47,6 +48,6 @@ void store_kvcache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache
                    const at::Tensor& slot_mapping);
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
-                           int64_t window_left = -1);
+                           int64_t window_left = -1, int64_t window_right = -1);
 
 inline bool present(const OptT& t) { return t.has_value() && t->defined(); }

@@ -12,7 +12,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "checks.h"
+#include "ops.h"
 #include "parallel_cpu.h"
 #include "simd_cpu.h"
 

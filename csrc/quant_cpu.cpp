@@ -315,8 +315,7 @@ std::pair<int64_t, int64_t> packed_geometry(const at::Tensor& pw) {
 namespace {
 at::Tensor w8a8_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act) {
   const int64_t M = x.size(0), K = x.size(1), P = pw.size(0), W = pw.size(3), G = pw.size(2) - 4;
-  TORCH_CHECK_VALUE(K % QB == 0 && G % QB == 0, "linear_packed: a w8a8 weight needs K (", K, ") and its group (", G,
-                    ") in multiples of ", QB);
+  check_w8a8(K, G);  // x is quantised in blocks of QB inputs
   auto y = at::empty({M, N}, x.options());
   if (M == 0) return y;
   auto qx = at::empty({M, K}, x.options().dtype(at::kChar));

@@ -2,7 +2,7 @@
 // The packed CPU GEMM on low-precision weights (quant_cpu.cpp): bf16 storage and int8 weight-only
 // quantisation, each widened to fp32 in registers and accumulated in fp32.
 //
-// Layouts (made by kernels.decode.pack_linear; W a panel width of linear_cpu_panels):
+// Layouts (made by kernels.packed.pack_linear; W a panel width of linear_cpu_panels):
 //   bf16: (P, K, W) bfloat16, as linear_cpu_pack's fp32 panels.
 //   int8: (P, ng, 4 + G, W) int8: per panel and group of G inputs (K = ng G), the W fp32 scales
 //         of the panel's rows (the first 4 W bytes), then the group's G x W int8 values k-major.

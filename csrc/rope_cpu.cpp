@@ -1,12 +1,12 @@
 // The two elementwise steps of a llama layer on CPU (csrc/decode_cpu.cpp's decode_layer, and
-// kernels.decode.swiglu for prefill): one loop each instead of a chain of ATen ops, whose
+// kernels.glu.swiglu for prefill): one loop each instead of a chain of ATen ops, whose
 // per-op dispatch dominates on a decode batch. Both run as the widest ISA copy this CPU has
 // (best_isa, simd_cpu.h): swiglu's exp8 needs the vector width.
 #include <ATen/Parallel.h>
 
 #include <cmath>
 
-#include "checks.h"
+#include "ops.h"
 #include "simd_cpu.h"
 
 namespace {

@@ -15,7 +15,7 @@
 #include <cstring>
 #include <vector>
 
-#include "checks.h"
+#include "ops.h"
 #include "parallel_cpu.h"
 #include "simd_cpu.h"
 

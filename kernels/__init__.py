@@ -1,5 +1,9 @@
-"""gpt_engine.kernels: fused attention (Triton), norms and GEMM (gpt_engine.kernels._C), each
-with a PyTorch twin in gpt_engine.kernels.reference.
+"""gpt_engine.kernels: every op the engine uses. Fused attention (Triton; paged decode and the CPU
+prefill in gpt_engine.kernels._C), norms and GEMMs (gpt_engine.kernels._C), int8 GEMMs, and the CPU
+decode path (packed GEMMs, RoPE, SwiGLU, a whole decode layer), each with a PyTorch twin in
+gpt_engine.kernels.reference. One op file per op family, each kernel -> launcher -> custom op
+(where torch.compile or autograd needs one) -> public function; the argument rules are
+csrc/checks.cpp's, run through kernels/_checks.py.
 
 The repository's kernels/ folder installs as `gpt_engine.kernels` (pyproject.toml's package-dir);
 no top-level `kernels` module is installed: Hugging Face's `kernels` package owns that name.
@@ -11,24 +15,26 @@ _OPS = {
     "flash_attention": "attention",
     "flash_attention_varlen": "attention",
     "paged_attention": "paged",
+    "store_kvcache": "paged",
     "layer_norm": "norm",
     "rms_norm": "norm",
     "linear": "gemm",
-    "store_kvcache": "paged",
-    "decode_layer": "decode",
-    "decode_layer_applies": "decode",
-    "pack_layer": "decode",
-    "pack_linear": "decode",
-    "packed_linear": "decode",
-    "packed_rows": "decode",
-    "rope_": "decode",
-    "swiglu": "decode",
-    "unpack_linear": "decode",
-    "QuantizedWeight": "quant",
+    "quantize_int8": "quant",
     "dequantize": "quant",
     "linear_int8": "quant",
     "linear_w8a8": "quant",
-    "quantize_int8": "quant",
+    "pack_linear": "packed",
+    "unpack_linear": "packed",
+    "packed_rows": "packed",
+    "packed_linear": "packed",
+    "rope_": "rotary",
+    "swiglu": "glu",
+    "decode_layer": "decode",
+    "decode_layer_applies": "decode",
+    "pack_layer": "decode",
+    "QuantizedWeight": "weights",
+    "PackedLinear": "weights",
+    "PackedLayer": "weights",
     "cpu_inference": "_dispatch",
     "triton_w8a16": "_dispatch",
 }

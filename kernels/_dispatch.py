@@ -1,7 +1,8 @@
 """Which implementation serves each op: Triton, gpt_engine.kernels._C (C++ or CUDA), or torch.
 
 One function per decision, each asked by exactly one op file, so the whole routing table reads
-here. Arguments are already validated by the op's public function.
+here. The ops ask before checking their arguments (a C++ entry point checks its own), so these
+look at shapes and layouts without trusting them.
 
 Triton runs on CUDA, and on CPU only under TRITON_INTERPRET=1 (how tests check the Triton
 kernels without a GPU). The C++ CPU kernels are opaque to dynamo and have no backward, so the
@@ -30,8 +31,8 @@ def _eager_cpu_fp32(x: torch.Tensor) -> bool:
 
 
 def rows_dense(x: torch.Tensor) -> bool:
-    """(..., heads, D) whose rows may be strided but each row is dense, as split from a fused projection."""
-    return x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+    """(N, heads, D) whose rows may be strided but each row is dense, as split from a fused projection."""
+    return x.dim() == 3 and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -44,8 +45,7 @@ def use_triton(x: torch.Tensor) -> bool:
 def cpu_varlen_attention(q, k, v, paged=False) -> bool:
     """csrc/varlen_cpu.cpp: CPU float32 inference (it has no backward), head dim a multiple of 16,
     q's rows dense as split from a fused projection, K/V likewise or contiguous paged caches."""
-    return (_eager_cpu_fp32(q) and q.shape[-1] % 16 == 0 and not wants_grad(q, k, v)
-            and rows_dense(q)
+    return (_eager_cpu_fp32(q) and rows_dense(q) and q.shape[-1] % 16 == 0 and not wants_grad(q, k, v)
             and (k.is_contiguous() and v.is_contiguous() if paged else rows_dense(k) and rows_dense(v))
             and ext() is not None)
 
@@ -58,7 +58,8 @@ def _cpu_cache_kernel(x: torch.Tensor) -> bool:
 
 def cpu_paged_attention(q, k_cache, v_cache) -> bool:
     """csrc/paged_cpu.cpp: CPU fp32/fp16/bf16 over contiguous caches."""
-    return _cpu_cache_kernel(q) and q.shape[0] > 0 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    return (_cpu_cache_kernel(q) and q.dim() == 3 and q.shape[0] > 0 and k_cache.is_contiguous()
+            and v_cache.is_contiguous())
 
 
 def cpu_store_kvcache(k, v, k_cache, v_cache) -> bool:
@@ -94,21 +95,22 @@ def norm_custom_op() -> bool:
 def cuda_gemm(x, weight, backend="auto") -> bool:
     """The tensor-core GEMMs (csrc/gemm.cu, csrc/gemm_sm90_*.cu) forward and backward, only when asked
     for by name: "auto" keeps cuBLAS until ours is measured ahead of it (benchmarks/results)."""
-    return (backend == "custom" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.shape[-1] % 8 == 0
-            and x.numel() > 0 and weight.shape[0] > 0 and cuda_ext() is not None)
+    return (backend == "custom" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dim() > 0
+            and x.numel() > 0 and x.shape[-1] % 8 == 0 and weight.dim() == 2 and weight.shape[0] > 0
+            and cuda_ext() is not None)
 
 
 def cpu_gemm(x, weight, bias, activation, backend="auto") -> bool:
     """csrc/linear_cpu.cpp: CPU float32 inference with a contiguous weight, for up to
     CPU_GEMM_MAX_ROWS rows or with a fused activation ("custom": whenever it applies)."""
-    k = x.shape[-1]
+    k = x.shape[-1] if x.dim() else 0
     return (_eager_cpu_fp32(x) and k > 0 and weight.is_contiguous()
             and (backend == "custom" or activation is not None or x.numel() // k <= CPU_GEMM_MAX_ROWS)
             and not wants_grad(x, weight, bias)
             and ext() is not None)
 
 
-# ---- decode.py
+# ---- packed.py, decode.py, rotary.py, glu.py
 
 # The weight formats the packed CPU GEMM reads (csrc/linear_cpu.cpp fp32, csrc/quant_cpu.cpp bf16, int8 and
 # w8a8 as uint8)
@@ -142,6 +144,6 @@ W8A16_MAX_ROWS = 64
 def triton_w8a16(x: torch.Tensor) -> bool:
     """kernels/triton_w8a16.py: inference on CUDA (or CPU under TRITON_INTERPRET=1, fp32/fp16 there)
     for at most W8A16_MAX_ROWS rows."""
-    k = x.shape[-1]
+    k = x.shape[-1] if x.dim() else 0
     return (use_triton(x) and x.device.type in ("cuda", "cpu") and k > 0 and x.numel() // k <= W8A16_MAX_ROWS
             and (x.is_cuda or x.dtype in (torch.float32, torch.float16)) and not wants_grad(x))

@@ -16,7 +16,8 @@ def ext():
         from . import _C
         return _C
     except ImportError as e:
-        warnings.warn(f"gpt_engine.kernels._C failed to import ({e}); its ops fall back to torch / kernels.reference",
+        warnings.warn(f"gpt_engine.kernels._C failed to import ({e}); its ops fall back to torch / kernels.reference, "
+                      "without their argument checks",
                       RuntimeWarning)
         return None
 

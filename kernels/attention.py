@@ -3,7 +3,7 @@
 kernel (kernels/triton_attention.py, csrc/varlen_cpu.cpp) -> launchers -> autograd (torch.library
 ops over the Triton kernels) -> public functions. kernels._dispatch picks the path: Triton on CUDA
 (and on CPU under TRITON_INTERPRET=1); on plain CPU, float32 varlen inference runs the C++
-kernel and the rest torch SDPA.
+kernel and the rest torch SDPA. The argument rules are csrc/checks.cpp's (kernels/_checks.py).
 """
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ import torch.nn.functional as F
 from . import _checks as C
 from . import _dispatch as dispatch
 from ._ext import ext
-
-HEAD_DIMS = (32, 64, 80, 96, 128)
 
 
 # ---- launchers (Triton's are kernels/triton_attention.py's attention_fwd / attention_bwd, imported
@@ -65,22 +63,26 @@ def _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table
 
 
 def _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window):
-    return ext().varlen_attention(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), causal, scale,
-                                  block_table, *window)
+    """csrc/varlen_cpu.cpp; its entry point checks every argument and index, window as given."""
+    return ext().varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, *window)
 
 
 # ---- autograd: torch.library ops, opaque to torch.compile (no graph break), differentiable through
 # register_autograd
 
+# check: the public function's checks did not run (torch.compile traced it): run them here, at run time
+
 @torch.library.custom_op("gpt_engine::flash_attn_fwd", mutates_args=())
 def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, left: int,
-               right: int) -> tuple[torch.Tensor, torch.Tensor]:
+               right: int, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if check:
+        C.check("flash_attention", q, k, v, left, right)
     from .triton_attention import attention_fwd
     return attention_fwd(q, k, v, None, None, None, q.shape[1], k.shape[1], causal, scale, (left, right))
 
 
 @_flash_fwd.register_fake
-def _(q, k, v, causal, scale, left, right):
+def _(q, k, v, causal, scale, left, right, check):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
@@ -98,14 +100,14 @@ def _(do, q, k, v, out, lse, causal, scale, left, right):
 
 
 def _flash_setup(ctx, inputs, output):
-    q, k, v, ctx.causal, ctx.scale, ctx.left, ctx.right = inputs
+    q, k, v, ctx.causal, ctx.scale, ctx.left, ctx.right, _check = inputs
     ctx.save_for_backward(q, k, v, *output)
 
 
 def _flash_grad(ctx, do, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = _flash_bwd(do, q, k, v, out, lse, ctx.causal, ctx.scale, ctx.left, ctx.right)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 _flash_fwd.register_autograd(_flash_grad, setup_context=_flash_setup)
@@ -114,13 +116,15 @@ _flash_fwd.register_autograd(_flash_grad, setup_context=_flash_setup)
 @torch.library.custom_op("gpt_engine::flash_attn_varlen_fwd", mutates_args=())
 def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                 max_sq: int, max_sk: int, causal: bool, scale: float, block_table: Optional[torch.Tensor], left: int,
-                right: int) -> tuple[torch.Tensor, torch.Tensor]:
+                right: int, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if check:
+        _check_varlen(q, k, v, cu_q, cu_k, block_table, left, right)
     from .triton_attention import attention_fwd
     return attention_fwd(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale, (left, right))
 
 
 @_varlen_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, max_sq, max_sk, causal, scale, block_table, left, right):
+def _(q, k, v, cu_q, cu_k, max_sq, max_sk, causal, scale, block_table, left, right, check):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -138,7 +142,7 @@ def _(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale, left, ri
 
 
 def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale, block_table, ctx.left, ctx.right = inputs
+    q, k, v, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale, block_table, ctx.left, ctx.right, _ = inputs
     ctx.paged = block_table is not None
     ctx.save_for_backward(q, k, v, cu_q, cu_k, *output)
 
@@ -149,7 +153,7 @@ def _varlen_grad(ctx, do, _dlse):
     q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
     dq, dk, dv = _varlen_bwd(do, q, k, v, out, lse, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale,
                              ctx.left, ctx.right)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 _varlen_fwd.register_autograd(_varlen_grad, setup_context=_varlen_setup)
@@ -157,21 +161,17 @@ _varlen_fwd.register_autograd(_varlen_grad, setup_context=_varlen_setup)
 
 # ---- public functions
 
-def _check_heads(q, k, v, qname="q"):
-    C.same(qname, q, k=k, v=v)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    h, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    if k.shape[-1] != d:
-        raise ValueError(f"k head dim {k.shape[-1]} != q head dim {d}")
-    if hkv == 0 or h % hkv:
-        raise ValueError(f"q heads ({h}) must be a multiple of k/v heads ({hkv})")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim {d} not supported; use one of {HEAD_DIMS}")
+def _scale(softmax_scale, q):
+    # a q without a head dim fails its check; until then any scale does
+    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1] if q.dim() else 1)
 
 
-def _scale(softmax_scale, d):
-    return 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, left, right):
+    """The rules of every path but the C++ kernel's (its entry point runs the same ones itself)."""
+    checked = C.check("varlen", q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, left, right)
+    if checked and C.debug_checks():
+        C.varlen_indices(cu_seqlens_q, cu_seqlens_k, q, k, block_table)
+    return checked
 
 
 def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=(-1, -1)):
@@ -183,14 +183,13 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=(-1, -
     right at 0; a sliding window of W keys is causal with (W - 1, 0)); key tiles outside the band
     are skipped. Returns (B, Sq, H, D). Differentiable in q, k and v.
     """
-    C.tensor("q", q, 4), C.tensor("k", k, 4), C.tensor("v", v, 4)
-    _check_heads(q, k, v)
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"k batch {k.shape[0]} != q batch {q.shape[0]}")
-    scale = _scale(softmax_scale, q.shape[-1])
-    window = C.band(window_size, causal)
+    C.tensors(q=q, k=k, v=v)
+    left, right = C.window(window_size)
+    checked = C.check("flash_attention", q, k, v, left, right)
+    scale = _scale(softmax_scale, q)
+    window = (left, 0 if causal else right)
     if dispatch.use_triton(q):
-        return _flash_fwd(q, k, v, bool(causal), float(scale), *window)[0]
+        return _flash_fwd(q, k, v, bool(causal), scale, *window, not checked)[0]
     return sdpa(q, k, v, causal, scale, window)
 
 
@@ -204,26 +203,17 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     included). cu_seqlens_* are int32 (B+1). window_size (left, right) as in flash_attention, per
     sequence. Returns (total_q, H, D).
     """
-    C.tensor("q", q, 3)
-    C.tensor("k", k, 3 if block_table is None else 4), C.tensor("v", v, 3 if block_table is None else 4)
-    _check_heads(q, k, v)
-    C.int_tensor("cu_seqlens_q", cu_seqlens_q, 1, q.device)
-    C.int_tensor("cu_seqlens_k", cu_seqlens_k, 1, q.device)
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError("cu_seqlens_q and cu_seqlens_k must both have B+1 entries")
+    C.tensors(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if block_table is not None:
-        C.int_tensor("block_table", block_table, 2, q.device)
-        if block_table.shape[0] != cu_seqlens_q.shape[0] - 1:
-            raise ValueError(f"block_table has {block_table.shape[0]} rows for {cu_seqlens_q.shape[0] - 1} sequences")
-    scale = _scale(softmax_scale, q.shape[-1])
-    window = C.band(window_size, causal)
+        C.tensors(block_table=block_table)
+    left, right = C.window(window_size)
+    scale = _scale(softmax_scale, q)
     triton = dispatch.use_triton(q)
-    cpu = not triton and dispatch.cpu_varlen_attention(q, k, v, paged=block_table is not None)
-    if not cpu and C.debug_checks():  # the C++ kernel checks the indices itself, always
-        C.varlen_indices(cu_seqlens_q, cu_seqlens_k, q, k, block_table)
+    if not triton and dispatch.cpu_varlen_attention(q, k, v, paged=block_table is not None):
+        return _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, (left, right))
+    checked = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, left, right)
+    window = (left, 0 if causal else right)
     if triton:
         return _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
-                           float(scale), block_table, *window)[0]
-    if cpu:
-        return _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window)
+                           scale, block_table, *window, not checked)[0]
     return _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window)

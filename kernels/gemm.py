@@ -5,6 +5,8 @@ the tensor-core GEMMs of gpt_engine.kernels._C forward and backward (CUTLASS's T
 csrc/gemm_sm90_*.cu, on Hopper; an mma.sync kernel, csrc/gemm.cu, elsewhere). CPU fp32 inference
 with few rows (the engine's decode steps) runs csrc/linear_cpu.cpp, which streams the weight in
 place instead of repacking it per call as BLAS does. Everything else uses torch's BLAS path.
+The argument rules are csrc/checks.cpp's: the extension's entry points run them, and
+kernels/_checks.check before the other paths.
 """
 from __future__ import annotations
 
@@ -47,10 +49,8 @@ def _launch_cuda_bwd(dy, x2, weight, z, act, need_dx, need_dw, has_bias):
 
 
 def _launch_cpu(x, weight, bias, act):
-    # the engine's decode steps come here with 2-D rows: no reshapes then
-    x2 = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).contiguous()
-    y = _ext().gemm(x2, weight, None if bias is None else bias.contiguous(), act, False)[0]
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], weight.shape[0])
+    """x (..., K) in any layout; the extension checks the arguments and shapes them."""
+    return _ext().gemm(x, weight, bias, act, False)[0]
 
 
 def _launch_torch(x, weight, bias, activation):
@@ -121,23 +121,19 @@ def linear(x, weight, bias=None, activation=None, *, backend="auto"):
     gpt_engine.kernels._C fp32 GEMM for inference with few rows (kernels._dispatch.cpu_gemm), else
     BLAS. "custom" runs the gpt_engine.kernels._C GEMMs wherever they apply: CUDA bf16/fp16, and CPU
     fp32 without grad."""
-    C.tensor("x", x), C.tensor("weight", weight, 2)
+    C.tensors(x=x, weight=weight)
     if bias is not None:
-        C.tensor("bias", bias, 1)
-    C.same("x", x, weight=weight, bias=bias)
+        C.tensors(bias=bias)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-    if weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight has in_features {weight.shape[1]} but x's last dim is {x.shape[-1]}")
-    if bias is not None and bias.shape[0] != weight.shape[0]:
-        raise ValueError(f"bias has {bias.shape[0]} elements but weight has {weight.shape[0]} rows")
     if backend not in ("auto", "custom"):
         raise ValueError(f"backend must be 'auto' or 'custom', got {backend!r}")
+    if dispatch.cpu_gemm(x, weight, bias, activation, backend):
+        return _launch_cpu(x, weight, bias, _ACT_IDS[activation])
+    C.check("linear", x, weight, bias)
     if dispatch.cuda_gemm(x, weight, backend):
         # the pre-activation z is written only when a backward will need it
         y = _linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, _ACT_IDS[activation],
                         dispatch.wants_grad(x, weight, bias))[0]
         return y.view(*x.shape[:-1], weight.shape[0])
-    if dispatch.cpu_gemm(x, weight, bias, activation, backend):
-        return _launch_cpu(x, weight, bias, _ACT_IDS[activation])
     return _launch_torch(x, weight, bias, activation)

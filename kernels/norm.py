@@ -2,6 +2,8 @@
 
 kernel (csrc/norm_cpu.cpp, csrc/norm.cu) -> launchers -> autograd (torch.library ops) -> public
 functions. Where the kernels do not serve (float64, no extension) kernels.reference runs.
+The argument rules are csrc/checks.cpp's: the extension's entry points run them, and
+kernels/_checks.check before the other paths.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ def _contig(t):
 
 
 def _launch_fwd(x, residual, weight, bias, eps, rms):
-    """-> y, h = x + residual (None without residual), mean, rstd."""
-    return _ext().norm_fwd(x.contiguous(), _contig(residual), weight.contiguous(), _contig(bias), eps, rms)
+    """-> y, h = x + residual (None without residual), mean, rstd. The extension takes x (..., N)
+    in any layout and weight, bias in any float dtype (cast to x's)."""
+    return _ext().norm_fwd(x, residual, weight, bias, eps, rms)
 
 
 def _launch_bwd(dy, h, dh, weight, mean, rstd, has_bias, rms):
@@ -90,57 +93,38 @@ _norm_fwd.register_autograd(_fwd_grad, setup_context=_fwd_setup)
 
 # ---- public functions
 
-def _check(x, weight, bias, residual):
-    C.tensor("x", x), C.tensor("weight", weight, 1)
-    if bias is not None:
-        C.tensor("bias", bias, 1)
-    if residual is not None:
-        C.tensor("residual", residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-    C.same("x", x, residual=residual)
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        if p.device != x.device:
-            raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
-        if p.shape[0] != x.shape[-1]:
-            raise ValueError(f"{name} has {p.shape[0]} elements but x's last dim is {x.shape[-1]}")
-
-
 def _norm(x, weight, bias, eps, residual, rms):
+    C.tensors(x=x, weight=weight)
+    for name, t in (("bias", bias), ("residual", residual)):
+        if t is not None:
+            C.tensors(**{name: t})
+    eps = float(eps)
+    if not dispatch.norm_kernel(x):
+        C.check("norm", x, weight, bias, residual, eps)
+        if rms:
+            return reference.rms_norm(x, weight, eps, residual)
+        return reference.layer_norm(x, weight, bias, eps, residual)
+    if not dispatch.norm_custom_op():  # the extension checks and shapes the arguments itself
+        y, h = _launch_fwd(x, residual, weight, bias, eps, rms)[:2]
+        return y if residual is None else (y, h)
+    C.check("norm", x, weight, bias, residual, eps)
     # parameters kept in another float dtype (e.g. fp32 masters) are cast; autograd carries the grad back
     weight = weight.to(x.dtype).contiguous()
     bias = None if bias is None else bias.to(x.dtype).contiguous()
-    if dispatch.norm_custom_op():
-        n = x.shape[-1]
-        x2 = x.reshape(-1, n).contiguous()
-        r2 = None if residual is None else residual.reshape(-1, n).contiguous()
-        y, h = _norm_fwd(x2, weight, bias, r2, float(eps), rms)[:2]
-        return y.view(x.shape) if residual is None else (y.view(x.shape), h.view(x.shape))
-    # no reshapes for the engine's 2-D rows
-    flat = x.dim() == 2
-    x2 = x if flat else x.reshape(-1, x.shape[-1])
-    r2 = None if residual is None else (residual if flat else residual.reshape(x2.shape))
-    y, h = _launch_fwd(x2, r2, weight, bias, float(eps), rms)[:2]
-    if not flat:
-        y, h = y.view(x.shape), None if h is None else h.view(x.shape)
-    return y if residual is None else (y, h)
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n).contiguous()
+    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
+    y, h = _norm_fwd(x2, weight, bias, r2, eps, rms)[:2]
+    return y.view(x.shape) if residual is None else (y.view(x.shape), h.view(x.shape))
 
 
 def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     """LayerNorm over x's last dim (fp32 statistics). With residual, returns
     (layer_norm(x + residual), x + residual) from one fused pass."""
-    _check(x, weight, bias, residual)
-    if not dispatch.norm_kernel(x):
-        return reference.layer_norm(x, weight, bias, eps, residual)
     return _norm(x, weight, bias, eps, residual, rms=False)
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None):
     """RMSNorm over x's last dim (fp32 statistics). With residual, returns
     (rms_norm(x + residual), x + residual) from one fused pass."""
-    _check(x, weight, None, residual)
-    if not dispatch.norm_kernel(x):
-        return reference.rms_norm(x, weight, eps, residual)
     return _norm(x, weight, None, eps, residual, rms=True)

@@ -1,9 +1,12 @@
 """Decode attention over a paged KV cache (one query token per sequence) and the cache write.
 
-kernel (kernels/triton_paged.py, csrc/paged_cpu.cpp) -> launchers -> public functions; inference
-only, so no autograd. kernels._dispatch picks the path: Triton on CUDA (and on CPU under
-TRITON_INTERPRET=1); CPU fp32/fp16/bf16 the C++ kernels; float64 or a build without
-gpt_engine.kernels._C plain torch.
+kernel (kernels/triton_paged.py, csrc/paged_cpu.cpp) -> launchers -> custom ops -> public
+functions; inference only, so no autograd. kernels._dispatch picks the path: Triton on CUDA (and
+on CPU under TRITON_INTERPRET=1); CPU fp32/fp16/bf16 the C++ kernels; float64 or a build without
+gpt_engine.kernels._C plain torch. Eager calls run the launchers directly; under torch.compile the
+public functions call the custom ops instead, which torch.compile keeps whole (and which check
+their arguments at run time, where the traced public function could not).
+The argument rules are csrc/checks.cpp's (kernels/_checks.py).
 """
 from __future__ import annotations
 
@@ -14,9 +17,10 @@ from . import _checks as C
 from . import _dispatch as dispatch
 from . import reference
 from ._ext import ext
-from .attention import _check_heads, _scale
+from .attention import _scale
 
 # ---- launchers (Triton's are kernels/triton_paged.py's, imported on first use)
+
 
 def _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale, left):
     """Decode in one batched SDPA (float64, or no gpt_engine.kernels._C): gathers every sequence's blocks into
@@ -39,9 +43,59 @@ def _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale, left):
     return o.reshape(B, H, D)
 
 
-def _paged_cpu(q, k_cache, v_cache, block_table, seq_lens, scale, left):
-    q = q if dispatch.rows_dense(q) else q.contiguous()
-    return ext().paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, left)
+def _paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, left, right):
+    """Check (the C++ kernel's entry point checks for itself), route, run."""
+    triton = dispatch.use_triton(q)
+    if not triton and dispatch.cpu_paged_attention(q, k_cache, v_cache):
+        q = q if dispatch.rows_dense(q) else q.contiguous()
+        return ext().paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, left, right)
+    C.check("paged_attention", q, k_cache, v_cache, block_table, seq_lens, left, right)
+    if C.debug_checks():
+        C.paged_indices(block_table, seq_lens, k_cache)
+    if triton:
+        from .triton_paged import paged_attention_fwd
+        return paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale, left)
+    return _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale, left)
+
+
+def _store_kvcache(k, v, k_cache, v_cache, slot_mapping):
+    triton = dispatch.use_triton(k)
+    if not triton and dispatch.cpu_store_kvcache(k, v, k_cache, v_cache):
+        ext().store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+        return
+    C.check("store_kvcache", k, v, k_cache, v_cache, slot_mapping)
+    if C.debug_checks():
+        C.slot_indices(slot_mapping, k_cache)
+    if triton:
+        from .triton_paged import store_kvcache_fwd
+        store_kvcache_fwd(k, v, k_cache, v_cache, slot_mapping)
+        return
+    reference.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+
+# ---- custom ops: what torch.compile sees of the launchers
+
+
+@torch.library.custom_op("gpt_engine::paged_attention", mutates_args=())
+def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                        seq_lens: torch.Tensor, scale: float, left: int, right: int) -> torch.Tensor:
+    return _paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, left, right)
+
+
+@_paged_attention_op.register_fake
+def _(q, k_cache, v_cache, block_table, seq_lens, scale, left, right):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("gpt_engine::store_kvcache", mutates_args=("k_cache", "v_cache"))
+def _store_kvcache_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    _store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+
+@_store_kvcache_op.register_fake
+def _(k, v, k_cache, v_cache, slot_mapping):
+    return None
 
 
 # ---- public functions
@@ -53,25 +107,12 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=No
     last cached token, so it sees the last left + 1 keys (right has no key to act on), and only
     their blocks are read. Returns (B, H, D).
     """
-    C.tensor("q", q, 3), C.tensor("k_cache", k_cache, 4), C.tensor("v_cache", v_cache, 4)
-    _check_heads(q, k_cache, v_cache)
-    C.int_tensor("block_table", block_table, 2, q.device)
-    C.int_tensor("seq_lens", seq_lens, 1, q.device)
-    if block_table.shape[0] != q.shape[0] or seq_lens.shape[0] != q.shape[0]:
-        raise ValueError(f"block_table rows ({block_table.shape[0]}) and seq_lens ({seq_lens.shape[0]}) "
-                         f"must equal the batch size ({q.shape[0]})")
-    scale = _scale(softmax_scale, q.shape[-1])
-    left = C.window(window_size)[0]
-    triton = dispatch.use_triton(q)
-    cpu = not triton and dispatch.cpu_paged_attention(q, k_cache, v_cache)
-    if not cpu and C.debug_checks():  # the C++ kernel checks the indices itself, always
-        C.paged_indices(block_table, seq_lens, k_cache)
-    if triton:
-        from .triton_paged import paged_attention_fwd
-        return paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale, left)
-    if cpu:
-        return _paged_cpu(q, k_cache, v_cache, block_table, seq_lens, scale, left)
-    return _paged_sdpa(q, k_cache, v_cache, block_table, seq_lens, scale, left)
+    C.tensors(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens)
+    left, right = C.window(window_size)
+    args = (q, k_cache, v_cache, block_table, seq_lens, _scale(softmax_scale, q), left, right)
+    if torch.compiler.is_compiling():
+        return _paged_attention_op(*args)
+    return _paged_attention(*args)
 
 
 def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
@@ -80,29 +121,8 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
     k/v (N, Hkv, D); caches (num_blocks, block_size, Hkv, D); slot_mapping (N,) int64 flat slot
     (block * block_size + offset), -1 to skip a token.
     """
-    C.tensor("k", k, 3), C.tensor("v", v, 3), C.tensor("k_cache", k_cache, 4), C.tensor("v_cache", v_cache, 4)
-    C.same("k", k, v=v, k_cache=k_cache, v_cache=v_cache)
-    if k.shape != v.shape or k_cache.shape != v_cache.shape:
-        raise ValueError(f"k/v shapes {tuple(k.shape)}, {tuple(v.shape)} and cache shapes {tuple(k_cache.shape)}, "
-                         f"{tuple(v_cache.shape)} must match pairwise")
-    if k.shape[1:] != k_cache.shape[2:]:
-        raise ValueError(f"k rows {tuple(k.shape[1:])} do not match cache rows {tuple(k_cache.shape[2:])}")
-    C.tensor("slot_mapping", slot_mapping, 1, dtypes=(torch.int64,))
-    if slot_mapping.device != k.device:
-        raise ValueError(f"slot_mapping is on {slot_mapping.device} but k is on {k.device}")
-    if slot_mapping.shape[0] != k.shape[0]:
-        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} tokens")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache must be contiguous in the head dim")
-    triton = dispatch.use_triton(k)
-    cpu = not triton and dispatch.cpu_store_kvcache(k, v, k_cache, v_cache)
-    if not cpu and C.debug_checks():
-        C.slot_indices(slot_mapping, k_cache)
-    if triton:
-        from .triton_paged import store_kvcache_fwd
-        store_kvcache_fwd(k, v, k_cache, v_cache, slot_mapping)
-        return
-    if cpu:
-        ext().store_kvcache(k, v, k_cache, v_cache, slot_mapping)
-        return
-    reference.store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    C.tensors(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    if torch.compiler.is_compiling():
+        _store_kvcache_op(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        _store_kvcache(k, v, k_cache, v_cache, slot_mapping)

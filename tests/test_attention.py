@@ -319,13 +319,13 @@ def test_varlen_cpu_kernel_errors():
         ext.varlen_attention(q, q, q, torch.tensor([0, 7], dtype=torch.int32), cu, True, 1.0)
     with pytest.raises(ValueError, match="offsets"):
         ext.varlen_attention(q, q, q, cu, torch.tensor([4, 0], dtype=torch.int32), True, 1.0)
-    with pytest.raises(ValueError, match="int32"):
+    with pytest.raises(TypeError, match="cu_seqlens_q has dtype torch.int64; expected torch.int32"):
         ext.varlen_attention(q, q, q, cu.long(), cu, True, 1.0)
     with pytest.raises(TypeError, match="float32"):
         ext.varlen_attention(q.half(), q.half(), q.half(), cu, cu, True, 1.0)
     with pytest.raises(ValueError, match="multiple"):
         ext.varlen_attention(q, torch.randn(6, 3, 64), torch.randn(6, 3, 64), cu, cu, True, 1.0)
-    with pytest.raises(RuntimeError, match="contiguous"):  # the bindings' shared row check
+    with pytest.raises(RuntimeError, match="contiguous"):  # the entry points' shared row check
         x = torch.randn(6, 64, 2).transpose(1, 2)
         ext.varlen_attention(x, x, x, cu, cu, True, 1.0)
 

@@ -1,6 +1,6 @@
 """GPT_ENGINE_DEBUG_CHECKS=1: the ops that take block tables, slots or sequence offsets check their
 values against the cache on the paths without the C++ kernel's own checks (Triton, torch), by the
-C++ kernels' rules (csrc/bindings.cpp); unset, no check runs.
+C++ kernels' rules (csrc/checks.cpp, which both paths run); unset, no check runs.
 
 fp32 CPU tensors under TRITON_INTERPRET=1 take the Triton path, float64 the torch path. The bad-input
 tests replace every kernel behind the check with one that fails the test, so no bad index reaches a

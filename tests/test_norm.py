@@ -186,16 +186,23 @@ def test_errors_name_the_argument():
 
 
 def test_bindings_validate_inputs():
+    # the entry point runs the public rules (csrc/checks.cpp), then its kernel's own
     from gpt_engine.kernels import _C
     x, w, b, r = _inputs(4, 32, torch.float32, residual=True)
-    with pytest.raises(RuntimeError, match="weight"):
+    with pytest.raises(ValueError, match="weight has 31 elements"):
         _C.norm_fwd(x, None, w[:31], b, 1e-5, False)
-    with pytest.raises(RuntimeError, match="residual"):
+    with pytest.raises(TypeError, match="residual"):
         _C.norm_fwd(x, r.half(), w, b, 1e-5, False)
-    with pytest.raises(RuntimeError, match="x"):
-        _C.norm_fwd(x.t(), None, w, b, 1e-5, False)
-    with pytest.raises(RuntimeError, match="x"):
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+        _C.norm_fwd(x.double(), None, w, b, 1e-5, False)
+    with pytest.raises(ValueError, match="x must be a CPU or CUDA tensor"):
         _C.norm_fwd(x.to("meta"), None, w.to("meta"), None, 1e-5, True)
+    with pytest.raises(ValueError, match="eps"):
+        _C.norm_fwd(x, None, w, b, -1.0, False)
+    # any layout, and weights in another float dtype: a transposed x is the (32, 4) rows it shows
+    xt = x.t()
+    torch.testing.assert_close(_C.norm_fwd(xt, None, w[:4].double(), None, 1e-5, True)[0],
+                               reference.rms_norm(xt, w[:4], 1e-5))
 
 
 # ---------------------------------------------------------------- CUDA

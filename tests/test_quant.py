@@ -12,10 +12,10 @@ from gpt_engine.models.layers import Linear
 from gpt_engine import LLM, SamplingParams
 from gpt_engine.models.presets import resolve_config
 from gpt_engine.engine_config import EngineConfig
+from gpt_engine.kernels import (QuantizedWeight, decode_layer, dequantize, linear_int8, linear_w8a8, pack_layer,
+                                pack_linear, packed_linear, packed_rows, quantize_int8, unpack_linear)
 from gpt_engine.kernels import reference as R
 from gpt_engine.kernels._ext import ext
-from gpt_engine.kernels.decode import decode_layer, pack_layer, pack_linear, packed_linear, packed_rows, unpack_linear
-from gpt_engine.kernels.quant import QuantizedWeight, dequantize, linear_int8, linear_w8a8, quantize_int8
 
 from .helpers import layer_weights, paged_batch
 
