@@ -48,6 +48,25 @@ def test_config_roundtrip():
         assert ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf()))) == cfg
 
 
+def test_family_traits_fill_what_the_caller_left_unset():
+    neo = ModelConfig(model_type="gpt_neo", n_layer=2, n_head=2, d_model=64)
+    assert (neo.norm, neo.mlp, neo.positions, neo.qkv_bias, neo.bias, neo.softmax_scale) == (
+        "layernorm", "plain", "learned", False, True, 1.0)
+    qwen = ModelConfig(model_type="qwen2", n_layer=2, n_head=2, d_model=64)
+    assert (qwen.norm, qwen.mlp, qwen.activation, qwen.positions, qwen.qkv_bias, qwen.bias) == (
+        "rmsnorm", "gated", "silu", "rotary", True, False)
+
+
+@pytest.mark.parametrize("field,value", [("norm", "batchnorm"), ("mlp", "moe"), ("positions", "alibi"),
+                                         ("rotary_layout", "interleaved"), ("rotary_fraction", 0.5),
+                                         ("parallel_residual", True), ("qk_norm", True), ("embed_scale", 8.0),
+                                         ("norm_offset", 1.0), ("attn_scale", -1.0), ("qkv_bias", "yes"),
+                                         ("activation", "gelu_tanh")])
+def test_unsupported_traits_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(model_type="llama", n_layer=1, n_head=2, d_model=32, **{field: value})
+
+
 def test_bad_configs_and_missing_files(tmp_path):
     with pytest.raises(ValueError, match="model_type"):
         ModelConfig(model_type="bert")

@@ -1,4 +1,4 @@
-"""The decoder-only transformer (gpt2/gpt_neo and llama/mistral/qwen2 families), built on the kernels ops.
+"""The decoder-only transformer of every family (families/), built from ModelConfig's traits on the kernels ops.
 
 Two entry points share every layer:
   model(input_ids)                      dense causal forward, (B, T) -> logits (B, T, V)
@@ -24,8 +24,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = None if cfg.rotary else nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        rotary = Rotary(cfg) if cfg.rotary else None  # tables to max_seq_len, shared by the layers
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        rotary = Rotary(cfg) if cfg.positions == "rotary" else None  # tables to max_seq_len, shared by the layers
         self.layers = nn.ModuleList(Block(cfg, rotary, i) for i in range(cfg.n_layer))
         self.norm_f = Norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -41,7 +41,7 @@ class StepMeta:
 class Norm(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.rms, self.eps = cfg.rotary, cfg.norm_eps
+        self.rms, self.eps = cfg.norm == "rmsnorm", cfg.norm_eps
         self.weight = nn.Parameter(torch.ones(cfg.d_model))
         self.bias = None if self.rms else nn.Parameter(torch.zeros(cfg.d_model))
 
@@ -73,10 +73,10 @@ class Attention(nn.Module):
         super().__init__()
         self.h, self.hkv, self.d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.scale, self.window = cfg.softmax_scale, cfg.window_sizes[layer]  # window (-1, -1): plain causal
-        self.qkv = Linear(cfg.d_model, (self.h + 2 * self.hkv) * self.d, cfg.qkv_has_bias)
+        self.qkv = Linear(cfg.d_model, (self.h + 2 * self.hkv) * self.d, cfg.qkv_bias)
         self.proj = Linear(self.h * self.d, cfg.d_model, cfg.bias)
         # one Rotary (its cos/sin tables) shared by every layer: GPT passes it in
-        self.rotary = (rotary if rotary is not None else Rotary(cfg)) if cfg.rotary else None
+        self.rotary = (rotary if rotary is not None else Rotary(cfg)) if cfg.positions == "rotary" else None
 
     def _qkv(self, x, positions, rope=None):
         # (..., C) -> q (..., h, d), k and v (..., hkv, d): views of one fused projection
@@ -119,12 +119,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.rotary
+        self.swiglu = cfg.mlp == "gated"  # ModelConfig allows a gated MLP with silu only
         if self.swiglu:  # gate and up projections as one GEMM
-            self.fc = Linear(cfg.d_model, 2 * cfg.d_ff, cfg.bias)
+            self.fc = Linear(cfg.d_model, 2 * cfg.d_ff, cfg.mlp_bias)
         else:
-            self.fc = Linear(cfg.d_model, cfg.d_ff, cfg.bias, activation=cfg.activation)
-        self.proj = Linear(cfg.d_ff, cfg.d_model, cfg.bias)
+            self.fc = Linear(cfg.d_model, cfg.d_ff, cfg.mlp_bias, activation=cfg.activation)
+        self.proj = Linear(cfg.d_ff, cfg.d_model, cfg.mlp_bias)
 
     def forward(self, x):
         h = self.fc(x)

@@ -5,8 +5,8 @@ model.safetensors.index.json, or pytorch_model.bin (sharded too, pytorch_model.b
 reads them. GPT-2 and GPT-Neo tensors may carry the `transformer.` prefix or not (the hub's layout, with the
 attention's bias / masked_bias mask buffers). The model is built on the meta device and its parameters
 allocated once; shards are read one at a time and each tensor lands straight in its slot of the parameters,
-so peak memory is the model plus a few MB. One table per family (_plan) maps HF tensor names to ours, for
-loading here and for saving (to_hf, used by save.save_model).
+so peak memory is the model plus a few MB. Each family's file (families/) holds its table from HF tensor names
+to ours (plan), read for loading here and for saving (to_hf, used by save.save_model).
 """
 from __future__ import annotations
 
@@ -17,71 +17,19 @@ import torch
 
 from . import weight_files
 from .config import ModelConfig
+from .families import FAMILIES
+from .families.base import Plan
 from .gpt import GPT
 
 
-# Each family's tensor names: HF name (without its `transformer.` / `model.` prefix) -> (our parameter, the rows
-# it fills or None for all, stored transposed as GPT-2's Conv1D stores its weights). Loading and saving both
-# read this one table.
-_Target = tuple[str, "tuple[int, int] | None", bool]
-
-
 def _prefix(cfg: ModelConfig) -> str:
-    return "model." if cfg.rotary else "transformer."
+    return FAMILIES[cfg.model_type].PREFIX
 
 
-def _qkv_sizes(cfg: ModelConfig) -> list[int]:
-    return [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
-
-
-def _split(plan: dict, names, ours: str, sizes, kinds=("weight",)) -> None:
-    """HF's separate tensors `names` (e.g. q/k/v) filling consecutive row ranges of our fused parameter."""
-    for kind in kinds:
-        start = 0
-        for name, n in zip(names, sizes):
-            plan[f"{name}.{kind}"] = (f"{ours}.{kind}", (start, start + n), False)
-            start += n
-
-
-def _plan(cfg: ModelConfig) -> tuple[dict[str, _Target], re.Pattern]:
-    """checkpoint tensor name (HF prefix stripped) -> where it goes; and the names to skip (buffers)."""
-    plan: dict[str, _Target] = {}
-
-    def whole(theirs, ours, kinds=("weight", "bias"), transposed=False):
-        for kind in kinds:
-            plan[f"{theirs}.{kind}"] = (f"{ours}.{kind}", None, transposed and kind == "weight")
-
-    if not cfg.rotary:  # gpt2, gpt_neo
-        whole("wte", "tok_emb", ("weight",))
-        whole("wpe", "pos_emb", ("weight",))
-        whole("ln_f", "norm_f")
-        conv1d = cfg.model_type == "gpt2"
-        for i in range(cfg.n_layer):
-            h, p = f"h.{i}.", f"layers.{i}."
-            whole(h + "ln_1", p + "norm1")
-            whole(h + "ln_2", p + "norm2")
-            whole(h + "mlp.c_fc", p + "mlp.fc", transposed=conv1d)
-            whole(h + "mlp.c_proj", p + "mlp.proj", transposed=conv1d)
-            if conv1d:
-                whole(h + "attn.c_attn", p + "attn.qkv", transposed=True)
-                whole(h + "attn.c_proj", p + "attn.proj", transposed=True)
-            else:
-                _split(plan, [h + f"attn.attention.{x}_proj" for x in "qkv"], p + "attn.qkv", _qkv_sizes(cfg))
-                whole(h + "attn.attention.out_proj", p + "attn.proj")
-        skip = r"h\.\d+\.attn\.(attention\.)?(bias|masked_bias)"  # causal-mask buffers of older checkpoints
-    else:
-        whole("embed_tokens", "tok_emb", ("weight",))
-        whole("norm", "norm_f", ("weight",))
-        qkv_kinds = ("weight", "bias") if cfg.qkv_bias else ("weight",)
-        for i in range(cfg.n_layer):
-            h, p = f"layers.{i}.", f"layers.{i}."
-            whole(h + "input_layernorm", p + "norm1", ("weight",))
-            whole(h + "post_attention_layernorm", p + "norm2", ("weight",))
-            _split(plan, [h + f"self_attn.{x}_proj" for x in "qkv"], p + "attn.qkv", _qkv_sizes(cfg), qkv_kinds)
-            whole(h + "self_attn.o_proj", p + "attn.proj", ("weight",))
-            _split(plan, [h + "mlp.gate_proj", h + "mlp.up_proj"], p + "mlp.fc", [cfg.d_ff, cfg.d_ff])
-            whole(h + "mlp.down_proj", p + "mlp.proj", ("weight",))
-        skip = r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
+def _plan(cfg: ModelConfig) -> tuple[Plan, re.Pattern]:
+    """checkpoint tensor name (HF prefix stripped) -> where it goes (the family's table); and the names to skip
+    (buffers, and a tied head that some checkpoints store anyway)."""
+    plan, skip = FAMILIES[cfg.model_type].plan(cfg)
     if cfg.tie_embeddings:
         skip += r"|lm_head\.weight"
     else:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import LAYER_TYPES, ModelConfig
+from .config import ModelConfig
+from .families.base import LAYER_TYPES
 
 PRESETS = {
     # ~10M params: what `make run` trains on a 2-core CPU in a few minutes

@@ -1,0 +1,29 @@
+"""Mistral: llama with a sliding window over every layer when config.json sets sliding_window (as
+transformers builds its masks), none when it is null."""
+from __future__ import annotations
+
+from ..hf_json import Fields
+from . import llama
+
+TRAITS = llama.TRAITS
+PREFIX = llama.PREFIX
+WINDOWED = True
+plan = llama.plan
+
+
+def from_hf(d: dict, f: Fields) -> dict:
+    window = 0 if d.get("sliding_window") is None else f.int("sliding_window")
+    return dict(llama.hf_kwargs("mistral", d, f, 131072), sliding_window=window)
+
+
+def to_hf(cfg) -> dict:
+    llama.no_biases(cfg)
+    return dict(model_type="mistral", architectures=["MistralForCausalLM"], head_dim=cfg.head_dim,
+                sliding_window=cfg.sliding_window or None, **llama.hf_arch(cfg))
+
+
+def check(cfg) -> None:
+    if cfg.layer_types is not None:
+        if not all(cfg.windowed):
+            raise ValueError("layer_types: mistral windows every layer or none (sliding_window set or 0)")
+        cfg.layer_types = None  # what from_hf gives: every layer windowed
