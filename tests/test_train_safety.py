@@ -170,3 +170,17 @@ def test_train_resume_with_replaced_tokenizer_refused(tmp_path, monkeypatch):
     # the original tokenizer back: the run resumes
     (tmp_path / "run" / "data" / "meta.json").unlink()
     train(TrainConfig(**cfg, resume=True))
+
+
+@pytest.mark.parametrize("family,bias,qkv_bias", [("gpt2", True, False), ("llama", False, False), ("qwen2", False, True)])
+def test_checkpoint_config_written_before_the_trait_fields_resumes(family, bias, qkv_bias):
+    # such a checkpoint's qkv_bias meant "a q/k/v bias beyond `bias`"
+    from gpt_engine.models.presets import resolve_config
+    from gpt_engine.train.model import model_config
+    new = resolve_config("llama-tiny" if family != "gpt2" else "gpt2-tiny").to_dict()
+    traits = ("norm", "norm_offset", "mlp", "positions", "rotary_fraction", "rotary_layout", "parallel_residual",
+              "attn_scale", "qk_norm", "embed_scale", "mlp_bias")
+    old = {k: v for k, v in new.items() if k not in traits}
+    old.update(model_type=family, bias=bias, qkv_bias=qkv_bias)
+    mcfg, _ = model_config(TrainConfig(out="unused"), {"model_config": old, "train_config": {}})
+    assert mcfg.qkv_bias == (bias or qkv_bias) and mcfg.bias == bias

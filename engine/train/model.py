@@ -64,7 +64,10 @@ def model_config(cfg: TrainConfig, ckpt: dict | None):
         # the size the tokenizer was trained to (the model's is padded): a tokenizer retrained
         # for the resumed run (its data cache gone) then comes out the same
         cfg.vocab_size = cfg.vocab_size or (ckpt.get("train_config") or {}).get("vocab_size")
-        return ModelConfig(**ckpt["model_config"]), None
+        saved = dict(ckpt["model_config"])
+        if "norm" not in saved:  # written before the traits were fields: qkv_bias then meant a bias beyond `bias`
+            saved["qkv_bias"] = bool(saved.get("bias")) or bool(saved.get("qkv_bias"))
+        return ModelConfig(**saved), None
     mcfg = resolve_config(cfg.model, **({"vocab_size": cfg.vocab_size} if cfg.vocab_size else {}))
     # the tokenizer gets the requested size; the embedding rounds up for aligned GEMMs
     cfg.vocab_size = cfg.vocab_size or mcfg.vocab_size
