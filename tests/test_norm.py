@@ -8,6 +8,14 @@ from gpt_engine.kernels import reference
 
 HIDDEN = [1, 96, 768, 4097]
 ROWS = [1, 3, 37]
+
+
+def every_case(test):
+    """op x residual x rows x hidden size."""
+    for mark in (pytest.mark.parametrize("n", HIDDEN), pytest.mark.parametrize("rows", ROWS),
+                 pytest.mark.parametrize("residual", [False, True]), pytest.mark.parametrize("op", ["layer", "rms"])):
+        test = mark(test)
+    return test
 LOW = [torch.bfloat16, torch.float16]
 
 
@@ -69,10 +77,7 @@ def test_extension_is_built_and_used(monkeypatch):
     torch.testing.assert_close(kernels.rms_norm(x, w), F.rms_norm(x, (64,), w, 1e-6), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("op", ["layer", "rms"])
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("n", HIDDEN)
+@every_case
 def test_forward_fp32(op, residual, rows, n):
     x, w, b, r = _inputs(rows, n, torch.float32, residual=residual)
     for got, want in zip(_as_tuple(_run(op, x, w, b, r)), _as_tuple(_ref(op, x, w, b, r))):
@@ -89,10 +94,7 @@ def test_layer_norm_matches_torch(shape):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("op", ["layer", "rms"])
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("n", HIDDEN)
+@every_case
 def test_backward_fp32_vs_float64_reference(op, residual, rows, n):
     x, w, b, r = _inputs(rows, n, torch.float32, residual=residual)
     g = torch.Generator().manual_seed(7)

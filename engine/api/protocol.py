@@ -20,6 +20,13 @@ MAX_MESSAGES = 4096
 MAX_SEQS_PER_REQUEST = 256   # prompts x n: a bound so one request cannot flood the queue
 INT64 = 2**63 - 1
 
+def refuse(v, info):
+    """A field the server does not implement: a 400 naming it when set, never silently ignored."""
+    if v:
+        raise ValueError(f"{info.field_name} is not supported")
+    return None
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -116,12 +123,7 @@ class CompletionRequest(SamplingFields):
             raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return v  # always a list of prompts, each a str or a list of token ids
 
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported")
-        return None
+    _suffix = field_validator("suffix")(classmethod(lambda cls, v, info: refuse(v, info)))
 
     @model_validator(mode="after")
     def _echo_logprobs(self):
@@ -161,12 +163,7 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     tools: Optional[list[Any]] = None
 
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported")
-        return None
+    _tools = field_validator("tools")(classmethod(lambda cls, v, info: refuse(v, info)))
 
     @model_validator(mode="after")
     def _checks(self):
