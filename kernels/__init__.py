@@ -35,7 +35,6 @@ _OPS = {
     "QuantizedWeight": "weights",
     "PackedLinear": "weights",
     "PackedLayer": "weights",
-    "cpu_inference": "_dispatch",
     "triton_w8a16": "_dispatch",
 }
 
