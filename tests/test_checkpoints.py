@@ -263,6 +263,20 @@ def test_generation_defaults_from_transformers_save(tmp_path):
     assert g.eos_token_ids == [0, 5] and g.sampling["temperature"] == 0.6 and g.sampling["top_p"] == 0.9
 
 
+def test_eos_outside_the_vocabulary_loads_with_a_warning(tmp_path):
+    # GPT2Config()'s bos/eos 50256 on a small vocabulary: transformers loads it, so does the engine
+    from gpt_engine import LLM, SamplingParams
+    make_hf_model("gpt2", tmp_path, bos_token_id=50256, eos_token_id=50256)
+    with pytest.warns(UserWarning, match=r"eos_token_id \[50256\] is out of range for vocab_size 256"):
+        llm = LLM(str(tmp_path), device="cpu")
+    assert llm.eos_token_ids == frozenset()
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)[0]
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"
+    with pytest.warns(UserWarning):
+        assert load_generation_config(tmp_path, vocab_size=256).eos_token_ids == []
+    assert load_generation_config(tmp_path, vocab_size=60000).eos_token_ids == [50256]
+
+
 def test_shards_are_read_one_at_a_time(tmp_path, monkeypatch):
     import gpt_engine.models.weight_files as W
     hf = make_hf_model("llama-untied", tmp_path, save=False)

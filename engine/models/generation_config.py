@@ -3,6 +3,7 @@ and the default sampling parameters, read as transformers reads them, so the eng
 where HF generate would."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +36,10 @@ def load_generation_config(path: str | Path, tokenizer=None, vocab_size: int | N
     if not eos and tokenizer is not None:
         eos.extend(getattr(tokenizer, "eos_token_ids", None) or
                    ([tokenizer.eos_token_id] if getattr(tokenizer, "eos_token_id", None) is not None else []))
-    if vocab_size is not None and any(i >= vocab_size for i in eos):
-        raise ValueError(f"eos_token_id {eos} out of range for vocab_size {vocab_size}")
+    bad = [i for i in eos if vocab_size is not None and i >= vocab_size]
+    if bad:  # as GPT2Config()'s defaults give a small-vocab model: transformers loads it too, and no token can be it
+        warnings.warn(f"eos_token_id {bad} is out of range for vocab_size {vocab_size}: ignored", stacklevel=2)
+        eos = [i for i in eos if i not in bad]
     g = Fields(gen, "generation_config.json")
     sampling: dict = {}
     if "temperature" in gen and gen["temperature"] is not None:
