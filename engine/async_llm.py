@@ -155,6 +155,7 @@ class AsyncLLM:
         for rid in list(self._queues):
             self._post(rid, err)
         self._queues.clear()
+        self._admitted.clear()
 
     def _post(self, rid: str, item) -> None:
         entry = self._queues.get(rid)

@@ -96,7 +96,7 @@ class Intake:
             except UnicodeEncodeError as e:
                 raise RequestError(f"{param} is not valid Unicode: {e.reason}", param) from None
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        elif isinstance(prompt, (list, tuple)) or hasattr(prompt, "__iter__"):
+        elif hasattr(prompt, "__iter__"):  # token ids: a list, a tuple, an array
             text, ids = None, prompt
         else:
             raise RequestError(f"{param} must be text or a list of token ids, got {type(prompt).__name__}", param)
