@@ -58,13 +58,27 @@ def test_family_traits_fill_what_the_caller_left_unset():
 
 
 @pytest.mark.parametrize("field,value", [("norm", "batchnorm"), ("mlp", "moe"), ("positions", "alibi"),
-                                         ("rotary_layout", "interleaved"), ("rotary_fraction", 0.5),
-                                         ("parallel_residual", True), ("qk_norm", True), ("embed_scale", 8.0),
-                                         ("norm_offset", 1.0), ("attn_scale", -1.0), ("qkv_bias", "yes"),
-                                         ("activation", "gelu_tanh")])
+                                         ("rotary_layout", "zigzag"), ("rotary_fraction", 1.5),
+                                         ("rotary_fraction", 0.0), ("parallel_residual", "yes"),
+                                         ("shared_norm", True), ("qk_norm", 1), ("embed_scale", -8.0),
+                                         ("norm_offset", float("nan")), ("attn_scale", -1.0), ("qkv_bias", "yes"),
+                                         ("activation", "relu"), ("head_bias", True)])
 def test_unsupported_traits_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         ModelConfig(model_type="llama", n_layer=1, n_head=2, d_model=32, **{field: value})
+
+
+@pytest.mark.parametrize("model_type,field,value", [("llama", "parallel_residual", True), ("llama", "qk_norm", True),
+                                                    ("gpt2", "rotary_layout", "interleaved"),
+                                                    ("qwen2", "qkv_bias", False), ("gemma", "embed_scale", 2.0),
+                                                    ("gptj", "shared_norm", False), ("phi3", "norm_offset", 1.0)])
+def test_traits_a_family_config_cannot_state_refuse_to_save(model_type, field, value):
+    """Built with any traits, a model is saved only as a family whose config.json states them: else transformers
+    would build another model from the file."""
+    cfg = ModelConfig(model_type=model_type, n_layer=1, n_head=2, d_model=64, tie_embeddings=False,
+                      **{field: value})
+    with pytest.raises(ValueError, match=field):
+        cfg.to_hf()
 
 
 def test_bad_configs_and_missing_files(tmp_path):

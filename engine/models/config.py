@@ -14,22 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .families import FAMILIES
-from .families.base import LAYER_TYPES
+from .families.base import LAYER_TYPES, NEUTRAL_TRAITS as _NEUTRAL
 from .hf_json import Fields, config_path, is_int, is_num, read_json, token_ids
 from .rope import MAX_POSITIONS, check_rope_scaling
 
-# a trait's value when neither the caller nor the family's TRAITS gives one
-_NEUTRAL = dict(norm_offset=0.0, rotary_fraction=1.0, rotary_layout="half", parallel_residual=False, qk_norm=False,
-                attn_scale=None, embed_scale=None)
-# the values the layers implement; the others named in comments are for families still to come
-_SUPPORTED = dict(norm=("layernorm", "rmsnorm"), mlp=("plain", "gated"), positions=("learned", "rotary"),
-                  rotary_layout=("half",),       # "interleaved": GPT-J
-                  norm_offset=(0.0,),            # 1.0: Gemma's (1 + weight)
-                  rotary_fraction=(1.0,),        # < 1: GPT-NeoX, Phi
-                  parallel_residual=(False,),    # GPT-NeoX, GPT-J
-                  qk_norm=(False,),              # Qwen3
-                  embed_scale=(None,))           # Gemma's sqrt(d_model)
-
+# the values a trait may take, where it is not a number or a bool
+_CHOICES = dict(norm=("layernorm", "rmsnorm"), mlp=("plain", "gated"), positions=("learned", "rotary"),
+                rotary_layout=("half", "interleaved"), activation=("gelu_tanh", "gelu", "relu", "silu"))
 
 @dataclass
 class ModelConfig:
@@ -54,18 +45,23 @@ class ModelConfig:
     # --- architectural traits; None: the family's (see the module docstring) ---
     norm: str | None = None               # "layernorm" | "rmsnorm"
     norm_offset: float | None = None      # the norm scales by (offset + weight)
-    mlp: str | None = None                # "plain": act(x W1) W2; "gated": (act(x Wg) * x Wu) W2 (SwiGLU)
-    activation: str | None = None         # gelu_tanh | gelu | relu | silu (a gated MLP: silu)
+    mlp: str | None = None                # "plain": act(x W1) W2; "gated": (act(x Wg) * x Wu) W2 (SwiGLU, GeGLU)
+    activation: str | None = None         # gelu_tanh | gelu | relu | silu (a gated MLP: silu or gelu_tanh)
     positions: str | None = None          # "learned" (an embedding table) | "rotary"
     rotary_fraction: float | None = None  # the share of each head's dims that is rotated
-    rotary_layout: str | None = None      # "half": rotate_half pairs (i, i + d/2)
-    parallel_residual: bool | None = None  # attention and MLP both read the block's input
+    # "half": rotate_half pairs (i, i + r/2); "interleaved": GPT-J's pairs (2i, 2i + 1). The layers rotate
+    # halves only: the loader permutes an interleaved checkpoint's q/k rows (and saving permutes them back),
+    # which leaves every q.k product, so the attention, unchanged
+    rotary_layout: str | None = None
+    parallel_residual: bool | None = None  # attention and MLP both read the block's input, their sum is added
+    shared_norm: bool | None = None       # parallel: one norm feeds both (GPT-J); else each has its own (NeoX)
     attn_scale: float | None = None       # attention softmax scale; None: 1/sqrt(head_dim)
-    qk_norm: bool | None = None           # a norm over each head's q and k
-    embed_scale: float | None = None      # token embeddings multiplied by it
+    qk_norm: bool | None = None           # an RMSNorm over each head's q and k, before the rotation (Qwen3)
+    embed_scale: float | None = None      # token embeddings multiplied by it (Gemma: sqrt(d_model))
     bias: bool | None = None              # the attention output projection's bias, and the default of the two below
     qkv_bias: bool | None = None          # q/k/v projections' bias
     mlp_bias: bool | None = None          # the MLP linears' biases
+    head_bias: bool | None = None         # an untied LM head's bias (GPT-J)
 
     def __post_init__(self):
         if not isinstance(self.model_type, str) or self.model_type not in FAMILIES:
@@ -99,37 +95,47 @@ class ModelConfig:
         # learned positions: the attention's head dims are the model's (GPT-2's c_attn is d_model wide)
         if self.positions == "learned" and self.head_dim * self.n_head != self.d_model:
             raise ValueError(f"{self.model_type} needs d_model ({self.d_model}) divisible by n_head ({self.n_head})")
-        if self.positions == "rotary" and self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.positions == "rotary" and (self.rotary_dim % 2 or not self.rotary_dim):
+            raise ValueError(f"the rotated dims of each head (head_dim {self.head_dim} x rotary_fraction "
+                             f"{self.rotary_fraction} = {self.rotary_dim}) must be even and positive")
         if self.rope_scaling is not None:
-            self.rope_scaling = check_rope_scaling(self.rope_scaling, self.head_dim, self.max_position_embeddings)
+            self.rope_scaling = check_rope_scaling(self.rope_scaling, self.rotary_dim, self.max_position_embeddings)
         self._check_layer_types()
         FAMILIES[self.model_type].check(self)
 
     def _resolve_traits(self):
         traits = FAMILIES[self.model_type].TRAITS
-        for name in (*_NEUTRAL, "norm", "mlp", "activation", "positions", "bias"):
+        if self.head_bias is None and self.tie_embeddings:  # a tied head is the embedding: no bias of its own
+            self.head_bias = False
+        for name in (*_NEUTRAL, *_CHOICES, "bias"):
             if getattr(self, name) is None:
                 setattr(self, name, traits.get(name, _NEUTRAL.get(name)))
         for name in ("qkv_bias", "mlp_bias"):
             if getattr(self, name) is None:
                 setattr(self, name, traits.get(name, self.bias))
-        for name in ("parallel_residual", "qk_norm", "bias", "qkv_bias", "mlp_bias", "tie_embeddings"):
+        for name in ("parallel_residual", "shared_norm", "qk_norm", "bias", "qkv_bias", "mlp_bias", "head_bias",
+                     "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("norm_offset", "rotary_fraction", "attn_scale", "embed_scale"):
             v = getattr(self, name)
-            if v is not None and (not is_num(v) or not math.isfinite(v) or v < 0):
+            if v is not None and (not is_num(v) or isinstance(v, bool) or not math.isfinite(v) or v < 0):
                 raise ValueError(f"{name} must be a non-negative finite number, got {v!r}")
-        if self.attn_scale is not None and self.attn_scale <= 0:
-            raise ValueError(f"attn_scale must be positive or None, got {self.attn_scale!r}")
-        if self.activation not in ("gelu_tanh", "gelu", "relu", "silu"):
-            raise ValueError(f"activation must be gelu_tanh, gelu, relu or silu, got {self.activation!r}")
-        for name, allowed in _SUPPORTED.items():
+        for name in ("attn_scale", "embed_scale"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive or None, got {getattr(self, name)!r}")
+        if not 0 < self.rotary_fraction <= 1:
+            raise ValueError(f"rotary_fraction must be in (0, 1], got {self.rotary_fraction!r}")
+        for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: {getattr(self, name)!r} is not supported (supported: {allowed})")
-        if self.mlp == "gated" and self.activation != "silu":
-            raise ValueError(f"activation: a gated MLP supports silu only (SwiGLU), got {self.activation!r}")
+        if self.mlp == "gated" and self.activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"activation: a gated MLP takes silu (SwiGLU) or gelu_tanh (GeGLU), "
+                             f"got {self.activation!r}")
+        if self.shared_norm and not self.parallel_residual:
+            raise ValueError("shared_norm needs parallel_residual (a sequential block normalizes twice)")
+        if self.head_bias and self.tie_embeddings:
+            raise ValueError("head_bias needs an untied head (tie_embeddings=False)")
 
     def _check_layer_types(self):
         lt = self.layer_types
@@ -160,6 +166,11 @@ class ModelConfig:
         return [(self.sliding_window - 1, 0) if w else (-1, -1) for w in self.windowed]
 
     @property
+    def rotary_dim(self) -> int:
+        """The rotated dims of each head: the first rotary_dim (transformers' int(head_dim * factor))."""
+        return int(self.head_dim * self.rotary_fraction + 1e-6)
+
+    @property
     def softmax_scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else 1.0 / math.sqrt(self.head_dim)
 
@@ -168,7 +179,7 @@ class ModelConfig:
         d, f, hd = self.d_model, self.d_ff, self.head_dim
         attn = d * hd * (self.n_head * 2 + self.n_kv_head * 2)
         mlp = d * f * (3 if self.mlp == "gated" else 2)
-        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2) + (self.vocab_size if self.head_bias else 0)
         pos = self.max_seq_len * d if self.positions == "learned" else 0
         return self.n_layer * (attn + mlp) + emb + pos
 

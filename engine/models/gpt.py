@@ -28,7 +28,7 @@ class GPT(nn.Module):
         rotary = Rotary(cfg) if cfg.positions == "rotary" else None  # tables to max_seq_len, shared by the layers
         self.layers = nn.ModuleList(Block(cfg, rotary, i) for i in range(cfg.n_layer))
         self.norm_f = Norm(cfg)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         # the head's weight format; tied, its weight is the embedding's, which then reads its rows from it
         self.head: WeightFormat = Dense(self._head_owner)
         self.apply(self._init)
@@ -42,6 +42,8 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     @property
     def _head_owner(self) -> nn.Module:
@@ -171,9 +173,11 @@ class GPT(nn.Module):
         return self._head_owner.weight
 
     def embed(self, input_ids):
-        if self.lm_head is None:  # tied: the rows of the head's weight, in the head's format
-            return self.head.rows(input_ids)
-        return self.tok_emb(input_ids)
+        # tied: the rows of the head's weight, in the head's format
+        x = self.head.rows(input_ids) if self.lm_head is None else self.tok_emb(input_ids)
+        scale = self.config.embed_scale
+        # in the activations' dtype, as transformers rounds Gemma's sqrt(d_model)
+        return x if scale is None else x * torch.tensor(scale, dtype=x.dtype)
 
     def hidden(self, input_ids, positions, kv_caches=None, meta=None, rope=None):
         """Final-norm hidden states (..., C) for input_ids (...); rope: (cos, sin) replacing the rotary tables
@@ -215,7 +219,7 @@ class GPT(nn.Module):
         return self.logits(self.hidden(input_ids, pos, rope=rope))
 
     def logits(self, h):
-        return self.head.apply(h)
+        return self.head.apply(h, None if self.lm_head is None else self.lm_head.bias)
 
     @torch.no_grad()
     def step(self, input_ids, positions, kv_caches, meta: StepMeta, logits_indices=None):

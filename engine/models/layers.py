@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt_engine.kernels import (decode_layer, decode_layer_applies, flash_attention, flash_attention_varlen, layer_norm,
-                                pack_layer, paged_attention, rms_norm, rope_, store_kvcache, swiglu)
+from gpt_engine.kernels import (decode_layer, decode_layer_applies, flash_attention, flash_attention_varlen, glu,
+                                layer_norm, pack_layer, paged_attention, rms_norm, rope_, store_kvcache)
 
 from .config import ModelConfig
 from .formats import Dense, WeightFormat
@@ -39,16 +39,23 @@ class StepMeta:
 
 
 class Norm(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """LayerNorm or RMSNorm over the last dim, scaling by (offset + weight) (Gemma's 1 + w); rms forces
+    RMSNorm (the per-head q/k norm)."""
+
+    def __init__(self, cfg: ModelConfig, dim: int | None = None, rms: bool = False):
         super().__init__()
-        self.rms, self.eps = cfg.norm == "rmsnorm", cfg.norm_eps
-        self.weight = nn.Parameter(torch.ones(cfg.d_model))
-        self.bias = None if self.rms else nn.Parameter(torch.zeros(cfg.d_model))
+        self.rms, self.eps, self.offset = rms or cfg.norm == "rmsnorm", cfg.norm_eps, cfg.norm_offset
+        self.weight = nn.Parameter(torch.ones(dim or cfg.d_model))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(dim or cfg.d_model))
+
+    def scale(self) -> torch.Tensor:
+        """The weight the norm multiplies by."""
+        return self.weight + self.offset if self.offset else self.weight
 
     def forward(self, x, residual=None):
         if self.rms:
-            return rms_norm(x, self.weight, self.eps, residual)
-        return layer_norm(x, self.weight, self.bias, self.eps, residual)
+            return rms_norm(x, self.scale(), self.eps, residual)
+        return layer_norm(x, self.scale(), self.bias, self.eps, residual)
 
 
 class Linear(nn.Module):
@@ -75,6 +82,9 @@ class Attention(nn.Module):
         self.scale, self.window = cfg.softmax_scale, cfg.window_sizes[layer]  # window (-1, -1): plain causal
         self.qkv = Linear(cfg.d_model, (self.h + 2 * self.hkv) * self.d, cfg.qkv_bias)
         self.proj = Linear(self.h * self.d, cfg.d_model, cfg.bias)
+        # Qwen3's RMSNorm over each head's q and k
+        self.q_norm = Norm(cfg, self.d, rms=True) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg, self.d, rms=True) if cfg.qk_norm else None
         # one Rotary (its cos/sin tables) shared by every layer: GPT passes it in
         self.rotary = (rotary if rotary is not None else Rotary(cfg)) if cfg.positions == "rotary" else None
 
@@ -82,9 +92,16 @@ class Attention(nn.Module):
         # (..., C) -> q (..., h, d), k and v (..., hkv, d): views of one fused projection
         h, hkv = self.h, self.hkv
         t = self.qkv(x).unflatten(-1, (h + 2 * hkv, self.d))
+        inplace = decode_layer_applies(t, ()) and t.is_contiguous()  # CPU inference: one pass each, in place
+        if self.q_norm is not None:
+            q, k = self.q_norm(t[..., :h, :]), self.k_norm(t[..., h:h + hkv, :])
+            if inplace:
+                t[..., :h, :], t[..., h:h + hkv, :] = q, k
+            else:
+                t = torch.cat([q, k, t[..., h + hkv:, :]], dim=-2)
         if self.rotary is None:
             return t.split([h, hkv, hkv], dim=-2)
-        if decode_layer_applies(t, ()) and t.is_contiguous():  # CPU inference: rotate in place, one pass
+        if inplace:
             cos, sin = rope if rope is not None else (self.rotary.cos, self.rotary.sin)
             rope_(t, cos[positions], sin[positions], h + hkv)
             return t.split([h, hkv, hkv], dim=-2)
@@ -119,8 +136,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.mlp == "gated"  # ModelConfig allows a gated MLP with silu only
-        if self.swiglu:  # gate and up projections as one GEMM
+        self.gated, self.activation = cfg.mlp == "gated", cfg.activation
+        if self.gated:  # gate and up projections as one GEMM, [gate | up]
             self.fc = Linear(cfg.d_model, 2 * cfg.d_ff, cfg.mlp_bias)
         else:
             self.fc = Linear(cfg.d_model, cfg.d_ff, cfg.mlp_bias, activation=cfg.activation)
@@ -128,30 +145,35 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.fc(x)
-        if self.swiglu and decode_layer_applies(h, ()):  # CPU inference: one pass, not three
-            h = swiglu(h)
-        elif self.swiglu:
+        if self.gated and decode_layer_applies(h, ()):  # CPU inference: one pass, not three
+            h = glu(h, self.activation)
+        elif self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = (F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")) * up
         return self.proj(h)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None, layer: int = 0):
         super().__init__()
-        self.norm1, self.attn, self.norm2 = Norm(cfg), Attention(cfg, rotary, layer), Norm(cfg)
-        self.mlp = MLP(cfg)
+        self.norm1, self.attn, self.mlp = Norm(cfg), Attention(cfg, rotary, layer), MLP(cfg)
+        self.norm2 = None if cfg.shared_norm else Norm(cfg)
+        # decode_layer's parallel: 0 sequential, 1 parallel with a norm each (NeoX), 2 one shared norm (GPT-J)
+        self.parallel = (1 + cfg.shared_norm) if cfg.parallel_residual else 0
+        act = {"silu": "swiglu", "gelu_tanh": "geglu"}[cfg.activation] if self.mlp.gated else cfg.activation
         # decode_layer's scalar arguments: n_head, eps, rms, activation, softmax scale, window
-        self.decode_args = (cfg.n_head, cfg.norm_eps, self.norm1.rms, "swiglu" if self.mlp.swiglu else cfg.activation,
-                            cfg.softmax_scale, self.attn.window)
+        self.decode_args = (cfg.n_head, cfg.norm_eps, self.norm1.rms, act, cfg.softmax_scale, self.attn.window)
         self.packed = None  # kernels.pack_layer's PackedLayer, from pack_for_cpu: a snapshot of the weights
 
     def forward(self, x, residual, positions, cache=None, meta=None, rope=None):
         # pre-norm with the residual add fused into each norm: returns (sublayer output, residual stream)
         h, residual = self.norm1(x, residual) if residual is not None else (self.norm1(x), x)
-        h = self.attn(h, positions, rope) if meta is None else self.attn.step(h, positions, cache, meta, rope)
-        h, residual = self.norm2(h, residual)
-        return self.mlp(h), residual
+        a = self.attn(h, positions, rope) if meta is None else self.attn.step(h, positions, cache, meta, rope)
+        if not self.parallel:
+            h, residual = self.norm2(a, residual)
+            return self.mlp(h), residual
+        # parallel: attention and MLP both read the stream; the next norm adds their sum to it
+        return a + self.mlp(h if self.norm2 is None else self.norm2(residual)), residual
 
     def pack_for_cpu(self) -> None:
         """The fused decode layer (kernels.pack_layer) over the GEMMs' CPU packs, sharing their
@@ -162,9 +184,11 @@ class Block(nn.Module):
             self.packed = None
             return
         qkv, proj, fc, fc2 = packs
-        # decode_layer's order: norm1, qkv, proj, norm2, fc, fc2, each (weight, bias)
-        self.packed = pack_layer((self.norm1.weight, self.norm1.bias, qkv, a.qkv.bias, proj, a.proj.bias,
-                                  self.norm2.weight, self.norm2.bias, fc, m.fc.bias, fc2, m.proj.bias))
+        n2 = (None, None) if self.norm2 is None else (self.norm2.scale(), self.norm2.bias)
+        qk = () if a.q_norm is None else (a.q_norm.scale(), a.k_norm.scale())
+        # decode_layer's order: norm1, qkv, proj, norm2, fc, fc2, each (weight, bias) [, q_norm, k_norm]
+        self.packed = pack_layer((self.norm1.scale(), self.norm1.bias, qkv, a.qkv.bias, proj, a.proj.bias, *n2,
+                                  fc, m.fc.bias, fc2, m.proj.bias, *qk))
 
     def decode_step(self, x, residual, positions, cache, meta: StepMeta, rope):
         """forward() for a decode step: once packed (CPU fp32), the whole layer is one call into
@@ -173,4 +197,4 @@ class Block(nn.Module):
         if layer is None or not decode_layer_applies(x, ()):
             return self(x, residual, positions, cache, meta)
         return decode_layer(x, residual, layer, *cache, meta.slot_mapping, meta.block_table, meta.seq_lens, rope,
-                            *self.decode_args)
+                            *self.decode_args, parallel=self.parallel)

@@ -26,14 +26,18 @@ def _prefix(cfg: ModelConfig) -> str:
     return FAMILIES[cfg.model_type].PREFIX
 
 
+def _head(cfg: ModelConfig) -> str:
+    return getattr(FAMILIES[cfg.model_type], "HEAD", "lm_head")
+
+
 def _plan(cfg: ModelConfig) -> tuple[Plan, re.Pattern]:
     """checkpoint tensor name (HF prefix stripped) -> where it goes (the family's table); and the names to skip
     (buffers, and a tied head that some checkpoints store anyway)."""
     plan, skip = FAMILIES[cfg.model_type].plan(cfg)
     if cfg.tie_embeddings:
-        skip += r"|lm_head\.weight"
+        skip += rf"|{_head(cfg)}\.weight"
     else:
-        plan["lm_head.weight"] = ("lm_head.weight", None, False)
+        plan.whole(_head(cfg), "lm_head", ("weight", "bias") if cfg.head_bias else ("weight",))
     return plan, re.compile(skip)
 
 
@@ -41,17 +45,18 @@ def to_hf(model: GPT) -> dict[str, torch.Tensor]:
     """The model's parameters under their HF names and layouts."""
     cfg, sd = model.config, model.state_dict()
     plan, _ = _plan(cfg)
-    unmapped = set(sd) - {pname for pname, _, _ in plan.values()}
+    unmapped = set(sd) - {target[0] for target in plan.values()}
     assert not unmapped, unmapped  # the table names every parameter
     out = {}
-    for name, (pname, rows, transposed) in plan.items():
+    for name, (pname, rows, transposed, order) in plan.items():
         t = sd[pname] if rows is None else sd[pname][rows[0]:rows[1]]
-        out[name if name.startswith("lm_head.") else _prefix(cfg) + name] = t.t() if transposed else t
+        t = t if order is None else t[order.to(t.device)]
+        out[name if name.startswith(_head(cfg) + ".") else _prefix(cfg) + name] = t.t() if transposed else t
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
 def _strip(cfg: ModelConfig, name: str) -> str:
-    return name.removeprefix(_prefix(cfg))
+    return name if name.startswith(_head(cfg) + ".") else name.removeprefix(_prefix(cfg))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> GPT:
@@ -87,7 +92,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                                  f"({cfg.n_layer} layers)")
             if name in seen:
                 raise ValueError(f"tensor {raw!r} appears twice in the checkpoint")
-            pname, rows, transposed = plan[name]
+            pname, rows, transposed, order = plan[name]
             out = dest[pname] if rows is None else dest[pname][rows[0]:rows[1]]
             want = tuple(out.shape)[::-1] if transposed else tuple(out.shape)
             if tuple(src.shape) != want:
@@ -95,7 +100,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             if src.dtype is None or not src.dtype.is_floating_point:
                 raise ValueError(f"tensor {raw!r} has dtype {getattr(src, 'st_dtype', src.dtype)}, "
                                  "expected a floating type")
-            src.copy_to(out, transposed)
+            src.copy_to(out, transposed, order)
             seen.add(name)
     missing = [n for n in plan if n not in seen]
     if missing:
@@ -107,16 +112,3 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             fresh = type(mod)(cfg)
             mod.cos, mod.sin = fresh.cos, fresh.sin
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def from_hf(cfg: ModelConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF tensors (either GPT-2 layout) -> our state dict; raises ValueError naming any missing tensor."""
-    plan, _ = _plan(cfg)
-    got = {_strip(cfg, k): v for k, v in t.items()}
-    missing = [n for n in plan if n not in got]
-    if missing:
-        raise ValueError(f"checkpoint is missing tensor {missing[0]!r}")
-    parts: dict[str, list] = {}
-    for name, (pname, rows, transposed) in plan.items():
-        parts.setdefault(pname, []).append((rows[0] if rows else 0, got[name].t() if transposed else got[name]))
-    return {k: torch.cat([x for _, x in sorted(v, key=lambda r: r[0])]).contiguous() for k, v in parts.items()}

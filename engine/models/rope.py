@@ -23,17 +23,18 @@ MAX_POSITIONS = 1 << 24  # rotary tables are allocated up front: refuse absurd c
 
 
 # --- config time: HF rope parameters -> one normalized dict -----------------------------------
-def check_rope_scaling(rp: dict, head_dim: int, max_pos: int, original: int | None = None) -> dict | None:
+def check_rope_scaling(rp: dict, rotary_dim: int, max_pos: int, original: int | None = None) -> dict | None:
     """HF rope parameters (rope_parameters / rope_scaling, new or legacy keys) -> a normalized dict with every
     value the rotary tables need resolved as transformers resolves it, or None for plain RoPE. ValueError naming
-    the field on anything transformers would not run the same way."""
+    the field on anything transformers would not run the same way. (partial_rotary_factor is the family's to
+    read: it is ModelConfig.rotary_fraction.)"""
     if not isinstance(rp, dict):
         raise ValueError(f"rope_scaling must be an object, got {rp!r}")
     t = rp.get("rope_type", rp.get("type", "default"))
+    if t in ("su", "yarn") and "short_factor" in rp:  # Phi-3's early names for longrope, as transformers reads them
+        t = "longrope"
     if t not in ROPE_TYPES:
         raise ValueError(f"rope_scaling.rope_type {t!r} is not supported; supported: {ROPE_TYPES}")
-    if rp.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"rope_scaling.partial_rotary_factor {rp['partial_rotary_factor']!r} is not supported")
     if t == "default":
         return None
 
@@ -78,9 +79,10 @@ def check_rope_scaling(rp: dict, head_dim: int, max_pos: int, original: int | No
     elif t == "longrope":
         for key in ("short_factor", "long_factor"):
             v = rp.get(key)
-            if (not isinstance(v, list) or len(v) != head_dim // 2
+            if (not isinstance(v, list) or len(v) != rotary_dim // 2
                     or not all(is_num(x) and math.isfinite(x) and x > 0 for x in v)):
-                raise ValueError(f"rope_scaling.{key} must be a list of {head_dim // 2} positive numbers, got {v!r}")
+                raise ValueError(f"rope_scaling.{key} must be a list of {rotary_dim // 2} positive numbers, "
+                                 f"got {v!r}")
             out[key] = [float(x) for x in v]
         factor = num("factor")
         factor = factor if factor is not None else max_pos / out["original_max_position_embeddings"]
@@ -112,11 +114,12 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 # --- the tables --------------------------------------------------------------------------------
 def rope_inv_freq(cfg: ModelConfig, seq_len=None) -> tuple[torch.Tensor, float]:
-    """(inv_freq (D/2,) fp32, attention scaling of cos/sin) as transformers computes them for cfg.rope_scaling;
-    seq_len (an int or an int64 tensor of any shape, giving inv_freq (..., D/2)) matters for dynamic and longrope."""
-    d, base, rs = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {"rope_type": "default"}
+    """(inv_freq (R/2,) fp32, attention scaling of cos/sin) as transformers computes them for cfg.rope_scaling,
+    R = cfg.rotary_dim; seq_len (an int or an int64 tensor of any shape, giving inv_freq (..., R/2)) matters for
+    dynamic and longrope."""
+    d, base, rs = cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling or {"rope_type": "default"}
     t = rs["rope_type"]
-    expo = torch.arange(0, d, 2, dtype=torch.int64).float() / d  # (D/2,)
+    expo = torch.arange(0, d, 2, dtype=torch.int64).float() / d  # (R/2,)
     inv = 1.0 / (base ** expo)
     if t == "linear":
         return inv / rs["factor"], 1.0
@@ -168,15 +171,15 @@ def seq_dependent_rope(cfg: ModelConfig) -> bool:
 
 
 def rope_at(cfg: ModelConfig, pos: torch.Tensor, seq_len=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (N, D/2) fp32 (attention scaling folded in) at positions pos (N,) int64, each in a forward
+    """cos, sin (N, R/2) fp32 (attention scaling folded in) at positions pos (N,) int64, each in a forward
     over seq_len tokens (an int or an (N,) tensor; dynamic and longrope only)."""
-    inv, scale = rope_inv_freq(cfg, seq_len if seq_dependent_rope(cfg) else None)  # (D/2,) or (N, D/2)
+    inv, scale = rope_inv_freq(cfg, seq_len if seq_dependent_rope(cfg) else None)  # (R/2,) or (N, R/2)
     ang = pos.float().unsqueeze(-1) * inv  # fp32 like transformers
     return ang.cos() * scale, ang.sin() * scale
 
 
 def rope_tables(cfg: ModelConfig, n: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (n, D/2) for positions 0..n-1. seq_len None: each position rotated as transformers rotates it
+    """cos, sin (n, R/2) for positions 0..n-1. seq_len None: each position rotated as transformers rotates it
     when it is the newest token (dynamic/longrope switch per position, as in incremental decoding);
     seq_len T: every position as in a forward over T tokens."""
     pos = torch.arange(n, dtype=torch.int64)
@@ -184,8 +187,8 @@ def rope_tables(cfg: ModelConfig, n: int, seq_len: int | None = None) -> tuple[t
 
 
 class Rotary(nn.Module):
-    """HF-style (rotate_half) rotary embedding with cos/sin tables precomputed to max_seq_len (rope scaling
-    and its attention factor included)."""
+    """HF-style (rotate_half) rotary embedding of each head's first rotary_dim dims, with cos/sin tables
+    precomputed to max_seq_len (rope scaling and its attention factor included)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -209,5 +212,7 @@ class Rotary(nn.Module):
         # x (..., T, h, d), positions (..., T)
         cos, sin = tables if tables is not None else (self.cos, self.sin)
         cos, sin = cos[positions].float().unsqueeze(-2), sin[positions].float().unsqueeze(-2)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        r = 2 * cos.shape[-1]
+        x1, x2 = x[..., :r].float().chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        return out if r == x.shape[-1] else torch.cat([out, x[..., r:]], dim=-1)

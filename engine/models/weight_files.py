@@ -57,9 +57,16 @@ def _row_blocks(shape: tuple[int, ...], itemsize: int) -> Iterator[tuple[int, in
     return ((i, min(rows, i + step)) for i in range(0, rows, step))
 
 
-def _block_of(out: torch.Tensor, i: int, j: int, transposed: bool) -> torch.Tensor:
-    """out's part that source rows i:j fill (out holds the source's transpose when transposed)."""
-    return out[:, i:j] if transposed else out[i:j]
+def _put(out: torch.Tensor, i: int, j: int, block: torch.Tensor, transposed: bool,
+         order: torch.Tensor | None) -> None:
+    """Source rows i:j (block) into out: its transpose when transposed, row r into out's row order[r] when
+    given (a checkpoint whose rows are in another order)."""
+    if order is not None:
+        out.index_copy_(0, order[i:j].to(out.device), block.to(out.dtype))
+    elif transposed:
+        out[:, i:j].copy_(block.t())
+    else:
+        out[i:j].copy_(block)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -88,10 +95,11 @@ class _FileTensor:
                 raise ValueError(f"{self.path.name}: file ends inside tensor {self.name!r}")
             done += n
 
-    def copy_to(self, out: torch.Tensor, transposed: bool) -> None:
+    def copy_to(self, out: torch.Tensor, transposed: bool, order: torch.Tensor | None = None) -> None:
         if out.numel() == 0:
             return
-        if out.dtype == self.dtype and not transposed and out.is_contiguous() and out.device.type == "cpu":
+        if (out.dtype == self.dtype and not transposed and order is None and out.is_contiguous()
+                and out.device.type == "cpu"):
             self._read(out, 0)
             return
         if not self.shape:
@@ -103,7 +111,7 @@ class _FileTensor:
         for i, j in _row_blocks(self.shape, self.dtype.itemsize):
             buf = torch.empty((j - i, *self.shape[1:]), dtype=self.dtype)
             self._read(buf, i * row_bytes)
-            _block_of(out, i, j, transposed).copy_(buf.t() if transposed else buf)
+            _put(out, i, j, buf, transposed, order)
 
 
 def _safetensors_entries(path: Path, f) -> list[_FileTensor]:
@@ -142,14 +150,14 @@ class _LoadedTensor:
     def __init__(self, t: torch.Tensor, mapping: list[tuple[int, int]]):
         self.t, self.mapping, self.shape, self.dtype = t, mapping, tuple(t.shape), t.dtype
 
-    def copy_to(self, out: torch.Tensor, transposed: bool) -> None:
+    def copy_to(self, out: torch.Tensor, transposed: bool, order: torch.Tensor | None = None) -> None:
         t = self.t
         if t.dim() == 0 or t.numel() == 0:
             out.copy_(t)
             return
         for i, j in _row_blocks(self.shape, t.element_size()):
             part = t[i:j]
-            _block_of(out, i, j, transposed).copy_(part.t() if transposed else part)
+            _put(out, i, j, part, transposed, order)
             self._release(part)
 
     def _release(self, part: torch.Tensor) -> None:
@@ -195,7 +203,7 @@ def _file_mapping(path: Path) -> list[tuple[int, int]]:
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, "_FileTensor | _LoadedTensor"]]:
     """(name, tensor source) of one weight file, one tensor at a time; each source has shape, dtype and
-    copy_to(out, transposed), and is read only when copied."""
+    copy_to(out, transposed, order=None), and is read only when copied."""
     if path.name.endswith(".safetensors"):
         with open(path, "rb", buffering=0) as f:
             for t in _safetensors_entries(path, f):

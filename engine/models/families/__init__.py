@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import gpt2, gpt_neo, llama, mistral, qwen2
+from . import gemma, gpt2, gpt_neo, gpt_neox, gptj, llama, mistral, phi3, qwen2, qwen3
 
 FAMILIES: dict[str, ModuleType] = {
     "gpt2": gpt2,
@@ -12,4 +12,9 @@ FAMILIES: dict[str, ModuleType] = {
     "llama": llama,
     "mistral": mistral,
     "qwen2": qwen2,
+    "gpt_neox": gpt_neox,
+    "gptj": gptj,
+    "phi3": phi3,
+    "gemma": gemma,
+    "qwen3": qwen3,
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..hf_json import Fields
 from ..rope import MAX_POSITIONS
-from .base import Plan, common_hf
+from .base import Plan, common_hf, fixed_traits
 
 TRAITS = dict(norm="layernorm", mlp="plain", activation="gelu_tanh", positions="learned", bias=True)
 PREFIX = "transformer."
@@ -41,6 +41,7 @@ def from_hf(d: dict, f: Fields) -> dict:
 
 
 def to_hf(cfg) -> dict:
+    fixed_traits(cfg, TRAITS, free=("activation",))
     return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=cfg.d_model, n_layer=cfg.n_layer,
                 n_head=cfg.n_head, n_inner=cfg.d_ff, n_positions=cfg.max_seq_len, n_ctx=cfg.max_seq_len,
                 layer_norm_epsilon=cfg.norm_eps, activation_function=HF_GELU[cfg.activation], resid_pdrop=0.0,

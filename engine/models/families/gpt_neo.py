@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..hf_json import Fields
 from ..rope import MAX_POSITIONS
 from . import gpt2
-from .base import LAYER_TYPES, Plan, common_hf, normalized, qkv_sizes
+from .base import LAYER_TYPES, Plan, common_hf, fixed_traits, normalized, qkv_sizes
 
 TRAITS = dict(gpt2.TRAITS, qkv_bias=False, attn_scale=1.0)
 PREFIX = "transformer."
@@ -33,6 +33,7 @@ def from_hf(d: dict, f: Fields) -> dict:
 
 
 def to_hf(cfg) -> dict:
+    fixed_traits(cfg, TRAITS, free=("activation",))
     types = ["local" if w else "global" for w in cfg.windowed]
     period = next(p for p in range(1, cfg.n_layer + 1) if types == types[:p] * (cfg.n_layer // p))
     return dict(model_type="gpt_neo", architectures=["GPTNeoForCausalLM"], hidden_size=cfg.d_model,

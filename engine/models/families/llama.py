@@ -11,17 +11,22 @@ import math
 
 from ..hf_json import Fields, is_num
 from ..rope import MAX_POSITIONS, check_rope_scaling, rope_context_len
-from .base import Plan, common_hf, qkv_sizes, with_bias
+from .base import Plan, common_hf, fixed_traits, qkv_sizes, with_bias
 
 TRAITS = dict(norm="rmsnorm", mlp="gated", activation="silu", positions="rotary", bias=False)
 PREFIX = "model."
 WINDOWED = False
 
 
-def hf_kwargs(mt: str, d: dict, f: Fields, max_pos_default: int) -> dict:
-    """ModelConfig keyword arguments from the config.json fields every llama-like family shares."""
-    if f.str("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: unsupported {mt} hidden_act {d.get('hidden_act')!r}")
+def hf_kwargs(mt: str, d: dict, f: Fields, max_pos_default: int, partial: bool = False,
+              acts: dict | None = None) -> dict:
+    """ModelConfig keyword arguments from the config.json fields every llama-like family shares. partial: the
+    family rotates a partial_rotary_factor share of each head (transformers' llama cannot); acts: its HF
+    hidden_act names -> ours (default silu only)."""
+    acts = acts or {"silu": "silu"}
+    act = f.str("hidden_act", next(iter(acts)))
+    if act not in acts:
+        raise ValueError(f"config.json: unsupported {mt} hidden_act {act!r} (supported: {tuple(acts)})")
     n_head, d_model = f.int("num_attention_heads"), f.int("hidden_size")
     head_dim = f.opt_int("head_dim", 1) or d_model // n_head
     max_pos = f.int("max_position_embeddings", max_pos_default, hi=MAX_POSITIONS)
@@ -31,30 +36,29 @@ def hf_kwargs(mt: str, d: dict, f: Fields, max_pos_default: int) -> dict:
     theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
     if not is_num(theta) or not math.isfinite(theta) or theta <= 1:
         raise ValueError(f"config.json: rope_theta must be a number > 1, got {theta!r}")
-    prf = d.get("partial_rotary_factor", 1.0)
-    if prf != 1.0:
-        raise ValueError(f"config.json: partial_rotary_factor {prf!r} is not supported (only 1.0)")
-    scaling = check_rope_scaling(rope, head_dim, max_pos, f.opt_int("original_max_position_embeddings", 1))
-    return dict(TRAITS, vocab_size=f.int("vocab_size"), n_layer=f.int("num_hidden_layers"), n_head=n_head,
+    prf = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if prf != 1.0 and not partial:
+        raise ValueError(f"config.json: {mt} with partial_rotary_factor {prf!r} is not supported (only 1.0)")
+    if not is_num(prf) or not 0 < prf <= 1:
+        raise ValueError(f"config.json: partial_rotary_factor must be in (0, 1], got {prf!r}")
+    rotary_dim = int(head_dim * prf + 1e-6)
+    scaling = check_rope_scaling(rope, rotary_dim, max_pos, f.opt_int("original_max_position_embeddings", 1))
+    return dict(TRAITS, activation=acts[act], rotary_fraction=float(prf), vocab_size=f.int("vocab_size"),
+                n_layer=f.int("num_hidden_layers"), n_head=n_head,
                 n_kv_head=f.opt_int("num_key_value_heads", 1) or 0, d_model=d_model,
                 d_ff=f.int("intermediate_size"), head_dim=head_dim, max_seq_len=rope_context_len(max_pos, scaling),
                 max_position_embeddings=max_pos, norm_eps=f.float("rms_norm_eps", 1e-6), rope_theta=float(theta),
                 tie_embeddings=f.bool("tie_word_embeddings", False), rope_scaling=scaling)
 
 
-def hf_arch(cfg) -> dict:
-    """The config.json fields every llama-like family writes the same way."""
+def hf_arch(cfg, act: str = "silu") -> dict:
+    """The config.json fields every llama-like family writes the same way (act: HF's hidden_act)."""
     # rope_theta at the top and rope_scaling (None when default): both transformers 4.4x and 5.x read these
     return dict(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer,
-                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, hidden_act="silu",
+                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, hidden_act=act,
                 max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
                 rope_theta=cfg.rope_theta, rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None,
                 **common_hf(cfg))
-
-
-def no_biases(cfg) -> None:
-    if cfg.qkv_bias or cfg.bias or cfg.mlp_bias:
-        raise ValueError(f"{cfg.model_type} checkpoints carry no linear biases (bias=False, qkv_bias=False)")
 
 
 def from_hf(d: dict, f: Fields) -> dict:
@@ -65,7 +69,7 @@ def from_hf(d: dict, f: Fields) -> dict:
 
 
 def to_hf(cfg) -> dict:
-    no_biases(cfg)
+    fixed_traits(cfg, TRAITS)
     return dict(model_type="llama", architectures=["LlamaForCausalLM"], head_dim=cfg.head_dim,
                 attention_bias=False, mlp_bias=False, **hf_arch(cfg))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..hf_json import Fields
 from . import llama
+from .base import fixed_traits
 
 TRAITS = llama.TRAITS
 PREFIX = llama.PREFIX
@@ -17,7 +18,7 @@ def from_hf(d: dict, f: Fields) -> dict:
 
 
 def to_hf(cfg) -> dict:
-    llama.no_biases(cfg)
+    fixed_traits(cfg, TRAITS)
     return dict(model_type="mistral", architectures=["MistralForCausalLM"], head_dim=cfg.head_dim,
                 sliding_window=cfg.sliding_window or None, **llama.hf_arch(cfg))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..hf_json import Fields
 from . import llama
-from .base import LAYER_TYPES, normalized
+from .base import LAYER_TYPES, fixed_traits, normalized
 
 TRAITS = dict(llama.TRAITS, qkv_bias=True)
 PREFIX = llama.PREFIX
@@ -36,10 +36,13 @@ def from_hf(d: dict, f: Fields) -> dict:
 
 
 def to_hf(cfg) -> dict:
-    if not cfg.qkv_bias or cfg.bias or cfg.mlp_bias:
-        raise ValueError("qwen2 has biases on q/k/v only (qkv_bias=True, bias=False)")
+    fixed_traits(cfg, TRAITS)
+    return dict(to_hf_fields(cfg), model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+
+
+def to_hf_fields(cfg) -> dict:
+    """The config.json fields of qwen2 and qwen3: llama's and the windowed layers."""
     w = cfg.windowed
-    return dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=any(w),
-                sliding_window=cfg.sliding_window if any(w) else None,
+    return dict(use_sliding_window=any(w), sliding_window=cfg.sliding_window if any(w) else None,
                 max_window_layers=w.index(True) if any(w) else cfg.n_layer,
                 layer_types=[LAYER_TYPES[x] for x in w], **llama.hf_arch(cfg))
