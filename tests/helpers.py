@@ -17,41 +17,73 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['conte
             "{% if add_generation_prompt %}[assistant] {% endif %}")
 
 
-def make_hf_model(kind: str, path, vocab_size: int = 256, seed: int = 0, save: bool = True, **kw):
-    """Save a random-init transformers model of `kind` (gpt2 | gpt_neo | llama | llama-untied | mistral |
-    mistral-untied | qwen2 | qwen2-untied) to path; kw go to the transformers config (e.g. rope_scaling=...,
-    max_position_embeddings=..., sliding_window=...)."""
+# the shapes the tests were first written for; another family gets the default of its kind of positions
+_SHAPES = {"learned": dict(d_model=64, n_head=2), "rotary": dict(d_model=128, n_head=4, d_ff=160)}
+_FAMILY_SHAPES = {"gpt_neo": dict(sliding_window=8, layer_types=["full_attention", "sliding_attention"]),
+                  "llama": dict(n_kv_head=1), "mistral": dict(n_kv_head=2), "qwen2": dict(n_kv_head=2)}
+
+
+def make_hf_model(kind: str, path, vocab_size: int = 256, seed: int = 0, save: bool = True, shape=None, **kw):
+    """Save a random-init transformers model of `kind` (a model_type, with "-untied" for an untied head) to
+    path, with random norms and biases. Its config.json is the one our ModelConfig writes for the family
+    (2 layers, a small shape), with `shape` (ModelConfig fields: d_model, n_head, head_dim, rotary_fraction,
+    ...) applied before and kw (transformers' config fields: rope_scaling, sliding_window, ...) after."""
     import transformers
+
+    from gpt_engine import ModelConfig
+    from gpt_engine.models.families import FAMILIES
+    family, _, variant = kind.partition("-")
+    traits = FAMILIES[family].TRAITS
+    fields = dict(model_type=family, n_layer=2, vocab_size=vocab_size, max_seq_len=128, bos_token_id=0,
+                  eos_token_id=0, tie_embeddings=variant != "untied" and not traits.get("head_bias"),
+                  **_SHAPES[traits["positions"]])
+    fields.update(_FAMILY_SHAPES.get(family, {}), **(shape or {}))
     torch.manual_seed(seed)
-    if kind == "gpt2":
-        cfg = transformers.GPT2Config(**{**dict(n_layer=2, n_embd=64, n_head=2, vocab_size=vocab_size,
-                                                n_positions=128, bos_token_id=0, eos_token_id=0), **kw})
-        model = transformers.GPT2LMHeadModel(cfg)
-    elif kind == "gpt_neo":  # one global and one local layer by default
-        cfg = transformers.GPTNeoConfig(**{**dict(num_layers=2, hidden_size=64, num_heads=2, vocab_size=vocab_size,
-                                                  max_position_embeddings=128, window_size=8,
-                                                  attention_types=[[["global", "local"], 1]], bos_token_id=0,
-                                                  eos_token_id=0), **kw})
-        model = transformers.GPTNeoForCausalLM(cfg)
-        _randomize_norms_and_biases(model)
-    else:
-        family = kind.split("-")[0]
-        args = dict(num_hidden_layers=2, hidden_size=128, intermediate_size=160, num_attention_heads=4,
-                    num_key_value_heads=1 if family == "llama" else 2, vocab_size=vocab_size,
-                    max_position_embeddings=128, tie_word_embeddings=not kind.endswith("-untied"),
-                    bos_token_id=0, eos_token_id=0)
-        args.update(kw)
-        if family == "qwen2":
-            model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{"use_sliding_window": False, **args}))
-        elif family == "mistral":
-            model = transformers.MistralForCausalLM(transformers.MistralConfig(**args))
-        else:
-            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**args))
-        _randomize_norms_and_biases(model)
+    config = transformers.AutoConfig.for_model(**{**ModelConfig(**fields).to_hf(), **kw})
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    _randomize_norms_and_biases(model)
     model.eval()
     if save:
         model.save_pretrained(path)
     return model
+
+
+# The families past llama at odd shapes: head dims not a power of two (24, 40, 72, 256), rotary on a part of the
+# head, GQA ratios 1, 2 and H. name -> (make_hf_model kind, ModelConfig shape fields)
+FAMILY_CASES = {
+    "gpt_neox": ("gpt_neox-untied", dict(d_model=96, n_head=4, d_ff=160, rotary_fraction=0.25)),
+    "gpt_neox-sequential": ("gpt_neox", dict(d_model=96, n_head=4, d_ff=160, rotary_fraction=0.5,
+                                             parallel_residual=False)),
+    "gptj": ("gptj", dict(d_model=96, n_head=4, d_ff=128, rotary_fraction=2 / 3)),
+    "phi3": ("phi3-untied", dict(d_model=160, n_head=4, n_kv_head=2, d_ff=96, rotary_fraction=0.5)),
+    "gemma": ("gemma", dict(d_model=64, n_head=4, n_kv_head=1, head_dim=72, d_ff=96)),
+    "gemma-256": ("gemma", dict(d_model=64, n_head=2, n_kv_head=1, head_dim=256, d_ff=96)),
+    "qwen3": ("qwen3-untied", dict(d_model=64, n_head=4, n_kv_head=2, head_dim=40, d_ff=96)),
+}
+
+
+def make_family_model(name: str, path, **kw):
+    """make_hf_model of a FAMILY_CASES entry (kw as make_hf_model's)."""
+    kind, shape = FAMILY_CASES[name]
+    return make_hf_model(kind, path, shape=shape, **kw)
+
+
+GREEDY_TOKENS = 12
+
+
+def assert_greedy_matches(path, hf, lengths, **llm_kw):
+    """LLM's greedy tokens for prompts of `lengths` (one batch, the CPU fast path) are transformers' generate()."""
+    from gpt_engine import SamplingParams
+    from gpt_engine.llm import LLM
+    llm = LLM(str(path), device="cpu", **llm_kw)
+    model = llm.runner.model
+    assert model.head.packed is not None and all(layer.packed is not None for layer in model.layers)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 256, (n,), generator=g).tolist() for n in lengths]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True),
+                        use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, GREEDY_TOKENS), f"prompt of {len(p)} tokens"
 
 
 def hf_greedy(hf, prompt, n: int) -> list[int]:

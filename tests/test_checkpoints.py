@@ -12,7 +12,7 @@ from gpt_engine import ModelConfig, load_model, save_model
 from gpt_engine.models.generation_config import load_generation_config
 from gpt_engine.models.gpt import GPT
 
-from .helpers import make_hf_model, save_bin, save_hub_gpt2
+from .helpers import GREEDY_TOKENS, assert_greedy_matches, make_hf_model, save_bin, save_hub_gpt2
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
@@ -300,38 +300,21 @@ def test_shards_are_read_one_at_a_time(tmp_path, monkeypatch):
 # --- LLM greedy == transformers generate, per family ---------------------------------------------
 # LLM runs its own CPU paths (packed GEMMs, the C++ decode layer rotating q/k in place): the rope scaling
 # must reach those as well as the dense forward the logits tests cover.
-GREEDY_TOKENS = 12
 # transformers' default init (std 0.02) gives near-uniform attention whose greedy tokens barely depend on
 # positions: a wider init makes a wrong rotation change the tokens
 SHARP = {"initializer_range": 0.1}
 
 
-def _assert_greedy_matches(path, hf, lengths, **llm_kw):
-    from gpt_engine.llm import LLM
-    from gpt_engine import SamplingParams
-    llm = LLM(str(path), device="cpu", **llm_kw)
-    model = llm.runner.model
-    assert model.head.packed is not None and all(layer.packed is not None for layer in model.layers)
-    g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, 256, (n,), generator=g).tolist() for n in lengths]
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, ignore_eos=True),
-                        use_tqdm=False)
-    hf.generation_config.eos_token_id = None  # as ignore_eos
-    for p, o in zip(prompts, outs):
-        want = hf.generate(torch.tensor([p]), max_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=0)
-        assert o.token_ids == want[0, len(p):].tolist(), f"prompt of {len(p)} tokens"
-
-
 def test_gpt2_hub_layout_greedy(tmp_path):
     hf = make_hf_model("gpt2", None, save=False, **SHARP)
     save_hub_gpt2(hf, tmp_path)
-    _assert_greedy_matches(tmp_path, hf, [3, 17, 40])
+    assert_greedy_matches(tmp_path, hf, [3, 17, 40])
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2-untied"])
 def test_qwen2_greedy(kind, tmp_path):
     hf = make_hf_model(kind, tmp_path, rope_theta=1e6, **SHARP)
-    _assert_greedy_matches(tmp_path, hf, [3, 17, 40])
+    assert_greedy_matches(tmp_path, hf, [3, 17, 40])
 
 
 # Contexts run past original_max_position_embeddings (32; max_position_embeddings for linear and dynamic).
@@ -349,7 +332,7 @@ def test_rope_scaling_greedy(name, lengths, chunk, tmp_path):
     kw = {"max_position_embeddings": 32} if name in ("linear", "dynamic") else {}
     hf = make_hf_model("llama", tmp_path, rope_scaling=dict(ROPE[name]), **SHARP, **kw)
     assert max(lengths) + GREEDY_TOKENS > 32
-    _assert_greedy_matches(tmp_path, hf, lengths, **({"max_num_batched_tokens": chunk} if chunk else {}))
+    assert_greedy_matches(tmp_path, hf, lengths, **({"max_num_batched_tokens": chunk} if chunk else {}))
 
 
 # --- loading memory ----------------------------------------------------------------------------
@@ -382,8 +365,8 @@ def test_peak_memory_while_loading(layout, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    hf = make_hf_model("llama-untied", None, save=False, vocab_size=8000, hidden_size=512, intermediate_size=1408,
-                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
+    hf = make_hf_model("llama-untied", None, save=False, vocab_size=8000,
+                       shape=dict(d_model=512, d_ff=1408, n_layer=4, n_head=8, n_kv_head=2))
     if layout == "bin":
         save_bin(hf, tmp_path)
     else:

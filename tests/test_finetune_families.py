@@ -1,6 +1,7 @@
-"""Fine-tuning (--init) every RoPE family as users bring it: qwen2 (qkv bias, tied and untied) and a
-llama-3-style checkpoint (llama3 rope scaling, GQA, untied head). The output directory must load in
-transformers with the logits our loader gives it, rope scaling included."""
+"""Fine-tuning (--init) every RoPE family as users bring it: qwen2 (qkv bias, tied and untied), a
+llama-3-style checkpoint (llama3 rope scaling, GQA, untied head), and the families of
+tests/helpers.FAMILY_CASES. The output directory must load in transformers with the logits our loader gives
+it, rope scaling included."""
 from __future__ import annotations
 
 import json
@@ -14,26 +15,28 @@ from gpt_engine.tokenizer import Tokenizer
 from gpt_engine.train.config import TrainConfig
 from gpt_engine.train.trainer import train
 
-from .helpers import make_hf_model
+from .helpers import FAMILY_CASES, make_hf_model
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
 
 TEXT = "".join(f"The {i}th line says {i * 7 % 13} apples and {i % 5} pears.\n" for i in range(300))
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}
+# name -> (make_hf_model kind, its transformers config fields, its shape)
 FAMILIES = {
-    "qwen2": ("qwen2", dict(rope_theta=1e6)),
-    "qwen2-untied": ("qwen2-untied", dict(rope_theta=1e6)),
-    "llama3": ("llama-untied", dict(rope_scaling=dict(LLAMA3), rope_theta=5e5)),
+    "qwen2": ("qwen2", dict(rope_theta=1e6), None),
+    "qwen2-untied": ("qwen2-untied", dict(rope_theta=1e6), None),
+    "llama3": ("llama-untied", dict(rope_scaling=dict(LLAMA3), rope_theta=5e5), None),
+    **{name: (kind, {}, shape) for name, (kind, shape) in FAMILY_CASES.items() if name != "gemma-256"},
 }
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_finetune_from_hf_dir(name, tmp_path):
     import transformers
-    kind, kw = FAMILIES[name]
+    kind, kw, shape = FAMILIES[name]
     init = tmp_path / "init"
-    make_hf_model(kind, init, vocab_size=320, **kw)
+    make_hf_model(kind, init, vocab_size=320, shape=shape, **kw)
     Tokenizer.train([TEXT], vocab_size=300, show_progress=False).save(init)
     data = tmp_path / "corpus.txt"
     data.write_text(TEXT)

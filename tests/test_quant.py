@@ -9,7 +9,7 @@ import torch
 import gpt_engine.models.formats as F
 import gpt_engine.models.gpt as M
 from gpt_engine.models.layers import Linear
-from gpt_engine import LLM, SamplingParams
+from gpt_engine import LLM, ModelConfig, SamplingParams
 from gpt_engine.models.presets import resolve_config
 from gpt_engine.engine_config import EngineConfig
 from gpt_engine.kernels import (QuantizedWeight, decode_layer, dequantize, linear_int8, linear_w8a8, pack_layer,
@@ -17,7 +17,7 @@ from gpt_engine.kernels import (QuantizedWeight, decode_layer, dequantize, linea
 from gpt_engine.kernels import reference as R
 from gpt_engine.kernels._ext import ext
 
-from .helpers import layer_weights, paged_batch
+from .helpers import FAMILY_CASES, layer_weights, paged_batch
 
 ACTS = [None, "gelu", "gelu_tanh", "relu"]
 PANELS = [24, 48]
@@ -243,15 +243,23 @@ def test_cli_flags():
     assert (cfg.quantization, cfg.quantization_group_size, cfg.dtype) == ("int8", 64, "bfloat16")
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
-@pytest.mark.parametrize("fmt", [dict(quantization="int8"), dict(quantization="int8", quantization_group_size=32),
-                                 dict(quantization="w8a8"), dict(quantization="w8a8", quantization_group_size=64),
-                                 dict(dtype="bfloat16"), dict(dtype=torch.float16)])
+FORMATS = [dict(quantization="int8"), dict(quantization="int8", quantization_group_size=32),
+           dict(quantization="w8a8"), dict(quantization="w8a8", quantization_group_size=64),
+           dict(dtype="bfloat16"), dict(dtype=torch.float16)]
+
+
+@pytest.mark.parametrize("preset,fmt", [*((p, f) for p in ("gpt2-tiny", "llama-tiny") for f in FORMATS),
+                                        *((name, f) for name in FAMILY_CASES for f in FORMATS[::2])])
 def test_llm_weight_formats(preset, fmt, torch_cpu_path, monkeypatch):
     """LLM quantises / rounds at load, keeps float32 compute and KV cache on CPU, runs the packed
     int8 / bf16 GEMMs, and its greedy tokens are the dense model's on the weights they stand for."""
     torch.manual_seed(0)
-    cfg = resolve_config(preset)
+    if preset in FAMILY_CASES:
+        kind, shape = FAMILY_CASES[preset]
+        cfg = ModelConfig(model_type=kind.split("-")[0], n_layer=2, vocab_size=256, max_seq_len=64,
+                          tie_embeddings=False, **shape)
+    else:
+        cfg = resolve_config(preset)
     model = M.GPT(cfg).eval()
     ref = M.GPT(cfg).eval()
     ref.load_state_dict(model.state_dict())

@@ -1,0 +1,55 @@
+"""The families past llama (GPT-NeoX/Pythia, GPT-J, Phi-3, Gemma, Qwen3) as transformers builds them, at odd
+shapes (tests/helpers.FAMILY_CASES): logits, greedy decoding against generate() with plain and chunked prefill,
+saving back to what transformers loads, and serving. Fine-tuning is in test_finetune_families.py, weight
+formats in test_quant.py."""
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+
+from gpt_engine import LLM, ModelConfig, SamplingParams, load_model, save_model
+from gpt_engine.tokenizer import Tokenizer
+
+from .helpers import CORPUS, FAMILY_CASES, assert_greedy_matches, make_family_model, serving
+
+pytestmark = pytest.mark.usefixtures("torch_cpu_path")
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CASES))
+def test_logits_and_save_round_trip(name, tmp_path):
+    import transformers
+    hf = make_family_model(name, tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
+    ids = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+        _close(ours(ids), want)
+        save_model(ours, tmp_path / "out")
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        _close(back(ids).logits, want)
+    assert ModelConfig.load(tmp_path / "out") == ModelConfig.load(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+@pytest.mark.parametrize("name", list(FAMILY_CASES))
+def test_greedy_matches_generate(name, chunk, tmp_path):
+    hf = make_family_model(name, tmp_path, initializer_range=0.1)
+    assert_greedy_matches(tmp_path, hf, [3, 17, 40], **({"max_num_batched_tokens": chunk} if chunk else {}))
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "gptj", "phi3", "gemma", "qwen3"])
+def test_served(name, tmp_path):
+    make_family_model(name, tmp_path)
+    Tokenizer.train([CORPUS], vocab_size=256, show_progress=False).save(tmp_path)
+    want = LLM(str(tmp_path), device="cpu").generate("hello world", SamplingParams(max_tokens=6, temperature=0,
+                                                                                     ignore_eos=True))[0].text
+    with serving(tmp_path) as srv:
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hello world", "max_tokens": 6,
+                                                          "temperature": 0, "ignore_eos": True}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want
