@@ -29,6 +29,7 @@ _OPS = {
     "packed_linear": "packed",
     "rope_": "rotary",
     "swiglu": "glu",
+    "glu": "glu",
     "decode_layer": "decode",
     "decode_layer_applies": "decode",
     "pack_layer": "decode",

@@ -16,3 +16,10 @@ def swiglu(f: torch.Tensor) -> torch.Tensor:
     """f (..., 2 ff) = [gate | up] -> silu(gate) * up (..., ff) in one pass: CPU float32."""
     C.tensors(f=f)
     return ext().swiglu(f)
+
+
+def glu(f, activation="silu"):  # TEMP until the decodetraits merge
+    if activation == "silu":
+        return swiglu(f)
+    gate, up = f.chunk(2, dim=-1)
+    return torch.nn.functional.gelu(gate, approximate="tanh") * up
