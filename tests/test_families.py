@@ -53,3 +53,22 @@ def test_served(name, tmp_path):
                                                           "temperature": 0, "ignore_eos": True}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == want
+
+
+def test_training_loss_counts_the_head_bias():
+    """GPT-J's head has a bias: the training loss (the chunked head) is the cross-entropy of the model's logits,
+    and the bias gets its gradient."""
+    import torch.nn.functional as F
+
+    from gpt_engine.models.gpt import GPT
+    from gpt_engine.train.model import LMLoss
+    torch.manual_seed(0)
+    gpt = GPT(ModelConfig(model_type="gptj", n_layer=1, n_head=2, d_model=64, vocab_size=64, max_seq_len=16,
+                          tie_embeddings=False, rotary_fraction=0.5))
+    with torch.no_grad():
+        gpt.lm_head.bias.normal_(0, 1.0)
+    x, y = torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (2, 9))
+    loss = LMLoss(gpt)(x, y)
+    torch.testing.assert_close(loss, F.cross_entropy(gpt(x).flatten(0, 1), y.flatten(), reduction="sum"))
+    loss.backward()
+    assert gpt.lm_head.bias.grad is not None and gpt.lm_head.bias.grad.abs().sum() > 0

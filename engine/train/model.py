@@ -35,7 +35,11 @@ class LMLoss(nn.Module):
         h = self.gpt.hidden(x, pos)                                   # (B, T, C)
         if y is None:
             return self.gpt.logits(h[:, -1]).float()                  # (B, V)
-        return chunked_cross_entropy(h, self.gpt.head_weight, y)
+        w, head = self.gpt.head_weight, self.gpt.lm_head
+        if head is not None and head.bias is not None:  # the bias as one more input feature, always 1
+            h = torch.cat([h, h.new_ones(*h.shape[:-1], 1)], dim=-1)
+            w = torch.cat([w, head.bias[:, None].to(w.dtype)], dim=1)
+        return chunked_cross_entropy(h, w, y)
 
 
 @dataclass
