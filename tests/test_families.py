@@ -42,6 +42,26 @@ def test_greedy_matches_generate(name, chunk, tmp_path):
     assert_greedy_matches(tmp_path, hf, [3, 17, 40], **({"max_num_batched_tokens": chunk} if chunk else {}))
 
 
+# Phi-4-mini's kind: longrope over a partial rotary (0.75 of a head of 40: 30 dims, 15 factors each)
+PHI3_LONGROPE = dict(d_model=160, n_head=4, n_kv_head=2, d_ff=96, rotary_fraction=0.75, max_seq_len=128,
+                     rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 32,
+                                   "short_factor": [1.0 + i / 20 for i in range(15)],
+                                   "long_factor": [1.5 + i / 4 for i in range(15)]})
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_phi3_longrope_partial_rotary(chunk, tmp_path):
+    """Past original_max_position_embeddings (32) the long factors rotate: logits of 45 tokens, and greedy
+    prompts below and above it (transformers' Phi-3 recomputes its cache when a generation crosses it,
+    which no prompt here does)."""
+    from .helpers import make_hf_model
+    hf = make_hf_model("phi3-untied", tmp_path, shape=PHI3_LONGROPE, initializer_range=0.1)
+    ids = torch.randint(0, 256, (2, 45), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _close(load_model(tmp_path)(ids), hf(ids).logits)
+    assert_greedy_matches(tmp_path, hf, [3, 17, 40], **({"max_num_batched_tokens": chunk} if chunk else {}))
+
+
 @pytest.mark.parametrize("name", ["gpt_neox", "gptj", "phi3", "gemma", "qwen3"])
 def test_served(name, tmp_path):
     make_family_model(name, tmp_path)

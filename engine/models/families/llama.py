@@ -78,7 +78,8 @@ def check(cfg) -> None:
     pass
 
 
-def plan(cfg) -> tuple[Plan, str]:
+def plan(cfg, fused: bool = False) -> tuple[Plan, str]:
+    """fused: q/k/v in one qkv_proj and gate/up in one gate_up_proj (Phi-3), as our parameters hold them."""
     p = Plan()
     p.whole("embed_tokens", "tok_emb", ("weight",))
     p.whole("norm", "norm_f", ("weight",))
@@ -86,9 +87,13 @@ def plan(cfg) -> tuple[Plan, str]:
         h, ours = f"layers.{i}.", f"layers.{i}."
         p.whole(h + "input_layernorm", ours + "norm1", ("weight",))
         p.whole(h + "post_attention_layernorm", ours + "norm2", ("weight",))
-        p.split([h + f"self_attn.{x}_proj" for x in "qkv"], ours + "attn.qkv", qkv_sizes(cfg), with_bias(cfg.qkv_bias))
         p.whole(h + "self_attn.o_proj", ours + "attn.proj", with_bias(cfg.bias))
+        p.whole(h + "mlp.down_proj", ours + "mlp.proj", with_bias(cfg.mlp_bias))
+        if fused:
+            p.whole(h + "self_attn.qkv_proj", ours + "attn.qkv", with_bias(cfg.qkv_bias))
+            p.whole(h + "mlp.gate_up_proj", ours + "mlp.fc", with_bias(cfg.mlp_bias))
+            continue
+        p.split([h + f"self_attn.{x}_proj" for x in "qkv"], ours + "attn.qkv", qkv_sizes(cfg), with_bias(cfg.qkv_bias))
         p.split([h + "mlp.gate_proj", h + "mlp.up_proj"], ours + "mlp.fc", [cfg.d_ff, cfg.d_ff],
                 with_bias(cfg.mlp_bias))
-        p.whole(h + "mlp.down_proj", ours + "mlp.proj", with_bias(cfg.mlp_bias))
     return p, r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"

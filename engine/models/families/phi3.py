@@ -31,15 +31,4 @@ def to_hf(cfg) -> dict:
 
 
 def plan(cfg) -> tuple[Plan, str]:
-    p = Plan()
-    p.whole("embed_tokens", "tok_emb", ("weight",))
-    p.whole("norm", "norm_f", ("weight",))
-    for i in range(cfg.n_layer):
-        h, ours = f"layers.{i}.", f"layers.{i}."
-        p.whole(h + "input_layernorm", ours + "norm1", ("weight",))
-        p.whole(h + "post_attention_layernorm", ours + "norm2", ("weight",))
-        p.whole(h + "self_attn.qkv_proj", ours + "attn.qkv", ("weight",))
-        p.whole(h + "self_attn.o_proj", ours + "attn.proj", ("weight",))
-        p.whole(h + "mlp.gate_up_proj", ours + "mlp.fc", ("weight",))
-        p.whole(h + "mlp.down_proj", ours + "mlp.proj", ("weight",))
-    return p, r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"
+    return llama.plan(cfg, fused=True)
