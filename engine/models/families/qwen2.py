@@ -43,6 +43,7 @@ def to_hf(cfg) -> dict:
 def to_hf_fields(cfg) -> dict:
     """The config.json fields of qwen2 and qwen3: llama's and the windowed layers."""
     w = cfg.windowed
-    return dict(use_sliding_window=any(w), sliding_window=cfg.sliding_window if any(w) else None,
-                max_window_layers=w.index(True) if any(w) else cfg.n_layer,
+    if not any(w):  # transformers derives the layer types from these
+        return dict(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer, **llama.hf_arch(cfg))
+    return dict(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=w.index(True),
                 layer_types=[LAYER_TYPES[x] for x in w], **llama.hf_arch(cfg))
