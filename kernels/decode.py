@@ -48,7 +48,7 @@ def pack_layer(weights) -> PackedLayer | None:
 
 
 def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
-                 n_head: int, eps: float, rms: bool, activation, softmax_scale: float, window_size=(-1, -1)):
+                 n_head: int, eps: float, rms: bool, activation, softmax_scale: float, window_size=(-1, -1), parallel=0):
     """x (B, C) entering the layer; residual (B, C) or None in the first layer (x is the stream);
     layer from pack_layer; rope None or (cos, sin) each (B, D/2) at the tokens' positions;
     window_size (left, right) as in paged_attention (a sliding-window layer sees its last left + 1
