@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt_engine.kernels import (decode_layer, decode_layer_applies, flash_attention, flash_attention_varlen, layer_norm,
-                                pack_layer, paged_attention, rms_norm, rope_, store_kvcache, swiglu)
+                                glu, pack_layer, paged_attention, rms_norm, rope_, store_kvcache)
 
 from .config import ModelConfig
 from .formats import Dense, WeightFormat
@@ -129,7 +129,7 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.fc(x)
         if self.swiglu and decode_layer_applies(h, ()):  # CPU inference: one pass, not three
-            h = swiglu(h)
+            h = glu(h, "silu")
         elif self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
