@@ -57,12 +57,12 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& 
   return x.dim() == 2 ? y : y.view(with_last(x, N));
 }
 
-// In place: the first `heads` heads of t (..., heads', D), rotated by cos, sin (..., D/2)
+// In place: the first `heads` heads of t (..., heads', D), their first R dims rotated by cos, sin (..., R/2)
 void rope_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
   check_rope(t, cos, sin, heads);
-  const int64_t h = t.size(-2), D = t.size(-1), N = h * D > 0 ? t.numel() / (h * D) : 0;
+  const int64_t h = t.size(-2), D = t.size(-1), N = h * D > 0 ? t.numel() / (h * D) : 0, r = cos.size(-1);
   at::Tensor t3 = t.dim() == 3 ? t : t.view({N, h, D});
-  rope_cpu_(t3, cos.reshape({N, D / 2}).contiguous(), sin.reshape({N, D / 2}).contiguous(), heads);
+  rope_cpu_(t3, cos.reshape({N, r}).contiguous(), sin.reshape({N, r}).contiguous(), heads);
 }
 
 // writes k/v (N, Hkv, D) into the caches at slot_mapping (N,) int64, -1 skips a token; in place
@@ -132,10 +132,10 @@ at::Tensor packed_rows(const at::Tensor& pw, const at::Tensor& ids, int64_t N) {
   return rows.view(shape);
 }
 
-// f (..., 2 ff) = [gate | up] -> silu(gate) * up (..., ff), CPU float32
-at::Tensor swiglu(const at::Tensor& f) {
-  check_swiglu(f);
-  const at::Tensor y = swiglu_cpu(f.reshape({-1, f.size(-1)}).contiguous());
+// f (..., 2 ff) = [gate | up] -> act(gate) * up (..., ff), CPU float32; act silu, or GELU's tanh form
+at::Tensor glu(const at::Tensor& f, bool gelu_tanh) {
+  check_glu(f);
+  const at::Tensor y = glu_cpu(f.reshape({-1, f.size(-1)}).contiguous(), gelu_tanh);
   return f.dim() == 2 ? y : y.view(with_last(f, f.size(-1) / 2));
 }
 
@@ -199,10 +199,11 @@ std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, 
                                      const std::vector<int64_t>& n, at::Tensor& k_cache, at::Tensor& v_cache,
                                      const at::Tensor& slot_mapping, const at::Tensor& block_table,
                                      const at::Tensor& seq_lens, const OptT& cos, const OptT& sin, int64_t n_head,
-                                     double eps, bool rms, int64_t act, double scale, int64_t window_left) {
-  check_decode_layer(x, w, n, k_cache, opt(cos), opt(sin), n_head, act, window_left);
+                                     double eps, bool rms, int64_t act, double scale, int64_t window_left,
+                                     int64_t parallel) {
+  check_decode_layer(x, w, n, k_cache, opt(cos), opt(sin), n_head, act, window_left, parallel);
   return decode_layer_cpu(x, opt(residual), w, n, k_cache, v_cache, slot_mapping, block_table, seq_lens, opt(cos),
-                          opt(sin), n_head, eps, rms, act, scale, window_left);
+                          opt(sin), n_head, eps, rms, act, scale, window_left, parallel);
 }
 
 bool has_cuda() {
@@ -231,7 +232,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("n"), py::arg("act"));
   m.def("packed_rows", &packed_rows, "rows ids of a packed (N, K) weight, dequantised -> (*ids.shape, K) float32",
         py::arg("packed"), py::arg("ids"), py::arg("n"));
-  m.def("swiglu", &swiglu, "CPU [gate | up] -> silu(gate) * up", py::arg("f"));
+  m.def("glu", &glu, "CPU [gate | up] -> act(gate) * up, act silu or tanh GELU", py::arg("f"),
+        py::arg("gelu_tanh") = false);
   m.def("rope_", &rope_, "CPU rotary embedding of t's first heads, in place", py::arg("t"), py::arg("cos"),
         py::arg("sin"), py::arg("heads"));
   m.def("gemm_dgrad", &gemm_dgrad, "dz @ w: the input gradient of F.linear (CUDA)", py::arg("dz"), py::arg("w"));
@@ -251,7 +253,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_layer", &decode_layer, "one decoder layer of a CPU decode step -> [x, residual]", py::arg("x"),
         py::arg("residual"), py::arg("w"), py::arg("n"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
         py::arg("block_table"), py::arg("seq_lens"), py::arg("cos"), py::arg("sin"), py::arg("n_head"),
-        py::arg("eps"), py::arg("rms"), py::arg("act"), py::arg("scale"), py::arg("window_left") = -1);
+        py::arg("eps"), py::arg("rms"), py::arg("act"), py::arg("scale"), py::arg("window_left") = -1,
+        py::arg("parallel") = 0);
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
 
   // the public ops' rules (checks.h), for their paths that do not run an entry point above

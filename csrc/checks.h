@@ -72,7 +72,7 @@ void check_linear_pack(const at::Tensor& w);
 void check_linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act);
 // -> ids as the flat int64 tensor the kernel reads
 at::Tensor check_packed_rows(const at::Tensor& pw, const at::Tensor& ids, int64_t N);
-void check_swiglu(const at::Tensor& f);
+void check_glu(const at::Tensor& f);
 void check_rope(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads);
 void check_store_kvcache_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& slot_mapping);
@@ -84,4 +84,4 @@ void check_varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                                 int64_t left, int64_t right);
 void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const std::vector<int64_t>& n,
                         const at::Tensor& k_cache, const OptT& cos, const OptT& sin, int64_t n_head, int64_t act,
-                        int64_t window_left);
+                        int64_t window_left, int64_t parallel);

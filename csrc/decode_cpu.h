@@ -6,14 +6,18 @@
 
 // x (B, C): what enters the layer; residual (B, C) the residual stream, or None in the first
 // layer (x is then the stream). w: norm1 w, b | qkv w, b | proj w, b | norm2 w, b | fc w, b |
-// fc2 w, b (biases may be None), the four GEMM weights (qkv, proj, fc, fc2) packed by linear_pack
-// and n their output features. cos, sin (B, D/2): rotary tables at each token's position, or
-// None. act: as in gemm, or 4 for SwiGLU (fc yields the gate and up halves). window_left >= 0: a
-// sliding-window layer, each token attends to its last window_left + 1 keys. -> {x, residual}.
-// The layer's geometry (w, n, act, n_head against the cache) is checked by the caller.
+// fc2 w, b (biases may be None) [| q_norm w | k_norm w: Qwen3's per-head RMSNorm of q and k
+// before the rotary, either may be None], the four GEMM weights (qkv, proj, fc, fc2) packed by
+// linear_pack and n their output features. cos, sin (B, R/2): rotary tables at each token's
+// position, rotating each head's first R <= D dims, or None. act: as in gemm, or 4 for SwiGLU,
+// 5 for GeGLU (tanh GELU) (fc yields the gate and up halves). window_left >= 0: a sliding-window
+// layer, each token attends to its last window_left + 1 keys. parallel: 0 a sequential pre-norm
+// block; 1 GPT-NeoX's attn(norm1(s)) + mlp(norm2(s)) over the stream s; 2 GPT-J's, with norm1
+// for both (norm2's weights None). -> {x, residual}. The layer's geometry (w, n, act, n_head
+// against the cache) is checked by the caller.
 std::vector<at::Tensor> decode_layer_cpu(const at::Tensor& x, const OptT& residual, const std::vector<OptT>& w,
                                          const std::vector<int64_t>& n, at::Tensor& k_cache, at::Tensor& v_cache,
                                          const at::Tensor& slot_mapping, const at::Tensor& block_table,
                                          const at::Tensor& seq_lens, const OptT& cos, const OptT& sin,
                                          int64_t n_head, double eps, bool rms, int64_t act, double scale,
-                                         int64_t window_left);
+                                         int64_t window_left, int64_t parallel);

@@ -88,9 +88,9 @@ at::Tensor check_packed_rows(const at::Tensor& pw, const at::Tensor& ids, int64_
   return flat;
 }
 
-void check_swiglu(const at::Tensor& f) {
-  check_cpu_float32("swiglu", "f", f);
-  TORCH_CHECK_VALUE(f.dim() >= 1 && f.size(-1) % 2 == 0, "swiglu: f must be (..., 2 ff), of even width, got shape ",
+void check_glu(const at::Tensor& f) {
+  check_cpu_float32("glu", "f", f);
+  TORCH_CHECK_VALUE(f.dim() >= 1 && f.size(-1) % 2 == 0, "glu: f must be (..., 2 ff), of even width, got shape ",
                     f.sizes());
 }
 
@@ -103,10 +103,14 @@ void check_rope(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& si
               "rope_: t must be contiguous (3-D: each row dense), got strides ", t.strides());
   TORCH_CHECK_VALUE(D % 2 == 0 && heads >= 0 && heads <= h, "rope_: needs an even head dim and 0 <= heads <= ", h,
                     ", got D = ", D, ", heads = ", heads);
+  // partial rotary (GPT-NeoX's rotary_pct, Phi): cos, sin of width R/2 rotate each head's first R dims
+  const int64_t half = cos.dim() > 0 ? cos.size(-1) : -1;
+  TORCH_CHECK_VALUE(half >= 0 && half <= D / 2, "rope_: cos and sin must be (..., R/2) with R/2 <= D/2 = ", D / 2,
+                    ", got cos ", cos.sizes());
   for (const auto& [r, name] : {std::pair{&cos, "cos"}, {&sin, "sin"}}) {
     check_cpu_float32("rope_", name, *r);
-    TORCH_CHECK_VALUE(r->numel() == N * (D / 2), "rope_: cos and sin must be (..., D/2) for (", N, ", ", D / 2,
-                      ") rows, got ", name, " ", r->sizes());
+    TORCH_CHECK_VALUE(r->dim() > 0 && r->size(-1) == half && r->numel() == N * half, "rope_: cos and sin must be "
+                      "(..., R/2) for (", N, ", ", half, ") rows, got ", name, " ", r->sizes());
   }
 }
 
@@ -217,16 +221,28 @@ void check_act_bwd(const at::Tensor& dy, const at::Tensor& z, int64_t act) {
 // The layer's geometry; the ops it runs (bindings.cpp's entry points) check their own inputs
 void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const std::vector<int64_t>& n,
                         const at::Tensor& k_cache, const OptT& cos, const OptT& sin, int64_t n_head, int64_t act,
-                        int64_t window_left) {
+                        int64_t window_left, int64_t parallel) {
   check_cpu_float32("decode_layer", "x", x);
   TORCH_CHECK_VALUE(x.dim() == 2, "decode_layer: x must be 2-D (B, C), got ", x.sizes());
-  TORCH_CHECK_VALUE(w.size() == 12, "decode_layer: w must hold the layer's 12 tensors, got ", w.size());
+  TORCH_CHECK_VALUE(w.size() == 12 || w.size() == 14, "decode_layer: w must hold the layer's 12 tensors (14 with "
+                    "the q and k norms' weights), got ", w.size());
+  TORCH_CHECK_VALUE(parallel >= 0 && parallel <= 2, "decode_layer: parallel must be 0 (sequential), 1 (GPT-NeoX) or "
+                    "2 (GPT-J), got ", parallel);
   for (size_t i = 0; i < 12; i += 2)
-    TORCH_CHECK_VALUE(present(w[i]), "decode_layer: w[", i, "] (a weight) is missing");
-  check_act("decode_layer", act, 4);
+    TORCH_CHECK_VALUE(present(w[i]) || (i == 6 && parallel == 2), "decode_layer: w[", i, "] (a weight) is missing");
+  TORCH_CHECK_VALUE(parallel != 2 || (!present(w[6]) && !present(w[7])), "decode_layer: parallel 2 (GPT-J) runs the "
+                    "MLP on norm1's output: norm2's weight and bias must be None");
+  check_act("decode_layer", act, 5);
   TORCH_CHECK_VALUE(present(cos) == present(sin), "decode_layer: give both cos and sin, or neither");
   check_float("k_cache", k_cache, 4);
   const int64_t Hkv = k_cache.size(2), D = k_cache.size(3);
+  for (size_t i = 12; i < w.size(); ++i)
+    if (present(w[i])) {
+      const char* name = i == 12 ? "q_norm weight" : "k_norm weight";
+      check_cpu_float32("decode_layer", name, *w[i]);
+      TORCH_CHECK_VALUE(w[i]->dim() == 1 && w[i]->size(0) == D && w[i]->is_contiguous(), "decode_layer: the ",
+                        name, " must be contiguous (", D, ",), one scale per head dim, got ", w[i]->sizes());
+    }
   TORCH_CHECK_VALUE(n_head > 0 && Hkv > 0 && n_head % Hkv == 0, "decode_layer: n_head ", n_head,
                     " must be a positive multiple of the cache's ", Hkv, " heads");
   // the packed weights no longer show their row counts exactly (panels are padded): n states them,
@@ -235,7 +251,7 @@ void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const s
   constexpr size_t kGemms[] = {2, 4, 8, 10};  // qkv, proj, fc, fc2 among the layer's 12 tensors
   for (size_t j = 0; j < 4; ++j) check_packed("decode_layer", *w[kGemms[j]], -1, n[j]);
   const int64_t C = x.size(1), F = packed_geometry(*w[10]).first;
-  TORCH_CHECK_VALUE(n[0] == (n_head + 2 * Hkv) * D && n[1] == C && n[3] == C && n[2] == (act == 4 ? 2 * F : F),
+  TORCH_CHECK_VALUE(n[0] == (n_head + 2 * Hkv) * D && n[1] == C && n[3] == C && n[2] == (act >= 4 ? 2 * F : F),
                     "decode_layer: the GEMMs' output features n = ", c10::IntArrayRef(n), " do not fit C = ", C,
                     ", (", n_head, " + 2 x ", Hkv, ") heads x ", D, ", MLP width ", F);
   check_window(window_left, -1);

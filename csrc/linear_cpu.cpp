@@ -64,7 +64,7 @@ HOT void tile_mn(int mr, int nr, const float* x, int64_t K, const float* w, cons
 }
 
 // act 1: GELU, 0.5 u (1 + erf(u / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7);
-// act 2: GELU tanh form, 0.5 u (1 + tanh z) = u / (1 + e^(-2z)); act 3: ReLU.
+// act 2: GELU tanh form (gelu_tanh8); act 3: ReLU.
 template <int act>
 HOT f8 activate(f8 u) {
   if constexpr (act == 1) {
@@ -78,8 +78,7 @@ HOT f8 activate(f8 u) {
     e = a < 0.f ? -e : e;
     return 0.5f * u * (1.f + e);
   } else if constexpr (act == 2) {
-    const f8 z = 0.7978845608f * (u + 0.044715f * u * u * u);
-    return u / (1.f + exp8(-2.f * z));
+    return gelu_tanh8(u);
   } else {
     return u < 0.f ? f8{} : u;
   }

@@ -22,7 +22,8 @@ const std::vector<int64_t>& linear_cpu_panels();
 at::Tensor linear_cpu_pack(const at::Tensor& w, int64_t panel);
 at::Tensor linear_cpu_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act);
 void rope_cpu_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads);
-at::Tensor swiglu_cpu(const at::Tensor& f);
+at::Tensor glu_cpu(const at::Tensor& f, bool gelu_tanh);
+void rms_heads_cpu_(at::Tensor& t, const OptT& qw, const OptT& kw, int64_t nq, int64_t nk, double eps);
 at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                                 const at::Tensor& cu_k, bool causal, double scale, const at::Tensor& block_table,
                                 int64_t window_left, int64_t window_right);

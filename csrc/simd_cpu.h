@@ -63,6 +63,12 @@ HOT f8 exp8(f8 x) {
   return p * scale;
 }
 
+// GELU, tanh form: 0.5 u (1 + tanh z) = u / (1 + e^(-2z)), z = sqrt(2/pi) (u + 0.044715 u^3)
+HOT f8 gelu_tanh8(f8 u) {
+  const f8 z = 0.7978845608f * (u + 0.044715f * u * u * u);
+  return u / (1.f + exp8(-2.f * z));
+}
+
 // s[0, n) <- exp(s - max s): a softmax row's numerators in place; returns their sum
 HOT float exp_row(float* s, int64_t n) {
   const float m = *std::max_element(s, s + n);

@@ -1,6 +1,6 @@
 """gpt_engine.kernels: every op the engine uses. Fused attention (Triton; paged decode and the CPU
 prefill in gpt_engine.kernels._C), norms and GEMMs (gpt_engine.kernels._C), int8 GEMMs, and the CPU
-decode path (packed GEMMs, RoPE, SwiGLU, a whole decode layer), each with a PyTorch twin in
+decode path (packed GEMMs, RoPE, gated MLPs, a whole decode layer), each with a PyTorch twin in
 gpt_engine.kernels.reference. One op file per op family, each kernel -> launcher -> custom op
 (where torch.compile or autograd needs one) -> public function; the argument rules are
 csrc/checks.cpp's, run through kernels/_checks.py.
@@ -28,7 +28,9 @@ _OPS = {
     "packed_rows": "packed",
     "packed_linear": "packed",
     "rope_": "rotary",
-    "swiglu": "glu",
+<<<<<<< HEAD
+=======
+>>>>>>> decodetraits
     "glu": "glu",
     "decode_layer": "decode",
     "decode_layer_applies": "decode",

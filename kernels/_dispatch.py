@@ -123,7 +123,7 @@ def cpu_packed_weight(weight: torch.Tensor) -> bool:
 
 
 def cpu_decode_layer(x: torch.Tensor, weights) -> bool:
-    """The CPU decode kernels (decode_layer, packed_linear, swiglu) for CPU float32 inference with
+    """The CPU decode kernels (decode_layer, packed_linear, glu) for CPU float32 inference with
     contiguous weights (packed GEMM weights in any of PACKED_DTYPES); not under TRITON_INTERPRET=1,
     where tests want the per-op path."""
     return cpu_inference(x) and all(w is None or (w.dtype in PACKED_DTYPES and w.is_contiguous()) for w in weights)

@@ -1,4 +1,4 @@
-"""One pre-norm decoder layer of a CPU decode step in a single call into gpt_engine.kernels._C.
+"""One decoder layer of a CPU decode step in a single call into gpt_engine.kernels._C.
 
 The engine's decode step on CPU runs ~10 kernel calls per layer, and on small models their
 Python wrappers (argument checks, dispatch) are a large share of the step. csrc/decode_cpu.cpp's
@@ -19,7 +19,9 @@ from .gemm import _ACT_IDS
 from .packed import pack_linear
 from .weights import PackedLayer, PackedLinear
 
-ACTIVATIONS = (*_ACT_IDS, "swiglu")  # swiglu: fc yields [gate | up], the MLP takes silu(gate) * up
+# the gated MLPs: fc yields [gate | up], the MLP takes act(gate) * up (swiglu: silu, geglu: tanh GELU)
+GATED = {"swiglu": 4, "geglu": 5}
+ACTIVATIONS = (*_ACT_IDS, *GATED)
 GEMMS = (2, 4, 8, 10)  # the weights of qkv, proj, fc and fc2 among a layer's 12 tensors
 
 
@@ -30,13 +32,16 @@ def decode_layer_applies(x: torch.Tensor, weights) -> bool:
 
 
 def pack_layer(weights) -> PackedLayer | None:
-    """weights: norm1 w, b | qkv w, b | proj w, b | norm2 w, b | fc w, b | fc2 w, b (biases may be
-    None; a GEMM weight may be given already packed, as a PackedLinear) -> the PackedLayer
-    decode_layer runs, or None where it cannot (not CPU float32, or no gpt_engine.kernels._C). The GEMM
-    weights are copied: a snapshot, to pack again after changing them."""
-    if len(weights) != 12:
-        raise ValueError(f"weights must hold the layer's 12 tensors, got {len(weights)}")
-    t = list(weights)
+    """weights: norm1 w, b | qkv w, b | proj w, b | norm2 w, b | fc w, b | fc2 w, b, and optionally
+    q_norm w | k_norm w (Qwen3's per-head RMSNorm of q and k, (D,)). Biases may be None, and so may
+    norm2's weight (GPT-J's parallel block) and the q/k norm weights; a GEMM weight may be given
+    already packed, as a PackedLinear. -> the PackedLayer decode_layer runs, or None where it cannot
+    (not CPU float32, or no gpt_engine.kernels._C). The GEMM weights are copied: a snapshot, to pack
+    again after changing them."""
+    if len(weights) not in (12, 14):
+        raise ValueError(f"weights must hold the layer's 12 tensors (or 14 with the q and k norms' weights), "
+                         f"got {len(weights)}")
+    t = list(weights) + [None] * (14 - len(weights))
     for i in GEMMS:
         t[i] = t[i] if isinstance(t[i], PackedLinear) else pack_linear(t[i])
         if t[i] is None:
@@ -48,11 +53,16 @@ def pack_layer(weights) -> PackedLayer | None:
 
 
 def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
-                 n_head: int, eps: float, rms: bool, activation, softmax_scale: float, window_size=(-1, -1), parallel=0):
+                 n_head: int, eps: float, rms: bool, activation, softmax_scale: float, window_size=(-1, -1),
+                 parallel: int = 0):
     """x (B, C) entering the layer; residual (B, C) or None in the first layer (x is the stream);
-    layer from pack_layer; rope None or (cos, sin) each (B, D/2) at the tokens' positions;
-    window_size (left, right) as in paged_attention (a sliding-window layer sees its last left + 1
-    keys). Writes the new K/V at slot_mapping. Returns (x, residual) for the next layer."""
+    layer from pack_layer (with q/k norm weights: q and k heads RMS-normalised, eps, before the
+    rotary); rope None or (cos, sin) each (B, R/2) at the tokens' positions, rotating each head's
+    first R <= D dims; activation one of ACTIVATIONS; window_size (left, right) as in
+    paged_attention (a sliding-window layer sees its last left + 1 keys). parallel: 0 the
+    sequential pre-norm block; 1 GPT-NeoX's attn(norm1(s)) + mlp(norm2(s)) on the stream s; 2
+    GPT-J's attn(norm1(s)) + mlp(norm1(s)) (norm2's weights None). Writes the new K/V at
+    slot_mapping. Returns (x, residual) for the next layer: its norm1 adds x to residual."""
     if not isinstance(layer, PackedLayer):
         raise TypeError(f"layer must be a PackedLayer from pack_layer, got {type(layer).__name__}")
     if activation not in ACTIVATIONS:
@@ -64,8 +74,8 @@ def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping
         raise ValueError("decode_layer runs CPU inference: under torch.no_grad(), not under TRITON_INTERPRET=1, "
                          "with gpt_engine.kernels._C built")
     cos, sin = rope if rope is not None else (None, None)
-    act = 4 if activation == "swiglu" else _ACT_IDS[activation]
+    act = GATED[activation] if activation in GATED else _ACT_IDS[activation]
     x, residual = ext().decode_layer(x, residual, list(layer.tensors), list(layer.n), k_cache, v_cache, slot_mapping,
                                      block_table, seq_lens, cos, sin, int(n_head), float(eps), bool(rms), act,
-                                     float(softmax_scale), left)
+                                     float(softmax_scale), left, int(parallel))
     return x, residual

@@ -122,6 +122,25 @@ def linear(x, weight, bias=None, activation=None):
     return ACTIVATIONS[activation](y).to(x.dtype)
 
 
+def glu(f, activation="silu"):
+    """f (..., 2 ff) = [gate | up] -> act(gate) * up; activation "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
+    gate, up = _acc(f).chunk(2, dim=-1)
+    act = F.silu if activation == "silu" else ACTIVATIONS[activation]
+    return (act(gate) * up).to(f.dtype)
+
+
+def rope_(t, cos, sin, heads):
+    """In place, returns t: t (..., heads', D), its first `heads` heads' first R dims rotated
+    (rotate_half within them) by cos, sin (..., R/2); dims [R, D) and the other heads kept."""
+    r = cos.shape[-1]
+    c, s = (_acc(v).reshape(*t.shape[:-2], 1, r) for v in (cos, sin))
+    rot = _acc(t[..., :heads, :])
+    x1, x2 = rot[..., :r], rot[..., r:2 * r]
+    rot = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rot[..., 2 * r:]], dim=-1)
+    t[..., :heads, :] = rot.to(t.dtype)
+    return t
+
+
 # ---- Weight formats. int8 weight-only: symmetric, one fp32 scale per output row and group of
 # group_size consecutive inputs (group_size K: per output channel). A weight's real value is
 # float(q) * scale, rounded to fp32; the GEMM then runs in fp32 on x as given. bf16/fp16 storage:
@@ -182,24 +201,28 @@ def linear_w8a8(x, q, scale, bias=None, activation=None):
 
 
 def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
-                 n_head, eps, rms, activation, softmax_scale, window_size=(-1, -1)):
-    """kernels.decode.decode_layer composed from the ops above (the caches are written in place)."""
-    n1w, n1b, qw, qb, pw, pb, n2w, n2b, fw, fb, f2w, f2b = weights
+                 n_head, eps, rms, activation, softmax_scale, window_size=(-1, -1), parallel=0):
+    """kernels.decode.decode_layer composed from the ops above (the caches are written in place);
+    weights: its 12 or 14 tensors, unpacked."""
+    n1w, n1b, qw, qb, pw, pb, n2w, n2b, fw, fb, f2w, f2b, *qk = weights
+    qn, kn = qk or (None, None)
     norm = (lambda x, w, b, r: rms_norm(x, w, eps, r)) if rms else (lambda x, w, b, r: layer_norm(x, w, b, eps, r))
-    h, residual = norm(x, n1w, n1b, residual) if residual is not None else (norm(x, n1w, n1b, None), x)
+    h, stream = norm(x, n1w, n1b, residual) if residual is not None else (norm(x, n1w, n1b, None), x)
     hkv, d = k_cache.shape[2:]
-    t = linear(h, qw, qb).unflatten(-1, (n_head + 2 * hkv, d))
+    q, k, v = linear(h, qw, qb).unflatten(-1, (n_head + 2 * hkv, d)).split([n_head, hkv, hkv], dim=1)
+    q = q if qn is None else rms_norm(q, qn, eps)
+    k = k if kn is None else rms_norm(k, kn, eps)
     if rope is not None:
-        cos, sin = (r[:, None, :] for r in rope)
-        x1, x2 = t[:, :n_head + hkv].chunk(2, dim=-1)
-        t = torch.cat([torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1), t[:, n_head + hkv:]], dim=1)
-    q, k, v = t.split([n_head, hkv, hkv], dim=1)
+        q, k = rope_(torch.cat([q, k], dim=1), *rope, n_head + hkv).split([n_head, hkv], dim=1)
     store_kvcache(k, v, k_cache, v_cache, slot_mapping)
     o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, window_size).flatten(1)
-    h, residual = norm(linear(o, pw, pb), n2w, n2b, residual)
-    if activation == "swiglu":
-        gate, up = linear(h, fw, fb).chunk(2, dim=-1)
-        f = F.silu(gate) * up
-    else:
-        f = linear(h, fw, fb, activation)
-    return linear(f, f2w, f2b), residual
+    a = linear(o, pw, pb)
+
+    def mlp(h):
+        f = (glu(linear(h, fw, fb), "silu" if activation == "swiglu" else "gelu_tanh")
+             if activation in ("swiglu", "geglu") else linear(h, fw, fb, activation))
+        return linear(f, f2w, f2b)
+    if parallel == 0:
+        h, stream = norm(a, n2w, n2b, stream)
+        return mlp(h), stream
+    return a + mlp(norm(stream, n2w, n2b, None) if parallel == 1 else h), stream

@@ -14,8 +14,10 @@ from ._ext import ext
 
 def rope_(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
     """In place, HF rotate_half form: the first `heads` heads of t (..., heads', D), CPU float32,
-    rotated by cos, sin (..., D/2) at each row's position, in one pass rather than torch's
-    chunk/cat form. Returns t."""
+    rotated by cos, sin (..., R/2) at each row's position, in one pass rather than torch's
+    chunk/cat form. R <= D: partial rotary (GPT-NeoX's rotary_pct, Phi) rotates each head's first R
+    dims as halves [0, R/2) and [R/2, R) and leaves [R, D). Returns t
+    (kernels.reference.rope is its twin)."""
     C.tensors(t=t, cos=cos, sin=sin)
     ext().rope_(t, cos, sin, int(heads))
     return t

@@ -30,7 +30,8 @@ class PackedLinear(NamedTuple):
 
 
 class PackedLayer(NamedTuple):
-    """A layer's 12 tensors as decode_layer takes them, from pack_layer: the four GEMM weights
-    (qkv, proj, fc, fc2) rearranged for the CPU kernel, n their output features."""
+    """A layer's 14 tensors as decode_layer takes them, from pack_layer (the q and k norms' weights
+    last, None without them): the four GEMM weights (qkv, proj, fc, fc2) rearranged for the CPU
+    kernel, n their output features."""
     tensors: tuple
     n: tuple

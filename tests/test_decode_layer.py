@@ -11,8 +11,8 @@ import gpt_engine.models.formats as F
 import gpt_engine.models.gpt as M
 import gpt_engine.models.layers as L
 from gpt_engine.models.presets import resolve_config
-from gpt_engine.kernels import (PackedLayer, decode_layer, decode_layer_applies, pack_layer, pack_linear, packed_linear,
-                                rope_, swiglu)
+from gpt_engine.kernels import (PackedLayer, decode_layer, decode_layer_applies, glu, pack_layer, pack_linear,
+                                packed_linear, rope_)
 from gpt_engine.kernels import reference as R
 from gpt_engine.kernels._ext import ext
 
@@ -55,6 +55,117 @@ def test_matches_reference(case, first):
     torch.testing.assert_close(vc, vc2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(r, r_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+
+
+def rope_tables(pos, D, rot):
+    """cos, sin (B, rot/2) at positions pos: a rotary over each head's first rot of D dims (GPT-NeoX's
+    rotary_pct = rot / D), its frequencies by rot as HF's partial rotary makes them"""
+    ang = pos[:, None].double() * 1e4 ** (-torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    return ang.cos().float(), ang.sin().float()
+
+
+# (C, H, Hkv, D, ff, bias, activation, rotary dims (0: none), rms): the new families' traits; GQA and
+# layer norm with biases among them; partial rotary R < D, D = 64 too
+TRAIT_CASES = [
+    (64, 2, 2, 32, 96, True, "gelu", 8, False),  # GPT-NeoX-like: layer norm, biases, rotary_pct 0.25
+    (128, 4, 1, 32, 160, False, "swiglu", 16, True),
+    (128, 4, 2, 32, 96, False, "geglu", 32, True),  # Gemma-like
+    (128, 2, 1, 64, 100, True, "geglu", 16, False),
+    (96, 3, 3, 32, 64, True, "gelu_tanh", 0, False),
+]
+
+
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("parallel", [0, 1, 2])
+@pytest.mark.parametrize("case", TRAIT_CASES)
+def test_traits_match_reference(case, parallel, qk_norm, first):
+    """Parallel residual (GPT-NeoX 1, GPT-J 2), Qwen3's q/k norms, GeGLU and partial rotary in the
+    fused call, against the per-op reference."""
+    C, H, Hkv, D, ff, bias, act, rot, rms = case
+    g = torch.Generator().manual_seed(C + H + D + rot + parallel)
+    lens = [1, 16, 17, 40, 5]
+    w = list(layer_weights(C, H, Hkv, D, ff, bias, act in ("swiglu", "geglu"), g))
+    if parallel == 2:  # GPT-J: one norm for both branches
+        w[6] = w[7] = None
+    if qk_norm:
+        w += [1 + 0.3 * torch.randn(D, generator=g), 1 + 0.3 * torch.randn(D, generator=g)]
+    kc, vc, table, seq_lens, slots = paged_batch(lens, Hkv, D, g, bs=BS, pad_last=True)
+    x, res = torch.randn(len(lens), C, generator=g), None if first else torch.randn(len(lens), C, generator=g)
+    cs = rope_tables(seq_lens.long() - 1, D, rot) if rot else None
+    args = (table, seq_lens, cs, H, 1e-5, rms, act, 1 / math.sqrt(D))
+    kc2, vc2 = kc.clone(), vc.clone()
+    with torch.no_grad():
+        y, r = decode_layer(x, res, pack_layer(w), kc, vc, slots, *args, parallel=parallel)
+        y_ref, r_ref = R.decode_layer(x, res, w, kc2, vc2, slots, *args, parallel=parallel)
+    torch.testing.assert_close(kc, kc2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vc, vc2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r, r_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    if parallel:  # the stream passes through untouched: the next layer's norm1 adds y to it
+        assert torch.equal(r, x if first else x + res)
+
+
+def test_trait_references():
+    """The reference's traits are the models' own forms: a partial rotary leaves dims [R, D), the
+    q/k norms are per head, GPT-NeoX's block is x + attn(ln1(x)) + mlp(ln2(x))."""
+    g = torch.Generator().manual_seed(5)
+    C, H, D, ff = 64, 2, 32, 96
+    w = list(layer_weights(C, H, H, D, ff, True, False, g))
+    lens = [3, 9]
+    kc, vc, table, seq_lens, slots = paged_batch(lens, H, D, g, bs=BS)
+    x = torch.randn(2, C, generator=g)
+    cos, sin = rope_tables(seq_lens.long() - 1, D, 8)
+    qk = [1 + 0.3 * torch.randn(D, generator=g) for _ in range(2)]
+    args = (table, seq_lens, (cos, sin), H, 1e-5, False, "gelu", 1 / math.sqrt(D))
+    y, s = R.decode_layer(x, None, w + qk, kc.clone(), vc.clone(), slots, *args, parallel=1)
+    # by hand, GPT-NeoX style: rotate_half over the first R dims of each normalised head
+    h = torch.nn.functional.layer_norm(x, (C,), w[0], w[1], 1e-5)
+    q, k, v = (h @ w[2].T + w[3]).view(2, 3 * H, D).split(H, dim=1)
+    q, k = (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * n for t, n in zip((q, k), qk))
+
+    def rot(t):
+        t1, t2, rest = t[..., :4], t[..., 4:8], t[..., 8:]
+        c, s_ = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
+        return torch.cat([t[..., :8] * c + torch.cat([-t2, t1], -1) * s_, rest], -1)
+    q, k = rot(q), rot(k)
+    kc2, vc2 = kc.clone(), vc.clone()
+    R.store_kvcache(k, v, kc2, vc2, slots)
+    o = R.paged_attention(q, kc2, vc2, table, seq_lens, 1 / math.sqrt(D)).flatten(1)
+    m = torch.nn.functional.layer_norm(x, (C,), w[6], w[7], 1e-5)
+    want = (o @ w[4].T + w[5]) + torch.nn.functional.gelu(m @ w[8].T + w[9]) @ w[10].T + w[11]
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(s, x)
+
+
+def test_trait_errors():
+    g = torch.Generator().manual_seed(1)
+    C, H, D = 64, 2, 32
+    w = list(layer_weights(C, H, H, D, 96, True, False, g))
+    kc, vc, table, seq_lens, slots = paged_batch([3, 20], H, D, g, bs=BS, pad_last=True)
+    x = torch.randn(2, C)
+
+    def call(weights=w, parallel=0, rope=None):
+        return decode_layer(x, None, pack_layer(weights), kc, vc, slots, table, seq_lens, rope, H, 1e-5, False,
+                            "gelu", 0.1, parallel=parallel)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="parallel must be"):
+            call(parallel=3)
+        with pytest.raises(ValueError, match="norm2's weight and bias must be None"):
+            call(parallel=2)
+        with pytest.raises(ValueError, match="w\\[6\\]"):
+            call(w[:6] + [None, None] + w[8:])  # sequential needs norm2
+        with pytest.raises(ValueError, match="q_norm weight"):
+            call(w + [torch.ones(D - 1), None])
+        with pytest.raises(ValueError, match="k_norm weight"):
+            call(w + [None, torch.ones(2, D)])
+        with pytest.raises(ValueError, match="R/2 <= D/2"):
+            call(rope=(torch.ones(2, D // 2 + 1), torch.ones(2, D // 2 + 1)))
+        with pytest.raises(ValueError, match="12 tensors"):
+            pack_layer(w + [None])
+        assert len(pack_layer(w).tensors) == 14  # the 12-tensor form: no q/k norms
+        call(w + [None, None])  # either may be None
+        call(w + [None, torch.ones(D)])
 
 
 @pytest.mark.parametrize("window", [(0, 0), (1, 0), (7, -1), (20, 0), (64, 0)])
@@ -230,14 +341,25 @@ def test_model_packed_matches_unpacked(preset, monkeypatch):
     assert model(ids).requires_grad
 
 
-def test_swiglu():
-    f = torch.randn(3, 5, 18)
+@pytest.mark.parametrize("ff", [9, 16, 3])  # the 8-wide body, with and without a tail
+def test_glu(ff):
+    g = torch.Generator().manual_seed(ff)
+    f = torch.randn(3, 5, 2 * ff, generator=g) * 4
+    f[0, 0, :ff] = torch.linspace(-30, 30, ff)  # the gates' far tails
     gate, up = f.chunk(2, dim=-1)
-    torch.testing.assert_close(swiglu(f), torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-5)
+    fn = torch.nn.functional
+    for act, want in (("silu", fn.silu(gate) * up), ("gelu_tanh", fn.gelu(gate, approximate="tanh") * up)):
+        got = glu(f, act)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)  # torch's own fp32 form
+        torch.testing.assert_close(got, R.glu(f.double(), act).float(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(R.glu(f, act), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(glu(f), glu(f, "silu"), atol=0, rtol=0)
     with pytest.raises(ValueError, match="even width"):
-        swiglu(f[..., :-1])
+        glu(f[..., :-1])
     with pytest.raises(TypeError, match="float32"):
-        swiglu(f.double())
+        glu(f.double())
+    with pytest.raises(ValueError, match="activation"):
+        glu(f, "gelu")
 
 
 @pytest.mark.parametrize("d", [32, 20, 6])  # the AVX2 loop's 8-wide body, with and without a tail
@@ -257,3 +379,27 @@ def test_rope_matches_the_model_rotary(d):
         rope_(t.clone(), rot.cos[pos], rot.sin[pos], 8)
     with pytest.raises(ValueError, match="cos"):
         rope_(t.clone(), rot.cos[pos][..., :-1], rot.sin[pos], 6)
+    torch.testing.assert_close(R.rope_(t.clone(), rot.cos[pos], rot.sin[pos], 6), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("d,r", [(32, 8), (32, 16), (64, 16), (20, 6), (32, 32), (32, 0)])
+def test_partial_rope(d, r):
+    """Partial rotary (GPT-NeoX's rotary_pct, Phi): rotate_half within each head's first r dims, the
+    rest kept; HF's form (cos, sin of width r, cat(freqs, freqs)) by hand, and the reference."""
+    g = torch.Generator().manual_seed(d + r)
+    t = torch.randn(2, 7, 5, d, generator=g)  # (B, T, heads, D): rotate the first 4
+    ang = torch.rand(2, 7, r // 2, generator=g) * 100
+    cos, sin = ang.cos(), ang.sin()
+    c, s = torch.cat([cos, cos], -1)[..., None, :], torch.cat([sin, sin], -1)[..., None, :]
+    x = t[..., :4, :r]
+    rotated = x * c + torch.cat([-x[..., r // 2:], x[..., :r // 2]], -1) * s
+    want = t.clone()
+    want[..., :4, :r] = rotated
+    got = rope_(t.clone(), cos, sin, 4)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(R.rope_(t.clone(), cos, sin, 4), want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(got[..., :4, r:], t[..., :4, r:]) and torch.equal(got[..., 4:, :], t[..., 4:, :])
+    with pytest.raises(ValueError, match="R/2 <= D/2"):
+        rope_(t.clone(), torch.ones(2, 7, d // 2 + 1), torch.ones(2, 7, d // 2 + 1), 4)
+    with pytest.raises(ValueError, match="cos and sin"):
+        rope_(t.clone(), cos, sin[..., :-1] if r else torch.ones(2, 7, 1), 4)
