@@ -28,9 +28,6 @@ _OPS = {
     "packed_rows": "packed",
     "packed_linear": "packed",
     "rope_": "rotary",
-<<<<<<< HEAD
-=======
->>>>>>> decodetraits
     "glu": "glu",
     "decode_layer": "decode",
     "decode_layer_applies": "decode",
