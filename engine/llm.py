@@ -97,7 +97,7 @@ class LLM:
                                   max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=max_model_len,
                                   num_kv_blocks=cfg.num_kv_blocks, kv_cache_tokens=cfg.kv_cache_tokens,
                                   gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                  enforce_eager=cfg.enforce_eager, seed=cfg.seed)
+                                  enforce_eager=cfg.enforce_eager, seed=cfg.seed, eos_token_ids=eos)
         # a model windowed in every layer keeps only the window's blocks; one global layer needs them all
         window = mcfg.sliding_window if all(mcfg.windowed) else 0
         self.block_manager = bm = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching,

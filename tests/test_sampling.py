@@ -170,3 +170,44 @@ def test_logprobs_are_raw_log_softmax_with_top_n():
         assert math.isclose(v, ref[0, t].item(), rel_tol=1e-5)
     assert set(lps[0]) == set(ref[0].topk(3).indices.tolist())
     assert list(lps[2]) == [toks[2]]
+
+
+@pytest.mark.parametrize("kw,param", [
+    (dict(logit_bias={"5": 101}), "logit_bias"), (dict(logit_bias={"5": float("nan")}), "logit_bias"),
+    (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={" 5": 1}), "logit_bias"),
+    (dict(logit_bias={"5": True}), "logit_bias"), (dict(logit_bias=[5]), "logit_bias"),
+    (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=5, max_tokens=4), "min_tokens"),
+    (dict(min_tokens=1.5), "min_tokens")])
+def test_params_check_logit_bias_and_min_tokens(kw, param):
+    with pytest.raises(ValueError, match=param) as e:
+        SamplingParams(**kw)
+    assert e.value.param == param
+
+
+def test_logit_bias_keys_become_ids():
+    assert SamplingParams(logit_bias={"7": -100, 3: 2.5}).logit_bias == {7: -100.0, 3: 2.5}
+    assert SamplingParams(logit_bias={}).logit_bias is None
+
+
+def test_logit_bias_bans_and_forces_only_its_rows():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    top = logits.argmax(-1).tolist()
+    params = [SamplingParams(temperature=0, logit_bias={str(top[0]): -100}),
+              SamplingParams(temperature=0, logit_bias={"11": 100}), SamplingParams(temperature=0)]
+    toks, _ = Sampler()(logits.clone(), params)
+    assert toks[0] != top[0] and toks[0] == logits[0].topk(2).indices[1].item()
+    assert toks[1] == 11 and toks[2] == top[2]
+    # sampled rows too: a -100 bias leaves a token practically never drawn
+    hot = [SamplingParams(temperature=1.0, seed=i, logit_bias={str(top[0]): -100}) for i in range(64)]
+    toks, _ = Sampler()(logits[:1].expand(64, -1).clone(), hot, generators=[Sampler.request_generator(i, "cpu")
+                                                                            for i in range(64)])
+    assert top[0] not in toks
+
+
+def test_min_tokens_ban_beats_a_forcing_bias():
+    logits = torch.zeros(2, 20)
+    params = [SamplingParams(temperature=0, logit_bias={"3": 100}, min_tokens=2)] * 2
+    # row 0 is under its min_tokens (its stop ids banned), row 1 is past it
+    toks, _ = Sampler()(logits, params, banned=[[3, 4], []])
+    assert toks[0] not in (3, 4) and toks[1] == 3

@@ -10,7 +10,8 @@ from gpt_engine.core.scheduler import Scheduler, Sequence, Status
 
 
 def params(max_tokens=8, **kw):
-    return SimpleNamespace(max_tokens=max_tokens, ignore_eos=True, stop_token_ids=[], stop=[], logprobs=None, **kw)
+    return SimpleNamespace(**{"max_tokens": max_tokens, "ignore_eos": True, "stop_token_ids": [], "stop": [],
+                              "logprobs": None, "min_tokens": 0, **kw})
 
 
 def run_step(s: Scheduler, eos=()):
@@ -147,9 +148,9 @@ def test_eos_and_stop_tokens_finish():
     bm = BlockManager(16, 4)
     s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
     # fake tokens: num_tokens % 7 -> prompt of 3 samples 3, then 4, 5, ...
-    a = Sequence("a", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=False, stop_token_ids=[], stop=[], logprobs=None))
-    b = Sequence("b", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=False, stop_token_ids=[4], stop=[], logprobs=None))
-    c = Sequence("c", [0, 0, 0], SimpleNamespace(max_tokens=10, ignore_eos=True, stop_token_ids=[], stop=[], logprobs=None))
+    a = Sequence("a", [0, 0, 0], params(10, ignore_eos=False))
+    b = Sequence("b", [0, 0, 0], params(10, ignore_eos=False, stop_token_ids=[4]))
+    c = Sequence("c", [0, 0, 0], params(10))
     for q in (a, b, c):
         s.add(q)
     drain(s, eos=[5, 6])
@@ -161,6 +162,11 @@ def test_eos_and_stop_tokens_finish():
     s.add(d)
     drain(s)
     assert d.num_tokens == 64 and d.finish_reason == "length"
+    # min_tokens: a stop token before then does not end the request (the sampler bans them; the rule is one)
+    e = Sequence("e", [0, 0, 0], params(10, ignore_eos=False, stop_token_ids=[4], min_tokens=3))
+    s.add(e)
+    drain(s, eos=[5])
+    assert e.output_token_ids == [3, 4, 5, 6, 0, 1, 2, 3, 4] and e.finish_reason == "stop"
 
 
 def test_max_num_seqs_caps_the_batch():

@@ -190,7 +190,7 @@ BAD_CHATS = [
     ({"messages": [{"role": "user"}], "temperature": -1}, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 100000}, "maximum context length"),
-    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"99999": 5}}, "logit_bias"),
     ({"messages": "hi"}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "top_k": 2**64}, "top_k"),
 ]

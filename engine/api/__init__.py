@@ -3,6 +3,7 @@
     app.py          build_app: the app, its lifespan, health/metrics/models
     completions.py  POST /v1/completions
     chat.py         POST /v1/chat/completions
+    tokenize.py     POST /tokenize, POST /detokenize (vLLM's)
     serving.py      what both share: request -> engine requests (choices), merged streams, SSE
     errors.py       APIError, the engine's errors as 4xx/503, OpenAI's error body everywhere
     middleware.py   API key and per-endpoint request counts

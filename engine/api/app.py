@@ -1,5 +1,6 @@
 """build_app: the server app over an EngineClient, and its small endpoints (health, metrics,
-models); the generating endpoints live in completions.py and chat.py."""
+models); the generating endpoints live in completions.py and chat.py, /tokenize and /detokenize
+in tokenize.py."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from ..chat_template import ChatTemplate
-from . import chat, completions, errors
+from . import chat, completions, errors, tokenize
 from .errors import NOT_FOUND, APIError
 from .metrics import Metrics
 from .middleware import DEFAULT_MAX_BODY_BYTES, Gate
@@ -54,29 +55,31 @@ async def metrics(request: Request):
     return Response(st.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _model_card(st: ServerState) -> dict:
-    return {"id": st.engine.model_name, "object": "model", "created": st.created, "owned_by": "gpt-engine",
-            "max_model_len": st.engine.max_model_len}
+def _model_card(st: ServerState, name: str) -> dict:
+    return {"id": name, "object": "model", "created": st.created, "owned_by": "gpt-engine",
+            "root": st.engine.model_name, "max_model_len": st.engine.max_model_len}
 
 
 @router.get("/v1/models")
 async def models(request: Request):
-    return {"object": "list", "data": [_model_card(state_of(request))]}
+    st = state_of(request)
+    return {"object": "list", "data": [_model_card(st, name) for name in st.served_model_names]}
 
 
 @router.get("/v1/models/{model_id:path}", responses=NOT_FOUND)
 async def model(model_id: str, request: Request):
     st = state_of(request)
-    if model_id != st.engine.model_name:
-        raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
-    return _model_card(st)
+    st.check_model(model_id, running=False)
+    return _model_card(st, model_id)
 
 
 def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | None = None,
-              allowed_hosts: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+              allowed_hosts: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              served_model_names: list[str] | None = None) -> FastAPI:
     """The app over an EngineClient. Its lifespan starts the engine (if not yet running) and
     stops it at shutdown, so in-flight requests are finished or aborted. Without a chat template,
-    chat requests get a 400."""
+    chat requests get a 400. served_model_names: the names requests may give as `model` and
+    /v1/models lists (default: the engine's model_name); responses carry the first."""
     if engine.tokenizer is None:
         raise ValueError("the server needs a tokenizer: put a tokenizer.json in the model directory")
 
@@ -93,11 +96,12 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
                 log.exception("engine.stop() failed")
 
     app = FastAPI(title="gpt-engine", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.server = st = ServerState(engine, Metrics(), chat_template)
+    app.state.server = st = ServerState(engine, Metrics(), chat_template,
+                                        served_model_names=list(served_model_names or ()))
     app.state.engine, app.state.metrics = engine, st.metrics
     app.add_middleware(Gate, api_key=api_key, metrics=st.metrics, allowed_hosts=allowed_hosts,
                        max_body_bytes=max_body_bytes)
     errors.install(app)
-    for r in (router, completions.router, chat.router):
+    for r in (router, completions.router, chat.router, tokenize.router):
         app.include_router(r)
     return app

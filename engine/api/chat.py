@@ -18,7 +18,7 @@ router = APIRouter()
 @router.post("/v1/chat/completions", responses=GENERATE_ERRORS)
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     t0, st = begin(request, req)
-    model = st.engine.model_name
+    model = st.model_name
     if st.template is None:
         raise engine_error(missing_template("start the server with --chat-template FILE"), st.engine)
     messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]

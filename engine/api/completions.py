@@ -19,7 +19,7 @@ router = APIRouter()
 @router.post("/v1/completions", responses=GENERATE_ERRORS)
 async def completions(req: CompletionRequest, request: Request):
     t0, st = begin(request, req)
-    model = st.engine.model_name
+    model = st.model_name
     rid, choices = await make_choices(st, req, req.prompt, "cmpl", req.logprobs, DEFAULT_MAX_TOKENS)
     want_lp = req.logprobs is not None
     offsets = {c.index: 0 for c in choices}

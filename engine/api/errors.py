@@ -87,7 +87,11 @@ async def _validation_error(request, e: RequestValidationError):
 
     def where(er):
         return ".".join(str(x) for x in er.get("loc", ()) if x != "body") or None
-    msg = "; ".join(f"{where(er) or 'body'}: {er.get('msg')}" for er in errs)
+    def say(er):
+        if er.get("type") == "extra_forbidden":  # OpenAI's own words for a field it does not know
+            return f"Unrecognized request argument supplied: {where(er)}"
+        return f"{where(er) or 'body'}: {er.get('msg')}"
+    msg = "; ".join(say(er) for er in errs)
     return JSONResponse(error_body(msg or "invalid request", param=where(errs[0]) if errs else None), status_code=400)
 
 

@@ -28,11 +28,28 @@ class Metrics:
         self.waiting = Gauge(PREFIX + "num_requests_waiting", "Sequences waiting to be scheduled", registry=r)
         self.kv_usage = Gauge(PREFIX + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)",
                               registry=r)
+        # the engine's own running totals (stats key -> counter), as vLLM's prefix_cache_* and num_preemptions
+        self.engine_counters = {
+            "prefix_cache_query_tokens": Counter(PREFIX + "prefix_cache_queries",
+                                                 "Prompt tokens looked up in the prefix cache", registry=r),
+            "prefix_cache_hit_tokens": Counter(PREFIX + "prefix_cache_hits",
+                                               "Prompt tokens found in the prefix cache", registry=r),
+            "num_preemptions": Counter(PREFIX + "num_preemptions", "Sequences preempted (KV cache full)",
+                                       registry=r),
+        }
+        self._seen = dict.fromkeys(self.engine_counters, 0)
 
     def render(self, stats: dict | None) -> bytes:
-        """Prometheus text; the gauges are read from engine.stats() now rather than kept in sync."""
+        """Prometheus text; the gauges and the engine's counters are read from engine.stats() now
+        rather than kept in sync."""
         if stats:
             self.running.set(stats.get("num_running", 0))
             self.waiting.set(stats.get("num_waiting", 0))
             self.kv_usage.set(stats.get("kv_usage", 0.0))
+            for key, counter in self.engine_counters.items():
+                # a counter only goes up: it takes what the engine's total gained since the last scrape
+                total = stats.get(key, 0)
+                if total > self._seen[key]:
+                    counter.inc(total - self._seen[key])
+                    self._seen[key] = total
         return generate_latest(self.registry)

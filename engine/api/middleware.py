@@ -1,6 +1,6 @@
 """ASGI middleware, in the order a request meets it: the Host allowlist (DNS rebinding), the
 body-size limit (413, before the body is read or parsed, authenticated or not), the bearer-key
-check on /v1/*, a bound on generating requests in progress (429), and per-endpoint request
+check on /v1/*, /tokenize and /detokenize, a bound on generating requests in progress (429), and per-endpoint request
 counts. Plain ASGI rather than BaseHTTPMiddleware, which would get between StreamingResponse
 and disconnects."""
 from __future__ import annotations
@@ -13,7 +13,10 @@ from starlette.exceptions import HTTPException
 from .metrics import Metrics
 from .protocol import error_body
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
+             "/metrics")
+# behind the key besides /v1/*: they read the served model's tokenizer (vLLM leaves them open)
+KEYED = ("/v1", "/tokenize", "/detokenize")
 DEFAULT_MAX_BODY_BYTES = 16 << 20   # a full-context prompt as JSON token ids, with room to spare
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -70,7 +73,7 @@ class Gate:
                 return await refuse(400, "Host header not allowed (see --allowed-hosts)", "invalid_host")
             if self._declared_length(scope) > self.max_body_bytes:
                 return await refuse(413, f"request body over {self.max_body_bytes} bytes", "request_too_large")
-            if self.api_key and (path == "/v1" or path.startswith("/v1/")) and not self._authorized(scope):
+            if self.api_key and (path in KEYED or path.startswith("/v1/")) and not self._authorized(scope):
                 return await refuse(401, "Incorrect or missing API key: send Authorization: Bearer <key>",
                                     "invalid_api_key", {"WWW-Authenticate": "Bearer"})
             try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 MAX_N = 128          # OpenAI's own cap on n
 MAX_LOGPROBS = 20
@@ -20,22 +20,46 @@ MAX_MESSAGES = 4096
 MAX_SEQS_PER_REQUEST = 256   # prompts x n: a bound so one request cannot flood the queue
 INT64 = 2**63 - 1
 
+# Every field a request may carry is declared on its model (extra="forbid"): an unknown one is a 400
+# naming it, as OpenAI answers. Of the fields OpenAI defines, these change nothing here and are accepted
+# (they identify, store, route or bill a request; the prefix cache needs no key):
+#   both endpoints: user, stream_options.include_obfuscation, stream_options without stream
+#   chat: metadata, store, service_tier, safety_identifier, prompt_cache_key, parallel_tool_calls
+# The ones the engine does not implement are a 400 naming them, unless set to what asks for nothing:
+UNSUPPORTED = {
+    "suffix": (None, ""),                       # completions; best_of: accepted only when it equals n
+    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "web_search_options": (None,),
+    "reasoning_effort": (None,), "verbosity": (None,),
+}
+# vLLM's extensions this server implements: top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos,
+# min_tokens, add_generation_prompt (chat); any other is unknown, so a 400.
+
+
 def refuse(v, info):
-    """A field the server does not implement: a 400 naming it when set, never silently ignored."""
-    if v:
-        raise ValueError(f"{info.field_name} is not supported")
-    return None
+    """A field the server does not implement: a 400 naming it when it asks for anything."""
+    if any(v == ok and type(v) is type(ok) for ok in UNSUPPORTED[info.field_name]):
+        return None
+    raise ValueError(f"{info.field_name} is not supported")
 
 
-class StreamOptions(BaseModel):
+def _refusing(*names):
+    return field_validator(*names)(classmethod(lambda cls, v, info: refuse(v, info)))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
+    include_obfuscation: bool = True   # OpenAI's padding against length side channels: none here
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by both endpoints; unknown fields are ignored, as OpenAI clients send
-    a few (user, metadata, ...) that change nothing here. Only the server's own bounds are
-    checked here; what SamplingParams checks (core/sampling_params.py) it checks, once."""
-    model_config = ConfigDict(extra="ignore")
+class SamplingFields(Strict):
+    """Fields shared by both endpoints. Only the server's own bounds are checked here; what
+    SamplingParams checks (core/sampling_params.py) it checks, once; unknown fields are 400s."""
 
     model: Optional[str] = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -54,6 +78,8 @@ class SamplingFields(BaseModel):
     stream_options: Optional[StreamOptions] = None
     ignore_eos: bool = False          # vLLM's extension: benchmarks need fixed output lengths
     logit_bias: Optional[dict[str, float]] = None
+    min_tokens: int = 0               # vLLM's extension
+    user: Optional[str] = None        # accepted, changes nothing (the note above UNSUPPORTED)
 
     @field_validator("stop")
     @classmethod
@@ -81,12 +107,11 @@ class SamplingFields(BaseModel):
     def _logit_bias(cls, v):
         if v and len(v) > MAX_BIAS_ENTRIES:
             raise ValueError(f"at most {MAX_BIAS_ENTRIES} logit_bias entries")
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return None
+        return v or None  # ids and values: SamplingParams; ids against the vocabulary: the intake
 
-    SAMPLING: ClassVar[tuple[str, ...]] = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                "frequency_penalty", "stop", "stop_token_ids", "seed", "ignore_eos")
+    SAMPLING: ClassVar[tuple[str, ...]] = (
+        "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+        "frequency_penalty", "stop", "stop_token_ids", "seed", "ignore_eos", "logit_bias", "min_tokens")
 
     def sampling_fields(self) -> dict:
         """The SamplingParams fields this request set (the engine's intake defaults the rest);
@@ -106,6 +131,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     suffix: Optional[str] = None
+    best_of: Optional[int] = None
 
     @field_validator("prompt")
     @classmethod
@@ -123,7 +149,14 @@ class CompletionRequest(SamplingFields):
             raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return v  # always a list of prompts, each a str or a list of token ids
 
-    _suffix = field_validator("suffix")(classmethod(lambda cls, v, info: refuse(v, info)))
+    _suffix = _refusing("suffix")
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v, info):
+        if v is not None and v != info.data.get("n", 1):  # best_of == n asks for nothing more
+            raise ValueError("best_of is not supported (only best_of equal to n)")
+        return None
 
     @model_validator(mode="after")
     def _echo_logprobs(self):
@@ -161,9 +194,27 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
-    tools: Optional[list[Any]] = None
+    # accepted, change nothing here
+    metadata: Optional[dict[str, str]] = None
+    store: Optional[bool] = None
+    service_tier: Optional[str] = None
+    safety_identifier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+    parallel_tool_calls: Optional[bool] = None
+    # not implemented: refused unless they ask for nothing (UNSUPPORTED)
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
 
-    _tools = field_validator("tools")(classmethod(lambda cls, v, info: refuse(v, info)))
+    _unsupported = _refusing(*(k for k in UNSUPPORTED if k != "suffix"))
 
     @model_validator(mode="after")
     def _checks(self):
@@ -173,6 +224,29 @@ class ChatCompletionRequest(SamplingFields):
             self.max_tokens = self.max_completion_tokens
             self.model_fields_set.add("max_tokens")
         return self
+
+
+class TokenizeRequest(Strict):
+    """vLLM's POST /tokenize: a prompt, or chat messages rendered by the chat template."""
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    add_generation_prompt: bool = True
+    # default: the tokenizer's BOS for a prompt; none for messages (the rendered template writes its own)
+    add_special_tokens: Optional[bool] = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(Strict):
+    """vLLM's POST /detokenize."""
+    model: Optional[str] = None
+    tokens: list[StrictInt]   # ids against the vocabulary: the endpoint (it knows the vocabulary)
 
 
 class ErrorDetail(BaseModel):

@@ -28,15 +28,25 @@ class ServerState:
     metrics: Metrics
     template: object             # chat_template.ChatTemplate, or None: chat requests are refused
     created: int = field(default_factory=lambda: int(time.time()))
+    served_model_names: list[str] = field(default_factory=list)   # --served-model-name; [] = the engine's
+
+    def __post_init__(self):
+        self.served_model_names = list(dict.fromkeys(self.served_model_names)) or [self.engine.model_name]
+
+    @property
+    def model_name(self) -> str:
+        """The name responses carry (vLLM's: the first served name)."""
+        return self.served_model_names[0]
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.engine.model_name:
+    def check_model(self, model: str | None, running: bool = True) -> None:
+        """404 for a model this server does not serve; 503 when it needs the engine running and it is not."""
+        if model is not None and model not in self.served_model_names:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-        if not self.engine.is_running:
+        if running and not self.engine.is_running:
             raise APIError(503, "the engine is not running", "server_error", code="engine_unavailable")
 
     def token_str(self, i: int) -> str:
@@ -200,10 +210,15 @@ def _finite(x) -> float:
 
 
 def usage(choices: list[Choice]) -> dict:
-    # a prompt counts once however many samples (n) were drawn from it
-    p = sum({c.prompt_index: len(c.prompt_ids) for c in choices}.values())
+    # a prompt counts once however many samples (n) were drawn from it; its cached tokens are its first sample's
+    first = {}
+    for c in choices:
+        first.setdefault(c.prompt_index, c)
+    p = sum(len(c.prompt_ids) for c in first.values())
+    cached = sum(getattr(c.final, "num_cached_tokens", 0) for c in first.values())
     g = sum(c.num_tokens for c in choices)
-    return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+    return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def _disconnected(request: Request) -> None:
@@ -248,7 +263,7 @@ async def sse_stream(st: ServerState, chunks: AsyncIterator[dict], choices, rid,
                 chunk["usage"] = None
             yield _sse(chunk)
         if include_usage:
-            yield _sse({"id": rid, "object": obj, "created": int(time.time()), "model": st.engine.model_name,
+            yield _sse({"id": rid, "object": obj, "created": int(time.time()), "model": st.model_name,
                         "choices": [], "usage": usage(choices)})
         yield "data: [DONE]\n\n"
     except Exception as e:

@@ -1,8 +1,8 @@
 """gpt-engine serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [engine flags]
 
 Starts the OpenAI-compatible server (engine/api/) over an AsyncLLM: POST /v1/completions,
-POST /v1/chat/completions (stream or not), GET /v1/models, GET /health (503 once the engine
-cannot serve), GET /metrics (Prometheus text).
+POST /v1/chat/completions (stream or not), POST /tokenize, POST /detokenize, GET /v1/models,
+GET /health (503 once the engine cannot serve), GET /metrics (Prometheus text).
 """
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ def add_args(p) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("GPT_ENGINE_API_KEY"),
                    help="require Authorization: Bearer KEY on /v1/* (default: $GPT_ENGINE_API_KEY)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the names requests may give as model, listed by /v1/models; responses carry the "
+                        "first (default: the model directory's name)")
     p.add_argument("--chat-template", default=None, metavar="FILE|STRING",
                    help="jinja chat template (default: the model's own)")
     p.add_argument("--allowed-hosts", default=None, metavar="HOST,HOST",
@@ -56,7 +59,8 @@ def run(args) -> int:
         if args.chat_template else llm.chat_template
     engine = AsyncLLM(llm)
     app = build_app(engine, api_key=args.api_key, chat_template=template,
-                    allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), max_body_bytes=args.max_body_bytes)
+                    allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), max_body_bytes=args.max_body_bytes,
+                    served_model_names=args.served_model_name)
     # this process is the server's: its start-up heap (model, tokenizer, libraries) leaves the
     # cyclic collector's scans, as vLLM does after start-up
     gc.collect()

@@ -42,6 +42,12 @@ def check_token_ids(ids, vocab_size: int, param: str = "prompt") -> list[int]:
     return ids
 
 
+def check_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> None:
+    bad = next((t for t in bias or () if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise RequestError(f"logit_bias: token id {bad} is out of range [0, {vocab_size})", "logit_bias")
+
+
 def check_context(num_prompt: int, max_tokens: int, max_model_len: int) -> None:
     if max_tokens < 1 or num_prompt + max_tokens > max_model_len:
         want = max(max_tokens, 1)
@@ -111,4 +117,5 @@ class Intake:
         if params.logprobs is not None and params.logprobs > self.vocab_size:
             raise RequestError(f"logprobs ({params.logprobs}) exceeds the vocabulary size ({self.vocab_size})",
                                "logprobs")
+        check_logit_bias(params.logit_bias, self.vocab_size)
         return PreparedRequest(text, ids, params)

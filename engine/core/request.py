@@ -42,6 +42,7 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
     new_logprobs: list[dict[int, float]] | None = None
+    num_cached_tokens: int = 0                           # prompt tokens served from the prefix cache
 
 
 class Request:
@@ -83,15 +84,18 @@ class Request:
             out.new_text = self.detok.delta(fin)
         if fin:
             out.token_ids, out.text, out.logprobs = seq.output_token_ids, self.text(), self.logprobs
+            # after a preemption the re-admission's hit may cover generated tokens too: prompt only
+            out.num_cached_tokens = min(seq.num_cached_tokens, seq.num_prompt_tokens)
         return out
 
 
 def check_stop(req: Request, max_model_len: int) -> str | None:
     """The one place that decides whether a request is done after its newest token, and why:
-    a stop or eos token, a stop string, max_tokens or the context length."""
+    a stop or eos token (not before min_tokens), a stop string, max_tokens or the context length."""
     seq = req.seq
     tok = seq.token_ids[-1]
-    if tok in req.stop_ids:
+    # min_tokens: the sampler bans stop ids before then; here the same rule decides the end
+    if tok in req.stop_ids and seq.num_output_tokens > seq.params.min_tokens:
         if req.detok is not None:
             req.detok.flush()
         return "stop"

@@ -2,7 +2,9 @@
 the sampler that applies them is worker/sampler.py."""
 from __future__ import annotations
 
+import math
 import numbers
+import operator
 from dataclasses import dataclass
 
 from .request import RequestError
@@ -25,6 +27,8 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None   # OpenAI's: {token_id: bias in [-100, 100]} added to the logits
+    min_tokens: int = 0                          # vLLM's: no EOS or stop token id before this many tokens
 
     def __post_init__(self):
         def bad(msg):  # the message starts with the field's name: the server's 400 names it as param
@@ -59,6 +63,11 @@ class SamplingParams:
             bad(f"seed must be an integer, got {self.seed!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             bad(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            bad(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        self.logit_bias = _logit_bias(self.logit_bias, bad) or None
 
     @property
     def greedy(self) -> bool:
@@ -67,3 +76,30 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+LOGIT_BIAS_MAX = 100.0
+
+
+def _logit_bias(bias, bad) -> dict[int, float]:
+    """{token_id: bias} with int ids; JSON's string keys ("50256") are taken as OpenAI sends them.
+    Ids against the vocabulary: the intake's check (it knows the vocabulary)."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        bad(f"logit_bias must be a mapping of token ids to biases, got {type(bias).__name__}")
+    out = {}
+    for k, v in bias.items():
+        try:
+            if isinstance(k, bool):
+                raise TypeError
+            if isinstance(k, str) and not (k.isascii() and k.isdigit()):  # int() would take " 5", "1_0"
+                raise ValueError
+            t = int(k) if isinstance(k, str) else operator.index(k)
+        except (TypeError, ValueError):
+            bad(f"logit_bias keys must be token ids (integers), got {k!r}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
+                or not -LOGIT_BIAS_MAX <= v <= LOGIT_BIAS_MAX:
+            bad(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {k!r}")
+        out[t] = float(v)
+    return out

@@ -66,8 +66,10 @@ def graph_sizes(max_bs: int) -> list[int]:
 class ModelRunner:
     def __init__(self, model, block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  max_model_len: int = 1024, num_kv_blocks: int | None = None, kv_cache_tokens: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool | None = None, seed: int | None = None):
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool | None = None, seed: int | None = None,
+                 eos_token_ids=()):
         self.model = model
+        self.eos_token_ids = list(eos_token_ids)   # min_tokens bans them with each request's stop_token_ids
         cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -214,6 +216,13 @@ class ModelRunner:
             g = self.generators[seq.request_id] = Sampler.request_generator(seed, self.device)
         return g
 
+    def _banned(self, seq) -> list[int]:
+        """The ids seq may not draw yet: its stop ids while under min_tokens (vLLM's min_tokens)."""
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            return []
+        return p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
+
     def run(self, batch: ScheduledBatch) -> tuple[list, list | None]:
         """Step + sample -> (token or None per sequence, logprobs dict or None per sequence)."""
         self.release(batch.finished_ids)
@@ -229,7 +238,8 @@ class ModelRunner:
             logits, params,
             [s.prompt_token_ids for s in rows] if pen else None,
             [s.output_token_ids for s in rows] if pen else None,
-            [self._generator(s) for s in rows])
+            [self._generator(s) for s in rows],
+            [self._banned(s) for s in rows] if any(p.min_tokens for p in params) else None)
         it, lit = iter(toks), iter(lps or ())
         tokens = [next(it) if smp else None for smp in batch.sample]
         logprobs = [next(lit) if smp else None for smp in batch.sample] if lps is not None else None

@@ -1,10 +1,12 @@
 """The batched sampler (its per-request settings: core/sampling_params.py).
 
 The sampler works on the whole batch's logits (B, V) at once; per-row settings become (B,)
-tensors. Order: penalties -> greedy rows take argmax -> temperature -> top-k -> top-p ->
-min-p -> draw. Draws use the exponential-race trick argmax(p / E), E ~ Exp(1), so a seeded
-request draws its own E from its own torch.Generator: its samples do not depend on the
-rest of the batch.
+tensors. Order: penalties -> logit_bias -> min_tokens ban -> greedy rows take argmax ->
+temperature -> top-k -> top-p -> min-p -> draw. Draws use the exponential-race trick
+argmax(p / E), E ~ Exp(1), so a seeded request draws its own E from its own torch.Generator:
+its samples do not depend on the rest of the batch. The min_tokens ban (the stop ids of the
+rows the runner names) comes after logit_bias, so no bias brings a stop token back; rows with
+neither pay nothing.
 
 Logprobs are the model's raw distribution, log_softmax(logits) before penalties and
 temperature (vLLM's "raw_logprobs"), so they mean the same whatever the sampling settings.
@@ -53,6 +55,24 @@ def apply_penalties(logits, params, prompt_ids, output_ids):
     return logits
 
 
+def apply_logit_bias(logits, params):
+    """logits (B, V) fp32 in place: each row's {token_id: bias} added, in one scatter for the batch."""
+    rows = [i for i, p in enumerate(params) for _ in p.logit_bias or ()]
+    cols = [t for p in params for t in p.logit_bias or ()]
+    vals = [b for p in params for b in (p.logit_bias or {}).values()]
+    dev = logits.device
+    idx = (torch.tensor(rows, dtype=torch.long, device=dev), torch.tensor(cols, dtype=torch.long, device=dev))
+    logits.index_put_(idx, torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
+    return logits
+
+
+def apply_ban(logits, banned: list[list[int]]):
+    """logits (B, V) in place: row i's banned ids -> -inf (min_tokens' stop ids)."""
+    r, c = _rows(banned, logits.device)
+    logits[r, c] = float("-inf")
+    return logits
+
+
 def apply_top_k_top_p(logits, top_k: torch.Tensor | None, top_p: torch.Tensor | None):
     """logits (B, V); top_k (B,) long (V = off); top_p (B,) float (1 = off). Masked -> -inf."""
     sorted_logits, idx = logits.sort(dim=-1, descending=True)
@@ -93,16 +113,23 @@ class Sampler:
         return g
 
     @torch.no_grad()
-    def __call__(self, logits, params, prompt_ids=None, output_ids=None, generators=None):
+    def __call__(self, logits, params, prompt_ids=None, output_ids=None, generators=None, banned=None):
         """logits (B, V); params/prompt_ids/output_ids/generators: one per row (generator None
-        for unseeded rows). Returns (tokens list[int], logprobs list[dict|None] or None)."""
+        for unseeded rows); banned: None, or per row the ids it may not draw now (min_tokens).
+        Returns (tokens list[int], logprobs list[dict|None] or None)."""
         B, V = logits.shape
         dev = logits.device
-        logits = logits.float()
+        logits = raw = logits.float()
         want_lp = any(p.logprobs is not None for p in params)
         raw_lp = logits.log_softmax(-1) if want_lp else None
         if any(p.has_penalties for p in params):
             logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
+        own = logits is not raw  # the model's buffer is not written: clone once before the first in-place op
+        if any(p.logit_bias for p in params):
+            logits = apply_logit_bias(logits if own else logits.clone(), params)
+            own = True
+        if banned is not None and any(banned):
+            logits = apply_ban(logits if own else logits.clone(), banned)
         greedy = [p.greedy for p in params]
         if all(greedy):
             tokens = _argmax(logits)
