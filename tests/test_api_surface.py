@@ -129,6 +129,9 @@ def test_min_tokens_holds_back_eos_and_stop_ids(srv, client):
     # EOS forced: it ends the answer at once, unless min_tokens holds it back that long
     assert run(logit_bias={str(eos): 100}) == ("stop", 1)
     assert run(logit_bias={str(eos): 100}, extra_body={"min_tokens": 4}) == ("stop", 5)
+    # ... banned by the sampler until then (not drawn and passed over): the first four are other tokens
+    out = _greedy(srv, PROMPT, 10, logit_bias={str(eos): 100}, min_tokens=4)
+    assert eos not in out.token_ids[:4] and out.token_ids[4:] == [eos], out.token_ids
     # a stop token id likewise
     assert run(logit_bias={str(k): 100}, extra_body={"stop_token_ids": [k], "min_tokens": 2}) == ("stop", 3)
     # streamed, sampled: the same rule
