@@ -78,6 +78,8 @@ TRAIT_CASES = [
     (128, 4, 2, 32, 96, False, "geglu", 32, True),  # Gemma-like
     (128, 2, 1, 64, 100, True, "geglu", 16, False),
     (96, 3, 3, 32, 64, True, "gelu_tanh", 0, False),
+    (96, 4, 2, 24, 64, False, "geglu", 8, True),  # head dims off the powers of two
+    (32, 4, 2, 8, 64, False, "swiglu", 8, True),
 ]
 
 
