@@ -8,7 +8,9 @@
 
 namespace {
 
-constexpr int64_t kHeadDims[] = {32, 64, 80, 96, 128};  // what the attention kernels are built for
+// the attention kernels' head dims: the Triton ones pad D to a power of two (at least 16, tl.dot's
+// smallest), the C++ ones step over D in 8-float vectors; 256 bounds the Triton tiles
+constexpr int64_t kHeadDimStep = 8, kMaxHeadDim = 256;
 
 // an integer tensor (offsets, tables, slots) of dtype t on ref's device
 void indices(const char* name, const at::Tensor& x, int64_t ndim, at::ScalarType t, const char* ref_name,
@@ -19,7 +21,7 @@ void indices(const char* name, const at::Tensor& x, int64_t ndim, at::ScalarType
   check_on_device(name, x, ref_name, ref);
 }
 
-// q (..., H, D) against k and v (..., Hkv, D): GQA/MQA heads, one head dim the kernels take
+// q (..., H, D) against k and v (..., Hkv, D): GQA/MQA heads, one head dim the kernels take (check_head_dim)
 void heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* kname, const char* vname) {
   check_same("q", q, kname, k);
   check_same("q", q, vname, v);
@@ -29,8 +31,7 @@ void heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
   TORCH_CHECK_VALUE(k.size(-1) == d, kname, " head dim ", k.size(-1), " != q head dim ", d);
   TORCH_CHECK_VALUE(hkv > 0 && h % hkv == 0, "q heads (", h, ") must be a multiple of ", kname, "/", vname,
                     " heads (", hkv, ")");
-  TORCH_CHECK_VALUE(std::find(std::begin(kHeadDims), std::end(kHeadDims), d) != std::end(kHeadDims), "head dim ", d,
-                    " not supported; use one of ", c10::IntArrayRef(kHeadDims));
+  check_head_dim(d);
 }
 
 // The values of an index tensor, read on the host (keep holds a contiguous copy when x is not)
@@ -97,6 +98,11 @@ void check_same(const char* ref_name, const at::Tensor& ref, const char* name, c
 }
 
 // ---- public ops
+
+void check_head_dim(int64_t d) {
+  TORCH_CHECK_VALUE(d > 0 && d % kHeadDimStep == 0 && d <= kMaxHeadDim, "head dim ", d, " not supported: must be a "
+                    "multiple of ", kHeadDimStep, " up to ", kMaxHeadDim);
+}
 
 void check_window(int64_t left, int64_t right) {
   TORCH_CHECK_VALUE(left >= -1 && right >= -1, "window_size entries must be >= -1 (-1: unbounded), got (", left, ", ",

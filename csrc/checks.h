@@ -18,6 +18,7 @@ void check_same(const char* ref_name, const at::Tensor& ref, const char* name, c
 
 // ---- the public ops' rules: every path, float64 included. window: (left, right), -1 unbounded.
 void check_window(int64_t left, int64_t right);
+void check_head_dim(int64_t d);  // every attention path's
 void check_flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t left,
                            int64_t right);
 void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,

@@ -148,7 +148,6 @@ void check_varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   } else {
     check_rows("k", k), check_rows("v", v);
   }
-  TORCH_CHECK_VALUE(q.size(2) % 16 == 0, "varlen_attention: the head dim must be a multiple of 16, got ", q.size(2));
   check_varlen_indices(cu_q, cu_k, q.size(0), paged ? -1 : k.size(0), block_table, k.size(0),
                        paged ? k.size(1) : 0);
 }
@@ -236,6 +235,7 @@ void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const s
   TORCH_CHECK_VALUE(present(cos) == present(sin), "decode_layer: give both cos and sin, or neither");
   check_float("k_cache", k_cache, 4);
   const int64_t Hkv = k_cache.size(2), D = k_cache.size(3);
+  check_head_dim(D);  // before the layer writes the cache
   for (size_t i = 12; i < w.size(); ++i)
     if (present(w[i])) {
       const char* name = i == 12 ? "q_norm weight" : "k_norm weight";

@@ -46,26 +46,31 @@ HOT void scores(const float* q, int64_t D, const float* kt, int64_t ldk, int64_t
   }
 }
 
-// o (rows, D) = p (rows, lds) [0, n) @ v (n rows ldv apart, D); D a multiple of 16
-template <int rows>
-HOT void pv(const float* p, int64_t lds, const float* v, int64_t ldv, int64_t n, int64_t D, float* o) {
-  for (int64_t d = 0; d < D; d += 16) {
-    f8 a[rows][2] = {};
-    const float* vp = v + d;
-    for (int64_t j = 0; j < n; ++j, vp += ldv) {
-      const f8 v0 = load8(vp), v1 = load8(vp + 8);
-      for (int r = 0; r < rows; ++r) {
-        const float x = p[r * lds + j];
-        const f8 pb = {x, x, x, x, x, x, x, x};
-        a[r][0] += pb * v0;
-        a[r][1] += pb * v1;
-      }
-    }
+// o (rows, D) [d, d + 8 * vecs) = p (rows, lds) [0, n) @ v (n rows ldv apart, D) [d, d + 8 * vecs)
+template <int rows, int vecs>
+HOT void pv_cols(const float* p, int64_t lds, const float* v, int64_t ldv, int64_t n, int64_t D, int64_t d, float* o) {
+  f8 a[rows][vecs] = {};
+  const float* vp = v + d;
+  for (int64_t j = 0; j < n; ++j, vp += ldv) {
+    f8 vv[vecs];
+    for (int c = 0; c < vecs; ++c) vv[c] = load8(vp + 8 * c);
     for (int r = 0; r < rows; ++r) {
-      store8(o + r * D + d, a[r][0]);
-      store8(o + r * D + d + 8, a[r][1]);
+      const float x = p[r * lds + j];
+      const f8 pb = {x, x, x, x, x, x, x, x};
+      for (int c = 0; c < vecs; ++c) a[r][c] += pb * vv[c];
     }
   }
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < vecs; ++c) store8(o + r * D + d + 8 * c, a[r][c]);
+}
+
+// o (rows, D) = p (rows, lds) [0, n) @ v (n rows ldv apart, D); D a multiple of 8: 16 columns a
+// pass (two vectors per row keep the FMA units busy), 8 for an odd last vector
+template <int rows>
+HOT void pv(const float* p, int64_t lds, const float* v, int64_t ldv, int64_t n, int64_t D, float* o) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) pv_cols<rows, 2>(p, lds, v, ldv, n, D, d, o);
+  if (d < D) pv_cols<rows, 1>(p, lds, v, ldv, n, D, d, o);
 }
 
 // Row r sees keys [first[r], nkeys[r]); both grow with r. Scores start at the first row's first key

@@ -43,9 +43,9 @@ def use_triton(x: torch.Tensor) -> bool:
 # ---- attention.py
 
 def cpu_varlen_attention(q, k, v, paged=False) -> bool:
-    """csrc/varlen_cpu.cpp: CPU float32 inference (it has no backward), head dim a multiple of 16,
-    q's rows dense as split from a fused projection, K/V likewise or contiguous paged caches."""
-    return (_eager_cpu_fp32(q) and rows_dense(q) and q.shape[-1] % 16 == 0 and not wants_grad(q, k, v)
+    """csrc/varlen_cpu.cpp: CPU float32 inference (it has no backward), q's rows dense as split from
+    a fused projection, K/V likewise or contiguous paged caches."""
+    return (_eager_cpu_fp32(q) and rows_dense(q) and not wants_grad(q, k, v)
             and (k.is_contiguous() and v.is_contiguous() if paged else rows_dense(k) and rows_dense(v))
             and ext() is not None)
 

@@ -41,7 +41,37 @@ _DQ_CONFIGS = _cfgs([(128, 32, 4, 4), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64,
 # and D=128 on sm_90 (benchmarks/triton_regs.py), where 4 warps spill from 128 keys up
 _DKDV_CONFIGS = _cfgs([(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (16, 128, 8, 3), (64, 64, 8, 3),
                        (32, 64, 4, 3), (16, 64, 8, 3)])
+# Joined to the configs above that _smem_prune keeps wherever it drops some (big D, fp32): small
+# tiles, the second without pipelining, that fit D=256 in fp32 in 100 KB of shared memory, so that
+# autotuning always has a config that compiles
+_FWD_SMALL = _cfgs([(32, 32, 4, 2), (32, 16, 4, 1)])
+_DQ_SMALL = _cfgs([(32, 32, 4, 2), (16, 32, 4, 1)])
+_DKDV_SMALL = _cfgs([(16, 32, 4, 2), (16, 16, 4, 1)])
 _TUNE_KEY = ["tune_q", "tune_k", "BLOCK_D", "CAUSAL", "LOCAL", "VARLEN", "PAGED"]
+
+
+def block_d(d: int) -> int:
+    """The tiles' head-dim width: a power of two (masked past d), at least tl.dot's 16."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _smem_prune(resident, streamed, small):
+    """An early_config_prune dropping the configs whose tiles cannot fit the GPU's shared memory
+    (autotuning would only fail to compile them, and at D=256 it fails most), by a rough upper bound:
+    `resident` tiles held per program plus `streamed` tiles per pipeline stage, each BLOCK_M or
+    BLOCK_N ("M", "N") rows of BLOCK_D. Where it drops any, the `small` configs join the rest: the
+    bound is rough, and with two or more candidates a config that fails to compile is skipped."""
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        limit = triton.runtime.driver.active.utils.get_device_properties(q.device.index)["max_shared_mem"]
+        width = kwargs["BLOCK_D"] * q.element_size()
+
+        def nbytes(c):
+            per_stage = sum(c.kwargs["BLOCK_" + r] for r in streamed) * max(c.num_stages, 1)
+            return (sum(c.kwargs["BLOCK_" + r] for r in resident) + per_stage) * width
+        kept = [c for c in configs if nbytes(c) <= limit]
+        return configs if len(kept) == len(configs) else kept + small
+    return dict(early_config_prune=prune)
 
 
 @triton.jit
@@ -390,9 +420,13 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K,
              dv.to(DV.dtype.element_ty), mask=msk)
 
 
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_fwd_kernel)
-_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_dq_kernel)
-_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_dkdv_kernel)
+# resident: q (fwd), q and dO (dq), k and v (dk/dv); streamed: the other pair, per stage
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY,
+                             prune_configs_by=_smem_prune("M", "NN", _FWD_SMALL))(_fwd_kernel)
+_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY,
+                            prune_configs_by=_smem_prune("MM", "NN", _DQ_SMALL))(_dq_kernel)
+_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY,
+                              prune_configs_by=_smem_prune("NN", "MM", _DKDV_SMALL))(_dkdv_kernel)
 
 LOG2E = 1.4426950408889634
 
@@ -432,7 +466,7 @@ class _Meta:
         if causal:
             right = 0
         self.window = (max(left, 0), max(right, 0))
-        self.consts = dict(HEAD_D=self.d, BLOCK_D=triton.next_power_of_2(self.d), CAUSAL=right >= 0,
+        self.consts = dict(HEAD_D=self.d, BLOCK_D=block_d(self.d), CAUSAL=right >= 0,
                            LOCAL=left >= 0, VARLEN=self.varlen, PAGED=paged,
                            PREC="ieee" if q.dtype == torch.float32 else "tf32")
         self.tune = (_tune_bucket(max_sq), _tune_bucket(max_sk))

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_attention import block_d as block_d_of
+
 LOG2E = 1.4426950408889634
 
 
@@ -122,13 +124,14 @@ def paged_attention_fwd(q, k_cache, v_cache, block_table, seq_lens, scale, left=
     batch, h, d = q.shape
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     group = h // hkv
-    block_d = triton.next_power_of_2(d)
+    block_d = block_d_of(d)
     max_ctx = block_table.shape[1] * page  # shape-based: CUDA-graph safe
     if left >= 0:
         max_ctx = min(max_ctx, left + 1)  # the most keys a window holds
     splits = _num_splits(batch, hkv, max_ctx, q.device)
     cuda = q.is_cuda
-    block_n = (64 if block_d >= 128 else 128) if cuda else 16
+    # fewer keys a tile as D grows: each stage's K and V tiles stay in shared memory
+    block_n = (128 if block_d < 128 else 64 if block_d == 128 else 32) if cuda else 16
     split_len = triton.cdiv(triton.cdiv(max_ctx, splits), block_n) * block_n
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if splits > 1:

@@ -81,14 +81,39 @@ def test_dense_fp32(case):
 
 
 @pytest.mark.parametrize("case", [(1, 97, 130, 4, 1, 80, True), (1, 40, 17, 4, 2, 64, True),
-                                  (2, 17, 33, 2, 2, 64, False)], ids=lambda c: "-".join(map(str, c)))
+                                  (2, 17, 33, 2, 2, 64, False), (1, 17, 40, 2, 1, 24, True)],
+                         ids=lambda c: "-".join(map(str, c)))
 def test_dense_fp16(case):
     check_dense(*case, torch.float16)
 
 
-@pytest.mark.parametrize("d", [32, 96, 128])
-def test_head_dims_forward(d):
-    check_dense(1, 17, 40, 2, 1, d, True, torch.float32, grads=False)
+# any multiple of 8 up to 256: tiles padded to a power of two (at least 16) and masked past D
+HEAD_DIMS = [8, 16, 24, 40, 72, 112, 160, 256]
+
+
+@pytest.mark.parametrize("d", HEAD_DIMS + [32, 96, 128])
+def test_head_dims(d):
+    check_dense(1, 17, 40, 2, 1, d, True, torch.float32)
+
+
+def test_big_head_dims_fit_shared_memory(monkeypatch):
+    # the GPU autotuner's candidates (the interpreter runs fixed blocks): at D=256 configs whose tiles
+    # overflow an H100's shared memory are dropped and small ones join; fp16 up to D=128 keeps them all
+    import types
+
+    import triton
+
+    from gpt_engine.kernels import triton_attention as T
+    props = types.SimpleNamespace(get_device_properties=lambda index: {"max_shared_mem": 232448})
+    monkeypatch.setattr(triton.runtime, "driver", types.SimpleNamespace(active=types.SimpleNamespace(utils=props)))
+    for tuned, small in ((T._fwd_tuned, T._FWD_SMALL), (T._dq_tuned, T._DQ_SMALL), (T._dkdv_tuned, T._DKDV_SMALL)):
+        prune = tuned.early_config_prune
+        for d in (64, 128):
+            assert prune(tuned.configs, {"Q": torch.empty(1, dtype=torch.float16)}, BLOCK_D=T.block_d(d)) == \
+                tuned.configs
+        for dtype in (torch.float16, torch.float32):
+            kept = prune(tuned.configs, {"Q": torch.empty(1, dtype=dtype)}, BLOCK_D=T.block_d(256))
+            assert set(small) <= set(kept) and len(kept) < len(tuned.configs) + len(small)
 
 
 def test_strided_inputs():
@@ -105,10 +130,10 @@ def _cu(lens):
     return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
 
 
-def _check_varlen_fwd_bwd(dtype, lq, lk, window=(-1, -1)):
+def _check_varlen_fwd_bwd(dtype, lq, lk, window=(-1, -1), d=64):
     """Causal varlen forward and gradients against the reference: fp32 closely, fp16 within the
     error of the same op in plain torch at fp16."""
-    h, hkv, d = 4, 2, 64
+    h, hkv = 4, 2
     q, k, v = _rand(sum(lq), h, d), _rand(sum(lk), hkv, d), _rand(sum(lk), hkv, d)
     cq, ck = _cu(lq), _cu(lk)
     do = torch.randn_like(q)
@@ -128,10 +153,11 @@ def _check_varlen_fwd_bwd(dtype, lq, lk, window=(-1, -1)):
         assert_within(got, ref, _fwd_bwd(low, xs, do.to(dtype)), 2e-3, f"varlen fp16, window {window}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_varlen_fwd_bwd(dtype):
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 64), (torch.float16, 64), *((torch.float32, d) for d in HEAD_DIMS),
+                                     (torch.float16, 40)])
+def test_varlen_fwd_bwd(dtype, d):
     torch.manual_seed(1)
-    _check_varlen_fwd_bwd(dtype, [1, 17, 40], [5, 17, 33])  # per-sequence Sq <= Sk, Sq > Sk
+    _check_varlen_fwd_bwd(dtype, [1, 17, 40], [5, 17, 33], d=d)  # per-sequence Sq <= Sk, Sq > Sk
 
 
 def test_varlen_noncausal_matches_dense():
@@ -159,11 +185,13 @@ def _paged(lens, block_size, hkv, d, dtype, extra_blocks=5):
     return kc, vc, table
 
 
-@pytest.mark.parametrize("dtype,block_size", [(torch.float32, 16), (torch.float16, 32)])
-def test_paged_prefill(dtype, block_size):
+@pytest.mark.parametrize("dtype,block_size,d", [(torch.float32, 16, 64), (torch.float16, 32, 64),
+                                                (torch.float32, 16, 8), (torch.float32, 16, 72),
+                                                (torch.float32, 5, 256), (torch.float16, 16, 24)])
+def test_paged_prefill(dtype, block_size, d):
     # new tokens (q) on top of a cached prefix: q are the last tokens of each sequence
     torch.manual_seed(3)
-    h, hkv, d = 4, 2, 64
+    h, hkv = 4, 2
     klens, qlens = [20, 1, 70], [20, 1, 9]  # fresh prompt, one-token chunk, chunk after a 61-token prefix
     kc, vc, table = _paged(klens, block_size, hkv, d, dtype)
     q = torch.randn(sum(qlens), h, d).to(dtype)
@@ -216,9 +244,12 @@ def test_errors():
                                 torch.randn(1, 4, 2, 64, device="meta"))
     with pytest.raises(ValueError, match="4-D"):
         kernels.flash_attention(torch.randn(4, 2, 64), torch.randn(4, 2, 64), torch.randn(4, 2, 64))
-    x = torch.randn(1, 4, 2, 48)
-    with pytest.raises(ValueError, match="head dim"):
-        kernels.flash_attention(x, x, x)
+    for d in (20, 264, 4):  # off the multiples of 8, past 256
+        x = torch.randn(1, 4, 2, d)
+        with pytest.raises(ValueError, match=f"head dim {d} not supported: must be a multiple of 8 up to 256"):
+            kernels.flash_attention(x, x, x)
+        with pytest.raises(ValueError, match=f"head dim {d} not supported"):
+            kernels.flash_attention_varlen(x[0], x[0], x[0], *[torch.tensor([0, 4], dtype=torch.int32)] * 2, 4, 4)
     p = torch.randn(5, 2, 64)
     with pytest.raises(TypeError, match="cu_seqlens_q"):
         kernels.flash_attention_varlen(p, p, p, torch.tensor([0, 5]), torch.tensor([0, 5], dtype=torch.int32), 5, 5)
@@ -237,7 +268,8 @@ def _ext_or_skip():
     return ext()
 
 
-@pytest.mark.parametrize("h,hkv,d", [(4, 4, 64), (8, 2, 32), (6, 3, 80), (2, 1, 96), (3, 1, 128)])
+@pytest.mark.parametrize("h,hkv,d", [(4, 4, 64), (8, 2, 32), (6, 3, 80), (2, 1, 96), (3, 1, 128),
+                                     *((2, 1, d) for d in HEAD_DIMS)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_varlen_cpu_kernel(h, hkv, d, causal, monkeypatch):
     # lengths off every tile size (4 query rows, 16 keys), an empty sequence, Sk > Sq (bottom-right
@@ -260,7 +292,7 @@ def test_varlen_cpu_kernel(h, hkv, d, causal, monkeypatch):
 
 
 @pytest.mark.parametrize("block_size", [16, 5])
-@pytest.mark.parametrize("h,hkv,d", [(4, 2, 64), (3, 3, 32)])
+@pytest.mark.parametrize("h,hkv,d", [(4, 2, 64), (3, 3, 32), (2, 1, 24), (2, 2, 8), (2, 1, 256)])
 def test_varlen_cpu_kernel_paged(block_size, h, hkv, d, monkeypatch):
     # chunked prefill and prefix-cache hits: new tokens on top of a cached prefix, K/V read through
     # the block table from scattered blocks (a block size off the 16-key tiles too)
@@ -494,7 +526,8 @@ def test_window_errors(bad, exc):
 # ---- GPU: realistic sizes, low precision, compile ----
 
 GPU_DENSE = [(2, 1024, 1024, 16, 16, 128, True), (2, 2048, 2048, 16, 4, 64, True),
-             (4, 1024, 1024, 16, 1, 128, False), (2, 1000, 1537, 16, 4, 80, True), (2, 1537, 1000, 16, 8, 64, True)]
+             (4, 1024, 1024, 16, 1, 128, False), (2, 1000, 1537, 16, 4, 80, True), (2, 1537, 1000, 16, 8, 64, True),
+             (1, 1000, 1537, 8, 2, 256, True), (2, 777, 777, 4, 1, 8, True), (1, 1537, 1000, 4, 2, 40, False)]
 
 
 @pytest.mark.gpu
@@ -517,8 +550,9 @@ def test_gpu_window(case, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_fp32_forward():
-    check_dense(2, 257, 257, 8, 2, 64, True, torch.float32, device=torch.device("cuda"), atol=1e-3)
+@pytest.mark.parametrize("d", [64, 256])  # 256: _smem_prune's small configs
+def test_gpu_fp32(d):
+    check_dense(2, 257, 257, 8, 2, d, True, torch.float32, device=torch.device("cuda"), atol=1e-3)
 
 
 @pytest.mark.gpu

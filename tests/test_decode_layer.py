@@ -22,13 +22,19 @@ BS = 16
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")  # conftest's TRITON_INTERPRET=1 routes decode to Triton
 
 
-# (C, H, Hkv, D, ff, bias, activation, rope): gpt2-like and llama-like (GQA, RoPE, SwiGLU), D = 80 too
+# (C, H, Hkv, D, ff, bias, activation, rope): gpt2-like and llama-like (GQA, RoPE, SwiGLU), and
+# head dims off the powers of two (any multiple of 8 up to 256)
 CASES = [
     (64, 2, 2, 32, 256, True, "gelu_tanh", False),
     (64, 2, 2, 32, 96, True, "gelu", False),
     (160, 2, 2, 80, 200, False, "relu", False),
     (128, 4, 1, 32, 160, False, "swiglu", True),
     (256, 8, 2, 32, 100, False, "swiglu", True),
+    (32, 4, 2, 8, 64, True, "gelu", True),
+    (96, 4, 2, 24, 64, False, "swiglu", True),
+    (112, 1, 1, 112, 64, True, "gelu_tanh", True),
+    (320, 2, 1, 160, 64, False, "swiglu", True),
+    (256, 1, 1, 256, 64, False, "swiglu", True),
 ]
 
 
@@ -72,6 +78,8 @@ TRAIT_CASES = [
     (128, 4, 2, 32, 96, False, "geglu", 32, True),  # Gemma-like
     (128, 2, 1, 64, 100, True, "geglu", 16, False),
     (96, 3, 3, 32, 64, True, "gelu_tanh", 0, False),
+    (96, 4, 2, 24, 64, False, "geglu", 8, True),  # head dims off the powers of two
+    (32, 4, 2, 8, 64, False, "swiglu", 8, True),
 ]
 
 
@@ -221,6 +229,11 @@ def test_errors(monkeypatch):
             call(rope=(torch.ones(2, 16), torch.ones(2, 15)))
         with pytest.raises(TypeError, match="x must be a CPU float32 tensor"):
             call(x=x.double())
+        w20 = layer_weights(40, 2, 2, 20, 64, True, False, g)
+        kc20, vc20, table20, lens20, slots20 = paged_batch([3, 20], 2, 20, g, bs=BS, pad_last=True)
+        with pytest.raises(ValueError, match="head dim 20 not supported: must be a multiple of 8 up to 256"):
+            decode_layer(torch.randn(2, 40), None, pack_layer(w20), kc20, vc20, slots20, table20, lens20, None, 2,
+                         1e-5, False, "gelu", 0.1)
         with pytest.raises(ValueError, match="block_table"):
             bad = table.clone()
             bad[1, 1] = 10_000

@@ -50,11 +50,13 @@ def check_decode(lens, block_size, h, hkv, d, dtype, device="cpu", atol=2e-3, wi
     assert err <= 2 * base + atol, f"kernel err {err:.3g} vs torch {base:.3g}"
 
 
-# (lens, block_size, H, Hkv, D): mixed lengths incl. 1 and block edges, GQA 1 / 4 / H
+# (lens, block_size, H, Hkv, D): mixed lengths incl. 1 and block edges, GQA 1 / 4 / H; any head
+# dim a multiple of 8 up to 256
 DECODE = [
     ([1, 16, 17, 100], 16, 8, 2, 64),
     ([33, 5, 64], 32, 4, 4, 80),
     ([100, 1], 16, 4, 1, 128),
+    *(([17, 40, 1], 16, 4, 2, d) for d in (8, 16, 24, 40, 72, 112, 160, 256)),
 ]
 
 
@@ -72,7 +74,7 @@ def test_decode_fp32(case, interpret, monkeypatch):
 
 
 @pytest.mark.parametrize("interpret", PATHS)
-@pytest.mark.parametrize("case", DECODE[:2], ids=lambda c: f"{c[1]}-{c[2]}-{c[3]}-{c[4]}")
+@pytest.mark.parametrize("case", DECODE[:2] + DECODE[5:6], ids=lambda c: f"{c[1]}-{c[2]}-{c[3]}-{c[4]}")
 def test_decode_fp16(case, interpret, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
     check_decode(*case, torch.float16)
@@ -142,6 +144,15 @@ def test_decode_after_store():
     store_kvcache(k, v, kc, vc, slots)
     torch.testing.assert_close(paged_attention(q, kc, vc, table, seq_lens),
                                R.paged_attention(q, kc, vc, table, seq_lens), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("interpret", PATHS)
+@pytest.mark.parametrize("d", [20, 264])
+def test_head_dim_errors(d, interpret, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    kc, vc, table, seq_lens = _caches([5], 16, 2, d, torch.float32)
+    with pytest.raises(ValueError, match=f"head dim {d} not supported: must be a multiple of 8 up to 256"):
+        paged_attention(torch.randn(1, 4, d), kc, vc, table, seq_lens)
 
 
 def test_errors():
@@ -221,7 +232,8 @@ def test_window_errors(bad, exc):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", [([1, 16, 17, 100, 4096, 777, 2048, 33], 16, 32, 8, 128),
                                   ([5000], 16, 32, 8, 128), ([300] * 64, 32, 16, 16, 64),
-                                  ([1, 999, 12000], 16, 32, 1, 128)], ids=lambda c: f"B{len(c[0])}-{c[1]}-{c[3]}")
+                                  ([1, 999, 12000], 16, 32, 1, 128), ([1, 33, 2000], 16, 8, 2, 256),
+                                  ([7, 500], 16, 8, 8, 8)], ids=lambda c: f"B{len(c[0])}-{c[1]}-{c[3]}-{c[4]}")
 def test_gpu_decode(case, dtype):
     check_decode(*case, dtype, device="cuda")
 
