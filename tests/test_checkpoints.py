@@ -194,6 +194,14 @@ def _hf_llama(**over):
     (dict(rope_scaling={"rope_type": "linear", "factor": 1e9}), "factor"),
     (dict(rope_scaling=[1, 2]), "rope_scaling"),
     (dict(use_sliding_window="yes", model_type="qwen2"), "use_sliding_window"),
+    (dict(head_dim=20), "head_dim"),
+    (dict(head_dim=264), "head_dim"),
+    (dict(model_type="gemma", attention_bias=True), "attention_bias"),
+    (dict(model_type="gemma", hidden_act="silu"), "hidden_act"),
+    (dict(model_type="qwen3", partial_rotary_factor=0.5), "partial_rotary_factor"),
+    (dict(model_type="phi3", partial_rotary_factor=1.5), "partial_rotary_factor"),
+    (dict(model_type="phi3", rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8,
+                                            "long_factor": [1.0] * 8}, partial_rotary_factor=0.5), "short_factor"),
 ])
 def test_config_validation_names_the_field(over, field, tmp_path):
     with pytest.raises(ValueError, match=field):
@@ -202,6 +210,31 @@ def test_config_validation_names_the_field(over, field, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(_hf_llama(**over)))
     with pytest.raises(ValueError, match=field):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("d,field", [
+    (dict(model_type="gptj", n_embd=64, n_head=2, rotary_dim=15), "rotary_dim"),
+    (dict(model_type="gptj", n_embd=64, n_head=2, rotary_dim=64), "rotary_dim"),
+    (dict(model_type="gptj", n_embd=64, n_head=2, rotary_dim=16, activation_function="swish"), "activation_function"),
+    (dict(model_type="gpt_neox", hidden_size=64, num_attention_heads=2, intermediate_size=96, hidden_act="swish"),
+     "hidden_act"),
+    (dict(model_type="gpt_neox", hidden_size=64, num_attention_heads=2, intermediate_size=96, rotary_pct=0.0),
+     "partial_rotary_factor"),
+])
+def test_family_config_validation_names_the_field(d, field, tmp_path):
+    d = dict(vocab_size=100, n_layer=2, num_hidden_layers=2, **d)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=field):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("kind,shape", [("gpt2", dict(d_model=96, n_head=4)), ("llama", dict(d_model=128, n_head=8))])
+def test_tiny_hub_shapes_load(kind, shape, tmp_path):
+    """The shapes of the tiny test checkpoints hub libraries publish: GPT-2 with 4 heads of 24, llama with 8 heads
+    of 16."""
+    hf = make_hf_model(kind, tmp_path, shape=shape, **SHARP)
+    _close(load_model(tmp_path), hf, torch.randint(0, 256, (2, 23)))
+    assert_greedy_matches(tmp_path, hf, [3, 17, 40])
 
 
 def test_gpt2_config_validation():

@@ -88,6 +88,8 @@ class ModelConfig:
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim % 8 or self.head_dim > 256:  # what the attention kernels take
+            raise ValueError(f"head_dim {self.head_dim} not supported: must be a multiple of 8 up to 256")
         if self.max_seq_len > MAX_POSITIONS:
             raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the supported {MAX_POSITIONS}")
         if self.n_head % self.n_kv_head:
