@@ -157,7 +157,12 @@ class LLM:
         """One engine step -> an output for every streamed request that advanced (with its delta)
         and for every request that finished."""
         batch = self.scheduler.schedule()
-        tokens, logprobs = self.runner.run(batch)
+        tokens, logprobs, scored = self.runner.run(batch)
+        if scored is not None:
+            for seq, rows in zip(batch.seqs, scored):
+                req = self.requests.get(seq.request_id)
+                if rows is not None and req is not None:  # None: aborted while the step ran
+                    req.prompt_logprobs.extend(rows)
         outs = []
         for i in self.scheduler.postprocess(batch, tokens):
             seq = batch.seqs[i]

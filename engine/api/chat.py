@@ -10,7 +10,8 @@ from fastapi.responses import StreamingResponse
 from ..chat_template import missing_template
 from .errors import GENERATE_ERRORS, engine_error
 from .protocol import ChatCompletionRequest
-from .serving import begin, collect, make_choices, merge, norm_logprobs, off_loop, record, sse_stream, usage
+from .serving import (begin, collect, make_choices, merge, norm_logprobs, off_loop, prompt_logprobs_json, record,
+                      sse_stream, usage)
 
 router = APIRouter()
 
@@ -49,7 +50,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                 if not out.new_text and not out.finished and not out.new_token_ids:
                     continue
                 delta = {"content": out.new_text} if out.new_text else {}
-                yield {**base, "created": int(time.time()), "choices": [
+                extra = {} if req.prompt_logprobs is None or out.prompt_logprobs is None or c.index else \
+                    {"prompt_logprobs": prompt_logprobs_json(st, out)}
+                yield {**base, "created": int(time.time()), **extra, "choices": [
                     {"index": c.index, "delta": delta,
                      "logprobs": logprobs_of(norm_logprobs(out.new_token_ids, out.new_logprobs)),
                      "finish_reason": c.finish_reason}]}
@@ -57,9 +60,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                                  media_type="text/event-stream")
 
     await collect(st, request, choices, t0)
+    # vLLM's prompt_logprobs (the rendered conversation's), when asked for
+    extra = {} if req.prompt_logprobs is None else {"prompt_logprobs": prompt_logprobs_json(st, choices[0].final)}
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.final.text},
                          "logprobs": logprobs_of(norm_logprobs(c.final.token_ids, c.final.logprobs)),
                          "finish_reason": c.finish_reason}
                         for c in choices],
-            "usage": usage(choices)}
+            "usage": usage(choices), **extra}

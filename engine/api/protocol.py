@@ -34,7 +34,7 @@ UNSUPPORTED = {
     "reasoning_effort": (None,), "verbosity": (None,),
 }
 # vLLM's extensions this server implements: top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos,
-# min_tokens, add_generation_prompt (chat); any other is unknown, so a 400.
+# min_tokens, prompt_logprobs, add_generation_prompt (chat); any other is unknown, so a 400.
 
 
 def refuse(v, info):
@@ -79,6 +79,9 @@ class SamplingFields(Strict):
     ignore_eos: bool = False          # vLLM's extension: benchmarks need fixed output lengths
     logit_bias: Optional[dict[str, float]] = None
     min_tokens: int = 0               # vLLM's extension
+    # vLLM's extension: per prompt token its logprob and the top-N (the response's prompt_logprobs);
+    # a negative one is the engine's 400 (SamplingParams), naming it
+    prompt_logprobs: Optional[int] = Field(None, le=MAX_LOGPROBS)
     user: Optional[str] = None        # accepted, changes nothing (the note above UNSUPPORTED)
 
     @field_validator("stop")
@@ -111,7 +114,8 @@ class SamplingFields(Strict):
 
     SAMPLING: ClassVar[tuple[str, ...]] = (
         "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-        "frequency_penalty", "stop", "stop_token_ids", "seed", "ignore_eos", "logit_bias", "min_tokens")
+        "frequency_penalty", "stop", "stop_token_ids", "seed", "ignore_eos", "logit_bias", "min_tokens",
+        "prompt_logprobs")
 
     def sampling_fields(self) -> dict:
         """The SamplingParams fields this request set (the engine's intake defaults the rest);
@@ -127,6 +131,8 @@ class SamplingFields(Strict):
 
 
 class CompletionRequest(SamplingFields):
+    """echo with logprobs scores the prompt too (its logprobs lead the choice's, the first null, as
+    OpenAI's legacy API and vLLM answer); echo with max_tokens 0 returns only the scored prompt."""
     prompt: Any  # str | list[str] | list[int] | list[list[int]], checked below for a one-line error
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -159,10 +165,7 @@ class CompletionRequest(SamplingFields):
         return None
 
     @model_validator(mode="after")
-    def _echo_logprobs(self):
-        if self.echo and self.logprobs is not None:
-            # echo + logprobs asks for prompt logprobs (scoring), which the engine does not compute
-            raise ValueError("echo together with logprobs is not supported")
+    def _checks(self):
         if len(self.prompt) * self.n > MAX_SEQS_PER_REQUEST:
             raise ValueError(f"{len(self.prompt)} prompts x n={self.n} is over the limit of "
                              f"{MAX_SEQS_PER_REQUEST} sequences per request")

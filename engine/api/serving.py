@@ -90,15 +90,17 @@ async def off_loop(fn, *args):
 
 
 async def make_choices(st: ServerState, req, prompts: list, prefix: str, logprobs: int | None,
-                       default_max_tokens: int | None = None, **prepare) -> tuple[str, list[Choice]]:
+                       default_max_tokens: int | None = None, sampling: dict | None = None,
+                       **prepare) -> tuple[str, list[Choice]]:
     """The engine requests of an API request. Admitted first (the engine's one bound: a full server
     answers 429 before any tokenizing), then each prompt prepared once by the engine's intake
     (defaulted, tokenized, checked; off the event loop): every error it can detect answers before a
-    response (or a stream's 200) starts."""
+    response (or a stream's 200) starts. sampling: SamplingParams fields the endpoint sets over the
+    request's."""
     rid = f"{prefix}-{uuid.uuid4().hex}"
     ids = [f"{rid}-{i}" for i in range(len(prompts) * req.n)]
     st.engine.admit(ids)
-    fields = {**req.sampling_fields(), "logprobs": logprobs}
+    fields = {**req.sampling_fields(), "logprobs": logprobs, **(sampling or {})}
     try:
         prepared = await off_loop(lambda: [st.engine.prepare(p, fields, default_max_tokens=default_max_tokens,
                                                              **prepare) for p in prompts])
@@ -204,19 +206,29 @@ def norm_logprobs(token_ids, logprobs) -> list[tuple[int, float, list[tuple[int,
     return res
 
 
+def prompt_logprobs_json(st: ServerState, out) -> list | None:
+    """vLLM's prompt_logprobs response field: per prompt token {token_id: {logprob, decoded_token}}
+    (the prompt's token and the top-N), the first null."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if d is None else {str(i): {"logprob": _finite(v), "decoded_token": st.token_str(i)}
+                                    for i, v in d.items()} for d in out.prompt_logprobs]
+
+
 def _finite(x) -> float:
     x = float(x)
     return x if math.isfinite(x) else NO_PROBABILITY
 
 
-def usage(choices: list[Choice]) -> dict:
+def usage(choices: list[Choice], generated: bool = True) -> dict:
+    """generated=False: the prompts only were asked for (completions' echo with max_tokens 0)."""
     # a prompt counts once however many samples (n) were drawn from it; its cached tokens are its first sample's
     first = {}
     for c in choices:
         first.setdefault(c.prompt_index, c)
     p = sum(len(c.prompt_ids) for c in first.values())
     cached = sum(getattr(c.final, "num_cached_tokens", 0) for c in first.values())
-    g = sum(c.num_tokens for c in choices)
+    g = sum(c.num_tokens for c in choices) if generated else 0
     return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -255,7 +267,8 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'), allow_nan=False)}\n\n"
 
 
-async def sse_stream(st: ServerState, chunks: AsyncIterator[dict], choices, rid, obj, include_usage):
+async def sse_stream(st: ServerState, chunks: AsyncIterator[dict], choices, rid, obj, include_usage,
+                     generated: bool = True):
     """SSE framing, usage chunk, [DONE]; an engine failure mid-stream becomes an error chunk."""
     try:
         async for chunk in chunks:
@@ -264,7 +277,7 @@ async def sse_stream(st: ServerState, chunks: AsyncIterator[dict], choices, rid,
             yield _sse(chunk)
         if include_usage:
             yield _sse({"id": rid, "object": obj, "created": int(time.time()), "model": st.model_name,
-                        "choices": [], "usage": usage(choices)})
+                        "choices": [], "usage": usage(choices, generated)})
         yield "data: [DONE]\n\n"
     except Exception as e:
         yield _sse(engine_error(e, st.engine).body)

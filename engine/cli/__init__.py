@@ -1,4 +1,4 @@
-"""gpt-engine train | generate | chat | serve | bench   (also: python -m gpt_engine ...)
+"""gpt-engine train | generate | chat | serve | bench | eval   (also: python -m gpt_engine ...)
 
 Each subcommand's module owns its flags: add_args(parser) and run(args).
 """
@@ -17,6 +17,7 @@ COMMANDS = {
     "chat": ("gpt_engine.cli.chat", "chat with a model in the terminal (streamed answers)"),
     "serve": ("gpt_engine.cli.serve", "OpenAI-compatible HTTP server"),
     "bench": ("gpt_engine.cli.bench", "offline throughput benchmark against HF generate"),
+    "eval": ("gpt_engine.cli.eval", "perplexity of a text file or .jsonl (sliding windows, prompt logprobs)"),
 }
 
 

@@ -129,7 +129,8 @@ class BlockManager:
         table, cached, _ = self.admit(token_ids)
         return table, cached
 
-    def admit(self, token_ids: list[int], budget: int | None = None) -> tuple[list[int], int, bytes | None]:
+    def admit(self, token_ids: list[int], budget: int | None = None,
+              read_cache: bool = True) -> tuple[list[int], int, bytes | None]:
         """Blocks for a new sequence -> (block_table, num_cached_tokens, the hash of the last cached
         block: the parent of the next one's, for commit).
 
@@ -137,13 +138,15 @@ class BlockManager:
         computed (its logits are needed) and no cached block is ever written again. Without a
         window (or a budget) the table holds every token; with one, the hits before the window are
         released at once and the table holds the cached tokens and at most budget more, as many
-        as the free blocks hold (at least one token, else RuntimeError)."""
+        as the free blocks hold (at least one token, else RuntimeError). read_cache=False takes no
+        hits (a request scoring its prompt needs every position computed); its blocks are still
+        committed for others."""
         n = len(token_ids)
         windowed = self.window and budget is not None
         if not windowed and not self.can_allocate(n):
             raise RuntimeError(f"not enough free KV blocks for {n} tokens")
         table, parent, bs = [], None, self.block_size
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and read_cache:
             for i in range((n - 1) // bs):
                 h = block_hash(parent, token_ids[i * bs:(i + 1) * bs])
                 bid = self.hash_to_block.get(h)

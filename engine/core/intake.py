@@ -114,8 +114,9 @@ class Intake:
         check_pool(bm.held_tokens(len(ids) + params.max_tokens), bm.capacity, bm.block_size)
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer", "stop")
-        if params.logprobs is not None and params.logprobs > self.vocab_size:
-            raise RequestError(f"logprobs ({params.logprobs}) exceeds the vocabulary size ({self.vocab_size})",
-                               "logprobs")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.vocab_size:
+                raise RequestError(f"{name} ({k}) exceeds the vocabulary size ({self.vocab_size})", name)
         check_logit_bias(params.logit_bias, self.vocab_size)
         return PreparedRequest(text, ids, params)

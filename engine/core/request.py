@@ -39,6 +39,9 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None                     # None | "stop" | "length"
     logprobs: list[dict[int, float]] | None = None       # per generated token: {token_id: logprob} (chosen + top-N)
+    # prompt_logprobs asked: per prompt token {token_id: logprob} (the prompt's token + top-N), the first
+    # None (nothing precedes it); on the finished output and, streamed, on the first one
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
     new_logprobs: list[dict[int, float]] | None = None
@@ -48,7 +51,7 @@ class RequestOutput:
 class Request:
     """Everything the engine keeps per request: the scheduler's Sequence, the prompt text, the
     detokenizer, the stop ids and the logprobs so far."""
-    __slots__ = ("seq", "prompt", "detok", "stream", "stop_ids", "logprobs", "tokenizer")
+    __slots__ = ("seq", "prompt", "detok", "stream", "stop_ids", "logprobs", "prompt_logprobs", "tokenizer")
 
     def __init__(self, seq, prompt: str | None, tokenizer, eos_token_ids, stream: bool):
         p = seq.params
@@ -58,6 +61,8 @@ class Request:
         # text is built step by step only where it is read step by step: streams and stop strings
         self.detok = Detokenizer(tokenizer, p.stop) if tokenizer is not None and (stream or p.stop) else None
         self.logprobs: list | None = [] if p.logprobs is not None else None
+        # params are duck-typed (the scheduler tests build them): no prompt_logprobs, none asked
+        self.prompt_logprobs: list | None = [None] if getattr(p, "prompt_logprobs", None) is not None else None
 
     @property
     def request_id(self) -> str:
@@ -82,6 +87,8 @@ class Request:
                             new_logprobs=new_logprobs)
         if self.detok is not None and self.stream:
             out.new_text = self.detok.delta(fin)
+        if self.prompt_logprobs is not None and (fin or (self.stream and seq.num_output_tokens == 1)):
+            out.prompt_logprobs = list(self.prompt_logprobs)
         if fin:
             out.token_ids, out.text, out.logprobs = seq.output_token_ids, self.text(), self.logprobs
             # after a preemption the re-admission's hit may cover generated tokens too: prompt only

@@ -27,6 +27,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None           # vLLM's: per prompt token its logprob and the top-N
     logit_bias: dict[int, float] | None = None   # OpenAI's: {token_id: bias in [-100, 100]} added to the logits
     min_tokens: int = 0                          # vLLM's: no EOS or stop token id before this many tokens
 
@@ -63,6 +64,10 @@ class SamplingParams:
             bad(f"seed must be an integer, got {self.seed!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             bad(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (isinstance(self.prompt_logprobs, bool)
+                                                 or not isinstance(self.prompt_logprobs, int)
+                                                 or self.prompt_logprobs < 0):
+            bad(f"prompt_logprobs must be an integer >= 0, got {self.prompt_logprobs!r}")
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.min_tokens > self.max_tokens:

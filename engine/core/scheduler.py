@@ -8,6 +8,11 @@ run out the newest running sequence is preempted by recompute: its blocks are fr
 goes back to the front of the waiting queue (its generated tokens are kept and re-prefilled,
 mostly from the prefix cache).
 
+A sequence asking for prompt logprobs (params.prompt_logprobs) is scored: each step's batch names
+the positions whose next-token logprobs the runner computes (ScheduledBatch.score), and until its
+whole prompt is scored it takes no prefix-cache hits, so every prompt position is computed once
+(a preemption resumes the scoring where it stopped).
+
 When every layer is windowed (the block manager's window), a sequence holds only the blocks its
 next queries can see: each step first releases the ones behind the window, a sequence is admitted
 with blocks for its first chunk only, and a chunk shrinks to the free blocks before anyone is
@@ -47,6 +52,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.finish_reason: str | None = None
         self.arrival = next(Sequence._counter)
+        # prompt positions whose next-token logprobs are wanted: 0 .. num_prompt_tokens - 2
+        self.score_end = self.num_prompt_tokens - 1 if getattr(params, "prompt_logprobs", None) is not None else 0
+        self.num_scored = 0                        # of those, handed to the runner in past steps
 
     @property
     def num_tokens(self) -> int:
@@ -111,6 +119,9 @@ class ScheduledBatch:
     num_new_tokens: list[int]      # tokens computed this step, per sequence
     sample: list[bool]             # whether the step reaches the sequence's end (-> sample a token)
     finished_ids: list[str] = field(default_factory=list)  # requests ended since the last batch
+    # per sequence, the positions [start, end) whose next-token logprobs to compute (prompt
+    # logprobs), or None; the field is None when no sequence in the batch scores
+    score: list[tuple[int, int] | None] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -136,11 +147,14 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.finished_ids: list[str] = []          # handed to the runner with the next batch
         self.num_preemptions = 0
+        self.scoring: dict[str, Sequence] = {}     # sequences whose prompt is not all scored yet
 
     # ---------------------------------------------------------------- requests
     def add(self, seq: Sequence) -> None:
         """seq comes checked from the intake (core/intake.py): it fits the context and the pool."""
         self.waiting.append(seq)
+        if seq.num_scored < seq.score_end:
+            self.scoring[seq.request_id] = seq
 
     def finish(self, seq: Sequence, reason: str) -> None:
         if seq.status is Status.FINISHED:
@@ -150,6 +164,7 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         self.bm.free(seq.block_table)
+        self.scoring.pop(seq.request_id, None)
         seq.status, seq.finish_reason = Status.FINISHED, reason
         self.finished_ids.append(seq.request_id)
 
@@ -210,7 +225,8 @@ class Scheduler:
             if not self.bm.can_allocate(self.bm.held_tokens(seq.num_tokens + 1)):
                 break
             self.waiting.popleft()
-            seq.block_table, cached, seq.parent_hash = self.bm.admit(seq.token_ids, budget if windowed else None)
+            seq.block_table, cached, seq.parent_hash = self.bm.admit(seq.token_ids, budget if windowed else None,
+                                                                     seq.request_id not in self.scoring)
             seq.num_computed_tokens = seq.num_cached_tokens = cached
             seq.num_hashed_blocks = cached // self.bm.block_size
             seq.status = Status.RUNNING
@@ -222,7 +238,16 @@ class Scheduler:
             sample.append(cached + n == seq.num_tokens)
             budget -= n
         finished, self.finished_ids = self.finished_ids, []
-        return ScheduledBatch(seqs, counts, sample, finished)
+        return ScheduledBatch(seqs, counts, sample, finished, self._score(seqs, counts) if self.scoring else None)
+
+    def _score(self, seqs: list[Sequence], counts: list[int]) -> list[tuple[int, int] | None] | None:
+        """The prompt positions each sequence scores this step: those it computes and has not scored."""
+        out = []
+        for seq, n in zip(seqs, counts):
+            start = max(seq.num_computed_tokens, seq.num_scored)
+            end = min(seq.num_computed_tokens + n, seq.score_end)
+            out.append((start, end) if end > start else None)
+        return out if any(out) else None
 
     def _victim(self, seq: Sequence, scheduled: list[Sequence]) -> Sequence:
         """The newest running sequence not yet scheduled this step (else seq itself) to preempt."""
@@ -235,9 +260,14 @@ class Scheduler:
         out = []
         bm = self.bm
         hashing = bm.enable_prefix_caching
+        score = batch.score
         for i, (seq, n, tok) in enumerate(zip(batch.seqs, batch.num_new_tokens, sampled)):
             if seq.status is not Status.RUNNING:  # aborted while the step ran
                 continue
+            if score is not None and score[i] is not None:
+                seq.num_scored = score[i][1]
+                if seq.num_scored >= seq.score_end:
+                    del self.scoring[seq.request_id]
             seq.num_computed_tokens += n
             if hashing and seq.num_computed_tokens // bm.block_size > seq.num_hashed_blocks:  # a block filled up
                 seq.num_hashed_blocks, seq.parent_hash = bm.commit(seq.block_table, seq.token_ids,

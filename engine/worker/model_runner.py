@@ -17,6 +17,7 @@ from ..worker import hugepages
 from ..models.layers import StepMeta
 from ..models.rope import seq_dependent_rope
 from .sampler import Sampler
+from .scoring import prompt_logprobs, score_rows
 from ..core.scheduler import ScheduledBatch
 
 log = logging.getLogger("gpt_engine.worker.model_runner")
@@ -180,12 +181,13 @@ class ModelRunner:
         return t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t
 
     @torch.no_grad()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """One model step -> logits (S, V) of the sampled rows, in batch order."""
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list | None]:
+        """One model step -> (logits (S, V) of the sampled rows, in batch order; None, or per sequence
+        the prompt logprobs of the positions the batch scores (ScheduledBatch.score))."""
         ids, pos, slots, seq_lens, cu_q, cu_k, tables, logits_idx = self.prepare(batch)
-        if batch.is_decode and self.graphs and len(batch) <= max(self.graphs):
+        if batch.is_decode and batch.score is None and self.graphs and len(batch) <= max(self.graphs):
             return self._replay(ids, pos, slots, seq_lens, batch.seqs)[:len(batch)][
-                torch.tensor(logits_idx, device=self.device) if len(logits_idx) != len(batch) else slice(None)]
+                torch.tensor(logits_idx, device=self.device) if len(logits_idx) != len(batch) else slice(None)], None
         # the width rounded up to a power of two: kept rows stay valid while the batch's longest
         # table grows, and the decode kernel's split-K (sized from the width) stays near the need
         width = min(1 << (max(map(len, tables)) - 1).bit_length(), self.max_blocks_per_seq)
@@ -200,7 +202,15 @@ class ModelRunner:
             if rope_lens != [p + 1 for p in pos]:
                 meta.rope_seq_lens = self._to(rope_lens, torch.long)
         li = None if len(logits_idx) == len(ids) else self._to(logits_idx, torch.long)
-        return self.model.step(self._to(ids, torch.long), self._to(pos, torch.long), self.kv_caches, meta, li)
+        ids_t, pos_t = self._to(ids, torch.long), self._to(pos, torch.long)
+        if batch.score is None:
+            return self.model.step(ids_t, pos_t, self.kv_caches, meta, li), None
+        # scoring: every computed position's hidden state is kept for the chunked head (scoring.py)
+        h = self.model.hidden(ids_t, pos_t, self.kv_caches, meta)
+        rows, targets, tops, spans = score_rows(batch, cu_q)
+        scored = prompt_logprobs(self.model.logits, h, rows, targets, tops, self.vocab_size)
+        logits = self.model.logits(h if li is None else h[li])
+        return logits, [scored[a:b] if b > a else None for a, b in spans]
 
     def release(self, request_ids) -> None:
         for rid in request_ids:
@@ -223,15 +233,16 @@ class ModelRunner:
             return []
         return p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
 
-    def run(self, batch: ScheduledBatch) -> tuple[list, list | None]:
-        """Step + sample -> (token or None per sequence, logprobs dict or None per sequence)."""
+    def run(self, batch: ScheduledBatch) -> tuple[list, list | None, list | None]:
+        """Step + sample -> (token or None per sequence, logprobs dict or None per sequence, None or per
+        sequence its prompt logprobs of this step (a list of dicts) or None)."""
         self.release(batch.finished_ids)
         if not batch.seqs:
-            return [], None
-        logits = self.execute(batch)
+            return [], None, None
+        logits, scored = self.execute(batch)
         rows = [s for s, smp in zip(batch.seqs, batch.sample) if smp]
         if not rows:
-            return [None] * len(batch), None
+            return [None] * len(batch), None, scored
         params = [s.params for s in rows]
         pen = any(p.has_penalties for p in params)
         toks, lps = self.sampler(
@@ -243,7 +254,7 @@ class ModelRunner:
         it, lit = iter(toks), iter(lps or ())
         tokens = [next(it) if smp else None for smp in batch.sample]
         logprobs = [next(lit) if smp else None for smp in batch.sample] if lps is not None else None
-        return tokens, logprobs
+        return tokens, logprobs, scored
 
     # ---------------------------------------------------------------- CUDA graphs
     def _capture(self):
