@@ -38,21 +38,17 @@ def add_args(p) -> None:
 
 
 def read_documents(path: str | Path) -> list[str]:
+    """The documents of a text file (one) or of a .jsonl's {"text"} records (read as the trainer reads them)."""
+    from ..train.data import read_jsonl
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"data file {p} does not exist")
     if p.suffix != ".jsonl":
+        if not p.is_file():
+            raise FileNotFoundError(f"data file {p} does not exist")
         return [p.read_text(encoding="utf-8", errors="replace")]
     docs = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(d, dict) or not isinstance(d.get("text"), str):
-            raise ValueError(f'{p}:{i}: expected an object with a string "text"')
+    for i, d in enumerate(read_jsonl(p), 1):
+        if not isinstance(d.get("text"), str):
+            raise ValueError(f'{p}: record {i} has no string "text" (eval scores {{"text"}} records)')
         docs.append(d["text"])
     if not docs:
         raise ValueError(f"{p} holds no documents")
