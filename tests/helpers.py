@@ -23,9 +23,10 @@ _FAMILY_SHAPES = {"gpt_neo": dict(sliding_window=8, layer_types=["full_attention
                   "llama": dict(n_kv_head=1), "mistral": dict(n_kv_head=2), "qwen2": dict(n_kv_head=2)}
 
 
-def make_hf_model(kind: str, path, vocab_size: int = 256, seed: int = 0, save: bool = True, shape=None, **kw):
+def make_hf_model(kind: str, path, vocab_size: int = 256, seed: int = 0, save: bool = True, shape=None,
+                  randomize: bool = True, **kw):
     """Save a random-init transformers model of `kind` (a model_type, with "-untied" for an untied head) to
-    path, with random norms and biases. Its config.json is the one our ModelConfig writes for the family
+    path, with random norms and biases unless randomize=False. Its config.json is the one our ModelConfig writes for the family
     (2 layers, a small shape), with `shape` (ModelConfig fields: d_model, n_head, head_dim, rotary_fraction,
     ...) applied before and kw (transformers' config fields: rope_scaling, sliding_window, ...) after."""
     import transformers
@@ -41,7 +42,8 @@ def make_hf_model(kind: str, path, vocab_size: int = 256, seed: int = 0, save: b
     torch.manual_seed(seed)
     config = transformers.AutoConfig.for_model(**{**ModelConfig(**fields).to_hf(), **kw})
     model = transformers.AutoModelForCausalLM.from_config(config)
-    _randomize_norms_and_biases(model)
+    if randomize:
+        _randomize_norms_and_biases(model)
     model.eval()
     if save:
         model.save_pretrained(path)
@@ -197,10 +199,12 @@ def paged_batch(lens, Hkv, D, g, bs: int = 16, pad_last: bool = False):
 
 def make_chat_model(path, **kw):
     """A random-init GPT-2 (vocab 384; kw go to its transformers config) with a BPE tokenizer trained on
-    CORPUS and TEMPLATE as its chat template, saved to path."""
+    CORPUS and TEMPLATE as its chat template, saved to path. Its norms and biases keep transformers'
+    init: the streaming tests want its greedy answers to be text that decodes as it grows, which the
+    answers of this seed's randomized norms are not (byte fragments, held back until the end)."""
     from gpt_engine.tokenizer import Tokenizer
     tok = Tokenizer.train([CORPUS], vocab_size=320, show_progress=False)
-    make_hf_model("gpt2", path, vocab_size=384, **kw)
+    make_hf_model("gpt2", path, vocab_size=384, randomize=False, **kw)
     (Path(path) / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
     tok.save(path)
     return path

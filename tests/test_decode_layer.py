@@ -375,10 +375,11 @@ def test_glu(ff):
         glu(f, "gelu")
 
 
-@pytest.mark.parametrize("d", [32, 20, 6])  # the AVX2 loop's 8-wide body, with and without a tail
-def test_rope_matches_the_model_rotary(d):
+# half the rotated dims 16, 10 and 3: the AVX2 loop's 8-wide body, with and without a tail
+@pytest.mark.parametrize("d,fraction", [(32, 1.0), (40, 0.5), (24, 0.25)])
+def test_rope_matches_the_model_rotary(d, fraction):
     from gpt_engine.models.rope import Rotary
-    cfg = resolve_config("llama-tiny", n_head=5, n_kv_head=1, d_model=5 * d)
+    cfg = resolve_config("llama-tiny", n_head=5, n_kv_head=1, d_model=5 * d, rotary_fraction=fraction)
     rot = Rotary(cfg)
     torch.manual_seed(0)
     t = torch.randn(2, 7, 7, d)  # (B, T, heads, D): rotate the first 6 (q and k), leave v

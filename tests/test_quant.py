@@ -132,7 +132,7 @@ def test_w8a8_errors():
         pack_linear(quantize_int8(torch.randn(8, 64), 16), int8_activations=True)
     with pytest.raises(ValueError, match="multiples of 32"):
         pack_linear(torch.randn(8, 64), int8_activations=True)
-    model = M.GPT(resolve_config("gpt2-tiny", d_model=48, n_head=4))
+    model = M.GPT(resolve_config("gpt2-tiny", d_model=48, n_head=6))
     with pytest.raises(ValueError, match="multiples of 32"):
         model.set_weight_format(None, "w8a8")
 
