@@ -61,3 +61,18 @@ def test_cli_generate_and_version_from_outside_the_repository(tmp_path):
     assert "def " in out
     out = _run([sys.executable, "-m", "gpt_engine", "--version"], tmp_path)
     assert __version__ in out
+
+
+def test_every_package_ships():
+    """pyproject.toml lists the packages a wheel carries: every folder of engine/ and kernels/ that is a
+    package must be there, or a (non-editable) install lacks it."""
+    import tomllib
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for name, folder in cfg["package-dir"].items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(REPO / folder).parts
+            if not any(p == "__pycache__" or p.startswith(".") for p in parts):
+                found.add(".".join((name, *parts)))
+    missing = found - set(cfg["packages"])
+    assert not missing, f"packages missing from pyproject.toml: {sorted(missing)}"
