@@ -325,6 +325,13 @@ def test_served_prompt_is_the_templates_rendering(srv, client, model_dir):
     assert srv.script.prompts == [hf_render(model_dir / "tokenizer.json", template_form(CONV), TOOLS)]
 
 
+def test_tokenize_renders_tools(srv, model_dir):
+    r = httpx.post(srv.url + "/tokenize", json={"messages": CONV, "tools": TOOLS}, timeout=60)
+    assert r.status_code == 200, r.text
+    text = hf_render(model_dir / "tokenizer.json", template_form(CONV), TOOLS)
+    assert r.json()["tokens"] == srv.engine.tokenizer.encode(text, add_special_tokens=False)
+
+
 def test_auto_tool_calls_whole(srv, client):
     srv.script.say(SAID)
     r = ask(client, srv)

@@ -298,6 +298,7 @@ class TokenizeRequest(Strict):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    tools: Optional[list[Tool]] = None   # with messages: rendered as the chat endpoint renders them
     add_generation_prompt: bool = True
     # default: the tokenizer's BOS for a prompt; none for messages (the rendered template writes its own)
     add_special_tokens: Optional[bool] = None
