@@ -63,10 +63,12 @@ class ChatTemplate:
             return None
         return cls(source, {k: getattr(tokenizer, k, None) for k in SPECIAL_TOKENS})
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """tools: JSON-schema function definitions ({"type": "function", "function": {...}}), handed to
+        the template as given, as transformers hands over dicts."""
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None, **self.special_tokens)
+                                         tools=tools, documents=None, **self.special_tokens)
         except Exception as e:  # a template's raise_exception or a message it cannot take: the caller's fault
             raise RequestError(f"chat template: {e}", "messages") from e
 

@@ -232,14 +232,17 @@ class LLM:
         return template
 
     def chat(self, messages, sampling_params=None, chat_template: str | None = None,
-             add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, tools: list[dict] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a list of them, rendered by the model's
         chat template (or chat_template, a jinja string) as transformers' apply_chat_template
-        renders it; each output's .prompt is the rendered text."""
+        renders it, with tools (function definitions, as OpenAI's request carries them) when given;
+        each output's .prompt is the rendered text. Tool calls in the output are not parsed (the
+        server's --tool-call-parser does that)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         template = self.template(chat_template)
         # the template carries its BOS
-        return self.run_prepared([self.prepare(template.render(c, add_generation_prompt), sampling_params,
+        return self.run_prepared([self.prepare(template.render(c, add_generation_prompt, tools), sampling_params,
                                                add_special_tokens=False, default_max_tokens=SamplingParams.max_tokens,
                                                param="messages") for c in convs], use_tqdm)
 

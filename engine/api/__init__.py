@@ -8,5 +8,7 @@
     errors.py       APIError, the engine's errors as 4xx/503, OpenAI's error body everywhere
     middleware.py   API key and per-endpoint request counts
     protocol.py     the request models (pydantic)
+    tools.py        tool calling: which parser reads an output, the schema of a forced call, messages
+    tool_parsers/   one file per tool-call format (hermes, llama3_json), registered by name
     metrics.py      Prometheus metrics
 """

@@ -17,6 +17,7 @@ from .errors import NOT_FOUND, APIError
 from .metrics import Metrics
 from .middleware import DEFAULT_MAX_BODY_BYTES, Gate
 from .serving import ServerState, state_of
+from .tool_parsers import tool_parser
 
 log = logging.getLogger("gpt_engine.cli.serve")
 router = APIRouter()
@@ -75,13 +76,20 @@ async def model(model_id: str, request: Request):
 
 def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | None = None,
               allowed_hosts: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              served_model_names: list[str] | None = None) -> FastAPI:
+              served_model_names: list[str] | None = None, enable_auto_tool_choice: bool = False,
+              tool_call_parser: str | None = None) -> FastAPI:
     """The app over an EngineClient. Its lifespan starts the engine (if not yet running) and
     stops it at shutdown, so in-flight requests are finished or aborted. Without a chat template,
     chat requests get a 400. served_model_names: the names requests may give as `model` and
-    /v1/models lists (default: the engine's model_name); responses carry the first."""
+    /v1/models lists (default: the engine's model_name); responses carry the first.
+    enable_auto_tool_choice with tool_call_parser (a registered name): tool_choice "auto" is served,
+    the output read by that parser (vLLM's --enable-auto-tool-choice --tool-call-parser)."""
     if engine.tokenizer is None:
         raise ValueError("the server needs a tokenizer: put a tokenizer.json in the model directory")
+    if enable_auto_tool_choice and not tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    if tool_call_parser:
+        tool_parser(tool_call_parser)   # an unknown name fails here, at start-up
 
     @asynccontextmanager
     async def lifespan(app):
@@ -97,7 +105,8 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
 
     app = FastAPI(title="gpt-engine", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = st = ServerState(engine, Metrics(), chat_template,
-                                        served_model_names=list(served_model_names or ()))
+                                        served_model_names=list(served_model_names or ()),
+                                        tool_call_parser=tool_call_parser if enable_auto_tool_choice else None)
     app.state.engine, app.state.metrics = engine, st.metrics
     app.add_middleware(Gate, api_key=api_key, metrics=st.metrics, allowed_hosts=allowed_hosts,
                        max_body_bytes=max_body_bytes)

@@ -12,6 +12,8 @@ from .errors import GENERATE_ERRORS, engine_error
 from .protocol import ChatCompletionRequest
 from .serving import (begin, collect, make_choices, merge, norm_logprobs, off_loop, prompt_logprobs_json, record,
                       sse_stream, usage)
+from .tool_parsers import ToolStreamer
+from .tools import parser_for, template_messages, tools_json
 
 router = APIRouter()
 
@@ -22,9 +24,12 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     model = st.model_name
     if st.template is None:
         raise engine_error(missing_template("start the server with --chat-template FILE"), st.engine)
-    messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
+    parser = parser_for(st, req)
+    max_calls = 1 if req.parallel_tool_calls is False else None
+    messages = template_messages(req)
     top_n = (req.top_logprobs or 0) if req.logprobs else None
-    text = await off_loop(st.template.render, messages, req.add_generation_prompt)
+    # tool_choice "none" still shows the tools to the model, as vLLM does by default
+    text = await off_loop(st.template.render, messages, req.add_generation_prompt, tools_json(req))
     # the rendered template carries its own BOS
     rid, choices = await make_choices(st, req, [text], "chatcmpl", top_n, add_special_tokens=False, param="messages")
 
@@ -39,6 +44,25 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                             for t, lp, top in entries]}
 
     if req.stream:
+        streamers = {c.index: ToolStreamer(parser) for c in choices} if parser else {}
+
+        def deltas(c, out) -> list[dict]:
+            """The delta(s) of one engine output: its text, or with tools its settled content and then
+            each newly closed call, as OpenAI streams one: id, type and name once, then the arguments."""
+            if not parser:
+                return [{"content": out.new_text} if out.new_text else {}]
+            s = streamers[c.index]
+            content, calls = s.feed(out.new_text, out.finished)
+            first = s.calls - len(calls)
+            ds = [{"content": content}] if content else []
+            for k, call in enumerate(calls, first):
+                if max_calls is not None and k >= max_calls:
+                    break
+                ds.append({"tool_calls": [{"index": k, "id": call.id, "type": "function",
+                                           "function": {"name": call.name, "arguments": ""}}]})
+                ds.append({"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]})
+            return ds or [{}]
+
         async def chunks():
             base = {"id": rid, "object": "chat.completion.chunk", "model": model}
             for c in choices:  # the role first, as OpenAI does
@@ -49,22 +73,38 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                 record(c, out)
                 if not out.new_text and not out.finished and not out.new_token_ids:
                     continue
-                delta = {"content": out.new_text} if out.new_text else {}
-                extra = {} if req.prompt_logprobs is None or out.prompt_logprobs is None or c.index else \
-                    {"prompt_logprobs": prompt_logprobs_json(st, out)}
-                yield {**base, "created": int(time.time()), **extra, "choices": [
-                    {"index": c.index, "delta": delta,
-                     "logprobs": logprobs_of(norm_logprobs(out.new_token_ids, out.new_logprobs)),
-                     "finish_reason": c.finish_reason}]}
+                ds = deltas(c, out)
+                finish = finish_reason(c, bool(parser) and streamers[c.index].calls > 0)
+                for k, delta in enumerate(ds):
+                    extra = {} if k or req.prompt_logprobs is None or out.prompt_logprobs is None or c.index else \
+                        {"prompt_logprobs": prompt_logprobs_json(st, out)}
+                    yield {**base, "created": int(time.time()), **extra, "choices": [
+                        {"index": c.index, "delta": delta,
+                         "logprobs": None if k else logprobs_of(norm_logprobs(out.new_token_ids, out.new_logprobs)),
+                         "finish_reason": finish if k == len(ds) - 1 else None}]}
         return StreamingResponse(sse_stream(st, chunks(), choices, rid, "chat.completion.chunk", req.include_usage),
                                  media_type="text/event-stream")
 
     await collect(st, request, choices, t0)
+
+    def answer(c) -> dict:
+        if not parser:
+            return {"message": {"role": "assistant", "content": c.final.text}, "finish_reason": c.finish_reason}
+        p = parser.parse(c.final.text)
+        msg = {"role": "assistant", "content": p.content if p.content.strip() else None}
+        if p.calls:
+            msg["tool_calls"] = [call.json() for call in p.calls[:max_calls]]
+        return {"message": msg, "finish_reason": finish_reason(c, bool(p.calls))}
+
     # vLLM's prompt_logprobs (the rendered conversation's), when asked for
     extra = {} if req.prompt_logprobs is None else {"prompt_logprobs": prompt_logprobs_json(st, choices[0].final)}
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.final.text},
-                         "logprobs": logprobs_of(norm_logprobs(c.final.token_ids, c.final.logprobs)),
-                         "finish_reason": c.finish_reason}
+            "choices": [{"index": c.index, **answer(c),
+                         "logprobs": logprobs_of(norm_logprobs(c.final.token_ids, c.final.logprobs))}
                         for c in choices],
             "usage": usage(choices), **extra}
+
+
+def finish_reason(c, called: bool) -> str | None:
+    """OpenAI's "tool_calls" for an answer that ended by itself in calls; "length" stays."""
+    return "tool_calls" if called and c.finish_reason == "stop" else c.finish_reason

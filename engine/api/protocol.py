@@ -24,17 +24,18 @@ INT64 = 2**63 - 1
 # naming it, as OpenAI answers. Of the fields OpenAI defines, these change nothing here and are accepted
 # (they identify, store, route or bill a request; the prefix cache needs no key):
 #   both endpoints: user, stream_options.include_obfuscation, stream_options without stream
-#   chat: metadata, store, service_tier, safety_identifier, prompt_cache_key, parallel_tool_calls
+#   chat: metadata, store, service_tier, safety_identifier, prompt_cache_key
 # The ones the engine does not implement are a 400 naming them, unless set to what asks for nothing:
 UNSUPPORTED = {
     "suffix": (None, ""),                       # completions; best_of: accepted only when it equals n
-    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "functions": (None, []),   # the legacy form of tools
     "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "web_search_options": (None,),
     "reasoning_effort": (None,), "verbosity": (None,),
 }
 # vLLM's extensions this server implements: top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos,
 # min_tokens, prompt_logprobs, add_generation_prompt (chat); any other is unknown, so a 400.
+# tools, tool_choice and parallel_tool_calls (chat): api/tools.py.
 
 
 def refuse(v, info):
@@ -177,11 +178,25 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: Optional[Union[str, dict[str, Any]]] = None   # OpenAI sends a JSON string
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... reach the template as-is
+    model_config = ConfigDict(extra="allow")  # name, reasoning, ... reach the template as-is
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Optional[Union[str, list[TextPart]]] = None
+    content: Optional[Union[str, list[TextPart]]] = None   # null in an assistant's tool-call message
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
 
     def text(self) -> str:
         if self.content is None:
@@ -189,6 +204,27 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class FunctionDefinition(Strict):
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None   # a JSON schema
+    strict: Optional[bool] = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -203,10 +239,11 @@ class ChatCompletionRequest(SamplingFields):
     service_tier: Optional[str] = None
     safety_identifier: Optional[str] = None
     prompt_cache_key: Optional[str] = None
-    parallel_tool_calls: Optional[bool] = None
+    # tool calling (api/tools.py); tool_choice defaults to "auto" when tools are given, as OpenAI's and vLLM's
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None   # false: at most one call
     # not implemented: refused unless they ask for nothing (UNSUPPORTED)
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     response_format: Any = None
@@ -219,8 +256,35 @@ class ChatCompletionRequest(SamplingFields):
 
     _unsupported = _refusing(*(k for k in UNSUPPORTED if k != "suffix"))
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _tool_choice_form(cls, v):
+        # one message naming the field, not pydantic's one per member of the union
+        if v is None or v in ("none", "auto", "required") or isinstance(v, NamedToolChoice):
+            return v
+        try:
+            return NamedToolChoice.model_validate(v)
+        except ValueError:
+            raise ValueError('tool_choice must be "none", "auto", "required" or '
+                             '{"type": "function", "function": {"name": ...}}') from None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v, info):
+        tools = info.data.get("tools")
+        if tools is None and "tools" not in info.data:
+            return v                    # tools itself was refused: its error says why
+        if v == "required" or isinstance(v, NamedToolChoice):
+            if not tools:
+                raise ValueError("tool_choice needs tools")
+            if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools}:
+                raise ValueError(f"tool_choice names function {v.function.name!r}, which is not in tools")
+        return v
+
     @model_validator(mode="after")
     def _checks(self):
+        if self.tool_choice is None:
+            self.tool_choice = "auto" if self.tools else "none"
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         if self.max_completion_tokens is not None:
@@ -234,6 +298,7 @@ class TokenizeRequest(Strict):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    tools: Optional[list[Tool]] = None   # with messages: rendered as the chat endpoint renders them
     add_generation_prompt: bool = True
     # default: the tokenizer's BOS for a prompt; none for messages (the rendered template writes its own)
     add_special_tokens: Optional[bool] = None

@@ -29,6 +29,7 @@ class ServerState:
     template: object             # chat_template.ChatTemplate, or None: chat requests are refused
     created: int = field(default_factory=lambda: int(time.time()))
     served_model_names: list[str] = field(default_factory=list)   # --served-model-name; [] = the engine's
+    tool_call_parser: str | None = None   # set with --enable-auto-tool-choice: tool_choice "auto" is served
 
     def __post_init__(self):
         self.served_model_names = list(dict.fromkeys(self.served_model_names)) or [self.engine.model_name]

@@ -10,6 +10,7 @@ from ..core.request import RequestError
 from .errors import GENERATE_ERRORS, engine_error
 from .protocol import DetokenizeRequest, TokenizeRequest
 from .serving import off_loop, state_of
+from .tools import template_messages, tools_json
 
 router = APIRouter()
 
@@ -31,8 +32,7 @@ async def tokenize(req: TokenizeRequest, request: Request):
     else:
         if st.template is None:
             raise engine_error(missing_template("start the server with --chat-template FILE"), st.engine)
-        messages = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in req.messages]
-        text = await off_loop(st.template.render, messages, req.add_generation_prompt)
+        text = await off_loop(st.template.render, template_messages(req), req.add_generation_prompt, tools_json(req))
         param, special = "messages", bool(req.add_special_tokens)
     ids = await off_loop(_encode, st.tokenizer, text, special, param)
     strs = [st.tokenizer.id_to_token(i) for i in ids] if req.return_token_strs else None

@@ -14,6 +14,7 @@ import signal
 
 from ..api.app import build_app
 from ..api.middleware import DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS
+from ..api.tool_parsers import tool_parsers
 from ..chat_template import ChatTemplate, read_template_arg
 from ..engine_config import EngineConfig
 from .flags import add_dataclass_args, from_args
@@ -33,6 +34,10 @@ def add_args(p) -> None:
                         "first (default: the model directory's name)")
     p.add_argument("--chat-template", default=None, metavar="FILE|STRING",
                    help="jinja chat template (default: the model's own)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='serve tool_choice "auto": the model decides, the output is read by --tool-call-parser')
+    p.add_argument("--tool-call-parser", default=None, choices=tool_parsers(),
+                   help="how the model writes tool calls: hermes (Qwen2.5, Hermes), llama3_json (Llama 3.1)")
     p.add_argument("--allowed-hosts", default=None, metavar="HOST,HOST",
                    help="Host header names served, against DNS rebinding; * for any (default: the loopback "
                         "names when bound to loopback, else any)")
@@ -53,6 +58,8 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper())
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser")
     llm = LLM(args.model, config=from_args(EngineConfig, args))
     # without a template the server still serves completions; chat requests get a 400 saying so
     template = llm.template(read_template_arg(args.chat_template), hint="pass --chat-template FILE") \
@@ -60,7 +67,8 @@ def run(args) -> int:
     engine = AsyncLLM(llm)
     app = build_app(engine, api_key=args.api_key, chat_template=template,
                     allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), max_body_bytes=args.max_body_bytes,
-                    served_model_names=args.served_model_name)
+                    served_model_names=args.served_model_name,
+                    enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser)
     # this process is the server's: its start-up heap (model, tokenizer, libraries) leaves the
     # cyclic collector's scans, as vLLM does after start-up
     gc.collect()
