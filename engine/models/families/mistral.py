@@ -12,9 +12,13 @@ WINDOWED = True
 plan = llama.plan
 
 
+def window(d: dict, f: Fields) -> int:
+    """config.json's sliding_window (every layer), 0 for null."""
+    return 0 if d.get("sliding_window") is None else f.int("sliding_window")
+
+
 def from_hf(d: dict, f: Fields) -> dict:
-    window = 0 if d.get("sliding_window") is None else f.int("sliding_window")
-    return dict(llama.hf_kwargs("mistral", d, f, 131072), sliding_window=window)
+    return dict(llama.hf_kwargs("mistral", d, f, 131072), sliding_window=window(d, f))
 
 
 def to_hf(cfg) -> dict:
@@ -26,5 +30,5 @@ def to_hf(cfg) -> dict:
 def check(cfg) -> None:
     if cfg.layer_types is not None:
         if not all(cfg.windowed):
-            raise ValueError("layer_types: mistral windows every layer or none (sliding_window set or 0)")
+            raise ValueError(f"layer_types: {cfg.model_type} windows every layer or none (sliding_window set or 0)")
         cfg.layer_types = None  # what from_hf gives: every layer windowed

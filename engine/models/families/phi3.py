@@ -7,15 +7,11 @@ from ..hf_json import Fields
 from . import llama, mistral
 from .base import Plan, fixed_traits
 
-TRAITS = llama.TRAITS
-PREFIX = llama.PREFIX
-WINDOWED = True
-check = mistral.check
+TRAITS, PREFIX, WINDOWED, check = llama.TRAITS, llama.PREFIX, True, mistral.check
 
 
 def from_hf(d: dict, f: Fields) -> dict:
-    window = 0 if d.get("sliding_window") is None else f.int("sliding_window")
-    return dict(llama.hf_kwargs("phi3", d, f, 4096, partial=True), sliding_window=window)
+    return dict(llama.hf_kwargs("phi3", d, f, 4096, partial=True), sliding_window=mistral.window(d, f))
 
 
 def to_hf(cfg) -> dict:
