@@ -2,7 +2,8 @@
 
 The sampler works on the whole batch's logits (B, V) at once; per-row settings become (B,)
 tensors. Order: penalties -> logit_bias -> min_tokens ban -> greedy rows take argmax ->
-temperature -> top-k -> top-p -> min-p -> draw. Draws use the exponential-race trick
+temperature -> top-k -> top-p -> min-p -> draw; structured outputs' grammar mask comes after the
+bans, before greedy/temperature. Draws use the exponential-race trick
 argmax(p / E), E ~ Exp(1), so a seeded request draws its own E from its own torch.Generator:
 its samples do not depend on the rest of the batch. The min_tokens ban (the stop ids of the
 rows the runner names) comes after logit_bias, so no bias brings a stop token back; rows with
@@ -73,6 +74,26 @@ def apply_ban(logits, banned: list[list[int]]):
     return logits
 
 
+_BITS = None
+
+
+def apply_grammar_bitmask(logits, rows: list[int], bitmask):
+    """logits (B, V) in place: rows[i]'s tokens whose bit is 0 in bitmask[i] (int32 words, token t
+    at bit t % 32 of word t // 32) -> -inf; ids past the mask's words too."""
+    global _BITS
+    if _BITS is None or _BITS.device != logits.device:
+        _BITS = torch.tensor([1 << b for b in range(31)] + [-(1 << 31)], dtype=torch.int32, device=logits.device)
+    V = logits.shape[1]
+    words = torch.from_numpy(bitmask).to(logits.device, non_blocking=True)             # (R, W)
+    allowed = (words[:, :, None] & _BITS).ne(0).view(len(rows), -1)[:, :V]            # (R, <=V)
+    idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    sub = logits.index_select(0, idx)
+    sub[:, :allowed.shape[1]].masked_fill_(~allowed, float("-inf"))
+    sub[:, allowed.shape[1]:] = float("-inf")
+    logits.index_copy_(0, idx, sub)
+    return logits
+
+
 def apply_top_k_top_p(logits, top_k: torch.Tensor | None, top_p: torch.Tensor | None):
     """logits (B, V); top_k (B,) long (V = off); top_p (B,) float (1 = off). Masked -> -inf."""
     sorted_logits, idx = logits.sort(dim=-1, descending=True)
@@ -113,9 +134,11 @@ class Sampler:
         return g
 
     @torch.no_grad()
-    def __call__(self, logits, params, prompt_ids=None, output_ids=None, generators=None, banned=None):
+    def __call__(self, logits, params, prompt_ids=None, output_ids=None, generators=None, banned=None,
+                 grammar_bitmask=None):
         """logits (B, V); params/prompt_ids/output_ids/generators: one per row (generator None
-        for unseeded rows); banned: None, or per row the ids it may not draw now (min_tokens).
+        for unseeded rows); banned: None, or per row the ids it may not draw now (min_tokens);
+        grammar_bitmask: None, or (row indices, int32 bitmask (R, ceil(V / 32))) of structured outputs.
         Returns (tokens list[int], logprobs list[dict|None] or None)."""
         B, V = logits.shape
         dev = logits.device
@@ -130,6 +153,9 @@ class Sampler:
             own = True
         if banned is not None and any(banned):
             logits = apply_ban(logits if own else logits.clone(), banned)
+            own = True
+        if grammar_bitmask is not None:
+            logits = apply_grammar_bitmask(logits if own else logits.clone(), *grammar_bitmask)
         greedy = [p.greedy for p in params]
         if all(greedy):
             tokens = _argmax(logits)
