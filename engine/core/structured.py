@@ -168,6 +168,7 @@ class Grammars:
         if m.is_error():
             raise RequestError(f"structured_outputs: the {kind} does not compile: {m.get_error()}",
                                "structured_outputs", "invalid_grammar")
+        m.compute_bitmask()  # builds the lexer's first states here, off the engine loop (copies share them)
         with self._lock:
             self._cache[key] = m
             self.num_compiled += 1
@@ -183,7 +184,6 @@ class StructuredOutputs:
     def __init__(self, vocab_size: int, eos_token_ids=()):
         import numpy as np
         self.words = (vocab_size + 31) // 32
-        self._executor = None
         # a row whose matcher allows nothing (an error state) may still end: EOS only
         self._eos_row = np.zeros(self.words, dtype=np.uint32)
         for t in eos_token_ids:
@@ -205,12 +205,12 @@ class StructuredOutputs:
             k += 1
         if not rows:
             return None
-        import llguidance
         import llguidance.numpy as lln
-        if self._executor is None:  # its threads fill the rows in parallel
-            self._executor = llguidance.LLExecutor()
         mask = np.empty((len(rows), self.words), dtype=np.int32)
-        lln.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], mask)
+        # on this thread, row by row: the executor's worker threads spin after their work and steal
+        # the cores the sampler's and the next step's torch ops want right then
+        for i, m in enumerate(matchers):
+            lln.fill_next_token_bitmask(m, mask, i)
         empty = ~mask.any(1)
         if empty.any():
             mask[empty] = self._eos_row if self._eos_row.any() else -1
