@@ -132,6 +132,23 @@ def test_preemption_and_chunked_prefill_keep_outputs(torch_path, model_dir):
         jsonschema.validate(json.loads(o.text), SCHEMA)
 
 
+def test_abort_drops_the_matcher(llm):
+    seqs = [llm.add_request("Hello", _json_sp(seed=s)) for s in range(2)]
+    assert llm.num_constrained == 2 and all(llm.requests[s.request_id].matcher is not None for s in seqs)
+    llm.step()
+    for s in seqs:
+        assert llm.abort(s.request_id)
+    assert llm.num_constrained == 0 and not llm.requests
+
+
+def test_core_structured_imports_no_torch():
+    import subprocess
+    import sys
+    code = ("import sys, gpt_engine.core.structured as s, gpt_engine.core.intake; "
+            "s.Grammars(None, 10, []); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 @pytest.mark.parametrize("so,word", [
     (dict(), "exactly one"),
     (dict(json=SCHEMA, regex="a"), "exactly one"),
