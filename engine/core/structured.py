@@ -13,6 +13,7 @@ exactly those tokens) stays valid; a finished or aborted request drops its match
 from __future__ import annotations
 
 import json as _json
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ MAX_SPEC_CHARS = 64 * 1024   # a schema / regex / grammar's text
 MAX_NESTING = 32             # JSON schema depth (objects and arrays inside each other)
 MAX_CHOICES = 1024
 CACHE_SIZE = 256
+
+log = logging.getLogger("gpt_engine.core.structured")
 
 
 @dataclass
@@ -220,5 +223,6 @@ class StructuredOutputs:
     def advance(req, token: int) -> None:
         """The matcher consumes the request's newest token (once stopped, it has nothing to take)."""
         m = req.matcher
-        if m is not None and not m.is_stopped():
-            m.consume_token(token)
+        if m is not None and not m.is_stopped() and not m.consume_token(token):
+            # a parser limit hit mid-way (the mask never offers a token it refuses): from here it allows EOS only
+            log.warning("request %s: structured output matcher failed: %s", req.request_id, m.get_error())
