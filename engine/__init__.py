@@ -9,7 +9,8 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "LLM": "llm", "AsyncLLM": "async_llm", "EngineConfig": "engine_config", "RequestOutput": "core.request",
-    "SamplingParams": "core.sampling_params", "load_model": "models.loader", "save_model": "models.save",
+    "SamplingParams": "core.sampling_params",
+    "StructuredOutputsParams": "core.structured", "load_model": "models.loader", "save_model": "models.save",
     "ModelConfig": "models.config", "GPT": "models.gpt", "Tokenizer": "tokenizer",
 }
 __all__ = list(_EXPORTS)

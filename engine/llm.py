@@ -26,6 +26,7 @@ from .core.request import Request, RequestError, RequestOutput, check_stop
 from .worker.model_runner import ModelRunner
 from .core.sampling_params import SamplingParams
 from .core.scheduler import Scheduler, Sequence
+from .core.structured import Grammars, StructuredOutputs
 
 log = logging.getLogger("gpt_engine.llm")
 
@@ -113,8 +114,11 @@ class LLM:
         self.max_model_len = max_model_len
         self.runner.start(max_model_len)
         self.scheduler = Scheduler(bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, max_model_len)
-        self.intake = Intake(tokenizer, self.vocab_size, max_model_len, bm, self.default_sampling)
+        self.grammars = Grammars(tokenizer, self.vocab_size, eos)
+        self.intake = Intake(tokenizer, self.vocab_size, max_model_len, bm, self.default_sampling, self.grammars)
+        self.structured = StructuredOutputs(self.vocab_size, eos)
         self.requests: dict[str, Request] = {}   # the one registry of live requests
+        self.num_constrained = 0                 # live requests with a matcher: no bitmask work without
         self._ids = itertools.count()
 
     # ---------------------------------------------------------------- requests
@@ -131,8 +135,11 @@ class LLM:
         if rid in self.requests:
             raise RequestError(f"duplicate request id {rid!r}")
         seq = Sequence(rid, request.prompt_token_ids, request.params)
+        # each request (each of n samples) advances its own copy of the compiled grammar
+        matcher = request.grammar.deep_copy() if request.grammar is not None else None
         self.scheduler.add(seq)
-        self.requests[rid] = Request(seq, request.prompt, self.tokenizer, self.eos_token_ids, stream)
+        self.requests[rid] = Request(seq, request.prompt, self.tokenizer, self.eos_token_ids, stream, matcher)
+        self.num_constrained += matcher is not None
         return seq
 
     def abort(self, request_id: str) -> bool:
@@ -140,6 +147,7 @@ class LLM:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
+        self.num_constrained -= req.matcher is not None
         self.scheduler.finish(req.seq, "abort")
         return True
 
@@ -157,6 +165,8 @@ class LLM:
         """One engine step -> an output for every streamed request that advanced (with its delta)
         and for every request that finished."""
         batch = self.scheduler.schedule()
+        if self.num_constrained:
+            batch.grammar_bitmask = self.structured.bitmask(batch, self.requests)
         tokens, logprobs, scored = self.runner.run(batch)
         if scored is not None:
             for seq, rows in zip(batch.seqs, scored):
@@ -170,10 +180,13 @@ class LLM:
             lp = [logprobs[i]] if req.logprobs is not None and logprobs is not None else None
             if lp is not None:
                 req.logprobs.extend(lp)
+            if req.matcher is not None:
+                self.structured.advance(req, seq.token_ids[-1])
             reason = check_stop(req, self.max_model_len)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 del self.requests[seq.request_id]
+                self.num_constrained -= req.matcher is not None
             if reason is not None or req.stream:
                 outs.append(req.output([seq.token_ids[-1]], lp))
         return outs

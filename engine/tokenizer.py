@@ -39,6 +39,13 @@ class Tokenizer:
         self.add_eos_token = bool(probe) and self.eos_token_id is not None and probe[-1] == self.eos_token_id
         self.chat_template = chat_template if chat_template is not None else _chat_template(cfg.get("chat_template"))
 
+    def backend_json(self) -> str:
+        """The tokenizer as tokenizer.json text (added tokens included), without padding or truncation:
+        what grammar engines (llguidance) read."""
+        d = json.loads(self._tok.to_str())
+        d["padding"] = d["truncation"] = None
+        return json.dumps(d)
+
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 4096, show_progress: bool = True) -> "Tokenizer":
         tok = _HFTokenizer(models.BPE())

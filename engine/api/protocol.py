@@ -29,12 +29,13 @@ INT64 = 2**63 - 1
 UNSUPPORTED = {
     "suffix": (None, ""),                       # completions; best_of: accepted only when it equals n
     "functions": (None, []),   # the legacy form of tools
-    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "function_call": (None, "none", "auto"),
     "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "web_search_options": (None,),
     "reasoning_effort": (None,), "verbosity": (None,),
 }
+# response_format (both endpoints): text, json_object and json_schema (ResponseFormat).
 # vLLM's extensions this server implements: top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos,
-# min_tokens, prompt_logprobs, add_generation_prompt (chat); any other is unknown, so a 400.
+# min_tokens, prompt_logprobs, structured_outputs, add_generation_prompt (chat); any other is unknown, so a 400.
 # tools, tool_choice and parallel_tool_calls (chat): api/tools.py.
 
 
@@ -56,6 +57,45 @@ class Strict(BaseModel):
 class StreamOptions(Strict):
     include_usage: bool = False
     include_obfuscation: bool = True   # OpenAI's padding against length side channels: none here
+
+
+class JsonSchemaFormat(Strict):
+    """OpenAI's response_format.json_schema. strict: the output always follows the schema here."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64)
+    description: Optional[str] = None
+    json_schema: Union[dict, bool] = Field(default_factory=dict, alias="schema")  # {}: any JSON value
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with, and only with, type json_schema")
+        return self
+
+    def structured_outputs(self) -> dict | None:
+        if self.type == "json_object":
+            return {"json": {"type": "object"}}
+        if self.type == "json_schema":
+            return {"json": self.json_schema.json_schema}
+        return None
+
+
+class StructuredOutputsRequest(Strict):
+    """vLLM's structured_outputs request object: one of json (a schema), regex, choice, grammar."""
+    json_: Any = Field(None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+
+    def fields(self) -> dict:
+        return {k: v for k, v in dict(json=self.json_, regex=self.regex, choice=self.choice,
+                                      grammar=self.grammar).items() if v is not None}
 
 
 class SamplingFields(Strict):
@@ -84,6 +124,15 @@ class SamplingFields(Strict):
     # a negative one is the engine's 400 (SamplingParams), naming it
     prompt_logprobs: Optional[int] = Field(None, le=MAX_LOGPROBS)
     user: Optional[str] = None        # accepted, changes nothing (the note above UNSUPPORTED)
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsRequest] = None   # vLLM's extension
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        rf = self.response_format.structured_outputs() if self.response_format is not None else None
+        if rf is not None and self.structured_outputs is not None:
+            raise ValueError("give either response_format (json_object, json_schema) or structured_outputs, not both")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -124,6 +173,11 @@ class SamplingFields(Strict):
         fields = {k: getattr(self, k) for k in self.SAMPLING if k in self.model_fields_set}
         if fields.get("top_k") == 0:
             fields["top_k"] = -1
+        # as a dict: SamplingParams checks it (exactly one of its fields), the intake compiles it
+        so = self.structured_outputs.fields() if self.structured_outputs is not None else \
+            self.response_format.structured_outputs() if self.response_format is not None else None
+        if so is not None:
+            fields["structured_outputs"] = so
         return fields
 
     @property
@@ -246,7 +300,6 @@ class ChatCompletionRequest(SamplingFields):
     # not implemented: refused unless they ask for nothing (UNSUPPORTED)
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     modalities: Any = None
     audio: Any = None
     prediction: Any = None

@@ -22,6 +22,7 @@ class PreparedRequest:
     prompt: str | None               # the text, when the caller gave text
     prompt_token_ids: list[int]
     params: SamplingParams
+    grammar: object = None           # structured outputs: the compiled template matcher (core/structured.py)
 
 
 # ---------------------------------------------------------------- checks (each message once)
@@ -67,10 +68,12 @@ class Intake:
     """The engine's request checks against its model (vocabulary, context) and KV pool
     (block_manager: held_tokens(n), capacity, block_size)."""
 
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, block_manager, defaults: dict | None = None):
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, block_manager, defaults: dict | None = None,
+                 grammars=None):
         self.tokenizer, self.vocab_size, self.max_model_len = tokenizer, vocab_size, max_model_len
         self.bm = block_manager
         self.defaults = dict(defaults or {})   # generation_config.json's SamplingParams fields
+        self.grammars = grammars               # structured.Grammars: compiles and caches constraints
 
     def sampling_params(self, fields: dict, prompt_len: int, default_max_tokens: int | None = None) -> SamplingParams:
         """SamplingParams from the fields a caller set; what it leaves unset comes from the model
@@ -119,4 +122,9 @@ class Intake:
             if k is not None and k > self.vocab_size:
                 raise RequestError(f"{name} ({k}) exceeds the vocabulary size ({self.vocab_size})", name)
         check_logit_bias(params.logit_bias, self.vocab_size)
-        return PreparedRequest(text, ids, params)
+        grammar = None
+        if params.structured_outputs is not None:  # compiled here, off the engine loop, before any stream
+            if self.grammars is None:
+                raise RequestError("structured outputs are not available with this engine", "structured_outputs")
+            grammar = self.grammars.compile(params.structured_outputs)
+        return PreparedRequest(text, ids, params, grammar)

@@ -50,11 +50,12 @@ class RequestOutput:
 
 class Request:
     """Everything the engine keeps per request: the scheduler's Sequence, the prompt text, the
-    detokenizer, the stop ids and the logprobs so far."""
-    __slots__ = ("seq", "prompt", "detok", "stream", "stop_ids", "logprobs", "prompt_logprobs", "tokenizer")
+    detokenizer, the stop ids, the logprobs so far and the structured-output matcher."""
+    __slots__ = ("seq", "prompt", "detok", "stream", "stop_ids", "logprobs", "prompt_logprobs", "tokenizer", "matcher")
 
-    def __init__(self, seq, prompt: str | None, tokenizer, eos_token_ids, stream: bool):
+    def __init__(self, seq, prompt: str | None, tokenizer, eos_token_ids, stream: bool, matcher=None):
         p = seq.params
+        self.matcher = matcher   # structured outputs: this request's own grammar state (core/structured.py)
         self.seq, self.prompt, self.stream, self.tokenizer = seq, prompt, stream, tokenizer
         # ids that end the request with "stop" and add no text
         self.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(eos_token_ids))

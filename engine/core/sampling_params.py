@@ -8,6 +8,7 @@ import operator
 from dataclasses import dataclass
 
 from .request import RequestError
+from .structured import StructuredOutputsParams
 
 GREEDY_EPS = 1e-5   # a temperature below this is greedy
 
@@ -30,6 +31,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None           # vLLM's: per prompt token its logprob and the top-N
     logit_bias: dict[int, float] | None = None   # OpenAI's: {token_id: bias in [-100, 100]} added to the logits
     min_tokens: int = 0                          # vLLM's: no EOS or stop token id before this many tokens
+    # vLLM's: the output follows a JSON schema, regex, choice or grammar (core/structured.py); a dict
+    # with those fields is taken too
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         def bad(msg):  # the message starts with the field's name: the server's 400 names it as param
@@ -73,6 +77,7 @@ class SamplingParams:
         if self.min_tokens > self.max_tokens:
             bad(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         self.logit_bias = _logit_bias(self.logit_bias, bad) or None
+        self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
 
     @property
     def greedy(self) -> bool:

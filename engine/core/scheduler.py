@@ -122,6 +122,9 @@ class ScheduledBatch:
     # per sequence, the positions [start, end) whose next-token logprobs to compute (prompt
     # logprobs), or None; the field is None when no sequence in the batch scores
     score: list[tuple[int, int] | None] | None = None
+    # structured outputs (set by the engine after scheduling): None, or (indices among the sampled
+    # rows, int32 bitmask (R, ceil(V / 32)) of the tokens each may draw)
+    grammar_bitmask: tuple | None = None
 
     @property
     def num_tokens(self) -> int:

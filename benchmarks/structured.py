@@ -1,0 +1,139 @@
+"""Structured outputs' cost: tokens/s of concurrent streams constrained by a JSON schema against the
+same streams unconstrained, on the same engine; and one stream's time to first token unconstrained,
+with a schema compiled on the spot (a new one), and with the schema cached.
+
+The model is a random-init GPT-2 shape over a byte-level BPE trained here (vocab --vocab, the head
+padded past it, as hub models pad theirs); the schema is an open-ended array of objects, so streams run
+to max_tokens (ignore_eos on both sides). Both sides run in turns, round after round: each one's best
+round, and the median of the rounds' paired ratios (a shared machine's load moves between rounds);
+tokens are counted, not assumed. Writes benchmarks/results/<device>/structured.json.
+
+    python -m benchmarks.structured [--streams 16] [--max-tokens 128] [--rounds 5] [--vocab 32000] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+SHAPE = dict(n_layer=4, n_embd=256, n_head=4, n_positions=1024)
+SCHEMA = {"type": "array", "items": {
+    "type": "object",
+    "properties": {"id": {"type": "integer"}, "name": {"type": "string"},
+                   "kind": {"enum": ["file", "dir", "link"]}, "tags": {"type": "array", "items": {"type": "string"}}},
+    "required": ["id", "name", "kind", "tags"], "additionalProperties": False}}
+
+
+def _corpus(limit: int = 4 << 20) -> str:
+    """The standard library's own source (present on every machine), up to limit characters."""
+    root, parts, n = Path(inspect.getfile(json)).parent.parent, [], 0
+    for f in sorted(root.glob("*.py")):
+        parts.append(f.read_text(errors="replace"))
+        n += len(parts[-1])
+        if n > limit:
+            break
+    return "\n".join(parts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/structured.json)")
+    args = p.parse_args()
+
+    import llguidance
+    import torch
+    import transformers
+
+    from gpt_engine import LLM, SamplingParams, StructuredOutputsParams
+    from gpt_engine.tokenizer import Tokenizer
+
+    tok = Tokenizer.train([_corpus()], vocab_size=args.vocab, show_progress=False)
+    vocab = tok._tok.get_vocab_size()
+    padded = -(-vocab // 64) * 64
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=padded, bos_token_id=tok.eos_token_id,
+                                                          eos_token_id=tok.eos_token_id, **SHAPE)).eval()
+    prompts = [f"item {i}: " for i in range(args.streams)]
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        tok.save(tmp)
+        llm = LLM(tmp, device=args.device, dtype="float32")
+        free = [SamplingParams(max_tokens=args.max_tokens, seed=i, ignore_eos=True) for i in range(args.streams)]
+        so = StructuredOutputsParams(json=SCHEMA)
+        # ignore_eos on both: a stream whose grammar completes early keeps its row (its matcher then allows
+        # EOS alone), so both sides decode the same batch for the same number of steps
+        constrained = [SamplingParams(max_tokens=args.max_tokens, seed=i, ignore_eos=True, structured_outputs=so)
+                       for i in range(args.streams)]
+
+        def run(params):
+            t = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t), outs
+
+        run(free), run(constrained)  # warm-up (and the schema's compile)
+        best = {"unconstrained": 0.0, "constrained": 0.0}
+        finished, rates = 0, {"unconstrained": [], "constrained": []}
+        for r in range(args.rounds):
+            for name, params in (("unconstrained", free), ("constrained", constrained)):
+                rate, outs = run(params)
+                best[name] = max(best[name], rate)
+                rates[name].append(rate)
+                if name == "constrained":  # those whose grammar completed (then EOS only, ignored)
+                    finished = sum(o.token_ids[-1] == tok.eos_token_id for o in outs)
+                print(f"round {r + 1}: {name:13s} {rate:8.1f} tok/s", flush=True)
+
+        fresh = iter(range(10**6))
+
+        def new_schema():  # a schema never seen: its compile is in the measured time
+            s = json.loads(json.dumps(SCHEMA))
+            s["items"]["properties"][f"k{next(fresh)}"] = {"type": "boolean"}
+            return SamplingParams(max_tokens=1, structured_outputs=StructuredOutputsParams(json=s))
+
+        kinds = dict(unconstrained=lambda: SamplingParams(max_tokens=1), schema_compiled=new_schema,
+                     schema_cached=lambda: SamplingParams(max_tokens=1, structured_outputs=so))
+        ttft_ms = {k: float("inf") for k in kinds}
+        for _ in range(10):  # in turns, each kind's best: the machine's load moves between rounds
+            for k, make in kinds.items():
+                sp = make()
+                t = time.perf_counter()
+                llm.generate(prompts[0], sp, use_tqdm=False)
+                ttft_ms[k] = min(ttft_ms[k], (time.perf_counter() - t) * 1e3)
+        compile_ms = []
+        for _ in range(10):
+            sp = new_schema()
+            t = time.perf_counter()
+            llm.grammars.compile(sp.structured_outputs)
+            compile_ms.append((time.perf_counter() - t) * 1e3)
+        ttft_ms["compile_alone"] = min(compile_ms)
+        print("ttft ms", ttft_ms)
+    result = dict(shape=SHAPE, tokenizer_vocab=vocab, model_vocab=padded, device=args.device,
+                  threads=torch.get_num_threads(), streams=args.streams, max_tokens=args.max_tokens,
+                  rounds=args.rounds, schema=SCHEMA,
+                  unconstrained_tok_per_s=round(best["unconstrained"], 1),
+                  constrained_tok_per_s=round(best["constrained"], 1),
+                  ratio=round(best["constrained"] / best["unconstrained"], 3),
+                  median_round_ratio=round(statistics.median(c / u for c, u in zip(rates["constrained"],
+                                                                                   rates["unconstrained"])), 3),
+                  # each round's pair (constrained / unconstrained, run back to back): the spread the load gave
+                  round_ratios=[round(c / u, 3) for c, u in zip(rates["constrained"], rates["unconstrained"])],
+                  constrained_finished_by_grammar=finished, load_avg_1m=round(os.getloadavg()[0], 2),
+                  ttft_ms={k: round(v, 2) for k, v in ttft_ms.items()},
+                  llguidance=llguidance.__version__, torch=torch.__version__)
+    print(json.dumps(result, indent=1))
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / args.device / "structured.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Structured outputs (core/structured.py, llguidance): a tiny random-init model constrained by a JSON
+schema, a regex, a choice list and a grammar, offline and through the server (OpenAI's response_format,
+the SDK's .parse(), vLLM's structured_outputs), under n > 1, streaming, stop strings, seeds, preemption
+and chunked prefill; padded vocab rows are never drawn."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+import httpx
+import jsonschema
+import pytest
+import torch
+
+from gpt_engine import LLM, SamplingParams, StructuredOutputsParams
+from gpt_engine.core.request import RequestError
+from gpt_engine.worker.sampler import apply_grammar_bitmask
+from tests.helpers import make_chat_model, serving
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "name": {"type": "string", "maxLength": 4},
+        "size": {"type": "integer", "minimum": 0, "maximum": 99},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+        "inner": {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                                   "level": {"enum": [1, 2, 3]}},
+                  "required": ["ok", "level"], "additionalProperties": False},
+    },
+    "required": ["color", "name", "size", "tags", "inner"],
+    "additionalProperties": False,
+}
+PROMPTS = ["Hello", "The cat sat", "x = 1", "def f():"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # vocab 384 over a 320-token tokenizer: rows 320.. are padding; a long context for generous max_tokens
+    return make_chat_model(tmp_path_factory.mktemp("so-model"), n_positions=512)
+
+
+@pytest.fixture(scope="module")
+def llm(torch_path, model_dir):
+    return LLM(str(model_dir), device="cpu")
+
+
+def _json_sp(**kw):
+    return SamplingParams(**{"max_tokens": 300, "temperature": 1.0, **kw},
+                          structured_outputs=StructuredOutputsParams(json=SCHEMA))
+
+
+# ---------------------------------------------------------------- offline
+
+def test_json_schema_outputs_validate_and_terminate(llm):
+    """Sampled at temperature 1 from a random model: every output is valid and the grammar ends it."""
+    outs = llm.generate(PROMPTS * 3, [_json_sp(seed=s) for s in range(12)], use_tqdm=False)
+    for o in outs:
+        assert o.finish_reason == "stop", (o.finish_reason, o.text)
+        jsonschema.validate(json.loads(o.text), SCHEMA)
+        assert o.token_ids[-1] in llm.eos_token_ids   # it ended where the grammar may end: on EOS
+        assert "\n" not in o.text and ": " not in o.text.replace('": "', "")  # compact
+    assert llm.grammars.num_compiled == 1   # one schema, compiled once
+    assert llm.num_constrained == 0 and not llm.requests
+
+
+def test_schema_as_text_and_greedy(llm):
+    sp = SamplingParams(max_tokens=300, temperature=0, structured_outputs=StructuredOutputsParams(
+        json=json.dumps(SCHEMA)))
+    (o,) = llm.generate("Hello", sp, use_tqdm=False)
+    assert o.finish_reason == "stop"
+    jsonschema.validate(json.loads(o.text), SCHEMA)
+
+
+def test_regex_choice_and_grammar(llm):
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=50, temperature=1.0, seed=3,
+                                                structured_outputs={"regex": r"[0-9]{3}-[a-z]{2,4}"}),
+                        use_tqdm=False)
+    assert all(o.finish_reason == "stop" and re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", o.text) for o in outs), \
+        [o.text for o in outs]
+    choices = ["yes", "no", "a (b) | c*"]
+    outs = llm.generate(PROMPTS * 2, [SamplingParams(max_tokens=50, seed=s, structured_outputs=StructuredOutputsParams(
+        choice=choices)) for s in range(8)], use_tqdm=False)
+    assert all(o.finish_reason == "stop" and o.text in choices for o in outs), [o.text for o in outs]
+    lark = 'start: greeting " " name "!"\ngreeting: "hi" | "hello"\nname: /[a-z]{1,5}/\n'
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=50, seed=1, structured_outputs=StructuredOutputsParams(
+        grammar=lark)), use_tqdm=False)
+    assert all(o.finish_reason == "stop" and re.fullmatch(r"(hi|hello) [a-z]{1,5}!", o.text) for o in outs), \
+        [o.text for o in outs]
+
+
+def test_padded_vocab_rows_never_sampled(llm):
+    """The model's rows past the tokenizer's vocabulary are never allowed, whatever the logits say."""
+    assert llm.vocab_size > llm.tokenizer._tok.get_vocab_size()
+    pad = llm.vocab_size - 1
+    bias = {pad: 100.0}
+    (free,) = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0, logit_bias=bias), use_tqdm=False)
+    assert free.token_ids[0] == pad   # the bias alone would draw it
+    outs = llm.generate(PROMPTS, [SamplingParams(max_tokens=300, seed=s, logit_bias=bias, structured_outputs=
+                                                 StructuredOutputsParams(json=SCHEMA)) for s in range(4)],
+                        use_tqdm=False)
+    vocab = llm.tokenizer._tok.get_vocab_size()
+    for o in outs:
+        assert max(o.token_ids) < vocab and o.finish_reason == "stop"
+        jsonschema.validate(json.loads(o.text), SCHEMA)
+
+
+def test_apply_grammar_bitmask_rows_and_tail():
+    import numpy as np
+    logits = torch.zeros(3, 70)
+    mask = np.zeros((1, 2), dtype=np.int32)   # 64 bits: ids 64..69 lie past the mask
+    mask[0, 0] = 1 << 5
+    mask[0, 1] = np.int32(-(1 << 31))          # bit 31 of word 1: id 63
+    apply_grammar_bitmask(logits, [1], mask)
+    assert torch.isfinite(logits[1]).nonzero().flatten().tolist() == [5, 63]
+    assert torch.isfinite(logits[0]).all() and torch.isfinite(logits[2]).all()
+
+
+def test_preemption_and_chunked_prefill_keep_outputs(torch_path, model_dir):
+    """Greedy constrained outputs are the same when run alone, in a batch that preempts (a KV pool too
+    small for all) and with prompts prefilled in chunks."""
+    prompts = [p * 6 for p in PROMPTS] * 2
+    sp = SamplingParams(max_tokens=300, temperature=0, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    alone = LLM(str(model_dir), device="cpu")
+    ref = [alone.generate(p, sp, use_tqdm=False)[0].text for p in prompts]
+    tight = LLM(str(model_dir), device="cpu", num_kv_blocks=24, block_size=16, max_num_batched_tokens=16)
+    outs = tight.generate(prompts, sp, use_tqdm=False)
+    assert tight.scheduler.num_preemptions > 0
+    assert [o.text for o in outs] == ref
+    for o in outs:
+        jsonschema.validate(json.loads(o.text), SCHEMA)
+
+
+def test_abort_drops_the_matcher(llm):
+    seqs = [llm.add_request("Hello", _json_sp(seed=s)) for s in range(2)]
+    assert llm.num_constrained == 2 and all(llm.requests[s.request_id].matcher is not None for s in seqs)
+    llm.step()
+    for s in seqs:
+        assert llm.abort(s.request_id)
+    assert llm.num_constrained == 0 and not llm.requests
+
+
+def test_core_structured_imports_no_torch():
+    import subprocess
+    import sys
+    code = ("import sys, gpt_engine.core.structured as s, gpt_engine.core.intake; "
+            "s.Grammars(None, 10, []); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("so,word", [
+    (dict(), "exactly one"),
+    (dict(json=SCHEMA, regex="a"), "exactly one"),
+    (dict(choice=[]), "choice"),
+])
+def test_bad_params_name_the_field(so, word):
+    with pytest.raises(RequestError) as e:
+        StructuredOutputsParams(**so)
+    assert e.value.param == "structured_outputs" and word in str(e.value)
+
+
+@pytest.mark.parametrize("so,word", [
+    (dict(json={"type": "object", "properties": {"a": {"type": "strin"}}}), "strin"),
+    (dict(json="{not json"), "not valid JSON"),
+    (dict(regex="a(b"), "unclosed group"),
+    (dict(grammar='start: "a" | foo'), "foo"),
+    (dict(json=json.loads('{"type":"array","items":' * 40 + '{}' + '}' * 40)), "deeper than"),
+    (dict(regex="a" * 70000), "over the limit"),
+])
+def test_constraint_that_cannot_compile_is_refused_at_intake(llm, so, word):
+    with pytest.raises(RequestError) as e:
+        llm.prepare("Hello", SamplingParams(structured_outputs=StructuredOutputsParams(**so)))
+    assert e.value.param == "structured_outputs" and word in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------- the server
+
+@pytest.fixture(scope="module")
+def srv(torch_path, model_dir):
+    with serving(model_dir) as server:
+        yield server
+
+
+def _post(srv, path, body, status=200):
+    r = httpx.post(srv.url + path, json=body, timeout=120)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def test_sdk_parse_with_pydantic_model(srv):
+    import openai
+    import pydantic
+
+    class Inner(pydantic.BaseModel):
+        ok: bool
+        mood: Literal["calm", "busy"]
+
+    class Answer(pydantic.BaseModel):
+        color: Literal["red", "green", "blue"]
+        sure: bool
+        inner: Inner
+
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    for seed in range(3):
+        r = client.chat.completions.parse(model=model, messages=[{"role": "user", "content": "pick"}],
+                                          response_format=Answer, max_tokens=200, seed=seed)
+        msg = r.choices[0].message
+        assert r.choices[0].finish_reason == "stop" and isinstance(msg.parsed, Answer), msg.content
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_response_format_json_schema_and_object(srv, path):
+    base = {"messages": [{"role": "user", "content": "hi"}]} if path.endswith("chat/completions") else {"prompt": "hi"}
+    text = (lambda c: c["message"]["content"]) if "messages" in base else (lambda c: c["text"])
+    body = _post(srv, path, {**base, "max_tokens": 300, "n": 3, "seed": 5, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}})
+    for c in body["choices"]:
+        assert c["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(text(c)), SCHEMA)
+    body = _post(srv, path, {**base, "max_tokens": 60, "temperature": 0, "response_format": {"type": "json_object"}})
+    c = body["choices"][0]
+    assert text(c).startswith("{")
+    if c["finish_reason"] == "stop":
+        assert isinstance(json.loads(text(c)), dict)
+
+
+def test_vllm_structured_outputs_field(srv):
+    body = _post(srv, "/v1/completions", {"prompt": "hi", "max_tokens": 20, "n": 4, "seed": 2,
+                                          "structured_outputs": {"choice": ["alpha", "beta"]}})
+    assert {c["text"] for c in body["choices"]} <= {"alpha", "beta"}
+    body = _post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+                                               "structured_outputs": {"regex": "[0-9]{4}"}})
+    assert re.fullmatch("[0-9]{4}", body["choices"][0]["message"]["content"])
+
+
+def test_n2_streaming_stop_string_and_seed(srv):
+    """n=2 seeded samples streamed with a stop string are the unstreamed samples cut at the stop."""
+    base = {"prompt": "hi", "max_tokens": 300, "n": 2, "seed": 11, "structured_outputs": {"json": SCHEMA}}
+    full = {c["index"]: c["text"] for c in _post(srv, "/v1/completions", base)["choices"]}
+    for t in full.values():
+        jsonschema.validate(json.loads(t), SCHEMA)
+    stop = '"size"'
+    got = {0: "", 1: ""}
+    reasons = {}
+    with httpx.stream("POST", srv.url + "/v1/completions", json={**base, "stream": True, "stop": [stop]},
+                      timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for c in json.loads(line[6:])["choices"]:
+                got[c["index"]] += c["text"]
+                if c.get("finish_reason"):
+                    reasons[c["index"]] = c["finish_reason"]
+    for i in (0, 1):
+        assert got[i] == full[i].split(stop)[0] and reasons[i] == "stop"
+
+
+@pytest.mark.parametrize("extra,word", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}},
+     "strin"),
+    ({"structured_outputs": {"regex": "a(b"}}, "unclosed group"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_schema_is_400_naming_it(srv, extra, word, stream):
+    err = _post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                                              "stream": stream, **extra}, status=400)["error"]
+    assert err["param"] == "structured_outputs" and word in err["message"], err
+
+
+@pytest.mark.parametrize("extra", [
+    {"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+    {"response_format": {"type": "xml"}},
+    {"response_format": {"type": "json_schema"}},
+    {"structured_outputs": {"json": {}, "whitespace_pattern": " "}},
+])
+def test_bad_request_shapes_are_400(srv, extra):
+    err = _post(srv, "/v1/completions", {"prompt": "hi", "max_tokens": 5, **extra}, status=400)["error"]
+    assert (err["param"] or "").split(".")[0] in ("response_format", "structured_outputs", ""), err
