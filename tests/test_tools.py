@@ -276,6 +276,8 @@ class Scripted:
 
         def forced(batch):
             tokens, logprobs, scored = run(batch)
+            if self.ids is None:   # free(): the model's own tokens
+                return tokens, logprobs, scored
             tokens = [t if t is None else (self.ids[n] if (n := len(s.output_token_ids)) < len(self.ids) else eos)
                       for s, t in zip(batch.seqs, tokens)]
             return tokens, logprobs, scored
@@ -284,6 +286,9 @@ class Scripted:
             self.prompts.append(prompt)
             return prepare(prompt, *a, **kw)
         self.llm.runner.run, engine.prepare = forced, recording
+
+    def free(self):
+        self.ids = None
 
     def say(self, text: str):
         self.ids = self.llm.tokenizer.encode(text, add_special_tokens=False)
@@ -392,7 +397,8 @@ def test_forced_tool_choice_reads_the_json(srv, client, monkeypatch, choice):
     # needs no parser flag
     monkeypatch.setattr(srv.state, "tool_call_parser", None)
     said = [{"name": "get_time", "arguments": {"zone": "UTC"}}]
-    srv.script.say(json.dumps(said if choice == "required" else said[0]))
+    # compact, as the constraint (structured outputs) lets the model write it
+    srv.script.say(json.dumps(said if choice == "required" else said[0], separators=(",", ":")))
     r = ask(client, srv, tool_choice=choice)
     assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
     assert [(t.function.name, json.loads(t.function.arguments)) for t in r.choices[0].message.tool_calls] == \
@@ -401,6 +407,27 @@ def test_forced_tool_choice_reads_the_json(srv, client, monkeypatch, choice):
     names = [tc.function.name for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or ()
              if tc.function.name]
     assert names == ["get_time"]
+
+
+UNIT = {"type": "function", "function": {"name": "set_unit", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["C", "F"]}}, "required": ["unit"], "additionalProperties": False}}}
+
+
+def test_named_tool_choice_is_enforced(srv, client, monkeypatch):
+    """A random model writes no tool call by itself: a named tool_choice makes it write one whose arguments
+    validate against the function's parameters (structured outputs), with no parser flag."""
+    import jsonschema
+    monkeypatch.setattr(srv.state, "tool_call_parser", None)
+    srv.script.free()
+    choice = {"type": "function", "function": {"name": "set_unit"}}
+    for seed in range(3):
+        r = client.chat.completions.create(model=srv.engine.llm.model_name, messages=CONV, tools=[UNIT, TIME],
+                                           tool_choice=choice, max_tokens=64, temperature=1.0, seed=seed)
+        calls = r.choices[0].message.tool_calls
+        assert [c.function.name for c in calls] == ["set_unit"], r.choices[0]
+        jsonschema.validate(json.loads(calls[0].function.arguments), UNIT["function"]["parameters"])
+    r = _post(srv, {"tools": [UNIT], "tool_choice": choice, "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
 
 
 def _post(srv, body):

@@ -13,7 +13,7 @@ from .protocol import ChatCompletionRequest
 from .serving import (begin, collect, make_choices, merge, norm_logprobs, off_loop, prompt_logprobs_json, record,
                       sse_stream, usage)
 from .tool_parsers import ToolStreamer
-from .tools import parser_for, template_messages, tools_json
+from .tools import forced_constraint, parser_for, template_messages, tools_json
 
 router = APIRouter()
 
@@ -31,7 +31,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     # tool_choice "none" still shows the tools to the model, as vLLM does by default
     text = await off_loop(st.template.render, messages, req.add_generation_prompt, tools_json(req))
     # the rendered template carries its own BOS
-    rid, choices = await make_choices(st, req, [text], "chatcmpl", top_n, add_special_tokens=False, param="messages")
+    rid, choices = await make_choices(st, req, [text], "chatcmpl", top_n, sampling=forced_constraint(req),
+                                      add_special_tokens=False, param="messages")
 
     def logprobs_of(entries) -> dict | None:
         if top_n is None:

@@ -35,9 +35,20 @@ def parser_for(st, req) -> ToolParser | None:
             raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
                                 "to be set", param="tool_choice")
         return tool_parser(st.tool_call_parser)
-    # TODO(structured outputs): constrain generation to tool_call_schema(tools, tool_choice); until then
-    # the output is read as that JSON when the model writes it, and stays content when it does not
+    # the sampler holds the output to tool_call_schema (forced_constraint): the parser reads that JSON
     return ForcedToolParser()
+
+
+def forced_constraint(req) -> dict | None:
+    """tool_choice "required" or a named function: the SamplingParams fields that make the model write the
+    call(s), structured outputs over tool_call_schema (as vLLM enforces them, whatever the model)."""
+    if not req.tools or req.tool_choice in (None, "none", "auto"):
+        return None
+    if "structured_outputs" in req.sampling_fields():
+        raise APIError(400, "tool_choice \"required\" or a named function constrains the output itself: give no "
+                            "response_format or structured_outputs with it", param="tool_choice")
+    choice = req.tool_choice if isinstance(req.tool_choice, str) else req.tool_choice.model_dump()
+    return {"structured_outputs": {"json": tool_call_schema(tools_json(req), choice)}}
 
 
 def template_messages(req) -> list[dict]:
