@@ -16,7 +16,7 @@ import torch
 from gpt_engine import LLM, SamplingParams, StructuredOutputsParams
 from gpt_engine.core.request import RequestError
 from gpt_engine.worker.sampler import apply_grammar_bitmask
-from tests.helpers import make_chat_model, serving
+from tests.helpers import CORPUS, make_chat_model, serving
 
 SCHEMA = {
     "type": "object",
@@ -71,6 +71,20 @@ def test_schema_as_text_and_greedy(llm):
     (o,) = llm.generate("Hello", sp, use_tqdm=False)
     assert o.finish_reason == "stop"
     jsonschema.validate(json.loads(o.text), SCHEMA)
+
+
+def test_prefix_cache_keeps_constrained_outputs(torch_path, model_dir):
+    """A long shared prompt served again from the prefix cache: the constrained greedy output is the one
+    computed without the cache (the matcher starts at the output, whatever the prompt's blocks)."""
+    prompt = CORPUS[:600]
+    sp = SamplingParams(max_tokens=300, temperature=0, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    cold = LLM(str(model_dir), device="cpu", enable_prefix_caching=False).generate(prompt, sp, use_tqdm=False)[0]
+    warm = LLM(str(model_dir), device="cpu", enable_prefix_caching=True)
+    first = warm.generate(prompt, sp, use_tqdm=False)[0]
+    again = warm.generate(prompt, sp, use_tqdm=False)[0]
+    assert warm.stats()["prefix_cache_hit_tokens"] > 0
+    assert cold.text == first.text == again.text and again.finish_reason == "stop"
+    jsonschema.validate(json.loads(again.text), SCHEMA)
 
 
 def test_regex_choice_and_grammar(llm):
@@ -158,6 +172,13 @@ def test_bad_params_name_the_field(so, word):
     with pytest.raises(RequestError) as e:
         StructuredOutputsParams(**so)
     assert e.value.param == "structured_outputs" and word in str(e.value)
+
+
+def test_min_tokens_with_a_grammar_is_refused():
+    """A grammar that can end before min_tokens would leave no token to draw."""
+    with pytest.raises(RequestError) as e:
+        SamplingParams(min_tokens=3, structured_outputs=StructuredOutputsParams(choice=["a"]))
+    assert e.value.param == "min_tokens"
 
 
 @pytest.mark.parametrize("so,word", [

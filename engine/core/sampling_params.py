@@ -78,6 +78,9 @@ class SamplingParams:
             bad(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
         self.logit_bias = _logit_bias(self.logit_bias, bad) or None
         self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
+        if self.structured_outputs is not None and self.min_tokens:
+            # a grammar that ends before min_tokens would leave no token to draw: the grammar decides the end
+            bad("min_tokens cannot be combined with structured_outputs (the grammar decides where the output ends)")
 
     @property
     def greedy(self) -> bool:
