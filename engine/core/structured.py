@@ -71,12 +71,6 @@ class StructuredOutputsParams:
         return cls(**v)
 
 
-def json_schema_constraint(schema: dict | str) -> StructuredOutputsParams:
-    """The constraint that makes a request's output a JSON value valid for schema (tool calling's
-    entry point: tool_choice "required" / a named function)."""
-    return StructuredOutputsParams(json=schema)
-
-
 def _depth(x, limit: int) -> int:
     """Nesting depth of a parsed JSON value, stopping once past limit."""
     stack, deepest = [(x, 1)], 0
