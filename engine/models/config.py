@@ -16,7 +16,7 @@ from pathlib import Path
 from .families import FAMILIES
 from .families.base import LAYER_TYPES, NEUTRAL_TRAITS as _NEUTRAL
 from .hf_json import Fields, config_path, is_int, is_num, read_json, token_ids
-from .rope import MAX_POSITIONS, check_rope_scaling
+from .rope import MAX_POSITIONS, check_rope_scaling, rotary_dims
 
 # the values a trait may take, where it is not a number or a bool
 _CHOICES = dict(norm=("layernorm", "rmsnorm"), mlp=("plain", "gated"), positions=("learned", "rotary"),
@@ -169,8 +169,8 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """The rotated dims of each head: the first rotary_dim (transformers' int(head_dim * factor))."""
-        return int(self.head_dim * self.rotary_fraction + 1e-6)
+        """The rotated dims of each head: its first rotary_dim."""
+        return rotary_dims(self.head_dim, self.rotary_fraction)
 
     @property
     def softmax_scale(self) -> float:

@@ -93,6 +93,12 @@ def check_rope_scaling(rp: dict, rotary_dim: int, max_pos: int, original: int | 
     return out
 
 
+def rotary_dims(head_dim: int, fraction: float) -> int:
+    """The rotated dims of each head: transformers' int(head_dim * partial_rotary_factor), with room for a
+    fraction that is a ratio of ints (GPT-J's rotary_dim / head_dim) rounding a hair below."""
+    return int(head_dim * fraction + 1e-6)
+
+
 def rope_context_len(max_pos: int, scaling: dict | None) -> int:
     """Positions a scaled-rope model serves (vLLM's rule): linear/dynamic extend max_position_embeddings by
     factor, yarn extends original_max_position_embeddings by factor; llama3/longrope configs already give the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from ..hf_json import Fields, is_num
-from ..rope import MAX_POSITIONS, check_rope_scaling, rope_context_len
+from ..rope import MAX_POSITIONS, check_rope_scaling, rope_context_len, rotary_dims
 from .base import Plan, common_hf, fixed_traits, qkv_sizes, with_bias
 
 TRAITS = dict(norm="rmsnorm", mlp="gated", activation="silu", positions="rotary", bias=False)
@@ -41,8 +41,8 @@ def hf_kwargs(mt: str, d: dict, f: Fields, max_pos_default: int, partial: bool =
         raise ValueError(f"config.json: {mt} with partial_rotary_factor {prf!r} is not supported (only 1.0)")
     if not is_num(prf) or not 0 < prf <= 1:
         raise ValueError(f"config.json: partial_rotary_factor must be in (0, 1], got {prf!r}")
-    rotary_dim = int(head_dim * prf + 1e-6)
-    scaling = check_rope_scaling(rope, rotary_dim, max_pos, f.opt_int("original_max_position_embeddings", 1))
+    scaling = check_rope_scaling(rope, rotary_dims(head_dim, prf), max_pos,
+                                 f.opt_int("original_max_position_embeddings", 1))
     return dict(TRAITS, activation=acts[act], rotary_fraction=float(prf), vocab_size=f.int("vocab_size"),
                 n_layer=f.int("num_hidden_layers"), n_head=n_head,
                 n_kv_head=f.opt_int("num_key_value_heads", 1) or 0, d_model=d_model,
