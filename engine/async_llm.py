@@ -203,6 +203,9 @@ class AsyncLLM:
                     if self._error is not None:
                         return
                     for out in outs:
+                        if out.error is not None:  # dropped by the engine: the stream raises it
+                            self._end(out.request_id, out.error)
+                            continue
                         self._post(out.request_id, out)
                         if out.finished:
                             self._end(out.request_id)

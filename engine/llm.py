@@ -11,6 +11,7 @@ for the server.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from dataclasses import asdict
@@ -135,11 +136,10 @@ class LLM:
         if rid in self.requests:
             raise RequestError(f"duplicate request id {rid!r}")
         seq = Sequence(rid, request.prompt_token_ids, request.params)
-        # each request (each of n samples) advances its own copy of the compiled grammar
-        matcher = request.grammar.deep_copy() if request.grammar is not None else None
         self.scheduler.add(seq)
-        self.requests[rid] = Request(seq, request.prompt, self.tokenizer, self.eos_token_ids, stream, matcher)
-        self.num_constrained += matcher is not None
+        # its prefill runs while the grammar may still compile; it samples once the grammar is there
+        self.requests[rid] = Request(seq, request.prompt, self.tokenizer, self.eos_token_ids, stream, request.grammar)
+        self.num_constrained += request.grammar is not None
         return seq
 
     def abort(self, request_id: str) -> bool:
@@ -147,7 +147,7 @@ class LLM:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
-        self.num_constrained -= req.matcher is not None
+        self.num_constrained -= req.grammar is not None
         self.scheduler.finish(req.seq, "abort")
         return True
 
@@ -166,7 +166,7 @@ class LLM:
         and for every request that finished."""
         batch = self.scheduler.schedule()
         if self.num_constrained:
-            batch.grammar_bitmask = self.structured.bitmask(batch, self.requests)
+            batch.grammar_bitmask = functools.partial(self.structured.bitmask, batch, self.requests)
         tokens, logprobs, scored = self.runner.run(batch)
         if scored is not None:
             for seq, rows in zip(batch.seqs, scored):
@@ -182,11 +182,11 @@ class LLM:
                 req.logprobs.extend(lp)
             if req.matcher is not None:
                 self.structured.advance(req, seq.token_ids[-1])
-            reason = check_stop(req, self.max_model_len)
+            reason = "abort" if req.error is not None else check_stop(req, self.max_model_len)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 del self.requests[seq.request_id]
-                self.num_constrained -= req.matcher is not None
+                self.num_constrained -= req.grammar is not None
             if reason is not None or req.stream:
                 outs.append(req.output([seq.token_ids[-1]], lp))
         return outs
@@ -221,6 +221,8 @@ class LLM:
                 if not self.has_unfinished():
                     raise RuntimeError("engine stopped with unfinished requests")
                 for out in self.step():
+                    if out.error is not None and out.request_id in wanted:
+                        raise out.error
                     if out.finished and out.request_id in wanted:
                         done[out.request_id] = out
                         if bar is not None:

@@ -148,11 +148,40 @@ def test_preemption_and_chunked_prefill_keep_outputs(torch_path, model_dir):
 
 def test_abort_drops_the_matcher(llm):
     seqs = [llm.add_request("Hello", _json_sp(seed=s)) for s in range(2)]
-    assert llm.num_constrained == 2 and all(llm.requests[s.request_id].matcher is not None for s in seqs)
-    llm.step()
+    assert llm.num_constrained == 2 and all(llm.requests[s.request_id].grammar is not None for s in seqs)
+    llm.step()  # the prefill samples: each request takes its own matcher
+    assert all(llm.requests[s.request_id].matcher is not None for s in seqs)
     for s in seqs:
         assert llm.abort(s.request_id)
     assert llm.num_constrained == 0 and not llm.requests
+
+
+def test_prefill_runs_while_the_grammar_compiles(torch_path, model_dir, monkeypatch):
+    """A compile that outlasts the prefill (chunked over several steps) delays the first sample, not the
+    prefill; the outputs equal those of a grammar compiled before the request."""
+    from gpt_engine.core.structured import Grammars
+    prompts = ["x = 1 " * 40, "Hello"]
+    sp = [_json_sp(seed=s, max_tokens=40) for s in range(2)]
+    eager = LLM(str(model_dir), device="cpu", max_num_batched_tokens=32)
+    eager.grammars.compile(sp[0].structured_outputs)
+    ref = [o.token_ids for o in eager.generate(prompts, sp, use_tqdm=False)]
+    build, steps = Grammars._build, []
+
+    def slow_build(self, *a):
+        import time
+        time.sleep(0.5)
+        steps.append(len(steps_taken))
+        return build(self, *a)
+
+    monkeypatch.setattr(Grammars, "_build", slow_build)
+    lazy = LLM(str(model_dir), device="cpu", max_num_batched_tokens=32)
+    steps_taken = []
+    step = lazy.step
+    monkeypatch.setattr(lazy, "step", lambda: steps_taken.append(1) or step())
+    outs = lazy.generate(prompts, sp, use_tqdm=False)
+    assert len(steps) == 1 and steps[0] >= 3  # compiled once, while the long prompt's chunks ran
+    assert [o.token_ids for o in outs] == ref
+    assert lazy.block_manager.num_free_blocks == lazy.block_manager.capacity
 
 
 def test_core_structured_imports_no_torch():
@@ -182,17 +211,51 @@ def test_min_tokens_with_a_grammar_is_refused():
 
 
 @pytest.mark.parametrize("so,word", [
-    (dict(json={"type": "object", "properties": {"a": {"type": "strin"}}}), "strin"),
     (dict(json="{not json"), "not valid JSON"),
-    (dict(regex="a(b"), "unclosed group"),
-    (dict(grammar='start: "a" | foo'), "foo"),
     (dict(json=json.loads('{"type":"array","items":' * 40 + '{}' + '}' * 40)), "deeper than"),
     (dict(regex="a" * 70000), "over the limit"),
 ])
-def test_constraint_that_cannot_compile_is_refused_at_intake(llm, so, word):
+def test_constraint_over_the_limits_is_refused_at_intake(llm, so, word):
     with pytest.raises(RequestError) as e:
         llm.prepare("Hello", SamplingParams(structured_outputs=StructuredOutputsParams(**so)))
     assert e.value.param == "structured_outputs" and word in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("so,word", [
+    (dict(json={"type": "object", "properties": {"a": {"type": "strin"}}}), "strin"),
+    (dict(regex="a(b"), "unclosed group"),
+    (dict(grammar='start: "a" | foo'), "foo"),
+])
+def test_constraint_that_cannot_compile_is_refused_before_any_output(llm, so, word):
+    """It compiles while the prefill runs: generate raises before any output, the other prompts' requests
+    are dropped with it, and no KV block stays held."""
+    sp = SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(**so))
+    with pytest.raises(RequestError) as e:
+        llm.generate(["Hello", "The cat sat"], [SamplingParams(max_tokens=8), sp], use_tqdm=False)
+    assert e.value.param == "structured_outputs" and word in str(e.value), str(e.value)
+    assert not llm.requests and llm.num_constrained == 0
+    assert llm.block_manager.num_free_blocks == llm.block_manager.capacity
+
+
+def test_async_engine_stream_raises_a_grammar_that_cannot_compile(torch_path, model_dir):
+    import asyncio
+
+    from gpt_engine import AsyncLLM
+
+    async def main():
+        engine = AsyncLLM(LLM(str(model_dir), device="cpu"))
+        await engine.start()
+        try:
+            bad = SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(regex="a(b"))
+            with pytest.raises(RequestError):
+                async for _ in engine.generate("Hello", bad):
+                    pass
+            outs = [o async for o in engine.generate("Hello", _json_sp(max_tokens=60, seed=1))]
+            assert outs[-1].finished and not engine.llm.requests
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
 
 
 # ---------------------------------------------------------------- the server

@@ -105,6 +105,9 @@ async def make_choices(st: ServerState, req, prompts: list, prefix: str, logprob
     try:
         prepared = await off_loop(lambda: [st.engine.prepare(p, fields, default_max_tokens=default_max_tokens,
                                                              **prepare) for p in prompts])
+        for r in prepared:  # a grammar that does not compile is a 400, before any stream starts
+            if r.grammar is not None:
+                await asyncio.wrap_future(r.grammar)
     except BaseException:
         for i in ids:
             _abort(st.engine, i)

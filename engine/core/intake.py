@@ -10,6 +10,7 @@ prepare; generation_config.json's defaults are applied in one place (Intake.samp
 from __future__ import annotations
 
 import operator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from .request import RequestError
@@ -22,7 +23,7 @@ class PreparedRequest:
     prompt: str | None               # the text, when the caller gave text
     prompt_token_ids: list[int]
     params: SamplingParams
-    grammar: object = None           # structured outputs: the compiled template matcher (core/structured.py)
+    grammar: Future | None = None    # structured outputs: the template matcher, compiling (core/structured.py)
 
 
 # ---------------------------------------------------------------- checks (each message once)
@@ -123,8 +124,9 @@ class Intake:
                 raise RequestError(f"{name} ({k}) exceeds the vocabulary size ({self.vocab_size})", name)
         check_logit_bias(params.logit_bias, self.vocab_size)
         grammar = None
-        if params.structured_outputs is not None:  # compiled here, off the engine loop, before any stream
+        # the spec's limits are checked here; it compiles on the grammar thread meanwhile (the prefill need not wait)
+        if params.structured_outputs is not None:
             if self.grammars is None:
                 raise RequestError("structured outputs are not available with this engine", "structured_outputs")
-            grammar = self.grammars.compile(params.structured_outputs)
+            grammar = self.grammars.submit(params.structured_outputs)
         return PreparedRequest(text, ids, params, grammar)

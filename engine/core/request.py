@@ -46,16 +46,20 @@ class RequestOutput:
     new_text: str = ""
     new_logprobs: list[dict[int, float]] | None = None
     num_cached_tokens: int = 0                           # prompt tokens served from the prefix cache
+    error: Exception | None = None                       # the engine dropped the request (its grammar failed)
 
 
 class Request:
     """Everything the engine keeps per request: the scheduler's Sequence, the prompt text, the
     detokenizer, the stop ids, the logprobs so far and the structured-output matcher."""
-    __slots__ = ("seq", "prompt", "detok", "stream", "stop_ids", "logprobs", "prompt_logprobs", "tokenizer", "matcher")
+    __slots__ = ("seq", "prompt", "detok", "stream", "stop_ids", "logprobs", "prompt_logprobs", "tokenizer",
+                 "grammar", "matcher", "error")
 
-    def __init__(self, seq, prompt: str | None, tokenizer, eos_token_ids, stream: bool, matcher=None):
+    def __init__(self, seq, prompt: str | None, tokenizer, eos_token_ids, stream: bool, grammar=None):
         p = seq.params
-        self.matcher = matcher   # structured outputs: this request's own grammar state (core/structured.py)
+        # structured outputs (core/structured.py): the Future of the compiled grammar, and this request's
+        # own copy of it once it first samples; error: why the engine dropped it (its grammar failed)
+        self.grammar, self.matcher, self.error = grammar, None, None
         self.seq, self.prompt, self.stream, self.tokenizer = seq, prompt, stream, tokenizer
         # ids that end the request with "stop" and add no text
         self.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(eos_token_ids))
@@ -85,7 +89,7 @@ class Request:
         fin = seq.finish_reason is not None and seq.finish_reason != "abort"
         out = RequestOutput(seq.request_id, self.prompt, seq.prompt_token_ids, finished=fin,
                             finish_reason=seq.finish_reason if fin else None, new_token_ids=new_token_ids,
-                            new_logprobs=new_logprobs)
+                            new_logprobs=new_logprobs, error=self.error)
         if self.detok is not None and self.stream:
             out.new_text = self.detok.delta(fin)
         if self.prompt_logprobs is not None and (fin or (self.stream and seq.num_output_tokens == 1)):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -122,9 +123,10 @@ class ScheduledBatch:
     # per sequence, the positions [start, end) whose next-token logprobs to compute (prompt
     # logprobs), or None; the field is None when no sequence in the batch scores
     score: list[tuple[int, int] | None] | None = None
-    # structured outputs (set by the engine after scheduling): None, or (indices among the sampled
-    # rows, int32 bitmask (R, ceil(V / 32)) of the tokens each may draw)
-    grammar_bitmask: tuple | None = None
+    # structured outputs (set by the engine after scheduling): None, or a call the runner makes once
+    # it has issued the forward -> None | (indices among the sampled rows, int32 bitmask
+    # (R, ceil(V / 32)) of the tokens each may draw)
+    grammar_bitmask: Callable[[], tuple | None] | None = None
 
     @property
     def num_tokens(self) -> int:

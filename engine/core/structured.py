@@ -2,9 +2,10 @@
 llguidance into a token matcher; each step the matchers of the batch's constrained rows fill one
 bitmask (S, ceil(V / 32)) that the sampler applies. No torch here (llguidance and numpy only).
 
-    StructuredOutputsParams  -> Grammars.compile (the intake, off the engine loop; cached)
-                             -> a template matcher, deep-copied per request (Request.matcher)
-    each step: StructuredOutputs.bitmask(batch) -> the runner's sampler masks the logits
+    StructuredOutputsParams  -> Grammars.submit (the intake) -> a Future, compiled on the grammar thread
+                             -> a template matcher (cached), deep-copied per request (Request.matcher)
+    each step: the runner issues the forward, then calls StructuredOutputs.bitmask(batch) and masks
+               the logits: a grammar still compiling overlaps the prefill, and the mask work the forward
                StructuredOutputs.advance(req, token) after the token is appended
 
 Preemption recomputes a sequence's KV but keeps its tokens, so its matcher (which has consumed
@@ -16,6 +17,7 @@ import json as _json
 import logging
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .request import RequestError
@@ -121,14 +123,17 @@ def _regex_escape(s: str) -> str:
 
 
 class Grammars:
-    """Compiles constraints against one tokenizer (the engine's), with an LRU cache of template
-    matchers keyed by (kind, text). Thread-safe: the server prepares requests on worker threads."""
+    """Compiles constraints against one tokenizer (the engine's) on one worker thread (llguidance
+    releases the GIL), with an LRU cache of futures keyed by (kind, text): a constraint compiles once
+    however many requests ask for it at the same time. Thread-safe: the server prepares requests on
+    worker threads."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids):
         self.tokenizer, self.vocab_size, self.eos = tokenizer, vocab_size, list(eos_token_ids)
         self._ll_tokenizer = None
-        self._cache: OrderedDict[tuple[str, str], object] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
         self.num_compiled = 0
 
     def ll_tokenizer(self):
@@ -142,18 +147,28 @@ class Grammars:
                                                         eos_token=self.eos or None)
         return self._ll_tokenizer
 
-    def compile(self, so: StructuredOutputsParams):
-        """-> a template matcher (never advanced: each request deep-copies it). RequestError names
-        what does not compile."""
-        import llguidance
+    def submit(self, so: StructuredOutputsParams) -> Future:
+        """-> a Future of the template matcher (never advanced: each request deep-copies it), or of
+        the RequestError naming what does not compile. The spec's own limits raise here, at once."""
         key = grammar_spec(so)
         with self._lock:
-            m = self._cache.get(key)
-            if m is not None:
-                self._cache.move_to_end(key)
-                return m
             tok = self.ll_tokenizer()
-        kind, text = key
+            f = self._cache.get(key)
+            if f is None:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="gpt-engine-grammar")
+                f = self._cache[key] = self._pool.submit(self._build, tok, *key)
+                while len(self._cache) > CACHE_SIZE:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(key)
+        return f
+
+    def compile(self, so: StructuredOutputsParams):
+        """The template matcher, waiting for its compile; RequestError names what does not compile."""
+        return self.submit(so).result()
+
+    def _build(self, tok, kind: str, text: str):
+        import llguidance
         if kind == "json":
             # compact JSON (vLLM's default): a weak model cannot loop on blanks inside a structure
             g = llguidance.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
@@ -167,16 +182,13 @@ class Grammars:
                                "structured_outputs", "invalid_grammar")
         m.compute_bitmask()  # builds the lexer's first states here, off the engine loop (copies share them)
         with self._lock:
-            self._cache[key] = m
             self.num_compiled += 1
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
         return m
 
 
 class StructuredOutputs:
-    """The engine-side step work: the batch's bitmask before the runner samples, each matcher
-    advanced after its token is appended."""
+    """The engine-side step work: the batch's bitmask before the runner samples (after it issues the
+    forward), each matcher advanced after its token is appended."""
 
     def __init__(self, vocab_size: int, eos_token_ids=()):
         import numpy as np
@@ -188,7 +200,9 @@ class StructuredOutputs:
         self._eos_row = self._eos_row.view(np.int32)
 
     def bitmask(self, batch, requests):
-        """-> None, or (row indices among the batch's sampled rows, int32 bitmask (R, words))."""
+        """-> None, or (row indices among the batch's sampled rows, int32 bitmask (R, words)). Called
+        once the forward is issued; a request sampled for the first time takes its grammar here
+        (waiting for a compile still under way). One whose grammar failed gets req.error, and EOS."""
         import numpy as np
         rows, matchers = [], []
         k = 0
@@ -196,18 +210,24 @@ class StructuredOutputs:
             if not smp:
                 continue
             req = requests.get(seq.request_id)
-            if req is not None and req.matcher is not None:
+            if req is not None and req.grammar is not None:
+                if req.matcher is None and req.error is None:
+                    try:
+                        req.matcher = req.grammar.result().deep_copy()
+                    except RequestError as e:
+                        req.error = e
                 rows.append(k)
                 matchers.append(req.matcher)
             k += 1
         if not rows:
             return None
         import llguidance.numpy as lln
-        mask = np.empty((len(rows), self.words), dtype=np.int32)
+        mask = np.zeros((len(rows), self.words), dtype=np.int32)
         # on this thread, row by row: the executor's worker threads spin after their work and steal
         # the cores the sampler's and the next step's torch ops want right then
         for i, m in enumerate(matchers):
-            lln.fill_next_token_bitmask(m, mask, i)
+            if m is not None:
+                lln.fill_next_token_bitmask(m, mask, i)
         empty = ~mask.any(1)
         if empty.any():
             mask[empty] = self._eos_row if self._eos_row.any() else -1

@@ -251,7 +251,7 @@ class ModelRunner:
             [s.output_token_ids for s in rows] if pen else None,
             [self._generator(s) for s in rows],
             [self._banned(s) for s in rows] if any(p.min_tokens for p in params) else None,
-            batch.grammar_bitmask)
+            batch.grammar_bitmask() if batch.grammar_bitmask is not None else None)
         it, lit = iter(toks), iter(lps or ())
         tokens = [next(it) if smp else None for smp in batch.sample]
         logprobs = [next(lit) if smp else None for smp in batch.sample] if lps is not None else None
