@@ -43,6 +43,10 @@ class EngineConfig:
     max_inflight_requests: int | None = field(default=None, metadata={
         "help": "most requests the server holds at once, the one admission bound: past it 429 "
                 "(default: max_num_seqs + max_waiting_seqs)"})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "ranks the model is split over (Megatron-style tensor parallelism on torch.distributed): the "
+                "engine starts the other ranks itself; across nodes run the same command on each with "
+                "MASTER_ADDR, MASTER_PORT, NNODES and NODE_RANK (or under torchrun)"})
     step_timeout: float = field(default=600.0, metadata={
         "help": "seconds one engine step may take before the watchdog fails the engine (0: no watchdog)"})
 
@@ -55,7 +59,7 @@ class EngineConfig:
             raise ValueError(f"quantization must be None or one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.quantization_group_size is not None and self.quantization is None:
             raise ValueError("quantization_group_size needs quantization (int8)")
-        for name in ("quantization_group_size", "max_num_seqs", "block_size", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
+        for name in ("tensor_parallel_size", "quantization_group_size", "max_num_seqs", "block_size", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
                      "kv_cache_tokens", "max_waiting_seqs", "max_inflight_requests"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,6 +38,66 @@ def _half(dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
 
 
+def build_model(model, cfg: EngineConfig, device: torch.device, tp=None, tokenizer=None):
+    """The model as the engine runs it (this rank's shard with tp) -> (model, tokenizer, eos ids, default
+    sampling settings, name). model: an HF-format directory or a GPT module."""
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
+    default_sampling: dict = {}  # what the model directory says about generation
+    if isinstance(model, (str, Path)):
+        from .models.generation_config import load_generation_config
+        from .tokenizer import Tokenizer
+        from .models.loader import load_model
+        path = Path(model)
+        if dtype is None and device.type == "cuda":
+            dtype = torch.bfloat16  # fp32 checkpoints serve in bf16 on GPU
+        load_dtype = torch.float32 if _half(dtype, device) else dtype
+        if tp is None:
+            model_obj = load_model(path, device=device, dtype=load_dtype)
+        else:  # the whole model in host memory, then this rank's slice on its device
+            model_obj = load_model(path, device="cpu", dtype=load_dtype).shard(tp).to(device)
+        name = path.resolve().name
+        if tokenizer is None and ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()):
+            tokenizer = Tokenizer.load(path)
+        gen = load_generation_config(path, tokenizer, model_obj.config.vocab_size)
+        eos, default_sampling = gen.eos_token_ids, gen.sampling
+    else:
+        model_obj = model.to(device=device, dtype=torch.float32 if _half(dtype, device) else dtype).eval() \
+            if dtype else model.to(device).eval()
+        name = getattr(model, "name", None) or "gpt"
+        eos = [model_obj.config.eos_token_id] if model_obj.config.eos_token_id is not None else \
+            list(getattr(tokenizer, "eos_token_ids", None) or [])
+    # CPU: bf16/fp16 weights are stored at that precision (rounded, and packed in bf16) while compute
+    # and the KV cache stay float32, which the CPU kernels run; a half checkpoint loads the same way
+    held = next(model_obj.parameters()).dtype
+    storage = dtype if _half(dtype, device) else held if _half(held, device) else None
+    if storage is not None and held != torch.float32:
+        model_obj = model_obj.float()
+    # a model loaded here is the engine's own: on CPU its GEMM weights then live in their packs only
+    owned = isinstance(model, (str, Path)) and device.type == "cpu"
+    if storage is not None or cfg.quantization is not None or owned:
+        model_obj.set_weight_format(storage, cfg.quantization, cfg.quantization_group_size, release=owned)
+    return model_obj, tokenizer, eos, default_sampling, name
+
+
+def build_runner(model, cfg: EngineConfig, eos_token_ids) -> ModelRunner:
+    mcfg = model.config
+    return ModelRunner(model, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
+                       max_num_batched_tokens=cfg.max_num_batched_tokens,
+                       max_model_len=min(cfg.max_model_len or mcfg.max_seq_len, mcfg.max_seq_len),
+                       num_kv_blocks=cfg.num_kv_blocks, kv_cache_tokens=cfg.kv_cache_tokens,
+                       gpu_memory_utilization=cfg.gpu_memory_utilization,
+                       enforce_eager=cfg.enforce_eager, seed=cfg.seed, eos_token_ids=eos_token_ids)
+
+
+def _stop_workers(comm, workers) -> None:
+    if workers.failed is None and not workers.closing:
+        try:
+            comm.broadcast_object(None)  # the workers' loop ends
+        except Exception:
+            pass
+    workers.join()
+
+
 class LLM:
     """Offline engine over model (an HF-format directory or a GPT module). Settings are
     EngineConfig's fields, as keyword arguments or as config=. On CPU it packs the model's GEMM
@@ -56,50 +117,38 @@ class LLM:
         cfg = EngineConfig(**{**base, **given, **engine_args})
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config = cfg = cfg.resolved(device.type)
+        self.workers = tp = None
+        if cfg.tensor_parallel_size > 1:
+            if not isinstance(model, (str, Path)):
+                raise ValueError("tensor_parallel_size > 1 needs a model directory (every rank loads its shard)")
+            from .models.parallel import TPGroup
+            from .worker import tensor_parallel
+            comm, self.workers, rank, device = tensor_parallel.start(cfg.tensor_parallel_size, str(model), cfg,
+                                                                     device)
+            if rank != 0:  # another node's first rank (or a torchrun rank): a worker until rank 0 ends
+                tensor_parallel.run_worker(comm, str(model), cfg, device)
+                self.workers.join()
+                raise SystemExit(0)
+            tp = TPGroup(0, cfg.tensor_parallel_size, comm)
+            # the workers stop when the engine is closed, collected or the interpreter exits
+            self._close = weakref.finalize(self, _stop_workers, comm, self.workers)
         self.device = device
-        dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-        # what the model directory says about generation: every EOS id, default sampling settings
-        self.default_sampling: dict = {}
-        if isinstance(model, (str, Path)):
-            from .models.generation_config import load_generation_config
-            from .tokenizer import Tokenizer
-            from .models.loader import load_model
-            path = Path(model)
-            if dtype is None and device.type == "cuda":
-                dtype = torch.bfloat16  # fp32 checkpoints serve in bf16 on GPU
-            model_obj = load_model(path, device=device, dtype=torch.float32 if _half(dtype, device) else dtype)
-            self.model_name = path.resolve().name
-            if tokenizer is None and ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()):
-                tokenizer = Tokenizer.load(path)
-            gen = load_generation_config(path, tokenizer, model_obj.config.vocab_size)
-            eos, self.default_sampling = gen.eos_token_ids, gen.sampling
-        else:
-            model_obj = model.to(device=device, dtype=torch.float32 if _half(dtype, device) else dtype).eval() \
-                if dtype else model.to(device).eval()
-            self.model_name = getattr(model, "name", None) or "gpt"
-            eos = [model_obj.config.eos_token_id] if model_obj.config.eos_token_id is not None else \
-                list(getattr(tokenizer, "eos_token_ids", None) or [])
-        # CPU: bf16/fp16 weights are stored at that precision (rounded, and packed in bf16) while compute
-        # and the KV cache stay float32, which the CPU kernels run; a half checkpoint loads the same way
-        held = next(model_obj.parameters()).dtype
-        storage = dtype if _half(dtype, device) else held if _half(held, device) else None
-        if storage is not None and held != torch.float32:
-            model_obj = model_obj.float()
-        # a model loaded here is the engine's own: on CPU its GEMM weights then live in their packs only
-        owned = isinstance(model, (str, Path)) and device.type == "cpu"
-        if storage is not None or cfg.quantization is not None or owned:
-            model_obj.set_weight_format(storage, cfg.quantization, cfg.quantization_group_size, release=owned)
+        try:
+            model_obj, tokenizer, eos, self.default_sampling, self.model_name = build_model(model, cfg, device, tp,
+                                                                                            tokenizer)
+            self.runner = build_runner(model_obj, cfg, eos)
+        except BaseException as e:
+            if self.workers is not None:
+                self.workers.join(0)
+                if self.workers.failed is not None:
+                    raise self.workers.failed from e
+            raise
         self.model, self.tokenizer = model_obj, tokenizer
         self.chat_template = ChatTemplate.of_tokenizer(tokenizer) if tokenizer is not None else None
         mcfg = model_obj.config
         self.vocab_size = mcfg.vocab_size
         self.eos_token_ids = frozenset(eos)
-        max_model_len = min(cfg.max_model_len or mcfg.max_seq_len, mcfg.max_seq_len)
-        self.runner = ModelRunner(model_obj, block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
-                                  max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=max_model_len,
-                                  num_kv_blocks=cfg.num_kv_blocks, kv_cache_tokens=cfg.kv_cache_tokens,
-                                  gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                  enforce_eager=cfg.enforce_eager, seed=cfg.seed, eos_token_ids=eos)
+        max_model_len = self.runner.max_model_len
         # a model windowed in every layer keeps only the window's blocks; one global layer needs them all
         window = mcfg.sliding_window if all(mcfg.windowed) else 0
         self.block_manager = bm = BlockManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching,
@@ -151,6 +200,11 @@ class LLM:
         self.scheduler.finish(req.seq, "abort")
         return True
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do without them); the engine cannot step after."""
+        if self.workers is not None:
+            self._close()
+
     def abort_all(self) -> list[str]:
         ids = list(self.requests)
         for rid in ids:
@@ -164,6 +218,8 @@ class LLM:
     def step(self) -> list[RequestOutput]:
         """One engine step -> an output for every streamed request that advanced (with its delta)
         and for every request that finished."""
+        if self.workers is not None and (self.workers.failed or self.workers.closing):
+            raise RuntimeError("the tensor-parallel workers are gone") from self.workers.failed
         batch = self.scheduler.schedule()
         if self.num_constrained:
             batch.grammar_bitmask = functools.partial(self.structured.bitmask, batch, self.requests)

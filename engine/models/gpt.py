@@ -16,19 +16,22 @@ import torch.nn as nn
 from .config import ModelConfig
 from .formats import Dense, WeightFormat, weight_format
 from .layers import Block, Linear, Norm, StepMeta
+from .parallel import TPGroup, check_tensor_parallel, shard_state, vocab_rows
 from .rope import Rotary, rope_at
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
+        """tp: this rank's slice of a tensor-parallel model (parallel.py; the config stays the whole model's)."""
         super().__init__()
-        self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.config, self.tp = cfg, tp
+        rows = vocab_rows(cfg.vocab_size, tp.world) if tp else cfg.vocab_size
+        self.tok_emb = nn.Embedding(rows, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
         rotary = Rotary(cfg) if cfg.positions == "rotary" else None  # tables to max_seq_len, shared by the layers
-        self.layers = nn.ModuleList(Block(cfg, rotary, i) for i in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, rotary, i, tp) for i in range(cfg.n_layer))
         self.norm_f = Norm(cfg)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, rows, bias=cfg.head_bias)
         # the head's weight format; tied, its weight is the embedding's, which then reads its rows from it
         self.head: WeightFormat = Dense(self._head_owner)
         self.apply(self._init)
@@ -172,9 +175,35 @@ class GPT(nn.Module):
         """The head's float parameter; None once set_weight_format released it (self.head holds it)."""
         return self._head_owner.weight
 
+    def shard(self, tp: TPGroup) -> "GPT":
+        """This model's slice for one tensor-parallel rank (parallel.py), sharing no storage with it."""
+        check_tensor_parallel(self.config, tp.world)
+        with torch.device("meta"):
+            local = GPT(self.config, tp)
+        local.load_state_dict(shard_state(self.state_dict(), self.config, tp.rank, tp.world), strict=True,
+                              assign=True)
+        for name, b in self.named_buffers():  # the rotary tables, not in the state dict
+            mod, _, attr = name.rpartition(".")
+            setattr(local.get_submodule(mod), attr, b)
+        return local.eval().requires_grad_(False)
+
+    @property
+    def kv_heads(self) -> int:
+        """The KV heads this rank's cache holds."""
+        return self.layers[0].attn.hkv if len(self.layers) else self.config.n_kv_head
+
     def embed(self, input_ids):
+        tp = self.tp
+        ids = input_ids
+        if tp is not None:  # vocab-parallel: the rows this rank holds, zeros for the others, summed over ranks
+            rows = self.tok_emb.num_embeddings
+            ids = input_ids - tp.rank * rows
+            held = (ids >= 0) & (ids < rows)
+            ids = ids.clamp(0, rows - 1)
         # tied: the rows of the head's weight, in the head's format
-        x = self.head.rows(input_ids) if self.lm_head is None else self.tok_emb(input_ids)
+        x = self.head.rows(ids) if self.lm_head is None else self.tok_emb(ids)
+        if tp is not None:
+            x = tp.all_reduce(x * held.unsqueeze(-1).to(x.dtype))
         scale = self.config.embed_scale
         # in the activations' dtype, as transformers rounds Gemma's sqrt(d_model)
         return x if scale is None else x * torch.tensor(scale, dtype=x.dtype)
@@ -219,7 +248,9 @@ class GPT(nn.Module):
         return self.logits(self.hidden(input_ids, pos, rope=rope))
 
     def logits(self, h):
-        return self.head.apply(h, None if self.lm_head is None else self.lm_head.bias)
+        y = self.head.apply(h, None if self.lm_head is None else self.lm_head.bias)
+        # vocab-parallel: every rank's slice, the last one's padding cut
+        return y if self.tp is None else self.tp.all_gather(y)[..., :self.config.vocab_size]
 
     @torch.no_grad()
     def step(self, input_ids, positions, kv_caches, meta: StepMeta, logits_indices=None):

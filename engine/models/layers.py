@@ -18,6 +18,7 @@ from gpt_engine.kernels import (decode_layer, decode_layer_applies, flash_attent
 
 from .config import ModelConfig
 from .formats import Dense, WeightFormat
+from .parallel import TPGroup, local_heads
 from .rope import Rotary
 
 
@@ -60,28 +61,32 @@ class Norm(nn.Module):
 
 class Linear(nn.Module):
     """act(x @ W^T + b), W (d_out, d_in) held in one weight format (formats.py): the float parameter
-    `weight` until GPT.set_weight_format or GPT.pack_for_cpu give it another."""
+    `weight` until GPT.set_weight_format or GPT.pack_for_cpu give it another. reduce: a row-parallel
+    layer's tensor-parallel group, whose ranks' partial outputs it sums (parallel.py)."""
 
-    def __init__(self, d_in, d_out, bias, activation=None):
+    def __init__(self, d_in, d_out, bias, activation=None, reduce: TPGroup | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
         self.in_features = d_in
         self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
-        self.activation = activation
+        self.activation, self.reduce = activation, reduce
         self.format: WeightFormat = Dense(self)
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x):
-        return self.format.apply(x, self.bias, self.activation)
+        y = self.format.apply(x, self.bias, self.activation)
+        return y if self.reduce is None else self.reduce.all_reduce(y)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None, layer: int = 0):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None, layer: int = 0, tp: TPGroup | None = None):
         super().__init__()
-        self.h, self.hkv, self.d = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # this rank's heads (all of them without tensor parallelism)
+        self.h, self.hkv, _ = local_heads(cfg, tp.rank, tp.world) if tp else (cfg.n_head, cfg.n_kv_head, 0)
+        self.d = cfg.head_dim
         self.scale, self.window = cfg.softmax_scale, cfg.window_sizes[layer]  # window (-1, -1): plain causal
         self.qkv = Linear(cfg.d_model, (self.h + 2 * self.hkv) * self.d, cfg.qkv_bias)
-        self.proj = Linear(self.h * self.d, cfg.d_model, cfg.bias)
+        self.proj = Linear(self.h * self.d, cfg.d_model, cfg.bias, reduce=tp)
         # Qwen3's RMSNorm over each head's q and k
         self.q_norm = Norm(cfg, self.d, rms=True) if cfg.qk_norm else None
         self.k_norm = Norm(cfg, self.d, rms=True) if cfg.qk_norm else None
@@ -134,14 +139,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
         super().__init__()
         self.gated, self.activation = cfg.mlp == "gated", cfg.activation
+        f = cfg.d_ff // tp.world if tp else cfg.d_ff
         if self.gated:  # gate and up projections as one GEMM, [gate | up]
-            self.fc = Linear(cfg.d_model, 2 * cfg.d_ff, cfg.mlp_bias)
+            self.fc = Linear(cfg.d_model, 2 * f, cfg.mlp_bias)
         else:
-            self.fc = Linear(cfg.d_model, cfg.d_ff, cfg.mlp_bias, activation=cfg.activation)
-        self.proj = Linear(cfg.d_ff, cfg.d_model, cfg.mlp_bias)
+            self.fc = Linear(cfg.d_model, f, cfg.mlp_bias, activation=cfg.activation)
+        self.proj = Linear(f, cfg.d_model, cfg.mlp_bias, reduce=tp)
 
     def forward(self, x):
         h = self.fc(x)
@@ -154,15 +160,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None, layer: int = 0):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary | None = None, layer: int = 0, tp: TPGroup | None = None):
         super().__init__()
-        self.norm1, self.attn, self.mlp = Norm(cfg), Attention(cfg, rotary, layer), MLP(cfg)
+        self.norm1, self.attn, self.mlp = Norm(cfg), Attention(cfg, rotary, layer, tp), MLP(cfg, tp)
+        self.tp = tp
         self.norm2 = None if cfg.shared_norm else Norm(cfg)
         # decode_layer's parallel: 0 sequential, 1 parallel with a norm each (NeoX), 2 one shared norm (GPT-J)
         self.parallel = (1 + cfg.shared_norm) if cfg.parallel_residual else 0
         act = {"silu": "swiglu", "gelu_tanh": "geglu"}[cfg.activation] if self.mlp.gated else cfg.activation
         # decode_layer's scalar arguments: n_head, eps, rms, activation, softmax scale, window
-        self.decode_args = (cfg.n_head, cfg.norm_eps, self.norm1.rms, act, cfg.softmax_scale, self.attn.window)
+        self.decode_args = (self.attn.h, cfg.norm_eps, self.norm1.rms, act, cfg.softmax_scale, self.attn.window)
         self.packed = None  # kernels.pack_layer's PackedLayer, from pack_for_cpu: a snapshot of the weights
 
     def forward(self, x, residual, positions, cache=None, meta=None, rope=None):
@@ -177,10 +184,11 @@ class Block(nn.Module):
 
     def pack_for_cpu(self) -> None:
         """The fused decode layer (kernels.pack_layer) over the GEMMs' CPU packs, sharing their
-        tensors; none unless every GEMM is packed and the norms are CPU float32."""
+        tensors; none unless every GEMM is packed and the norms are CPU float32, nor with tensor
+        parallelism (the layer's two all-reduces fall inside the fused call)."""
         a, m = self.attn, self.mlp
         packs = [lin.format.packed for lin in (a.qkv, a.proj, m.fc, m.proj)]
-        if any(p is None for p in packs):
+        if any(p is None for p in packs) or self.tp is not None:
             self.packed = None
             return
         qkv, proj, fc, fc2 = packs

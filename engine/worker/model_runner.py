@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import itertools
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -59,6 +60,25 @@ def table_rows(seqs, width: int, kept: dict) -> array.array:
     return out
 
 
+@dataclass
+class StepInputs:
+    """One step's host-side inputs (ModelRunner.prepare's lists, the padded block tables): what the model
+    step needs and nothing of the scheduler's, so tensor-parallel workers get it as it is."""
+    ids: list
+    pos: list
+    slots: list
+    seq_lens: list
+    cu_q: list
+    cu_k: list
+    tables: array.array         # (B, width) int32, flat
+    width: int
+    logits_idx: list
+    max_seqlen_q: int
+    decode: bool
+    rope_lens: list | None      # dynamic/longrope: each token's rotation length, where not position + 1
+    score: tuple | None         # scoring.score_rows's (rows, targets, tops, spans)
+
+
 def graph_sizes(max_bs: int) -> list[int]:
     sizes = [s for s in (1, 2, 4, 8) if s < max_bs] + list(range(16, max_bs, 16))
     return sorted(set(sizes + [max_bs]))
@@ -70,6 +90,7 @@ class ModelRunner:
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool | None = None, seed: int | None = None,
                  eos_token_ids=()):
         self.model = model
+        self.tp = model.tp  # a tensor-parallel rank: the ranks agree on the pool and run each step together
         self.eos_token_ids = list(eos_token_ids)   # min_tokens bans them with each request's stop_token_ids
         cfg = model.config
         p = next(model.parameters())
@@ -84,8 +105,10 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}   # seeded requests' own random streams
         self.rows: dict[str, tuple] = {}                    # table_rows' kept rows
         self.num_blocks = self._num_blocks(num_kv_blocks, kv_cache_tokens, gpu_memory_utilization)
+        if self.tp is not None:
+            self.num_blocks = self.tp.comm.min(self.num_blocks)
         # one allocation: (2, n_layer, blocks, block_size, hkv, d); zeros so padded graph rows read finite values
-        shape = (2, cfg.n_layer, self.num_blocks, block_size, cfg.n_kv_head, cfg.head_dim)
+        shape = (2, cfg.n_layer, self.num_blocks, block_size, model.kv_heads, cfg.head_dim)
         if self.device.type == "cpu":  # CPU steps stream the cache and the weights from DRAM: huge pages spare the TLB
             self.kv = hugepages.zeros(shape, self.dtype)
             hugepages.adopt([*model.parameters(), *model.buffers(), *model.pack_for_cpu()])
@@ -93,7 +116,8 @@ class ModelRunner:
             self.kv = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.kv_caches = [(self.kv[0, i], self.kv[1, i]) for i in range(cfg.n_layer)]
         self.graphs: dict[int, tuple] = {}
-        self.enforce_eager = not self.cuda if enforce_eager is None else enforce_eager
+        # graphs would capture the tensor-parallel collectives: eager there
+        self.enforce_eager = (not self.cuda if enforce_eager is None else enforce_eager) or self.tp is not None
 
     def start(self, max_model_len: int) -> None:
         """The context length the engine settled on once the KV pool was sized (never above the one
@@ -110,7 +134,7 @@ class ModelRunner:
     # ---------------------------------------------------------------- KV cache size
     def block_bytes(self) -> int:
         cfg = self.model.config
-        return 2 * cfg.n_layer * self.block_size * cfg.n_kv_head * cfg.head_dim * torch.finfo(self.dtype).bits // 8
+        return 2 * cfg.n_layer * self.block_size * self.model.kv_heads * cfg.head_dim * torch.finfo(self.dtype).bits // 8
 
     def _num_blocks(self, num_kv_blocks, kv_cache_tokens, util) -> int:
         # no point holding more than every sequence at full length
@@ -191,23 +215,36 @@ class ModelRunner:
         # the width rounded up to a power of two: kept rows stay valid while the batch's longest
         # table grows, and the decode kernel's split-K (sized from the width) stays near the need
         width = min(1 << (max(map(len, tables)) - 1).bit_length(), self.max_blocks_per_seq)
-        table = self._to(table_rows(batch.seqs, width, self.rows), torch.int32).view(len(tables), width)
-        meta = StepMeta(slot_mapping=self._to(slots, torch.long), block_table=table,
-                        seq_lens=self._to(seq_lens, torch.int32), cu_seqlens_q=self._to(cu_q, torch.int32),
-                        cu_seqlens_k=self._to(cu_k, torch.int32), max_seqlen_q=max(batch.num_new_tokens),
-                        max_seqlen_k=max(seq_lens), decode=batch.is_decode, fresh=cu_q == cu_k)
+        rope_lens = None
         if self.seq_rope and not batch.is_decode:  # prompts rotated as a whole (dynamic/longrope)
             plen = (s.num_prompt_tokens for s, n in zip(batch.seqs, batch.num_new_tokens) for _ in range(n))
             rope_lens = [max(p + 1, n) for p, n in zip(pos, plen)]
-            if rope_lens != [p + 1 for p in pos]:
-                meta.rope_seq_lens = self._to(rope_lens, torch.long)
-        li = None if len(logits_idx) == len(ids) else self._to(logits_idx, torch.long)
-        ids_t, pos_t = self._to(ids, torch.long), self._to(pos, torch.long)
-        if batch.score is None:
+            if rope_lens == [p + 1 for p in pos]:
+                rope_lens = None
+        step = StepInputs(ids, pos, slots, seq_lens, cu_q, cu_k, table_rows(batch.seqs, width, self.rows), width,
+                          logits_idx, max(batch.num_new_tokens), batch.is_decode, rope_lens,
+                          None if batch.score is None else score_rows(batch, cu_q))
+        if self.tp is not None:  # every rank runs the same step (tensor_parallel.py)
+            self.tp.comm.broadcast_object(step)
+        return self.forward(step)
+
+    @torch.no_grad()
+    def forward(self, s: "StepInputs") -> tuple[torch.Tensor, list | None]:
+        """The model step of execute, from its host-side inputs (what a tensor-parallel worker gets)."""
+        table = self._to(s.tables, torch.int32).view(len(s.seq_lens), s.width)
+        meta = StepMeta(slot_mapping=self._to(s.slots, torch.long), block_table=table,
+                        seq_lens=self._to(s.seq_lens, torch.int32), cu_seqlens_q=self._to(s.cu_q, torch.int32),
+                        cu_seqlens_k=self._to(s.cu_k, torch.int32), max_seqlen_q=s.max_seqlen_q,
+                        max_seqlen_k=max(s.seq_lens), decode=s.decode, fresh=s.cu_q == s.cu_k)
+        if s.rope_lens is not None:
+            meta.rope_seq_lens = self._to(s.rope_lens, torch.long)
+        li = None if len(s.logits_idx) == len(s.ids) else self._to(s.logits_idx, torch.long)
+        ids_t, pos_t = self._to(s.ids, torch.long), self._to(s.pos, torch.long)
+        if s.score is None:
             return self.model.step(ids_t, pos_t, self.kv_caches, meta, li), None
         # scoring: every computed position's hidden state is kept for the chunked head (scoring.py)
         h = self.model.hidden(ids_t, pos_t, self.kv_caches, meta)
-        rows, targets, tops, spans = score_rows(batch, cu_q)
+        rows, targets, tops, spans = s.score
         scored = prompt_logprobs(self.model.logits, h, rows, targets, tops, self.vocab_size)
         logits = self.model.logits(h if li is None else h[li])
         return logits, [scored[a:b] if b > a else None for a, b in spans]
