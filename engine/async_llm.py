@@ -81,6 +81,8 @@ class AsyncLLM:
         self.step_timeout = cfg.step_timeout
         self._step_start: float | None = None   # monotonic start of the step in progress
         self._watchdog: threading.Thread | None = None
+        if llm.workers is not None:  # a tensor-parallel rank that dies fails the engine at once
+            llm.workers.on_death = self._fail
 
     @property
     def is_running(self) -> bool:

@@ -113,10 +113,11 @@ class Workers:
 
     def _watch(self) -> None:
         from multiprocessing.connection import wait
-        wait([p.sentinel for p in self.procs])
+        ready = wait([p.sentinel for p in self.procs])
         if self.closing:
             return
-        p = next(p for p in self.procs if not p.is_alive())
+        p = next(p for p in self.procs if p.sentinel in ready)
+        p.join(1.0)  # its exit code (the sentinel closes a moment before the process is reaped)
         self.failed = RuntimeError(f"tensor-parallel worker {p.name} died (exit code {p.exitcode})")
         log.error("%s", self.failed)
         if self.on_death is not None:
