@@ -3,13 +3,16 @@ the report's counts match the requests sent, each request's latencies are ordere
 counted and reported without a traceback, and bad flags are argparse errors."""
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from gpt_engine.cli import _parser, main
+from gpt_engine.cli.bench_serve import send
 from tests.helpers import make_chat_model, serving
 
 KEY = "bench-key"
@@ -144,3 +147,40 @@ def test_bad_flags_are_argparse_errors(capsys, flags):
 def test_offline_bench_keeps_its_positional_model():
     args = _parser(["bench", "gpt2-tiny", "--no-hf"]).parse_args(["bench", "gpt2-tiny", "--no-hf"])
     assert (args.command, args.model, args.no_hf) == ("bench", "gpt2-tiny", True)
+
+
+def _sse(*chunks) -> bytes:
+    return b"".join(b"data: " + (c if isinstance(c, bytes) else json.dumps(c).encode()) + b"\n\n" for c in chunks)
+
+
+def _send(body: bytes, status=200):
+    async def go():
+        transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await send(client, "http://x/v1/chat/completions", {"messages": [{"role": "user", "content": "a b"}]})
+    return asyncio.run(go())
+
+
+def test_arrivals_of_a_stream_without_usage():
+    # llama.cpp's shape: a role header, then text, a held-back token (empty text), a closing chunk
+    role = {"choices": [{"delta": {"role": "assistant", "content": None}, "finish_reason": None}]}
+    text = {"choices": [{"delta": {"content": "hi"}, "finish_reason": None}]}
+    held = {"choices": [{"delta": {"content": ""}, "finish_reason": None}]}
+    close = {"choices": [{"delta": {}, "finish_reason": "length"}]}
+    r = _send(_sse(role, text, held, text, close, b"[DONE]"))
+    assert r.ok and r.output_tokens == 3 and len(r.itl) == 2 and r.input_tokens == 2  # words, without usage
+    usage = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 5}}
+    r = _send(_sse(role, text, usage, b"[DONE]"))
+    assert r.ok and (r.input_tokens, r.output_tokens, r.itl) == (7, 5, [])
+
+
+@pytest.mark.parametrize("body, status, error", [
+    (_sse({"choices": [{"text": "a"}]}, {"error": {"message": "engine died"}}), 200, "error in the stream: engine died"),
+    (_sse(b"{not json"), 200, "JSONDecodeError"),
+    (_sse({"choices": [{"delta": {"role": "assistant"}}]}, b"[DONE]"), 200, "no output in the stream"),
+    (json.dumps({"error": {"message": "bad model"}}).encode(), 404, "HTTP 404: bad model"),
+    (b"<html>oops</html>", 502, "HTTP 502: <html>oops</html>"),
+])
+def test_a_broken_response_is_one_failed_request(body, status, error):
+    r = _send(body, status)
+    assert not r.ok and error in r.error

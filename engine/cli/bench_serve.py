@@ -9,8 +9,10 @@ reports throughput, time to first token (TTFT), time per output token (TPOT), in
 
 Synthetic prompts are random common English words (about a token each in a BPE vocabulary). The
 output length goes as max_tokens with ignore_eos (vLLM's and our extension; --no-ignore-eos for a
-server that refuses unknown fields). Output tokens are counted from the usage chunk
-(stream_options.include_usage) when the server sends one, else one per chunk that carries text.
+server that refuses unknown fields). Each streamed chunk with a choice is a token arrival, empty
+text included (a token whose bytes the server holds back until they decode), except a chat
+stream's opening role header and a text-less closing chunk. Output tokens are counted from the usage chunk
+(stream_options.include_usage) when the server sends one, else one per arrival.
 """
 from __future__ import annotations
 
@@ -150,9 +152,12 @@ def _words(body: dict) -> int:
     return sum(len(str(m.get("content") or "").split()) for m in body["messages"] if isinstance(m, dict))
 
 
-def _text(choice: dict) -> str:
-    delta = choice.get("delta") or {}
-    return choice.get("text") or delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning") or ""
+def _is_output(choice: dict) -> bool:
+    """A token arrival: text, or none (a token whose bytes the server holds back until they decode),
+    but not a chat stream's opening role header nor a closing chunk with only a finish_reason."""
+    delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+    text = choice.get("text") or delta.get("content") or delta.get("reasoning_content")
+    return bool(text) or not (choice.get("finish_reason") or "role" in delta)
 
 
 def _error_message(raw: bytes) -> str:
@@ -163,7 +168,7 @@ def _error_message(raw: bytes) -> str:
 
 
 async def send(client, url: str, body: dict) -> Result:
-    """One streamed request; a chunk that carries text is a token arrival."""
+    """One streamed request, timing each token arrival."""
     r = Result(input_tokens=_words(body))
     t0 = time.perf_counter()
     times, usage = [], None
@@ -177,18 +182,18 @@ async def send(client, url: str, body: dict) -> Result:
                 if not data or data == "[DONE]":
                     continue
                 chunk = json.loads(data)
-                if chunk.get("error"):
-                    r.error = f"error in the stream: {chunk['error'].get('message', chunk['error'])}"
+                if err := chunk.get("error"):
+                    r.error = f"error in the stream: {err.get('message', err) if isinstance(err, dict) else err}"
                     return r
                 usage = chunk.get("usage") or usage
-                if any(_text(c) for c in chunk.get("choices") or ()):
+                if any(_is_output(c) for c in chunk.get("choices") or ()):
                     times.append(time.perf_counter())
     except Exception as e:  # whatever one response does, it is one failed request, never the run's end
         r.error = f"{type(e).__name__}: {e}"
         return r
     r.e2el = time.perf_counter() - t0
     if not times:
-        r.error = "no text in the stream"
+        r.error = "no output in the stream"
         return r
     r.ok, r.ttft = True, times[0] - t0
     r.itl = [b - a for a, b in zip(times, times[1:])]
@@ -313,14 +318,19 @@ def plot(r: dict, path: str) -> None:
         ax.set(title=name.upper(), xlabel="ms", ylim=(0, 1.02),
                ylabel="fraction of " + ("gaps" if name == "itl" else "requests"))
         ax.grid(alpha=0.3)
-    load = f"rate {r['request_rate']}/s" + (f", concurrency {r['max_concurrency']}" if r["max_concurrency"] else "")
+    load = "sent at once" if r["request_rate"] == "inf" else f"Poisson {r['request_rate']} req/s"
+    load += f", at most {r['max_concurrency']} at a time" if r["max_concurrency"] else ""
     fig.suptitle(f"{r['model']} /v1/{'chat/' if r['endpoint'] == 'chat' else ''}completions: "
                  f"{r['completed']} requests, {load}")
     fig.savefig(path, dpi=100)
 
 
 def run(args) -> int:
-    r = asyncio.run(benchmark(args))
+    return report(asyncio.run(benchmark(args)), args)
+
+
+def report(r: dict, args) -> int:
+    """Print r, write --out and --plot; -> the exit code: 1 when a request failed."""
     print(format_report(r))
     if args.out:
         Path(args.out).write_text(json.dumps(r, indent=1) + "\n")
