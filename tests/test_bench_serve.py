@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from gpt_engine.cli import _parser, main
-from gpt_engine.cli.bench_serve import send
+from gpt_engine.cli.bench_serve import get_model, send
 from tests.helpers import make_chat_model, serving
 
 KEY = "bench-key"
@@ -184,3 +184,13 @@ def test_arrivals_of_a_stream_without_usage():
 def test_a_broken_response_is_one_failed_request(body, status, error):
     r = _send(body, status)
     assert not r.ok and error in r.error
+
+
+@pytest.mark.parametrize("body", [b'{"data": []}', b"not json", b'{"object": "list"}'])
+def test_models_list_without_a_model_asks_for_one(body):
+    async def go():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await get_model(client, "http://x")
+    with pytest.raises(ConnectionError, match="names no model: pass --model"):
+        asyncio.run(go())

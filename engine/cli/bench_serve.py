@@ -27,6 +27,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+import numpy as np
+from tqdm import tqdm
+
 WORDS = ("the of and to in is was for on that with as by at from his her they this which have are had "
          "one were all we when your can said there use an each she how their will other about out many "
          "then them these so some would make like him into time has look two more write go see number no "
@@ -167,7 +171,7 @@ def _error_message(raw: bytes) -> str:
         return raw[:200].decode(errors="replace")
 
 
-async def send(client, url: str, body: dict) -> Result:
+async def send(client: httpx.AsyncClient, url: str, body: dict) -> Result:
     """One streamed request, timing each token arrival."""
     r = Result(input_tokens=_words(body))
     t0 = time.perf_counter()
@@ -202,18 +206,19 @@ async def send(client, url: str, body: dict) -> Result:
     return r
 
 
-async def get_model(client, base: str) -> str:
+async def get_model(client: httpx.AsyncClient, base: str) -> str:
     """The first model id of /v1/models."""
     resp = await client.get(base + "/v1/models")
     if resp.status_code != 200:
         raise ConnectionError(f"{base}/v1/models: HTTP {resp.status_code}: {_error_message(resp.content)}")
-    return resp.json()["data"][0]["id"]
+    try:
+        return resp.json()["data"][0]["id"]
+    except (ValueError, LookupError, TypeError):
+        raise ConnectionError(f"{base}/v1/models names no model: pass --model") from None
 
 
 async def benchmark(args) -> dict:
     """Run the load; -> the report (config, metrics, per-request lists)."""
-    import httpx
-    from tqdm import tqdm
     base = args.base_url.rstrip("/").removesuffix("/v1")
     url = base + ("/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -259,7 +264,6 @@ async def benchmark(args) -> dict:
 def summarize(results: list[Result], duration: float) -> dict:
     """vLLM's result fields: totals, throughputs, mean/median/std/p90/p99 of each latency in ms, and
     per-request lists (seconds; null for a failed request)."""
-    import numpy as np
     ok = [r for r in results if r.ok]
     n_in, n_out = sum(r.input_tokens for r in ok), sum(r.output_tokens for r in ok)
     out = dict(duration=duration, completed=len(ok), failed=len(results) - len(ok), total_input_tokens=n_in,
@@ -309,7 +313,6 @@ def format_report(r: dict) -> str:
 
 def plot(r: dict, path: str) -> None:
     """Empirical CDFs of TTFT, TPOT, ITL and E2EL, one panel each."""
-    import numpy as np
     from matplotlib.figure import Figure
     fig = Figure(figsize=(10, 7), layout="constrained")
     for ax, (name, xs) in zip(fig.subplots(2, 2).flat, latencies(r).items()):
