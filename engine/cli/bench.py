@@ -22,7 +22,8 @@ from .flags import add_dataclass_args
 
 
 def add_args(p) -> None:
-    p.add_argument("model", help="model directory or a random-init preset (gpt2-tiny, gpt2, llama-tiny, ...)")
+    p.add_argument("model", help="model directory or a random-init preset (gpt2-tiny, gpt2, llama-tiny, ...); "
+                   "`gpt-engine bench serve --help`: the load generator for a server")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--input-len", default="8,128", help="MIN,MAX prompt length (or one number)")
     p.add_argument("--output-len", default="64", help="MIN,MAX new tokens (or one number)")
