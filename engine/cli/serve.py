@@ -46,6 +46,9 @@ def add_args(p) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, how long running streams may finish before they are ended (default: 30)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
+                   help="engine replicas, each a process of its own, behind this server: requests routed by "
+                        "prompt prefix (to the replica that has it cached) and by load (default: 1)")
     add_dataclass_args(p.add_argument_group("engine"), EngineConfig)
 
 
@@ -56,6 +59,10 @@ def run(args) -> int:
     from ..llm import LLM
 
     logging.basicConfig(level=args.log_level.upper())
+    if args.data_parallel_size < 1:
+        raise ValueError(f"--data-parallel-size must be >= 1, got {args.data_parallel_size}")
+    if args.data_parallel_size > 1:
+        return run_data_parallel(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     if args.enable_auto_tool_choice and not args.tool_call_parser:
@@ -136,3 +143,89 @@ async def serve(server, engine, sockets=None, poll_s: float = 0.5, grace_s: floa
     finally:
         watcher.cancel()
     return 1 if getattr(engine, "failed", None) is not None else 0
+
+
+# ---------------------------------------------------------------- data parallel
+
+REPLICA_START_S = 600.0   # how long the replicas may take to load
+FRONT_ONLY = {"host", "port", "api_key", "allowed_hosts", "data_parallel_size"}
+
+
+def replica_argv(args) -> list[str]:
+    """The command line of one replica: the model and every flag given, but those of the front server."""
+    import argparse
+    p = argparse.ArgumentParser()
+    add_args(p)
+    argv = [args.model]
+    for a in p._actions:
+        if not a.option_strings or a.dest in FRONT_ONLY or a.dest == "help":
+            continue
+        v = getattr(args, a.dest)
+        if v == a.default:
+            continue
+        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            argv.append(a.option_strings[0])
+        else:
+            argv += [a.option_strings[0], *(map(str, v) if isinstance(v, list) else [str(v)])]
+    return argv
+
+
+def run_data_parallel(args) -> int:
+    """--data-parallel-size N: N `gpt-engine serve` replicas on loopback ports behind a router (api/router.py)."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    from ..api.metrics import Metrics
+    from ..api.middleware import Gate
+    from ..api.router import Router, build_router_app, start_replicas, wait_ready
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per proxied request
+    n = args.data_parallel_size
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))  # the replicas share the cores
+    socks = [socket.socket() for _ in range(n)]
+    for sk in socks:
+        sk.bind(("127.0.0.1", 0))
+    ports = [sk.getsockname()[1] for sk in socks]
+    for sk in socks:
+        sk.close()
+    replicas, key = start_replicas(n, replica_argv(args), ports, env)
+    try:
+        wait_ready(replicas, REPLICA_START_S)
+        router = Router(replicas, key)
+
+        class Front:  # what serve() watches: failed once no replica is left
+            num_inflight = 0
+
+            @property
+            def failed(self):
+                return None if router.live() else RuntimeError("no engine replica is left")
+
+            async def stop(self):
+                pass
+
+        async def main() -> int:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0)) as client:
+                app = build_router_app(router, client)
+                app.add_middleware(Gate, api_key=args.api_key, metrics=Metrics(),
+                                   allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
+                                   max_body_bytes=args.max_body_bytes)
+                config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                        timeout_graceful_shutdown=args.shutdown_timeout + BACKSTOP_S)
+                watcher = asyncio.create_task(router.watch())
+                try:
+                    return await serve(_Server(config), Front())
+                finally:
+                    watcher.cancel()
+        return asyncio.run(main())
+    finally:
+        for r in replicas:  # each drains its streams (SIGTERM), as a server of its own
+            r.proc.terminate()
+        for r in replicas:
+            try:
+                r.proc.wait(args.shutdown_timeout + 2 * BACKSTOP_S)
+            except Exception:
+                r.proc.kill()
+
