@@ -199,3 +199,17 @@ def test_two_nodes_on_one_host(gpt2_dir):
         for p in (node0, node1):
             p.kill()
             p.wait()
+
+
+def test_mailbox_carries_a_step_and_says_when_one_does_not_fit():
+    import multiprocessing
+
+    from gpt_engine.worker.tensor_parallel import Mailbox
+    box = Mailbox.create(multiprocessing.get_context("spawn"), 1)
+    worker = Mailbox.attach(*box.for_worker(0))
+    try:
+        assert box.put(b"step") and worker.get() == b"step"
+        assert not box.put(b"x" * Mailbox.SIZE) and worker.get() is None  # then it goes over gloo
+    finally:
+        worker.close()
+        box.close()

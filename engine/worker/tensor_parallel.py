@@ -8,8 +8,9 @@ other rank is a worker that runs each model step rank 0 broadcasts (ModelRunner.
                   and NODE_RANK (each node starts its N / NNODES ranks); rank 0 serves, the others work
 
 The collectives run on process groups built over the store, not on torch.distributed's default group,
-so engines in one process never collide either: gloo carries the step's inputs (a pickled StepInputs)
-and, on CPU, the tensors; NCCL the tensors on GPU. Faults: rank 0 watches the workers it started and
+so engines in one process never collide either: gloo carries the tensors on CPU, NCCL on GPU. The
+step's inputs (a pickled StepInputs) go through shared memory when the group is on one node (Mailbox),
+else over gloo. Faults: rank 0 watches the workers it started and
 fails the engine when one dies; a collective waits at most COLLECTIVE_TIMEOUT_S for a rank that hangs;
 a worker whose parent is gone exits.
 """
@@ -34,8 +35,8 @@ class Comm:
     """A tensor-parallel group's collectives: all_reduce and all_gather of tensors on the model's device,
     broadcast_object of a step's inputs from rank 0, min of an int (the KV pool's size)."""
 
-    def __init__(self, store, rank: int, world: int, device: torch.device):
-        self.rank, self.world = rank, world
+    def __init__(self, store, rank: int, world: int, device: torch.device, mailbox: "Mailbox | None" = None):
+        self.rank, self.world, self.mailbox = rank, world, mailbox
         timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
         self.host = dist.ProcessGroupGloo(dist.PrefixStore("host", store), rank, world, timeout)
         self.dev = self.host if device.type != "cuda" else \
@@ -52,19 +53,79 @@ class Comm:
         return torch.cat(parts, -1)
 
     def broadcast_object(self, obj=None):
-        """Rank 0's obj on every rank (rank 0 passes it, the others get it back)."""
-        data = pickle.dumps(obj) if self.rank == 0 else b""
+        """Rank 0's obj on every rank (rank 0 passes it, the others get it back): through the node's
+        mailbox when there is one and it fits, else over gloo."""
+        box = self.mailbox
+        if box is not None:
+            if self.rank == 0:
+                data = pickle.dumps(obj)
+                if box.put(data):
+                    return obj
+                return self._broadcast_bytes(data) and obj
+            data = box.get()
+            return pickle.loads(data) if data is not None else pickle.loads(self._broadcast_bytes(b""))
+        data = self._broadcast_bytes(pickle.dumps(obj) if self.rank == 0 else b"")
+        return obj if self.rank == 0 else pickle.loads(data)
+
+    def _broadcast_bytes(self, data: bytes) -> bytes:
         n = torch.tensor([len(data)], dtype=torch.long)
         self.host.broadcast(n, 0).wait()
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0 else \
             torch.empty(int(n), dtype=torch.uint8)
         self.host.broadcast(buf, 0).wait()
-        return obj if self.rank == 0 else pickle.loads(buf.numpy().tobytes())
+        return data if self.rank == 0 else buf.numpy().tobytes()
 
     def min(self, v: int) -> int:
         t = torch.tensor([v], dtype=torch.long)
         self.host.allreduce([t], dist.ReduceOp.MIN).wait()
         return int(t)
+
+
+class Mailbox:
+    """One node's step broadcast: rank 0 writes the pickled inputs into shared memory (a name the OS makes)
+    and sets each worker's event; a worker waits on its event, reads, clears it. Rank 0 writes the next
+    one only after the step's collectives, which every worker reaches after reading this one. What does
+    not fit (a huge batch) goes over gloo, the mailbox saying so."""
+    SIZE = 8 << 20
+
+    def __init__(self, shm, events, index: int | None = None):
+        self.shm, self.events, self.index = shm, events, index
+
+    @classmethod
+    def create(cls, ctx, workers: int) -> "Mailbox":
+        from multiprocessing.shared_memory import SharedMemory
+        return cls(SharedMemory(create=True, size=cls.SIZE), [ctx.Event() for _ in range(workers)])
+
+    def for_worker(self, i: int) -> tuple:
+        return self.shm.name, self.events[i]
+
+    @classmethod
+    def attach(cls, name: str, event) -> "Mailbox":
+        from multiprocessing.shared_memory import SharedMemory
+        return cls(SharedMemory(name=name), [event], 0)
+
+    def put(self, data: bytes) -> bool:
+        fits = len(data) <= self.SIZE - 8
+        buf = self.shm.buf
+        buf[:8] = (len(data) if fits else -1).to_bytes(8, "little", signed=True)
+        if fits:
+            buf[8:8 + len(data)] = data
+        for e in self.events:
+            e.set()
+        return fits
+
+    def get(self) -> bytes | None:
+        e = self.events[0]
+        e.wait()
+        n = int.from_bytes(self.shm.buf[:8], "little", signed=True)
+        data = bytes(self.shm.buf[8:8 + n]) if n >= 0 else None
+        e.clear()
+        return data
+
+    def close(self) -> None:
+        self.shm.close()
+        if self.index is None:
+            self.shm.unlink()
 
 
 # ---------------------------------------------------------------- where this process stands
@@ -105,8 +166,8 @@ class Workers:
     """The ranks this process started (rank 0's or a node's), watched: on_death(err) is called once if one
     dies before close()."""
 
-    def __init__(self, procs):
-        self.procs, self.closing, self.on_death = procs, False, None
+    def __init__(self, procs, mailbox: Mailbox | None = None):
+        self.procs, self.mailbox, self.closing, self.on_death = procs, mailbox, False, None
         self.failed: BaseException | None = None
         if procs:
             threading.Thread(target=self._watch, name="gpt-engine-tp-watch", daemon=True).start()
@@ -131,6 +192,9 @@ class Workers:
             if p.is_alive():
                 p.kill()
                 p.join()
+        if self.mailbox is not None:
+            self.mailbox.close()
+            self.mailbox = None
 
 
 def start(world: int, model_path: str, cfg, device: torch.device):
@@ -142,16 +206,23 @@ def start(world: int, model_path: str, cfg, device: torch.device):
     store = dist.TCPStore(host, port or 0, world, is_master=first == 0, wait_for_workers=False,
                           timeout=timedelta(seconds=STORE_TIMEOUT_S))
     ctx = torch.multiprocessing.get_context("spawn")
+    # the whole group on this node: the steps go through shared memory
+    box = Mailbox.create(ctx, world - 1) if local == world and world > 1 else None
     procs = []
     for i in range(1, local):
         p = ctx.Process(target=_worker_main, name=f"rank {first + i}", daemon=True,
                         args=(model_path, cfg, first + i, world, local, host, store.port, _device(device, dev0 + i),
-                              os.getpid()))
+                              os.getpid(), box.for_worker(i - 1) if box else None))
         p.start()
         procs.append(p)
     dev = _device(device, dev0)
-    _await_ranks(store, procs)
-    return Comm(store, first, world, dev), Workers(procs), first, dev
+    try:
+        _await_ranks(store, procs)
+    except BaseException:
+        if box is not None:
+            box.close()
+        raise
+    return Comm(store, first, world, dev, box), Workers(procs, box), first, dev
 
 
 def _await_ranks(store, procs) -> None:
@@ -169,7 +240,7 @@ def _await_ranks(store, procs) -> None:
         time.sleep(0.05)
 
 
-def _worker_main(model_path, cfg, rank, world, local, host, port, device, parent) -> None:
+def _worker_main(model_path, cfg, rank, world, local, host, port, device, parent, mailbox) -> None:
     def orphaned():  # the engine was killed: nobody will tell this rank to stop
         while os.getppid() == parent:
             time.sleep(0.5)
@@ -182,7 +253,8 @@ def _worker_main(model_path, cfg, rank, world, local, host, port, device, parent
         torch.cuda.set_device(device)
     store = dist.TCPStore(host, port, world, is_master=False, timeout=timedelta(seconds=STORE_TIMEOUT_S))
     store.set(f"ready/rank {rank}", "1")
-    run_worker(Comm(store, rank, world, device), model_path, cfg, device)
+    run_worker(Comm(store, rank, world, device, Mailbox.attach(*mailbox) if mailbox else None), model_path, cfg,
+               device)
 
 
 def run_worker(comm: Comm, model_path, cfg, device) -> None:
