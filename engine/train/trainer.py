@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..models.config import ModelConfig
+from . import lora
 from .checkpoint import (check_resume_tokenizer, checkpoint_dir, load_checkpoint, restore, save_checkpoint,
                          save_final, tokenizer_fingerprint)
 from .config import TrainConfig, global_batch, lr_at, resolve_defaults
@@ -109,7 +110,13 @@ def describe(cfg: TrainConfig, dd: Dist, mcfg: ModelConfig, m: Modules, data: Da
             f"(tokenizer {data.tokenizer.vocab_size}); data {len(data.train.tokens):,} train / "
             f"{len(data.val.tokens):,} val tokens; {dd.world} x {cfg.device or dd.device.type} {cfg.dtype}; "
             f"global batch {global_batch(cfg, dd.world)} x {cfg.seq_len} tokens; "
-            f"steps {start}..{cfg.steps}")
+            f"steps {start}..{cfg.steps}" + (lora_line(cfg, mcfg, m) if cfg.lora_rank else ""))
+
+
+def lora_line(cfg: TrainConfig, mcfg: ModelConfig, m: Modules) -> str:
+    t = lora.targets(mcfg, lora.parse_targets(cfg.lora_targets))
+    return (f"; LoRA rank {cfg.lora_rank} on {', '.join(lora.target_modules(t))} (base {cfg.lora_base_dtype}, "
+            f"frozen): {sum(p.numel() for p in m.params):,} trainable parameters")
 
 
 # --- batches -----------------------------------------------------------------------------
