@@ -155,7 +155,8 @@ def test_chat_finetune_with_lora(tmp_path, bases):
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
 
-def test_ddp_two_processes_match_one(tmp_path, bases):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, bases, fsdp):
     base = bases["gpt2"]
     one = train(lora_cfg(tmp_path, base, "one", lora_targets="q,o,up", batch_size=4))
     two = tmp_path / "two"
@@ -164,12 +165,36 @@ def test_ddp_two_processes_match_one(tmp_path, bases):
     _torchrun(2, ["--out", str(two), "--init", str(base), "--data", str(base.parent / "corpus.txt"), "--steps", "4",
                   "--batch-size", "2", "--seq-len", "16", "--lr", "3e-2", "--warmup", "1", "--eval-every", "4",
                   "--eval-iters", "1", "--sample-tokens", "2", "--device", "cpu", "--no-progress",
-                  "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q,o,up"], tmp_path)
+                  "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q,o,up", *(["--fsdp"] if fsdp else [])],
+              tmp_path)
     torch.testing.assert_close(torch.tensor(train_losses(two)), torch.tensor(train_losses(one)), rtol=1e-4, atol=1e-4)
     a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for k in a:  # Adam's steps of lr size amplify summation-order noise; a missing gradient sync is far larger
         torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("base_dtype", ["bfloat16", "int8"])
+def test_base_held_in_low_precision(tmp_path, bases, base_dtype):
+    """QLoRA-style: the frozen layers' GEMM weights only in bf16 / int8 (no float32 parameter), the adapters
+    float32 and trained through them."""
+    from gpt_engine.train import lora
+    full = load_model(bases["llama-untied"], dtype=torch.float32)
+    low = load_model(bases["llama-untied"], dtype=torch.float32)
+    lora.apply(low, ["q", "v", "up"], 4, 8, 0.0, base_dtype)
+    assert all(lin.weight is None for lin in low.linears())
+    assert low.memory_bytes()["params"] < full.memory_bytes()["params"]
+    low.train()
+    ids = IDS[:, :16]
+    with torch.no_grad():
+        want, got = full(ids), low(ids)
+    assert 0 < (got - want).abs().max() < 0.05  # the base's rounding, and B = 0: no adapter effect yet
+    got = low(ids)
+    got.square().mean().backward()
+    trained = [p for p in low.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained)
+    out = train(lora_cfg(tmp_path, bases["llama-untied"], lora_targets="q,v,up", lora_base_dtype=base_dtype, steps=2))
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("kw,match", [
