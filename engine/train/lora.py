@@ -8,7 +8,7 @@ q, k and v in one c_attn (a Conv1D), so any of q, k, v adapts the whole c_attn (
 rows), as PEFT would. One adapter (A (r, d_in), B (rows, r)) per HF module keeps the saved tensors exactly
 PEFT's, whatever the fusion on our side.
 
-    delta(x) = dropout(x) @ A^T @ B^T * alpha / r      added to the module's rows before its activation
+    delta(x) = dropout(x) @ A^T * alpha / r @ B^T      added to the module's rows before its activation
 
 A LoRALinear replaces each targeted Linear and keeps its parameter names, so state dicts, the HF saver and
 the weight formats see the same model. The frozen base may be held in bf16 or int8 (QLoRA-style): the layers'
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from gpt_engine.kernels.reference import ACTIVATIONS
 
@@ -122,17 +123,25 @@ class LoRALinear(Linear):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     def forward(self, x):
-        # x (..., K) -> (..., N): the base GEMM, each adapter's rows added, then the activation
+        # x (..., K) -> (..., N): the base GEMM plus u @ B_all^T in one addmm, then the activation
         y = self.format.apply(x, self.bias, None)
-        deltas, at = [], 0
-        for p, a, b in zip(self.pieces, self.lora_A, self.lora_B):
-            if p.rows[0] > at:  # rows no adapter covers (llama's k between adapted q and v)
-                deltas.append(y.new_zeros(*y.shape[:-1], p.rows[0] - at))
-            deltas.append(self.dropout(x) @ a.t() @ b.t() * self.scaling)
+        u = torch.cat([self.dropout(x) @ a.t() for a in self.lora_A], dim=-1) * self.scaling  # (..., P * r)
+        y = torch.addmm(y.flatten(0, -2), u.flatten(0, -2), self.stacked_b().t()).view_as(y)
+        return ACTIVATIONS[self.activation](y)
+
+    def stacked_b(self) -> torch.Tensor:
+        """(N, P * r): adapter i's B in its rows and its own r columns, zeros elsewhere (rows no adapter
+        covers, as llama's k between adapted q and v)."""
+        r, n = self.lora_A[0].shape[0], len(self.pieces)
+        blocks, at = [], 0
+        for i, (p, b) in enumerate(zip(self.pieces, self.lora_B)):
+            if p.rows[0] > at:
+                blocks.append(b.new_zeros(p.rows[0] - at, n * r))
+            blocks.append(F.pad(b, (i * r, (n - 1 - i) * r)))
             at = p.rows[1]
         if at < self.d_out:
-            deltas.append(y.new_zeros(*y.shape[:-1], self.d_out - at))
-        return ACTIVATIONS[self.activation](y + torch.cat(deltas, dim=-1))
+            blocks.append(blocks[-1].new_zeros(self.d_out - at, n * r))
+        return torch.cat(blocks)
 
 
 def apply(gpt: GPT, names: list[str], rank: int, alpha: float | None, dropout: float,
