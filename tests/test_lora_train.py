@@ -15,7 +15,7 @@ from gpt_engine.train.checkpoint import latest_checkpoint
 from gpt_engine.train.config import TrainConfig
 from gpt_engine.train.trainer import train
 
-from .helpers import make_hf_model
+from .helpers import make_family_model, make_hf_model
 from .test_train import _torchrun, train_losses
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
@@ -54,16 +54,32 @@ def hf_logits(model, ids=IDS):
 @pytest.mark.parametrize("kind,targets", [("gpt2", "q,v,o,up,down"), ("llama-untied", "q,k,v,o,gate,up,down"),
                                           ("llama-untied", "q,v")])
 def test_peft_loads_adapter_with_same_logits(tmp_path, bases, kind, targets):
-    peft, transformers = pytest.importorskip("peft"), pytest.importorskip("transformers")
-    out = train(lora_cfg(tmp_path, bases[kind], lora_targets=targets))
+    out = assert_peft_matches(tmp_path, bases[kind], targets)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["bias"]) == ("LORA", 4, 8, "none")
     assert cfg["fan_in_fan_out"] == (kind == "gpt2")
     assert not (out / "model.safetensors").exists()
+
+
+# fused HF modules (NeoX's query_key_value in its own row order, Phi-3's qkv_proj / gate_up_proj) and GPT-J's
+# permuted q/k rows
+@pytest.mark.parametrize("name,targets", [("gpt_neox", "q,o,up"), ("phi3", "v,gate,down"), ("gptj", "q,k,o")])
+def test_peft_matches_other_families(tmp_path, name, targets):
+    base = tmp_path / name
+    make_family_model(name, base, vocab_size=320)
+    Tokenizer.train([TEXT], vocab_size=300, show_progress=False).save(base)
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    assert_peft_matches(tmp_path, base, targets)
+
+
+def assert_peft_matches(tmp_path, base_dir, targets):
+    """Train an adapter, load it with PEFT, and compare with our model under the same adapters."""
+    peft, transformers = pytest.importorskip("peft"), pytest.importorskip("transformers")
+    out = train(lora_cfg(tmp_path, base_dir, lora_targets=targets))
     saved = load_file(out / "adapter_model.safetensors")
     assert all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in saved)
     assert max(v.abs().max().item() for k, v in saved.items() if "lora_B" in k) > 1e-2  # B trained away from 0
-    base = transformers.AutoModelForCausalLM.from_pretrained(bases[kind]).eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
     before = hf_logits(base)
     tuned = peft.PeftModel.from_pretrained(base, out).eval()
     n_adapted = sum(1 for n, _ in tuned.named_modules() if n.endswith("lora_A"))
@@ -72,12 +88,13 @@ def test_peft_loads_adapter_with_same_logits(tmp_path, bases, kind, targets):
     assert (after - before).abs().max() > 1e-2
     # ours: the base under the trained adapters, taken from the last checkpoint
     from gpt_engine.train import lora
-    ours = load_model(bases[kind], dtype=torch.float32)
+    ours = load_model(base_dir, dtype=torch.float32)
     lora.apply(ours, lora.parse_targets(targets), 4, 8, 0.0)
     ck = torch.load(latest_checkpoint(out), weights_only=True)["model"]
     ours.load_state_dict({k.removeprefix("gpt."): v for k, v in ck.items()}, strict=False)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(IDS), after, atol=1e-4, rtol=1e-4)
+    return out
 
 
 def test_only_adapters_train(tmp_path, bases):
