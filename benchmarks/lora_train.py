@@ -10,7 +10,8 @@ token batches (fp32 compute, AdamW, gradient clipping), so one process's allocat
     lora-int8    the same, in int8 (--lora-base-dtype int8)
     peft         transformers + peft.get_peft_model with the same LoraConfig, torch AdamW
 
-Each reports the median step seconds over the timed steps, the bytes of parameters + gradients + optimizer
+Each reports the median step seconds over the timed steps (wall, and the process's CPU time: all its
+threads, which other jobs on a shared machine disturb less), the bytes of parameters + gradients + optimizer
 state, and the peak resident memory the model and training add to the process (VmHWM reset after the
 imports). Timings on a shared machine vary; the ratios are taken within one run.
 
@@ -115,12 +116,14 @@ def measure(case: str, model: str, steps: int) -> dict:
     step, params, opt, held = _peft(model) if case == "peft" else _ours(case, model)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ + 1), generator=g) for _ in range(steps + 1)]
-    times = []
+    wall, cpu = [], []
     for b in batches:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step(b[:, :-1], b[:, 1:] if case != "peft" else b[:, :-1])  # peft's labels shift inside the model
-        times.append(time.perf_counter() - t)
-    return dict(case=case, step_s=round(statistics.median(times[1:]), 4),
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return dict(case=case, step_s=round(statistics.median(wall[1:]), 4),
+                step_cpu_s=round(statistics.median(cpu[1:]), 4),
                 trainable=sum(p.numel() for p in params if p.requires_grad),
                 state_bytes=_state_bytes(params, opt) + held, peak_extra_rss=_status("VmHWM") - rss0)
 
@@ -156,7 +159,7 @@ def main() -> None:
     def ratio(a_, b_, k):
         return round(by[a_][k] / by[b_][k], 3)
     ratios = {f"{c} / {ref} {k}": ratio(c, ref, k) for c in ("lora", "lora-bf16", "lora-int8")
-              for ref in ("full", "peft") for k in ("step_s", "state_bytes", "peak_extra_rss")}
+              for ref in ("full", "peft") for k in ("step_s", "step_cpu_s", "state_bytes", "peak_extra_rss")}
     import peft
     import torch
     import transformers
@@ -165,7 +168,8 @@ def main() -> None:
                               cpu_count=os.cpu_count(), torch=torch.__version__, transformers=transformers.__version__,
                               peft=peft.__version__, python=platform.python_version(),
                               date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                              note="a shared 2-core machine: step times vary between runs, ratios are within one run"),
+                              note="a shared 2-core machine under load from other jobs: wall step times vary "
+                                   "between runs (step_cpu_s less so); ratios are within one run"),
                   results=rows, ratios=ratios)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")

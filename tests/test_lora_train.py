@@ -139,9 +139,11 @@ def test_merge_equals_base_plus_adapter(tmp_path, bases):
 
 
 def test_resume_is_bit_exact(tmp_path, bases):
+    base = shutil.copytree(bases["llama-untied"], tmp_path / "base")  # its files change below
+    (tmp_path / "corpus.txt").write_text(TEXT)
     kw = dict(lora_targets="q,v,down", lora_dropout=0.1, steps=6, eval_every=3, grad_accum=2)
-    full = train(lora_cfg(tmp_path, bases["llama-untied"], "full", **kw))
-    part = lora_cfg(tmp_path, bases["llama-untied"], "part", stop_after=3, **kw)
+    full = train(lora_cfg(tmp_path, base, "full", **kw))
+    part = lora_cfg(tmp_path, base, "part", stop_after=3, **kw)
     train(part)
     part.resume, part.stop_after = True, None
     train(part)
@@ -155,10 +157,14 @@ def test_resume_is_bit_exact(tmp_path, bases):
     assert train_losses(full) == train_losses(tmp_path / "part")
     assert load_file(full / "adapter_model.safetensors").keys() == load_file(
         tmp_path / "part" / "adapter_model.safetensors").keys()
-    # another adapter shape is another run
-    other = lora_cfg(tmp_path, bases["llama-untied"], "part", resume=True, **{**kw, "lora_targets": "q"})
+    # another adapter shape is another run; so is another base under the same name
+    other = lora_cfg(tmp_path, base, "part", resume=True, **{**kw, "lora_targets": "q"})
     with pytest.raises(ValueError, match="--lora-targets"):
         train(other)
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())
+    with pytest.raises(ValueError, match="base model .* changed"):
+        train(lora_cfg(tmp_path, base, "part", resume=True, **kw))
 
 
 def test_chat_finetune_with_lora(tmp_path, bases):

@@ -108,8 +108,8 @@ class LoRALinear(Linear):
 
     def __init__(self, base: Linear, pieces: list[Piece], rank: int, alpha: float, dropout: float):
         nn.Module.__init__(self)  # not Linear's: it would allocate a weight that base already has
-        self.weight, self.bias, self.in_features, self.activation = base.weight, base.bias, base.in_features, \
-            base.activation
+        self.weight, self.bias = base.weight, base.bias
+        self.in_features, self.activation = base.in_features, base.activation
         self.format = Dense(self)
         self.pieces, self.scaling, self.d_out = pieces, alpha / rank, base.weight.shape[0]
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
