@@ -216,6 +216,8 @@ def test_base_held_in_low_precision(tmp_path, bases, base_dtype):
     got.square().mean().backward()
     trained = [p for p in low.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None for p in trained)
+    lora.move_formats(low, torch.device("meta"))  # the trainer's move to the device: the held weights go too
+    assert all(t.is_meta for lin in low.linears() for t in lin.format.held())
     out = train(lora_cfg(tmp_path, bases["llama-untied"], lora_targets="q,v,up", lora_base_dtype=base_dtype, steps=2))
     assert (out / "adapter_model.safetensors").is_file()
 

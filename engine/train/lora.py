@@ -30,7 +30,7 @@ from gpt_engine.kernels.reference import ACTIVATIONS
 
 from ..models.config import ModelConfig
 from ..models.families import FAMILIES
-from ..models.formats import Dense, weight_format
+from ..models.formats import Dense, Int8, Stored, weight_format
 from ..models.gpt import GPT
 from ..models.layers import Linear
 from ..models.save import atomic_write
@@ -161,6 +161,17 @@ def apply(gpt: GPT, names: list[str], rank: int, alpha: float | None, dropout: f
             lin.format = weight_format(lin, torch.bfloat16 if base_dtype == "bfloat16" else None,
                                        "int8" if base_dtype == "int8" else None, release=True)
     return t
+
+
+def move_formats(gpt: GPT, device: torch.device) -> None:
+    """The layers' weights held in a released format (a bf16 / int8 base) onto device: module.to() moves
+    parameters only."""
+    for lin in gpt.linears():
+        f = lin.format
+        if isinstance(f, Stored):
+            lin.format = Stored(f.w.to(device))
+        elif isinstance(f, Int8) and f.released:
+            lin.format = Int8(f.q._replace(q=f.q.q.to(device), scale=f.q.scale.to(device)))
 
 
 def is_adapter(name: str) -> bool:

@@ -89,11 +89,13 @@ def build(cfg: TrainConfig, dd: Dist, mcfg: ModelConfig, fine_tune: bool) -> Mod
         gpt.config = mcfg
     else:
         gpt = GPT(mcfg)
-    gpt.to(dd.device).train()
     n_params = sum(p.numel() for p in gpt.parameters()) - (gpt.pos_emb.weight.numel() if gpt.pos_emb else 0)
-    if cfg.lora_rank:
+    if cfg.lora_rank:  # on the host copy: a bf16 / int8 base reaches the device in that format only
         lora.apply(gpt, lora.parse_targets(cfg.lora_targets), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                    cfg.lora_base_dtype)
+    gpt.to(dd.device).train()
+    if cfg.lora_rank:
+        lora.move_formats(gpt, dd.device)
     lm = LMLoss(gpt)
     if cfg.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
