@@ -197,6 +197,14 @@ def test_two_processes_match_one(tmp_path, bases, fsdp):
         torch.testing.assert_close(a[k], b[k], rtol=1e-2, atol=1e-3)
 
 
+def test_flops_skip_the_frozen_weight_gradients(bases):
+    from gpt_engine import ModelConfig
+    from gpt_engine.train.metrics import flops_per_token
+    mcfg = ModelConfig.load(bases["gpt2"])
+    # frozen: forward 2N and input gradients 2N, no weight gradients; the adapters train fully (6 each)
+    assert flops_per_token(mcfg, 1000, 16) - flops_per_token(mcfg, 1000, 16, n_adapter=10) == 2 * 1000 - 6 * 10
+
+
 @pytest.mark.parametrize("base_dtype", ["bfloat16", "int8"])
 def test_base_held_in_low_precision(tmp_path, bases, base_dtype):
     """QLoRA-style: the frozen layers' GEMM weights only in bf16 / int8 (no float32 parameter), the adapters

@@ -55,7 +55,8 @@ def train(cfg: TrainConfig) -> Path:
     start = restore(m, ckpt, dd) if ckpt is not None else 0
     del ckpt  # its copy of the weights and optimizer state is not needed any more
     dd.log(describe(cfg, dd, mcfg, m, data, start))
-    meter = Meter(cfg, dd, start, flops_per_token(mcfg, m.n_params, cfg.seq_len))
+    n_adapter = sum(p.numel() for p in m.params) if cfg.lora_rank else None
+    meter = Meter(cfg, dd, start, flops_per_token(mcfg, m.n_params, cfg.seq_len, n_adapter))
     end = min(cfg.steps, cfg.stop_after or cfg.steps)
     for step in range(start, end):
         lr, losses, count = train_step(step, m, data.train, cfg, dd)
