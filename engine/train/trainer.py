@@ -87,6 +87,8 @@ def setup(cfg: TrainConfig, dd: Dist):
         cfg.seq_len = min(cfg.seq_len, mcfg.max_seq_len)
     if cfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+    if cfg.lora_rank:  # a target the family lacks fails here, before any data work
+        lora.targets(mcfg, lora.parse_targets(cfg.lora_targets))
     return cfg, mcfg, tokenizer, ckpt
 
 
