@@ -9,4 +9,5 @@
     metrics.py      loss, tokens/s and MFU to the progress bar and OUT/log.jsonl; the loss plot
     data.py         text and jsonl -> cached token shards, windows and example batches
     losses.py       the chunked linear + cross-entropy op (the full logits never exist)
+    lora.py         LoRA adapters on a frozen base (--lora-rank): targets, LoRALinear, PEFT adapter files, merge
 """

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from ..models.config import ModelConfig
 from ..models.gpt import GPT
 from ..models.save import atomic_write, save_model
+from . import lora
 from .config import TrainConfig
 from .distributed import Dist
 from .metrics import LOG_FILE, PLOT_FILE, plot_loss
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 
 # what a resumed run must share with the run that saved the checkpoint
 RESUME_FIELDS = ("model", "init", "data", "vocab_size", "corpus_mb")
+# a LoRA run's adapters: equal or both unset (a resume without --lora-rank is not this run)
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "lora_base_dtype")
 
 
 # --- RNG states --------------------------------------------------------------------------
@@ -105,6 +108,14 @@ def check_resume(cfg: TrainConfig, ckpt: dict, path: Path, world: int | None = N
         if name in saved and saved[name] != getattr(cfg, name) and getattr(cfg, name) is not None:
             raise ValueError(f"--resume: {name} is {getattr(cfg, name)!r} but the checkpoint {path} was trained with "
                              f"{saved[name]!r}; use the same settings or another --out")
+    for name in LORA_FIELDS:
+        if name in saved and saved[name] != getattr(cfg, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"--resume: {flag} is {getattr(cfg, name)!r} but the checkpoint {path} was trained "
+                             f"with {saved[name]!r}; use the same LoRA settings or another --out")
+    if "init_fingerprint" in ckpt and ckpt["init_fingerprint"] != data_fingerprint(cfg.init):
+        raise ValueError(f"--resume: the base model at {cfg.init} changed since the checkpoint {path} (holding "
+                         "LoRA adapters only) was saved; resume on the same base or use another --out")
     # the global batch and each rank's RNG state come from the world size: another one is another run
     if world is not None and "world" in ckpt and ckpt["world"] != world:
         raise ValueError(f"--resume: the world size is {world} but the checkpoint {path} was trained with "
@@ -168,7 +179,8 @@ def restore(m: Modules, ckpt: dict, dd: Dist) -> int:
     """Load the checkpoint's weights, optimizer and this rank's RNG states; returns its step."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
-    full = StateDictOptions(full_state_dict=True)
+    # a LoRA checkpoint holds the adapters only: the frozen base came from --init
+    full = StateDictOptions(full_state_dict=True, strict=not ckpt.get("adapters_only"))
     set_model_state_dict(m.lm, ckpt["model"], options=full)
     set_optimizer_state_dict(m.lm, m.opt, ckpt["optimizer"], options=full)
     # a checkpoint older than its recorded world size may come from fewer ranks: the extra ones take
@@ -184,6 +196,8 @@ def save_checkpoint(step: int, m: Modules, mcfg: ModelConfig, cfg: TrainConfig, 
                                                          get_optimizer_state_dict)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd = get_model_state_dict(m.lm, options=opts)  # collectives under FSDP: every rank calls
+    if cfg.lora_rank:  # the adapters only: the frozen base is --init's
+        msd = {k: v for k, v in msd.items() if lora.is_adapter(k)}
     osd = get_optimizer_state_dict(m.lm, m.opt, options=opts)
     rng = [None] * dd.world
     if dd.world > 1:
@@ -197,6 +211,8 @@ def save_checkpoint(step: int, m: Modules, mcfg: ModelConfig, cfg: TrainConfig, 
         state = dict(model=msd, optimizer=osd, step=step, rng=rng, model_config=mcfg.to_dict(),
                      train_config=asdict(cfg), world=dd.world, data_fingerprint=data_fingerprint(cfg.data),
                      tokenizer_fingerprint=tok_fp)
+        if cfg.lora_rank:
+            state.update(adapters_only=True, init_fingerprint=data_fingerprint(cfg.init))
         atomic_write(d / f"step_{step:08d}.pt", functools.partial(torch.save, state))
         for old in checkpoints(cfg.out)[:-cfg.keep]:
             old.unlink()
@@ -204,14 +220,34 @@ def save_checkpoint(step: int, m: Modules, mcfg: ModelConfig, cfg: TrainConfig, 
 
 
 def save_final(m: Modules, mcfg: ModelConfig, tokenizer, cfg: TrainConfig, dd: Dist) -> None:
-    """OUT as an HF model directory, and the loss curve beside it."""
+    """OUT as an HF model directory (a LoRA run: a PEFT adapter directory, or with --merge the merged model),
+    and the loss curve beside it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     msd = get_model_state_dict(m.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dd.master:
         out = Path(cfg.out)
-        final = GPT(mcfg)
-        final.load_state_dict({k.removeprefix("gpt."): v for k, v in msd.items()})
-        save_model(final, out, tokenizer)
+        if cfg.lora_rank:
+            save_lora(msd, mcfg, tokenizer, cfg)
+        else:
+            final = GPT(mcfg)
+            final.load_state_dict({k.removeprefix("gpt."): v for k, v in msd.items()})
+            save_model(final, out, tokenizer)
         plot_loss(out / LOG_FILE, out / PLOT_FILE)
-        dd.log(f"saved {out} (HF format) and {out / PLOT_FILE}")
+        kind = "a PEFT LoRA adapter" if cfg.lora_rank and not cfg.merge else "HF format"
+        dd.log(f"saved {out} ({kind}) and {out / PLOT_FILE}")
     dd.barrier()
+
+
+def save_lora(msd: dict, mcfg: ModelConfig, tokenizer, cfg: TrainConfig) -> None:
+    """A LoRA run's OUT: the PEFT adapter directory (and the tokenizer), or with --merge the float32 --init model
+    with the adapters merged in."""
+    from ..models.loader import load_model
+    t = lora.targets(mcfg, lora.parse_targets(cfg.lora_targets))
+    out = Path(cfg.out)
+    if cfg.merge:
+        base = load_model(cfg.init, dtype=torch.float32)
+        base.config = mcfg
+        save_model(lora.merge(base, msd, t, cfg.lora_rank, cfg.lora_alpha, prefix="gpt."), out, tokenizer)
+        return
+    lora.save_adapter(out, msd, t, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, str(cfg.init), prefix="gpt.")
+    tokenizer.save(out)

@@ -60,6 +60,16 @@ class TrainConfig:
     corpus_mb: float | None = setting(None, "cap on the default corpus, in MB", cpu=8.0, gpu=64.0)
     peak_tflops: float | None = setting(None, "per-device peak TFLOP/s for MFU (default: known GPUs; none on CPU)")
     sample_tokens: int = setting(24, "tokens sampled greedily at each evaluation")
+    lora_rank: int | None = setting(None, "LoRA: train rank-R adapters on the frozen --init model; OUT gets a PEFT "
+                                          "adapter directory (adapter_config.json, adapter_model.safetensors)")
+    lora_alpha: float | None = setting(None, "LoRA scaling numerator: adapters add (alpha / rank) B A x "
+                                             "(default: the rank)")
+    lora_targets: str = setting("q,v", "LoRA: comma-separated projections to adapt, of q,k,v,o,gate,up,down "
+                                       "(a fused HF module, GPT-2's c_attn, is adapted whole if any part is named)")
+    lora_dropout: float = setting(0.0, "LoRA: dropout on the adapters' input")
+    lora_base_dtype: str = setting("float32", "LoRA: how the frozen base's layer weights are held",
+                                   choices=("float32", "bfloat16", "int8"))
+    merge: bool = setting(False, "LoRA: write OUT as the merged HF model (base + adapters) instead of the adapter")
     stop_after: int | None = setting(None, "stop (with a checkpoint) after this step, as if preempted", hidden=True)
     progress: bool = setting(True, "the progress bar")
 
@@ -87,7 +97,29 @@ def resolve_defaults(cfg: TrainConfig, cuda: bool) -> TrainConfig:
     for k in ("steps", "batch_size", "seq_len", "grad_accum"):
         if getattr(cfg, k) <= 0:
             raise ValueError(f"{k} must be positive, got {getattr(cfg, k)}")
+    check_lora(cfg)
     return cfg
+
+
+def check_lora(cfg: TrainConfig) -> None:
+    """The LoRA flags' rules no flag type checks (the targets are checked against the model's family later)."""
+    if cfg.lora_rank is None:
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        given = [k for k in ("lora_alpha", "lora_targets", "lora_dropout", "lora_base_dtype", "merge")
+                 if getattr(cfg, k) != defaults[k]]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --lora-rank")
+        return
+    if cfg.lora_rank <= 0:
+        raise ValueError(f"--lora-rank must be positive, got {cfg.lora_rank}")
+    if not cfg.init:
+        raise ValueError("--lora-rank needs --init (the HF model directory the adapters train on)")
+    if cfg.lora_alpha is not None and cfg.lora_alpha <= 0:
+        raise ValueError(f"--lora-alpha must be positive, got {cfg.lora_alpha}")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    from .lora import parse_targets  # ValueError naming --lora-targets
+    parse_targets(cfg.lora_targets)
 
 
 def global_batch(cfg: TrainConfig, world: int) -> int:

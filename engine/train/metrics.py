@@ -23,9 +23,11 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S
                "A10": 125.0, "4090": 165.0}
 
 
-def flops_per_token(mcfg: ModelConfig, n_params: int, seq_len: int) -> float:
-    """6N for the matmuls (PaLM appendix B) + 12 L H D T for attention scores and values."""
-    return 6 * n_params + 12 * mcfg.n_layer * mcfg.n_head * mcfg.head_dim * seq_len
+def flops_per_token(mcfg: ModelConfig, n_params: int, seq_len: int, n_adapter: int | None = None) -> float:
+    """6N for the matmuls (PaLM appendix B) + 12 L H D T for attention scores and values. With LoRA adapters
+    (n_adapter parameters) the N base parameters are frozen: no weight gradients, 4N, plus 6 per adapter one."""
+    matmuls = 6 * n_params if n_adapter is None else 4 * n_params + 6 * n_adapter
+    return matmuls + 12 * mcfg.n_layer * mcfg.n_head * mcfg.head_dim * seq_len
 
 
 def peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:

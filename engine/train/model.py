@@ -17,6 +17,7 @@ from ..models.config import ModelConfig
 from ..models.gpt import GPT
 from ..models.layers import Block
 from ..models.presets import resolve_config
+from . import lora
 from .config import VOCAB_MULTIPLE, TrainConfig
 from .distributed import Dist, wrap
 from .losses import chunked_cross_entropy
@@ -82,14 +83,19 @@ def model_config(cfg: TrainConfig, ckpt: dict | None):
 def build(cfg: TrainConfig, dd: Dist, mcfg: ModelConfig, fine_tune: bool) -> Modules:
     """The model (new, or loaded from --init), wrapped for this run, and its optimizer."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    if fine_tune:
+    if fine_tune or cfg.lora_rank:  # LoRA: the frozen base comes from --init on a resume too
         from ..models.loader import load_model
         gpt = load_model(cfg.init, device="cpu", dtype=torch.float32).requires_grad_(True)
         gpt.config = mcfg
     else:
         gpt = GPT(mcfg)
-    gpt.to(dd.device).train()
     n_params = sum(p.numel() for p in gpt.parameters()) - (gpt.pos_emb.weight.numel() if gpt.pos_emb else 0)
+    if cfg.lora_rank:  # on the host copy: a bf16 / int8 base reaches the device in that format only
+        lora.apply(gpt, lora.parse_targets(cfg.lora_targets), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                   cfg.lora_base_dtype)
+    gpt.to(dd.device).train()
+    if cfg.lora_rank:
+        lora.move_formats(gpt, dd.device)
     lm = LMLoss(gpt)
     if cfg.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing

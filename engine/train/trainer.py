@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..models.config import ModelConfig
+from . import lora
 from .checkpoint import (check_resume_tokenizer, checkpoint_dir, load_checkpoint, restore, save_checkpoint,
                          save_final, tokenizer_fingerprint)
 from .config import TrainConfig, global_batch, lr_at, resolve_defaults
@@ -54,7 +55,8 @@ def train(cfg: TrainConfig) -> Path:
     start = restore(m, ckpt, dd) if ckpt is not None else 0
     del ckpt  # its copy of the weights and optimizer state is not needed any more
     dd.log(describe(cfg, dd, mcfg, m, data, start))
-    meter = Meter(cfg, dd, start, flops_per_token(mcfg, m.n_params, cfg.seq_len))
+    n_adapter = sum(p.numel() for p in m.params) if cfg.lora_rank else None
+    meter = Meter(cfg, dd, start, flops_per_token(mcfg, m.n_params, cfg.seq_len, n_adapter))
     end = min(cfg.steps, cfg.stop_after or cfg.steps)
     for step in range(start, end):
         lr, losses, count = train_step(step, m, data.train, cfg, dd)
@@ -85,6 +87,8 @@ def setup(cfg: TrainConfig, dd: Dist):
         cfg.seq_len = min(cfg.seq_len, mcfg.max_seq_len)
     if cfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {mcfg.max_seq_len}")
+    if cfg.lora_rank:  # a target the family lacks fails here, before any data work
+        lora.targets(mcfg, lora.parse_targets(cfg.lora_targets))
     return cfg, mcfg, tokenizer, ckpt
 
 
@@ -109,7 +113,13 @@ def describe(cfg: TrainConfig, dd: Dist, mcfg: ModelConfig, m: Modules, data: Da
             f"(tokenizer {data.tokenizer.vocab_size}); data {len(data.train.tokens):,} train / "
             f"{len(data.val.tokens):,} val tokens; {dd.world} x {cfg.device or dd.device.type} {cfg.dtype}; "
             f"global batch {global_batch(cfg, dd.world)} x {cfg.seq_len} tokens; "
-            f"steps {start}..{cfg.steps}")
+            f"steps {start}..{cfg.steps}" + (lora_line(cfg, mcfg, m) if cfg.lora_rank else ""))
+
+
+def lora_line(cfg: TrainConfig, mcfg: ModelConfig, m: Modules) -> str:
+    t = lora.targets(mcfg, lora.parse_targets(cfg.lora_targets))
+    return (f"; LoRA rank {cfg.lora_rank} on {', '.join(lora.target_modules(t))} (base {cfg.lora_base_dtype}, "
+            f"frozen): {sum(p.numel() for p in m.params):,} trainable parameters")
 
 
 # --- batches -----------------------------------------------------------------------------
