@@ -213,3 +213,18 @@ def test_mailbox_carries_a_step_and_says_when_one_does_not_fit():
     finally:
         worker.close()
         box.close()
+
+
+def test_a_rendezvous_port_in_use_is_a_clear_error(tmp_path, monkeypatch):
+    make_hf_model("gpt2", tmp_path, vocab_size=333)
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for k, v in dict(NNODES="2", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(OSError, match=f"rendezvous at 127.0.0.1:{port} failed.*address already in use"):
+            LLM(str(tmp_path), device="cpu", tensor_parallel_size=2)
+    monkeypatch.setenv("NODE_RANK", "2")
+    with pytest.raises(ValueError, match=r"NODE_RANK 2 is not in \[0, NNODES=2\)"):
+        LLM(str(tmp_path), device="cpu", tensor_parallel_size=2)

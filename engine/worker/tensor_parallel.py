@@ -203,8 +203,11 @@ def start(world: int, model_path: str, cfg, device: torch.device):
     first, local, dev0, host, port = placement(world)
     if device.type == "cpu":
         _cpu_threads(local)
-    store = dist.TCPStore(host, port or 0, world, is_master=first == 0, wait_for_workers=False,
-                          timeout=timedelta(seconds=STORE_TIMEOUT_S))
+    try:
+        store = dist.TCPStore(host, port or 0, world, is_master=first == 0, wait_for_workers=False,
+                              timeout=timedelta(seconds=STORE_TIMEOUT_S))
+    except RuntimeError as e:  # a port in use, a master that never answers
+        raise OSError(f"tensor-parallel rendezvous at {host}:{port or 0} failed: {e}") from None
     ctx = torch.multiprocessing.get_context("spawn")
     # the whole group on this node: the steps go through shared memory
     box = Mailbox.create(ctx, world - 1) if local == world and world > 1 else None
