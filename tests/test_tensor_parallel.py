@@ -228,3 +228,21 @@ def test_a_rendezvous_port_in_use_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("NODE_RANK", "2")
     with pytest.raises(ValueError, match=r"NODE_RANK 2 is not in \[0, NNODES=2\)"):
         LLM(str(tmp_path), device="cpu", tensor_parallel_size=2)
+
+
+def test_a_hung_worker_fails_the_step_at_the_collective_timeout(tmp_path, monkeypatch):
+    from gpt_engine.worker import tensor_parallel
+    monkeypatch.setattr(tensor_parallel, "COLLECTIVE_TIMEOUT_S", 3.0)  # rank 0's groups: it is the one waiting
+    make_hf_model("gpt2", tmp_path, vocab_size=333)
+    llm = LLM(str(tmp_path), device="cpu", tensor_parallel_size=2)
+    worker = llm.workers.procs[0]
+    try:
+        os.kill(worker.pid, signal.SIGSTOP)
+        t = time.monotonic()
+        with pytest.raises(RuntimeError):
+            llm.generate(PROMPTS, SP, use_tqdm=False)
+        assert time.monotonic() - t < 30
+        assert not llm.requests and llm.block_manager.num_free_blocks == llm.block_manager.capacity
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        llm.close()

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger("gpt_engine.worker.tensor_parallel")
-COLLECTIVE_TIMEOUT_S = 60.0
+COLLECTIVE_TIMEOUT_S = 30.0   # how long a rank waits at a collective for one that hangs
 STORE_TIMEOUT_S = 300.0      # how long ranks wait for each other at start (loading the model included)
 
 
