@@ -161,7 +161,7 @@ def test_server_streams_and_a_killed_worker_fails_it_fast(gpt2_dir):
     port = _free_port()
     proc = _serve(gpt2_dir, port)
     try:
-        url = wait_healthy(proc, port)
+        url = wait_healthy(proc, port, timeout=300)
         assert len(_stream(url)) == len(want) == 8
         workers = [c for c in _children(proc.pid) if _alive(c)]
         worker = next(c for c in workers if "spawn_main" in open(f"/proc/{c}/cmdline").read())
@@ -177,24 +177,30 @@ def test_server_streams_and_a_killed_worker_fails_it_fast(gpt2_dir):
         proc.wait()
 
 
-def test_two_nodes_on_one_host(gpt2_dir):
-    """NNODES=2: node 1 is a worker only (it serves no HTTP), node 0 serves; the greedy tokens are one process's."""
+@pytest.mark.parametrize("launch", ["nnodes", "torchrun"])
+def test_two_nodes_on_one_host(gpt2_dir, launch):
+    """Each "node" runs the same command: with NNODES=2 and NODE_RANK, or with torchrun's RANK / WORLD_SIZE /
+    LOCAL_RANK. Rank 1 only computes (it serves no HTTP), rank 0 serves; the tokens are one process's."""
     sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=1)
     ref = LLM(str(gpt2_dir), device="cpu").generate([[1, 2, 3, 4, 5]], sp, use_tqdm=False)[0]
     master, port = _free_port(), _free_port()
-    env = dict(NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master))
-    node1 = _serve(gpt2_dir, _free_port(), dict(env, NODE_RANK="1"))
-    node0 = _serve(gpt2_dir, port, dict(env, NODE_RANK="0"))
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master))
+    if launch == "nnodes":
+        env1, env0 = dict(env, NNODES="2", NODE_RANK="1"), dict(env, NNODES="2", NODE_RANK="0")
+    else:
+        env1, env0 = (dict(env, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK="0") for r in (1, 0))
+    node1 = _serve(gpt2_dir, _free_port(), env1)
+    node0 = _serve(gpt2_dir, port, env0)
     try:
-        url = wait_healthy(node0, port)
+        url = wait_healthy(node0, port, timeout=300)
         r = httpx.post(url + "/v1/completions", json={"model": _model(url), "prompt": [1, 2, 3, 4, 5], "max_tokens": 8,
                                                       "temperature": 0, "ignore_eos": True, "logprobs": 1},
                        timeout=120)
         lp = r.json()["choices"][0]["logprobs"]["token_logprobs"]
         assert lp == pytest.approx([d[t] for d, t in zip(ref.logprobs, ref.token_ids)], abs=1e-5)
         node0.send_signal(signal.SIGTERM)
-        assert node0.wait(timeout=30) == 0
-        assert node1.wait(timeout=30) == 0  # rank 1 ends with rank 0
+        assert node0.wait(timeout=120) == 0
+        assert node1.wait(timeout=120) == 0  # rank 1 ends with rank 0
     finally:
         for p in (node0, node1):
             p.kill()
