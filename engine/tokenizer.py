@@ -69,13 +69,13 @@ class Tokenizer:
         if not p.is_dir():
             if not p.is_file():
                 raise FileNotFoundError(f"no tokenizer.json at {p}")
-            return cls(_HFTokenizer.from_file(str(p)))
+            return cls(_read_tokenizer_json(p))
         cfg = read_json(p / "tokenizer_config.json")
         for k, v in read_json(p / "special_tokens_map.json").items():
             cfg.setdefault(k, v)
         template = (p / "chat_template.jinja").read_text() if (p / "chat_template.jinja").is_file() else None
         if (p / "tokenizer.json").is_file():
-            return cls(_HFTokenizer.from_file(str(p / "tokenizer.json")), cfg, template)
+            return cls(_read_tokenizer_json(p / "tokenizer.json"), cfg, template)
         vocab, merges = p / "vocab.json", p / "merges.txt"
         if not (vocab.is_file() and merges.is_file()):
             raise FileNotFoundError(f"no tokenizer.json (or vocab.json + merges.txt) in {p}")
@@ -148,6 +148,13 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
+
+
+def _read_tokenizer_json(p: Path) -> _HFTokenizer:
+    try:
+        return _HFTokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises its own exception type on a malformed file
+        raise ValueError(f"{p} is not a valid tokenizer.json: {e}") from None
 
 
 def _token_content(v, key: str) -> str | None:
