@@ -26,6 +26,7 @@ from gpt_engine.models.loader import load_model
 from gpt_engine.tokenizer import Tokenizer
 from gpt_engine.train import checkpoint as ck
 from gpt_engine.train.config import TrainConfig
+from gpt_engine.train.metrics import read_log
 from gpt_engine.train.trainer import train
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")
@@ -207,31 +208,37 @@ def test_sigkill_at_random_points_then_resume_bit_exactly(tmp_path):
             "--sample-tokens", "2", "--save-every", "1", "--device", "cpu", "--no-progress"]
     env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
 
+    errors = tmp_path / "stderr.txt"
+
     def start(out, resume):
-        return subprocess.Popen([sys.executable, "-m", "gpt_engine", "train", "--out", str(out), *args,
-                                 *(["--resume"] if resume else [])], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        with open(errors, "w") as err:
+            return subprocess.Popen([sys.executable, "-m", "gpt_engine", "train", "--out", str(out), *args,
+                                     *(["--resume"] if resume else [])], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=err)
 
     ref = tmp_path / "ref"
     p = start(ref, False)
-    assert p.wait(300) == 0, p.stderr.read()[-3000:]
+    assert p.wait(300) == 0, errors.read_text()[-3000:]
     out, rng, kills = tmp_path / "killed", random.Random(0), 0
-    for at_step in (1, 4, 7, 10):  # kill once the log reaches this step, a random moment later
-        p = start(out, ck.latest_checkpoint(out) is not None if (out / "checkpoint").is_dir() else False)
+
+    def logged(step):
+        return any(r["step"] >= step for r in read_log(out / "log.jsonl"))
+    # kill while the data cache is built (no checkpoint yet: the next start is afresh), then at a random
+    # moment after the log reaches a step (in a step, a checkpoint write or an evaluation)
+    points = [lambda: (out / "data").is_dir()] + [lambda s=s: logged(s) for s in (1, 4, 8)]
+    for reached in points:
+        p = start(out, bool(ck.checkpoints(out)))
         deadline = time.time() + 300
-        while p.poll() is None and time.time() < deadline:
-            if (out / "log.jsonl").is_file() and any(
-                    json.loads(x).get("step", 0) >= at_step for x in (out / "log.jsonl").read_text().splitlines()
-                    if x.endswith("}")):
-                time.sleep(rng.uniform(0, 0.05))
-                p.send_signal(signal.SIGKILL)
-                kills += 1
-                break
-            time.sleep(0.005)
+        while p.poll() is None and time.time() < deadline and not reached():
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.02))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
         p.wait(60)
     assert kills >= 3
     p = start(out, True)
-    assert p.wait(300) == 0, p.stderr.read()[-3000:]
+    assert p.wait(300) == 0, errors.read_text()[-3000:]
     _same_model(out, ref)
     assert _losses(out) == _losses(ref)
     assert not _temps(out)
