@@ -10,6 +10,7 @@ on repeated strings and on the values a namespace stores), so a template that lo
 builds a huge string is a RequestError, not a hung or exhausted server."""
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import threading
@@ -61,7 +62,8 @@ class _Environment(ImmutableSandboxedEnvironment):
     """The sandbox with a render's limits. Every for loop's iterable is wrapped in guard() and every
     call (macros included) checks the clock, so no loop or recursion runs past the deadline; `*` and
     `**` are checked before they compute (they are also what jinja would fold at compile time, as
-    `"x" * 10**9`); a namespace stores no value over the size limit."""
+    `"x" * 10**9`); a call or a filter takes no int argument over the size limit (the widths of
+    center, indent, ljust, ...); a namespace stores no value over it."""
     intercepted_binops = frozenset({"*", "**"})
 
     def __init__(self, max_chars: int):
@@ -69,8 +71,21 @@ class _Environment(ImmutableSandboxedEnvironment):
         self.max_chars = max_chars
         self.render_state = threading.local()  # the deadline of the render running in this thread
         self.filters["tojson"] = _tojson
+        self.filters = {name: self._sized_filter(f) for name, f in self.filters.items()}
         self.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now,
                             namespace=self._namespace())
+
+    def check_args(self, args, kwargs) -> None:
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, int) and abs(a) > self.max_chars:
+                raise _TooLong(f"passes {a}, over the size limit of {self.max_chars}")
+
+    def _sized_filter(self, f):
+        @functools.wraps(f)  # keeps jinja's pass_context / pass_environment marks
+        def sized(*args, **kwargs):
+            self.check_args(args[1:], kwargs)  # the filtered value itself may be any number
+            return f(*args, **kwargs)
+        return sized
 
     def guarded(self, source: str):
         """The compiled template, its loops' iterables wrapped in guard (an environment attribute: a
@@ -92,6 +107,7 @@ class _Environment(ImmutableSandboxedEnvironment):
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (the sandbox's own signature)
         __self.check_clock()
+        __self.check_args(args, kwargs)
         return super().call(__context, __obj, *args, **kwargs)
 
     def call_binop(self, context, op, left, right):

@@ -230,13 +230,15 @@ BALLOONS = {
     "power": "{{ 7 ** (10 ** 8) }}",
     "namespace doubling": "{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
                           "{% endfor %}",
+    "filter width": "{{ 'x'|center(10**12) }}",
+    "method width": "{{ 'x'.ljust(10**12) }}",
 }
 
 
 @pytest.mark.parametrize("name", list(LOOPS))
 def test_looping_template_stops_at_the_time_limit(name):
     t = ChatTemplate(LOOPS[name], max_seconds=0.2)
-    with pytest.raises(RequestError, match="Range too big|took more than 0.2 s") as e:
+    with pytest.raises(RequestError, match="Range too big|size limit|took more than 0.2 s") as e:
         t.render([{"role": "user", "content": "x" * 1000}])
     assert e.value.param == "messages"
 
@@ -263,7 +265,7 @@ def test_hostile_template_in_the_model_directory(pristine, tmp_path):
     d = _copy(pristine, tmp_path)
     (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for i in range(10**9) %}x{% endfor %}"}))
     llm = LLM(str(d), device="cpu", num_kv_blocks=16)
-    with pytest.raises(RequestError, match="Range too big"):
+    with pytest.raises(RequestError, match="size limit"):
         llm.chat(CHAT)
     llm.chat_template = ChatTemplate(LOOPS["nested loops"], max_seconds=0.2)
     with pytest.raises(RequestError, match="took more than"):
