@@ -202,7 +202,7 @@ def test_sigkill_at_random_points_then_resume_bit_exactly(tmp_path):
     it has no checkpoint yet), ends with the weights and losses of a run never killed."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
-    steps = 12
+    steps = 8
     args = ["--data", str(corpus), "--model", _model_json(tmp_path), "--steps", str(steps), "--batch-size", "2",
             "--seq-len", "16", "--lr", "3e-3", "--warmup", "1", "--eval-every", "4", "--eval-iters", "1",
             "--sample-tokens", "2", "--save-every", "1", "--device", "cpu", "--no-progress"]
@@ -225,7 +225,7 @@ def test_sigkill_at_random_points_then_resume_bit_exactly(tmp_path):
         return any(r["step"] >= step for r in read_log(out / "log.jsonl"))
     # kill while the data cache is built (no checkpoint yet: the next start is afresh), then at a random
     # moment after the log reaches a step (in a step, a checkpoint write or an evaluation)
-    points = [lambda: (out / "data").is_dir()] + [lambda s=s: logged(s) for s in (1, 4, 8)]
+    points = [lambda: (out / "data").is_dir()] + [lambda s=s: logged(s) for s in (2, 5)]
     for reached in points:
         p = start(out, bool(ck.checkpoints(out)))
         deadline = time.time() + 300
