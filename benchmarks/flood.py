@@ -146,13 +146,13 @@ def tiny_model(d: Path) -> None:
         eos_token_id=0)).save_pretrained(d)
 
 
-def start_server(model: Path, log) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, log, num_kv_blocks: int = NUM_KV_BLOCKS) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "GPT_ENGINE_API_KEY": KEY, "TRITON_INTERPRET": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "gpt_engine", "serve", str(model), "--port", str(port),
-                             "--device", "cpu", "--num-kv-blocks", str(NUM_KV_BLOCKS), "--max-num-seqs", "16",
+                             "--device", "cpu", "--num-kv-blocks", str(num_kv_blocks), "--max-num-seqs", "16",
                              "--log-level", "warning"], env=env, stdout=log, stderr=log)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
     while True:

@@ -11,6 +11,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+from .atomic import atomic_write, write_text
 from .models.hf_json import read_json
 
 EOS = "<|endoftext|>"
@@ -69,13 +70,13 @@ class Tokenizer:
         if not p.is_dir():
             if not p.is_file():
                 raise FileNotFoundError(f"no tokenizer.json at {p}")
-            return cls(_HFTokenizer.from_file(str(p)))
+            return cls(_read_tokenizer_json(p))
         cfg = read_json(p / "tokenizer_config.json")
         for k, v in read_json(p / "special_tokens_map.json").items():
             cfg.setdefault(k, v)
         template = (p / "chat_template.jinja").read_text() if (p / "chat_template.jinja").is_file() else None
         if (p / "tokenizer.json").is_file():
-            return cls(_HFTokenizer.from_file(str(p / "tokenizer.json")), cfg, template)
+            return cls(_read_tokenizer_json(p / "tokenizer.json"), cfg, template)
         vocab, merges = p / "vocab.json", p / "merges.txt"
         if not (vocab.is_file() and merges.is_file()):
             raise FileNotFoundError(f"no tokenizer.json (or vocab.json + merges.txt) in {p}")
@@ -111,7 +112,7 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
-        self._tok.save(str(d / "tokenizer.json"))
+        atomic_write(d / "tokenizer.json", lambda p: self._tok.save(str(p)))
         # lets transformers.AutoTokenizer load the directory too
         cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token or EOS,
                "bos_token": self.bos_token or self.eos_token or EOS, "model_max_length": 1 << 30}
@@ -120,10 +121,9 @@ class Tokenizer:
                 cfg[key] = getattr(self, key)
         if self.chat_template is not None:
             cfg["chat_template"] = self.chat_template
-        cfg_path = d / "tokenizer_config.json"
-        if cfg_path.exists():  # keep fields such as a chat_template that someone else wrote
-            cfg = {**cfg, **json.loads(cfg_path.read_text())}
-        cfg_path.write_text(json.dumps(cfg, indent=2))
+        # keep fields such as a chat_template that someone else wrote
+        cfg = {**cfg, **read_json(d / "tokenizer_config.json")}
+        write_text(d / "tokenizer_config.json", json.dumps(cfg, indent=2))
 
     @property
     def vocab_size(self) -> int:
@@ -148,6 +148,13 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
+
+
+def _read_tokenizer_json(p: Path) -> _HFTokenizer:
+    try:
+        return _HFTokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises its own exception type on a malformed file
+        raise ValueError(f"{p} is not a valid tokenizer.json: {e}") from None
 
 
 def _token_content(v, key: str) -> str | None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt_engine.models.save import atomic_write
+from gpt_engine.atomic import atomic_write, remove_stale_temps
 from gpt_engine.train import checkpoint as ck
 from gpt_engine.train.config import TrainConfig
 from gpt_engine.train.trainer import train
@@ -84,7 +84,7 @@ def test_stale_temp_files_removed(tmp_path):
     d.mkdir()
     (d / ".step_00000010.pt.abc.tmp").write_bytes(b"half")
     (d / "step_00000005.pt").write_bytes(b"kept")
-    ck.remove_stale_temps(d)
+    remove_stale_temps(d)
     assert sorted(p.name for p in d.iterdir()) == ["step_00000005.pt"]
 
 

@@ -67,6 +67,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise FileNotFoundError(f"model directory {d} does not exist")
     cfg = ModelConfig.load(d)  # validated before anything large is allocated
     files = weight_files.checkpoint_files(d)
+    # a config.json whose sizes the weight files cannot hold is refused before the model is built: its lie
+    # would otherwise size the allocation (or the module construction, for absurd layer counts)
+    if cfg.n_params > weight_files.stored_bytes(files):
+        raise ValueError(f"{d / 'config.json'} describes a model of {cfg.n_params:,} parameters but its weight files "
+                         f"hold {weight_files.stored_bytes(files):,} bytes (vocab_size {cfg.vocab_size}, n_layer "
+                         f"{cfg.n_layer}, d_model {cfg.d_model}, d_ff {cfg.d_ff}): the config does not match them")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -88,23 +94,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             if name not in plan:
                 if skip.fullmatch(name):
                     continue
-                raise ValueError(f"{f.name}: unexpected tensor {raw!r} for a {cfg.model_type} model "
+                raise ValueError(f"{f}: unexpected tensor {raw!r} for a {cfg.model_type} model "
                                  f"({cfg.n_layer} layers)")
             if name in seen:
-                raise ValueError(f"tensor {raw!r} appears twice in the checkpoint")
+                raise ValueError(f"{f}: tensor {raw!r} appears twice in the checkpoint")
             pname, rows, transposed, order = plan[name]
             out = dest[pname] if rows is None else dest[pname][rows[0]:rows[1]]
             want = tuple(out.shape)[::-1] if transposed else tuple(out.shape)
             if tuple(src.shape) != want:
-                raise ValueError(f"tensor {raw!r} has shape {tuple(src.shape)}, expected {want}")
+                raise ValueError(f"{f}: tensor {raw!r} has shape {tuple(src.shape)}, expected {want} "
+                                 "for its config.json")
             if src.dtype is None or not src.dtype.is_floating_point:
-                raise ValueError(f"tensor {raw!r} has dtype {getattr(src, 'st_dtype', src.dtype)}, "
+                raise ValueError(f"{f}: tensor {raw!r} has dtype {getattr(src, 'st_dtype', src.dtype)}, "
                                  "expected a floating type")
             src.copy_to(out, transposed, order)
             seen.add(name)
     missing = [n for n in plan if n not in seen]
     if missing:
-        raise ValueError(f"checkpoint is missing tensor(s) {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        raise ValueError(f"{d}: the weight files ({', '.join(f.name for f in files)}) are missing tensor(s) "
+                         f"{missing[:5]}" + (" ..." if len(missing) > 5 else ""))
     model.load_state_dict(dest, strict=True, assign=True)
     # buffers (rotary tables) are not in the checkpoint: rebuild them off the meta device
     for mod in model.modules():

@@ -48,7 +48,9 @@ _CHUNK_BYTES = 16 << 20
 _ST_DTYPES = {k: getattr(torch, v) for k, v in dict(
     F64="float64", F32="float32", F16="float16", BF16="bfloat16", F8_E4M3="float8_e4m3fn", F8_E5M2="float8_e5m2",
     I64="int64", I32="int32", I16="int16", I8="int8", U8="uint8", BOOL="bool").items() if hasattr(torch, v)}
-_ST_MAX_HEADER = 100 << 20  # safetensors' own limit
+# a header is read (and parsed) whole: past this it is refused unread. A real one holds ~130 bytes a
+# tensor, so this is over 100k tensors in one file (safetensors itself allows 100 MB)
+_ST_MAX_HEADER = 16 << 20
 
 
 def _row_blocks(shape: tuple[int, ...], itemsize: int) -> Iterator[tuple[int, int]]:
@@ -92,7 +94,7 @@ class _FileTensor:
         while done < len(view):
             n = self.file.readinto(view[done:])
             if not n:
-                raise ValueError(f"{self.path.name}: file ends inside tensor {self.name!r}")
+                raise ValueError(f"{self.path}: the file ends inside tensor {self.name!r}")
             done += n
 
     def copy_to(self, out: torch.Tensor, transposed: bool, order: torch.Tensor | None = None) -> None:
@@ -115,32 +117,47 @@ class _FileTensor:
 
 
 def _safetensors_entries(path: Path, f) -> list[_FileTensor]:
-    """The tensors a safetensors file's header describes, in file order; ValueError on a malformed header."""
+    """The tensors a safetensors file's header describes, in file order; ValueError on a malformed header.
+    As safetensors requires, the tensors' data tile the rest of the file exactly: each starts where the one
+    before ends, the last ends at the end of the file, and each is as long as its dtype and shape say."""
     size = path.stat().st_size
     head = f.read(8)
     n = int.from_bytes(head, "little") if len(head) == 8 else -1
-    if not 0 < n <= min(size - 8, _ST_MAX_HEADER):
-        raise ValueError(f"{path.name} is not a safetensors file (bad header length)")
+    if not 0 < n <= size - 8:
+        raise ValueError(f"{path}: not a safetensors file (its header length {n} does not fit the file's "
+                         f"{size} bytes)")
+    if n > _ST_MAX_HEADER:
+        raise ValueError(f"{path}: the safetensors header is {n} bytes, over the {_ST_MAX_HEADER} this loader reads")
     try:
         header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path.name}: the safetensors header is not valid JSON: {e}") from None
+        raise ValueError(f"{path}: the safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path.name}: the safetensors header is not an object")
+        raise ValueError(f"{path}: the safetensors header is not an object")
     out = []
     for name, e in header.items():
         if name == "__metadata__":
             continue
         try:
             dtype, shape, (a, b) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
-            ok = (all(isinstance(x, int) and x >= 0 for x in (*shape, a, b)) and a <= b <= size - 8 - n
+            ok = (isinstance(dtype, str) and all(isinstance(x, int) and x >= 0 for x in (*shape, a, b)) and a <= b
                   and (dtype not in _ST_DTYPES or b - a == math.prod(shape) * _ST_DTYPES[dtype].itemsize))
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"{path.name}: bad safetensors header entry for {name!r}: {e!r}")
+            raise ValueError(f"{path}: bad safetensors header entry for {name!r}: {e!r}")
         out.append(_FileTensor(f, path, name, dtype, shape, 8 + n + a, b - a))
-    return sorted(out, key=lambda t: t.start)
+    out.sort(key=lambda t: (t.start, t.nbytes))
+    end = 8 + n
+    for t in out:
+        if t.start != end:
+            raise ValueError(f"{path}: bad safetensors header: the data of {t.name!r} starts at byte {t.start - 8 - n} "
+                             f"but the tensor before it ends at {end - 8 - n} (overlapping or out-of-range offsets)")
+        end += t.nbytes
+    if end != size:
+        raise ValueError(f"{path}: the safetensors header describes {end - 8 - n} bytes of tensor data but the file "
+                         f"holds {size - 8 - n} (truncated or padded)")
+    return out
 
 
 class _LoadedTensor:
@@ -209,12 +226,7 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, "_FileTensor | _LoadedTensor
             for t in _safetensors_entries(path, f):
                 yield t.name, t
         return
-    mapping: list[tuple[int, int]] = []
-    try:  # never unpickle code; mmap keeps a .bin shard out of memory until read
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        mapping = _file_mapping(path)
-    except RuntimeError:  # legacy (non-zip) serialization cannot be mmapped
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd, mapping = _torch_load(path)
     if not isinstance(sd, dict):
         raise ValueError(f"{path} does not hold a state dict")
     while sd:
@@ -222,6 +234,26 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, "_FileTensor | _LoadedTensor
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{path}: entry {k!r} is not a tensor")
         yield k, _LoadedTensor(t, mapping)
+
+
+def _torch_load(path: Path) -> tuple[object, list[tuple[int, int]]]:
+    """A .bin's contents (never unpickling code: weights_only) and where it is mapped; ValueError naming the file
+    when it is not a weights-only torch checkpoint (a pickle that would run code, a truncated or foreign file)."""
+    try:
+        try:  # mmap keeps a .bin shard out of memory until read
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), _file_mapping(path)
+        except RuntimeError:  # legacy (non-zip) serialization cannot be mmapped
+            return torch.load(path, map_location="cpu", weights_only=True), []
+    except OSError:
+        raise
+    except Exception as e:  # torch.load raises many kinds on a bad file; the first line says which
+        why = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"{path}: not a weights-only torch checkpoint ({type(e).__name__}: {why})") from None
+
+
+def stored_bytes(files: list[Path]) -> int:
+    """The bytes of a checkpoint's weight files: at least one a parameter (the narrowest dtype read is 8-bit)."""
+    return sum(f.stat().st_size for f in files)
 
 
 def first_dtype(path: Path) -> torch.dtype:

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..atomic import atomic_write, remove_stale_temps
 from ..models.config import ModelConfig
 from ..models.gpt import GPT
-from ..models.save import atomic_write, save_model
+from ..models.save import save_model
 from . import lora
 from .config import TrainConfig
 from .distributed import Dist
@@ -81,12 +82,6 @@ def checkpoints(out: str | Path) -> list[Path]:
 def latest_checkpoint(out: Path) -> Path | None:
     cks = checkpoints(out)
     return cks[-1] if cks else None
-
-
-def remove_stale_temps(d: Path) -> None:
-    """Temp files of writes a crash interrupted (atomic_write's .NAME.*.tmp)."""
-    for tmp in d.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 # --- resume checks -----------------------------------------------------------------------
@@ -226,6 +221,7 @@ def save_final(m: Modules, mcfg: ModelConfig, tokenizer, cfg: TrainConfig, dd: D
     msd = get_model_state_dict(m.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dd.master:
         out = Path(cfg.out)
+        remove_stale_temps(out)  # of an export a kill interrupted
         if cfg.lora_rank:
             save_lora(msd, mcfg, tokenizer, cfg)
         else:

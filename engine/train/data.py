@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write, remove_stale_temps, write_text
 from ..chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 
 IGNORE_INDEX = -100  # the label of a token without loss (padding, prompts): cross-entropy's ignore_index
@@ -67,18 +68,19 @@ def token_dtype(vocab_size: int):
 def write_tokens(path: Path, docs: list[list[int]], vocab_size: int, eos: int | None) -> np.memmap:
     """Concatenate documents (separated by eos) into a memmap at path; returns it opened read-only."""
     n = sum(len(d) for d in docs) + (len(docs) if eos is not None else 0)
-    tmp = Path(str(path) + ".tmp")
-    arr = np.memmap(tmp, dtype=token_dtype(vocab_size), mode="w+", shape=(n,))
-    i = 0
-    for d in docs:
-        arr[i:i + len(d)] = d
-        i += len(d)
-        if eos is not None:
-            arr[i] = eos
-            i += 1
-    arr.flush()
-    del arr
-    tmp.replace(path)
+
+    def write(tmp):
+        arr = np.memmap(tmp, dtype=token_dtype(vocab_size), mode="w+", shape=(n,))
+        i = 0
+        for d in docs:
+            arr[i:i + len(d)] = d
+            i += len(d)
+            if eos is not None:
+                arr[i] = eos
+                i += 1
+        arr.flush()
+        del arr
+    atomic_write(path, write)
     return np.memmap(path, dtype=token_dtype(vocab_size), mode="r")
 
 
@@ -264,9 +266,7 @@ class Split:
 
 
 def _save(path: Path, values, dtype) -> np.ndarray:
-    tmp = Path(str(path) + ".tmp")
-    np.asarray(values, dtype=dtype).tofile(tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: np.asarray(values, dtype=dtype).tofile(tmp))
     return np.memmap(path, dtype=dtype, mode="r")
 
 
@@ -280,6 +280,7 @@ def build_dataset(data: str | Path | None, out: Path, tokenizer, vocab_size: int
     from ..tokenizer import Tokenizer, iter_texts  # the tokenizers library loads only when needed
 
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # of a build a kill interrupted (meta.json, written last, says a build finished)
     jsonl = data is not None and str(data).endswith(".jsonl")
     records = read_jsonl(data) if jsonl else None
     chats = bool(records) and any("messages" in r for r in records)
@@ -331,8 +332,8 @@ def build_dataset(data: str | Path | None, out: Path, tokenizer, vocab_size: int
                 raise ValueError(f"the {name} split of {data or 'the default corpus'} is empty")
             splits.append(Split(write_tokens(out / f"{name}.bin", docs, vocab_size, tokenizer.eos_token_id)))
     tokenizer.save(out)
-    meta_path.write_text(json.dumps(dict(key=meta, n_train=len(splits[0].tokens), n_val=len(splits[1].tokens)),
-                                    indent=1))
+    write_text(meta_path, json.dumps(dict(key=meta, n_train=len(splits[0].tokens), n_val=len(splits[1].tokens)),
+                                     indent=1))
     return tokenizer, *splits
 
 

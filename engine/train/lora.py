@@ -33,7 +33,7 @@ from ..models.families import FAMILIES
 from ..models.formats import Dense, Int8, Stored, weight_format
 from ..models.gpt import GPT
 from ..models.layers import Linear
-from ..models.save import atomic_write
+from ..atomic import atomic_write
 
 SHORT_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 BASE_DTYPES = ("float32", "bfloat16", "int8")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write, write_text
 from ..models.config import ModelConfig
 from .config import TrainConfig, global_batch
 from .distributed import Dist
@@ -47,8 +48,9 @@ class Meter:
         self.dd = dd
         self.path = Path(cfg.out) / LOG_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if dd.master and start == 0:
-            self.path.write_text("")
+        if dd.master:  # a resumed run logs on from its checkpoint: what a killed run logged after it goes
+            write_text(self.path, "".join(f"{json.dumps(r)}\n" for r in read_log(self.path) if r["step"] <= start)
+                       if start else "")
         self.tokens_per_step = global_batch(cfg, dd.world) * cfg.seq_len
         self.flops_per_tok, self.peak = flops_per_tok, peak_flops(cfg, dd.device)
         self.bar = tqdm(total=cfg.steps, initial=start, disable=not (dd.master and cfg.progress), dynamic_ncols=True)
@@ -91,12 +93,23 @@ class Meter:
         self.bar.close()
 
 
+def read_log(path: Path) -> list[dict]:
+    """A log.jsonl's records; none when it is absent, and without a line a kill cut short."""
+    recs = []
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in recs if isinstance(r, dict) and "step" in r]
+
+
 def plot_loss(log_path: Path, png: Path) -> None:
     """The train and validation loss of a log.jsonl, as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    recs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    recs = read_log(Path(log_path))
     tr = [(r["step"], r["loss"]) for r in recs if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -108,5 +121,5 @@ def plot_loss(log_path: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    atomic_write(png, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
