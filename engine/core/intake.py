@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+from .lora import LoRARequest
 from .request import RequestError
 from .sampling_params import SamplingParams
 
@@ -23,6 +24,7 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     grammar: object = None           # structured outputs: the compiled template matcher (core/structured.py)
+    lora: LoRARequest | None = None  # the LoRA adapter it runs with (checked by the engine: LLM.prepare)
 
 
 # ---------------------------------------------------------------- checks (each message once)

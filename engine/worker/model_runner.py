@@ -14,6 +14,7 @@ import logging
 import torch
 
 from ..worker import hugepages
+from .lora import LoRAManager
 from ..models.layers import StepMeta
 from ..models.rope import seq_dependent_rope
 from .sampler import Sampler
@@ -68,7 +69,7 @@ class ModelRunner:
     def __init__(self, model, block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  max_model_len: int = 1024, num_kv_blocks: int | None = None, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool | None = None, seed: int | None = None,
-                 eos_token_ids=()):
+                 eos_token_ids=(), max_loras: int = 0, max_lora_rank: int = 16):
         self.model = model
         self.eos_token_ids = list(eos_token_ids)   # min_tokens bans them with each request's stop_token_ids
         cfg = model.config
@@ -83,6 +84,8 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.generators: dict[str, torch.Generator] = {}   # seeded requests' own random streams
         self.rows: dict[str, tuple] = {}                    # table_rows' kept rows
+        # LoRA slots (max_loras > 0), allocated before the KV cache is sized to what is left
+        self.loras = LoRAManager(model, max_loras, max_lora_rank, self.dtype, self.device) if max_loras else None
         self.num_blocks = self._num_blocks(num_kv_blocks, kv_cache_tokens, gpu_memory_utilization)
         # one allocation: (2, n_layer, blocks, block_size, hkv, d); zeros so padded graph rows read finite values
         shape = (2, cfg.n_layer, self.num_blocks, block_size, cfg.n_kv_head, cfg.head_dim)
@@ -185,7 +188,9 @@ class ModelRunner:
         """One model step -> (logits (S, V) of the sampled rows, in batch order; None, or per sequence
         the prompt logprobs of the positions the batch scores (ScheduledBatch.score))."""
         ids, pos, slots, seq_lens, cu_q, cu_k, tables, logits_idx = self.prepare(batch)
-        if batch.is_decode and batch.score is None and self.graphs and len(batch) <= max(self.graphs):
+        lora = self.loras.step(batch) if self.loras is not None else None
+        # the decode graphs were captured without adapters
+        if batch.is_decode and batch.score is None and lora is None and self.graphs and len(batch) <= max(self.graphs):
             return self._replay(ids, pos, slots, seq_lens, batch.seqs)[:len(batch)][
                 torch.tensor(logits_idx, device=self.device) if len(logits_idx) != len(batch) else slice(None)], None
         # the width rounded up to a power of two: kept rows stay valid while the batch's longest
@@ -195,7 +200,7 @@ class ModelRunner:
         meta = StepMeta(slot_mapping=self._to(slots, torch.long), block_table=table,
                         seq_lens=self._to(seq_lens, torch.int32), cu_seqlens_q=self._to(cu_q, torch.int32),
                         cu_seqlens_k=self._to(cu_k, torch.int32), max_seqlen_q=max(batch.num_new_tokens),
-                        max_seqlen_k=max(seq_lens), decode=batch.is_decode, fresh=cu_q == cu_k)
+                        max_seqlen_k=max(seq_lens), decode=batch.is_decode, fresh=cu_q == cu_k, lora=lora)
         if self.seq_rope and not batch.is_decode:  # prompts rotated as a whole (dynamic/longrope)
             plen = (s.num_prompt_tokens for s, n in zip(batch.seqs, batch.num_new_tokens) for _ in range(n))
             rope_lens = [max(p + 1, n) for p, n in zip(pos, plen)]
