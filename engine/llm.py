@@ -140,14 +140,21 @@ class LLM:
         """Default, tokenize and check a request once (Intake.prepare); add_request takes the result.
         lora_request: the LoRA adapter it runs with (enable_lora), checked here."""
         if lora_request is not None:
-            if self.runner.loras is None:
-                raise RequestError("LoRA adapters need an engine started with enable_lora=True", "lora_request")
-            try:
-                self.runner.loras.check(lora_request)
-            except (TypeError, ValueError) as e:
-                raise RequestError(str(e), "lora_request") from None
+            self.check_lora(lora_request)
         request = self.intake.prepare(prompt, sampling, **kwargs)
         return request if lora_request is None else replace(request, lora=lora_request)
+
+    def check_lora(self, lora_request: LoRARequest) -> None:
+        """RequestError (a ValueError) naming what is wrong when this engine cannot serve the adapter: LoRA
+        not enabled, a directory that is no PEFT LoRA adapter of this model, a rank above max_lora_rank."""
+        if self.runner.loras is None:
+            raise RequestError("LoRA adapters need an engine started with enable_lora=True", "lora_request")
+        try:
+            self.runner.loras.check(lora_request)
+        except RequestError:
+            raise
+        except ValueError as e:
+            raise RequestError(str(e), "lora_request") from None
 
     def add_request(self, prompt, sampling: SamplingParams | dict | None = None, request_id: str | None = None,
                     stream: bool = False) -> Sequence:
