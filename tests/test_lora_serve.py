@@ -19,10 +19,14 @@ from gpt_engine.core.block_manager import BlockManager, lora_root
 from gpt_engine.core.request import RequestError
 from gpt_engine.core.sampling_params import SamplingParams as SP
 from gpt_engine.core.scheduler import Scheduler, Sequence
-from tests.helpers import ServerThread, make_chat_model, make_hf_model
+from tests.helpers import FAMILY_CASES, ServerThread, make_chat_model, make_hf_model
 
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],  # c_proj: the attention's and the MLP's
-           "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+           "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+           # per-head fused qkv rows (the plan's row order); GPT-J's interleaved rotary rows; Phi-3's fused GEMMs
+           "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+           "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
+           "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 V = 256
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
@@ -52,7 +56,8 @@ class Family:
 
     def __init__(self, kind, root: Path):
         self.root = root
-        self.hf = make_hf_model(kind, root / "base", vocab_size=V)
+        family, shape = FAMILY_CASES.get(kind, (kind, None))
+        self.hf = make_hf_model(family, root / "base", vocab_size=V, shape=shape)
         self.peft = [make_adapter(self.hf, root / f"a{i}", TARGETS[kind], seed=i, r=4 * (i + 1)) for i in range(2)]
         self.loras = [LoRARequest(f"a{i}", i + 1, str(root / f"a{i}")) for i in range(2)]
         self.llm = LLM(str(root / "base"), device="cpu", enable_lora=True, max_loras=2, max_lora_rank=8)
@@ -73,7 +78,7 @@ def _full(lp: dict) -> torch.Tensor:
     return torch.tensor([lp[t] for t in range(V)])
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt_neox", "gptj", "phi3"])
 def test_logprobs_match_peft(fam, kind):
     """Prefill (prompt logprobs) and decode steps (the unfused per-GEMM path) against transformers + peft."""
     f = fam(kind)

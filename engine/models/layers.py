@@ -82,7 +82,7 @@ class Linear(nn.Module):
     def forward(self, x, lora: LoRAStep | None = None):
         if lora is None or self.lora is None:
             return self.format.apply(x, self.bias, self.activation)
-        return ACTIVATIONS[self.activation](self.format.apply(x, self.bias) + self.lora.delta(x, lora))
+        return ACTIVATIONS[self.activation](self.lora.add_to(self.format.apply(x, self.bias), x, lora))
 
 
 class Attention(nn.Module):

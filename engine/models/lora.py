@@ -10,19 +10,19 @@ of the fused qkv GEMM, gate_proj and up_proj in the fused [gate | up], GPT-2's c
 (PEFT keeps LoRA weights untransposed for Conv1D too), a checkpoint's row order (GPT-NeoX, GPT-J) applies
 to B's rows as it does to the weight's.
 
-Slots (S-LoRA / punica's layout): each adapted GEMM holds A (max_loras, P * R, K) and B (max_loras, P * R, N)
-for P parts of rank up to R, an adapter's parts side by side in the rank dimension (B zero outside each
-part's rows). A step's tokens carry a one-hot slot mask; each GEMM then adds
-  ((x @ A[:s]^T) * mask) @ B[:s]          x (N, K), A[:s] as (s * P * R, K), mask per (token, slot)
-over the first s slots in use: two small GEMMs whatever the mix of adapters, in the activations' dtype, on
-top of whatever format the base weight has (formats.py).
+Slots (S-LoRA / punica's layout): each adapted GEMM stacks its adapters' A into (max_loras * W, K) and B into
+(max_loras * W, N), W = P * R columns per slot for P parts of rank up to R, an adapter's parts side by side
+(B zero outside each part's rows). A step's tokens carry a one-hot slot mask; each GEMM then adds
+  ((x @ A[:s W]^T) * mask) @ B[:s W]       x (N, K), mask (N, s W): 1 on the columns of the token's slot
+over the first s slots: two small GEMMs whatever the mix of adapters and base-model tokens, in the
+activations' dtype, on top of whatever format the base weight has (formats.py).
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -174,37 +174,45 @@ def read_adapter(path, model, max_rank: int) -> Adapter:
 
 @dataclass
 class LoRAStep:
-    """One step's adapters: mask (N, s, 1), 1 where token n runs the adapter in slot j < s, in the
-    activations' dtype (a base-model token's row is zero)."""
+    """One step's adapters: mask (N, s), 1 where token n runs the adapter in slot j < s, in the activations'
+    dtype (a base-model token's row is zero); wide(W) is it with each slot's column repeated W times."""
     mask: torch.Tensor
+    _wide: dict = field(default_factory=dict)
+
+    def wide(self, width: int) -> torch.Tensor:
+        m = self._wide.get(width)
+        if m is None:  # once per step and width, for every GEMM of that width
+            m = self._wide[width] = self.mask.repeat_interleave(width, dim=1)
+        return m
 
 
 class LoRASlots:
-    """One GEMM's slot tensors (see the module docstring): A (L, P * R, K), B (L, P * R, N)."""
+    """One GEMM's slot tensors (see the module docstring): A (L * W, K), B (L * W, N), slot j's rows
+    j W .. (j + 1) W."""
 
     def __init__(self, max_loras: int, parts: int, max_rank: int, k: int, n: int, dtype, device):
-        self.rank = max_rank
-        self.a = torch.zeros(max_loras, parts * max_rank, k, dtype=dtype, device=device)
-        self.b = torch.zeros(max_loras, parts * max_rank, n, dtype=dtype, device=device)
+        self.rank, self.width = max_rank, parts * max_rank
+        self.a = torch.zeros(max_loras * self.width, k, dtype=dtype, device=device)
+        self.b = torch.zeros(max_loras * self.width, n, dtype=dtype, device=device)
 
     @torch.no_grad()
     def load(self, slot: int, parts: list[tuple[Target, torch.Tensor, torch.Tensor]]) -> None:
         """Put an adapter's parts of this GEMM in slot (none: this GEMM is not adapted, zeros)."""
-        self.a[slot].zero_()
-        self.b[slot].zero_()
+        base = slot * self.width
+        self.a[base:base + self.width].zero_()
+        self.b[base:base + self.width].zero_()
         for t, a, b in parts:
-            lo, r = t.part * self.rank, a.shape[0]
+            lo, r = base + t.part * self.rank, a.shape[0]
             rows = torch.arange(b.shape[0]) if t.order is None else t.order
             rows = rows + (t.rows[0] if t.rows else 0)
-            self.a[slot, lo:lo + r] = a.to(self.a)
-            self.b[slot, lo:lo + r, rows.to(self.b.device)] = b.t().to(self.b)
+            self.a[lo:lo + r] = a.to(self.a)
+            self.b[lo:lo + r, rows.to(self.b.device)] = b.t().to(self.b)
 
-    def delta(self, x: torch.Tensor, step: LoRAStep) -> torch.Tensor:
-        # x (N, K) -> (N, N_out): each token's adapter's low-rank update, zero for base-model tokens
-        s = step.mask.shape[1]
-        xa = x @ self.a[:s].flatten(0, 1).t()                                # (N, s * P * R)
-        xa = (xa.view(len(x), s, -1) * step.mask).view(len(x), -1)
-        return xa @ self.b[:s].flatten(0, 1)
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, step: LoRAStep) -> torch.Tensor:
+        """y (N, N_out), the base GEMM's fresh output, plus each token's adapter update of x (N, K), in place."""
+        n = step.mask.shape[1] * self.width
+        xa = torch.mm(x, self.a[:n].t()).mul_(step.wide(self.width))   # (N, s W)
+        return y.addmm_(xa, self.b[:n])
 
 
 def attach_slots(model, max_loras: int, max_rank: int, dtype, device) -> dict[str, LoRASlots]:

@@ -43,10 +43,11 @@ class LoRAManager:
         """The batch's LoRAStep (its adapters loaded first), or None when no sequence has one."""
         if not any(s.lora_id for s in batch.seqs):
             return None
-        slots = torch.tensor([self._slot(s.lora, batch.running_loras) if s.lora_id else -1 for s in batch.seqs])
-        per_token = slots.repeat_interleave(torch.tensor(batch.num_new_tokens))
-        mask = per_token[:, None] == torch.arange(int(slots.max()) + 1)
-        return LoRAStep(mask[..., None].to(device=self.device, dtype=self.dtype))
+        slots = [self._slot(s.lora, batch.running_loras) if s.lora_id else -1 for s in batch.seqs]
+        if not batch.is_decode:
+            slots = [j for j, n in zip(slots, batch.num_new_tokens) for _ in range(n)]
+        mask = torch.tensor(slots)[:, None] == torch.arange(max(slots) + 1)
+        return LoRAStep(mask.to(device=self.device, dtype=self.dtype))
 
     def _slot(self, lora: LoRARequest, running: frozenset) -> int:
         slot = self.loaded.get(lora.lora_int_id)
