@@ -151,8 +151,6 @@ class LLM:
             raise RequestError("LoRA adapters need an engine started with enable_lora=True", "lora_request")
         try:
             self.runner.loras.check(lora_request)
-        except RequestError:
-            raise
         except ValueError as e:
             raise RequestError(str(e), "lora_request") from None
 

@@ -19,12 +19,16 @@ class LoRARequest:
     lora_path: str = ""
 
     def __post_init__(self):
-        if not isinstance(self.lora_name, str) or not self.lora_name:
-            raise ValueError(f"lora_name must be a non-empty string, got {self.lora_name!r}")
-        if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
-            raise ValueError(f"lora_int_id must be an integer >= 1, got {self.lora_int_id!r}")
-        if not isinstance(self.lora_path, (str, os.PathLike)) or not str(self.lora_path):
-            raise ValueError(f"lora_path must name the adapter's directory, got {self.lora_path!r}")
+        if not isinstance(self.lora_name, str) or isinstance(self.lora_int_id, bool) \
+                or not isinstance(self.lora_int_id, int) or not isinstance(self.lora_path, (str, os.PathLike)):
+            raise TypeError(f"LoRARequest takes (lora_name: str, lora_int_id: int, lora_path: str), got "
+                            f"({self.lora_name!r}, {self.lora_int_id!r}, {self.lora_path!r})")
+        if not self.lora_name:
+            raise ValueError("lora_name must not be empty")
+        if self.lora_int_id < 1:
+            raise ValueError(f"lora_int_id must be an integer >= 1, got {self.lora_int_id}")
+        if not os.fspath(self.lora_path):
+            raise ValueError("lora_path must name the adapter's directory")
         object.__setattr__(self, "lora_path", os.fspath(self.lora_path))
 
     @property
