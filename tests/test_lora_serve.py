@@ -143,6 +143,16 @@ def test_more_adapters_than_slots_wait_and_evict(fam, monkeypatch):
     assert llm.runner.loras.num_loads >= 2
 
 
+def test_slots_never_evict_a_running_adapter(fam):
+    f = fam("gpt2")
+    loras = f.llm.runner.loras
+    third = LoRARequest("a0-again", 3, f.loras[0].lora_path)
+    _, b = (loras._slot(lora, frozenset()) for lora in f.loras)   # both loaded, a0 least recently used
+    with pytest.raises(RuntimeError, match="no free LoRA slot"):
+        loras._slot(third, frozenset({1, 2}))
+    assert loras._slot(third, frozenset({1})) == b and list(loras.loaded) == [1, 3]   # a1 left, not a0
+
+
 def test_scheduler_holds_a_request_whose_adapter_has_no_slot():
     bm = BlockManager(64, 16)
     sched = Scheduler(bm, max_num_batched_tokens=256, max_loras=1)
@@ -320,7 +330,8 @@ def test_serve_flags(tmp_path):
             lora_modules(bad)
     p = argparse.ArgumentParser()
     add_args(p)
-    model = make_hf_model("gpt2", tmp_path / "m", vocab_size=V) and tmp_path / "m"
+    model = tmp_path / "m"
+    make_hf_model("gpt2", model, vocab_size=V)
     args = p.parse_args([str(model), "--lora-modules", f"x={tmp_path}"])
     with pytest.raises(SystemExit, match="needs --enable-lora"):
         run(args)
