@@ -143,6 +143,24 @@ def test_more_adapters_than_slots_wait_and_evict(fam, monkeypatch):
     assert llm.runner.loras.num_loads >= 2
 
 
+@pytest.mark.parametrize("slots, form", [([1] * 5, "only"), ([0, -1, 2, 0, 1, -1], "rows"),
+                                         ([-1, 3, 3, -1], "rows"), ([2] * 12 + [0] + [-1] * 3, "mask")])
+def test_update_forms_equal_each_tokens_own_adapter(slots, form):
+    from gpt_engine.models.lora import LoRASlots, LoRAStep
+    g = torch.Generator().manual_seed(0)
+    w, k, n = 3, 8, 5
+    gemm = LoRASlots(4, 1, w, k, n, torch.float64, "cpu")
+    gemm.a.normal_(generator=g)
+    gemm.b.normal_(generator=g)
+    x, y = torch.randn(len(slots), k, generator=g, dtype=torch.float64), torch.randn(len(slots), n, dtype=torch.float64)
+    step = LoRAStep.of(slots, torch.float64, "cpu")
+    assert getattr(step, form) is not None
+    want = torch.stack([y[i] + (x[i] @ gemm.a[j * w:(j + 1) * w].t() @ gemm.b[j * w:(j + 1) * w] if j >= 0 else 0)
+                        for i, j in enumerate(slots)])
+    torch.testing.assert_close(gemm.add_to(y.clone(), x, step), want)
+    assert LoRAStep.of([-1, -1], torch.float64, "cpu") is None
+
+
 def test_slots_never_evict_a_running_adapter(fam):
     f = fam("gpt2")
     loras = f.llm.runner.loras

@@ -12,17 +12,18 @@ to B's rows as it does to the weight's.
 
 Slots (S-LoRA / punica's layout): each adapted GEMM stacks its adapters' A into (max_loras * W, K) and B into
 (max_loras * W, N), W = P * R columns per slot for P parts of rank up to R, an adapter's parts side by side
-(B zero outside each part's rows). A step's tokens carry a one-hot slot mask; each GEMM then adds
-  ((x @ A[:s W]^T) * mask) @ B[:s W]       x (N, K), mask (N, s W): 1 on the columns of the token's slot
-over the first s slots: two small GEMMs whatever the mix of adapters and base-model tokens, in the
-activations' dtype, on top of whatever format the base weight has (formats.py).
+(B zero outside each part's rows). A step's tokens are grouped by slot (LoRAStep) and each GEMM adds, in the
+activations' dtype on top of whatever format the base weight has (formats.py),
+  y[rows] += bmm(bmm(x[rows], A_slots^T), B_slots)     x gathered (s, m, K) by slot, scattered back
+or, for groups too uneven to pad, ((x @ A[:s W]^T) * mask) @ B[:s W] with a one-hot (token, slot) mask:
+a few batched GEMMs whatever the mix of adapters and base-model tokens in the step.
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -174,10 +175,40 @@ def read_adapter(path, model, max_rank: int) -> Adapter:
 
 @dataclass
 class LoRAStep:
-    """One step's adapters: mask (N, s), 1 where token n runs the adapter in slot j < s, in the activations'
-    dtype (a base-model token's row is zero); wide(W) is it with each slot's column repeated W times."""
-    mask: torch.Tensor
-    _wide: dict = field(default_factory=dict)
+    """One step's tokens by slot (slots 0 .. groups - 1), in one of three forms:
+    only    every token runs this slot's adapter: one plain low-rank update
+    rows    (groups * m,) slot j's tokens at rows[j m:(j + 1) m], padded with token 0 (pad (groups, m, 1)
+            zeroes the padding; None: none): each token meets its own adapter only (batched GEMMs)
+    mask    (N, groups * W) 1 on the columns of each token's slot (wide(W)): every token meets every slot
+            in use, the form for groups so uneven (a prompt chunk beside a few decodes) that padding them
+            to one length would cost more"""
+    groups: int
+    only: int | None = None
+    rows: torch.Tensor | None = None
+    pad: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    _wide: dict | None = None
+
+    @classmethod
+    def of(cls, slots: list[int], dtype, device) -> LoRAStep | None:
+        """From each token's slot (-1: the base model); None when no token has an adapter."""
+        groups: dict[int, list[int]] = {}
+        for i, j in enumerate(slots):
+            if j >= 0:
+                groups.setdefault(j, []).append(i)
+        if not groups:
+            return None
+        s, m = max(groups) + 1, max(map(len, groups.values()))
+        if len(groups) == 1 and m == len(slots):
+            return cls(1, only=next(iter(groups)))
+        if s * m > 2 * len(slots):
+            mask = torch.tensor(slots)[:, None] == torch.arange(s)
+            return cls(s, mask=mask.to(device=device, dtype=dtype), _wide={})
+        rows = [i for j in range(s) for i in (groups.get(j, []) + [0] * (m - len(groups.get(j, []))))]
+        full = len(groups) == s and all(len(g) == m for g in groups.values())
+        pad = None if full else torch.tensor([[k < len(groups.get(j, [])) for k in range(m)] for j in range(s)])
+        return cls(s, rows=torch.tensor(rows).to(device),
+                   pad=None if pad is None else pad[..., None].to(device=device, dtype=dtype))
 
     def wide(self, width: int) -> torch.Tensor:
         m = self._wide.get(width)
@@ -210,9 +241,17 @@ class LoRASlots:
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, step: LoRAStep) -> torch.Tensor:
         """y (N, N_out), the base GEMM's fresh output, plus each token's adapter update of x (N, K), in place."""
-        n = step.mask.shape[1] * self.width
-        xa = torch.mm(x, self.a[:n].t()).mul_(step.wide(self.width))   # (N, s W)
-        return y.addmm_(xa, self.b[:n])
+        w, s = self.width, step.groups
+        if step.only is not None:
+            a, b = self.a[step.only * w:(step.only + 1) * w], self.b[step.only * w:(step.only + 1) * w]
+            return y.addmm_(torch.mm(x, a.t()), b)
+        if step.mask is not None:
+            return y.addmm_(torch.mm(x, self.a[:s * w].t()).mul_(step.wide(w)), self.b[:s * w])   # (N, s W)
+        xg = x.index_select(0, step.rows).view(s, -1, x.shape[1])                  # (s, m, K)
+        t = torch.bmm(xg, self.a[:s * w].view(s, w, -1).transpose(1, 2))          # (s, m, W)
+        if step.pad is not None:
+            t.mul_(step.pad)
+        return y.index_add_(0, step.rows, torch.bmm(t, self.b[:s * w].view(s, w, -1)).flatten(0, 1))
 
 
 def attach_slots(model, max_loras: int, max_rank: int, dtype, device) -> dict[str, LoRASlots]:

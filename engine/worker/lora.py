@@ -46,8 +46,7 @@ class LoRAManager:
         slots = [self._slot(s.lora, batch.running_loras) if s.lora_id else -1 for s in batch.seqs]
         if not batch.is_decode:
             slots = [j for j, n in zip(slots, batch.num_new_tokens) for _ in range(n)]
-        mask = torch.tensor(slots)[:, None] == torch.arange(max(slots) + 1)
-        return LoRAStep(mask.to(device=self.device, dtype=self.dtype))
+        return LoRAStep.of(slots, self.dtype, self.device)
 
     def _slot(self, lora: LoRARequest, running: frozenset) -> int:
         slot = self.loaded.get(lora.lora_int_id)
