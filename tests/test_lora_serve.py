@@ -231,6 +231,23 @@ def test_adapter_over_low_precision_base(fam, tmp_path, fmt):
     torch.testing.assert_close(got, ref[:-1], atol=1e-3, rtol=0)
 
 
+@pytest.mark.gpu
+def test_gpu_mixed_batch_matches_peft(fam):
+    """CUDA: prefill and eager decode steps (not the decode graphs) with two adapters and the base in one batch."""
+    f = fam("llama")
+    llm = LLM(str(f.root / "base"), device="cuda", dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=8)
+    ps = prompts([7, 15, 11], seed=8)
+    loras = [f.loras[0], None, f.loras[1]]
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=V)
+    outs = llm.generate(ps, sp, lora_request=loras, use_tqdm=False)
+    for p, lora, out in zip(ps, loras, outs):
+        model = f.hf if lora is None else f.peft[lora.lora_int_id - 1]
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([p + out.token_ids])).logits[0].float(), -1)
+        got = torch.stack([_full(d) for d in out.logprobs])
+        torch.testing.assert_close(got, ref[len(p) - 1:len(p) - 1 + len(got)], atol=1e-3, rtol=0)
+
+
 # ---------------------------------------------------------------- bad adapters
 
 def _edit_config(d: Path, **fields):
