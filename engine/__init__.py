@@ -9,7 +9,7 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "LLM": "llm", "AsyncLLM": "async_llm", "EngineConfig": "engine_config", "RequestOutput": "core.request",
-    "SamplingParams": "core.sampling_params",
+    "SamplingParams": "core.sampling_params", "LoRARequest": "core.lora",
     "StructuredOutputsParams": "core.structured", "load_model": "models.loader", "save_model": "models.save",
     "ModelConfig": "models.config", "GPT": "models.gpt", "Tokenizer": "tokenizer",
 }

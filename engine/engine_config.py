@@ -47,6 +47,13 @@ class EngineConfig:
         "help": "ranks the model is split over (Megatron-style tensor parallelism on torch.distributed): the "
                 "engine starts the other ranks itself; across nodes run the same command on each with "
                 "MASTER_ADDR, MASTER_PORT, NNODES and NODE_RANK (or under torchrun)"})
+    enable_lora: bool = field(default=False, metadata={
+        "help": "serve LoRA adapters (PEFT directories) over the model: a request names one (LLM.generate's "
+                "lora_request, the server's --lora-modules), and requests of different adapters share a batch"})
+    max_loras: int = field(default=1, metadata={
+        "help": "LoRA adapters held at once (their slots); a request for one more waits until a running "
+                "request's adapter is no longer in use"})
+    max_lora_rank: int = field(default=16, metadata={"help": "largest LoRA rank served (the slots' size)"})
     step_timeout: float = field(default=600.0, metadata={
         "help": "seconds one engine step may take before the watchdog fails the engine (0: no watchdog)"})
 
@@ -59,8 +66,9 @@ class EngineConfig:
             raise ValueError(f"quantization must be None or one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.quantization_group_size is not None and self.quantization is None:
             raise ValueError("quantization_group_size needs quantization (int8)")
-        for name in ("tensor_parallel_size", "quantization_group_size", "max_num_seqs", "block_size", "max_num_batched_tokens", "max_model_len", "num_kv_blocks",
-                     "kv_cache_tokens", "max_waiting_seqs", "max_inflight_requests"):
+        for name in ("tensor_parallel_size", "quantization_group_size", "max_num_seqs", "block_size", "max_num_batched_tokens",
+                     "max_model_len", "num_kv_blocks", "kv_cache_tokens", "max_waiting_seqs", "max_inflight_requests",
+                     "max_loras", "max_lora_rank"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")

@@ -15,7 +15,7 @@ import functools
 import itertools
 import logging
 import weakref
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from .chat_template import ChatTemplate, missing_template
 from .engine_config import EngineConfig
 from .core.block_manager import BlockManager
 from .core.intake import Intake, PreparedRequest
+from .core.lora import LoRARequest
 from .core.request import Request, RequestError, RequestOutput, check_stop
 from .worker.model_runner import ModelRunner
 from .core.sampling_params import SamplingParams
@@ -86,7 +87,8 @@ def build_runner(model, cfg: EngineConfig, eos_token_ids) -> ModelRunner:
                        max_model_len=min(cfg.max_model_len or mcfg.max_seq_len, mcfg.max_seq_len),
                        num_kv_blocks=cfg.num_kv_blocks, kv_cache_tokens=cfg.kv_cache_tokens,
                        gpu_memory_utilization=cfg.gpu_memory_utilization,
-                       enforce_eager=cfg.enforce_eager, seed=cfg.seed, eos_token_ids=eos_token_ids)
+                       enforce_eager=cfg.enforce_eager, seed=cfg.seed, eos_token_ids=eos_token_ids,
+                       max_loras=cfg.max_loras if cfg.enable_lora else 0, max_lora_rank=cfg.max_lora_rank)
 
 
 def _stop_workers(comm, workers) -> None:
@@ -96,6 +98,16 @@ def _stop_workers(comm, workers) -> None:
         except Exception:
             pass
     workers.join()
+
+
+def _per_prompt(lora_request, n: int) -> list:
+    """generate's lora_request (one for all, or a list of one per prompt) as a list of n."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * n
+    loras = list(lora_request)
+    if len(loras) != n:
+        raise ValueError(f"got {len(loras)} lora requests for {n} prompts")
+    return loras
 
 
 class LLM:
@@ -121,6 +133,9 @@ class LLM:
         if cfg.tensor_parallel_size > 1:
             if not isinstance(model, (str, Path)):
                 raise ValueError("tensor_parallel_size > 1 needs a model directory (every rank loads its shard)")
+            if cfg.enable_lora:
+                raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet (the adapters are "
+                                 "not sharded)")
             from .models.parallel import TPGroup
             from .worker import tensor_parallel
             comm, self.workers, rank, device = tensor_parallel.start(cfg.tensor_parallel_size, str(model), cfg,
@@ -163,7 +178,8 @@ class LLM:
             max_model_len = pool
         self.max_model_len = max_model_len
         self.runner.start(max_model_len)
-        self.scheduler = Scheduler(bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, max_model_len)
+        self.scheduler = Scheduler(bm, cfg.max_num_seqs, cfg.max_num_batched_tokens, max_model_len,
+                                   max_loras=cfg.max_loras if cfg.enable_lora else None)
         self.grammars = Grammars(tokenizer, self.vocab_size, eos)
         self.intake = Intake(tokenizer, self.vocab_size, max_model_len, bm, self.default_sampling, self.grammars)
         self.structured = StructuredOutputs(self.vocab_size, eos)
@@ -172,9 +188,24 @@ class LLM:
         self._ids = itertools.count()
 
     # ---------------------------------------------------------------- requests
-    def prepare(self, prompt, sampling: SamplingParams | dict | None = None, **kwargs) -> PreparedRequest:
-        """Default, tokenize and check a request once (Intake.prepare); add_request takes the result."""
-        return self.intake.prepare(prompt, sampling, **kwargs)
+    def prepare(self, prompt, sampling: SamplingParams | dict | None = None, lora_request: LoRARequest | None = None,
+                **kwargs) -> PreparedRequest:
+        """Default, tokenize and check a request once (Intake.prepare); add_request takes the result.
+        lora_request: the LoRA adapter it runs with (enable_lora), checked here."""
+        if lora_request is not None:
+            self.check_lora(lora_request)
+        request = self.intake.prepare(prompt, sampling, **kwargs)
+        return request if lora_request is None else replace(request, lora=lora_request)
+
+    def check_lora(self, lora_request: LoRARequest) -> None:
+        """RequestError (a ValueError) naming what is wrong when this engine cannot serve the adapter: LoRA
+        not enabled, a directory that is no PEFT LoRA adapter of this model, a rank above max_lora_rank."""
+        if self.runner.loras is None:
+            raise RequestError("LoRA adapters need an engine started with enable_lora=True", "lora_request")
+        try:
+            self.runner.loras.check(lora_request)
+        except ValueError as e:
+            raise RequestError(str(e), "lora_request") from None
 
     def add_request(self, prompt, sampling: SamplingParams | dict | None = None, request_id: str | None = None,
                     stream: bool = False) -> Sequence:
@@ -184,7 +215,7 @@ class LLM:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"duplicate request id {rid!r}")
-        seq = Sequence(rid, request.prompt_token_ids, request.params)
+        seq = Sequence(rid, request.prompt_token_ids, request.params, request.lora)
         self.scheduler.add(seq)
         # its prefill runs while the grammar may still compile; it samples once the grammar is there
         self.requests[rid] = Request(seq, request.prompt, self.tokenizer, self.eos_token_ids, stream, request.grammar)
@@ -247,7 +278,10 @@ class LLM:
                 outs.append(req.output([seq.token_ids[-1]], lp))
         return outs
 
-    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True,
+                 lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """lora_request: one LoRARequest for every prompt, or a list with one (or None: the base model)
+        per prompt (enable_lora)."""
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -256,10 +290,11 @@ class LLM:
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+        loras = _per_prompt(lora_request, len(prompts))
         # without sampling params: the model's generation_config.json defaults, else SamplingParams'
         default_max = SamplingParams.max_tokens
-        return self.run_prepared([self.prepare(p, sp, default_max_tokens=default_max)  # all checked before any runs
-                                  for p, sp in zip(prompts, sampling_params)], use_tqdm)
+        return self.run_prepared([self.prepare(p, sp, lora, default_max_tokens=default_max)  # all checked first
+                                  for p, sp, lora in zip(prompts, sampling_params, loras)], use_tqdm)
 
     def run_prepared(self, requests: list[PreparedRequest], use_tqdm: bool = True) -> list[RequestOutput]:
         """Run prepared requests to the end -> their outputs in order."""
@@ -304,18 +339,20 @@ class LLM:
 
     def chat(self, messages, sampling_params=None, chat_template: str | None = None,
              add_generation_prompt: bool = True, tools: list[dict] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a list of them, rendered by the model's
         chat template (or chat_template, a jinja string) as transformers' apply_chat_template
         renders it, with tools (function definitions, as OpenAI's request carries them) when given;
         each output's .prompt is the rendered text. Tool calls in the output are not parsed (the
-        server's --tool-call-parser does that)."""
+        server's --tool-call-parser does that). lora_request: as generate's, one per conversation."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         template = self.template(chat_template)
+        loras = _per_prompt(lora_request, len(convs))
         # the template carries its BOS
         return self.run_prepared([self.prepare(template.render(c, add_generation_prompt, tools), sampling_params,
-                                               add_special_tokens=False, default_max_tokens=SamplingParams.max_tokens,
-                                               param="messages") for c in convs], use_tqdm)
+                                               lora, add_special_tokens=False,
+                                               default_max_tokens=SamplingParams.max_tokens, param="messages")
+                                  for c, lora in zip(convs, loras)], use_tqdm)
 
     def stats(self) -> dict:
         bm = self.block_manager

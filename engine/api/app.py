@@ -57,14 +57,17 @@ async def metrics(request: Request):
 
 
 def _model_card(st: ServerState, name: str) -> dict:
-    return {"id": name, "object": "model", "created": st.created, "owned_by": "gpt-engine",
-            "root": st.engine.model_name, "max_model_len": st.engine.max_model_len}
+    lora = st.lora_modules.get(name)
+    card = {"id": name, "object": "model", "created": st.created, "owned_by": "gpt-engine",
+            "root": st.engine.model_name if lora is None else lora.lora_path, "parent": None,
+            "max_model_len": st.engine.max_model_len}
+    return card if lora is None else dict(card, parent=st.model_name)  # vLLM's card of a LoRA module
 
 
 @router.get("/v1/models")
 async def models(request: Request):
     st = state_of(request)
-    return {"object": "list", "data": [_model_card(st, name) for name in st.served_model_names]}
+    return {"object": "list", "data": [_model_card(st, name) for name in (*st.served_model_names, *st.lora_modules)]}
 
 
 @router.get("/v1/models/{model_id:path}", responses=NOT_FOUND)
@@ -77,13 +80,14 @@ async def model(model_id: str, request: Request):
 def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | None = None,
               allowed_hosts: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               served_model_names: list[str] | None = None, enable_auto_tool_choice: bool = False,
-              tool_call_parser: str | None = None) -> FastAPI:
+              tool_call_parser: str | None = None, lora_modules: list | None = None) -> FastAPI:
     """The app over an EngineClient. Its lifespan starts the engine (if not yet running) and
     stops it at shutdown, so in-flight requests are finished or aborted. Without a chat template,
     chat requests get a 400. served_model_names: the names requests may give as `model` and
     /v1/models lists (default: the engine's model_name); responses carry the first.
     enable_auto_tool_choice with tool_call_parser (a registered name): tool_choice "auto" is served,
-    the output read by that parser (vLLM's --enable-auto-tool-choice --tool-call-parser)."""
+    the output read by that parser (vLLM's --enable-auto-tool-choice --tool-call-parser). lora_modules:
+    LoRARequests (checked by the engine) served under their names as models: a request's `model` picks one."""
     if engine.tokenizer is None:
         raise ValueError("the server needs a tokenizer: put a tokenizer.json in the model directory")
     if enable_auto_tool_choice and not tool_call_parser:
@@ -106,7 +110,8 @@ def build_app(engine, api_key: str | None = None, chat_template: ChatTemplate | 
     app = FastAPI(title="gpt-engine", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = st = ServerState(engine, Metrics(), chat_template,
                                         served_model_names=list(served_model_names or ()),
-                                        tool_call_parser=tool_call_parser if enable_auto_tool_choice else None)
+                                        tool_call_parser=tool_call_parser if enable_auto_tool_choice else None,
+                                        lora_modules={m.lora_name: m for m in lora_modules or ()})
     app.state.engine, app.state.metrics = engine, st.metrics
     app.add_middleware(Gate, api_key=api_key, metrics=st.metrics, allowed_hosts=allowed_hosts,
                        max_body_bytes=max_body_bytes)

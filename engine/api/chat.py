@@ -20,8 +20,7 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", responses=GENERATE_ERRORS)
 async def chat_completions(req: ChatCompletionRequest, request: Request):
-    t0, st = begin(request, req)
-    model = st.model_name
+    t0, st, model = begin(request, req)
     if st.template is None:
         raise engine_error(missing_template("start the server with --chat-template FILE"), st.engine)
     parser = parser_for(st, req)
@@ -83,7 +82,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
                         {"index": c.index, "delta": delta,
                          "logprobs": None if k else logprobs_of(norm_logprobs(out.new_token_ids, out.new_logprobs)),
                          "finish_reason": finish if k == len(ds) - 1 else None}]}
-        return StreamingResponse(sse_stream(st, chunks(), choices, rid, "chat.completion.chunk", req.include_usage),
+        return StreamingResponse(sse_stream(st, chunks(), choices, rid, "chat.completion.chunk", req.include_usage,
+                                            model=model),
                                  media_type="text/event-stream")
 
     await collect(st, request, choices, t0)

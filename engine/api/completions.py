@@ -24,8 +24,7 @@ router = APIRouter()
 
 @router.post("/v1/completions", responses=GENERATE_ERRORS)
 async def completions(req: CompletionRequest, request: Request):
-    t0, st = begin(request, req)
-    model = st.model_name
+    t0, st, model = begin(request, req)
     echo_only = req.echo and req.max_tokens == 0
     sampling = {"max_tokens": 1} if echo_only else {}
     want_lp = req.logprobs is not None
@@ -82,7 +81,7 @@ async def completions(req: CompletionRequest, request: Request):
                                     "finish_reason": c.finish_reason,
                                     **(extra(out) if out.prompt_logprobs is not None and first else {})}]}
         return StreamingResponse(sse_stream(st, chunks(), choices, rid, "text_completion", req.include_usage,
-                                            generated=not echo_only),
+                                            generated=not echo_only, model=model),
                                  media_type="text/event-stream")
 
     await collect(st, request, choices, t0)

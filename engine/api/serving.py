@@ -30,9 +30,13 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     served_model_names: list[str] = field(default_factory=list)   # --served-model-name; [] = the engine's
     tool_call_parser: str | None = None   # set with --enable-auto-tool-choice: tool_choice "auto" is served
+    lora_modules: dict = field(default_factory=dict)   # --lora-modules: model name -> LoRARequest
 
     def __post_init__(self):
         self.served_model_names = list(dict.fromkeys(self.served_model_names)) or [self.engine.model_name]
+        clash = set(self.served_model_names) & set(self.lora_modules)
+        if clash:
+            raise ValueError(f"LoRA module names {sorted(clash)} are the base model's served names")
 
     @property
     def model_name(self) -> str:
@@ -45,7 +49,7 @@ class ServerState:
 
     def check_model(self, model: str | None, running: bool = True) -> None:
         """404 for a model this server does not serve; 503 when it needs the engine running and it is not."""
-        if model is not None and model not in self.served_model_names:
+        if model is not None and model not in self.served_model_names and model not in self.lora_modules:
             raise APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
         if running and not self.engine.is_running:
             raise APIError(503, "the engine is not running", "server_error", code="engine_unavailable")
@@ -58,12 +62,13 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def begin(request: Request, req) -> tuple[float, ServerState]:
-    """A generating endpoint's start: its clock (for TTFT) and the server, checked for req.model."""
+def begin(request: Request, req) -> tuple[float, ServerState, str]:
+    """A generating endpoint's start: its clock (for TTFT), the server, checked for req.model, and the model
+    name its response carries (a LoRA module's own, else the first served name)."""
     t0 = time.perf_counter()
     st = state_of(request)
     st.check_model(req.model)
-    return t0, st
+    return t0, st, req.model if req.model in st.lora_modules else st.model_name
 
 
 @dataclass
@@ -102,6 +107,9 @@ async def make_choices(st: ServerState, req, prompts: list, prefix: str, logprob
     ids = [f"{rid}-{i}" for i in range(len(prompts) * req.n)]
     st.engine.admit(ids)
     fields = {**req.sampling_fields(), "logprobs": logprobs, **(sampling or {})}
+    lora = st.lora_modules.get(req.model)
+    if lora is not None:  # the request's model is a LoRA module: its adapter over the base
+        prepare["lora_request"] = lora
     try:
         prepared = await off_loop(lambda: [st.engine.prepare(p, fields, default_max_tokens=default_max_tokens,
                                                              **prepare) for p in prompts])
@@ -272,7 +280,7 @@ def _sse(obj) -> str:
 
 
 async def sse_stream(st: ServerState, chunks: AsyncIterator[dict], choices, rid, obj, include_usage,
-                     generated: bool = True):
+                     generated: bool = True, model: str | None = None):
     """SSE framing, usage chunk, [DONE]; an engine failure mid-stream becomes an error chunk."""
     try:
         async for chunk in chunks:
@@ -280,7 +288,7 @@ async def sse_stream(st: ServerState, chunks: AsyncIterator[dict], choices, rid,
                 chunk["usage"] = None
             yield _sse(chunk)
         if include_usage:
-            yield _sse({"id": rid, "object": obj, "created": int(time.time()), "model": st.model_name,
+            yield _sse({"id": rid, "object": obj, "created": int(time.time()), "model": model or st.model_name,
                         "choices": [], "usage": usage(choices, generated)})
         yield "data: [DONE]\n\n"
     except Exception as e:

@@ -2,12 +2,14 @@
 
 Starts the OpenAI-compatible server (engine/api/) over an AsyncLLM: POST /v1/completions,
 POST /v1/chat/completions (stream or not), POST /tokenize, POST /detokenize, GET /v1/models,
-GET /health (503 once the engine cannot serve), GET /metrics (Prometheus text).
+GET /health (503 once the engine cannot serve), GET /metrics (Prometheus text). With --enable-lora,
+--lora-modules NAME=DIR serves PEFT LoRA adapters as models named NAME (listed by /v1/models).
 """
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import signal
@@ -16,6 +18,7 @@ from ..api.app import build_app
 from ..api.middleware import DEFAULT_MAX_BODY_BYTES, LOOPBACK_HOSTS
 from ..api.tool_parsers import tool_parsers
 from ..chat_template import ChatTemplate, read_template_arg
+from ..core.lora import LoRARequest
 from ..engine_config import EngineConfig
 from .flags import add_dataclass_args, from_args
 
@@ -45,6 +48,9 @@ def add_args(p) -> None:
                    help=f"largest request body; larger gets 413 (default: {DEFAULT_MAX_BODY_BYTES})")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, how long running streams may finish before they are ended (default: 30)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
+                   help='LoRA adapters (PEFT directories) served as models named NAME (with --enable-lora): a '
+                        'request\'s model picks one; also vLLM\'s JSON form \'{"name": NAME, "path": DIR}\'')
     p.add_argument("--log-level", default="info")
     p.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
                    help="engine replicas, each a process of its own, behind this server: requests routed by "
@@ -67,7 +73,15 @@ def run(args) -> int:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", args.host)
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser")
+    modules = lora_modules(args.lora_modules)
+    if modules and not args.enable_lora:
+        raise SystemExit("--lora-modules needs --enable-lora")
     llm = LLM(args.model, config=from_args(EngineConfig, args))
+    for m in modules:  # a bad adapter fails the start, not its first request
+        try:
+            llm.check_lora(m)
+        except ValueError as e:
+            raise SystemExit(f"--lora-modules {m.lora_name}: {e}") from None
     # without a template the server still serves completions; chat requests get a 400 saying so
     template = llm.template(read_template_arg(args.chat_template), hint="pass --chat-template FILE") \
         if args.chat_template else llm.chat_template
@@ -75,7 +89,8 @@ def run(args) -> int:
     app = build_app(engine, api_key=args.api_key, chat_template=template,
                     allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), max_body_bytes=args.max_body_bytes,
                     served_model_names=args.served_model_name,
-                    enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser)
+                    enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+                    lora_modules=modules)
     # this process is the server's: its start-up heap (model, tokenizer, libraries) leaves the
     # cyclic collector's scans, as vLLM does after start-up
     gc.collect()
@@ -87,6 +102,29 @@ def run(args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + BACKSTOP_S)
     return asyncio.run(serve(_Server(config), engine, grace_s=args.shutdown_timeout))
+
+
+def lora_modules(values: list[str] | None) -> list[LoRARequest]:
+    """--lora-modules' NAME=DIR or {"name", "path"} items -> LoRARequests, ids 1, 2, ... in order."""
+    out: dict[str, LoRARequest] = {}
+    for v in values or ():
+        if v.lstrip().startswith("{"):
+            try:
+                d = json.loads(v)
+                name, path = d["name"], d["path"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SystemExit(f"--lora-modules: {v!r} is not {{\"name\": NAME, \"path\": DIR}}") from None
+        else:
+            name, eq, path = v.partition("=")
+            if not eq or not name or not path:
+                raise SystemExit(f"--lora-modules: {v!r} is not NAME=DIR")
+        if name in out:
+            raise SystemExit(f"--lora-modules: the name {name!r} is given twice")
+        try:
+            out[name] = LoRARequest(name, len(out) + 1, path)
+        except ValueError as e:
+            raise SystemExit(f"--lora-modules: {e}") from None
+    return list(out.values())
 
 
 BACKSTOP_S = 2.0  # past --shutdown-timeout, until uvicorn cancels the responses still open

@@ -35,6 +35,12 @@ def block_hash(parent: bytes | None, tokens) -> bytes:
     return h.digest()
 
 
+def lora_root(lora_id: int) -> bytes | None:
+    """The parent of a LoRA request's first block (None: the base model's): each adapter's KV gets a
+    chain of its own. 13 bytes in: no block's input (4 bytes per token, after 0 or 32) has that length."""
+    return hashlib.sha256(b"lora:" + struct.pack("<Q", lora_id)).digest() if lora_id else None
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int = 16, enable_prefix_caching: bool = True,
                  sliding_window: int = 0):
@@ -129,8 +135,8 @@ class BlockManager:
         table, cached, _ = self.admit(token_ids)
         return table, cached
 
-    def admit(self, token_ids: list[int], budget: int | None = None,
-              read_cache: bool = True) -> tuple[list[int], int, bytes | None]:
+    def admit(self, token_ids: list[int], budget: int | None = None, read_cache: bool = True,
+              root: bytes | None = None) -> tuple[list[int], int, bytes | None]:
         """Blocks for a new sequence -> (block_table, num_cached_tokens, the hash of the last cached
         block: the parent of the next one's, for commit).
 
@@ -140,12 +146,12 @@ class BlockManager:
         released at once and the table holds the cached tokens and at most budget more, as many
         as the free blocks hold (at least one token, else RuntimeError). read_cache=False takes no
         hits (a request scoring its prompt needs every position computed); its blocks are still
-        committed for others."""
+        committed for others. root: the first block's parent (lora_root: the adapter's chain)."""
         n = len(token_ids)
         windowed = self.window and budget is not None
         if not windowed and not self.can_allocate(n):
             raise RuntimeError(f"not enough free KV blocks for {n} tokens")
-        table, parent, bs = [], None, self.block_size
+        table, parent, bs = [], root, self.block_size
         if self.enable_prefix_caching and read_cache:
             for i in range((n - 1) // bs):
                 h = block_hash(parent, token_ids[i * bs:(i + 1) * bs])

@@ -13,6 +13,7 @@ import operator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from .lora import LoRARequest
 from .request import RequestError
 from .sampling_params import SamplingParams
 
@@ -24,6 +25,7 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     grammar: Future | None = None    # structured outputs: the template matcher, compiling (core/structured.py)
+    lora: LoRARequest | None = None  # the LoRA adapter it runs with (checked by the engine: LLM.prepare)
 
 
 # ---------------------------------------------------------------- checks (each message once)

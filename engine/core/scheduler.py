@@ -17,6 +17,10 @@ When every layer is windowed (the block manager's window), a sequence holds only
 next queries can see: each step first releases the ones behind the window, a sequence is admitted
 with blocks for its first chunk only, and a chunk shrinks to the free blocks before anyone is
 preempted; so a sequence needs the window's blocks, not its length's.
+
+With LoRA (max_loras), the running sequences use at most max_loras distinct adapters: the runner holds
+that many in its slots, and a waiting sequence whose adapter would be one more waits (others behind it
+go ahead) until a running one's adapter is free again; its prefix-cache chain is its adapter's.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .block_manager import BlockManager
+from .block_manager import BlockManager, lora_root
 
 
 class Status(Enum):
@@ -39,8 +43,10 @@ class Status(Enum):
 class Sequence:
     _counter = itertools.count()  # arrival order only; never reset, carries no state
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params, lora=None):
         self.request_id = request_id
+        self.lora = lora                           # core.lora.LoRARequest or None (the base model)
+        self.lora_id = lora.lora_int_id if lora is not None else 0
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)   # prompt + generated
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -127,6 +133,8 @@ class ScheduledBatch:
     # it has issued the forward -> None | (indices among the sampled rows, int32 bitmask
     # (R, ceil(V / 32)) of the tokens each may draw)
     grammar_bitmask: Callable[[], tuple | None] | None = None
+    # LoRA: the adapter ids of every running sequence (the runner evicts none of them); empty without LoRA
+    running_loras: frozenset = frozenset()
 
     @property
     def num_tokens(self) -> int:
@@ -142,7 +150,7 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 max_model_len: int = 1024):
+                 max_model_len: int = 1024, max_loras: int | None = None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.bm = block_manager
@@ -153,6 +161,8 @@ class Scheduler:
         self.finished_ids: list[str] = []          # handed to the runner with the next batch
         self.num_preemptions = 0
         self.scoring: dict[str, Sequence] = {}     # sequences whose prompt is not all scored yet
+        self.max_loras = max_loras
+        self.lora_counts: dict[int, int] = {}      # adapter id -> running sequences using it
 
     # ---------------------------------------------------------------- requests
     def add(self, seq: Sequence) -> None:
@@ -166,6 +176,7 @@ class Scheduler:
             return
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
+            self._lora_count(seq, -1)
         else:
             self.waiting.remove(seq)
         self.bm.free(seq.block_table)
@@ -177,8 +188,22 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---------------------------------------------------------------- scheduling
+    def _lora_count(self, seq: Sequence, delta: int) -> None:
+        if seq.lora_id:
+            n = self.lora_counts.get(seq.lora_id, 0) + delta
+            if n:
+                self.lora_counts[seq.lora_id] = n
+            else:
+                del self.lora_counts[seq.lora_id]
+
+    def _lora_waits(self, seq: Sequence) -> bool:
+        """Whether seq's adapter would be one more than the slots hold beside the running ones'."""
+        return (seq.lora_id != 0 and self.max_loras is not None and seq.lora_id not in self.lora_counts
+                and len(self.lora_counts) >= self.max_loras)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._lora_count(seq, -1)
         self.bm.free(seq.block_table)
         seq.status, seq.num_computed_tokens, seq.num_hashed_blocks = Status.WAITING, 0, 0
         seq.parent_hash = None
@@ -223,18 +248,24 @@ class Scheduler:
             sample.append(done + n == total)
             budget -= n
         # admit waiting sequences (not after a preemption: memory is short)
+        held: list[Sequence] = []  # waiting for an adapter slot: they keep their places
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self._lora_waits(seq):
+                held.append(self.waiting.popleft())
+                continue
             # room for all its tokens plus the next one, so its first decode step has a slot; windowed,
             # room for the window's band (what it holds while it decodes) and blocks for its first chunk
             if not self.bm.can_allocate(self.bm.held_tokens(seq.num_tokens + 1)):
                 break
             self.waiting.popleft()
             seq.block_table, cached, seq.parent_hash = self.bm.admit(seq.token_ids, budget if windowed else None,
-                                                                     seq.request_id not in self.scoring)
+                                                                     seq.request_id not in self.scoring,
+                                                                     lora_root(seq.lora_id))
             seq.num_computed_tokens = seq.num_cached_tokens = cached
             seq.num_hashed_blocks = cached // self.bm.block_size
             seq.status = Status.RUNNING
+            self._lora_count(seq, 1)
             bisect.insort(self.running, seq, key=_arrival)  # arrival order, whatever order waiting holds
             n = min(seq.num_tokens, len(seq.block_table) * bs) - cached
             n = n if n <= budget else budget
@@ -242,8 +273,11 @@ class Scheduler:
             counts.append(n)
             sample.append(cached + n == seq.num_tokens)
             budget -= n
+        for seq in reversed(held):
+            self.waiting.appendleft(seq)
         finished, self.finished_ids = self.finished_ids, []
-        return ScheduledBatch(seqs, counts, sample, finished, self._score(seqs, counts) if self.scoring else None)
+        return ScheduledBatch(seqs, counts, sample, finished, self._score(seqs, counts) if self.scoring else None,
+                              running_loras=frozenset(self.lora_counts))
 
     def _score(self, seqs: list[Sequence], counts: list[int]) -> list[tuple[int, int] | None] | None:
         """The prompt positions each sequence scores this step: those it computes and has not scored."""

@@ -8,6 +8,7 @@ GPT.pack_for_cpu packed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -15,11 +16,15 @@ import torch.nn.functional as F
 
 from gpt_engine.kernels import (decode_layer, decode_layer_applies, flash_attention, flash_attention_varlen, glu,
                                 layer_norm, pack_layer, paged_attention, rms_norm, rope_, store_kvcache)
+from gpt_engine.kernels.reference import ACTIVATIONS
 
 from .config import ModelConfig
 from .formats import Dense, WeightFormat
 from .parallel import TPGroup, local_heads
 from .rope import Rotary
+
+if TYPE_CHECKING:
+    from .lora import LoRASlots, LoRAStep
 
 
 @dataclass
@@ -37,6 +42,7 @@ class StepMeta:
     # (N,) int64, dynamic/longrope rope only: the sequence length each new token is rotated for where it is
     # not position + 1 (a prompt's tokens, rotated for the whole prompt as transformers' prefill does)
     rope_seq_lens: torch.Tensor | None = None
+    lora: LoRAStep | None = None  # the tokens' LoRA adapters, when any token has one (models/lora.py)
 
 
 class Norm(nn.Module):
@@ -61,20 +67,25 @@ class Norm(nn.Module):
 
 class Linear(nn.Module):
     """act(x @ W^T + b), W (d_out, d_in) held in one weight format (formats.py): the float parameter
-    `weight` until GPT.set_weight_format or GPT.pack_for_cpu give it another. reduce: a row-parallel
-    layer's tensor-parallel group, whose ranks' partial outputs it sums (parallel.py)."""
+    `weight` until GPT.set_weight_format or GPT.pack_for_cpu give it another. With LoRA slots (`lora`,
+    models/lora.py) and a step's LoRAStep, each token's adapter update is added before the activation.
+    reduce: a row-parallel layer's tensor-parallel group, whose ranks' partial outputs it sums (parallel.py)."""
+    lora: LoRASlots | None = None
 
     def __init__(self, d_in, d_out, bias, activation=None, reduce: TPGroup | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(d_out, d_in))
-        self.in_features = d_in
+        self.in_features, self.out_features = d_in, d_out
         self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
         self.activation, self.reduce = activation, reduce
         self.format: WeightFormat = Dense(self)
         nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, x):
-        y = self.format.apply(x, self.bias, self.activation)
+    def forward(self, x, lora: LoRAStep | None = None):
+        if lora is None or self.lora is None:
+            y = self.format.apply(x, self.bias, self.activation)
+        else:
+            y = ACTIVATIONS[self.activation](self.lora.add_to(self.format.apply(x, self.bias), x, lora))
         return y if self.reduce is None else self.reduce.all_reduce(y)
 
 
@@ -93,10 +104,10 @@ class Attention(nn.Module):
         # one Rotary (its cos/sin tables) shared by every layer: GPT passes it in
         self.rotary = (rotary if rotary is not None else Rotary(cfg)) if cfg.positions == "rotary" else None
 
-    def _qkv(self, x, positions, rope=None):
+    def _qkv(self, x, positions, rope=None, lora=None):
         # (..., C) -> q (..., h, d), k and v (..., hkv, d): views of one fused projection
         h, hkv = self.h, self.hkv
-        t = self.qkv(x).unflatten(-1, (h + 2 * hkv, self.d))
+        t = self.qkv(x, lora).unflatten(-1, (h + 2 * hkv, self.d))
         inplace = decode_layer_applies(t, ()) and t.is_contiguous()  # CPU inference: one pass each, in place
         if self.q_norm is not None:
             q, k = self.q_norm(t[..., :h, :]), self.k_norm(t[..., h:h + hkv, :])
@@ -122,7 +133,7 @@ class Attention(nn.Module):
 
     def step(self, x, positions, cache, meta: StepMeta, rope=None):
         # x (N, C) packed new tokens; cache = (k_cache, v_cache) each (blocks, block_size, hkv, d)
-        q, k, v = self._qkv(x, positions, rope)
+        q, k, v = self._qkv(x, positions, rope, meta.lora)
         k_cache, v_cache = cache
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         attn = dict(softmax_scale=self.scale, window_size=self.window)
@@ -135,7 +146,7 @@ class Attention(nn.Module):
             o = flash_attention_varlen(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
                                        meta.max_seqlen_q, meta.max_seqlen_k, causal=True,
                                        block_table=meta.block_table, **attn)
-        return self.proj(o.flatten(-2))
+        return self.proj(o.flatten(-2), meta.lora)
 
 
 class MLP(nn.Module):
@@ -149,14 +160,14 @@ class MLP(nn.Module):
             self.fc = Linear(cfg.d_model, f, cfg.mlp_bias, activation=cfg.activation)
         self.proj = Linear(f, cfg.d_model, cfg.mlp_bias, reduce=tp)
 
-    def forward(self, x):
-        h = self.fc(x)
+    def forward(self, x, lora: LoRAStep | None = None):
+        h = self.fc(x, lora)
         if self.gated and decode_layer_applies(h, ()):  # CPU inference: one pass, not three
             h = glu(h, self.activation)
         elif self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = (F.silu(gate) if self.activation == "silu" else F.gelu(gate, approximate="tanh")) * up
-        return self.proj(h)
+        return self.proj(h, lora)
 
 
 class Block(nn.Module):
@@ -176,11 +187,12 @@ class Block(nn.Module):
         # pre-norm with the residual add fused into each norm: returns (sublayer output, residual stream)
         h, residual = self.norm1(x, residual) if residual is not None else (self.norm1(x), x)
         a = self.attn(h, positions, rope) if meta is None else self.attn.step(h, positions, cache, meta, rope)
+        lora = None if meta is None else meta.lora
         if not self.parallel:
             h, residual = self.norm2(a, residual)
-            return self.mlp(h), residual
+            return self.mlp(h, lora), residual
         # parallel: attention and MLP both read the stream; the next norm adds their sum to it
-        return a + self.mlp(h if self.norm2 is None else self.norm2(residual)), residual
+        return a + self.mlp(h if self.norm2 is None else self.norm2(residual), lora), residual
 
     def pack_for_cpu(self) -> None:
         """The fused decode layer (kernels.pack_layer) over the GEMMs' CPU packs, sharing their
@@ -200,9 +212,10 @@ class Block(nn.Module):
 
     def decode_step(self, x, residual, positions, cache, meta: StepMeta, rope):
         """forward() for a decode step: once packed (CPU fp32), the whole layer is one call into
-        gpt_engine.kernels._C."""
+        gpt_engine.kernels._C; a step with LoRA adapters runs the layer GEMM by GEMM, each adding its
+        low-rank update."""
         layer = self.packed
-        if layer is None or not decode_layer_applies(x, ()):
+        if layer is None or meta.lora is not None or not decode_layer_applies(x, ()):
             return self(x, residual, positions, cache, meta)
         return decode_layer(x, residual, layer, *cache, meta.slot_mapping, meta.block_table, meta.seq_lens, rope,
                             *self.decode_args, parallel=self.parallel)

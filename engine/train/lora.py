@@ -122,8 +122,9 @@ class LoRALinear(Linear):
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
-    def forward(self, x):
-        # x (..., K) -> (..., N): the base GEMM plus u @ B_all^T in one addmm, then the activation
+    def forward(self, x, lora=None):
+        # x (..., K) -> (..., N): the base GEMM plus u @ B_all^T in one addmm, then the activation (lora: the
+        # serving engine's per-token adapters, which a training model never has)
         y = self.format.apply(x, self.bias, None)
         u = torch.cat([self.dropout(x) @ a.t() for a in self.lora_A], dim=-1) * self.scaling  # (..., P * r)
         y = torch.addmm(y.flatten(0, -2), u.flatten(0, -2), self.stacked_b().t()).view_as(y)

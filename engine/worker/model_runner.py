@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..worker import hugepages
+from .lora import LoRAManager
 from ..models.layers import StepMeta
 from ..models.rope import seq_dependent_rope
 from .sampler import Sampler
@@ -88,7 +89,7 @@ class ModelRunner:
     def __init__(self, model, block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  max_model_len: int = 1024, num_kv_blocks: int | None = None, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool | None = None, seed: int | None = None,
-                 eos_token_ids=()):
+                 eos_token_ids=(), max_loras: int = 0, max_lora_rank: int = 16):
         self.model = model
         self.tp = model.tp  # a tensor-parallel rank: the ranks agree on the pool and run each step together
         self.eos_token_ids = list(eos_token_ids)   # min_tokens bans them with each request's stop_token_ids
@@ -104,6 +105,8 @@ class ModelRunner:
         self.sampler = Sampler(seed)
         self.generators: dict[str, torch.Generator] = {}   # seeded requests' own random streams
         self.rows: dict[str, tuple] = {}                    # table_rows' kept rows
+        # LoRA slots (max_loras > 0), allocated before the KV cache is sized to what is left
+        self.loras = LoRAManager(model, max_loras, max_lora_rank, self.dtype, self.device) if max_loras else None
         self.num_blocks = self._num_blocks(num_kv_blocks, kv_cache_tokens, gpu_memory_utilization)
         if self.tp is not None:
             self.num_blocks = self.tp.comm.min(self.num_blocks)
@@ -209,7 +212,9 @@ class ModelRunner:
         """One model step -> (logits (S, V) of the sampled rows, in batch order; None, or per sequence
         the prompt logprobs of the positions the batch scores (ScheduledBatch.score))."""
         ids, pos, slots, seq_lens, cu_q, cu_k, tables, logits_idx = self.prepare(batch)
-        if batch.is_decode and batch.score is None and self.graphs and len(batch) <= max(self.graphs):
+        lora = self.loras.step(batch) if self.loras is not None else None
+        # the decode graphs were captured without adapters
+        if batch.is_decode and batch.score is None and lora is None and self.graphs and len(batch) <= max(self.graphs):
             return self._replay(ids, pos, slots, seq_lens, batch.seqs)[:len(batch)][
                 torch.tensor(logits_idx, device=self.device) if len(logits_idx) != len(batch) else slice(None)], None
         # the width rounded up to a power of two: kept rows stay valid while the batch's longest
@@ -226,16 +231,17 @@ class ModelRunner:
                           None if batch.score is None else score_rows(batch, cu_q))
         if self.tp is not None:  # every rank runs the same step (tensor_parallel.py)
             self.tp.comm.broadcast_object(step)
-        return self.forward(step)
+        return self.forward(step, lora)
 
     @torch.no_grad()
-    def forward(self, s: "StepInputs") -> tuple[torch.Tensor, list | None]:
-        """The model step of execute, from its host-side inputs (what a tensor-parallel worker gets)."""
+    def forward(self, s: "StepInputs", lora=None) -> tuple[torch.Tensor, list | None]:
+        """The model step of execute, from its host-side inputs (what a tensor-parallel worker gets); lora:
+        the step's LoRAStep (worker/lora.py), with LoRA."""
         table = self._to(s.tables, torch.int32).view(len(s.seq_lens), s.width)
         meta = StepMeta(slot_mapping=self._to(s.slots, torch.long), block_table=table,
                         seq_lens=self._to(s.seq_lens, torch.int32), cu_seqlens_q=self._to(s.cu_q, torch.int32),
                         cu_seqlens_k=self._to(s.cu_k, torch.int32), max_seqlen_q=s.max_seqlen_q,
-                        max_seqlen_k=max(s.seq_lens), decode=s.decode, fresh=s.cu_q == s.cu_k)
+                        max_seqlen_k=max(s.seq_lens), decode=s.decode, fresh=s.cu_q == s.cu_k, lora=lora)
         if s.rope_lens is not None:
             meta.rope_seq_lens = self._to(s.rope_lens, torch.long)
         li = None if len(s.logits_idx) == len(s.ids) else self._to(s.logits_idx, torch.long)
