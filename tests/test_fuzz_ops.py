@@ -32,7 +32,7 @@ from .helpers import layer_weights
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 PROFILES = {
-    "bounded": dict(max_examples=20, derandomize=True, deadline=None, database=None, print_blob=True,
+    "bounded": dict(max_examples=40, derandomize=True, deadline=None, database=None, print_blob=True,
                     suppress_health_check=_SLOW_OK),
     "fuzz": dict(max_examples=400, deadline=None, database=None, print_blob=True, suppress_health_check=_SLOW_OK),
 }
