@@ -34,7 +34,7 @@ _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 PROFILES = {
     "bounded": dict(max_examples=40, derandomize=True, deadline=None, database=None, print_blob=True,
                     suppress_health_check=_SLOW_OK),
-    "fuzz": dict(max_examples=400, deadline=None, database=None, print_blob=True, suppress_health_check=_SLOW_OK),
+    "fuzz": dict(max_examples=2000, deadline=None, database=None, print_blob=True, suppress_health_check=_SLOW_OK),
 }
 _PROFILE = os.environ.get("GPT_ENGINE_FUZZ", "bounded")
 if _PROFILE not in PROFILES:
