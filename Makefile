@@ -19,7 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 BENCH_PATH = mkdir -p build/bench-path && ln -sfn $(CURDIR)/benchmarks build/bench-path/benchmarks \
 	&& PYTHONPATH=$(CURDIR)/build/bench-path
 
-.PHONY: setup run chat test bench constraints gpu-check cutlass clean mutate
+.PHONY: setup run chat test fuzz sanitize bench constraints gpu-check cutlass clean mutate
 
 $(VPY):
 	$(PY) -m venv $(VENV) --system-site-packages
@@ -50,6 +50,44 @@ chat: setup
 # pytest exits 5 when it collects nothing: not a failure here
 test: setup
 	$(VPY) -m pytest -q -m "not gpu" -p no:cacheprovider || [ $$? -eq 5 ]
+
+# property-based fuzzing of every public kernel op (tests/test_fuzz_ops.py) with many examples, from a
+# new seed each run (printed first; FUZZ_SEED=N make fuzz replays that run); make test runs its
+# bounded, derandomized profile
+fuzz: setup
+	seed=$${FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; echo "make fuzz: FUZZ_SEED=$$seed"; \
+	GPT_ENGINE_FUZZ=fuzz $(VPY) -m pytest -q -p no:cacheprovider tests/test_fuzz_ops.py --hypothesis-seed=$$seed
+
+# gpt_engine.kernels._C built with AddressSanitizer + UndefinedBehaviorSanitizer (CPU only) into
+# build/sanitize (the normal build untouched), then the tests that reach every entry point of
+# csrc/bindings.cpp run on it: a package layout there (engine/, kernels/ and the sanitized _C) goes
+# first on PYTHONPATH, and the sanitizers' runtimes are preloaded (python itself is not
+# instrumented). Python's own allocations live until exit: no leak check.
+SAN := build/sanitize
+SAN_TESTS := tests/test_fuzz_ops.py \
+	$(addprefix tests/test_decode_layer.py::test_,matches_reference traits_match_reference window_matches_reference \
+		errors packed_gemm packed_gemm_errors glu partial_rope) \
+	tests/test_attention.py::test_varlen_cpu_kernel $(addprefix tests/test_attention.py::test_varlen_cpu_kernel_,paged \
+		takes_strided_offsets errors window paged_window) \
+	$(addprefix tests/test_paged_attention.py::test_,decode_fp32 decode_cpu_bf16_fp64 decode_cpu_strided_q \
+		cpu_kernel_rejects_bad_tables store_kvcache decode_window_fp32 decode_window_reads_only_its_blocks) \
+	$(addprefix tests/test_quant.py::test_,packed_int8 packed_w8a8 packed_bf16 packed_low_errors decode_layer_low \
+		packed_rows unpack_linear_roundtrip) \
+	$(addprefix tests/test_norm.py::test_,backward_fp32_vs_float64_reference low_precision_within_2x_torch \
+		bindings_validate_inputs) \
+	$(addprefix tests/test_linear.py::test_,cpu_gemm_vs_reference cpu_gemm_errors \
+		backward_gemm_bindings_check_their_input) \
+	tests/test_debug_checks.py::test_bad_indices_raise
+SAN_ENV := PYTHONPATH=$(CURDIR)/$(SAN)/pkg \
+	LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so) $$($${CXX:-c++} -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+sanitize: setup
+	GPT_ENGINE_SANITIZE=1 MAX_JOBS=$$(nproc) $(VPY) setup.py -q build_ext --build-temp $(SAN)/tmp --build-lib $(SAN)/lib
+	rm -rf $(SAN)/pkg && mkdir -p $(SAN)/pkg && cp -r engine $(SAN)/pkg/gpt_engine && cp -r kernels $(SAN)/pkg/gpt_engine/
+	rm -f $(SAN)/pkg/gpt_engine/kernels/_C*.so && cp $(SAN)/lib/gpt_engine/kernels/_C*.so $(SAN)/pkg/gpt_engine/kernels/
+	$(SAN_ENV) $(VPY) -c "import torch, gpt_engine.kernels._C as c; assert '$(SAN)/pkg' in c.__file__ and not c.has_cuda()"
+	$(SAN_ENV) $(VPY) -m pytest -q -m "not gpu" -p no:cacheprovider $(SAN_TESTS) -k "not triton"
 
 # mutation run over the core modules (kv_cache, scheduler, sampling, stop check, auth, error
 # mapping, attention offsets, norms): each named mutation in .ci/mutate.py is applied to a temporary

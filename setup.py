@@ -9,7 +9,8 @@ from torch.utils import cpp_extension as ext
 
 def _cuda_build() -> bool:
     import torch
-    return torch.version.cuda is not None and ext.CUDA_HOME is not None and os.environ.get("GPT_ENGINE_CPU_ONLY") != "1"
+    cpu_only = os.environ.get("GPT_ENGINE_CPU_ONLY") == "1" or os.environ.get("GPT_ENGINE_SANITIZE") == "1"
+    return torch.version.cuda is not None and ext.CUDA_HOME is not None and not cpu_only
 
 
 def _cutlass_include() -> list[str]:
@@ -27,6 +28,9 @@ cpp = sorted(glob.glob("csrc/*.cpp"))
 cu = sorted(glob.glob("csrc/*.cu"))
 # -fopenmp: without it at::parallel_for in the CPU kernels runs on one thread
 cxx, link = ["-O3", "-std=c++17", "-fopenmp"], ["-fopenmp"]
+if os.environ.get("GPT_ENGINE_SANITIZE") == "1":  # `make sanitize`: ASan + UBSan, CPU only, into build/sanitize
+    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+    cxx, link = ["-O1", "-g", "-std=c++17", "-fopenmp"] + san, ["-fopenmp"] + san
 
 if _cuda_build():
     # the Hopper GEMMs (gemm_sm90_*.cu) need CUTLASS; without it gemm.cu's mma.sync kernel serves alone

@@ -2,6 +2,7 @@
 // shapes them for its kernel and dispatches on device; the public ops' check_* functions are bound
 // as well, for the Python ops' Triton and torch paths.
 #include <c10/core/DeviceGuard.h>
+#include <c10/util/accumulate.h>
 
 #include <vector>
 
@@ -16,6 +17,9 @@ namespace {
 #endif
 
 OptT opt(const OptT& t) { return present(t) ? t : OptT(); }  // None and an undefined tensor alike
+
+// x (..., n) as (rows, n); reshape({-1, n}) cannot infer the rows of an empty x
+at::Tensor rows_of(const at::Tensor& x) { return x.dim() == 1 ? x.unsqueeze(0) : x.flatten(0, -2); }
 
 // x's leading dims with a last dim of n
 std::vector<int64_t> with_last(const at::Tensor& x, int64_t n) {
@@ -33,8 +37,8 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const OptT& residual, cons
   check_norm_fwd(x, residual, weight, bias, eps);
   const int64_t n = x.size(-1);
   const auto t = x.scalar_type();
-  const at::Tensor x2 = x.reshape({-1, n}).contiguous(), w = weight.to(t).contiguous();
-  const OptT r = present(residual) ? OptT(residual->reshape({-1, n}).contiguous()) : OptT();
+  const at::Tensor x2 = rows_of(x).contiguous(), w = weight.to(t).contiguous();
+  const OptT r = present(residual) ? OptT(rows_of(*residual).contiguous()) : OptT();
   const OptT b = present(bias) ? OptT(bias->to(t).contiguous()) : OptT();
   const c10::DeviceGuard guard(x.device());
 #ifdef WITH_CUDA
@@ -50,7 +54,7 @@ std::vector<at::Tensor> norm_fwd(const at::Tensor& x, const OptT& residual, cons
 
 at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act) {
   check_linear_packed(x, pw, bias, N, act);
-  const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  const at::Tensor x2 = rows_of(x).contiguous();
   const OptT b = present(bias) ? OptT(bias->contiguous()) : OptT();
   const at::Tensor y = pw.scalar_type() == at::kFloat ? linear_cpu_packed(x2, pw, b, N, act)
                                                       : quant_cpu_packed(x2, pw, b, N, act);
@@ -60,7 +64,8 @@ at::Tensor linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& 
 // In place: the first `heads` heads of t (..., heads', D), their first R dims rotated by cos, sin (..., R/2)
 void rope_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
   check_rope(t, cos, sin, heads);
-  const int64_t h = t.size(-2), D = t.size(-1), N = h * D > 0 ? t.numel() / (h * D) : 0, r = cos.size(-1);
+  const int64_t h = t.size(-2), D = t.size(-1), N = c10::multiply_integers(t.sizes().slice(0, t.dim() - 2));
+  const int64_t r = cos.size(-1);
   at::Tensor t3 = t.dim() == 3 ? t : t.view({N, h, D});
   rope_cpu_(t3, cos.reshape({N, r}).contiguous(), sin.reshape({N, r}).contiguous(), heads);
 }
@@ -98,7 +103,7 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& dy, const at::Tensor& h, cons
 std::vector<at::Tensor> gemm(const at::Tensor& a, const at::Tensor& b, const OptT& bias, int64_t act,
                              bool save_preact) {
   check_gemm(a, b, bias, act, save_preact);
-  const at::Tensor a2 = a.reshape({-1, a.size(-1)}).contiguous();
+  const at::Tensor a2 = rows_of(a).contiguous();
   const OptT c = present(bias) ? OptT(bias->contiguous()) : OptT();
   std::vector<at::Tensor> out;
   if (a.device().is_cpu()) {
@@ -135,7 +140,7 @@ at::Tensor packed_rows(const at::Tensor& pw, const at::Tensor& ids, int64_t N) {
 // f (..., 2 ff) = [gate | up] -> act(gate) * up (..., ff), CPU float32; act silu, or GELU's tanh form
 at::Tensor glu(const at::Tensor& f, bool gelu_tanh) {
   check_glu(f);
-  const at::Tensor y = glu_cpu(f.reshape({-1, f.size(-1)}).contiguous(), gelu_tanh);
+  const at::Tensor y = glu_cpu(rows_of(f).contiguous(), gelu_tanh);
   return f.dim() == 2 ? y : y.view(with_last(f, f.size(-1) / 2));
 }
 
@@ -201,7 +206,7 @@ std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, 
                                      const at::Tensor& seq_lens, const OptT& cos, const OptT& sin, int64_t n_head,
                                      double eps, bool rms, int64_t act, double scale, int64_t window_left,
                                      int64_t parallel) {
-  check_decode_layer(x, w, n, k_cache, opt(cos), opt(sin), n_head, act, window_left, parallel);
+  check_decode_layer(x, w, n, k_cache, v_cache, opt(cos), opt(sin), n_head, rms, act, window_left, parallel);
   return decode_layer_cpu(x, opt(residual), w, n, k_cache, v_cache, slot_mapping, block_table, seq_lens, opt(cos),
                           opt(sin), n_head, eps, rms, act, scale, window_left, parallel);
 }

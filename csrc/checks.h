@@ -58,7 +58,10 @@ void check_varlen_indices(const at::Tensor& cu_q, const at::Tensor& cu_k, int64_
 void check_kernel_device(const char* name, const at::Tensor& x);  // CPU, or CUDA in a CUDA build
 void check_kernel_dtype(const char* name, const at::Tensor& x);   // float32, float16 or bfloat16
 void check_cpu_float32(const char* op, const char* name, const at::Tensor& x);
-void check_rows(const char* name, const at::Tensor& x);  // (N, heads, D), each row dense
+// (N, heads, D) with each row dense (rows may be strided, as split from a fused projection); sizes
+// 0 and 1 have no stride to keep
+bool rows_dense(const at::Tensor& x);
+void check_rows(const char* name, const at::Tensor& x);
 void check_contiguous(const char* name, const at::Tensor& x);
 // a weight packed by linear_pack / kernels.packed.pack_linear, of K inputs (-1: any) and N rows
 void check_packed(const char* op, const at::Tensor& pw, int64_t K, int64_t N);
@@ -84,5 +87,5 @@ void check_varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& cu_q, const at::Tensor& cu_k, const OptT& block_table,
                                 int64_t left, int64_t right);
 void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const std::vector<int64_t>& n,
-                        const at::Tensor& k_cache, const OptT& cos, const OptT& sin, int64_t n_head, int64_t act,
-                        int64_t window_left, int64_t parallel);
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, const OptT& cos, const OptT& sin,
+                        int64_t n_head, bool rms, int64_t act, int64_t window_left, int64_t parallel);

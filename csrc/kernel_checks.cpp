@@ -1,6 +1,8 @@
 // The C++ entry points' own rules (bindings.cpp): what their kernels take beyond the public ops'
 // rules (checks.cpp), which the entry points of public ops run first. The Python ops route only
 // input that passes these to the C++ kernels; a direct call with anything else raises.
+#include <c10/util/accumulate.h>
+
 #include <algorithm>
 #include <string>
 
@@ -28,9 +30,13 @@ void check_cpu_float32(const char* op, const char* name, const at::Tensor& x) {
                    " must be a CPU float32 tensor, got ", dtype_name(x.scalar_type()), " on ", x.device());
 }
 
+bool rows_dense(const at::Tensor& x) {
+  return x.dim() == 3 && (x.size(2) <= 1 || x.stride(2) == 1) && (x.size(1) <= 1 || x.stride(1) == x.size(2));
+}
+
 void check_rows(const char* name, const at::Tensor& x) {
   check_dims(name, x, 3);
-  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), name, "[i] must be contiguous, got strides ", x.strides());
+  TORCH_CHECK(rows_dense(x), name, "[i] must be contiguous, got strides ", x.strides());
 }
 
 void check_contiguous(const char* name, const at::Tensor& x) {
@@ -67,7 +73,10 @@ void check_linear_pack(const at::Tensor& w) {
 void check_linear_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bias, int64_t N, int64_t act) {
   check_cpu_float32("linear_packed", "x", x);
   TORCH_CHECK_VALUE(x.dim() >= 1, "linear_packed: x must be (..., K), got shape ", x.sizes());
-  check_packed("linear_packed", pw, x.size(-1), N);
+  check_packed("linear_packed", pw, -1, N);
+  const int64_t K = packed_geometry(pw).first;
+  TORCH_CHECK_VALUE(x.size(-1) == K, "linear_packed: x must be (..., ", K, ") for this packed weight of ", K,
+                    " input features, got shape ", x.sizes());
   if (present(bias)) {
     check_cpu_float32("linear_packed", "bias", *bias);
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "linear_packed: bias must be (", N, ",), got ",
@@ -97,10 +106,10 @@ void check_glu(const at::Tensor& f) {
 void check_rope(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
   check_cpu_float32("rope_", "t", t);
   TORCH_CHECK_VALUE(t.dim() >= 2, "rope_: t must be (..., heads, D), got shape ", t.sizes());
-  const int64_t h = t.size(-2), D = t.size(-1), N = h * D > 0 ? t.numel() / (h * D) : 0;
+  const int64_t h = t.size(-2), D = t.size(-1), N = c10::multiply_integers(t.sizes().slice(0, t.dim() - 2));
   // the kernel steps over rows of heads x D: 3-D rows may be strided (split from a fused projection)
-  TORCH_CHECK(t.dim() == 3 ? t.stride(2) == 1 && t.stride(1) == D : t.is_contiguous(),
-              "rope_: t must be contiguous (3-D: each row dense), got strides ", t.strides());
+  TORCH_CHECK_VALUE(t.dim() == 3 ? rows_dense(t) : t.is_contiguous(),
+                    "rope_: t must be contiguous (3-D: each row dense), got strides ", t.strides());
   TORCH_CHECK_VALUE(D % 2 == 0 && heads >= 0 && heads <= h, "rope_: needs an even head dim and 0 <= heads <= ", h,
                     ", got D = ", D, ", heads = ", heads);
   // partial rotary (GPT-NeoX's rotary_pct, Phi): cos, sin of width R/2 rotate each head's first R dims
@@ -109,8 +118,9 @@ void check_rope(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& si
                     ", got cos ", cos.sizes());
   for (const auto& [r, name] : {std::pair{&cos, "cos"}, {&sin, "sin"}}) {
     check_cpu_float32("rope_", name, *r);
-    TORCH_CHECK_VALUE(r->dim() > 0 && r->size(-1) == half && r->numel() == N * half, "rope_: cos and sin must be "
-                      "(..., R/2) for (", N, ", ", half, ") rows, got ", name, " ", r->sizes());
+    const bool rows = r->dim() > 0 && c10::multiply_integers(r->sizes().slice(0, r->dim() - 1)) == N;
+    TORCH_CHECK_VALUE(rows && r->size(-1) == half, "rope_: cos and sin must be (..., R/2) for (", N, ", ", half,
+                      ") rows, got ", name, " ", r->sizes());
   }
 }
 
@@ -219,8 +229,8 @@ void check_act_bwd(const at::Tensor& dy, const at::Tensor& z, int64_t act) {
 
 // The layer's geometry; the ops it runs (bindings.cpp's entry points) check their own inputs
 void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const std::vector<int64_t>& n,
-                        const at::Tensor& k_cache, const OptT& cos, const OptT& sin, int64_t n_head, int64_t act,
-                        int64_t window_left, int64_t parallel) {
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, const OptT& cos, const OptT& sin,
+                        int64_t n_head, bool rms, int64_t act, int64_t window_left, int64_t parallel) {
   check_cpu_float32("decode_layer", "x", x);
   TORCH_CHECK_VALUE(x.dim() == 2, "decode_layer: x must be 2-D (B, C), got ", x.sizes());
   TORCH_CHECK_VALUE(w.size() == 12 || w.size() == 14, "decode_layer: w must hold the layer's 12 tensors (14 with "
@@ -231,9 +241,15 @@ void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const s
     TORCH_CHECK_VALUE(present(w[i]) || (i == 6 && parallel == 2), "decode_layer: w[", i, "] (a weight) is missing");
   TORCH_CHECK_VALUE(parallel != 2 || (!present(w[6]) && !present(w[7])), "decode_layer: parallel 2 (GPT-J) runs the "
                     "MLP on norm1's output: norm2's weight and bias must be None");
+  // the reference's RMSNorm has no bias: one given would be added here and ignored there
+  TORCH_CHECK_VALUE(!rms || (!present(w[1]) && !present(w[7])), "decode_layer: rms norms take no bias, but the "
+                    "layer holds norm1's or norm2's bias");
   check_act("decode_layer", act, 5);
   TORCH_CHECK_VALUE(present(cos) == present(sin), "decode_layer: give both cos and sin, or neither");
   check_float("k_cache", k_cache, 4);
+  // the cache write's rule (a RuntimeError there, for direct calls), a ValueError of this public op
+  TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_layer: k_cache and v_cache must "
+                    "be contiguous");
   const int64_t Hkv = k_cache.size(2), D = k_cache.size(3);
   check_head_dim(D);  // before the layer writes the cache
   for (size_t i = 12; i < w.size(); ++i)
@@ -252,7 +268,7 @@ void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const s
   for (size_t j = 0; j < 4; ++j) check_packed("decode_layer", *w[kGemms[j]], -1, n[j]);
   const int64_t C = x.size(1), F = packed_geometry(*w[10]).first;
   TORCH_CHECK_VALUE(n[0] == (n_head + 2 * Hkv) * D && n[1] == C && n[3] == C && n[2] == (act >= 4 ? 2 * F : F),
-                    "decode_layer: the GEMMs' output features n = ", c10::IntArrayRef(n), " do not fit C = ", C,
-                    ", (", n_head, " + 2 x ", Hkv, ") heads x ", D, ", MLP width ", F);
+                    "decode_layer: the layer's GEMM output features n = ", c10::IntArrayRef(n), " do not fit x's C = ",
+                    C, ", (n_head ", n_head, " + 2 x k_cache's ", Hkv, ") heads x ", D, ", MLP width ", F);
   check_window(window_left, -1);
 }

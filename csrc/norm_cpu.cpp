@@ -52,8 +52,14 @@ HOT void fwd_rows(const T* x, const T* res, const float* wf, const float* bf, T*
     }
     float mu = 0.f;
     if (!rms) {
-      mu = sum8(buf, n) / n;
-      for (int64_t i = 0; i < n; ++i) buf[i] -= mu;  // centred: two-pass variance, no cancellation
+      // centred (two-pass variance, no cancellation) about the row's first value first: a constant
+      // row then centres to exact zeros, not to the rounding of sum / n, which rstd ~ 1 / sqrt(eps)
+      // would blow up
+      const float x0 = buf[0];
+      for (int64_t i = 0; i < n; ++i) buf[i] -= x0;
+      const float d = sum8(buf, n) / n;
+      for (int64_t i = 0; i < n; ++i) buf[i] -= d;
+      mu = x0 + d;
     }
     const float rs = 1.0f / std::sqrt(dot8(buf, buf, n) / n + eps);
     for (int64_t i = 0; i < n; ++i) tmp[i] = buf[i] * rs * wf[i] + bf[i];

@@ -31,8 +31,10 @@ def _eager_cpu_fp32(x: torch.Tensor) -> bool:
 
 
 def rows_dense(x: torch.Tensor) -> bool:
-    """(N, heads, D) whose rows may be strided but each row is dense, as split from a fused projection."""
-    return x.dim() == 3 and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]
+    """(N, heads, D) whose rows may be strided but each row is dense, as split from a fused projection
+    (csrc/kernel_checks.cpp's rule: sizes 0 and 1 have no stride to keep)."""
+    return (x.dim() == 3 and (x.shape[2] <= 1 or x.stride(2) == 1)
+            and (x.shape[1] <= 1 or x.stride(1) == x.shape[2]))
 
 
 def use_triton(x: torch.Tensor) -> bool:

@@ -99,7 +99,8 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
 
 def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     h = _acc(x) if residual is None else _acc(x) + _acc(residual)
-    y = F.layer_norm(h, h.shape[-1:], _acc(weight), None if bias is None else _acc(bias), eps)
+    # weight and bias in another float dtype (fp32 masters of a float64 x, or the reverse) computed in h's
+    y = F.layer_norm(h, h.shape[-1:], weight.to(h.dtype), None if bias is None else bias.to(h.dtype), eps)
     return y.to(x.dtype) if residual is None else (y.to(x.dtype), h.to(x.dtype))
 
 
@@ -194,7 +195,7 @@ def linear_w8a8(x, q, scale, bias=None, activation=None):
     dots = torch.einsum("mbk,nbk->mnb", qx.double().reshape(-1, k // 32, 32), q.double().reshape(n, k // 32, 32))
     a = dots * sx.double()[:, None, :]  # (M, N, blocks)
     ng = scale.shape[1]
-    y = (a.reshape(a.shape[0], n, ng, -1).sum(-1) * scale.double()).sum(-1)
+    y = (a.reshape(a.shape[0], n, ng, k // 32 // ng).sum(-1) * scale.double()).sum(-1)  # M may be 0
     if bias is not None:
         y = y + bias.double()
     return ACTIVATIONS[activation](y).to(x.dtype).reshape(*x.shape[:-1], n)

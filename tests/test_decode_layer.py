@@ -278,7 +278,7 @@ def test_packed_gemm_errors():
         ext().linear_pack(w, 16)
     with pytest.raises(ValueError, match="linear_pack"):
         ext().linear_packed(x, torch.zeros(2, 16, 16), None, 30, 0)  # a panel width the kernel does not have
-    with pytest.raises(ValueError, match="linear_pack"):
+    with pytest.raises(ValueError, match="x must be"):
         ext().linear_packed(torch.randn(3, 15), pw, None, 30, 0)  # K differs
     with pytest.raises(ValueError, match="linear_pack"):
         ext().linear_packed(x, w, None, 30, 0)  # not packed
