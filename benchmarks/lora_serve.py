@@ -98,7 +98,7 @@ def main() -> None:
                   ratio=round(best["lora"] / best["base"], 3), median_round_ratio=round(statistics.median(pairs), 3),
                   round_ratios=[round(x, 3) for x in pairs], one_thread_cpu_time=cpu,
                   load_avg_1m=[load_at_start, round(os.getloadavg()[0], 2)],
-                  note="a shared 2-core machine: other jobs ran beside this one",
+                  note="the 1-minute load average before and after is in load_avg_1m (this machine is shared)",
                   torch=torch.__version__, peft=peft.__version__)
     print(json.dumps(result, indent=1))
     out = Path(args.out or Path(__file__).resolve().parent / "results" / args.device / "lora_serve.json")
