@@ -65,7 +65,7 @@ fuzz: setup
 # instrumented). Python's own allocations live until exit: no leak check.
 SAN := build/sanitize
 SAN_TESTS := tests/test_fuzz_ops.py \
-	$(addprefix tests/test_decode_layer.py::test_,matches_reference traits_match_reference window_matches_reference \
+	$(addprefix tests/test_decode_layer.py::test_,matches_reference traits_match_reference halves_make_the_layer window_matches_reference \
 		errors packed_gemm packed_gemm_errors glu partial_rope) \
 	tests/test_attention.py::test_varlen_cpu_kernel $(addprefix tests/test_attention.py::test_varlen_cpu_kernel_,paged \
 		takes_strided_offsets errors window paged_window) \

@@ -205,10 +205,11 @@ std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, 
                                      const at::Tensor& slot_mapping, const at::Tensor& block_table,
                                      const at::Tensor& seq_lens, const OptT& cos, const OptT& sin, int64_t n_head,
                                      double eps, bool rms, int64_t act, double scale, int64_t window_left,
-                                     int64_t parallel) {
-  check_decode_layer(x, w, n, k_cache, v_cache, opt(cos), opt(sin), n_head, rms, act, window_left, parallel);
+                                     int64_t parallel, int64_t part) {
+  check_decode_layer(x, w, n, k_cache, v_cache, opt(cos), opt(sin), n_head, rms, act, window_left, parallel, part,
+                     present(residual));
   return decode_layer_cpu(x, opt(residual), w, n, k_cache, v_cache, slot_mapping, block_table, seq_lens, opt(cos),
-                          opt(sin), n_head, eps, rms, act, scale, window_left, parallel);
+                          opt(sin), n_head, eps, rms, act, scale, window_left, parallel, part);
 }
 
 bool has_cuda() {
@@ -259,7 +260,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("residual"), py::arg("w"), py::arg("n"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
         py::arg("block_table"), py::arg("seq_lens"), py::arg("cos"), py::arg("sin"), py::arg("n_head"),
         py::arg("eps"), py::arg("rms"), py::arg("act"), py::arg("scale"), py::arg("window_left") = -1,
-        py::arg("parallel") = 0);
+        py::arg("parallel") = 0, py::arg("part") = 0);
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
 
   // the public ops' rules (checks.h), for their paths that do not run an entry point above

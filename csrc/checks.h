@@ -88,4 +88,5 @@ void check_varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                                 int64_t left, int64_t right);
 void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const std::vector<int64_t>& n,
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const OptT& cos, const OptT& sin,
-                        int64_t n_head, bool rms, int64_t act, int64_t window_left, int64_t parallel);
+                        int64_t n_head, bool rms, int64_t act, int64_t window_left, int64_t parallel, int64_t part,
+                        bool has_residual);

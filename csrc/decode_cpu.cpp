@@ -6,8 +6,23 @@ std::vector<at::Tensor> decode_layer_cpu(const at::Tensor& x, const OptT& residu
                                          const at::Tensor& slot_mapping, const at::Tensor& block_table,
                                          const at::Tensor& seq_lens, const OptT& cos, const OptT& sin,
                                          int64_t n_head, double eps, bool rms, int64_t act, double scale,
-                                         int64_t window_left, int64_t parallel) {
+                                         int64_t window_left, int64_t parallel, int64_t part) {
   const int64_t B = x.size(0), Hkv = k_cache.size(2), D = k_cache.dim() == 4 ? k_cache.size(3) : 0;
+  const auto mlp = [&](const at::Tensor& h) {
+    at::Tensor f = linear_packed(h, *w[8], w[9], n[2], act >= 4 ? 0 : act);
+    if (act >= 4) f = glu_cpu(f, act == 5);
+    return linear_packed(f, *w[10], w[11], n[3], 0);
+  };
+  if (part == 2) {  // the MLP half, after the caller's all-reduce of the attention half's output
+    const at::Tensor& stream = *residual;
+    if (parallel == 0) {
+      const std::vector<at::Tensor> n2 = norm_fwd(x, stream, *w[6], w[7], eps, rms);
+      return {mlp(n2[0]), n2[1]};
+    }
+    const at::Tensor h = parallel == 1 ? norm_fwd(stream, OptT(), *w[6], w[7], eps, rms)[0]
+                                       : norm_fwd(stream, OptT(), *w[0], w[1], eps, rms)[0];
+    return {mlp(h), stream};
+  }
   const std::vector<at::Tensor> n1 = norm_fwd(x, residual, *w[0], w[1], eps, rms);
   const at::Tensor stream = present(residual) ? n1[1] : x;
   at::Tensor t = linear_packed(n1[0], *w[2], w[3], n[0], 0).view({B, n_head + 2 * Hkv, D});
@@ -18,11 +33,7 @@ std::vector<at::Tensor> decode_layer_cpu(const at::Tensor& x, const OptT& residu
   store_kvcache(t.narrow(1, n_head, Hkv), t.narrow(1, n_head + Hkv, Hkv), k_cache, v_cache, slot_mapping);
   const at::Tensor o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window_left);
   const at::Tensor a = linear_packed(o.view({B, n_head * D}), *w[4], w[5], n[1], 0);
-  const auto mlp = [&](const at::Tensor& h) {
-    at::Tensor f = linear_packed(h, *w[8], w[9], n[2], act >= 4 ? 0 : act);
-    if (act >= 4) f = glu_cpu(f, act == 5);
-    return linear_packed(f, *w[10], w[11], n[3], 0);
-  };
+  if (part == 1) return {a, stream};  // the attention half: its output before the all-reduce
   if (parallel == 0) {  // pre-norm: the MLP reads the stream after attention's output joined it
     const std::vector<at::Tensor> n2 = norm_fwd(a, stream, *w[6], w[7], eps, rms);
     return {mlp(n2[0]), n2[1]};

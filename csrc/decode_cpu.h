@@ -13,11 +13,15 @@
 // 5 for GeGLU (tanh GELU) (fc yields the gate and up halves). window_left >= 0: a sliding-window
 // layer, each token attends to its last window_left + 1 keys. parallel: 0 a sequential pre-norm
 // block; 1 GPT-NeoX's attn(norm1(s)) + mlp(norm2(s)) over the stream s; 2 GPT-J's, with norm1
-// for both (norm2's weights None). -> {x, residual}. The layer's geometry (w, n, act, n_head
-// against the cache) is checked by the caller.
+// for both (norm2's weights None). -> {x, residual}. part (tensor parallelism, whose all-reduces
+// fall between the halves): 0 the whole layer; 1 the attention half -> {its output (the rank's
+// partial sum), the stream}; 2 the MLP half -> {its output (partial), the stream}, given the
+// stream as residual and, in a sequential block, the reduced attention output as x (in a
+// parallel one x is unused: the caller sums both halves and reduces once). The layer's geometry
+// (w, n, act, n_head against the cache) is checked by the caller.
 std::vector<at::Tensor> decode_layer_cpu(const at::Tensor& x, const OptT& residual, const std::vector<OptT>& w,
                                          const std::vector<int64_t>& n, at::Tensor& k_cache, at::Tensor& v_cache,
                                          const at::Tensor& slot_mapping, const at::Tensor& block_table,
                                          const at::Tensor& seq_lens, const OptT& cos, const OptT& sin,
                                          int64_t n_head, double eps, bool rms, int64_t act, double scale,
-                                         int64_t window_left, int64_t parallel);
+                                         int64_t window_left, int64_t parallel, int64_t part = 0);

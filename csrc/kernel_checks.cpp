@@ -230,13 +230,17 @@ void check_act_bwd(const at::Tensor& dy, const at::Tensor& z, int64_t act) {
 // The layer's geometry; the ops it runs (bindings.cpp's entry points) check their own inputs
 void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const std::vector<int64_t>& n,
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const OptT& cos, const OptT& sin,
-                        int64_t n_head, bool rms, int64_t act, int64_t window_left, int64_t parallel) {
+                        int64_t n_head, bool rms, int64_t act, int64_t window_left, int64_t parallel, int64_t part,
+                        bool has_residual) {
   check_cpu_float32("decode_layer", "x", x);
   TORCH_CHECK_VALUE(x.dim() == 2, "decode_layer: x must be 2-D (B, C), got ", x.sizes());
   TORCH_CHECK_VALUE(w.size() == 12 || w.size() == 14, "decode_layer: w must hold the layer's 12 tensors (14 with "
                     "the q and k norms' weights), got ", w.size());
   TORCH_CHECK_VALUE(parallel >= 0 && parallel <= 2, "decode_layer: parallel must be 0 (sequential), 1 (GPT-NeoX) or "
                     "2 (GPT-J), got ", parallel);
+  TORCH_CHECK_VALUE(part >= 0 && part <= 2, "decode_layer: part must be 0 (the layer), 1 (its attention half) or 2 "
+                    "(its MLP half), got ", part);
+  TORCH_CHECK_VALUE(part != 2 || has_residual, "decode_layer: part 2 (the MLP half) needs the stream as residual");
   for (size_t i = 0; i < 12; i += 2)
     TORCH_CHECK_VALUE(present(w[i]) || (i == 6 && parallel == 2), "decode_layer: w[", i, "] (a weight) is missing");
   TORCH_CHECK_VALUE(parallel != 2 || (!present(w[6]) && !present(w[7])), "decode_layer: parallel 2 (GPT-J) runs the "

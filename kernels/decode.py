@@ -54,7 +54,7 @@ def pack_layer(weights) -> PackedLayer | None:
 
 def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
                  n_head: int, eps: float, rms: bool, activation, softmax_scale: float, window_size=(-1, -1),
-                 parallel: int = 0):
+                 parallel: int = 0, part: int = 0):
     """x (B, C) entering the layer; residual (B, C) or None in the first layer (x is the stream);
     layer from pack_layer (with q/k norm weights: q and k heads RMS-normalised, eps, before the
     rotary); rope None or (cos, sin) each (B, R/2) at the tokens' positions, rotating each head's
@@ -62,7 +62,11 @@ def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping
     paged_attention (a sliding-window layer sees its last left + 1 keys). parallel: 0 the
     sequential pre-norm block; 1 GPT-NeoX's attn(norm1(s)) + mlp(norm2(s)) on the stream s; 2
     GPT-J's attn(norm1(s)) + mlp(norm1(s)) (norm2's weights None). Writes the new K/V at
-    slot_mapping. Returns (x, residual) for the next layer: its norm1 adds x to residual."""
+    slot_mapping. Returns (x, residual) for the next layer: its norm1 adds x to residual.
+    part (tensor parallelism, whose all-reduces fall between the halves): 0 the whole layer; 1 the
+    attention half -> (its output, the stream); 2 the MLP half -> (its output, the stream), given the
+    stream as residual and, in a sequential block, the reduced attention output as x (a parallel
+    block's caller sums both halves' outputs and reduces once)."""
     if not isinstance(layer, PackedLayer):
         raise TypeError(f"layer must be a PackedLayer from pack_layer, got {type(layer).__name__}")
     if activation not in ACTIVATIONS:
@@ -77,5 +81,5 @@ def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping
     act = GATED[activation] if activation in GATED else _ACT_IDS[activation]
     x, residual = ext().decode_layer(x, residual, list(layer.tensors), list(layer.n), k_cache, v_cache, slot_mapping,
                                      block_table, seq_lens, cos, sin, int(n_head), float(eps), bool(rms), act,
-                                     float(softmax_scale), left, int(parallel))
+                                     float(softmax_scale), left, int(parallel), int(part))
     return x, residual

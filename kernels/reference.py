@@ -202,12 +202,22 @@ def linear_w8a8(x, q, scale, bias=None, activation=None):
 
 
 def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
-                 n_head, eps, rms, activation, softmax_scale, window_size=(-1, -1), parallel=0):
+                 n_head, eps, rms, activation, softmax_scale, window_size=(-1, -1), parallel=0, part=0):
     """kernels.decode.decode_layer composed from the ops above (the caches are written in place);
     weights: its 12 or 14 tensors, unpacked."""
     n1w, n1b, qw, qb, pw, pb, n2w, n2b, fw, fb, f2w, f2b, *qk = weights
     qn, kn = qk or (None, None)
     norm = (lambda x, w, b, r: rms_norm(x, w, eps, r)) if rms else (lambda x, w, b, r: layer_norm(x, w, b, eps, r))
+
+    def mlp(h):
+        f = (glu(linear(h, fw, fb), "silu" if activation == "swiglu" else "gelu_tanh")
+             if activation in ("swiglu", "geglu") else linear(h, fw, fb, activation))
+        return linear(f, f2w, f2b)
+    if part == 2:
+        if parallel == 0:
+            h, stream = norm(x, n2w, n2b, residual)
+            return mlp(h), stream
+        return mlp(norm(residual, n2w, n2b, None) if parallel == 1 else norm(residual, n1w, n1b, None)), residual
     h, stream = norm(x, n1w, n1b, residual) if residual is not None else (norm(x, n1w, n1b, None), x)
     hkv, d = k_cache.shape[2:]
     q, k, v = linear(h, qw, qb).unflatten(-1, (n_head + 2 * hkv, d)).split([n_head, hkv, hkv], dim=1)
@@ -218,11 +228,8 @@ def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_tab
     store_kvcache(k, v, k_cache, v_cache, slot_mapping)
     o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, window_size).flatten(1)
     a = linear(o, pw, pb)
-
-    def mlp(h):
-        f = (glu(linear(h, fw, fb), "silu" if activation == "swiglu" else "gelu_tanh")
-             if activation in ("swiglu", "geglu") else linear(h, fw, fb, activation))
-        return linear(f, f2w, f2b)
+    if part == 1:
+        return a, stream
     if parallel == 0:
         h, stream = norm(a, n2w, n2b, stream)
         return mlp(h), stream

@@ -114,6 +114,41 @@ def test_traits_match_reference(case, parallel, qk_norm, first):
         assert torch.equal(r, x if first else x + res)
 
 
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("parallel", [0, 1, 2])
+def test_halves_make_the_layer(parallel, first):
+    """part 1 (attention) then part 2 (MLP), as tensor parallelism calls them around its all-reduces (one
+    rank here: the sums are the halves themselves), equal the whole layer and the reference's halves."""
+    C, H, Hkv, D, ff, bias, act, rot, rms = TRAIT_CASES[0]
+    g = torch.Generator().manual_seed(11 + parallel)
+    lens = [1, 16, 17, 40, 5]
+    w = list(layer_weights(C, H, Hkv, D, ff, bias, act in ("swiglu", "geglu"), g))
+    if parallel == 2:
+        w[6] = w[7] = None
+    kc, vc, table, seq_lens, slots = paged_batch(lens, Hkv, D, g, bs=BS, pad_last=True)
+    x, res = torch.randn(len(lens), C, generator=g), None if first else torch.randn(len(lens), C, generator=g)
+    cs = rope_tables(seq_lens.long() - 1, D, rot) if rot else None
+    args = (table, seq_lens, cs, H, 1e-5, rms, act, 1 / math.sqrt(D))
+    layer = pack_layer(w)
+    outs = []
+    with torch.no_grad():
+        for f, ws in ((decode_layer, layer), (R.decode_layer, w)):
+            k2, v2 = kc.clone(), vc.clone()
+            a, stream = f(x, res, ws, k2, v2, slots, *args, parallel=parallel, part=1)
+            m, stream2 = f(a, stream, ws, k2, v2, slots, *args, parallel=parallel, part=2)
+            outs.append((m if not parallel else m + a, stream2))
+        y, r = decode_layer(x, res, layer, kc.clone(), vc.clone(), slots, *args, parallel=parallel)
+    for got in outs:
+        torch.testing.assert_close(got[1], r, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[0], y, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="part 2 .* needs the stream as residual"):
+        with torch.no_grad():
+            decode_layer(x, None, layer, kc, vc, slots, *args, parallel=parallel, part=2)
+    with pytest.raises(ValueError, match="part must be 0"):
+        with torch.no_grad():
+            decode_layer(x, res, layer, kc, vc, slots, *args, parallel=parallel, part=3)
+
+
 def test_trait_references():
     """The reference's traits are the models' own forms: a partial rotary leaves dims [R, D), the
     q/k norms are per head, GPT-NeoX's block is x + attn(ln1(x)) + mlp(ln2(x))."""

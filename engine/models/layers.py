@@ -196,11 +196,10 @@ class Block(nn.Module):
 
     def pack_for_cpu(self) -> None:
         """The fused decode layer (kernels.pack_layer) over the GEMMs' CPU packs, sharing their
-        tensors; none unless every GEMM is packed and the norms are CPU float32, nor with tensor
-        parallelism (the layer's two all-reduces fall inside the fused call)."""
+        tensors; none unless every GEMM is packed and the norms are CPU float32."""
         a, m = self.attn, self.mlp
         packs = [lin.format.packed for lin in (a.qkv, a.proj, m.fc, m.proj)]
-        if any(p is None for p in packs) or self.tp is not None:
+        if any(p is None for p in packs):
             self.packed = None
             return
         qkv, proj, fc, fc2 = packs
@@ -217,5 +216,13 @@ class Block(nn.Module):
         layer = self.packed
         if layer is None or meta.lora is not None or not decode_layer_applies(x, ()):
             return self(x, residual, positions, cache, meta)
-        return decode_layer(x, residual, layer, *cache, meta.slot_mapping, meta.block_table, meta.seq_lens, rope,
-                            *self.decode_args, parallel=self.parallel)
+        args = (*cache, meta.slot_mapping, meta.block_table, meta.seq_lens, rope, *self.decode_args)
+        if self.tp is None:
+            return decode_layer(x, residual, layer, *args, parallel=self.parallel)
+        # tensor parallel: the layer in its two halves, each rank's partial outputs summed between them
+        a, stream = decode_layer(x, residual, layer, *args, parallel=self.parallel, part=1)
+        if not self.parallel:
+            m, stream = decode_layer(self.tp.all_reduce(a), stream, layer, *args, parallel=0, part=2)
+            return self.tp.all_reduce(m), stream
+        m, _ = decode_layer(a, stream, layer, *args, parallel=self.parallel, part=2)
+        return self.tp.all_reduce(m.add_(a)), stream
