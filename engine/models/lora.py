@@ -47,22 +47,31 @@ class Target:
     order: torch.Tensor | None
 
 
-def targets(model) -> tuple[dict[str, Target], dict[str, int]]:
-    """The family plan read for LoRA -> (HF module name -> Target, our GEMM's name -> its part count), for
-    the transformer layers' GEMMs (layers.Linear): a plan entry onto any other parameter (a norm, an
-    embedding, the head) is no LoRA target here."""
-    from .layers import Linear
-    ours = {name for name, m in model.named_modules() if isinstance(m, Linear)}
-    plan, _ = _plan(model.config)
-    found: dict[str, list] = {}
-    for name, (param, rows, _transposed, order) in plan.items():
+_GEMM = re.compile(r"layers\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc|mlp\.proj)")
+
+
+def gemm_plan(cfg) -> dict[str, list[tuple[str, tuple[int, int] | None, bool, torch.Tensor | None]]]:
+    """The family plan's entries onto the transformer layers' GEMM weights (what LoRA adapts, training and
+    serving alike): our GEMM (layers.i.attn.qkv) -> its HF modules (name without the family's prefix, rows
+    of our weight or None for all, transposed (a GPT-2 Conv1D), row order), by their first row."""
+    plan, _ = _plan(cfg)
+    out: dict[str, list] = {}
+    for name, (param, rows, transposed, order) in plan.items():
         module = param.removesuffix(".weight")
-        if name.endswith(".weight") and param.endswith(".weight") and module in ours:
-            found.setdefault(module, []).append((rows[0] if rows else 0, name.removesuffix(".weight"), rows, order))
+        if name.endswith(".weight") and param.endswith(".weight") and _GEMM.fullmatch(module):
+            out.setdefault(module, []).append((name.removesuffix(".weight"), rows, transposed, order))
+    for entries in out.values():
+        entries.sort(key=lambda e: e[1][0] if e[1] else 0)
+    return out
+
+
+def targets(model) -> tuple[dict[str, Target], dict[str, int]]:
+    """gemm_plan read for serving -> (HF module name -> Target, our GEMM's name -> its part count): a plan
+    entry onto any other parameter (a norm, an embedding, the head) is no LoRA target here."""
     out, parts = {}, {}
-    for module, entries in found.items():
+    for module, entries in gemm_plan(model.config).items():
         parts[module] = len(entries)
-        for part, (_, hf, rows, order) in enumerate(sorted(entries, key=lambda e: e[0])):
+        for part, (hf, rows, _transposed, order) in enumerate(entries):
             out[hf] = Target(module, part, rows, order)
     return out, parts
 

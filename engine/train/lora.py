@@ -33,6 +33,7 @@ from ..models.families import FAMILIES
 from ..models.formats import Dense, Int8, Stored, weight_format
 from ..models.gpt import GPT
 from ..models.layers import Linear
+from ..models.lora import gemm_plan
 from ..atomic import atomic_write
 
 SHORT_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -80,20 +81,15 @@ def targets(cfg: ModelConfig, names: list[str]) -> dict[str, list[Piece]]:
     if lacking:
         raise ValueError(f"--lora-targets: a {cfg.model_type} model has no {','.join(lacking)} projection "
                          f"(it has {','.join(n for n in SHORT_NAMES if n in parts)})")
-    family = FAMILIES[cfg.model_type]
-    plan, _ = family.plan(cfg)
+    prefix = FAMILIES[cfg.model_type].PREFIX
     wanted = [parts[n] for n in names]
     out: dict[str, list[Piece]] = {}
-    for hf, (ours, rows, transposed, order) in plan.items():
-        m = re.fullmatch(r"(layers\.\d+)\.(.+)\.weight", ours)
-        if m is None or m[2] not in sizes:
-            continue
-        rows = rows or (0, sizes[m[2]])
-        if any(mod == m[2] and s < rows[1] and rows[0] < e for mod, (s, e) in wanted):
-            piece = Piece(family.PREFIX + hf.removesuffix(".weight"), rows, order, transposed)
-            out.setdefault(m[0].removesuffix(".weight"), []).append(piece)
-    for pieces in out.values():
-        pieces.sort(key=lambda p: p.rows)
+    for module, entries in gemm_plan(cfg).items():
+        local = module.split(".", 2)[2]  # attn.qkv
+        for hf, rows, transposed, order in entries:
+            rows = rows or (0, sizes[local])
+            if any(mod == local and s < rows[1] and rows[0] < e for mod, (s, e) in wanted):
+                out.setdefault(module, []).append(Piece(prefix + hf, rows, order, transposed))
     return out
 
 
