@@ -33,13 +33,11 @@ from ..models.families import FAMILIES
 from ..models.formats import Dense, Int8, Stored, weight_format
 from ..models.gpt import GPT
 from ..models.layers import Linear
-from ..models.lora import gemm_plan
+from ..models.lora import CONFIG as ADAPTER_CONFIG, PEFT_PREFIX, SAFETENSORS as ADAPTER_WEIGHTS, gemm_plan
 from ..atomic import atomic_write
 
 SHORT_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 BASE_DTYPES = ("float32", "bfloat16", "int8")
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
