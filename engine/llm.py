@@ -95,6 +95,7 @@ def _stop_workers(comm, workers) -> None:
     if workers.failed is None and not workers.closing:
         try:
             comm.broadcast_object(None)  # the workers' loop ends
+            comm.close()
         except Exception:
             pass
     workers.join()

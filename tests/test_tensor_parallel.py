@@ -199,8 +199,8 @@ def test_two_nodes_on_one_host(gpt2_dir, launch):
         lp = r.json()["choices"][0]["logprobs"]["token_logprobs"]
         assert lp == pytest.approx([d[t] for d, t in zip(ref.logprobs, ref.token_ids)], abs=1e-5)
         node0.send_signal(signal.SIGTERM)
-        assert node0.wait(timeout=120) == 0
-        assert node1.wait(timeout=120) == 0  # rank 1 ends with rank 0
+        assert node0.wait(timeout=120) == 0, node0.stderr.read().decode()[-3000:]
+        assert node1.wait(timeout=120) == 0, node1.stderr.read().decode()[-3000:]  # rank 1 ends with rank 0
     finally:
         for p in (node0, node1):
             p.kill()

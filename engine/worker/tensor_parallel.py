@@ -37,8 +37,11 @@ class Comm:
 
     def __init__(self, store, rank: int, world: int, device: torch.device, mailbox: "Mailbox | None" = None):
         self.rank, self.world, self.mailbox = rank, world, mailbox
-        timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-        self.host = dist.ProcessGroupGloo(dist.PrefixStore("host", store), rank, world, timeout)
+        # one thread, so that close() knows when it is done (collectives are waited on one at a time anyway)
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout, opts._threads = timedelta(seconds=COLLECTIVE_TIMEOUT_S), 1
+        opts._devices = [dist.ProcessGroupGloo.create_default_device()]
+        self.host = dist.ProcessGroupGloo(dist.PrefixStore("host", store), rank, world, opts)
         self.dev = self.host if device.type != "cuda" else \
             dist.ProcessGroupNCCL(dist.PrefixStore("dev", store), rank, world)
 
@@ -74,6 +77,17 @@ class Comm:
             torch.empty(int(n), dtype=torch.uint8)
         self.host.broadcast(buf, 0).wait()
         return data if self.rank == 0 else buf.numpy().tobytes()
+
+    def close(self) -> None:
+        """Every rank calls this after the last step. Gloo's thread lets go of a collective's tensors a
+        moment after the collective returns, and takes the GIL to do so; should that moment come while the
+        interpreter exits, the process aborts. So the last collective waits, the GIL released, until the
+        thread has let go (one thread runs them in order: it let go of every earlier one first)."""
+        t = torch.zeros(1)
+        self.host.allreduce([t]).wait()
+        deadline = time.monotonic() + 5.0
+        while t._use_count() > 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
 
     def min(self, v: int) -> int:
         t = torch.tensor([v], dtype=torch.long)
@@ -269,3 +283,4 @@ def run_worker(comm: Comm, model_path, cfg, device) -> None:
     runner = build_runner(model, cfg, eos_token_ids=())
     while (step := comm.broadcast_object()) is not None:
         runner.forward(step)
+    comm.close()
