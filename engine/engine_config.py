@@ -3,9 +3,21 @@ runner, the scheduler and the block manager read it; the generate/serve/bench fl
 generated from its fields (cli/flags.py)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields, replace
 
+from .core.spec_decode import SpeculativeConfig
+
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+def json_object(text: str) -> dict:
+    """A flag's JSON object (argparse shows the ValueError as the flag's error)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
 QUANTIZATIONS = ("int8", "w8a8")
 
 
@@ -54,6 +66,11 @@ class EngineConfig:
         "help": "LoRA adapters held at once (their slots); a request for one more waits until a running "
                 "request's adapter is no longer in use"})
     max_lora_rank: int = field(default=16, metadata={"help": "largest LoRA rank served (the slots' size)"})
+    speculative_config: dict | None = field(default=None, metadata={
+        "help": "speculative decoding, as vLLM configures it: {\"method\": \"ngram\", \"num_speculative_tokens\": "
+                "4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 1} (drafts from the request's own tokens) or "
+                "{\"model\": DIR, \"num_speculative_tokens\": 4} (a small draft model with the same tokenizer); "
+                "\"disable_by_batch_size\": N turns it off while N or more sequences run", "parse": json_object})
     step_timeout: float = field(default=600.0, metadata={
         "help": "seconds one engine step may take before the watchdog fails the engine (0: no watchdog)"})
 
@@ -77,6 +94,7 @@ class EngineConfig:
         if isinstance(self.step_timeout, bool) or not isinstance(self.step_timeout, (int, float)) \
                 or not 0 <= self.step_timeout < float("inf"):
             raise ValueError(f"step_timeout must be a finite number of seconds >= 0, got {self.step_timeout!r}")
+        SpeculativeConfig.of(self.speculative_config)  # checked now, kept as given
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 

@@ -29,6 +29,7 @@ from .core.request import Request, RequestError, RequestOutput, check_stop
 from .worker.model_runner import ModelRunner
 from .core.sampling_params import SamplingParams
 from .core.scheduler import Scheduler, Sequence
+from .core.spec_decode import SpeculativeConfig, SpecStats, ngram_propose
 from .core.structured import Grammars, StructuredOutputs
 
 log = logging.getLogger("gpt_engine.llm")
@@ -186,6 +187,18 @@ class LLM:
         self.structured = StructuredOutputs(self.vocab_size, eos)
         self.requests: dict[str, Request] = {}   # the one registry of live requests
         self.num_constrained = 0                 # live requests with a matcher: no bitmask work without
+        self.spec = spec = SpeculativeConfig.of(cfg.speculative_config)
+        self.spec_stats = SpecStats()
+        self.drafter = None
+        if spec is not None and spec.method == "draft_model":
+            if self.workers is not None:
+                raise ValueError("speculative_config: a draft model with tensor_parallel_size > 1 is not supported "
+                                 "yet (n-gram speculation is)")
+            if window:
+                raise ValueError("speculative_config: a draft model over a sliding-window model is not supported yet "
+                                 "(n-gram speculation is)")
+            from .worker.draft import DraftModel
+            self.drafter = DraftModel(spec.model, cfg, self.runner, tokenizer, device)
         self._ids = itertools.count()
 
     # ---------------------------------------------------------------- requests
@@ -265,19 +278,62 @@ class LLM:
         for i in self.scheduler.postprocess(batch, tokens):
             seq = batch.seqs[i]
             req = self.requests[seq.request_id]
-            lp = [logprobs[i]] if req.logprobs is not None and logprobs is not None else None
-            if lp is not None:
+            new = tokens[i] if isinstance(tokens[i], list) else [tokens[i]]  # a list: verified drafts
+            if batch.spec is not None and batch.spec[i]:
+                self.spec_stats.add(len(batch.spec[i]), len(new) - 1)
+            # the stop checks see one token at a time: the tokens after a stop are dropped
+            base = len(seq.token_ids) - len(new)
+            del seq.token_ids[base:]
+            reason = None
+            for tok in new:
+                seq.token_ids.append(tok)
+                if req.matcher is not None:
+                    self.structured.advance(req, tok)
+                reason = "abort" if req.error is not None else check_stop(req, self.max_model_len)
+                if reason is not None:
+                    break
+            emitted = seq.token_ids[base:]
+            lp = None
+            if req.logprobs is not None and logprobs is not None:
+                lp = (logprobs[i] if isinstance(logprobs[i], list) else [logprobs[i]])[:len(emitted)]
                 req.logprobs.extend(lp)
-            if req.matcher is not None:
-                self.structured.advance(req, seq.token_ids[-1])
-            reason = "abort" if req.error is not None else check_stop(req, self.max_model_len)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 del self.requests[seq.request_id]
                 self.num_constrained -= req.grammar is not None
             if reason is not None or req.stream:
-                outs.append(req.output([seq.token_ids[-1]], lp))
+                outs.append(req.output(emitted, lp))
+        if self.spec is not None:
+            self._propose(batch.finished_ids)
         return outs
+
+    def _propose(self, finished_ids) -> None:
+        """Draft tokens for the next step of every decoding sequence (speculative decoding). Constrained
+        requests decode plainly."""
+        spec, running, bm = self.spec, self.scheduler.running, self.block_manager
+        if self.drafter is not None:
+            self.drafter.release(finished_ids)
+        if spec.disable_by_batch_size is not None and len(running) >= spec.disable_by_batch_size:
+            return
+        seqs, ks = [], []
+        for seq in running:
+            req = self.requests.get(seq.request_id)
+            if req is None or req.grammar is not None or seq.num_tokens - seq.num_computed_tokens != 1:
+                continue
+            # the step emits the accepted drafts and one more: no drafts past max_tokens or the context
+            k = min(spec.num_speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
+                    self.max_model_len - seq.num_tokens - 1)
+            if k <= 0:
+                continue
+            if self.drafter is None:
+                seq.spec_token_ids = ngram_propose(seq.token_ids, k, spec.prompt_lookup_max, spec.prompt_lookup_min)
+            elif bm.can_append(seq.block_table, seq.num_tokens + k):  # the draft model writes their slots
+                bm.append(seq.block_table, seq.num_tokens + k)
+                seqs.append(seq)
+                ks.append(k)
+        if seqs:
+            for seq, drafts in zip(seqs, self.drafter.propose(seqs, ks)):
+                seq.spec_token_ids = drafts
 
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True,
                  lora_request: LoRARequest | list[LoRARequest | None] | None = None) -> list[RequestOutput]:
@@ -360,4 +416,4 @@ class LLM:
         return dict(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                     kv_usage=bm.usage, num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.capacity,
                     prefix_cache_hit_tokens=bm.num_hit_tokens, prefix_cache_query_tokens=bm.num_query_tokens,
-                    num_preemptions=self.scheduler.num_preemptions)
+                    num_preemptions=self.scheduler.num_preemptions, **self.spec_stats.as_dict())

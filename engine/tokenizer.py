@@ -129,6 +129,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def vocab(self) -> dict[str, int]:
+        """Every token (added ones too) and its id."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of text. add_special_tokens=True adds what the tokenizer's post-processor adds (BOS where
         add_bos_token), as transformers' tokenizer(text) does: use it for a prompt, not for rendered chat

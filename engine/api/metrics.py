@@ -28,6 +28,10 @@ class Metrics:
         self.waiting = Gauge(PREFIX + "num_requests_waiting", "Sequences waiting to be scheduled", registry=r)
         self.kv_usage = Gauge(PREFIX + "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)",
                               registry=r)
+        self.spec_rate = Gauge(PREFIX + "spec_decode_acceptance_rate", "Draft tokens accepted / proposed",
+                               registry=r)
+        self.spec_length = Gauge(PREFIX + "spec_decode_mean_accepted_length",
+                                 "Tokens a verification step emits on average (accepted drafts + 1)", registry=r)
         # the engine's own running totals (stats key -> counter), as vLLM's prefix_cache_* and num_preemptions
         self.engine_counters = {
             "prefix_cache_query_tokens": Counter(PREFIX + "prefix_cache_queries",
@@ -36,6 +40,13 @@ class Metrics:
                                                "Prompt tokens found in the prefix cache", registry=r),
             "num_preemptions": Counter(PREFIX + "num_preemptions", "Sequences preempted (KV cache full)",
                                        registry=r),
+            # speculative decoding, as vLLM's spec_decode_* (the rates follow from these)
+            "spec_num_drafts": Counter(PREFIX + "spec_decode_num_drafts", "Verification steps that carried drafts",
+                                       registry=r),
+            "spec_num_draft_tokens": Counter(PREFIX + "spec_decode_num_draft_tokens", "Draft tokens proposed",
+                                             registry=r),
+            "spec_num_accepted_tokens": Counter(PREFIX + "spec_decode_num_accepted_tokens", "Draft tokens accepted",
+                                                registry=r),
         }
         self._seen = dict.fromkeys(self.engine_counters, 0)
 
@@ -46,6 +57,8 @@ class Metrics:
             self.running.set(stats.get("num_running", 0))
             self.waiting.set(stats.get("num_waiting", 0))
             self.kv_usage.set(stats.get("kv_usage", 0.0))
+            self.spec_rate.set(stats.get("spec_acceptance_rate", 0.0))
+            self.spec_length.set(stats.get("spec_mean_accepted_length", 0.0))
             for key, counter in self.engine_counters.items():
                 # a counter only goes up: it takes what the engine's total gained since the last scrape
                 total = stats.get(key, 0)

@@ -167,6 +167,8 @@ def run_bench(model: str, num_prompts=32, input_len=(8, 128), output_len=(64, 64
             res[name] = dict(seconds=dt, requests_per_s=num_prompts / dt, output_tok_per_s=n_out / dt,
                              total_tok_per_s=(n_in + n_out) / dt)
         res["ours"]["cuda_graphs"] = bool(llm.runner.graphs)
+        if llm.spec is not None:  # speculative decoding's counters over the warm-up and the timed runs
+            res["ours"]["speculative"] = {k: v for k, v in llm.stats().items() if k.startswith("spec_")}
         if hf:
             res["ratio_output_tok_per_s"] = res["ours"]["output_tok_per_s"] / res["hf"]["output_tok_per_s"]
     return res
@@ -180,6 +182,10 @@ def format_result(r: dict) -> str:
             x = r[name]
             lines.append(f"  {name:5s} {x['seconds']:8.2f} s  {x['requests_per_s']:8.2f} req/s  "
                          f"{x['output_tok_per_s']:10.1f} output tok/s  {x['total_tok_per_s']:10.1f} total tok/s")
+    spec = r.get("ours", {}).get("speculative")
+    if spec:
+        lines.append(f"  speculative: {spec['spec_num_draft_tokens']} drafts, acceptance "
+                     f"{spec['spec_acceptance_rate']:.2f}, mean accepted length {spec['spec_mean_accepted_length']:.2f}")
     if "ratio_output_tok_per_s" in r:
         lines.append(f"  ours / HF generate: {r['ratio_output_tok_per_s']:.2f}x output tok/s")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Command-line flags generated from a config dataclass (EngineConfig, TrainConfig): one source
 for names, types, defaults and help text. Field metadata: "help"; optional "choices", "flag"
-(another name), "hidden" (left out of --help), "cpu"/"gpu" (what a None default becomes there)."""
+(another name), "hidden" (left out of --help), "cpu"/"gpu" (what a None default becomes there), "parse" (the
+function that reads the flag's text, where the type cannot)."""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def flag(f, hint) -> tuple[str, dict]:
                 kwargs["help"] = f"turn off: {f.metadata.get('help', '')} (on by default)"
             return "--no-" + name[2:], dict(kwargs, action="store_false", default=True)
         return name, dict(kwargs, action="store_true", default=f.default)
-    kwargs["type"] = tp
+    kwargs["type"] = f.metadata.get("parse", tp)
     choices = f.metadata.get("choices")
     if choices:
         kwargs["choices"] = choices

@@ -62,6 +62,7 @@ class Sequence:
         # prompt positions whose next-token logprobs are wanted: 0 .. num_prompt_tokens - 2
         self.score_end = self.num_prompt_tokens - 1 if getattr(params, "prompt_logprobs", None) is not None else 0
         self.num_scored = 0                        # of those, handed to the runner in past steps
+        self.spec_token_ids: list[int] = []        # draft tokens for the next step (speculative decoding)
 
     @property
     def num_tokens(self) -> int:
@@ -135,6 +136,9 @@ class ScheduledBatch:
     grammar_bitmask: Callable[[], tuple | None] | None = None
     # LoRA: the adapter ids of every running sequence (the runner evicts none of them); empty without LoRA
     running_loras: frozenset = frozenset()
+    # speculative decoding: per sequence the draft tokens computed after its last token this step (its
+    # num_new_tokens count them), or None when no sequence in the batch has any
+    spec: list[list[int]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -206,13 +210,13 @@ class Scheduler:
         self._lora_count(seq, -1)
         self.bm.free(seq.block_table)
         seq.status, seq.num_computed_tokens, seq.num_hashed_blocks = Status.WAITING, 0, 0
-        seq.parent_hash = None
+        seq.parent_hash, seq.spec_token_ids = None, []
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def schedule(self) -> ScheduledBatch:
         budget, bs = self.max_num_batched_tokens, self.bm.block_size
-        seqs, counts, sample = [], [], []
+        seqs, counts, sample, spec = [], [], [], []
         # running is kept in arrival order: decodes first so a long prefill chunk cannot stall
         # them, then prefill chunks, each oldest first (a stable partition, not a sort: this loop
         # is most of the host's work per step at hundreds of sequences)
@@ -231,6 +235,11 @@ class Scheduler:
                 continue
             done, total = seq.num_computed_tokens, len(seq.token_ids)
             n = total - done if total - done <= budget else budget
+            drafts = seq.spec_token_ids
+            if drafts:  # a decode step verifies its drafts too, as far as the budget goes
+                seq.spec_token_ids = []
+                drafts = drafts[:budget - 1] if n == total - done == 1 else []
+                n += len(drafts)
             # most decode steps fit the last block: skip the block manager
             if done + n > len(seq.block_table) * bs:
                 if windowed:  # a shorter chunk rather than a preemption: blocks free up as the window moves
@@ -243,9 +252,11 @@ class Scheduler:
                 if seq.status is not Status.RUNNING:
                     continue
                 self.bm.append(seq.block_table, done + n)
+                drafts = drafts[:n - 1]  # a windowed chunk may have shrunk
             seqs.append(seq)
             counts.append(n)
-            sample.append(done + n == total)
+            sample.append(done + n >= total)
+            spec.append(drafts)
             budget -= n
         # admit waiting sequences (not after a preemption: memory is short)
         held: list[Sequence] = []  # waiting for an adapter slot: they keep their places
@@ -272,12 +283,14 @@ class Scheduler:
             seqs.append(seq)
             counts.append(n)
             sample.append(cached + n == seq.num_tokens)
+            spec.append([])
+            seq.spec_token_ids = []
             budget -= n
         for seq in reversed(held):
             self.waiting.appendleft(seq)
         finished, self.finished_ids = self.finished_ids, []
         return ScheduledBatch(seqs, counts, sample, finished, self._score(seqs, counts) if self.scoring else None,
-                              running_loras=frozenset(self.lora_counts))
+                              running_loras=frozenset(self.lora_counts), spec=spec if any(spec) else None)
 
     def _score(self, seqs: list[Sequence], counts: list[int]) -> list[tuple[int, int] | None] | None:
         """The prompt positions each sequence scores this step: those it computes and has not scored."""
@@ -293,9 +306,10 @@ class Scheduler:
         taken = set(map(id, scheduled))
         return next((s for s in reversed(self.running) if s is not seq and id(s) not in taken), seq)
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[int]:
-        """Advance each scheduled sequence and append its sampled token. Returns the batch
-        indices that got a token; whether they are done is request.check_stop's call."""
+    def postprocess(self, batch: ScheduledBatch, sampled: list) -> list[int]:
+        """Advance each scheduled sequence and append its sampled token (None: none; with drafts, a list:
+        the accepted drafts and one more). Returns the batch indices that got tokens; whether they are
+        done is request.check_stop's call."""
         out = []
         bm = self.bm
         hashing = bm.enable_prefix_caching
@@ -307,7 +321,17 @@ class Scheduler:
                 seq.num_scored = score[i][1]
                 if seq.num_scored >= seq.score_end:
                     del self.scoring[seq.request_id]
-            seq.num_computed_tokens += n
+            if isinstance(tok, list):  # verified drafts: only the accepted ones' KV counts
+                seq.token_ids.extend(tok)
+                seq.num_computed_tokens += n - (len(batch.spec[i]) - (len(tok) - 1))
+                need = -(-len(seq.token_ids) // bm.block_size)
+                if len(seq.block_table) > need:  # the rejected drafts' blocks (a new list: see table_rows)
+                    bm.free(seq.block_table[need:])
+                    seq.block_table = seq.block_table[:need]
+                tok = None
+                out.append(i)
+            else:
+                seq.num_computed_tokens += n
             if hashing and seq.num_computed_tokens // bm.block_size > seq.num_hashed_blocks:  # a block filled up
                 seq.num_hashed_blocks, seq.parent_hash = bm.commit(seq.block_table, seq.token_ids,
                                                                    seq.num_computed_tokens, seq.num_hashed_blocks,

@@ -184,9 +184,10 @@ class ModelRunner:
             cu_q = list(range(len(ids) + 1))
             cu_k = list(itertools.accumulate(seq_lens, initial=0))
             return ids, pos, slots, seq_lens, cu_q, cu_k, tables, logits_idx
-        for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.sample):
+        spec = batch.spec or itertools.repeat(None)
+        for seq, n, sample, drafts in zip(batch.seqs, batch.num_new_tokens, batch.sample, spec):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids.extend(seq.token_ids[start:end])
+            ids.extend((seq.token_ids + drafts if drafts else seq.token_ids)[start:end])
             pos.extend(range(start, end))
             table = seq.block_table
             i = start
@@ -199,8 +200,8 @@ class ModelRunner:
             seq_lens.append(end)
             cu_q.append(cu_q[-1] + n)
             cu_k.append(cu_k[-1] + end)
-            if sample:
-                logits_idx.append(cu_q[-1] - 1)
+            if sample:  # with drafts, every position's: each verifies the token after it
+                logits_idx.extend(range(cu_q[-1] - 1 - len(drafts), cu_q[-1]) if drafts else (cu_q[-1] - 1,))
         return ids, pos, slots, seq_lens, cu_q, cu_k, tables, logits_idx
 
     def _to(self, data, dtype):
@@ -269,10 +270,11 @@ class ModelRunner:
             g = self.generators[seq.request_id] = Sampler.request_generator(seed, self.device)
         return g
 
-    def _banned(self, seq) -> list[int]:
-        """The ids seq may not draw yet: its stop ids while under min_tokens (vLLM's min_tokens)."""
+    def _banned(self, seq, ahead: int = 0) -> list[int]:
+        """The ids seq may not draw yet (with ahead more tokens in its output): its stop ids while under
+        min_tokens (vLLM's min_tokens)."""
         p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
+        if seq.num_output_tokens + ahead >= p.min_tokens:
             return []
         return p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
 
@@ -283,6 +285,8 @@ class ModelRunner:
         if not batch.seqs:
             return [], None, None
         logits, scored = self.execute(batch)
+        if batch.spec is not None:
+            return *self._verify(batch, logits), scored
         rows = [s for s, smp in zip(batch.seqs, batch.sample) if smp]
         if not rows:
             return [None] * len(batch), None, scored
@@ -299,6 +303,40 @@ class ModelRunner:
         tokens = [next(it) if smp else None for smp in batch.sample]
         logprobs = [next(lit) if smp else None for smp in batch.sample] if lps is not None else None
         return tokens, logprobs, scored
+
+    def _verify(self, batch: ScheduledBatch, logits) -> tuple[list, list | None]:
+        """Speculative decoding: each sampled sequence's logits rows (one per draft and one more) -> per
+        sequence None, or the tokens it emits (its accepted drafts, then the target's own), and their
+        logprobs. Row j of a sequence samples as if its output already held the first j drafts."""
+        params, prompts, outputs, gens, banned, drafts, spans = [], [], [], [], [], [], []
+        for seq, smp, d in zip(batch.seqs, batch.sample, batch.spec):
+            if not smp:
+                spans.append(None)
+                continue
+            spans.append((len(drafts), len(d) + 1))
+            out, g, p = seq.output_token_ids, self._generator(seq), seq.params
+            for j in range(len(d) + 1):
+                params.append(p)
+                prompts.append(seq.prompt_token_ids)
+                outputs.append(out + d[:j])
+                gens.append(g)
+                banned.append(self._banned(seq, j))
+                drafts.append(d[j] if j < len(d) else -1)
+        pen = any(p.has_penalties for p in params)
+        emit, ok, lps = self.sampler.verify(logits, params, drafts, prompts if pen else None,
+                                            outputs if pen else None, gens,
+                                            banned if any(p.min_tokens for p in params) else None)
+        tokens, logprobs = [], []
+        for span in spans:
+            if span is None:
+                tokens.append(None)
+                logprobs.append(None)
+                continue
+            a, k = span
+            n = next((j + 1 for j in range(k) if not ok[a + j]), k)  # up to the first rejection
+            tokens.append(emit[a:a + n])
+            logprobs.append(lps[a:a + n] if lps is not None else None)
+        return tokens, logprobs if lps is not None else None
 
     # ---------------------------------------------------------------- CUDA graphs
     def _capture(self):

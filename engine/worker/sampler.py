@@ -149,21 +149,24 @@ class Sampler:
         g.manual_seed(seed)
         return g
 
-    @torch.no_grad()
-    def __call__(self, logits, params, prompt_ids=None, output_ids=None, generators=None, banned=None,
-                 grammar_bitmask=None):
-        """logits (B, V); params/prompt_ids/output_ids/generators: one per row (generator None
-        for unseeded rows); banned: None, or per row the ids it may not draw now (min_tokens);
-        grammar_bitmask: None, or (row indices, int32 bitmask (R, ceil(V / 32))) of structured outputs.
-        Returns (tokens list[int], logprobs list[dict|None] or None)."""
-        B, V = logits.shape
-        dev = logits.device
+    def _noise(self, like: torch.Tensor, generators, uniform: bool = False) -> torch.Tensor:
+        """Exp(1) (or U[0, 1)) noise shaped like `like`; a seeded request's rows from its own generator."""
+        draw = torch.Tensor.uniform_ if uniform else torch.Tensor.exponential_
+        q = draw(torch.empty_like(like), generator=self._generator(like.device))
+        for i, g in enumerate(generators or ()):
+            if g is not None:  # a seeded request: its own stream, whatever else is in the batch
+                draw(q[i], generator=g)
+        return q
+
+    @staticmethod
+    def _masked(logits, params, prompt_ids, output_ids, banned, grammar_bitmask):
+        """-> (logits fp32 after penalties, logit_bias, bans and the grammar mask; the raw log-softmax
+        where logprobs are asked, else None). The model's buffer is never written."""
         logits = raw = logits.float()
-        want_lp = any(p.logprobs is not None for p in params)
-        raw_lp = logits.log_softmax(-1) if want_lp else None
+        raw_lp = logits.log_softmax(-1) if any(p.logprobs is not None for p in params) else None
         if any(p.has_penalties for p in params):
             logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
-        own = logits is not raw  # the model's buffer is not written: clone once before the first in-place op
+        own = logits is not raw  # clone once, before the first in-place op
         if any(p.logit_bias for p in params):
             logits = apply_logit_bias(logits if own else logits.clone(), params)
             own = True
@@ -172,35 +175,79 @@ class Sampler:
             own = True
         if grammar_bitmask is not None:
             logits = apply_grammar_bitmask(logits if own else logits.clone(), *grammar_bitmask)
+        return logits, raw_lp
+
+    @staticmethod
+    def _probs(logits, params, greedy) -> torch.Tensor:
+        """(B, V) the distribution each sampled row draws from: temperature, top-k, top-p, min-p."""
+        B, V = logits.shape
+        dev = logits.device
+        temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev)
+        # scores stay finite, or softmax's inf - inf is NaN: a big penalized logit over a small
+        # temperature overflows, and a huge temperature (1e300 is inf in fp32) makes -inf / inf
+        x = (logits / temp.clamp_max(_FMAX)[:, None]).clamp(-_FMAX, _FMAX)
+        use_k = any(p.top_k > 0 for p in params)
+        use_p = any(p.top_p < 1.0 for p in params)
+        if use_k or use_p:
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev) if use_k else None
+            top_p = torch.tensor([p.top_p for p in params], device=dev) if use_p else None
+            x = apply_top_k_top_p(x, top_k, top_p)
+        if any(p.min_p > 0 for p in params):
+            x = apply_min_p(x, torch.tensor([p.min_p for p in params], device=dev))
+        return x.softmax(-1)
+
+    @torch.no_grad()
+    def __call__(self, logits, params, prompt_ids=None, output_ids=None, generators=None, banned=None,
+                 grammar_bitmask=None):
+        """logits (B, V); params/prompt_ids/output_ids/generators: one per row (generator None
+        for unseeded rows); banned: None, or per row the ids it may not draw now (min_tokens);
+        grammar_bitmask: None, or (row indices, int32 bitmask (R, ceil(V / 32))) of structured outputs.
+        Returns (tokens list[int], logprobs list[dict|None] or None)."""
+        logits, raw_lp = self._masked(logits, params, prompt_ids, output_ids, banned, grammar_bitmask)
         greedy = [p.greedy for p in params]
         if all(greedy):
             tokens = _argmax(logits)
         else:
-            temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev)
-            # scores stay finite, or softmax's inf - inf is NaN: a big penalized logit over a small
-            # temperature overflows, and a huge temperature (1e300 is inf in fp32) makes -inf / inf
-            x = (logits / temp.clamp_max(_FMAX)[:, None]).clamp(-_FMAX, _FMAX)
-            use_k = any(p.top_k > 0 for p in params)
-            use_p = any(p.top_p < 1.0 for p in params)
-            if use_k or use_p:
-                top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], device=dev) if use_k else None
-                top_p = torch.tensor([p.top_p for p in params], device=dev) if use_p else None
-                x = apply_top_k_top_p(x, top_k, top_p)
-            if any(p.min_p > 0 for p in params):
-                x = apply_min_p(x, torch.tensor([p.min_p for p in params], device=dev))
-            probs = x.softmax(-1)
-            q = torch.empty_like(probs).exponential_(generator=self._generator(dev))
-            for i, g in enumerate(generators or ()):
-                if g is not None:  # a seeded request: its own stream, whatever else is in the batch
-                    q[i].exponential_(generator=g)
-            sampled = _argmax(probs / q)
-            tokens = sampled
+            probs = self._probs(logits, params, greedy)
+            tokens = _argmax(probs / self._noise(probs, generators))
             if any(greedy):
-                tokens = torch.where(torch.tensor(greedy, device=dev), _argmax(logits), sampled)
+                tokens = torch.where(torch.tensor(greedy, device=logits.device), _argmax(logits), tokens)
         tok_list = tokens.tolist()
-        if not want_lp:
+        if raw_lp is None:
             return tok_list, None
         return tok_list, _logprobs(raw_lp, tokens, params)
+
+    @torch.no_grad()
+    def verify(self, logits, params, drafts: list[int], prompt_ids=None, output_ids=None, generators=None,
+               banned=None):
+        """Speculative decoding's rejection sampling (core/spec_decode.py). Row i is one position of a
+        sequence's verification, with its own params, output so far (the drafts before it) and bans;
+        drafts[i] is the draft token that row tests, or -1 for a row that only draws. A draft is
+        accepted with the probability the row's distribution gives it (greedy: when it is the argmax);
+        otherwise the row draws from its distribution with the draft taken out. -> (per row the token
+        it emits (the draft where accepted), per row whether the draft was accepted, logprobs as
+        __call__'s)."""
+        logits, raw_lp = self._masked(logits, params, prompt_ids, output_ids, banned, None)
+        dev = logits.device
+        d = torch.tensor(drafts, dtype=torch.long, device=dev)
+        has = d >= 0
+        dd = d.clamp(min=0)[:, None]
+        greedy = [p.greedy for p in params]
+        target = _argmax(logits)
+        accept = has & (target == d)
+        emit = target
+        if not all(greedy):
+            probs = self._probs(logits, params, greedy)
+            p_d = probs.gather(-1, dd)[:, 0]
+            u = self._noise(p_d, generators, uniform=True)
+            residual = probs.scatter(-1, dd, torch.where(has[:, None], 0.0, probs.gather(-1, dd)))
+            drawn = _argmax(residual / self._noise(residual, generators))
+            g = torch.tensor(greedy, device=dev)
+            accept = torch.where(g, accept, has & (u < p_d))
+            emit = torch.where(g, target, drawn)
+        emit = torch.where(accept, d, emit)
+        lps = _logprobs(raw_lp, emit, params) if raw_lp is not None else None
+        return emit.tolist(), accept.tolist(), lps
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
