@@ -276,3 +276,43 @@ def test_draft_model_needs_the_targets_tokenizer(chat_pair, tmp_path):
         LLM(str(target), device="cpu", speculative_config={"model": str(tmp_path / "other")})
     with pytest.raises(ValueError, match="not a directory"):
         LLM(str(target), device="cpu", speculative_config={"model": str(tmp_path / "missing")})
+
+
+def test_server_streams_speculative_steps(chat_pair):
+    """Several tokens a step reach a stream as one delta; the text, logprobs and usage are the plain
+    answer's, and /metrics counts the drafts."""
+    import httpx
+    import openai
+
+    from .helpers import serving
+    target, _ = chat_pair
+    args = dict(prompt="the cat sat on the mat. the cat sat on the mat. the", max_tokens=24, temperature=0,
+                logprobs=1, extra_body={"ignore_eos": True})
+    with serving(target) as plain:
+        want = openai.OpenAI(base_url=plain.url + "/v1", api_key="x").completions.create(
+            model=plain.engine.model_name, **args).choices[0]
+    with serving(target, speculative_config=NGRAM) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        chunks = list(client.completions.create(model=srv.engine.model_name, stream=True,
+                                                stream_options={"include_usage": True}, **args))
+        metrics = httpx.get(srv.url + "/metrics").text
+    text = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(c.text for c in text) == want.text and chunks[-1].usage.completion_tokens == 24
+    assert sum((c.logprobs.tokens for c in text if c.logprobs), []) == want.logprobs.tokens
+    assert len(text) < 24  # some step brought more than one token
+    accepted = next(float(line.split()[-1]) for line in metrics.splitlines()
+                    if line.startswith("gpt_engine_spec_decode_num_accepted_tokens_total"))
+    assert accepted > 0
+
+
+def test_constrained_requests_share_a_batch_with_speculating_ones(chat_pair):
+    from gpt_engine import StructuredOutputsParams
+    target, _ = chat_pair
+    prompts = ["the cat sat on the mat. the cat sat on the mat. the", "answer: "]
+    sps = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+           SamplingParams(temperature=0, max_tokens=20, structured_outputs=StructuredOutputsParams(
+               regex="(cat|mat)( (cat|mat))*"))]
+    plain = LLM(str(target), device="cpu").generate(prompts, sps, use_tqdm=False)
+    llm = LLM(str(target), device="cpu", speculative_config=NGRAM)
+    _same(plain, llm.generate(prompts, sps, use_tqdm=False), logprobs=False)
+    assert llm.stats()["spec_num_drafts"] > 0

@@ -63,6 +63,21 @@ def test_two_ranks_equal_one_process(model_dir):
         llm.close()
 
 
+def test_ngram_speculation_on_two_ranks(tmp_path):
+    """A verification step is a chunked-prefill step: the workers run it as rank 0 hands it over."""
+    make_hf_model("llama", tmp_path, vocab_size=333, shape=dict(d_model=64, n_head=4, n_kv_head=2, d_ff=128))
+    model_dir = tmp_path
+    sp = dataclasses.replace(SP, prompt_logprobs=None, max_tokens=24)
+    prompts = [[5, 6, 7, 8] * 5] + PROMPTS
+    ref = LLM(str(model_dir), device="cpu").generate(prompts, sp, use_tqdm=False)
+    llm = LLM(str(model_dir), device="cpu", tensor_parallel_size=2, speculative_config={"method": "ngram"})
+    try:
+        _assert_same(ref, llm.generate(prompts, sp, use_tqdm=False))
+        assert llm.stats()["spec_num_accepted_tokens"] > 0
+    finally:
+        llm.close()
+
+
 @pytest.mark.parametrize("fmt", [dict(quantization="int8"), dict(quantization="w8a8"), dict(dtype="bfloat16")])
 def test_weight_formats_shard(tmp_path, fmt):
     """Each rank quantises (or rounds) its own slice; the model is the same up to the format's rounding."""

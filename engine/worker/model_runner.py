@@ -323,9 +323,13 @@ class ModelRunner:
                 banned.append(self._banned(seq, j))
                 drafts.append(d[j] if j < len(d) else -1)
         pen = any(p.has_penalties for p in params)
+        grammar = batch.grammar_bitmask() if batch.grammar_bitmask is not None else None
+        if grammar is not None:  # constrained sequences carry no drafts: sampled row r is its span's one row
+            first = [a for a, _ in filter(None, spans)]
+            grammar = ([first[r] for r in grammar[0]], grammar[1])
         emit, ok, lps = self.sampler.verify(logits, params, drafts, prompts if pen else None,
                                             outputs if pen else None, gens,
-                                            banned if any(p.min_tokens for p in params) else None)
+                                            banned if any(p.min_tokens for p in params) else None, grammar)
         tokens, logprobs = [], []
         for span in spans:
             if span is None:

@@ -219,7 +219,7 @@ class Sampler:
 
     @torch.no_grad()
     def verify(self, logits, params, drafts: list[int], prompt_ids=None, output_ids=None, generators=None,
-               banned=None):
+               banned=None, grammar_bitmask=None):
         """Speculative decoding's rejection sampling (core/spec_decode.py). Row i is one position of a
         sequence's verification, with its own params, output so far (the drafts before it) and bans;
         drafts[i] is the draft token that row tests, or -1 for a row that only draws. A draft is
@@ -227,7 +227,7 @@ class Sampler:
         otherwise the row draws from its distribution with the draft taken out. -> (per row the token
         it emits (the draft where accepted), per row whether the draft was accepted, logprobs as
         __call__'s)."""
-        logits, raw_lp = self._masked(logits, params, prompt_ids, output_ids, banned, None)
+        logits, raw_lp = self._masked(logits, params, prompt_ids, output_ids, banned, grammar_bitmask)
         dev = logits.device
         d = torch.tensor(drafts, dtype=torch.long, device=dev)
         has = d >= 0
