@@ -68,7 +68,7 @@ class EngineConfig:
     max_lora_rank: int = field(default=16, metadata={"help": "largest LoRA rank served (the slots' size)"})
     speculative_config: dict | None = field(default=None, metadata={
         "help": "speculative decoding, as vLLM configures it: {\"method\": \"ngram\", \"num_speculative_tokens\": "
-                "4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 1} (drafts from the request's own tokens) or "
+                "4, \"prompt_lookup_max\": 4, \"prompt_lookup_min\": 2} (drafts from the request's own tokens) or "
                 "{\"model\": DIR, \"num_speculative_tokens\": 4} (a small draft model with the same tokenizer); "
                 "\"disable_by_batch_size\": N turns it off while N or more sequences run", "parse": json_object})
     step_timeout: float = field(default=600.0, metadata={

@@ -23,7 +23,7 @@ class SpeculativeConfig:
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4          # ngram: the longest suffix matched against the earlier tokens
-    prompt_lookup_min: int = 1          # ngram: the shortest
+    prompt_lookup_min: int = 2          # ngram: the shortest (1: any recurring token drafts)
     model: str | None = None            # draft_model: a model directory with the target's tokenizer
     disable_by_batch_size: int | None = None  # no drafts while this many sequences or more run
 
