@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -106,14 +107,18 @@ def main() -> None:
             plain_tok_per_s=round(best["plain"], 1), spec_tok_per_s=round(best["spec"], 1),
             acceptance_rate=round(accepted / drafts, 3) if drafts else 0.0,
             mean_accepted_length=round(1 + accepted / steps, 3) if steps else 0.0, verification_steps=steps)
-    cfg = lambda d: json.loads((Path(d) / "config.json").read_text())  # noqa: E731
-    params = lambda llm: sum(p.numel() for p in llm.runner.model.parameters())  # noqa: E731
+    def cfg(d):
+        return json.loads((Path(d) / "config.json").read_text())
+
+    def params(d):  # from the checkpoint: on CPU the engine keeps GEMM weights in packs, not parameters
+        from safetensors import safe_open
+        with safe_open(str(Path(d) / "model.safetensors"), "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
     result = dict(device=args.device, threads=torch.get_num_threads(), k=args.k, max_tokens=args.max_tokens,
                   prompts=len(fns), rounds=args.rounds, target=cfg(args.target),
-                  draft=cfg(args.draft) if args.draft else None,
-                  target_params=params(plain),
-                  draft_params=sum(p.numel() for p in engines["draft"].drafter.runner.model.parameters())
-                  if args.draft else None,
+                  draft=cfg(args.draft) if args.draft else None, target_params=params(args.target),
+                  draft_params=params(args.draft) if args.draft else None,
                   load_avg_1m=round(os.getloadavg()[0], 2), torch=torch.__version__, results=results)
     print(json.dumps(result, indent=1))
     out = Path(args.out or Path(__file__).resolve().parent / "results" / args.device / "spec_decode.json")

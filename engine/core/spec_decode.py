@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 METHODS = ("ngram", "draft_model")
 
 
@@ -66,22 +64,31 @@ class SpeculativeConfig:
 
 def ngram_propose(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]:
     """Prompt lookup: the k tokens that followed an earlier occurrence of the longest suffix of tokens
-    (n_max down to n_min tokens long) -> up to k drafts, [] where no suffix recurs."""
+    (n_max down to n_min tokens long) -> up to k drafts, [] where no suffix recurs. Among the
+    occurrences of that suffix, the latest with k tokens after it (a run repeating itself overlaps its
+    suffix), else the earliest. Runs every step for every decoding sequence: it walks only the
+    earlier occurrences of the last token (list.index, in C), and most steps have few or none."""
     L = len(tokens)
     if L < n_min + 1 or k < 1:
         return []
-    a = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(n_max, L - 1), n_min - 1, -1):
-        # windows a[i:i+n] for i < L - n (the suffix itself is the window at L - n)
-        windows = np.lib.stride_tricks.sliding_window_view(a[:L - 1], n)
-        hits = np.flatnonzero((windows == a[L - n:]).all(axis=1))
-        if hits.size:
-            # the latest occurrence with k tokens after it (a run repeating itself overlaps its suffix),
-            # else the one with the most
-            full = hits[hits + n + k <= L]
-            start = int(full[-1] if full.size else hits[0]) + n
-            return tokens[start:start + k]
-    return []
+    last, best, latest_full, earliest = tokens[-1], 0, -1, -1
+    i = -1
+    while True:
+        try:
+            i = tokens.index(last, i + 1, L - 1)
+        except ValueError:
+            break
+        n = 1  # the suffix length that ends at i too
+        while n < n_max and n <= i and tokens[i - n] == tokens[L - 1 - n]:
+            n += 1
+        if n > best:
+            best, latest_full, earliest = n, -1, i
+        if n == best and i + 1 + k <= L:
+            latest_full = i
+    if best < n_min:
+        return []
+    start = (latest_full if latest_full >= 0 else earliest) + 1
+    return tokens[start:start + k]
 
 
 @dataclass
