@@ -8,7 +8,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
+
+#include "simd_cpu.h"
 
 // Calls f(TC{}) with TC the C++ type of a cache of dtype c, read against a query of type T: the
 // checks allow T's own dtype, bfloat16 and int8.
@@ -30,6 +33,17 @@ inline float kv_value(const TC* row, int64_t d, float s) {
   else
     return static_cast<float>(row[d]);
 }
+
+// 8 cache values from p as floats (bfloat16 and int8 widened exactly; int8's scale is the caller's)
+template <typename T>
+HOT f8 load8c(const T* p) {  // float16
+  f8 r;
+  for (int i = 0; i < 8; ++i) r[i] = static_cast<float>(p[i]);
+  return r;
+}
+HOT f8 load8c(const float* p) { return load8(p); }
+HOT f8 load8c(const c10::BFloat16* p) { return load8_bf16(p); }
+HOT f8 load8c(const int8_t* p) { return load8_i8(p); }
 
 // One row x (D) into the cache's format: a cast, or for int8 the row's scale into *s and
 // round-half-even(x / scale) into out

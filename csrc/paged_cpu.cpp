@@ -20,33 +20,35 @@
 
 namespace {
 
-// Scores of q against 4 cache rows at once: 4 independent accumulators keep the FMA units busy
-// (one dot at a time waits on its own adds).
-HOT void dot4(const float* q, const float* const* k, int64_t n, float* out) {
+// Scores of q against 4 cache rows at once, read in the cache's format (int8 unscaled): 4
+// independent accumulators keep the FMA units busy (one dot at a time waits on its own adds).
+template <typename T>
+HOT void dot4(const float* q, const T* const* k, int64_t n, float* out) {
   f8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const f8 x = load8(q + i);
-    a0 += x * load8(k[0] + i);
-    a1 += x * load8(k[1] + i);
-    a2 += x * load8(k[2] + i);
-    a3 += x * load8(k[3] + i);
+    a0 += x * load8c(k[0] + i);
+    a1 += x * load8c(k[1] + i);
+    a2 += x * load8c(k[2] + i);
+    a3 += x * load8c(k[3] + i);
   }
   out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
   for (; i < n; ++i)
-    for (int r = 0; r < 4; ++r) out[r] += q[i] * k[r][i];
+    for (int r = 0; r < 4; ++r) out[r] += q[i] * kv_value(k[r], i, 1.f);
 }
 
-// y += sum_r p[r] * v[r] over up to 4 rows: one pass over y per 4 rows
-HOT void axpy4(float* y, const float* p, const float* const* v, int rows, int64_t n) {
+// y += sum_r p[r] * v[r] over up to 4 rows (in the cache's format): one pass over y per 4 rows
+template <typename T>
+HOT void axpy4(float* y, const float* p, const T* const* v, int rows, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     f8 acc = load8(y + i);
-    for (int r = 0; r < rows; ++r) acc += p[r] * load8(v[r] + i);
+    for (int r = 0; r < rows; ++r) acc += p[r] * load8c(v[r] + i);
     store8(y + i, acc);
   }
   for (; i < n; ++i)
-    for (int r = 0; r < rows; ++r) y[i] += p[r] * v[r][i];
+    for (int r = 0; r < rows; ++r) y[i] += p[r] * kv_value(v[r], i, 1.f);
 }
 
 // Asks for the next cache block ahead of use (n elements from p): blocks sit anywhere in the
@@ -58,30 +60,26 @@ HOT void prefetch_run(const T* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 64 / sizeof(T)) __builtin_prefetch(p + i, 0, 3);
 }
 
-// The rows of one KV head in one cache block as floats: pointers into the cache for fp32, else
-// converted into buf (rows x D); sc: int8's scales of the rows, sstride apart.
+// The rows of one KV head in one cache block: pointers into the cache, read in its format; rs: the
+// rows' scales (int8's, sstride apart in sc; 1 for the other formats).
 template <typename T>
-HOT void block_rows(const T* base, int64_t stride, int64_t rows, int64_t D, float* buf, const float** out,
-                    const float* sc, int64_t sstride) {
+HOT void block_rows(const T* base, int64_t stride, int64_t rows, const T** out, const float* sc, int64_t sstride,
+                    float* rs) {
   for (int64_t o = 0; o < rows; ++o) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[o] = base + o * stride;
-    } else {
-      const float s = sc ? sc[o * sstride] : 1.f;
-      for (int64_t d = 0; d < D; ++d) buf[o * D + d] = kv_value(base + o * stride, d, s);
-      out[o] = buf + o * D;
-    }
+    out[o] = base + o * stride;
+    rs[o] = sc ? sc[o * sstride] : 1.f;
   }
 }
 
 // One sequence, all heads, over its keys [first, L) (a sliding window starts past 0; blocks before
 // it are never read): scores, fp32 softmax, weighted sum of V. Walks the table block by block (no
 // division per token), each block front to back in both passes. s holds H rows of L - first.
-// ks, vs: int8's scales (blocks, bs, Hkv), else null.
+// ks, vs: int8's scales (blocks, bs, Hkv), else null: a score and a softmax weight take the row's scale
+// (rs, bs floats), the rows are read as stored.
 template <typename T>
 HOT void decode_seq(const float* qf, const T* kc, const T* vc, const float* ks, const float* vs, const int32_t* tb,
                     int64_t first, int64_t L, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float* s, float* acc,
-                    float* sum, float* buf, const float** rows) {
+                    float* sum, float* rs, const T** rows) {
   const int64_t G = H / Hkv, row = Hkv * D, blk = bs * row, W = L - first, j0 = first / bs, nblk = (L + bs - 1) / bs;
   // block j's tokens in the window: [a, a + n), from offset a - j * bs of the block
   const auto span = [&](int64_t j, int64_t& a, int64_t& n) {
@@ -106,17 +104,19 @@ HOT void decode_seq(const float* qf, const T* kc, const T* vc, const float* ks, 
       prefetch_run(at(vc, j0, a2), n2 * row);  // the V pass's first block
     }
     for (int64_t g = 0; g < Hkv; ++g) {
-      block_rows(at(kc, j, a) + g * D, row, n, D, buf, rows, sat(ks, j, a, g), Hkv);
+      block_rows(at(kc, j, a) + g * D, row, n, rows, sat(ks, j, a, g), Hkv, rs);
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
         float* sh = s + h * W + (a - first);
         int64_t o = 0;
         for (; o + 4 <= n; o += 4) dot4(qf + h * D, rows + o, D, sh + o);
         for (; o < n; ++o) {
-          const float* k4[4] = {rows[o], rows[o], rows[o], rows[o]};
+          const T* k4[4] = {rows[o], rows[o], rows[o], rows[o]};
           float out[4];
           dot4(qf + h * D, k4, D, out);
           sh[o] = out[0];
         }
+        if (ks)
+          for (o = 0; o < n; ++o) sh[o] *= rs[o];
       }
     }
   }
@@ -129,10 +129,15 @@ HOT void decode_seq(const float* qf, const T* kc, const T* vc, const float* ks, 
       prefetch_run(at(vc, j + 1, a2), n2 * row);
     }
     for (int64_t g = 0; g < Hkv; ++g) {
-      block_rows(at(vc, j, a) + g * D, row, n, D, buf, rows, sat(vs, j, a, g), Hkv);
+      block_rows(at(vc, j, a) + g * D, row, n, rows, sat(vs, j, a, g), Hkv, rs);
       for (int64_t h = g * G; h < (g + 1) * G; ++h)
-        for (int64_t o = 0; o < n; o += 4)
-          axpy4(acc + h * D, s + h * W + (a - first) + o, rows + o, std::min<int64_t>(4, n - o), D);
+        for (int64_t o = 0; o < n; o += 4) {
+          const float* p = s + h * W + (a - first) + o;
+          const int r = static_cast<int>(std::min<int64_t>(4, n - o));
+          float ps[4];
+          for (int i = 0; i < r; ++i) ps[i] = vs ? p[i] * rs[o + i] : p[i];
+          axpy4(acc + h * D, ps, rows + o, r, D);
+        }
     }
   }
 }
@@ -145,20 +150,20 @@ void decode_kernel(const T* q, int64_t q_stride, const TC* kc, const TC* vc, con
   const auto fn = best_isa<decode_seq<TC>>();
   const auto first = [&](int64_t b) -> int64_t { return left >= 0 ? std::max<int64_t>(0, lens[b] - 1 - left) : 0; };
   struct Scratch {
-    std::vector<float> qf, acc, sum, buf, s;
-    std::vector<const float*> rows;
+    std::vector<float> qf, acc, sum, rs, s;
+    std::vector<const TC*> rows;
   };
   longest_first(
       B, [&](int64_t b) { return lens[b] - first(b); },
       [&] { return Scratch{std::vector<float>(H * D), std::vector<float>(H * D), std::vector<float>(H),
-                           std::vector<float>(bs * D), {}, std::vector<const float*>(bs)}; },
+                           std::vector<float>(bs), {}, std::vector<const TC*>(bs)}; },
       [&](int64_t b, Scratch& t) {
         const int64_t L = lens[b], f = first(b);
         for (int64_t h = 0; h < H; ++h)
           for (int64_t d = 0; d < D; ++d) t.qf[h * D + d] = static_cast<float>(q[b * q_stride + h * D + d]) * scale;
         t.s.resize(H * (L - f));
         fn(t.qf.data(), kc, vc, ks, vs, table + b * max_blocks, f, L, H, Hkv, D, bs, t.s.data(), t.acc.data(),
-           t.sum.data(), t.buf.data(), t.rows.data());
+           t.sum.data(), t.rs.data(), t.rows.data());
         for (int64_t h = 0; h < H; ++h)
           for (int64_t d = 0; d < D; ++d) out[(b * H + h) * D + d] = static_cast<T>(t.acc[h * D + d] / t.sum[h]);
       });
