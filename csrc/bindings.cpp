@@ -70,19 +70,20 @@ void rope_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t 
   rope_cpu_(t3, cos.reshape({N, r}).contiguous(), sin.reshape({N, r}).contiguous(), heads);
 }
 
-// writes k/v (N, Hkv, D) into the caches at slot_mapping (N,) int64, -1 skips a token; in place
+// writes k/v (N, Hkv, D) into the caches at slot_mapping (N,) int64, -1 skips a token; in place (an
+// int8 cache: the rows quantised, their scales into k_scale/v_scale)
 void store_kvcache(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                   const at::Tensor& slot_mapping) {
-  check_store_kvcache_cpu(k, v, k_cache, v_cache, slot_mapping);
-  store_kvcache_cpu(k, v, k_cache, v_cache, slot_mapping);
+                   const at::Tensor& slot_mapping, const OptT& k_scale, const OptT& v_scale) {
+  check_store_kvcache_cpu(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale);
+  store_kvcache_cpu(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale);
 }
 
 // CPU decode attention over paged caches -> (B, H, D); the CUDA path is Triton (kernels/triton_paged.py)
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
-                           int64_t window_left, int64_t window_right) {
-  check_paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, window_left, window_right);
-  return paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, scale, window_left);
+                           int64_t window_left, int64_t window_right, const OptT& k_scale, const OptT& v_scale) {
+  check_paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, window_left, window_right, k_scale, v_scale);
+  return paged_attention_cpu(q, k_cache, v_cache, block_table, seq_lens, scale, window_left, k_scale, v_scale);
 }
 
 namespace {
@@ -192,11 +193,13 @@ at::Tensor act_bwd(const at::Tensor& dy, const at::Tensor& z, int64_t act) {
 // edge to 0).
 at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                             const at::Tensor& cu_k, bool causal, double scale, const OptT& block_table,
-                            int64_t window_left, int64_t window_right) {
+                            int64_t window_left, int64_t window_right, const OptT& k_scale, const OptT& v_scale) {
   const bool paged = present(block_table);
-  check_varlen_attention_cpu(q, k, v, cu_q, cu_k, opt(block_table), window_left, window_right);
+  check_varlen_attention_cpu(q, k, v, cu_q, cu_k, opt(block_table), window_left, window_right, opt(k_scale),
+                             opt(v_scale));
   return varlen_attention_cpu(q, k, v, cu_q.contiguous(), cu_k.contiguous(), causal, scale,
-                              paged ? block_table->contiguous() : at::Tensor(), window_left, causal ? 0 : window_right);
+                              paged ? block_table->contiguous() : at::Tensor(), window_left, causal ? 0 : window_right,
+                              opt(k_scale), opt(v_scale));
 }
 
 // One decoder layer of a CPU decode step in one call (decode_cpu.h has the arguments) -> {x, residual}
@@ -205,11 +208,12 @@ std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, 
                                      const at::Tensor& slot_mapping, const at::Tensor& block_table,
                                      const at::Tensor& seq_lens, const OptT& cos, const OptT& sin, int64_t n_head,
                                      double eps, bool rms, int64_t act, double scale, int64_t window_left,
-                                     int64_t parallel, int64_t part) {
-  check_decode_layer(x, w, n, k_cache, v_cache, opt(cos), opt(sin), n_head, rms, act, window_left, parallel, part,
-                     present(residual));
+                                     int64_t parallel, int64_t part, const OptT& k_scale, const OptT& v_scale) {
+  check_decode_layer(x, w, n, k_cache, v_cache, opt(k_scale), opt(v_scale), opt(cos), opt(sin), n_head, rms, act,
+                     window_left, parallel, part, present(residual));
   return decode_layer_cpu(x, opt(residual), w, n, k_cache, v_cache, slot_mapping, block_table, seq_lens, opt(cos),
-                          opt(sin), n_head, eps, rms, act, scale, window_left, parallel, part);
+                          opt(sin), n_head, eps, rms, act, scale, window_left, parallel, part, opt(k_scale),
+                          opt(v_scale));
 }
 
 bool has_cuda() {
@@ -249,29 +253,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("act_bwd", &act_bwd, "dy * act'(z)", py::arg("dy"), py::arg("z"), py::arg("act"));
   m.def("paged_attention", &paged_attention, "CPU decode attention over a paged KV cache -> (B, H, D)", py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"), py::arg("scale"),
-        py::arg("window_left") = -1, py::arg("window_right") = -1);
+        py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("k_scale") = py::none(),
+        py::arg("v_scale") = py::none());
   m.def("varlen_attention", &varlen_attention, "CPU float32 attention over packed variable-length sequences",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("causal"),
         py::arg("scale"), py::arg("block_table") = py::none(), py::arg("window_left") = -1,
-        py::arg("window_right") = -1);
+        py::arg("window_right") = -1, py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("store_kvcache", &store_kvcache, "CPU write of new K/V rows into the paged caches, in place", py::arg("k"),
-        py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"));
+        py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"), py::arg("k_scale") = py::none(),
+        py::arg("v_scale") = py::none());
   m.def("decode_layer", &decode_layer, "one decoder layer of a CPU decode step -> [x, residual]", py::arg("x"),
         py::arg("residual"), py::arg("w"), py::arg("n"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
         py::arg("block_table"), py::arg("seq_lens"), py::arg("cos"), py::arg("sin"), py::arg("n_head"),
         py::arg("eps"), py::arg("rms"), py::arg("act"), py::arg("scale"), py::arg("window_left") = -1,
-        py::arg("parallel") = 0, py::arg("part") = 0);
+        py::arg("parallel") = 0, py::arg("part") = 0, py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
 
   // the public ops' rules (checks.h), for their paths that do not run an entry point above
   m.def("check_flash_attention", &check_flash_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("left"),
         py::arg("right"));
   m.def("check_varlen", &check_varlen, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"),
-        py::arg("cu_seqlens_k"), py::arg("block_table"), py::arg("left"), py::arg("right"));
+        py::arg("cu_seqlens_k"), py::arg("block_table"), py::arg("left"), py::arg("right"),
+        py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("check_paged_attention", &check_paged_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
-        py::arg("block_table"), py::arg("seq_lens"), py::arg("left"), py::arg("right"));
+        py::arg("block_table"), py::arg("seq_lens"), py::arg("left"), py::arg("right"),
+        py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("check_store_kvcache", &check_store_kvcache, py::arg("k"), py::arg("v"), py::arg("k_cache"),
-        py::arg("v_cache"), py::arg("slot_mapping"));
+        py::arg("v_cache"), py::arg("slot_mapping"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("check_norm", &check_norm, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual"),
         py::arg("eps"));
   m.def("check_linear", &check_linear, py::arg("x"), py::arg("weight"), py::arg("bias"));

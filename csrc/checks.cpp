@@ -21,10 +21,11 @@ void indices(const char* name, const at::Tensor& x, int64_t ndim, at::ScalarType
   check_on_device(name, x, ref_name, ref);
 }
 
-// q (..., H, D) against k and v (..., Hkv, D): GQA/MQA heads, one head dim the kernels take (check_head_dim)
-void heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* kname, const char* vname) {
-  check_same("q", q, kname, k);
-  check_same("q", q, vname, v);
+// q (..., H, D) against k and v (..., Hkv, D): GQA/MQA heads, one head dim the kernels take (check_head_dim);
+// same_dtype: k and v in q's dtype (caches have their own rule, check_kv_cache)
+void heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* kname, const char* vname,
+           bool same_dtype = true) {
+  if (same_dtype) check_same("q", q, kname, k), check_same("q", q, vname, v);
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), kname, " and ", vname, " must have the same shape, got ", k.sizes(),
                     " and ", v.sizes());
   const int64_t h = q.size(-2), hkv = k.size(-2), d = q.size(-1);
@@ -99,6 +100,31 @@ void check_same(const char* ref_name, const at::Tensor& ref, const char* name, c
 
 // ---- public ops
 
+void check_kv_cache(const char* ref_name, const at::Tensor& ref, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const OptT& k_scale, const OptT& v_scale) {
+  check_dims("k_cache", k_cache, 4), check_dims("v_cache", v_cache, 4);
+  check_on_device("k_cache", k_cache, ref_name, ref), check_on_device("v_cache", v_cache, ref_name, ref);
+  const auto t = k_cache.scalar_type();
+  TORCH_CHECK_TYPE(v_cache.scalar_type() == t, "v_cache has dtype ", dtype_name(v_cache.scalar_type()),
+                   " but k_cache has ", dtype_name(t));
+  TORCH_CHECK_TYPE(t == ref.scalar_type() || t == at::kBFloat16 || t == at::kChar, "k_cache has dtype ",
+                   dtype_name(t), "; expected ", ref_name, "'s ", dtype_name(ref.scalar_type()),
+                   ", torch.bfloat16 or torch.int8 (with k_scale and v_scale)");
+  TORCH_CHECK_VALUE(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache must have the same shape, got ",
+                    k_cache.sizes(), " and ", v_cache.sizes());
+  const bool int8 = t == at::kChar;
+  for (const auto& [s, name] : {std::pair{&k_scale, "k_scale"}, {&v_scale, "v_scale"}}) {
+    TORCH_CHECK_VALUE(present(*s) == int8, int8 ? "an int8 KV cache needs " : "only an int8 KV cache takes ", name);
+    if (!int8) continue;
+    TORCH_CHECK_TYPE((*s)->scalar_type() == at::kFloat, name, " has dtype ", dtype_name((*s)->scalar_type()),
+                     "; expected torch.float32");
+    check_on_device(name, **s, ref_name, ref);
+    TORCH_CHECK_VALUE((*s)->sizes() == k_cache.sizes().slice(0, 3) && (*s)->is_contiguous(), name,
+                      " must be contiguous (blocks, block_size, Hkv) = ", k_cache.sizes().slice(0, 3), ", got ",
+                      (*s)->sizes());
+  }
+}
+
 void check_head_dim(int64_t d) {
   TORCH_CHECK_VALUE(d > 0 && d % kHeadDimStep == 0 && d <= kMaxHeadDim, "head dim ", d, " not supported: must be a "
                     "multiple of ", kHeadDimStep, " up to ", kMaxHeadDim);
@@ -118,10 +144,17 @@ void check_flash_attention(const at::Tensor& q, const at::Tensor& k, const at::T
 }
 
 void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                  const at::Tensor& cu_k, const OptT& block_table, int64_t left, int64_t right) {
-  const int64_t kv_dims = present(block_table) ? 4 : 3;  // packed rows, or paged caches
-  check_float("q", q, 3), check_float("k", k, kv_dims), check_float("v", v, kv_dims);
-  heads(q, k, v, "k", "v");
+                  const at::Tensor& cu_k, const OptT& block_table, int64_t left, int64_t right, const OptT& k_scale,
+                  const OptT& v_scale) {
+  check_float("q", q, 3);
+  if (present(block_table)) {  // paged caches
+    check_kv_cache("q", q, k, v, k_scale, v_scale);
+  } else {  // packed rows
+    check_float("k", k, 3), check_float("v", v, 3);
+    TORCH_CHECK_VALUE(!present(k_scale) && !present(v_scale), "k_scale and v_scale go with a paged int8 cache "
+                      "(block_table)");
+  }
+  heads(q, k, v, "k", "v", !present(block_table));
   indices("cu_seqlens_q", cu_q, 1, at::kInt, "q", q);
   indices("cu_seqlens_k", cu_k, 1, at::kInt, "q", q);
   TORCH_CHECK_VALUE(cu_q.size(0) == cu_k.size(0) && cu_q.size(0) >= 1, "cu_seqlens_q and cu_seqlens_k must both "
@@ -135,9 +168,11 @@ void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }
 
 void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t left, int64_t right) {
-  check_float("q", q, 3), check_float("k_cache", k_cache, 4), check_float("v_cache", v_cache, 4);
-  heads(q, k_cache, v_cache, "k_cache", "v_cache");
+                           const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t left, int64_t right,
+                           const OptT& k_scale, const OptT& v_scale) {
+  check_float("q", q, 3);
+  check_kv_cache("q", q, k_cache, v_cache, k_scale, v_scale);
+  heads(q, k_cache, v_cache, "k_cache", "v_cache", false);
   indices("block_table", block_table, 2, at::kInt, "q", q);
   indices("seq_lens", seq_lens, 1, at::kInt, "q", q);
   TORCH_CHECK_VALUE(block_table.size(0) == q.size(0) && seq_lens.size(0) == q.size(0), "block_table rows (",
@@ -147,10 +182,11 @@ void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 }
 
 void check_store_kvcache(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                         const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+                         const at::Tensor& v_cache, const at::Tensor& slot_mapping, const OptT& k_scale,
+                         const OptT& v_scale) {
   check_float("k", k, 3), check_float("v", v, 3);
-  check_float("k_cache", k_cache, 4), check_float("v_cache", v_cache, 4);
-  check_same("k", k, "v", v), check_same("k", k, "k_cache", k_cache), check_same("k", k, "v_cache", v_cache);
+  check_same("k", k, "v", v);
+  check_kv_cache("k", k, k_cache, v_cache, k_scale, v_scale);
   TORCH_CHECK_VALUE(k.sizes() == v.sizes() && k_cache.sizes() == v_cache.sizes(), "k/v shapes ", k.sizes(), ", ",
                     v.sizes(), " and cache shapes ", k_cache.sizes(), ", ", v_cache.sizes(), " must match pairwise");
   TORCH_CHECK_VALUE(k.sizes().slice(1) == k_cache.sizes().slice(2), "k rows ", k.sizes().slice(1),

@@ -21,12 +21,19 @@ void check_window(int64_t left, int64_t right);
 void check_head_dim(int64_t d);  // every attention path's
 void check_flash_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t left,
                            int64_t right);
+// paged KV caches (blocks, bs, Hkv, D) on ref's device: in ref's dtype, bfloat16, or int8 with k_scale and
+// v_scale, contiguous float32 (blocks, bs, Hkv) (given only then)
+void check_kv_cache(const char* ref_name, const at::Tensor& ref, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const OptT& k_scale, const OptT& v_scale);
 void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
-                  const at::Tensor& cu_k, const OptT& block_table, int64_t left, int64_t right);
+                  const at::Tensor& cu_k, const OptT& block_table, int64_t left, int64_t right,
+                  const OptT& k_scale = {}, const OptT& v_scale = {});
 void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t left, int64_t right);
+                           const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t left, int64_t right,
+                           const OptT& k_scale = {}, const OptT& v_scale = {});
 void check_store_kvcache(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                         const at::Tensor& v_cache, const at::Tensor& slot_mapping);
+                         const at::Tensor& v_cache, const at::Tensor& slot_mapping, const OptT& k_scale = {},
+                         const OptT& v_scale = {});
 void check_norm(const at::Tensor& x, const at::Tensor& weight, const OptT& bias, const OptT& residual, double eps);
 void check_linear(const at::Tensor& x, const at::Tensor& weight, const OptT& bias);
 void check_act(const char* op, int64_t act, int64_t max_act);
@@ -79,14 +86,15 @@ at::Tensor check_packed_rows(const at::Tensor& pw, const at::Tensor& ids, int64_
 void check_glu(const at::Tensor& f);
 void check_rope(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int64_t heads);
 void check_store_kvcache_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                             const at::Tensor& v_cache, const at::Tensor& slot_mapping);
+                             const at::Tensor& v_cache, const at::Tensor& slot_mapping, const OptT& k_scale,
+                             const OptT& v_scale);
 void check_paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t left,
-                               int64_t right);
+                               int64_t right, const OptT& k_scale, const OptT& v_scale);
 void check_varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& cu_q, const at::Tensor& cu_k, const OptT& block_table,
-                                int64_t left, int64_t right);
+                                int64_t left, int64_t right, const OptT& k_scale, const OptT& v_scale);
 void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const std::vector<int64_t>& n,
-                        const at::Tensor& k_cache, const at::Tensor& v_cache, const OptT& cos, const OptT& sin,
-                        int64_t n_head, bool rms, int64_t act, int64_t window_left, int64_t parallel, int64_t part,
-                        bool has_residual);
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, const OptT& k_scale,
+                        const OptT& v_scale, const OptT& cos, const OptT& sin, int64_t n_head, bool rms, int64_t act,
+                        int64_t window_left, int64_t parallel, int64_t part, bool has_residual);

@@ -6,7 +6,8 @@ std::vector<at::Tensor> decode_layer_cpu(const at::Tensor& x, const OptT& residu
                                          const at::Tensor& slot_mapping, const at::Tensor& block_table,
                                          const at::Tensor& seq_lens, const OptT& cos, const OptT& sin,
                                          int64_t n_head, double eps, bool rms, int64_t act, double scale,
-                                         int64_t window_left, int64_t parallel, int64_t part) {
+                                         int64_t window_left, int64_t parallel, int64_t part, const OptT& k_scale,
+                                         const OptT& v_scale) {
   const int64_t B = x.size(0), Hkv = k_cache.size(2), D = k_cache.dim() == 4 ? k_cache.size(3) : 0;
   const auto mlp = [&](const at::Tensor& h) {
     at::Tensor f = linear_packed(h, *w[8], w[9], n[2], act >= 4 ? 0 : act);
@@ -30,8 +31,10 @@ std::vector<at::Tensor> decode_layer_cpu(const at::Tensor& x, const OptT& residu
   if (present(qn) || present(kn)) rms_heads_cpu_(t, qn, kn, n_head, Hkv, eps);  // Qwen3: before the rotary
   if (present(cos)) rope_(t, *cos, *sin, n_head + Hkv);  // q and k rotated together
   const at::Tensor q = t.narrow(1, 0, n_head);
-  store_kvcache(t.narrow(1, n_head, Hkv), t.narrow(1, n_head + Hkv, Hkv), k_cache, v_cache, slot_mapping);
-  const at::Tensor o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window_left);
+  store_kvcache(t.narrow(1, n_head, Hkv), t.narrow(1, n_head + Hkv, Hkv), k_cache, v_cache, slot_mapping, k_scale,
+                v_scale);
+  const at::Tensor o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, scale, window_left, -1, k_scale,
+                                       v_scale);
   const at::Tensor a = linear_packed(o.view({B, n_head * D}), *w[4], w[5], n[1], 0);
   if (part == 1) return {a, stream};  // the attention half: its output before the all-reduce
   if (parallel == 0) {  // pre-norm: the MLP reads the stream after attention's output joined it

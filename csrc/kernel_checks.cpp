@@ -125,8 +125,9 @@ void check_rope(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& si
 }
 
 void check_store_kvcache_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
-                             const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
-  check_store_kvcache(k, v, k_cache, v_cache, slot_mapping);
+                             const at::Tensor& v_cache, const at::Tensor& slot_mapping, const OptT& k_scale,
+                             const OptT& v_scale) {
+  check_store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale);
   TORCH_CHECK_VALUE(k.device().is_cpu(), "store_kvcache: k must be a CPU tensor (CUDA runs Triton)");
   check_kernel_dtype("k", k);
   check_rows("k", k), check_rows("v", v);
@@ -136,8 +137,8 @@ void check_store_kvcache_cpu(const at::Tensor& k, const at::Tensor& v, const at:
 
 void check_paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& block_table, const at::Tensor& seq_lens, int64_t left,
-                               int64_t right) {
-  check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, left, right);
+                               int64_t right, const OptT& k_scale, const OptT& v_scale) {
+  check_paged_attention(q, k_cache, v_cache, block_table, seq_lens, left, right, k_scale, v_scale);
   TORCH_CHECK_VALUE(q.device().is_cpu(), "paged_attention: q must be a CPU tensor (CUDA runs Triton)");
   check_kernel_dtype("q", q);
   check_rows("q", q);
@@ -147,11 +148,11 @@ void check_paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
 
 void check_varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& cu_q, const at::Tensor& cu_k, const OptT& block_table,
-                                int64_t left, int64_t right) {
+                                int64_t left, int64_t right, const OptT& k_scale, const OptT& v_scale) {
   const bool paged = present(block_table);
-  check_varlen(q, k, v, cu_q, cu_k, block_table, left, right);
-  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}})
-    check_cpu_float32("varlen_attention", name, *t);
+  check_varlen(q, k, v, cu_q, cu_k, block_table, left, right, k_scale, v_scale);
+  check_cpu_float32("varlen_attention", "q", q);  // paged caches may be bfloat16 or int8 (check_varlen)
+  if (!paged) check_cpu_float32("varlen_attention", "k", k), check_cpu_float32("varlen_attention", "v", v);
   check_rows("q", q);
   if (paged) {
     check_contiguous("k_cache", k), check_contiguous("v_cache", v);
@@ -229,7 +230,8 @@ void check_act_bwd(const at::Tensor& dy, const at::Tensor& z, int64_t act) {
 
 // The layer's geometry; the ops it runs (bindings.cpp's entry points) check their own inputs
 void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const std::vector<int64_t>& n,
-                        const at::Tensor& k_cache, const at::Tensor& v_cache, const OptT& cos, const OptT& sin,
+                        const at::Tensor& k_cache, const at::Tensor& v_cache, const OptT& k_scale,
+                        const OptT& v_scale, const OptT& cos, const OptT& sin,
                         int64_t n_head, bool rms, int64_t act, int64_t window_left, int64_t parallel, int64_t part,
                         bool has_residual) {
   check_cpu_float32("decode_layer", "x", x);
@@ -250,7 +252,7 @@ void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const s
                     "layer holds norm1's or norm2's bias");
   check_act("decode_layer", act, 5);
   TORCH_CHECK_VALUE(present(cos) == present(sin), "decode_layer: give both cos and sin, or neither");
-  check_float("k_cache", k_cache, 4);
+  check_kv_cache("x", x, k_cache, v_cache, k_scale, v_scale);
   // the cache write's rule (a RuntimeError there, for direct calls), a ValueError of this public op
   TORCH_CHECK_VALUE(k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_layer: k_cache and v_cache must "
                     "be contiguous");

@@ -3,6 +3,7 @@
 // table: no gather of K/V into a dense tensor, no mask. One work item per sequence, all heads:
 // a cache block's rows for every KV head are one contiguous (block_size x Hkv x D) run, read
 // front to back, and each K/V row serves its H / Hkv query heads (GQA without repeating K/V).
+// The cache may be stored in another format than q (kv_cpu.h): rows are converted as they stream.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -12,39 +13,42 @@
 #include <type_traits>
 #include <vector>
 
+#include "kv_cpu.h"
 #include "ops.h"
 #include "parallel_cpu.h"
 #include "simd_cpu.h"
 
 namespace {
 
-// Scores of q against 4 cache rows at once: 4 independent accumulators keep the FMA units busy
-// (one dot at a time waits on its own adds).
-HOT void dot4(const float* q, const float* const* k, int64_t n, float* out) {
+// Scores of q against 4 cache rows at once, read in the cache's format (int8 unscaled): 4
+// independent accumulators keep the FMA units busy (one dot at a time waits on its own adds).
+template <typename T>
+HOT void dot4(const float* q, const T* const* k, int64_t n, float* out) {
   f8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const f8 x = load8(q + i);
-    a0 += x * load8(k[0] + i);
-    a1 += x * load8(k[1] + i);
-    a2 += x * load8(k[2] + i);
-    a3 += x * load8(k[3] + i);
+    a0 += x * load8c(k[0] + i);
+    a1 += x * load8c(k[1] + i);
+    a2 += x * load8c(k[2] + i);
+    a3 += x * load8c(k[3] + i);
   }
   out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
   for (; i < n; ++i)
-    for (int r = 0; r < 4; ++r) out[r] += q[i] * k[r][i];
+    for (int r = 0; r < 4; ++r) out[r] += q[i] * kv_value(k[r], i, 1.f);
 }
 
-// y += sum_r p[r] * v[r] over up to 4 rows: one pass over y per 4 rows
-HOT void axpy4(float* y, const float* p, const float* const* v, int rows, int64_t n) {
+// y += sum_r p[r] * v[r] over up to 4 rows (in the cache's format): one pass over y per 4 rows
+template <typename T>
+HOT void axpy4(float* y, const float* p, const T* const* v, int rows, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     f8 acc = load8(y + i);
-    for (int r = 0; r < rows; ++r) acc += p[r] * load8(v[r] + i);
+    for (int r = 0; r < rows; ++r) acc += p[r] * load8c(v[r] + i);
     store8(y + i, acc);
   }
   for (; i < n; ++i)
-    for (int r = 0; r < rows; ++r) y[i] += p[r] * v[r][i];
+    for (int r = 0; r < rows; ++r) y[i] += p[r] * kv_value(v[r], i, 1.f);
 }
 
 // Asks for the next cache block ahead of use (n elements from p): blocks sit anywhere in the
@@ -56,27 +60,26 @@ HOT void prefetch_run(const T* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 64 / sizeof(T)) __builtin_prefetch(p + i, 0, 3);
 }
 
-// The rows of one KV head in one cache block as floats: pointers into the cache for fp32,
-// else converted into buf (rows x D).
+// The rows of one KV head in one cache block: pointers into the cache, read in its format; rs: the
+// rows' scales (int8's, sstride apart in sc; 1 for the other formats).
 template <typename T>
-HOT void block_rows(const T* base, int64_t stride, int64_t rows, int64_t D, float* buf, const float** out) {
+HOT void block_rows(const T* base, int64_t stride, int64_t rows, const T** out, const float* sc, int64_t sstride,
+                    float* rs) {
   for (int64_t o = 0; o < rows; ++o) {
-    if constexpr (std::is_same_v<T, float>) {
-      out[o] = base + o * stride;
-    } else {
-      for (int64_t d = 0; d < D; ++d) buf[o * D + d] = static_cast<float>(base[o * stride + d]);
-      out[o] = buf + o * D;
-    }
+    out[o] = base + o * stride;
+    rs[o] = sc ? sc[o * sstride] : 1.f;
   }
 }
 
 // One sequence, all heads, over its keys [first, L) (a sliding window starts past 0; blocks before
 // it are never read): scores, fp32 softmax, weighted sum of V. Walks the table block by block (no
 // division per token), each block front to back in both passes. s holds H rows of L - first.
+// ks, vs: int8's scales (blocks, bs, Hkv), else null: a score and a softmax weight take the row's scale
+// (rs, bs floats), the rows are read as stored.
 template <typename T>
-HOT void decode_seq(const float* qf, const T* kc, const T* vc, const int32_t* tb, int64_t first, int64_t L, int64_t H,
-                    int64_t Hkv, int64_t D, int64_t bs, float* s, float* acc, float* sum, float* buf,
-                    const float** rows) {
+HOT void decode_seq(const float* qf, const T* kc, const T* vc, const float* ks, const float* vs, const int32_t* tb,
+                    int64_t first, int64_t L, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float* s, float* acc,
+                    float* sum, float* rs, const T** rows) {
   const int64_t G = H / Hkv, row = Hkv * D, blk = bs * row, W = L - first, j0 = first / bs, nblk = (L + bs - 1) / bs;
   // block j's tokens in the window: [a, a + n), from offset a - j * bs of the block
   const auto span = [&](int64_t j, int64_t& a, int64_t& n) {
@@ -84,6 +87,10 @@ HOT void decode_seq(const float* qf, const T* kc, const T* vc, const int32_t* tb
     n = std::min(j * bs + bs, L) - a;
   };
   const auto at = [&](const T* c, int64_t j, int64_t a) { return c + tb[j] * blk + (a - j * bs) * row; };
+  // the scales of token a's rows (block j), head g: Hkv apart from one token to the next
+  const auto sat = [&](const float* c, int64_t j, int64_t a, int64_t g) {
+    return c ? c + (tb[j] * bs + a - j * bs) * Hkv + g : nullptr;
+  };
   int64_t a, n, a2, n2;
   span(j0, a, n);
   prefetch_run(at(kc, j0, a), n * row);
@@ -97,17 +104,19 @@ HOT void decode_seq(const float* qf, const T* kc, const T* vc, const int32_t* tb
       prefetch_run(at(vc, j0, a2), n2 * row);  // the V pass's first block
     }
     for (int64_t g = 0; g < Hkv; ++g) {
-      block_rows(at(kc, j, a) + g * D, row, n, D, buf, rows);
+      block_rows(at(kc, j, a) + g * D, row, n, rows, sat(ks, j, a, g), Hkv, rs);
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
         float* sh = s + h * W + (a - first);
         int64_t o = 0;
         for (; o + 4 <= n; o += 4) dot4(qf + h * D, rows + o, D, sh + o);
         for (; o < n; ++o) {
-          const float* k4[4] = {rows[o], rows[o], rows[o], rows[o]};
+          const T* k4[4] = {rows[o], rows[o], rows[o], rows[o]};
           float out[4];
           dot4(qf + h * D, k4, D, out);
           sh[o] = out[0];
         }
+        if (ks)
+          for (o = 0; o < n; ++o) sh[o] *= rs[o];
       }
     }
   }
@@ -120,79 +129,100 @@ HOT void decode_seq(const float* qf, const T* kc, const T* vc, const int32_t* tb
       prefetch_run(at(vc, j + 1, a2), n2 * row);
     }
     for (int64_t g = 0; g < Hkv; ++g) {
-      block_rows(at(vc, j, a) + g * D, row, n, D, buf, rows);
+      block_rows(at(vc, j, a) + g * D, row, n, rows, sat(vs, j, a, g), Hkv, rs);
       for (int64_t h = g * G; h < (g + 1) * G; ++h)
-        for (int64_t o = 0; o < n; o += 4)
-          axpy4(acc + h * D, s + h * W + (a - first) + o, rows + o, std::min<int64_t>(4, n - o), D);
+        for (int64_t o = 0; o < n; o += 4) {
+          const float* p = s + h * W + (a - first) + o;
+          const int r = static_cast<int>(std::min<int64_t>(4, n - o));
+          float ps[4];
+          for (int i = 0; i < r; ++i) ps[i] = vs ? p[i] * rs[o + i] : p[i];
+          axpy4(acc + h * D, ps, rows + o, r, D);
+        }
     }
   }
 }
 
 // left >= 0: each query (its sequence's last token) sees only its last left + 1 keys
-template <typename T>
-void decode_kernel(const T* q, int64_t q_stride, const T* kc, const T* vc, const int32_t* table, int64_t max_blocks,
-                   const int32_t* lens, T* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float scale,
-                   int64_t left) {
-  const auto fn = best_isa<decode_seq<T>>();
+template <typename T, typename TC>
+void decode_kernel(const T* q, int64_t q_stride, const TC* kc, const TC* vc, const float* ks, const float* vs,
+                   const int32_t* table, int64_t max_blocks, const int32_t* lens, T* out, int64_t B, int64_t H,
+                   int64_t Hkv, int64_t D, int64_t bs, float scale, int64_t left) {
+  const auto fn = best_isa<decode_seq<TC>>();
   const auto first = [&](int64_t b) -> int64_t { return left >= 0 ? std::max<int64_t>(0, lens[b] - 1 - left) : 0; };
   struct Scratch {
-    std::vector<float> qf, acc, sum, buf, s;
-    std::vector<const float*> rows;
+    std::vector<float> qf, acc, sum, rs, s;
+    std::vector<const TC*> rows;
   };
   longest_first(
       B, [&](int64_t b) { return lens[b] - first(b); },
       [&] { return Scratch{std::vector<float>(H * D), std::vector<float>(H * D), std::vector<float>(H),
-                           std::vector<float>(bs * D), {}, std::vector<const float*>(bs)}; },
+                           std::vector<float>(bs), {}, std::vector<const TC*>(bs)}; },
       [&](int64_t b, Scratch& t) {
         const int64_t L = lens[b], f = first(b);
         for (int64_t h = 0; h < H; ++h)
           for (int64_t d = 0; d < D; ++d) t.qf[h * D + d] = static_cast<float>(q[b * q_stride + h * D + d]) * scale;
         t.s.resize(H * (L - f));
-        fn(t.qf.data(), kc, vc, table + b * max_blocks, f, L, H, Hkv, D, bs, t.s.data(), t.acc.data(), t.sum.data(),
-           t.buf.data(), t.rows.data());
+        fn(t.qf.data(), kc, vc, ks, vs, table + b * max_blocks, f, L, H, Hkv, D, bs, t.s.data(), t.acc.data(),
+           t.sum.data(), t.rs.data(), t.rows.data());
         for (int64_t h = 0; h < H; ++h)
           for (int64_t d = 0; d < D; ++d) out[(b * H + h) * D + d] = static_cast<T>(t.acc[h * D + d] / t.sum[h]);
       });
 }
 
-template <typename T>
-void store_kernel(const T* k, const T* v, int64_t k_stride, int64_t v_stride, T* kc, T* vc, const int64_t* slots,
-                  int64_t N, int64_t row) {
+template <typename T, typename TC>
+void store_kernel(const T* k, const T* v, int64_t k_stride, int64_t v_stride, TC* kc, TC* vc, float* ks, float* vs,
+                  const int64_t* slots, int64_t N, int64_t Hkv, int64_t D) {
+  const int64_t row = Hkv * D;
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t s = slots[n];
       if (s < 0) continue;
-      std::memcpy(kc + s * row, k + n * k_stride, row * sizeof(T));
-      std::memcpy(vc + s * row, v + n * v_stride, row * sizeof(T));
+      if constexpr (std::is_same_v<T, TC>) {
+        std::memcpy(kc + s * row, k + n * k_stride, row * sizeof(T));
+        std::memcpy(vc + s * row, v + n * v_stride, row * sizeof(T));
+      } else {
+        for (int64_t g = 0; g < Hkv; ++g) {
+          kv_write(k + n * k_stride + g * D, D, kc + s * row + g * D, ks ? ks + s * Hkv + g : nullptr);
+          kv_write(v + n * v_stride + g * D, D, vc + s * row + g * D, vs ? vs + s * Hkv + g : nullptr);
+        }
+      }
     }
   });
 }
 
 }  // namespace
 
-// q (B, H, D) rows may be strided; caches (blocks, bs, Hkv, D) contiguous; checked by the binding.
+// q (B, H, D) rows may be strided; caches (blocks, bs, Hkv, D) contiguous, in q's dtype, bfloat16, or int8
+// with k_scale/v_scale (blocks, bs, Hkv); checked by the binding.
 // window_left >= 0: a sliding window, each query sees its sequence's last window_left + 1 keys
 at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& block_table, const at::Tensor& seq_lens, double scale,
-                               int64_t window_left) {
+                               int64_t window_left, const OptT& k_scale, const OptT& v_scale) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), bs = k_cache.size(1), Hkv = k_cache.size(2);
   auto out = at::empty({B, H, D}, q.options());
   const at::Tensor table = block_table.contiguous(), lens = seq_lens.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "paged_attention_cpu", [&] {
-    decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), q.stride(0), k_cache.data_ptr<scalar_t>(),
-                            v_cache.data_ptr<scalar_t>(), table.data_ptr<int32_t>(), table.size(1),
-                            lens.data_ptr<int32_t>(), out.data_ptr<scalar_t>(), B, H, Hkv, D, bs,
-                            static_cast<float>(scale), window_left);
+    with_cache_type<scalar_t>(k_cache.scalar_type(), [&](auto tag) {
+      using TC = decltype(tag);
+      decode_kernel<scalar_t, TC>(q.data_ptr<scalar_t>(), q.stride(0), static_cast<const TC*>(k_cache.data_ptr()),
+                                  static_cast<const TC*>(v_cache.data_ptr()), scale_ptr(k_scale), scale_ptr(v_scale),
+                                  table.data_ptr<int32_t>(), table.size(1), lens.data_ptr<int32_t>(),
+                                  out.data_ptr<scalar_t>(), B, H, Hkv, D, bs, static_cast<float>(scale), window_left);
+    });
   });
   return out;
 }
 
 void store_kvcache_cpu(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                       const at::Tensor& slot_mapping) {
+                       const at::Tensor& slot_mapping, const OptT& k_scale, const OptT& v_scale) {
   const at::Tensor slots = slot_mapping.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "store_kvcache_cpu", [&] {
-    store_kernel<scalar_t>(k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), k.stride(0), v.stride(0),
-                           k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(),
-                           k.size(0), k.size(1) * k.size(2));
+    with_cache_type<scalar_t>(k_cache.scalar_type(), [&](auto tag) {
+      using TC = decltype(tag);
+      store_kernel<scalar_t, TC>(k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), k.stride(0), v.stride(0),
+                                 static_cast<TC*>(k_cache.data_ptr()), static_cast<TC*>(v_cache.data_ptr()),
+                                 scale_ptr(k_scale), scale_ptr(v_scale), slots.data_ptr<int64_t>(), k.size(0),
+                                 k.size(1), k.size(2));
+    });
   });
 }

@@ -21,26 +21,13 @@ namespace {
 
 enum Fmt { BF16 = 0, INT8 = 1 };
 
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef int16_t s16x8 __attribute__((vector_size(16)));
-typedef int8_t s8x8 __attribute__((vector_size(8)));
-
 // 8 weights at p (element index) widened to fp32
 template <int fmt>
 HOT f8 wload8(const void* p) {
-  if constexpr (fmt == BF16) {
-    u16x8 h;
-    std::memcpy(&h, p, sizeof(h));
-    const i8 b = __builtin_convertvector(h, i8) << 16;
-    f8 v;
-    std::memcpy(&v, &b, sizeof(v));
-    return v;
-  } else {
-    s8x8 q;
-    std::memcpy(&q, p, sizeof(q));
-    // through int16: GCC lowers a direct int8 -> fp32 vector conversion one lane at a time
-    return __builtin_convertvector(__builtin_convertvector(__builtin_convertvector(q, s16x8), i8), f8);
-  }
+  if constexpr (fmt == BF16)
+    return load8_bf16(p);
+  else
+    return load8_i8(p);
 }
 
 // One mr x 24 tile over all K. pw: the panel's start; G: the group length (K for bf16, one group).

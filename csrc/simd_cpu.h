@@ -21,6 +21,28 @@ HOT f8 load8(const float* p) {
 
 HOT void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
 
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef int16_t s16x8 __attribute__((vector_size(16)));
+typedef int8_t s8x8 __attribute__((vector_size(8)));
+
+// 8 bfloat16 values at p widened to fp32 (exact: bfloat16 is a float's top half)
+HOT f8 load8_bf16(const void* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof(h));
+  const i8 b = __builtin_convertvector(h, i8) << 16;
+  f8 v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+}
+
+// 8 int8 values at p as fp32; through int16: GCC lowers a direct int8 -> fp32 vector conversion one
+// lane at a time
+HOT f8 load8_i8(const void* p) {
+  s8x8 q;
+  std::memcpy(&q, p, sizeof(q));
+  return __builtin_convertvector(__builtin_convertvector(__builtin_convertvector(q, s16x8), i8), f8);
+}
+
 HOT float hsum(f8 v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
 typedef float f4 __attribute__((vector_size(16)));

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kv_cpu.h"
 #include "ops.h"
 #include "parallel_cpu.h"
 #include "simd_cpu.h"
@@ -100,20 +101,27 @@ HOT void tile(const float* q, int64_t D, const float* kt, int64_t ldk, const flo
 // One sequence and KV head. q at its first query row (ldq floats between rows), out likewise (ldo);
 // sq queries, sk keys. Dense K/V (tb null): k, v at the sequence's first key row, ldk_in / ldv
 // floats between rows. Paged (tb: the sequence's block table, bs tokens a block): k, v at the
-// caches' first row of this head, key j in slot tb[j / bs] * bs + j % bs; V is gathered into vbuf.
+// caches' first row of this head, key j in slot tb[j / bs] * bs + j % bs; V is gathered into vbuf,
+// both converted from the cache's format (kv_cpu.h; ks, vs: int8's scales at this head, Hkv apart).
 // Query i sees keys [i + sk - sq - left, i + sk - sq + right], -1 leaving a side open (causal: right 0).
-HOT void seq_head(const float* q, int64_t ldq, const float* k, int64_t ldk_in, const float* v, int64_t ldv, float* out,
+template <typename TC>
+HOT void seq_head(const float* q, int64_t ldq, const TC* k, int64_t ldk_in, const TC* vc, int64_t ldv, float* out,
                   int64_t ldo, int64_t sq, int64_t sk, int64_t G, int64_t D, int64_t left, int64_t right, float scale,
-                  const int32_t* tb, int64_t bs, float* kt, float* s, float* qt, float* ot, float* vbuf) {
+                  const int32_t* tb, int64_t bs, const float* ks, const float* vs, int64_t Hkv, float* kt, float* s,
+                  float* qt, float* ot, float* vbuf) {
   const int64_t ldk = (sk + NK - 1) / NK * NK;
   for (int64_t j = 0; j < sk; ++j) {
     const int64_t slot = tb ? tb[j / bs] * bs + j % bs : j;
-    const float* kr = k + slot * ldk_in;
-    for (int64_t d = 0; d < D; ++d) kt[d * ldk + j] = kr[d];
-    if (tb) std::memcpy(vbuf + j * D, v + slot * ldv, D * sizeof(float));
+    const TC* kr = k + slot * ldk_in;
+    const float sk_ = ks ? ks[slot * Hkv] : 1.f, sv = vs ? vs[slot * Hkv] : 1.f;
+    for (int64_t d = 0; d < D; ++d) kt[d * ldk + j] = kv_value(kr, d, sk_);
+    if (tb)
+      for (int64_t d = 0; d < D; ++d) vbuf[j * D + d] = kv_value(vc + slot * ldv, d, sv);
   }
   for (int64_t d = 0; d < D; ++d) std::fill(kt + d * ldk + sk, kt + (d + 1) * ldk, 0.f);
-  if (tb) v = vbuf, ldv = D;
+  // dense K/V are fp32 (TC float): V is read in place
+  const float* v = tb ? vbuf : reinterpret_cast<const float*>(vc);
+  if (tb) ldv = D;
   const int64_t diag = sk - sq;
   for (int64_t h = 0; h < G; ++h)
     for (int64_t i0 = 0; i0 < sq; i0 += MQ) {
@@ -137,13 +145,14 @@ HOT void seq_head(const float* q, int64_t ldq, const float* k, int64_t ldk_in, c
 }  // namespace
 
 // q (Nq, H, D) float32 with dense rows; cu_q, cu_k (B + 1) int32 offsets (checked by the binding).
-// Without block_table, k and v (Nk, Hkv, D) with dense rows, packed like q. With block_table
-// (B, max_blocks) int32, k and v are contiguous paged caches (blocks, bs, Hkv, D) and sequence b
-// has cu_k[b + 1] - cu_k[b] cached keys. window_left / window_right: FlashAttention's window, -1
-// unbounded; causal fixes the right edge at 0. -> out (Nq, H, D)
+// Without block_table, k and v (Nk, Hkv, D) float32 with dense rows, packed like q. With block_table
+// (B, max_blocks) int32, k and v are contiguous paged caches (blocks, bs, Hkv, D) in float32, bfloat16
+// or int8 with k_scale/v_scale (blocks, bs, Hkv), and sequence b has cu_k[b + 1] - cu_k[b] cached keys.
+// window_left / window_right: FlashAttention's window, -1 unbounded; causal fixes the right edge at 0.
+// -> out (Nq, H, D)
 at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                                 const at::Tensor& cu_k, bool causal, double scale, const at::Tensor& block_table,
-                                int64_t window_left, int64_t window_right) {
+                                int64_t window_left, int64_t window_right, const OptT& k_scale, const OptT& v_scale) {
   const int64_t right = causal ? 0 : window_right;
   const bool paged = block_table.defined();
   const int64_t H = q.size(1), D = q.size(2), Hkv = k.size(-2), G = H / Hkv, B = cu_q.size(0) - 1;
@@ -151,30 +160,35 @@ at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   auto out = at::empty(q.sizes(), q.options());
   const int32_t *cq = cu_q.data_ptr<int32_t>(), *ck = cu_k.data_ptr<int32_t>();
   const int32_t* tb = paged ? block_table.data_ptr<int32_t>() : nullptr;
-  const auto fn = best_isa<seq_head>();
   int64_t max_sk = 0;
   for (int64_t b = 0; b < B; ++b) max_sk = std::max<int64_t>(max_sk, ck[b + 1] - ck[b]);
   const int64_t ld = (max_sk + NK - 1) / NK * NK;
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const float *ks = scale_ptr(k_scale), *vs = scale_ptr(v_scale);
   float* op = out.data_ptr<float>();
   struct Scratch {
     std::vector<float> kt, s, qt, ot, vbuf;
   };
-  longest_first(
-      B * Hkv, [&](int64_t i) { return ck[i / Hkv + 1] - ck[i / Hkv]; },
-      [&] { return Scratch{std::vector<float>(D * ld), std::vector<float>(MQ * ld), std::vector<float>(MQ * D),
-                           std::vector<float>(MQ * D), std::vector<float>(paged ? ld * D : 0)}; },
-      [&](int64_t i, Scratch& t) {
-        const int64_t b = i / Hkv, g = i % Hkv;
-        const int64_t sq = cq[b + 1] - cq[b], sk = ck[b + 1] - ck[b];
-        if (sq == 0) return;
-        const int64_t ldv = paged ? ldkv : v.stride(0);
-        // paged: rows are addressed through the table from the caches' start
-        const int64_t kfirst = paged ? 0 : ck[b] * ldkv, vfirst = paged ? 0 : ck[b] * ldv;
-        fn(qp + cq[b] * q.stride(0) + g * G * D, q.stride(0), kp + kfirst + g * D, ldkv, vp + vfirst + g * D, ldv,
-           op + cq[b] * H * D + g * G * D, H * D, sq, sk, G, D, window_left, right, static_cast<float>(scale),
-           paged ? tb + b * block_table.size(1) : nullptr, bs, t.kt.data(), t.s.data(), t.qt.data(), t.ot.data(),
-           t.vbuf.data());
-      });
+  with_cache_type<float>(k.scalar_type(), [&](auto tag) {
+    using TC = decltype(tag);
+    const auto fn = best_isa<seq_head<TC>>();
+    const TC *kp = static_cast<const TC*>(k.data_ptr()), *vp = static_cast<const TC*>(v.data_ptr());
+    longest_first(
+        B * Hkv, [&](int64_t i) { return ck[i / Hkv + 1] - ck[i / Hkv]; },
+        [&] { return Scratch{std::vector<float>(D * ld), std::vector<float>(MQ * ld), std::vector<float>(MQ * D),
+                             std::vector<float>(MQ * D), std::vector<float>(paged ? ld * D : 0)}; },
+        [&](int64_t i, Scratch& t) {
+          const int64_t b = i / Hkv, g = i % Hkv;
+          const int64_t sq = cq[b + 1] - cq[b], sk = ck[b + 1] - ck[b];
+          if (sq == 0) return;
+          const int64_t ldv = paged ? ldkv : v.stride(0);
+          // paged: rows are addressed through the table from the caches' start
+          const int64_t kfirst = paged ? 0 : ck[b] * ldkv, vfirst = paged ? 0 : ck[b] * ldv;
+          fn(qp + cq[b] * q.stride(0) + g * G * D, q.stride(0), kp + kfirst + g * D, ldkv, vp + vfirst + g * D, ldv,
+             op + cq[b] * H * D + g * G * D, H * D, sq, sk, G, D, window_left, right, static_cast<float>(scale),
+             paged ? tb + b * block_table.size(1) : nullptr, bs, ks ? ks + g : nullptr, vs ? vs + g : nullptr, Hkv,
+             t.kt.data(), t.s.data(), t.qt.data(), t.ot.data(), t.vbuf.data());
+        });
+  });
   return out;
 }

@@ -89,7 +89,8 @@ def build_runner(model, cfg: EngineConfig, eos_token_ids) -> ModelRunner:
                        num_kv_blocks=cfg.num_kv_blocks, kv_cache_tokens=cfg.kv_cache_tokens,
                        gpu_memory_utilization=cfg.gpu_memory_utilization,
                        enforce_eager=cfg.enforce_eager, seed=cfg.seed, eos_token_ids=eos_token_ids,
-                       max_loras=cfg.max_loras if cfg.enable_lora else 0, max_lora_rank=cfg.max_lora_rank)
+                       max_loras=cfg.max_loras if cfg.enable_lora else 0, max_lora_rank=cfg.max_lora_rank,
+                       kv_cache_dtype=cfg.kv_cache_dtype)
 
 
 def _stop_workers(comm, workers) -> None:

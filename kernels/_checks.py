@@ -31,6 +31,13 @@ def tensors(**named):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
+def scales(k_scale, v_scale):
+    """An int8 KV cache's scales: tensors or None (their shape and dtype are the op's rules)."""
+    for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+
+
 def window(window_size):
     """window_size (left, right): a pair of ints -> (left, right); their range is checked with the op's rules."""
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2

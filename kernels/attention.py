@@ -47,8 +47,10 @@ def sdpa(q, k, v, causal, scale, window=None):
     return o.transpose(1, 2)
 
 
-def _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window):
-    """torch SDPA once per sequence (float64, with grad, or where the C++ kernel does not apply)."""
+def _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window, k_scale=None,
+                 v_scale=None):
+    """torch SDPA once per sequence (float64, with grad, or where the C++ kernel does not apply); a
+    bfloat16 or int8 paged cache is read as q's dtype."""
     from .reference import gather_paged
     out = torch.empty_like(q)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -57,14 +59,16 @@ def _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table
             kb, vb = k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
         else:
             n = ck[b + 1] - ck[b]
-            kb, vb = gather_paged(k, block_table[b], n), gather_paged(v, block_table[b], n)
+            kb = gather_paged(k, block_table[b], n, k_scale).to(q.dtype)
+            vb = gather_paged(v, block_table[b], n, v_scale).to(q.dtype)
         out[cq[b]:cq[b + 1]] = sdpa(q[None, cq[b]:cq[b + 1]], kb[None], vb[None], causal, scale, window)[0]
     return out
 
 
-def _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window):
+def _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window, k_scale, v_scale):
     """csrc/varlen_cpu.cpp; its entry point checks every argument and index, window as given."""
-    return ext().varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, *window)
+    return ext().varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, *window, k_scale,
+                                  v_scale)
 
 
 # ---- autograd: torch.library ops, opaque to torch.compile (no graph break), differentiable through
@@ -166,9 +170,9 @@ def _scale(softmax_scale, q):
     return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1] if q.dim() else 1)
 
 
-def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, left, right):
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, left, right, k_scale=None, v_scale=None):
     """The rules of every path but the C++ kernel's (its entry point runs the same ones itself)."""
-    checked = C.check("varlen", q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, left, right)
+    checked = C.check("varlen", q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, left, right, k_scale, v_scale)
     if checked and C.debug_checks():
         C.varlen_indices(cu_seqlens_q, cu_seqlens_k, q, k, block_table)
     return checked
@@ -194,26 +198,33 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=(-1, -
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           causal=True, softmax_scale=None, block_table=None, window_size=(-1, -1)):
+                           causal=True, softmax_scale=None, block_table=None, window_size=(-1, -1), k_scale=None,
+                           v_scale=None):
     """Attention over packed variable-length sequences.
 
     q (total_q, H, D); k/v (total_k, Hkv, D) packed like q, or, with block_table
     (B, max_blocks) int32, paged caches (num_blocks, block_size, Hkv, D) where
     cu_seqlens_k[b+1] - cu_seqlens_k[b] is sequence b's cached length (its new tokens
-    included). cu_seqlens_* are int32 (B+1). window_size (left, right) as in flash_attention, per
-    sequence. Returns (total_q, H, D).
+    included); paged caches as paged_attention takes them (q's dtype, bfloat16, or int8 with
+    k_scale/v_scale). cu_seqlens_* are int32 (B+1). window_size (left, right) as in flash_attention,
+    per sequence. Returns (total_q, H, D).
     """
     C.tensors(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if block_table is not None:
         C.tensors(block_table=block_table)
+    C.scales(k_scale, v_scale)
     left, right = C.window(window_size)
     scale = _scale(softmax_scale, q)
     triton = dispatch.use_triton(q)
     if not triton and dispatch.cpu_varlen_attention(q, k, v, paged=block_table is not None):
-        return _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, (left, right))
-    checked = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, left, right)
+        return _varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, (left, right), k_scale,
+                           v_scale)
+    checked = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, left, right, k_scale, v_scale)
     window = (left, 0 if causal else right)
+    if triton and k.dtype != q.dtype:
+        raise ValueError(f"k has dtype {k.dtype}: the Triton attention kernels read a cache in q's dtype ({q.dtype}); "
+                         f"bfloat16 and int8 caches of another compute dtype run on CPU")
     if triton:
         return _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
                            scale, block_table, *window, not checked)[0]
-    return _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window)
+    return _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window, k_scale, v_scale)

@@ -54,7 +54,7 @@ def pack_layer(weights) -> PackedLayer | None:
 
 def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
                  n_head: int, eps: float, rms: bool, activation, softmax_scale: float, window_size=(-1, -1),
-                 parallel: int = 0, part: int = 0):
+                 parallel: int = 0, part: int = 0, k_scale=None, v_scale=None):
     """x (B, C) entering the layer; residual (B, C) or None in the first layer (x is the stream);
     layer from pack_layer (with q/k norm weights: q and k heads RMS-normalised, eps, before the
     rotary); rope None or (cos, sin) each (B, R/2) at the tokens' positions, rotating each head's
@@ -66,7 +66,8 @@ def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping
     part (tensor parallelism, whose all-reduces fall between the halves): 0 the whole layer; 1 the
     attention half -> (its output, the stream); 2 the MLP half -> (its output, the stream), given the
     stream as residual and, in a sequential block, the reduced attention output as x (a parallel
-    block's caller sums both halves' outputs and reduces once)."""
+    block's caller sums both halves' outputs and reduces once). The caches are float32, bfloat16, or int8
+    with k_scale/v_scale, as store_kvcache and paged_attention take them."""
     if not isinstance(layer, PackedLayer):
         raise TypeError(f"layer must be a PackedLayer from pack_layer, got {type(layer).__name__}")
     if activation not in ACTIVATIONS:
@@ -74,6 +75,7 @@ def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping
     left = C.window(window_size)[0]
     C.tensors(x=x, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping, block_table=block_table,
               seq_lens=seq_lens)
+    C.scales(k_scale, v_scale)
     if torch.is_grad_enabled() or dispatch.use_triton(x) or ext() is None:
         raise ValueError("decode_layer runs CPU inference: under torch.no_grad(), not under TRITON_INTERPRET=1, "
                          "with gpt_engine.kernels._C built")
@@ -81,5 +83,5 @@ def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping
     act = GATED[activation] if activation in GATED else _ACT_IDS[activation]
     x, residual = ext().decode_layer(x, residual, list(layer.tensors), list(layer.n), k_cache, v_cache, slot_mapping,
                                      block_table, seq_lens, cos, sin, int(n_head), float(eps), bool(rms), act,
-                                     float(softmax_scale), left, int(parallel), int(part))
+                                     float(softmax_scale), left, int(parallel), int(part), k_scale, v_scale)
     return x, residual

@@ -54,16 +54,36 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=(-1, -
     return out.to(q.dtype)
 
 
-def gather_paged(cache, block_table_row, length):
-    """cache (num_blocks, block_size, Hkv, D), one block_table row -> (length, Hkv, D)."""
+def gather_paged(cache, block_table_row, length, scale=None):
+    """cache (num_blocks, block_size, Hkv, D), one block_table row -> (length, Hkv, D); an int8 cache
+    with its scale (num_blocks, block_size, Hkv) -> the dequantised fp32 rows (dequantize_kv)."""
     bs = cache.shape[1]
-    nblk = (length + bs - 1) // bs
-    return cache[block_table_row[:nblk].long()].flatten(0, 1)[:length]
+    idx = block_table_row[:(length + bs - 1) // bs].long()
+    rows = cache[idx].flatten(0, 1)[:length]
+    return rows if scale is None else dequantize_kv(rows, scale[idx].flatten(0, 1)[:length])
+
+
+# ---- KV cache formats (kv_cache_dtype): a cast, or int8 with one fp32 scale per (token, KV head) row,
+# symmetric: scale = max |row| / 127 (1 for an all-zero row), q = round-half-even(row / scale)
+
+def quantize_kv(x):
+    """x (..., D) float -> (q (..., D) int8 in [-127, 127], scale (...) fp32)."""
+    w = x.float()
+    amax = w.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_kv(q, scale):
+    """q (..., D) int8, scale (...) fp32 -> the fp32 rows float(q) * scale."""
+    return q.float() * scale[..., None]
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           causal=True, softmax_scale=None, block_table=None, window_size=(-1, -1)):
-    """Packed q (total_q, H, D); k/v packed (total_k, Hkv, D), or paged caches with block_table."""
+                           causal=True, softmax_scale=None, block_table=None, window_size=(-1, -1), k_scale=None,
+                           v_scale=None):
+    """Packed q (total_q, H, D); k/v packed (total_k, Hkv, D), or paged caches with block_table (int8 ones
+    with their scales)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out = torch.zeros(q.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -73,28 +93,36 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             kb, vb = k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
         else:
             n = ck[b + 1] - ck[b]
-            kb, vb = gather_paged(k, block_table[b], n), gather_paged(v, block_table[b], n)
-        out[cq[b]:cq[b + 1]] = _attend(_acc(qb), _acc(kb), _acc(vb), causal, scale, window_size)
+            kb, vb = gather_paged(k, block_table[b], n, k_scale), gather_paged(v, block_table[b], n, v_scale)
+        qa = _acc(qb)  # a bfloat16 or int8 cache is read in q's precision
+        out[cq[b]:cq[b + 1]] = _attend(qa, kb.to(qa.dtype), vb.to(qa.dtype), causal, scale, window_size)
     return out.to(q.dtype)
 
 
-def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, window_size=(-1, -1)):
-    """Decode: q (B, H, D), caches (num_blocks, block_size, Hkv, D), seq_lens (B,) -> (B, H, D).
-    The query is the last cached token, so a window keeps its last left + 1 keys."""
+def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, window_size=(-1, -1),
+                    k_scale=None, v_scale=None):
+    """Decode: q (B, H, D), caches (num_blocks, block_size, Hkv, D) (int8 ones with their scales), seq_lens
+    (B,) -> (B, H, D). The query is the last cached token, so a window keeps its last left + 1 keys."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     outs = []
     for b, n in enumerate(seq_lens.tolist()):
-        kb, vb = gather_paged(k_cache, block_table[b], n), gather_paged(v_cache, block_table[b], n)
-        outs.append(_attend(_acc(q[b:b + 1]), _acc(kb), _acc(vb), False, scale, window_size)[0])
+        kb, vb = gather_paged(k_cache, block_table[b], n, k_scale), gather_paged(v_cache, block_table[b], n, v_scale)
+        qa = _acc(q[b:b + 1])
+        outs.append(_attend(qa, kb.to(qa.dtype), vb.to(qa.dtype), False, scale, window_size)[0])
     return torch.stack(outs).to(q.dtype)
 
 
-def store_kvcache(k, v, k_cache, v_cache, slot_mapping):
-    """k/v (N, Hkv, D) into the paged caches at slot_mapping (N,), in place; slot -1 skips a token."""
+def store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+    """k/v (N, Hkv, D) into the paged caches at slot_mapping (N,), in place, cast to the cache's dtype (int8:
+    quantize_kv, the scales into k_scale/v_scale (num_blocks, block_size, Hkv)); slot -1 skips a token."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    for src, cache in ((k, k_cache), (v, v_cache)):
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, src[keep])
+    for src, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        rows = src[keep]
+        if scale is not None:
+            rows, s = quantize_kv(rows)
+            scale.view(-1, scale.shape[-1]).index_copy_(0, slots, s)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, rows.to(cache.dtype))
 
 
 def layer_norm(x, weight, bias, eps=1e-5, residual=None):
@@ -202,7 +230,8 @@ def linear_w8a8(x, q, scale, bias=None, activation=None):
 
 
 def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
-                 n_head, eps, rms, activation, softmax_scale, window_size=(-1, -1), parallel=0, part=0):
+                 n_head, eps, rms, activation, softmax_scale, window_size=(-1, -1), parallel=0, part=0, k_scale=None,
+                 v_scale=None):
     """kernels.decode.decode_layer composed from the ops above (the caches are written in place);
     weights: its 12 or 14 tensors, unpacked."""
     n1w, n1b, qw, qb, pw, pb, n2w, n2b, fw, fb, f2w, f2b, *qk = weights
@@ -225,8 +254,9 @@ def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_tab
     k = k if kn is None else rms_norm(k, kn, eps)
     if rope is not None:
         q, k = rope_(torch.cat([q, k], dim=1), *rope, n_head + hkv).split([n_head, hkv], dim=1)
-    store_kvcache(k, v, k_cache, v_cache, slot_mapping)
-    o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, window_size).flatten(1)
+    store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, window_size, k_scale,
+                        v_scale).flatten(1)
     a = linear(o, pw, pb)
     if part == 1:
         return a, stream

@@ -132,16 +132,20 @@ class Attention(nn.Module):
         return self.proj(o.flatten(-2))
 
     def step(self, x, positions, cache, meta: StepMeta, rope=None):
-        # x (N, C) packed new tokens; cache = (k_cache, v_cache) each (blocks, block_size, hkv, d)
+        # x (N, C) packed new tokens; cache = (k_cache, v_cache) each (blocks, block_size, hkv, d), and an
+        # int8 cache's (k_scale, v_scale) each (blocks, block_size, hkv)
         q, k, v = self._qkv(x, positions, rope, meta.lora)
-        k_cache, v_cache = cache
-        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        k_cache, v_cache, *scales = cache
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, *scales)
         attn = dict(softmax_scale=self.scale, window_size=self.window)
+        if scales:
+            attn.update(k_scale=scales[0], v_scale=scales[1])
         if meta.decode:
             o = paged_attention(q, k_cache, v_cache, meta.block_table, meta.seq_lens, **attn)
         elif meta.fresh:  # the new K/V are the whole context: no reads back from the cache
             o = flash_attention_varlen(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, meta.max_seqlen_q,
-                                       meta.max_seqlen_q, causal=True, **attn)
+                                       meta.max_seqlen_q, causal=True, softmax_scale=self.scale,
+                                       window_size=self.window)
         else:
             o = flash_attention_varlen(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
                                        meta.max_seqlen_q, meta.max_seqlen_k, causal=True,
@@ -216,13 +220,14 @@ class Block(nn.Module):
         layer = self.packed
         if layer is None or meta.lora is not None or not decode_layer_applies(x, ()):
             return self(x, residual, positions, cache, meta)
-        args = (*cache, meta.slot_mapping, meta.block_table, meta.seq_lens, rope, *self.decode_args)
+        args = (*cache[:2], meta.slot_mapping, meta.block_table, meta.seq_lens, rope, *self.decode_args)
+        kw = dict(k_scale=cache[2], v_scale=cache[3]) if len(cache) == 4 else {}  # an int8 cache's scales
         if self.tp is None:
-            return decode_layer(x, residual, layer, *args, parallel=self.parallel)
+            return decode_layer(x, residual, layer, *args, parallel=self.parallel, **kw)
         # tensor parallel: the layer in its two halves, each rank's partial outputs summed between them
-        a, stream = decode_layer(x, residual, layer, *args, parallel=self.parallel, part=1)
+        a, stream = decode_layer(x, residual, layer, *args, parallel=self.parallel, part=1, **kw)
         if not self.parallel:
-            m, stream = decode_layer(self.tp.all_reduce(a), stream, layer, *args, parallel=0, part=2)
+            m, stream = decode_layer(self.tp.all_reduce(a), stream, layer, *args, parallel=0, part=2, **kw)
             return self.tp.all_reduce(m), stream
-        m, _ = decode_layer(a, stream, layer, *args, parallel=self.parallel, part=2)
+        m, _ = decode_layer(a, stream, layer, *args, parallel=self.parallel, part=2, **kw)
         return self.tp.all_reduce(m.add_(a)), stream

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..engine_config import KV_CACHE_DTYPES
 from ..worker import hugepages
 from .lora import LoRAManager
 from ..models.layers import StepMeta
@@ -89,7 +90,7 @@ class ModelRunner:
     def __init__(self, model, block_size: int = 16, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  max_model_len: int = 1024, num_kv_blocks: int | None = None, kv_cache_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool | None = None, seed: int | None = None,
-                 eos_token_ids=(), max_loras: int = 0, max_lora_rank: int = 16):
+                 eos_token_ids=(), max_loras: int = 0, max_lora_rank: int = 16, kv_cache_dtype: str = "auto"):
         self.model = model
         self.tp = model.tp  # a tensor-parallel rank: the ranks agree on the pool and run each step together
         self.eos_token_ids = list(eos_token_ids)   # min_tokens bans them with each request's stop_token_ids
@@ -107,17 +108,22 @@ class ModelRunner:
         self.rows: dict[str, tuple] = {}                    # table_rows' kept rows
         # LoRA slots (max_loras > 0), allocated before the KV cache is sized to what is left
         self.loras = LoRAManager(model, max_loras, max_lora_rank, self.dtype, self.device) if max_loras else None
+        self.kv_dtype = self._kv_dtype(kv_cache_dtype)
         self.num_blocks = self._num_blocks(num_kv_blocks, kv_cache_tokens, gpu_memory_utilization)
         if self.tp is not None:
             self.num_blocks = self.tp.comm.min(self.num_blocks)
         # one allocation: (2, n_layer, blocks, block_size, hkv, d); zeros so padded graph rows read finite values
         shape = (2, cfg.n_layer, self.num_blocks, block_size, model.kv_heads, cfg.head_dim)
         if self.device.type == "cpu":  # CPU steps stream the cache and the weights from DRAM: huge pages spare the TLB
-            self.kv = hugepages.zeros(shape, self.dtype)
+            self.kv = hugepages.zeros(shape, self.kv_dtype)
             hugepages.adopt([*model.parameters(), *model.buffers(), *model.pack_for_cpu()])
         else:
-            self.kv = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.kv_caches = [(self.kv[0, i], self.kv[1, i]) for i in range(cfg.n_layer)]
+            self.kv = torch.zeros(shape, device=self.device, dtype=self.kv_dtype)
+        # int8: an fp32 scale per (k|v, layer, slot, kv head) beside the pool (kernels.store_kvcache writes it)
+        self.kv_scale = torch.zeros(shape[:-1], device=self.device) if self.kv_dtype == torch.int8 else None
+        self.kv_caches = [(self.kv[0, i], self.kv[1, i]) + (() if self.kv_scale is None else
+                                                              (self.kv_scale[0, i], self.kv_scale[1, i]))
+                          for i in range(cfg.n_layer)]
         self.graphs: dict[int, tuple] = {}
         # graphs would capture the tensor-parallel collectives: eager there
         self.enforce_eager = (not self.cuda if enforce_eager is None else enforce_eager) or self.tp is not None
@@ -135,9 +141,24 @@ class ModelRunner:
                 self.graphs = {}
 
     # ---------------------------------------------------------------- KV cache size
-    def block_bytes(self) -> int:
-        cfg = self.model.config
-        return 2 * cfg.n_layer * self.block_size * self.model.kv_heads * cfg.head_dim * torch.finfo(self.dtype).bits // 8
+    def _kv_dtype(self, kv_cache_dtype: str) -> torch.dtype:
+        """The pool's storage dtype: the compute dtype ("auto"), or bfloat16/int8, which the CPU kernels
+        read (the Triton ones take the compute dtype only)."""
+        if kv_cache_dtype == "auto":
+            return self.dtype
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+        dtype = getattr(torch, kv_cache_dtype)
+        if self.device.type != "cpu" and dtype != self.dtype:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} runs on CPU only for now: on {self.device.type} "
+                             f"the KV cache holds the compute dtype ({self.dtype}), kv_cache_dtype='auto'")
+        return dtype
+
+    def block_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """One block's bytes over all layers, K and V, in dtype (default: the pool's), int8's scales included."""
+        cfg, dtype = self.model.config, dtype or self.kv_dtype
+        row = cfg.head_dim * dtype.itemsize + (4 if dtype == torch.int8 else 0)
+        return 2 * cfg.n_layer * self.block_size * self.model.kv_heads * row
 
     def _num_blocks(self, num_kv_blocks, kv_cache_tokens, util) -> int:
         # no point holding more than every sequence at full length
@@ -146,8 +167,8 @@ class ModelRunner:
             return int(num_kv_blocks)
         if kv_cache_tokens is not None:
             return max(1, -(-int(kv_cache_tokens) // self.block_size))
-        if not self.cuda:
-            return min(cap, -(-16384 // self.block_size))
+        if not self.cuda:  # the bytes of 16384 tokens in the compute dtype: a smaller cache dtype holds more
+            return min(cap, 16384 // self.block_size * self.block_bytes(self.dtype) // self.block_bytes())
         # CUDA: what is left of total * util after weights and a prefill-sized activation peak
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
