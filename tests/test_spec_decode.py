@@ -110,7 +110,8 @@ def test_greedy_with_penalties_bans_stops_and_a_small_pool(gpt2_dir):
 
 
 def test_kv_blocks_hold_only_the_accepted_tokens(gpt2_dir):
-    llm = LLM(str(gpt2_dir), device="cpu", block_size=4, speculative_config={"num_speculative_tokens": 7})
+    llm = LLM(str(gpt2_dir), device="cpu", block_size=4,
+              speculative_config={"num_speculative_tokens": 7, "prompt_lookup_min": 1})
     for i, p in enumerate(_prompts()):
         # sampled: drafts get rejected
         llm.add_request(p, SamplingParams(temperature=1.0, seed=i, max_tokens=40, ignore_eos=True),
