@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .quant_accuracy import greedy_agreement
+
 FORMATS = ("auto", "bfloat16", "int8")
 
 
@@ -61,11 +63,7 @@ def accuracy(args) -> dict:
         if base is None:
             base = dict(loss=loss, outs=outs)
         else:
-            same = sum(a == b for a, b in zip(outs, base["outs"]))
-            prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-                         for a, b in zip(outs, base["outs"]))
-            r.update(val_loss_rel_to_fp32=loss / base["loss"] - 1, greedy_identical=same / len(prompts),
-                     greedy_tokens_before_first_difference=prefix / (len(prompts) * args.gen_tokens))
+            r.update(val_loss_rel_to_fp32=loss / base["loss"] - 1, **greedy_agreement(outs, base["outs"]))
         res[fmt] = r
         print(fmt, json.dumps(r), flush=True)
         del llm

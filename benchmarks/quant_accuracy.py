@@ -41,6 +41,14 @@ FORMATS = {
 }
 
 
+
+def greedy_agreement(outs: list[list[int]], base: list[list[int]]) -> dict:
+    """How far greedy outputs agree with the baseline's: the share of prompts identical, and the share of
+    tokens generated before the first difference."""
+    prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(outs, base))
+    return dict(greedy_identical=sum(a == b for a, b in zip(outs, base)) / len(outs),
+                greedy_tokens_before_first_difference=prefix / sum(map(len, base)))
+
 def val_loss(llm, tokens: np.ndarray, seq_len: int, n_windows: int) -> float:
     """Mean next-token cross-entropy over n_windows evenly spaced windows of seq_len + 1 tokens."""
     model = llm.model
@@ -165,11 +173,7 @@ def main():
         if base is None:
             base = dict(loss=loss, outs=outs)
         else:
-            same = sum(a == b for a, b in zip(outs, base["outs"]))
-            prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-                         for a, b in zip(outs, base["outs"]))
-            r.update(val_loss_rel_to_fp32=loss / base["loss"] - 1, greedy_identical=same / len(prompts),
-                     greedy_tokens_before_first_difference=prefix / (len(prompts) * args.gen_tokens))
+            r.update(val_loss_rel_to_fp32=loss / base["loss"] - 1, **greedy_agreement(outs, base["outs"]))
         res[name] = r
         print(name, json.dumps(r))
         del llm
