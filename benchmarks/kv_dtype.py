@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .quant_accuracy import greedy_agreement
+from .quant_accuracy import greedy_agreement, val_prompts
 
 FORMATS = ("auto", "bfloat16", "int8")
 
@@ -48,10 +48,7 @@ def val_loss(llm, tokens: np.ndarray, seq_len: int, n_windows: int) -> float:
 def accuracy(args) -> dict:
     from gpt_engine import LLM, SamplingParams
     path = Path(args.model)
-    tokens = np.memmap(path / "data" / "val.bin", dtype=np.uint16, mode="r")
-    g = np.random.default_rng(0)
-    starts = g.integers(0, len(tokens) - args.prompt_len, args.prompts)
-    prompts = [[int(t) for t in tokens[s:s + args.prompt_len]] for s in starts]
+    tokens, prompts = val_prompts(path, args.prompts, args.prompt_len)
     sp = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
     res, base = {}, None
     for fmt in FORMATS:

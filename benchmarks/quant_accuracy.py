@@ -42,6 +42,13 @@ FORMATS = {
 
 
 
+def val_prompts(path: Path, n: int, length: int) -> tuple[np.ndarray, list[list[int]]]:
+    """The run's validation tokens (its data/val.bin) and n prompts of `length` tokens from them, fixed."""
+    tokens = np.memmap(path / "data" / "val.bin", dtype=np.uint16, mode="r")
+    starts = np.random.default_rng(0).integers(0, len(tokens) - length, n)
+    return tokens, [[int(t) for t in tokens[s:s + length]] for s in starts]
+
+
 def greedy_agreement(outs: list[list[int]], base: list[list[int]]) -> dict:
     """How far greedy outputs agree with the baseline's: the share of prompts identical, and the share of
     tokens generated before the first difference."""
@@ -157,10 +164,7 @@ def main():
     from gpt_engine.kernels._ext import ext
 
     path = Path(args.model)
-    tokens = np.memmap(path / "data" / "val.bin", dtype=np.uint16, mode="r")
-    g = np.random.default_rng(0)
-    starts = g.integers(0, len(tokens) - args.prompt_len, args.prompts)
-    prompts = [[int(t) for t in tokens[s:s + args.prompt_len]] for s in starts]
+    tokens, prompts = val_prompts(path, args.prompts, args.prompt_len)
     sp = SamplingParams(max_tokens=args.gen_tokens, temperature=0.0, ignore_eos=True)
     res, base = {}, None
     for name, fmt in FORMATS.items():
