@@ -284,7 +284,6 @@ class Scheduler:
             counts.append(n)
             sample.append(cached + n == seq.num_tokens)
             spec.append([])
-            seq.spec_token_ids = []
             budget -= n
         for seq in reversed(held):
             self.waiting.appendleft(seq)

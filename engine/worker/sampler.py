@@ -240,7 +240,7 @@ class Sampler:
             probs = self._probs(logits, params, greedy)
             p_d = probs.gather(-1, dd)[:, 0]
             u = self._noise(p_d, generators, uniform=True)
-            residual = probs.scatter(-1, dd, torch.where(has[:, None], 0.0, probs.gather(-1, dd)))
+            residual = probs.scatter(-1, dd, torch.where(has, 0.0, p_d)[:, None])
             drawn = _argmax(residual / self._noise(residual, generators))
             g = torch.tensor(greedy, device=dev)
             accept = torch.where(g, accept, has & (u < p_d))
