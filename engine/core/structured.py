@@ -148,8 +148,9 @@ class Grammars:
         return self._ll_tokenizer
 
     def submit(self, so: StructuredOutputsParams) -> Future:
-        """-> a Future of the template matcher (never advanced: each request deep-copies it), or of
-        the RequestError naming what does not compile. The spec's own limits raise here, at once."""
+        """-> a Future of (the template matcher, never advanced: each request deep-copies it; its first
+        token mask, int32 words), or of the RequestError naming what does not compile. The spec's own
+        limits raise here, at once."""
         key = grammar_spec(so)
         with self._lock:
             tok = self.ll_tokenizer()
@@ -164,11 +165,12 @@ class Grammars:
         return f
 
     def compile(self, so: StructuredOutputsParams):
-        """The template matcher, waiting for its compile; RequestError names what does not compile."""
+        """(template matcher, first mask), waiting for the compile; RequestError names what does not compile."""
         return self.submit(so).result()
 
     def _build(self, tok, kind: str, text: str):
         import llguidance
+        import numpy as np
         if kind == "json":
             # compact JSON (vLLM's default): a weak model cannot loop on blanks inside a structure
             g = llguidance.LLMatcher.grammar_from_json_schema(text, defaults={"whitespace_flexible": False})
@@ -180,10 +182,12 @@ class Grammars:
         if m.is_error():
             raise RequestError(f"structured_outputs: the {kind} does not compile: {m.get_error()}",
                                "structured_outputs", "invalid_grammar")
-        m.compute_bitmask()  # builds the lexer's first states here, off the engine loop (copies share them)
+        # the first mask, here off the engine loop: it builds the lexer's first states (copies share them),
+        # and a request's first sampling step takes this row instead of computing it again
+        first = np.frombuffer(m.compute_bitmask(), dtype=np.int32)
         with self._lock:
             self.num_compiled += 1
-        return m
+        return m, first
 
 
 class StructuredOutputs:
@@ -211,13 +215,15 @@ class StructuredOutputs:
                 continue
             req = requests.get(seq.request_id)
             if req is not None and req.grammar is not None:
+                first = None
                 if req.matcher is None and req.error is None:
                     try:
-                        req.matcher = req.grammar.result().deep_copy()
+                        template, first = req.grammar.result()
+                        req.matcher = template.deep_copy()
                     except RequestError as e:
                         req.error = e
                 rows.append(k)
-                matchers.append(req.matcher)
+                matchers.append(first if first is not None else req.matcher)
             k += 1
         if not rows:
             return None
@@ -226,7 +232,9 @@ class StructuredOutputs:
         # on this thread, row by row: the executor's worker threads spin after their work and steal
         # the cores the sampler's and the next step's torch ops want right then
         for i, m in enumerate(matchers):
-            if m is not None:
+            if isinstance(m, np.ndarray):  # a first step: the mask the compile computed
+                mask[i] = m[:self.words]  # llguidance may round its words up
+            elif m is not None:
                 lln.fill_next_token_bitmask(m, mask, i)
         empty = ~mask.any(1)
         if empty.any():

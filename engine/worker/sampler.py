@@ -150,13 +150,14 @@ class Sampler:
         return g
 
     def _noise(self, like: torch.Tensor, generators, uniform: bool = False) -> torch.Tensor:
-        """Exp(1) (or U[0, 1)) noise shaped like `like`; a seeded request's rows from its own generator."""
-        draw = torch.Tensor.uniform_ if uniform else torch.Tensor.exponential_
-        q = draw(torch.empty_like(like), generator=self._generator(like.device))
+        """Exp(1) (or U[0, 1)) noise shaped like `like`; a seeded request's rows from its own generator.
+        Exp(1) is -log(U): torch's CPU exponential_ costs several times a uniform draw and its log. U = 0
+        gives inf, a row the race never picks, and U < 1 keeps every draw above 0 (no p / 0)."""
+        q = torch.empty_like(like).uniform_(generator=self._generator(like.device))
         for i, g in enumerate(generators or ()):
             if g is not None:  # a seeded request: its own stream, whatever else is in the batch
-                draw(q[i], generator=g)
-        return q
+                q[i].uniform_(generator=g)
+        return q if uniform else q.log_().neg_()
 
     @staticmethod
     def _masked(logits, params, prompt_ids, output_ids, banned, grammar_bitmask):
