@@ -202,18 +202,28 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
                               opt(k_scale), opt(v_scale));
 }
 
+// y += each token's LoRA update of x, then act over y (lora_cpu.cpp), in place
+void lora_add_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& slots,
+               int64_t act) {
+  check_lora("lora_add_", y, x, a, b, slots);
+  check_act("lora_add_", act, 3);
+  lora_add_cpu_(y, x, a, b, slots, act);
+}
+
 // One decoder layer of a CPU decode step in one call (decode_cpu.h has the arguments) -> {x, residual}
 std::vector<at::Tensor> decode_layer(const at::Tensor& x, const OptT& residual, const std::vector<OptT>& w,
                                      const std::vector<int64_t>& n, at::Tensor& k_cache, at::Tensor& v_cache,
                                      const at::Tensor& slot_mapping, const at::Tensor& block_table,
                                      const at::Tensor& seq_lens, const OptT& cos, const OptT& sin, int64_t n_head,
                                      double eps, bool rms, int64_t act, double scale, int64_t window_left,
-                                     int64_t parallel, int64_t part, const OptT& k_scale, const OptT& v_scale) {
+                                     int64_t parallel, int64_t part, const OptT& k_scale, const OptT& v_scale,
+                                     const std::vector<OptT>& lora, const OptT& lora_slots) {
   check_decode_layer(x, w, n, k_cache, v_cache, opt(k_scale), opt(v_scale), opt(cos), opt(sin), n_head, rms, act,
                      window_left, parallel, part, present(residual));
+  check_decode_lora(x, n, act, n_head * k_cache.size(3), lora, opt(lora_slots));
   return decode_layer_cpu(x, opt(residual), w, n, k_cache, v_cache, slot_mapping, block_table, seq_lens, opt(cos),
                           opt(sin), n_head, eps, rms, act, scale, window_left, parallel, part, opt(k_scale),
-                          opt(v_scale));
+                          opt(v_scale), lora, opt(lora_slots));
 }
 
 bool has_cuda() {
@@ -266,7 +276,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("residual"), py::arg("w"), py::arg("n"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
         py::arg("block_table"), py::arg("seq_lens"), py::arg("cos"), py::arg("sin"), py::arg("n_head"),
         py::arg("eps"), py::arg("rms"), py::arg("act"), py::arg("scale"), py::arg("window_left") = -1,
-        py::arg("parallel") = 0, py::arg("part") = 0, py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
+        py::arg("parallel") = 0, py::arg("part") = 0, py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),
+        py::arg("lora") = std::vector<OptT>(), py::arg("lora_slots") = py::none());
+  m.def("lora_add_", &lora_add_, "CPU: y += each token's LoRA update of x, then the activation, in place",
+        py::arg("y"), py::arg("x"), py::arg("a"), py::arg("b"), py::arg("slots"), py::arg("act") = 0);
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
 
   // the public ops' rules (checks.h), for their paths that do not run an entry point above

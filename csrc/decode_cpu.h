@@ -19,11 +19,15 @@
 // stream as residual and, in a sequential block, the reduced attention output as x (in a
 // parallel one x is unused: the caller sums both halves and reduces once). The layer's geometry
 // (w, n, act, n_head against the cache) is checked by the caller. The caches hold float32, bfloat16, or
-// int8 with k_scale/v_scale (ops.h's store_kvcache and paged_attention).
+// int8 with k_scale/v_scale (ops.h's store_kvcache and paged_attention). lora: empty, or 8 tensors,
+// A (L, W, K) and B (L, W, N) of qkv, proj, fc and fc2 (None, None for a GEMM without adapters), with
+// lora_slots (B,) int64 each token's slot, -1 none: each GEMM adds its tokens' updates before its
+// activation (lora_cpu.cpp).
 std::vector<at::Tensor> decode_layer_cpu(const at::Tensor& x, const OptT& residual, const std::vector<OptT>& w,
                                          const std::vector<int64_t>& n, at::Tensor& k_cache, at::Tensor& v_cache,
                                          const at::Tensor& slot_mapping, const at::Tensor& block_table,
                                          const at::Tensor& seq_lens, const OptT& cos, const OptT& sin,
                                          int64_t n_head, double eps, bool rms, int64_t act, double scale,
                                          int64_t window_left, int64_t parallel, int64_t part = 0,
-                                         const OptT& k_scale = {}, const OptT& v_scale = {});
+                                         const OptT& k_scale = {}, const OptT& v_scale = {},
+                                         const std::vector<OptT>& lora = {}, const OptT& lora_slots = {});

@@ -278,3 +278,40 @@ void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const s
                     C, ", (n_head ", n_head, " + 2 x k_cache's ", Hkv, ") heads x ", D, ", MLP width ", F);
   check_window(window_left, -1);
 }
+
+void check_lora(const char* op, const at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                const at::Tensor& slots) {
+  check_cpu_float32(op, "x", x);
+  check_cpu_float32(op, "y", y);
+  check_cpu_float32(op, "a LoRA A", a);
+  check_cpu_float32(op, "a LoRA B", b);
+  TORCH_CHECK_VALUE(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0) && x.is_contiguous() && y.is_contiguous(),
+                    op, ": x and y must be contiguous (M, K) and (M, N), got ", x.sizes(), " and ", y.sizes());
+  TORCH_CHECK_VALUE(a.dim() == 3 && b.dim() == 3 && a.is_contiguous() && b.is_contiguous() && a.size(0) == b.size(0) &&
+                    a.size(1) == b.size(1) && a.size(2) == x.size(1) && b.size(2) == y.size(1),
+                    op, ": LoRA A and B must be contiguous (L, W, ", x.size(1), ") and (L, W, ", y.size(1), "), got ",
+                    a.sizes(), " and ", b.sizes());
+  TORCH_CHECK_TYPE(slots.scalar_type() == at::kLong && slots.device().is_cpu(), op, ": lora_slots must be a CPU int64 "
+                   "tensor, got ", slots.scalar_type(), " on ", slots.device());
+  TORCH_CHECK_VALUE(slots.dim() == 1 && slots.size(0) == x.size(0) && slots.is_contiguous(), op, ": lora_slots must be "
+                    "contiguous (M,) = (", x.size(0), ",), got ", slots.sizes());
+  const int64_t* s = slots.data_ptr<int64_t>();
+  for (int64_t i = 0, L = a.size(0); i < x.size(0); ++i)
+    TORCH_CHECK_VALUE(s[i] >= -1 && s[i] < L, op, ": lora_slots[", i, "] = ", s[i], " is outside [-1, ", L, ")");
+}
+
+void check_decode_lora(const at::Tensor& x, const std::vector<int64_t>& n, int64_t act, int64_t attn_width,
+                       const std::vector<OptT>& lora, const OptT& lora_slots) {
+  TORCH_CHECK_VALUE(lora.empty() || lora.size() == 8, "decode_layer: lora must be empty or hold 8 tensors (A, B of "
+                    "qkv, proj, fc, fc2), got ", lora.size());
+  TORCH_CHECK_VALUE(lora.empty() == !present(lora_slots), "decode_layer: give lora_slots with lora, and only then");
+  const char* names[] = {"qkv", "proj", "fc", "fc2"};
+  const int64_t B = x.size(0), C = x.size(1), k_in[] = {C, attn_width, C, act >= 4 ? n[2] / 2 : n[2]};
+  for (size_t g = 0; g < lora.size() / 2; ++g) {
+    const OptT &a = lora[2 * g], &b = lora[2 * g + 1];
+    TORCH_CHECK_VALUE(present(a) == present(b), "decode_layer: ", names[g], "'s LoRA A and B: give both or neither");
+    if (!present(a)) continue;
+    // the GEMM's input and output as they will be: x's dtype and device, its geometry
+    check_lora("decode_layer", x.new_empty({B, n[g]}), x.new_empty({B, k_in[g]}), *a, *b, *lora_slots);
+  }
+}

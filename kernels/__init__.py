@@ -29,6 +29,7 @@ _OPS = {
     "packed_linear": "packed",
     "rope_": "rotary",
     "glu": "glu",
+    "lora_add_": "lora",
     "decode_layer": "decode",
     "decode_layer_applies": "decode",
     "pack_layer": "decode",

@@ -54,7 +54,7 @@ def pack_layer(weights) -> PackedLayer | None:
 
 def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
                  n_head: int, eps: float, rms: bool, activation, softmax_scale: float, window_size=(-1, -1),
-                 parallel: int = 0, part: int = 0, k_scale=None, v_scale=None):
+                 parallel: int = 0, part: int = 0, k_scale=None, v_scale=None, lora=None, lora_slots=None):
     """x (B, C) entering the layer; residual (B, C) or None in the first layer (x is the stream);
     layer from pack_layer (with q/k norm weights: q and k heads RMS-normalised, eps, before the
     rotary); rope None or (cos, sin) each (B, R/2) at the tokens' positions, rotating each head's
@@ -67,7 +67,10 @@ def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping
     attention half -> (its output, the stream); 2 the MLP half -> (its output, the stream), given the
     stream as residual and, in a sequential block, the reduced attention output as x (a parallel
     block's caller sums both halves' outputs and reduces once). The caches are float32, bfloat16, or int8
-    with k_scale/v_scale, as store_kvcache and paged_attention take them."""
+    with k_scale/v_scale, as store_kvcache and paged_attention take them. lora (LoRA adapters, S-LoRA's
+    gathered form): None, or 8 tensors, A (L, W, K) and B (L, W, N) float32 of qkv, proj, fc and fc2 (None,
+    None for a GEMM without them), with lora_slots (B,) int64 each token's slot in [0, L), -1 for none:
+    each GEMM adds x[i] @ A[s]^T @ B[s] to token i's output before its activation."""
     if not isinstance(layer, PackedLayer):
         raise TypeError(f"layer must be a PackedLayer from pack_layer, got {type(layer).__name__}")
     if activation not in ACTIVATIONS:
@@ -83,5 +86,6 @@ def decode_layer(x, residual, layer: PackedLayer, k_cache, v_cache, slot_mapping
     act = GATED[activation] if activation in GATED else _ACT_IDS[activation]
     x, residual = ext().decode_layer(x, residual, list(layer.tensors), list(layer.n), k_cache, v_cache, slot_mapping,
                                      block_table, seq_lens, cos, sin, int(n_head), float(eps), bool(rms), act,
-                                     float(softmax_scale), left, int(parallel), int(part), k_scale, v_scale)
+                                     float(softmax_scale), left, int(parallel), int(part), k_scale, v_scale,
+                                     list(lora) if lora is not None else [], lora_slots)
     return x, residual

@@ -229,19 +229,33 @@ def linear_w8a8(x, q, scale, bias=None, activation=None):
     return ACTIVATIONS[activation](y).to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+def lora_add_(y, x, a, b, slots, activation=None):
+    """kernels.lora.lora_add_: y += x[i] @ a[s]^T @ b[s] for tokens with slot s = slots[i] >= 0, then
+    the activation over y, in place -> y."""
+    s = slots.clamp_min(0)
+    upd = torch.einsum("mw,mwn->mn", torch.einsum("mk,mwk->mw", _acc(x), _acc(a[s])), _acc(b[s]))
+    y.copy_(ACTIVATIONS[activation](_acc(y) + upd * (slots >= 0)[:, None].to(upd.dtype)))
+    return y
+
+
 def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_table, seq_lens, rope,
                  n_head, eps, rms, activation, softmax_scale, window_size=(-1, -1), parallel=0, part=0, k_scale=None,
-                 v_scale=None):
+                 v_scale=None, lora=None, lora_slots=None):
     """kernels.decode.decode_layer composed from the ops above (the caches are written in place);
     weights: its 12 or 14 tensors, unpacked."""
     n1w, n1b, qw, qb, pw, pb, n2w, n2b, fw, fb, f2w, f2b, *qk = weights
     qn, kn = qk or (None, None)
     norm = (lambda x, w, b, r: rms_norm(x, w, eps, r)) if rms else (lambda x, w, b, r: layer_norm(x, w, b, eps, r))
 
+    def lin(h, w, b, g, act=None):  # GEMM g (qkv, proj, fc, fc2), each token's LoRA update before act
+        if lora is None or lora[2 * g] is None:
+            return linear(h, w, b, act)
+        return lora_add_(linear(h, w, b), h, lora[2 * g], lora[2 * g + 1], lora_slots, act)
+
     def mlp(h):
-        f = (glu(linear(h, fw, fb), "silu" if activation == "swiglu" else "gelu_tanh")
-             if activation in ("swiglu", "geglu") else linear(h, fw, fb, activation))
-        return linear(f, f2w, f2b)
+        f = (glu(lin(h, fw, fb, 2), "silu" if activation == "swiglu" else "gelu_tanh")
+             if activation in ("swiglu", "geglu") else lin(h, fw, fb, 2, activation))
+        return lin(f, f2w, f2b, 3)
     if part == 2:
         if parallel == 0:
             h, stream = norm(x, n2w, n2b, residual)
@@ -249,7 +263,7 @@ def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_tab
         return mlp(norm(residual, n2w, n2b, None) if parallel == 1 else norm(residual, n1w, n1b, None)), residual
     h, stream = norm(x, n1w, n1b, residual) if residual is not None else (norm(x, n1w, n1b, None), x)
     hkv, d = k_cache.shape[2:]
-    q, k, v = linear(h, qw, qb).unflatten(-1, (n_head + 2 * hkv, d)).split([n_head, hkv, hkv], dim=1)
+    q, k, v = lin(h, qw, qb, 0).unflatten(-1, (n_head + 2 * hkv, d)).split([n_head, hkv, hkv], dim=1)
     q = q if qn is None else rms_norm(q, qn, eps)
     k = k if kn is None else rms_norm(k, kn, eps)
     if rope is not None:
@@ -257,7 +271,7 @@ def decode_layer(x, residual, weights, k_cache, v_cache, slot_mapping, block_tab
     store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     o = paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale, window_size, k_scale,
                         v_scale).flatten(1)
-    a = linear(o, pw, pb)
+    a = lin(o, pw, pb, 1)
     if part == 1:
         return a, stream
     if parallel == 0:

@@ -452,3 +452,89 @@ def test_partial_rope(d, r):
         rope_(t.clone(), torch.ones(2, 7, d // 2 + 1), torch.ones(2, 7, d // 2 + 1), 4)
     with pytest.raises(ValueError, match="cos and sin"):
         rope_(t.clone(), cos, sin[..., :-1] if r else torch.ones(2, 7, 1), 4)
+
+
+def lora_slots_for(C, H, D, ff, act, L, W, g, n_tokens, skip=()):
+    """LoRA A (L, W, K) and B (L, W, N) for the layer's four GEMMs (None, None for those in skip)."""
+    hkv = H  # the cases below use no GQA
+    shapes = [(C, (H + 2 * hkv) * D), (H * D, C), (C, 2 * ff if act == "swiglu" else ff), (ff, C)]
+    lora = []
+    for i, (k, n) in enumerate(shapes):
+        lora += [None, None] if i in skip else [torch.randn(L, W, k, generator=g) * 0.2,
+                                                 torch.randn(L, W, n, generator=g) * 0.2]
+    return lora
+
+
+@pytest.mark.parametrize("act, parallel, skip", [("gelu", 0, ()), ("swiglu", 0, (1,)), ("gelu_tanh", 1, (0, 3)),
+                                                 ("relu", 2, ())])
+def test_lora_updates_match_the_reference(act, parallel, skip):
+    """Each token's own adapter (or none: slot -1) in every adapted GEMM, before its activation, as
+    kernels.reference.decode_layer composes it; a GEMM without adapters is left alone."""
+    C, H, D, ff = 64, 2, 32, 96
+    g = torch.Generator().manual_seed(7)
+    weights = list(layer_weights(C, H, H, D, ff, True, act == "swiglu", g))
+    if parallel == 2:
+        weights[6] = weights[7] = None
+    lens = [3, 17, 9, 30, 1, 12]
+    kc, vc, table, seq_lens, slots = paged_batch(lens, H, D, g, bs=BS, pad_last=True)
+    x, res = torch.randn(len(lens), C, generator=g), torch.randn(len(lens), C, generator=g)
+    args = (table, seq_lens, None, H, 1e-5, False, act, 1 / math.sqrt(D))
+    lora = lora_slots_for(C, H, D, ff, act, 3, 5, g, len(lens), skip)
+    lora_slots = torch.tensor([2, -1, 0, 2, 1, 0])
+    with torch.no_grad():
+        got = decode_layer(x, res, pack_layer(weights), kc.clone(), vc.clone(), slots, *args, parallel=parallel,
+                           lora=lora, lora_slots=lora_slots)
+        want = R.decode_layer(x, res, weights, kc.clone(), vc.clone(), slots, *args, parallel=parallel,
+                              lora=lora, lora_slots=lora_slots)
+        base = decode_layer(x, res, pack_layer(weights), kc.clone(), vc.clone(), slots, *args, parallel=parallel)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    moved = (got[0] - base[0]).abs().amax(1) > 1e-3
+    assert moved.tolist() == [s >= 0 for s in lora_slots.tolist()]  # the base model's token is untouched
+
+
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh", "relu"])
+def test_lora_add_matches_reference(act):
+    """kernels.lora_add_ over odd widths (K, N off the vector width, W 3), slots in any order and -1,
+    several tokens of one slot (a task's four and more)."""
+    from gpt_engine.kernels import lora_add_
+    g = torch.Generator().manual_seed(3)
+    M, K, N, L, W = 11, 21, 37, 4, 3
+    x, y = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
+    a, b = torch.randn(L, W, K, generator=g), torch.randn(L, W, N, generator=g)
+    slots = torch.tensor([3, 3, -1, 0, 3, 3, 3, 1, -1, 3, 0])
+    got = lora_add_(y.clone(), x, a, b, slots, act)
+    torch.testing.assert_close(got, R.lora_add_(y.double(), x.double(), a.double(), b.double(), slots, act).float(),
+                               atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"lora_slots\[1\] = 4 is outside \[-1, 4\)"):
+        lora_add_(y.clone(), x, a, b, torch.tensor([0, 4] + [0] * 9), act)
+    with pytest.raises(ValueError, match="LoRA A and B"):
+        lora_add_(y.clone(), x, a[:, :, 1:], b, slots, act)
+    with pytest.raises(TypeError, match="int64"):
+        lora_add_(y.clone(), x, a, b, slots.int(), act)
+    with pytest.raises(ValueError, match="activation"):
+        lora_add_(y.clone(), x, a, b, slots, "silu")
+
+
+def test_lora_argument_errors():
+    C, H, D, ff = 64, 2, 32, 96
+    g = torch.Generator().manual_seed(1)
+    weights = layer_weights(C, H, H, D, ff, True, False, g)
+    kc, vc, table, seq_lens, slots = paged_batch([3, 5], H, D, g, bs=BS, pad_last=True)
+    x = torch.randn(2, C)
+    lora = lora_slots_for(C, H, D, ff, "gelu", 2, 4, g, 2)
+
+    def call(lora=lora, lora_slots=torch.tensor([0, 1])):
+        return decode_layer(x, None, pack_layer(weights), kc, vc, slots, table, seq_lens, None, H, 1e-5, False,
+                            "gelu", 0.1, lora=lora, lora_slots=lora_slots)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="8 tensors"):
+            call(lora=lora[:6])
+        with pytest.raises(ValueError, match="lora_slots with lora"):
+            call(lora_slots=None)
+        with pytest.raises(ValueError, match="give both or neither"):
+            call(lora=[None] + lora[1:])
+        with pytest.raises(ValueError, match=r"outside \[-1, 2\)"):
+            call(lora_slots=torch.tensor([0, 2]))
+        with pytest.raises(ValueError, match=r"\(L, W, 96\)"):  # fc2's A must take the MLP's width
+            call(lora=lora[:6] + [lora[6][:, :, :90], lora[7]])

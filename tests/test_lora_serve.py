@@ -80,7 +80,7 @@ def _full(lp: dict) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "gpt_neox", "gptj", "phi3"])
 def test_logprobs_match_peft(fam, kind):
-    """Prefill (prompt logprobs) and decode steps (the unfused per-GEMM path) against transformers + peft."""
+    """Prefill (prompt logprobs) and decode steps (the fused decode layer's kernel) against transformers + peft."""
     f = fam(kind)
     p = prompts([21], seed=1)[0]
     sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=V, prompt_logprobs=V)
@@ -159,6 +159,46 @@ def test_update_forms_equal_each_tokens_own_adapter(slots, form):
                         for i, j in enumerate(slots)])
     torch.testing.assert_close(gemm.add_to(y.clone(), x, step), want)
     assert LoRAStep.of([-1, -1], torch.float64, "cpu") is None
+
+
+def test_update_kernel_equals_the_torch_forms():
+    """CPU float32 inference takes kernels.lora_add_ (one call, activation included) over the same slots."""
+    from gpt_engine.models.lora import LoRASlots, LoRAStep
+    g = torch.Generator().manual_seed(1)
+    gemm = LoRASlots(3, 2, 4, 24, 40, torch.float32, "cpu")
+    gemm.a.normal_(generator=g)
+    gemm.b.normal_(generator=g)
+    slots = [0, -1, 2, 2, 0, 1, 2, 2, 2]
+    x, y = torch.randn(len(slots), 24, generator=g), torch.randn(len(slots), 40, generator=g)
+    step = LoRAStep.of(slots, torch.float32, "cpu")
+    with torch.no_grad():
+        got = gemm.apply(y.clone(), x, step, "gelu")
+    torch.testing.assert_close(got, torch.nn.functional.gelu(gemm.add_to(y.clone(), x, step)), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_decode_layer_takes_the_adapters(fam, monkeypatch):
+    """CPU float32 decode runs each layer in one kernel call with the adapters' updates in it: the same
+    tokens and logprobs as the layer run GEMM by GEMM."""
+    import gpt_engine.models.layers as layers
+    f = fam("llama")
+    ps, loras = prompts([7, 12, 5], seed=5), [f.loras[1], None, f.loras[0]]
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
+    calls, real = [], layers.decode_layer
+
+    def spy(*a, **kw):
+        calls.append(kw.get("lora") is not None)
+        return real(*a, **kw)
+    monkeypatch.setattr(layers, "decode_layer", spy)
+    fused = f.llm.generate(ps, sp, lora_request=loras, use_tqdm=False)
+    assert calls and all(calls)
+    monkeypatch.setattr(layers.Block, "decode_step", lambda self, x, residual, positions, cache, meta, rope:
+                        self(x, residual, positions, cache, meta))
+    plain = f.llm.generate(ps, sp, lora_request=loras, use_tqdm=False)
+    for a, b in zip(fused, plain):
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs):
+            torch.testing.assert_close(torch.tensor([la[t] for t in sorted(la)]),
+                                       torch.tensor([lb[t] for t in sorted(la)]), atol=1e-4, rtol=1e-4)
 
 
 def test_slots_never_evict_a_running_adapter(fam):

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from gpt_engine.kernels import (decode_layer, decode_layer_applies, flash_attention, flash_attention_varlen, glu,
                                 layer_norm, pack_layer, paged_attention, rms_norm, rope_, store_kvcache)
-from gpt_engine.kernels.reference import ACTIVATIONS
 
 from .config import ModelConfig
 from .formats import Dense, WeightFormat
@@ -85,7 +84,7 @@ class Linear(nn.Module):
         if lora is None or self.lora is None:
             y = self.format.apply(x, self.bias, self.activation)
         else:
-            y = ACTIVATIONS[self.activation](self.lora.add_to(self.format.apply(x, self.bias), x, lora))
+            y = self.lora.apply(self.format.apply(x, self.bias), x, lora, self.activation)
         return y if self.reduce is None else self.reduce.all_reduce(y)
 
 
@@ -215,13 +214,16 @@ class Block(nn.Module):
 
     def decode_step(self, x, residual, positions, cache, meta: StepMeta, rope):
         """forward() for a decode step: once packed (CPU fp32), the whole layer is one call into
-        gpt_engine.kernels._C; a step with LoRA adapters runs the layer GEMM by GEMM, each adding its
-        low-rank update."""
+        gpt_engine.kernels._C, LoRA adapters' updates included (each token's own, in the kernel)."""
         layer = self.packed
-        if layer is None or meta.lora is not None or not decode_layer_applies(x, ()):
+        if layer is None or (meta.lora is not None and self.tp is not None) or not decode_layer_applies(x, ()):
             return self(x, residual, positions, cache, meta)
         args = (*cache[:2], meta.slot_mapping, meta.block_table, meta.seq_lens, rope, *self.decode_args)
         kw = dict(k_scale=cache[2], v_scale=cache[3]) if len(cache) == 4 else {}  # an int8 cache's scales
+        if meta.lora is not None:
+            lins = (self.attn.qkv, self.attn.proj, self.mlp.fc, self.mlp.proj)
+            kw.update(lora=[t for lin in lins for t in (lin.lora.slot_views() if lin.lora else (None, None))],
+                      lora_slots=meta.lora.slots)
         if self.tp is None:
             return decode_layer(x, residual, layer, *args, parallel=self.parallel, **kw)
         # tensor parallel: the layer in its two halves, each rank's partial outputs summed between them

@@ -16,7 +16,9 @@ Slots (S-LoRA / punica's layout): each adapted GEMM stacks its adapters' A into 
 activations' dtype on top of whatever format the base weight has (formats.py),
   y[rows] += bmm(bmm(x[rows], A_slots^T), B_slots)     x gathered (s, m, K) by slot, scattered back
 or, for groups too uneven to pad, ((x @ A[:s W]^T) * mask) @ B[:s W] with a one-hot (token, slot) mask:
-a few batched GEMMs whatever the mix of adapters and base-model tokens in the step.
+a few batched GEMMs whatever the mix of adapters and base-model tokens in the step. CPU float32 inference
+runs the same update straight from the slot tensors in one kernel (kernels.lora_add_), which the fused
+decode layer also calls between its GEMMs.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from gpt_engine.kernels import decode_layer_applies, lora_add_
+from gpt_engine.kernels.reference import ACTIVATIONS
 
 from .loader import _plan, _strip
 
@@ -190,8 +195,11 @@ class LoRAStep:
             zeroes the padding; None: none): each token meets its own adapter only (batched GEMMs)
     mask    (N, groups * W) 1 on the columns of each token's slot (wide(W)): every token meets every slot
             in use, the form for groups so uneven (a prompt chunk beside a few decodes) that padding them
-            to one length would cost more"""
+            to one length would cost more
+    and, whatever the form, slots (N,) int64 each token's slot (-1: the base model), which the fused CPU
+    decode layer takes instead (kernels.decode_layer's lora_slots)"""
     groups: int
+    slots: torch.Tensor
     only: int | None = None
     rows: torch.Tensor | None = None
     pad: torch.Tensor | None = None
@@ -208,15 +216,16 @@ class LoRAStep:
         if not groups:
             return None
         s, m = max(groups) + 1, max(map(len, groups.values()))
+        per_token = torch.tensor(slots)
         if len(groups) == 1 and m == len(slots):
-            return cls(1, only=next(iter(groups)))
+            return cls(1, per_token, only=next(iter(groups)))
         if s * m > 2 * len(slots):
-            mask = torch.tensor(slots)[:, None] == torch.arange(s)
-            return cls(s, mask=mask.to(device=device, dtype=dtype), _wide={})
+            mask = per_token[:, None] == torch.arange(s)
+            return cls(s, per_token, mask=mask.to(device=device, dtype=dtype), _wide={})
         rows = [i for j in range(s) for i in (groups.get(j, []) + [0] * (m - len(groups.get(j, []))))]
         full = len(groups) == s and all(len(g) == m for g in groups.values())
         pad = None if full else torch.tensor([[k < len(groups.get(j, [])) for k in range(m)] for j in range(s)])
-        return cls(s, rows=torch.tensor(rows).to(device),
+        return cls(s, per_token, rows=torch.tensor(rows).to(device),
                    pad=None if pad is None else pad[..., None].to(device=device, dtype=dtype))
 
     def wide(self, width: int) -> torch.Tensor:
@@ -247,6 +256,17 @@ class LoRASlots:
             rows = rows + (t.rows[0] if t.rows else 0)
             self.a[lo:lo + r] = a.to(self.a)
             self.b[lo:lo + r, rows.to(self.b.device)] = b.t().to(self.b)
+
+    def slot_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (L, W, K), B (L, W, N)): the form kernels.decode_layer's lora takes."""
+        return self.a.view(-1, self.width, self.a.shape[1]), self.b.view(-1, self.width, self.b.shape[1])
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, step: LoRAStep, activation=None) -> torch.Tensor:
+        """activation(y + each token's adapter update of x), y (N, N_out) the base GEMM's fresh output before
+        its activation: CPU float32 inference in one kernel (kernels.lora_add_), else add_to's torch forms."""
+        if decode_layer_applies(x, ()) and x.dim() == 2 and x.is_contiguous() and y.is_contiguous():
+            return lora_add_(y, x, *self.slot_views(), step.slots, activation)
+        return ACTIVATIONS[activation](self.add_to(y, x, step))
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, step: LoRAStep) -> torch.Tensor:
         """y (N, N_out), the base GEMM's fresh output, plus each token's adapter update of x (N, K), in place."""
