@@ -132,8 +132,8 @@ class Attention(nn.Module):
         return self.proj(o.flatten(-2))
 
     def step(self, x, positions, cache, meta: StepMeta, rope=None):
-        # x (N, C) packed new tokens; cache = (k_cache, v_cache) each (blocks, block_size, hkv, d), and an
-        # int8 cache's (k_scale, v_scale) each (blocks, block_size, hkv)
+        # x (N, C) packed new tokens; cache = (k_cache, v_cache) each (blocks, block_size, hkv, d), and a
+        # quantised (int8 / fp8) cache's (k_scale, v_scale) each (blocks, block_size, hkv)
         q, k, v = self._qkv(x, positions, rope, meta.lora)
         k_cache, v_cache, *scales = cache
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, *scales)
@@ -221,7 +221,7 @@ class Block(nn.Module):
         if layer is None or meta.lora is not None or not decode_layer_applies(x, ()):
             return self(x, residual, positions, cache, meta)
         args = (*cache[:2], meta.slot_mapping, meta.block_table, meta.seq_lens, rope, *self.decode_args)
-        kw = dict(k_scale=cache[2], v_scale=cache[3]) if len(cache) == 4 else {}  # an int8 cache's scales
+        kw = dict(k_scale=cache[2], v_scale=cache[3]) if len(cache) == 4 else {}  # a quantised cache's scales
         if self.tp is None:
             return decode_layer(x, residual, layer, *args, parallel=self.parallel, **kw)
         # tensor parallel: the layer in its two halves, each rank's partial outputs summed between them
