@@ -25,9 +25,12 @@ def _interpret(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _skip(device, q_dtype):
+def _skip(device, q_dtype, attention=True):
     if device == "cpu" and q_dtype == torch.bfloat16:
         pytest.skip("the interpreter's bf16 dot is broken")
+    if device == "cuda" and attention and q_dtype != torch.bfloat16:
+        pytest.skip("on CUDA the attention tests run the served compute dtype: each dtype is a compile (and the "
+                    "prefill an autotune) of its own")
 
 
 def _empty(fmt, nblk, bs, hkv, d, device):
@@ -89,7 +92,7 @@ def test_store_matches_reference(fmt, q_dtype, device):
     """Skipped slots (-1) untouched, an all-zero row scale 1, Hkv 3 and D 40 off the powers of two. int8 rounds
     in the kernel (half to even): random rows, one step of slack for the GPU's division; bfloat16 / fp8 round in
     the float conversion: rows it holds exactly (_representable), the rounding itself on the GPU below."""
-    _skip(device, q_dtype)
+    _skip(device, q_dtype, attention=False)
     g = torch.Generator().manual_seed(1)
     n, hkv, d = 9, 3, 40
     if fmt == "int8":
@@ -185,6 +188,8 @@ PREFILL = [
 @pytest.mark.parametrize("case", PREFILL, ids=lambda c: f"{c[2]}-{c[3]}-{c[4]}-{c[5]}-{c[6][0]}")
 def test_paged_prefill_reads_the_stored_format(case, fmt, q_dtype, device):
     _skip(device, q_dtype)
+    if device == "cuda" and case is not PREFILL[-1]:
+        pytest.skip("one shape on CUDA: each is an autotune")
     lens, new, bs, h, hkv, d, window = case
     g = torch.Generator().manual_seed(d)
     nblk = sum(-(-n // bs) for n in lens) + 2
