@@ -8,8 +8,8 @@ formats directly, dequantising in registers (no dequantised copy of the cache), 
 take no fp8; the torch path dequantises what it gathers. kernels._dispatch picks the path: Triton
 on CUDA (and on CPU under TRITON_INTERPRET=1); CPU fp32/fp16/bf16 the C++ kernels; float64, an fp8
 cache on CPU, or a build without gpt_engine.kernels._C plain torch. Eager calls run the launchers
-directly; under torch.compile the public functions call the custom ops instead, which torch.compile keeps whole (and which check
-their arguments at run time, where the traced public function could not).
+directly; under torch.compile the public functions call the custom ops instead, which torch.compile
+keeps whole (and which check their arguments at run time, where the traced public function could not).
 The argument rules are csrc/checks.cpp's (kernels/_checks.py).
 """
 from __future__ import annotations

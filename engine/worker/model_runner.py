@@ -121,7 +121,8 @@ class ModelRunner:
             hugepages.adopt([*model.parameters(), *model.buffers(), *model.pack_for_cpu()])
         else:
             self.kv = torch.zeros(shape, device=self.device, dtype=self.kv_dtype)
-        # int8 / fp8: an fp32 scale per (k|v, layer, slot, kv head) beside the pool (kernels.store_kvcache writes it)
+        # int8 / fp8: an fp32 scale per (k|v, layer, slot, kv head) beside the pool (kernels.store_kvcache
+        # writes it)
         self.kv_scale = torch.zeros(shape[:-1], device=self.device) if self.kv_dtype in KV_QMAX else None
         self.kv_caches = [(self.kv[0, i], self.kv[1, i]) + (() if self.kv_scale is None else
                                                               (self.kv_scale[0, i], self.kv_scale[1, i]))
