@@ -264,6 +264,7 @@ def test_pool_counts_bytes(tiny_models):
     r = runners["int8"]
     d = r.model.config.head_dim
     assert r.block_bytes(torch.float32) == 4 * r.block_bytes(torch.int8) * d // (d + 4)
+    assert r.block_bytes(torch.float8_e4m3fn) == r.block_bytes(torch.int8)  # the GPU's pool: the scales counted
     assert blocks["bfloat16"] == 2 * blocks["auto"]
     assert blocks["int8"] == blocks["auto"] * 4 * d // (d + 4)
     # an explicit size stays a count of blocks or tokens whatever the dtype

@@ -147,11 +147,12 @@ def test_gpu_store_rounds_to_nearest(fmt):
 
 # ---- paged decode
 
-# (lens, block_size, H, Hkv, D, window): partial blocks, GQA 1, 2, 4; head dims 40 and 72; a window
+# (lens, block_size, H, Hkv, D, window): partial blocks, groups of 4, 1 and 3 query heads; head dims 40 and 72;
+# a window
 DECODE = [
     ([1, 16, 17, 45], 16, 8, 2, 40, (-1, -1)),
     ([33, 5], 8, 4, 4, 72, (-1, -1)),
-    ([40, 70, 3], 16, 4, 1, 64, (20, 0)),
+    ([40, 70, 3], 16, 6, 2, 64, (20, 0)),
 ]
 
 
