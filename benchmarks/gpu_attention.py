@@ -6,7 +6,8 @@ run: SDPA flash and efficient backends (torch.nn.attention.sdpa_kernel) and naiv
 attention (skipped above 8k). FLOPs = 4 B H S^2 D (halved when causal), fwd+bwd = 3.5x fwd.
 Decode: paged_attention over a block-16 cache, H = 32, Hkv = 8, D = 128, bf16; achieved GB/s
 (K+V read plus q and out) against the datasheet HBM peak (common.device_peaks) and a
-device-to-device copy.
+device-to-device copy. The same decode over int8 and fp8 caches (kv_cache_dtype, their row scales
+read too) against the bf16 cache's time in the same run.
 Sliding window: flash_attention causal with window_size=(W - 1, 0), W = 1024, against full
 causal at the same shape, fwd and fwd+bwd, S = 2k..32k at a fixed 32k tokens per batch; a
 windowed layer's time per token should stay flat in S (time linear in S), causal's grow with S.
@@ -33,6 +34,7 @@ WINDOW = 1024
 WINDOW_TOKENS = 32768
 WINDOW_SEQS = [2048, 4096, 8192, 16384, 32768]
 BATCHES = [1, 8, 32, 128]
+KV_CASES = [(1, 16384), (32, 4096), (128, 4096)]  # (B, context) of the KV-format decode rows
 
 
 def _naive(q, k, v, causal):
@@ -219,6 +221,36 @@ def decode_rows(peak_bw: float) -> list[dict]:
     return rows
 
 
+def kv_format_rows(device="cuda", h=32, hkv=8, d=128, bs=16, cases=KV_CASES, time_ms=None) -> list[dict]:
+    """Decode over a bf16, int8 and fp8 (compute capability 8.9+) cache: us, GB/s read (the scales
+    counted) and the speedup over the bf16 cache. time_ms(fn) -> ms (default bench_ms)."""
+    from gpt_engine import kernels
+    from gpt_engine.kernels import reference as R
+    time_ms = time_ms or (lambda fn: bench_ms(fn, warmup=10, rep=40))
+    fmts = [torch.bfloat16, torch.int8]
+    if device != "cuda" or torch.cuda.get_device_capability() >= (8, 9):
+        fmts.append(torch.float8_e4m3fn)
+    rows = []
+    for b, ctx in cases:
+        nblk = ctx // bs
+        src = [torch.randn(b * nblk, bs, hkv, d, device=device, dtype=torch.bfloat16) for _ in range(2)]
+        table = torch.randperm(b * nblk, device=device, dtype=torch.int32).view(b, nblk)
+        lens = torch.full((b,), ctx, device=device, dtype=torch.int32)
+        q = torch.randn(b, h, d, device=device, dtype=torch.bfloat16)
+        base = None
+        for fmt in fmts:
+            (kc, ks), (vc, vs) = [(x, None) if fmt == torch.bfloat16 else R.quantize_kv(x, fmt) for x in src]
+            ms = time_ms(lambda: kernels.paged_attention(q, kc, vc, table, lens, k_scale=ks, v_scale=vs))
+            base = base or ms
+            nbytes = sum(t.numel() * t.element_size() for t in (kc, vc, ks, vs) if t is not None)
+            rows.append(dict(B=b, context=ctx, kv=str(fmt).removeprefix("torch."), us=ms * 1e3,
+                             GBps=nbytes / ms / 1e6, vs_bf16=base / ms))
+        del src, kc, vc, ks, vs
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def _ratio(rows, mode, causal, d, s, peer):
     def get(p):
         return next((r.get("tflops") for r in rows if (r["provider"], r["mode"], r["causal"], r["D"], r["S"])
@@ -246,6 +278,8 @@ def main(outdir: Path) -> str:
     peak_copy = copy_bandwidth()
     drows = decode_rows(peak_bw)
     save_rows(outdir, "attention_decode", drows)
+    krows = kv_format_rows()
+    save_rows(outdir, "attention_decode_kv", krows)
     plot_lines(outdir, "attention_decode", [dict(r, series=f"B={r['B']}") for r in drows], "context", "GBps",
                "series", "paged decode bf16 (H=32, Hkv=8, D=128, block 16)")
 
@@ -277,4 +311,7 @@ def main(outdir: Path) -> str:
         f"({100 * peak_copy / peak_bw:.0f}% of {label}'s {peak_bw / 1e12:.2f} TB/s). "
         f"Best decode: {best:.0f}% of peak (goal >= 80%).",
         md_table(drows, ["B", "context", "us", "GBps", "pct_peak"]),
+        "Decode by KV-cache format (same shape; GB/s of the cache read, scales included; vs_bf16: the bf16 "
+        "cache's time / this one's, same run):",
+        md_table(krows, ["B", "context", "kv", "us", "GBps", "vs_bf16"]),
     ])

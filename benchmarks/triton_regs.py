@@ -8,6 +8,7 @@ config were found in a session without a GPU.
 
     python -m benchmarks.triton_regs                          # the autotune configs
     python -m benchmarks.triton_regs --kernels dkdv --sweep   # every tile/warps/stages combination
+    python -m benchmarks.triton_regs --kernels fwd --page 16 --kv fp8   # paged prefill over an fp8 cache
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from gpt_engine.kernels import triton_attention as ta
 KERNELS = {"fwd": (ta._fwd_kernel, ta._FWD_CONFIGS), "dq": (ta._dq_kernel, ta._DQ_CONFIGS),
            "dkdv": (ta._dkdv_kernel, ta._DKDV_CONFIGS)}
 SMEM_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
-_FP32_PTRS, _FLOATS, _INTS = {"LSE", "DELTA"}, {"qk_scale", "scale"}, {"H", "HKV", "GROUP"}
+_FP32_PTRS, _FLOATS, _INTS = {"LSE", "DELTA", "KS", "VS"}, {"qk_scale", "scale"}, {"H", "HKV", "GROUP"}
+_KV_TYPES = {"bf16": "*bf16", "int8": "*i8", "fp8": "*fp8e4nv"}  # a paged cache's formats (kv_cache_dtype)
 _I32_PTRS = {"CU_Q", "CU_K", "BT"}  # offsets and block table (unused, and then any pointer, when dense)
 
 
@@ -38,10 +40,10 @@ def _cuobjdump() -> str:
     return path
 
 
-def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int):
-    """fn compiled for sm_90a, bf16 tensors. As at run time, where Triton specializes pointers and
-    ints divisible by 16, pointers and strides are marked so: true of the shapes that matter
-    (sequence lengths and H*D multiples of 16)."""
+def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int, kv: str = "bf16"):
+    """fn compiled for sm_90a, bf16 tensors (K and V in the cache format kv). As at run time, where Triton
+    specializes pointers and ints divisible by 16, pointers and strides are marked so: true of the shapes
+    that matter (sequence lengths and H*D multiples of 16)."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -50,6 +52,8 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, num_stages: int):
             sig[name] = "*fp32"
         elif name in _I32_PTRS:
             sig[name] = "*i32"
+        elif name in ("K", "V"):
+            sig[name] = _KV_TYPES[kv]
         elif name in _FLOATS:
             sig[name] = "fp32"
         elif name[0].isupper() and name not in _INTS:
@@ -72,12 +76,12 @@ def usage(compiled) -> dict:
     return dict(regs=int(m.group(1)), spill_bytes=int(m.group(2)), smem=compiled.metadata.shared)
 
 
-def rows(kernels, head_dims, sweep, causal=True, varlen=False, page=0):
+def rows(kernels, head_dims, sweep, causal=True, varlen=False, page=0, kv="bf16"):
     for name in kernels:
         fn, configs = KERNELS[name]
         for d in head_dims:
             consts = dict(HEAD_D=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=causal, VARLEN=varlen or page > 0,
-                          PAGED=page > 0, PREC="tf32", PAGE=max(page, 1))
+                          PAGED=page > 0, PREC="tf32", PAGE=max(page, 1), SCALED=kv != "bf16")
             if sweep:
                 cands = itertools.product((16, 32, 64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
             else:
@@ -85,7 +89,7 @@ def rows(kernels, head_dims, sweep, causal=True, varlen=False, page=0):
             for m, n, w, s in cands:
                 row = dict(kernel=name, D=d, BLOCK_M=m, BLOCK_N=n, warps=w, stages=s)
                 try:
-                    row.update(usage(compile_sm90(fn, dict(consts, BLOCK_M=m, BLOCK_N=n), w, s)))
+                    row.update(usage(compile_sm90(fn, dict(consts, BLOCK_M=m, BLOCK_N=n), w, s, kv)))
                     row["ok"] = row["spill_bytes"] == 0 and row["smem"] <= SMEM_LIMIT
                 except Exception as e:  # a config the compiler rejects is a finding, not a crash
                     row.update(error=f"{type(e).__name__}: {str(e)[:80]}", ok=False)
@@ -100,10 +104,14 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="all tile/warps/stages combinations, not the autotune list")
     ap.add_argument("--varlen", action="store_true", help="packed sequences (cu_seqlens)")
     ap.add_argument("--page", type=int, default=0, help="paged K/V with this block size (forward only)")
+    ap.add_argument("--kv", choices=list(_KV_TYPES), default="bf16",
+                    help="the paged cache's format (int8 / fp8 with their row scales; needs --page)")
     args = ap.parse_args()
+    if args.kv != "bf16" and (args.page <= 0 or args.kernels != "fwd"):
+        ap.error("--kv int8/fp8 is a paged cache's format: --kernels fwd --page N")
     from benchmarks.common import md_table
     out = list(rows(args.kernels.split(","), [int(d) for d in args.head_dims.split(",")], args.sweep,
-                    varlen=args.varlen, page=args.page))
+                    varlen=args.varlen, page=args.page, kv=args.kv))
     print(f"\ntriton {triton.__version__}, sm_90a\n")
     print(md_table(out, ["kernel", "D", "BLOCK_M", "BLOCK_N", "warps", "stages", "regs", "spill_bytes", "smem", "ok"]))
 

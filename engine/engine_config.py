@@ -19,7 +19,7 @@ def json_object(text: str) -> dict:
     return value
 
 QUANTIZATIONS = ("int8", "w8a8")
-KV_CACHE_DTYPES = ("auto", "bfloat16", "int8")
+KV_CACHE_DTYPES = ("auto", "bfloat16", "int8", "fp8")
 
 
 @dataclass
@@ -44,9 +44,9 @@ class EngineConfig:
     num_kv_blocks: int | None = field(default=None, metadata={"help": "KV-cache blocks (default: sized to memory)"})
     kv_cache_tokens: int | None = field(default=None, metadata={"help": "KV-cache size in tokens (instead of blocks)"})
     kv_cache_dtype: str = field(default="auto", metadata={
-        "help": "KV-cache storage: auto (the compute dtype), bfloat16, or int8 with an fp32 scale per token and KV "
-                "head (CPU only); a smaller cache is read faster and, where the pool is sized from memory, holds "
-                "more tokens", "choices": KV_CACHE_DTYPES})
+        "help": "KV-cache storage: auto (the compute dtype), bfloat16, or int8 / fp8 (e4m3, GPU only, compute "
+                "capability 8.9+) with an fp32 scale per token and KV head; a smaller cache is read faster and, "
+                "where the pool is sized from memory, holds more tokens", "choices": KV_CACHE_DTYPES})
     gpu_memory_utilization: float = field(default=0.9, metadata={
         "help": "share of GPU memory for weights, activations and the KV cache"})
     enable_prefix_caching: bool = field(default=True, metadata={
@@ -86,9 +86,6 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be None or one of {QUANTIZATIONS}, got {self.quantization!r}")
-        if self.kv_cache_dtype == "fp8":
-            raise ValueError("kv_cache_dtype 'fp8' is not supported yet (it needs a GPU kernel path); use one of "
-                             f"{KV_CACHE_DTYPES}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.quantization_group_size is not None and self.quantization is None:

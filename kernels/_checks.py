@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from ._ext import ext
+from ._ext import KV_FP8, ext
 
 
 def tensors(**named):
@@ -31,11 +31,23 @@ def tensors(**named):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
-def scales(k_scale, v_scale):
-    """An int8 KV cache's scales: tensors or None (their shape and dtype are the op's rules)."""
+def scales(k_scale, v_scale, cache=None):
+    """A quantised KV cache's scales: tensors or None (their shape and dtype are the op's rules). An fp8
+    cache needs them as an int8 one does (the op's rules see it as int8 bytes: kv_bytes)."""
     for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
         if x is not None and not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    if isinstance(cache, torch.Tensor) and cache.dtype == KV_FP8 and (k_scale is None or v_scale is None):
+        raise ValueError("an fp8 (torch.float8_e4m3fn) KV cache needs k_scale and v_scale")
+
+
+def kv_bytes(k_cache, v_cache):
+    """An fp8 cache pair as the int8 pair over the same bytes, for csrc/checks.cpp's rules: they know int8's
+    (one fp32 scale per row, its shape), which are fp8's too, but not fp8 itself, which no C++ kernel reads
+    (kernels._dispatch keeps it from them)."""
+    if k_cache.dtype == v_cache.dtype == KV_FP8:
+        return k_cache.view(torch.int8), v_cache.view(torch.int8)
+    return k_cache, v_cache
 
 
 def window(window_size):

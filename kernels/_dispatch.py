@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from ._ext import KERNEL_DTYPES, cuda_ext, ext
+from ._ext import KERNEL_DTYPES, KV_FP8, cuda_ext, ext
 
 # Up to this many rows the CPU GEMM kernel (csrc/linear_cpu.cpp) streams the weight faster than
 # BLAS, which repacks it per call; larger (prefill-sized) GEMMs stay with BLAS unless they carry
@@ -46,9 +46,10 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def cpu_varlen_attention(q, k, v, paged=False) -> bool:
     """csrc/varlen_cpu.cpp: CPU float32 inference (it has no backward), q's rows dense as split from
-    a fused projection, K/V likewise or contiguous paged caches."""
+    a fused projection, K/V likewise or contiguous paged caches (not fp8)."""
     return (_eager_cpu_fp32(q) and rows_dense(q) and not wants_grad(q, k, v)
-            and (k.is_contiguous() and v.is_contiguous() if paged else rows_dense(k) and rows_dense(v))
+            and (k.is_contiguous() and v.is_contiguous() and _cpu_cache(k) if paged
+                 else rows_dense(k) and rows_dense(v))
             and ext() is not None)
 
 
@@ -58,16 +59,21 @@ def _cpu_cache_kernel(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and ext() is not None
 
 
+def _cpu_cache(cache: torch.Tensor) -> bool:
+    """A KV cache format the C++ kernels read: any but fp8 (torch reads that one on CPU)."""
+    return cache.dtype != KV_FP8
+
+
 def cpu_paged_attention(q, k_cache, v_cache) -> bool:
-    """csrc/paged_cpu.cpp: CPU fp32/fp16/bf16 over contiguous caches."""
+    """csrc/paged_cpu.cpp: CPU fp32/fp16/bf16 over contiguous caches (not fp8)."""
     return (_cpu_cache_kernel(q) and q.dim() == 3 and q.shape[0] > 0 and k_cache.is_contiguous()
-            and v_cache.is_contiguous())
+            and v_cache.is_contiguous() and _cpu_cache(k_cache))
 
 
 def cpu_store_kvcache(k, v, k_cache, v_cache) -> bool:
-    """csrc/paged_cpu.cpp's cache write: dense rows into contiguous caches."""
+    """csrc/paged_cpu.cpp's cache write: dense rows into contiguous caches (not fp8)."""
     return (_cpu_cache_kernel(k) and rows_dense(k) and rows_dense(v) and k_cache.is_contiguous()
-            and v_cache.is_contiguous())
+            and v_cache.is_contiguous() and _cpu_cache(k_cache))
 
 
 # ---- norm.py

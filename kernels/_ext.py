@@ -7,6 +7,8 @@ import warnings
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the compiled kernels take
+# the fp8 KV cache format: the Triton kernels and torch read it, the compiled CPU kernels do not
+KV_FP8 = torch.float8_e4m3fn
 
 
 @functools.lru_cache(maxsize=None)

@@ -50,7 +50,7 @@ def sdpa(q, k, v, causal, scale, window=None):
 def _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window, k_scale=None,
                  v_scale=None):
     """torch SDPA once per sequence (float64, with grad, or where the C++ kernel does not apply); a
-    bfloat16 or int8 paged cache is read as q's dtype."""
+    bfloat16, int8 or fp8 paged cache is read as q's dtype."""
     from .reference import gather_paged
     out = torch.empty_like(q)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -120,15 +120,17 @@ _flash_fwd.register_autograd(_flash_grad, setup_context=_flash_setup)
 @torch.library.custom_op("gpt_engine::flash_attn_varlen_fwd", mutates_args=())
 def _varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                 max_sq: int, max_sk: int, causal: bool, scale: float, block_table: Optional[torch.Tensor], left: int,
-                right: int, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                right: int, check: bool, k_scale: Optional[torch.Tensor],
+                v_scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     if check:
-        _check_varlen(q, k, v, cu_q, cu_k, block_table, left, right)
+        _check_varlen(q, k, v, cu_q, cu_k, block_table, left, right, k_scale, v_scale)
     from .triton_attention import attention_fwd
-    return attention_fwd(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale, (left, right))
+    return attention_fwd(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale, (left, right), k_scale,
+                         v_scale)
 
 
 @_varlen_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, max_sq, max_sk, causal, scale, block_table, left, right, check):
+def _(q, k, v, cu_q, cu_k, max_sq, max_sk, causal, scale, block_table, left, right, check, k_scale, v_scale):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
@@ -146,7 +148,7 @@ def _(do, q, k, v, out, lse, cu_q, cu_k, max_sq, max_sk, causal, scale, left, ri
 
 
 def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale, block_table, ctx.left, ctx.right, _ = inputs
+    q, k, v, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale, block_table, ctx.left, ctx.right, *_ = inputs
     ctx.paged = block_table is not None
     ctx.save_for_backward(q, k, v, cu_q, cu_k, *output)
 
@@ -157,7 +159,7 @@ def _varlen_grad(ctx, do, _dlse):
     q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
     dq, dk, dv = _varlen_bwd(do, q, k, v, out, lse, cu_q, cu_k, ctx.max_sq, ctx.max_sk, ctx.causal, ctx.scale,
                              ctx.left, ctx.right)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, *[None] * 12
 
 
 _varlen_fwd.register_autograd(_varlen_grad, setup_context=_varlen_setup)
@@ -172,6 +174,8 @@ def _scale(softmax_scale, q):
 
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, left, right, k_scale=None, v_scale=None):
     """The rules of every path but the C++ kernel's (its entry point runs the same ones itself)."""
+    if block_table is not None:
+        k, v = C.kv_bytes(k, v)
     checked = C.check("varlen", q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, left, right, k_scale, v_scale)
     if checked and C.debug_checks():
         C.varlen_indices(cu_seqlens_q, cu_seqlens_k, q, k, block_table)
@@ -205,14 +209,14 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     q (total_q, H, D); k/v (total_k, Hkv, D) packed like q, or, with block_table
     (B, max_blocks) int32, paged caches (num_blocks, block_size, Hkv, D) where
     cu_seqlens_k[b+1] - cu_seqlens_k[b] is sequence b's cached length (its new tokens
-    included); paged caches as paged_attention takes them (q's dtype, bfloat16, or int8 with
+    included); paged caches as paged_attention takes them (q's dtype, bfloat16, or int8 / fp8 with
     k_scale/v_scale). cu_seqlens_* are int32 (B+1). window_size (left, right) as in flash_attention,
     per sequence. Returns (total_q, H, D).
     """
     C.tensors(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if block_table is not None:
         C.tensors(block_table=block_table)
-    C.scales(k_scale, v_scale)
+    C.scales(k_scale, v_scale, k if block_table is not None else None)
     left, right = C.window(window_size)
     scale = _scale(softmax_scale, q)
     triton = dispatch.use_triton(q)
@@ -221,10 +225,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            v_scale)
     checked = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_table, left, right, k_scale, v_scale)
     window = (left, 0 if causal else right)
-    if triton and k.dtype != q.dtype:
-        raise ValueError(f"k has dtype {k.dtype}: the Triton attention kernels read a cache in q's dtype ({q.dtype}); "
-                         f"bfloat16 and int8 caches of another compute dtype run on CPU")
     if triton:
         return _varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal),
-                           scale, block_table, *window, not checked)[0]
+                           scale, block_table, *window, not checked, k_scale, v_scale)[0]
     return _varlen_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, block_table, window, k_scale, v_scale)

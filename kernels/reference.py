@@ -55,7 +55,7 @@ def flash_attention(q, k, v, causal=True, softmax_scale=None, window_size=(-1, -
 
 
 def gather_paged(cache, block_table_row, length, scale=None):
-    """cache (num_blocks, block_size, Hkv, D), one block_table row -> (length, Hkv, D); an int8 cache
+    """cache (num_blocks, block_size, Hkv, D), one block_table row -> (length, Hkv, D); a quantised cache
     with its scale (num_blocks, block_size, Hkv) -> the dequantised fp32 rows (dequantize_kv)."""
     bs = cache.shape[1]
     idx = block_table_row[:(length + bs - 1) // bs].long()
@@ -63,27 +63,36 @@ def gather_paged(cache, block_table_row, length, scale=None):
     return rows if scale is None else dequantize_kv(rows, scale[idx].flatten(0, 1)[:length])
 
 
-# ---- KV cache formats (kv_cache_dtype): a cast, or int8 with one fp32 scale per (token, KV head) row,
-# symmetric: scale = max |row| / 127 (1 for an all-zero row), q = round-half-even(row / scale)
+# ---- KV cache formats (kv_cache_dtype): a cast, or a quantised cache (int8 or float8_e4m3fn) with one fp32
+# scale per (token, KV head) row, symmetric: scale = max |row| / QMAX (1 for an all-zero row), stored value
+# row / scale, rounded half to even (to an integer for int8, to e4m3's nearest value for fp8)
 
-def quantize_kv(x):
-    """x (..., D) float -> (q (..., D) int8 in [-127, 127], scale (...) fp32)."""
+KV_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}  # the quantised cache dtypes and their largest value
+
+
+def quantize_kv(x, dtype=torch.int8):
+    """x (..., D) float -> (q (..., D) in dtype (int8 or float8_e4m3fn), within +-KV_QMAX[dtype];
+    scale (...) fp32)."""
+    qmax = KV_QMAX[dtype]
     w = x.float()
     amax = w.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    return torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    r = w / scale[..., None]
+    if dtype == torch.int8:
+        r = torch.round(r)
+    return r.clamp_(-qmax, qmax).to(dtype), scale
 
 
 def dequantize_kv(q, scale):
-    """q (..., D) int8, scale (...) fp32 -> the fp32 rows float(q) * scale."""
+    """q (..., D) int8 or float8_e4m3fn, scale (...) fp32 -> the fp32 rows float(q) * scale."""
     return q.float() * scale[..., None]
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            causal=True, softmax_scale=None, block_table=None, window_size=(-1, -1), k_scale=None,
                            v_scale=None):
-    """Packed q (total_q, H, D); k/v packed (total_k, Hkv, D), or paged caches with block_table (int8 ones
-    with their scales)."""
+    """Packed q (total_q, H, D); k/v packed (total_k, Hkv, D), or paged caches with block_table (quantised
+    ones with their scales)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out = torch.zeros(q.shape, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -94,14 +103,14 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         else:
             n = ck[b + 1] - ck[b]
             kb, vb = gather_paged(k, block_table[b], n, k_scale), gather_paged(v, block_table[b], n, v_scale)
-        qa = _acc(qb)  # a bfloat16 or int8 cache is read in q's precision
+        qa = _acc(qb)  # a bfloat16 or quantised cache is read in q's precision
         out[cq[b]:cq[b + 1]] = _attend(qa, kb.to(qa.dtype), vb.to(qa.dtype), causal, scale, window_size)
     return out.to(q.dtype)
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=None, window_size=(-1, -1),
                     k_scale=None, v_scale=None):
-    """Decode: q (B, H, D), caches (num_blocks, block_size, Hkv, D) (int8 ones with their scales), seq_lens
+    """Decode: q (B, H, D), caches (num_blocks, block_size, Hkv, D) (quantised ones with their scales), seq_lens
     (B,) -> (B, H, D). The query is the last cached token, so a window keeps its last left + 1 keys."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     outs = []
@@ -113,16 +122,17 @@ def paged_attention(q, k_cache, v_cache, block_table, seq_lens, softmax_scale=No
 
 
 def store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
-    """k/v (N, Hkv, D) into the paged caches at slot_mapping (N,), in place, cast to the cache's dtype (int8:
-    quantize_kv, the scales into k_scale/v_scale (num_blocks, block_size, Hkv)); slot -1 skips a token."""
+    """k/v (N, Hkv, D) into the paged caches at slot_mapping (N,), in place, cast to the cache's dtype (int8 or
+    float8_e4m3fn: quantize_kv, the scales into k_scale/v_scale (num_blocks, block_size, Hkv)); slot -1 skips
+    a token."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     for src, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
         rows = src[keep]
         if scale is not None:
-            rows, s = quantize_kv(rows)
-            scale.view(-1, scale.shape[-1]).index_copy_(0, slots, s)
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, rows.to(cache.dtype))
+            rows, s = quantize_kv(rows, cache.dtype)
+            scale.view(-1, scale.shape[-1])[slots] = s
+        cache.view(-1, *cache.shape[2:])[slots] = rows.to(cache.dtype)  # index_put: torch has no fp8 index_copy_
 
 
 def layer_norm(x, weight, bias, eps=1e-5, residual=None):

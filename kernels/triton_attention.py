@@ -7,6 +7,11 @@ read per-sequence offsets from cu_seqlens (VARLEN), paged K/V go through a block
 GQA reads K/V head h // (H // Hkv); the dk/dv kernel loops over the group's query heads,
 so K/V are never repeated and no atomics are needed (deterministic).
 
+A paged cache may hold another format than q's (kv_cache_dtype): bfloat16, or int8 / fp8 (e4m3) with
+an fp32 scale per (slot, KV head) row (SCALED). The forward widens its tiles to q's dtype in
+registers and applies K's row scales to the scores' columns and V's to the softmax weights'
+(kernels/triton_paged.py does the same): no dequantised copy of the cache.
+
 Masking is a band, bottom-right aligned: row i sees keys i + lo_off <= j <= i + up, with
 up = Sk - Sq + right (CAUSAL: the right edge exists; causal is right = 0) and lo_off = Sk - Sq - left
 (LOCAL: the left edge exists). Each pass visits only the tiles that meet the band, and masks
@@ -75,22 +80,27 @@ def _smem_prune(resident, streamed, small):
 
 
 @triton.jit
-def _kv_ptrs(base, bt_ptr, offs_n, offs_d, stride_b, stride_t, nmask, PAGED: tl.constexpr, PAGE: tl.constexpr):
-    # (BLOCK_N, BLOCK_D) pointers to key rows offs_n; paged rows go through the block table
+def _kv_rows(bt_ptr, offs_n, stride_b, stride_t, nmask, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    # (BLOCK_N,) offsets of key rows offs_n; paged rows go through the block table
     if PAGED:
         blk = tl.load(bt_ptr + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
-        rows = blk * stride_b + (offs_n % PAGE) * stride_t
+        return blk * stride_b + (offs_n % PAGE) * stride_t
     else:
-        rows = offs_n.to(tl.int64) * stride_t
-    return base + rows[:, None] + offs_d[None, :]
+        return offs_n.to(tl.int64) * stride_t
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
-               offs_m, offs_d, lo, hi, sk, up, lo_off, qk_scale,
+def _kv_ptrs(base, bt_ptr, offs_n, offs_d, stride_b, stride_t, nmask, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    # (BLOCK_N, BLOCK_D) pointers to key rows offs_n
+    return base + _kv_rows(bt_ptr, offs_n, stride_b, stride_t, nmask, PAGED, PAGE)[:, None] + offs_d[None, :]
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, bt_ptr, stride_kb, stride_kt, stride_vb,
+               stride_vt, stride_sb, stride_st, offs_m, offs_d, lo, hi, sk, up, lo_off, qk_scale,
                BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
                CAUSAL: tl.constexpr, LOCAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, SCALED: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nmask = offs_n < sk
@@ -103,7 +113,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, s
         else:  # interior tiles: no predicates in the hot loop
             k = tl.load(kp)
             v = tl.load(vp)
+        k = k.to(q.dtype)  # a paged cache in another format, widened in registers
+        v = v.to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if SCALED:  # (BLOCK_N,) row scales (SCALED implies PAGED): K's on the scores, V's on the weights
+            srow = _kv_rows(bt_ptr, offs_n, stride_sb, stride_st, nmask, PAGED, PAGE)
+            qk = qk * tl.load(ks_base + srow, mask=nmask, other=0.0)[None, :]
+            vs = tl.load(vs_base + srow, mask=nmask, other=0.0)
         if MASKED:
             ok = nmask[None, :]
             if CAUSAL:
@@ -119,6 +135,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, s
         p = tl.math.exp2(qk - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if SCALED:
+            p = p * vs[None, :]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -173,15 +191,16 @@ def _key_range(m0, sk, up, lo_off, CAUSAL: tl.constexpr, LOCAL: tl.constexpr, BL
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, BT,
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, BT, KS, VS,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh,
-                stride_lb, stride_lh, stride_btb,
+                stride_lb, stride_lh, stride_btb, stride_sb, stride_st,
                 H, GROUP, seq_q, seq_k, qk_scale, win_l, win_r, tune_q, tune_k,
                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
                 PAGED: tl.constexpr, PAGE: tl.constexpr, PREC: tl.constexpr, LOCAL: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # grid (cdiv(max_seqlen_q, BLOCK_M), B * H)
+                SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (cdiv(max_seqlen_q, BLOCK_M), B * H); SCALED: KS/VS (blocks, PAGE, Hkv) fp32, a quantised
+    # paged cache's row scales
     b, h, kvh, q_start, sq, k_start, sk, m0 = _q_block(CU_Q, CU_K, H, GROUP, seq_q, seq_k, CAUSAL, VARLEN, BLOCK_M)
     if m0 >= sq:
         return
@@ -198,6 +217,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, BT,
         k_base = K + b64 * stride_kb + k_start * stride_kt + kvh * stride_kh
         v_base = V + b64 * stride_vb + k_start * stride_vt + kvh * stride_vh
     bt_ptr = BT + b64 * stride_btb
+    ks_base = KS + kvh  # the scales' head stride is 1 (contiguous)
+    vs_base = VS + kvh
 
     up = sk - sq + win_r
     lo_off = sk - sq - win_l
@@ -206,15 +227,18 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, BT,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if LOCAL:
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, stride_vb,
-                                   stride_vt, offs_m, offs_d, lo, a_end, sk, up, lo_off, qk_scale,
-                                   BLOCK_N, HEAD_D, BLOCK_D, True, CAUSAL, LOCAL, PAGED, PAGE, PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
-                               offs_m, offs_d, a_end, full, sk, up, lo_off, qk_scale,
-                               BLOCK_N, HEAD_D, BLOCK_D, False, CAUSAL, LOCAL, PAGED, PAGE, PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, bt_ptr, stride_kb, stride_kt, stride_vb, stride_vt,
-                               offs_m, offs_d, tl.maximum(full, a_end), hi, sk, up, lo_off, qk_scale,
-                               BLOCK_N, HEAD_D, BLOCK_D, True, CAUSAL, LOCAL, PAGED, PAGE, PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, bt_ptr, stride_kb,
+                                   stride_kt, stride_vb, stride_vt, stride_sb, stride_st, offs_m, offs_d, lo, a_end,
+                                   sk, up, lo_off, qk_scale, BLOCK_N, HEAD_D, BLOCK_D, True, CAUSAL, LOCAL, PAGED,
+                                   PAGE, PREC, SCALED)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, bt_ptr, stride_kb, stride_kt,
+                               stride_vb, stride_vt, stride_sb, stride_st, offs_m, offs_d, a_end, full, sk, up,
+                               lo_off, qk_scale, BLOCK_N, HEAD_D, BLOCK_D, False, CAUSAL, LOCAL, PAGED, PAGE, PREC,
+                               SCALED)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, vs_base, bt_ptr, stride_kb, stride_kt,
+                               stride_vb, stride_vt, stride_sb, stride_st, offs_m, offs_d, tl.maximum(full, a_end),
+                               hi, sk, up, lo_off, qk_scale, BLOCK_N, HEAD_D, BLOCK_D, True, CAUSAL, LOCAL, PAGED,
+                               PAGE, PREC, SCALED)
     empty = l_i == 0.0  # rows that see no key (causal with Sq > Sk, or a window past the keys) output 0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -481,9 +505,11 @@ class _Meta:
         return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
 
 
-def attention_fwd(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale, window=(-1, -1)):
+def attention_fwd(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scale, window=(-1, -1), k_scale=None,
+                  v_scale=None):
     """Launcher: -> out like q, lse (fp32, log2). cu_q None: dense (B, S, H, D). window (left, right),
-    -1 unbounded, bottom-right aligned like causal."""
+    -1 unbounded, bottom-right aligned like causal. With block_table, k/v are paged caches in q's dtype,
+    bfloat16, or int8 / fp8 with k_scale/v_scale (blocks, block_size, Hkv) fp32 contiguous."""
     q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
     paged = block_table is not None
     m = _Meta(q, k, cu_q, max_sq, max_sk, causal, scale, paged, window)
@@ -495,12 +521,14 @@ def attention_fwd(q, k, v, cu_q, cu_k, block_table, max_sq, max_sk, causal, scal
     else:
         ks, vs = _s(k, m.varlen), _s(v, m.varlen)
         bt, bt_stride, page = q, 0, 1  # unused
+    scaled = k_scale is not None
+    k_s, v_s = (k_scale, v_scale) if scaled else (q, q)  # unused without scales
     dummy = cu_q if m.varlen else q
-    args = (q, k, v, out, lse, dummy, cu_k if m.varlen else q, bt,
-            *_s(q, m.varlen), *ks, *vs, *_s(out, m.varlen), *m.lse_strides(lse), bt_stride,
+    args = (q, k, v, out, lse, dummy, cu_k if m.varlen else q, bt, k_s, v_s,
+            *_s(q, m.varlen), *ks, *vs, *_s(out, m.varlen), *m.lse_strides(lse), bt_stride, page * m.hkv, m.hkv,
             m.h, m.h // m.hkv, max_sq, max_sk, m.qk_scale, *m.window, *m.tune)
     _launch(_fwd_tuned, _fwd_kernel, _CPU_FWD, lambda bm, bn: (triton.cdiv(max_sq, bm), m.batch * m.h),
-            args, dict(m.consts, PAGE=page), q)
+            args, dict(m.consts, PAGE=page, SCALED=scaled), q)
     return out, lse
 
 

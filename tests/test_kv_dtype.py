@@ -1,5 +1,6 @@
-"""KV caches stored in bfloat16 or int8 (kv_cache_dtype): the C++ cache write, paged decode, paged
-prefill (varlen) and fused decode layer against kernels.reference on the dequantised values."""
+"""KV caches stored in bfloat16, int8 or fp8 (kv_cache_dtype): the C++ cache write, paged decode, paged
+prefill (varlen) and fused decode layer against kernels.reference on the dequantised values; fp8 (no C++
+kernel reads it) on CPU through the torch path. The Triton paths: tests/test_kv_dtype_triton.py."""
 from __future__ import annotations
 
 import math
@@ -22,9 +23,9 @@ FORMATS = ["bfloat16", "int8"]
 
 def _cache(fmt, nblk, bs, hkv, d, g):
     """Random K/V written into a cache of format fmt through the reference write -> (k, v, k_scale, v_scale)."""
-    dtype = getattr(torch, fmt)
+    dtype = torch.float8_e4m3fn if fmt == "fp8" else getattr(torch, fmt)
     k, v = (torch.zeros(nblk, bs, hkv, d, dtype=dtype) for _ in range(2))
-    ks, vs = (torch.zeros(nblk, bs, hkv) if fmt == "int8" else None for _ in range(2))
+    ks, vs = (torch.zeros(nblk, bs, hkv) if fmt in ("int8", "fp8") else None for _ in range(2))
     src = [torch.randn(nblk * bs, hkv, d, generator=g) * 3 for _ in range(2)]
     R.store_kvcache(*src, k, v, torch.arange(nblk * bs), ks, vs)
     return k, v, ks, vs
@@ -112,6 +113,51 @@ def test_paged_prefill_reads_the_stored_format(fmt, case):
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
 
 
+def test_quantize_kv_fp8_round_trip():
+    """e4m3 keeps 3 mantissa bits: each value within 2^-4 of itself after the round trip, and within half
+    the smallest subnormal's step (2^-10 scale) near zero; the largest magnitude of a row is stored as 448."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 2, 40, generator=g) * torch.logspace(-3, 3, 64)[:, None, None]
+    x[5] = 0
+    q, s = R.quantize_kv(x, torch.float8_e4m3fn)
+    assert q.dtype == torch.float8_e4m3fn and (s[5] == 1).all() and (q[5].float() == 0).all()
+    assert (q.float().abs().amax(-1)[x.abs().amax(-1) > 0] == 448).all()
+    err = (R.dequantize_kv(q, s) - x).abs()
+    assert (err <= 2 ** -4 * x.abs() + 2 ** -10 * s[..., None] * (1 + 1e-6)).all()
+
+
+def test_fp8_takes_the_torch_path():
+    """No C++ kernel reads fp8: on CPU the cache write, decode and paged prefill go through torch, against the
+    reference twins; the fused decode layer (C++ only) refuses it by dtype."""
+    g = torch.Generator().manual_seed(4)
+    lens, bs, h, hkv, d = [5, 33, 17], 8, 4, 2, 40
+    nblk = sum(-(-n // bs) for n in lens) + 1
+    k, v, ks, vs = _cache("fp8", nblk, bs, hkv, d, g)
+    table, seq_lens = _table(lens, bs, nblk, g)
+    new = torch.randn(2, 3, hkv, d, generator=g)
+    slots = torch.tensor([3, -1, 40])
+    ref = tuple(t.clone() for t in (k, v, ks, vs))
+    store_kvcache(new[0], new[1], k, v, slots, ks, vs)
+    R.store_kvcache(new[0], new[1], ref[0], ref[1], slots, ref[2], ref[3])
+    assert all(torch.equal(a.float(), b.float()) for a, b in zip((k, v, ks, vs), ref))
+    kf, vf = R.dequantize_kv(k, ks), R.dequantize_kv(v, vs)
+    q = torch.randn(len(lens), h, d, generator=g)
+    got = paged_attention(q, k, v, table, seq_lens, k_scale=ks, v_scale=vs)
+    torch.testing.assert_close(got, R.paged_attention(q, kf, vf, table, seq_lens), atol=2e-5, rtol=2e-5)
+    new_q = [1, 8, 17]
+    qp = torch.randn(sum(new_q), h, d, generator=g)
+    cu_q = torch.tensor([0, *torch.tensor(new_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    args = (cu_q, cu_k, max(new_q), max(lens))
+    got = flash_attention_varlen(qp, k, v, *args, block_table=table, k_scale=ks, v_scale=vs)
+    torch.testing.assert_close(got, R.flash_attention_varlen(qp, kf, vf, *args, block_table=table), atol=2e-5,
+                               rtol=2e-5)
+    weights = layer_weights(64, 4, hkv, d, 96, True, False, g)
+    with torch.no_grad(), pytest.raises(TypeError, match="k_cache has dtype"):
+        decode_layer(torch.randn(len(lens), 64), None, pack_layer(weights), k, v, slots, table, seq_lens, None,
+                     4, 1e-5, False, "gelu", 1 / math.sqrt(d), k_scale=ks, v_scale=vs)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("case", [(64, 2, 2, 32, 96, True, "gelu", False), (96, 4, 2, 24, 64, False, "swiglu", True)])
 def test_decode_layer_matches_reference(fmt, case):
@@ -165,6 +211,15 @@ def test_bad_caches_are_refused():
         paged_attention(q, k8.half(), v8.half(), table, lens)
     with pytest.raises(TypeError, match="v_cache has dtype"):
         paged_attention(q, k8, v8.float(), table, lens, k_scale=ks, v_scale=vs)
+    f8, vf8 = (c.view(torch.float8_e4m3fn) for c in (k8, v8))
+    with pytest.raises(ValueError, match=r"fp8 \(torch.float8_e4m3fn\) KV cache needs k_scale and v_scale"):
+        paged_attention(q, f8, vf8, table, lens, k_scale=ks)
+    with pytest.raises(ValueError, match="fp8 .* needs k_scale"):
+        store_kvcache(q[:, :2], q[:, :2], f8, vf8, torch.zeros(1, dtype=torch.long))
+    with pytest.raises(TypeError, match="v_cache has dtype"):  # one format for both caches
+        paged_attention(q, f8, v8, table, lens, k_scale=ks, v_scale=vs)
+    with pytest.raises(ValueError, match="v_scale must be contiguous"):  # int8's rules on the scales
+        paged_attention(q, f8, vf8, table, lens, k_scale=ks, v_scale=vs[:, :2])
 
 
 # ---- the engine with a bfloat16 / int8 cache against the fp32 one
@@ -209,6 +264,7 @@ def test_pool_counts_bytes(tiny_models):
     r = runners["int8"]
     d = r.model.config.head_dim
     assert r.block_bytes(torch.float32) == 4 * r.block_bytes(torch.int8) * d // (d + 4)
+    assert r.block_bytes(torch.float8_e4m3fn) == r.block_bytes(torch.int8)  # the GPU's pool: the scales counted
     assert blocks["bfloat16"] == 2 * blocks["auto"]
     assert blocks["int8"] == blocks["auto"] * 4 * d // (d + 4)
     # an explicit size stays a count of blocks or tokens whatever the dtype
@@ -216,11 +272,51 @@ def test_pool_counts_bytes(tiny_models):
     assert llm.runner.num_blocks == 7
 
 
-@pytest.mark.parametrize("bad,match", [("fp8", "fp8' is not supported yet"),
-                                       ("float16", "kv_cache_dtype must be one of"),
+@pytest.mark.parametrize("bad,match", [("float16", "kv_cache_dtype must be one of"),
                                        ("int4", "kv_cache_dtype must be one of")])
 def test_bad_kv_cache_dtype(tiny_models, bad, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig(kv_cache_dtype=bad)
     with pytest.raises(ValueError, match=match):
         LLM(str(tiny_models["gpt2"]), device="cpu", kv_cache_dtype=bad)
+
+
+def test_fp8_needs_a_gpu(tiny_models):
+    assert EngineConfig(kv_cache_dtype="fp8").kv_cache_dtype == "fp8"
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' needs a GPU"):
+        LLM(str(tiny_models["gpt2"]), device="cpu", kv_cache_dtype="fp8")
+
+
+@pytest.mark.gpu
+def test_gpu_engine_close_to_fp32_cache(tiny_models):
+    """test_engine_close_to_fp32_cache on CUDA (the Triton paths, CUDA graphs) for llama (GQA, rotary): fp32
+    compute, so only the cache format differs; fp8 (e4m3: 3 mantissa bits) drifts more than int8. Then bf16
+    compute with each quantised cache runs through graphs and frees its blocks. Few sequences: few graphs."""
+    path = str(tiny_models["llama"])
+    fp8 = ("fp8",) if torch.cuda.get_device_capability() >= (8, 9) else ()  # e4m3 conversions: Ada, Hopper
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 256, (n,), generator=g).tolist() for n in (5, 20, 37, 64)]
+    sp = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=1)
+    res = {}
+    for dt in ("auto", "bfloat16", "int8", *fp8):
+        llm = LLM(path, device="cuda", dtype=torch.float32, kv_cache_dtype=dt, max_num_batched_tokens=16,
+                  max_num_seqs=4)
+        assert llm.runner.graphs, "CUDA graph capture failed (see the log warning)"
+        assert (llm.runner.kv_scale is not None) == (dt in ("int8", "fp8"))
+        res[dt] = llm.generate(prompts, sp, use_tqdm=False)
+    bounds = {"bfloat16": 0.01, "int8": 0.03, "fp8": 0.05}
+    for dt in [d for d in res if d != "auto"]:
+        bound = bounds[dt]
+        for a, b in zip(res["auto"], res[dt]):
+            n = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
+            assert n >= 16, (dt, a.token_ids, b.token_ids)
+            err = max(abs(a.logprobs[i][a.token_ids[i]] - b.logprobs[i][a.token_ids[i]]) for i in range(n))
+            assert err <= bound, (dt, err)
+    for dt in ("int8", *fp8):
+        llm = LLM(path, device="cuda", dtype=torch.bfloat16, kv_cache_dtype=dt, max_num_batched_tokens=16,
+                  max_num_seqs=4)
+        assert llm.runner.graphs
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        assert all(len(o.token_ids) == 32 for o in outs)
+        s = llm.stats()
+        assert s["num_free_blocks"] == s["num_total_blocks"]

@@ -131,8 +131,8 @@ class Attention(nn.Module):
         return self.proj(o.flatten(-2))
 
     def step(self, x, positions, cache, meta: StepMeta, rope=None):
-        # x (N, C) packed new tokens; cache = (k_cache, v_cache) each (blocks, block_size, hkv, d), and an
-        # int8 cache's (k_scale, v_scale) each (blocks, block_size, hkv)
+        # x (N, C) packed new tokens; cache = (k_cache, v_cache) each (blocks, block_size, hkv, d), and a
+        # quantised (int8 / fp8) cache's (k_scale, v_scale) each (blocks, block_size, hkv)
         q, k, v = self._qkv(x, positions, rope, meta.lora)
         k_cache, v_cache, *scales = cache
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, *scales)
@@ -219,7 +219,7 @@ class Block(nn.Module):
         if layer is None or (meta.lora is not None and self.tp is not None) or not decode_layer_applies(x, ()):
             return self(x, residual, positions, cache, meta)
         args = (*cache[:2], meta.slot_mapping, meta.block_table, meta.seq_lens, rope, *self.decode_args)
-        kw = dict(k_scale=cache[2], v_scale=cache[3]) if len(cache) == 4 else {}  # an int8 cache's scales
+        kw = dict(k_scale=cache[2], v_scale=cache[3]) if len(cache) == 4 else {}  # a quantised cache's scales
         if meta.lora is not None:
             lins = (self.attn.qkv, self.attn.proj, self.mlp.fc, self.mlp.proj)
             kw.update(lora=[t for lin in lins for t in (lin.lora.slot_views() if lin.lora else (None, None))],

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt_engine.kernels.reference import KV_QMAX
+
 from ..engine_config import KV_CACHE_DTYPES
 from ..worker import hugepages
 from .lora import LoRAManager
@@ -119,8 +121,9 @@ class ModelRunner:
             hugepages.adopt([*model.parameters(), *model.buffers(), *model.pack_for_cpu()])
         else:
             self.kv = torch.zeros(shape, device=self.device, dtype=self.kv_dtype)
-        # int8: an fp32 scale per (k|v, layer, slot, kv head) beside the pool (kernels.store_kvcache writes it)
-        self.kv_scale = torch.zeros(shape[:-1], device=self.device) if self.kv_dtype == torch.int8 else None
+        # int8 / fp8: an fp32 scale per (k|v, layer, slot, kv head) beside the pool (kernels.store_kvcache
+        # writes it)
+        self.kv_scale = torch.zeros(shape[:-1], device=self.device) if self.kv_dtype in KV_QMAX else None
         self.kv_caches = [(self.kv[0, i], self.kv[1, i]) + (() if self.kv_scale is None else
                                                               (self.kv_scale[0, i], self.kv_scale[1, i]))
                           for i in range(cfg.n_layer)]
@@ -142,22 +145,31 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- KV cache size
     def _kv_dtype(self, kv_cache_dtype: str) -> torch.dtype:
-        """The pool's storage dtype: the compute dtype ("auto"), or bfloat16/int8, which the CPU kernels
-        read (the Triton ones take the compute dtype only)."""
+        """The pool's storage dtype: the compute dtype ("auto"), bfloat16, int8, or fp8 (e4m3), which the
+        kernels read as stored: the C++ ones on CPU (no fp8), the Triton ones on CUDA (fp8 from compute
+        capability 8.9, Ada/Hopper, whose conversions Triton's fp8 needs)."""
         if kv_cache_dtype == "auto":
             return self.dtype
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
-        dtype = getattr(torch, kv_cache_dtype)
-        if self.device.type != "cpu" and dtype != self.dtype:
-            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} runs on CPU only for now: on {self.device.type} "
-                             f"the KV cache holds the compute dtype ({self.dtype}), kv_cache_dtype='auto'")
+        dtype = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else getattr(torch, kv_cache_dtype)
+        if self.device.type not in ("cpu", "cuda") and dtype != self.dtype:
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} runs on CPU and CUDA: on {self.device.type} the KV "
+                             f"cache holds the compute dtype ({self.dtype}), kv_cache_dtype='auto'")
+        if kv_cache_dtype == "fp8" and not self.cuda:
+            raise ValueError("kv_cache_dtype='fp8' needs a GPU (the Triton kernels read it; the CPU kernels do "
+                             "not): on CPU use 'int8' (the same bytes) or 'bfloat16'")
+        if kv_cache_dtype == "fp8" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise ValueError(f"kv_cache_dtype='fp8' needs compute capability 8.9 or newer (Ada, Hopper), "
+                             f"{torch.cuda.get_device_name(self.device)} has "
+                             f"{'.'.join(map(str, torch.cuda.get_device_capability(self.device)))}: use 'int8'")
         return dtype
 
     def block_bytes(self, dtype: torch.dtype | None = None) -> int:
-        """One block's bytes over all layers, K and V, in dtype (default: the pool's), int8's scales included."""
+        """One block's bytes over all layers, K and V, in dtype (default: the pool's), int8's and fp8's scales
+        included."""
         cfg, dtype = self.model.config, dtype or self.kv_dtype
-        row = cfg.head_dim * dtype.itemsize + (4 if dtype == torch.int8 else 0)
+        row = cfg.head_dim * dtype.itemsize + (4 if dtype in KV_QMAX else 0)
         return 2 * cfg.n_layer * self.block_size * self.model.kv_heads * row
 
     def _num_blocks(self, num_kv_blocks, kv_cache_tokens, util) -> int:
