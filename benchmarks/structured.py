@@ -8,7 +8,7 @@ to max_tokens (ignore_eos on both sides). Both sides run in turns, round after r
 round, and the median of the rounds' paired ratios (a shared machine's load moves between rounds);
 tokens are counted, not assumed. Writes benchmarks/results/<device>/structured.json.
 
-    python -m benchmarks.structured [--streams 16] [--max-tokens 128] [--rounds 5] [--vocab 32000] [--device cpu]
+    python -m benchmarks.structured [--streams 16] [--max-tokens 128] [--rounds 9] [--vocab 32000] [--device cpu]
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/structured.json)")

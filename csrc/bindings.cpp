@@ -202,6 +202,12 @@ at::Tensor varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::
                               opt(k_scale), opt(v_scale));
 }
 
+// structured outputs' token mask over the logits' rows (bitmask_cpu.cpp), in place
+void apply_token_bitmask_(at::Tensor& logits, const at::Tensor& rows, const at::Tensor& bitmask) {
+  check_token_bitmask(logits, rows, bitmask);
+  apply_token_bitmask_cpu_(logits, rows, bitmask);
+}
+
 // y += each token's LoRA update of x, then act over y (lora_cpu.cpp), in place
 void lora_add_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, const at::Tensor& slots,
                int64_t act) {
@@ -278,6 +284,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("eps"), py::arg("rms"), py::arg("act"), py::arg("scale"), py::arg("window_left") = -1,
         py::arg("parallel") = 0, py::arg("part") = 0, py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),
         py::arg("lora") = std::vector<OptT>(), py::arg("lora_slots") = py::none());
+  m.def("apply_token_bitmask_", &apply_token_bitmask_, "CPU: logits' rows -> -inf where the token's bit is 0, in "
+        "place", py::arg("logits"), py::arg("rows"), py::arg("bitmask"));
   m.def("lora_add_", &lora_add_, "CPU: y += each token's LoRA update of x, then the activation, in place",
         py::arg("y"), py::arg("x"), py::arg("a"), py::arg("b"), py::arg("slots"), py::arg("act") = 0);
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");

@@ -98,6 +98,8 @@ void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const s
                         const at::Tensor& k_cache, const at::Tensor& v_cache, const OptT& k_scale,
                         const OptT& v_scale, const OptT& cos, const OptT& sin, int64_t n_head, bool rms, int64_t act,
                         int64_t window_left, int64_t parallel, int64_t part, bool has_residual);
+// apply_token_bitmask_'s arguments (bitmask_cpu.cpp)
+void check_token_bitmask(const at::Tensor& logits, const at::Tensor& rows, const at::Tensor& bitmask);
 // lora_add_'s arguments (lora_cpu.cpp)
 void check_lora(const char* op, const at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
                 const at::Tensor& slots);

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "checks.h"
 #include "quant_cpu.h"
@@ -313,5 +314,24 @@ void check_decode_lora(const at::Tensor& x, const std::vector<int64_t>& n, int64
     if (!present(a)) continue;
     // the GEMM's input and output as they will be: x's dtype and device, its geometry
     check_lora("decode_layer", x.new_empty({B, n[g]}), x.new_empty({B, k_in[g]}), *a, *b, *lora_slots);
+  }
+}
+
+void check_token_bitmask(const at::Tensor& logits, const at::Tensor& rows, const at::Tensor& bitmask) {
+  check_cpu_float32("apply_token_bitmask_", "logits", logits);
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.is_contiguous(), "apply_token_bitmask_: logits must be contiguous "
+                    "(B, V), got ", logits.sizes());
+  TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong && rows.device().is_cpu() && bitmask.scalar_type() == at::kInt &&
+                   bitmask.device().is_cpu(), "apply_token_bitmask_: rows must be CPU int64 and bitmask CPU int32, got ",
+                   rows.scalar_type(), " and ", bitmask.scalar_type());
+  TORCH_CHECK_VALUE(rows.dim() == 1 && rows.is_contiguous() && bitmask.dim() == 2 && bitmask.is_contiguous() &&
+                    bitmask.size(0) == rows.size(0), "apply_token_bitmask_: rows (R,) and bitmask (R, W) must be "
+                    "contiguous, got ", rows.sizes(), " and ", bitmask.sizes());
+  const int64_t* r = rows.data_ptr<int64_t>();
+  std::vector<bool> seen(static_cast<size_t>(logits.size(0)), false);
+  for (int64_t i = 0; i < rows.size(0); ++i) {
+    TORCH_CHECK_VALUE(r[i] >= 0 && r[i] < logits.size(0) && !seen[r[i]], "apply_token_bitmask_: rows[", i, "] = ",
+                      r[i], " is outside [0, ", logits.size(0), ") or repeated");
+    seen[r[i]] = true;
   }
 }

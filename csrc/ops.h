@@ -25,6 +25,7 @@ void rope_cpu_(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin, int6
 at::Tensor glu_cpu(const at::Tensor& f, bool gelu_tanh);
 void lora_add_cpu_(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
                    const at::Tensor& slots, int64_t act);
+void apply_token_bitmask_cpu_(at::Tensor& logits, const at::Tensor& rows, const at::Tensor& bitmask);
 void rms_heads_cpu_(at::Tensor& t, const OptT& qw, const OptT& kw, int64_t nq, int64_t nk, double eps);
 at::Tensor varlen_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
                                 const at::Tensor& cu_k, bool causal, double scale, const at::Tensor& block_table,

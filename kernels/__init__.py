@@ -30,6 +30,7 @@ _OPS = {
     "rope_": "rotary",
     "glu": "glu",
     "lora_add_": "lora",
+    "apply_token_bitmask_": "bitmask",
     "decode_layer": "decode",
     "decode_layer_applies": "decode",
     "pack_layer": "decode",

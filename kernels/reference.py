@@ -239,6 +239,19 @@ def linear_w8a8(x, q, scale, bias=None, activation=None):
     return ACTIVATIONS[activation](y).to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+def apply_token_bitmask_(logits, rows, bitmask):
+    """kernels.bitmask.apply_token_bitmask_: logits[rows[r]]'s tokens whose bit is 0 in bitmask[r] (int32
+    words, token t at bit t % 32 of word t // 32), and those past the words, -> -inf, in place."""
+    V = logits.shape[1]
+    bits = (bitmask[:, :, None] >> torch.arange(32, device=bitmask.device, dtype=bitmask.dtype)) & 1
+    n = min(V, bits.shape[1] * 32)
+    sub = logits[rows]
+    sub[:, :n].masked_fill_(bits.flatten(1)[:, :n] == 0, float("-inf"))
+    sub[:, n:] = float("-inf")
+    logits[rows] = sub
+    return logits
+
+
 def lora_add_(y, x, a, b, slots, activation=None):
     """kernels.lora.lora_add_: y += x[i] @ a[s]^T @ b[s] for tokens with slot s = slots[i] >= 0, then
     the activation over y, in place -> y."""

@@ -131,6 +131,26 @@ def test_apply_grammar_bitmask_rows_and_tail():
     assert torch.isfinite(logits[0]).all() and torch.isfinite(logits[2]).all()
 
 
+@pytest.mark.parametrize("V, W", [(70, 3), (100, 3), (64, 2), (1, 1)])
+def test_token_bitmask_kernel_matches_reference(V, W):
+    """kernels.apply_token_bitmask_ (C++ on CPU float32) against its twin: whole words allowed, refused and
+    mixed, rows in any order, a vocabulary past the mask's words (V 100 > 96) and inside them."""
+    from gpt_engine.kernels import apply_token_bitmask_
+    from gpt_engine.kernels import reference as R
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(5, V, generator=g)
+    words = torch.randint(-2**31, 2**31 - 1, (3, W), generator=g, dtype=torch.int64).to(torch.int32)
+    words[0, 0], words[1, -1] = -1, 0
+    rows = torch.tensor([3, 0, 4])
+    got = apply_token_bitmask_(logits.clone(), rows, words)
+    assert torch.equal(got, R.apply_token_bitmask_(logits.clone(), rows, words))
+    assert torch.equal(got[[1, 2]], logits[[1, 2]])  # rows without a mask untouched
+    with pytest.raises(ValueError, match="repeated"):
+        apply_token_bitmask_(logits.clone(), torch.tensor([3, 3, 0]), words)
+    with pytest.raises(TypeError, match="int32"):
+        apply_token_bitmask_(logits.clone(), rows, words.long())
+
+
 def test_preemption_and_chunked_prefill_keep_outputs(torch_path, model_dir):
     """Greedy constrained outputs are the same when run alone, in a batch that preempts (a KV pool too
     small for all) and with prompts prefilled in chunks."""

@@ -227,15 +227,16 @@ class StructuredOutputs:
             k += 1
         if not rows:
             return None
-        import llguidance.numpy as lln
         mask = np.zeros((len(rows), self.words), dtype=np.int32)
-        # on this thread, row by row: the executor's worker threads spin after their work and steal
-        # the cores the sampler's and the next step's torch ops want right then
+        # on this thread, row by row, straight into the rows (llguidance.numpy's fill_next_token_bitmask,
+        # less its per-call checks): the executor's worker threads spin after their work and steal the
+        # cores the sampler's and the next step's torch ops want right then
+        ptr, row_bytes = mask.ctypes.data, mask.strides[0]
         for i, m in enumerate(matchers):
             if isinstance(m, np.ndarray):  # a first step: the mask the compile computed
                 mask[i] = m[:self.words]  # llguidance may round its words up
             elif m is not None:
-                lln.fill_next_token_bitmask(m, mask, i)
+                m.unsafe_compute_mask_ptr(ptr + i * row_bytes, row_bytes)
         empty = ~mask.any(1)
         if empty.any():
             mask[empty] = self._eos_row if self._eos_row.any() else -1

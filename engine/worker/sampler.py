@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from gpt_engine.kernels import apply_token_bitmask_
+
 
 _FMAX = torch.finfo(torch.float32).max
 _PEN_RANGE = (1e-30, 1e30)
@@ -74,40 +76,12 @@ def apply_ban(logits, banned: list[list[int]]):
     return logits
 
 
-_BYTE_BIAS: dict = {}
-
-
-def _byte_bias(device) -> torch.Tensor:
-    """(256, 8) fp32: for each byte value, 0 where its bit b is set, -inf where not (bit b = token 8k + b)."""
-    t = _BYTE_BIAS.get(device)
-    if t is None:
-        bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
-        t = _BYTE_BIAS[device] = torch.where(bits == 1, 0.0, float("-inf")).to(device)
-    return t
-
-
 def apply_grammar_bitmask(logits, rows: list[int], bitmask):
-    """logits (B, V) fp32 in place: rows[i]'s tokens whose bit is 0 in bitmask[i] (int32 words, token t
-    at bit t % 32 of word t // 32, little-endian) -> -inf; ids past the mask's words too. The mask's
-    bytes index a (256, 8) table of 0 / -inf that is added: a gather and an add, no per-bit unpacking.
-    On CPU in numpy: one thread, where each torch op right after the model's step waits on its pool."""
-    B, V = logits.shape
-    table = _byte_bias(logits.device)
-    whole = rows == list(range(B))
-    if logits.device.type == "cpu":
-        x = logits.numpy()
-        sub = x if whole else x[rows]
-        bias = table.numpy()[bitmask.view("uint8")].reshape(len(rows), -1)   # (R, 32W)
-    else:
-        sub = logits if whole else logits[torch.tensor(rows, device=logits.device)]
-        words = torch.from_numpy(bitmask).view(torch.uint8).to(logits.device, non_blocking=True)  # (R, 4W)
-        bias = torch.nn.functional.embedding(words.long(), table).view(len(rows), -1)
-    n = min(V, bias.shape[1])
-    sub[:, :n] += bias[:, :n]
-    sub[:, n:] = float("-inf")
-    if not whole:
-        logits[torch.tensor(rows, device=logits.device)] = torch.as_tensor(sub, device=logits.device)
-    return logits
+    """logits (B, V) fp32 in place: rows[i]'s tokens whose bit is 0 in bitmask[i] (numpy int32 words,
+    token t at bit t % 32 of word t // 32) -> -inf; ids past the mask's words too."""
+    dev = logits.device
+    return apply_token_bitmask_(logits, torch.tensor(rows, device=dev),
+                                torch.from_numpy(bitmask).to(dev, non_blocking=True))
 
 
 def apply_top_k_top_p(logits, top_k: torch.Tensor | None, top_p: torch.Tensor | None):
@@ -153,10 +127,12 @@ class Sampler:
         """Exp(1) (or U[0, 1)) noise shaped like `like`; a seeded request's rows from its own generator.
         Exp(1) is -log(U): torch's CPU exponential_ costs several times a uniform draw and its log. U = 0
         gives inf, a row the race never picks, and U < 1 keeps every draw above 0 (no p / 0)."""
-        q = torch.empty_like(like).uniform_(generator=self._generator(like.device))
-        for i, g in enumerate(generators or ()):
-            if g is not None:  # a seeded request: its own stream, whatever else is in the batch
-                q[i].uniform_(generator=g)
+        q = torch.empty_like(like)
+        seeded = [(i, g) for i, g in enumerate(generators or ()) if g is not None]
+        if len(seeded) < q.shape[0]:  # rows of no seed: the engine's stream
+            q.uniform_(generator=self._generator(like.device))
+        for i, g in seeded:  # a seeded request: its own stream, whatever else is in the batch
+            q[i].uniform_(generator=g)
         return q if uniform else q.log_().neg_()
 
     @staticmethod
