@@ -66,7 +66,9 @@ fuzz: setup
 SAN := build/sanitize
 SAN_TESTS := tests/test_fuzz_ops.py \
 	$(addprefix tests/test_decode_layer.py::test_,matches_reference traits_match_reference halves_make_the_layer window_matches_reference \
-		errors packed_gemm packed_gemm_errors glu partial_rope) \
+		errors packed_gemm packed_gemm_errors glu partial_rope lora_updates_match_the_reference lora_add_matches_reference \
+		lora_argument_errors) \
+	tests/test_structured.py::test_token_bitmask_kernel_matches_reference \
 	tests/test_attention.py::test_varlen_cpu_kernel $(addprefix tests/test_attention.py::test_varlen_cpu_kernel_,paged \
 		takes_strided_offsets errors window paged_window) \
 	$(addprefix tests/test_paged_attention.py::test_,decode_fp32 decode_cpu_bf16_fp64 decode_cpu_strided_q \
