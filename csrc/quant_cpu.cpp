@@ -96,15 +96,12 @@ HOT void qpanels_int8(const float* x, const char* pw, const float* bias, float* 
 // ---- AVX-512: panels of 48 rows (three 16-float vectors) against up to 8 rows of x, as linear_cpu.cpp's
 // packed_avx512, in functions compiled for that target.
 #ifdef HAVE_AVX2_CLONES
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef int32_t i16v __attribute__((vector_size(64)));
 
 template <int fmt>
 AVX512 inline f16 wload16(const void* p) {
   if constexpr (fmt == BF16) {
-    u16x16 h;
-    std::memcpy(&h, p, sizeof(h));
-    const i16v b = __builtin_convertvector(h, i16v) << 16;
+    // one vpmovzxwd + vpslld; GCC lowers a 16-lane __builtin_convertvector from uint16 in two halves
+    const __m512i b = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p))), 16);
     f16 v;
     std::memcpy(&v, &b, sizeof(v));
     return v;
@@ -116,6 +113,8 @@ AVX512 inline f16 wload16(const void* p) {
     return r;
   }
 }
+
+constexpr int64_t PREFETCH = 1024;  // bytes ahead of the weight stream
 
 template <int fmt, int mr>
 AVX512 void qtile16(const float* x, int64_t K, int64_t G, const char* pw, const f16* b, float* y, int64_t ldy,
@@ -133,6 +132,11 @@ AVX512 void qtile16(const float* x, int64_t K, int64_t G, const char* pw, const 
       pw += K * PNR16 * es;
     }
     for (int64_t k = 0; k < G; ++k) {
+      // the panel's stream a little ahead, every line of it: one core's share of DRAM bandwidth is
+      // bound by its misses in flight, which the hardware prefetcher alone keeps too few of here
+      const char* ahead = q + k * PNR16 * es + PREFETCH;
+      __builtin_prefetch(ahead);
+      if constexpr (es == 2) __builtin_prefetch(ahead + 64);
       f16 w[3];
       for (int j = 0; j < 3; ++j) {
         w[j] = wload16<fmt>(q + (k * PNR16 + 16 * j) * es);
@@ -226,6 +230,24 @@ void w8a8_panels_plain(const int8_t* qx, const float* sx, const int32_t* cx, con
 
 #ifdef HAVE_AVX2_CLONES
 
+// quantize_blocks in AVX-512: a block is two registers; vcvtps2dq rounds half to even as nearbyint
+// does under the default rounding mode, so the bytes are the plain loop's
+VNNI void quantize_blocks_vnni(const float* x, int64_t n, int8_t* qx, float* sx, int32_t* cx) {
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  for (int64_t i = 0; i < n; ++i) {
+    const __m512 a = _mm512_loadu_ps(x + i * QB), b = _mm512_loadu_ps(x + i * QB + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    const __m512 s = _mm512_set1_ps(id);
+    const __m512i qa = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a, s)), lo), hi);
+    const __m512i qb = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(b, s)), lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qx + i * QB), _mm512_cvtepi32_epi8(qa));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qx + i * QB + 16), _mm512_cvtepi32_epi8(qb));
+    sx[i] = d;
+    cx[i] = 128 * _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  }
+}
+
 // An mr x 48 tile: per block 8 vpdpbusd per accumulator, then one fma into the group's sum; group
 // sums go into yt through the group's weight scales.
 template <int mr>
@@ -313,8 +335,12 @@ at::Tensor w8a8_packed(const at::Tensor& x, const at::Tensor& pw, const OptT& bi
   float* sp = sx.data_ptr<float>();
   int32_t* cp = cx.data_ptr<int32_t>();
   const int64_t nb = K / QB;  // blocks are independent: threads split them as they split the panels
+  auto quantize = quantize_blocks;
+#ifdef HAVE_AVX2_CLONES
+  if (cpu_has_vnni()) quantize = quantize_blocks_vnni;
+#endif
   at::parallel_for(0, M * nb, 256, [&](int64_t b0, int64_t b1) {
-    quantize_blocks(xp + b0 * QB, b1 - b0, qp + b0 * QB, sp + b0, cp + b0);
+    quantize(xp + b0 * QB, b1 - b0, qp + b0 * QB, sp + b0, cp + b0);
   });
   const uint8_t* wp = pw.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
