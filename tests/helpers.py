@@ -179,6 +179,19 @@ def layer_weights(C, H, Hkv, D, ff, bias, swiglu, g):
             1 + w(C), b(C), w(2 * ff if swiglu else ff, C), b(2 * ff if swiglu else ff), w(C, ff), b(C))
 
 
+def scattered_table(lens, bs, nblk, g, device="cpu"):
+    """A block table for sequences of lens tokens, their blocks scattered over a pool of nblk (one spare
+    column of padding, block 0), and seq_lens."""
+    need = [-(-n // bs) for n in lens]
+    perm = torch.randperm(nblk, generator=g)
+    table = torch.zeros(len(lens), max(need) + 1, dtype=torch.int32)
+    i = 0
+    for b, n in enumerate(need):
+        table[b, :n] = perm[i:i + n]
+        i += n
+    return table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+
+
 def paged_batch(lens, Hkv, D, g, bs: int = 16, pad_last: bool = False):
     """KV caches with each sequence's blocks scattered, the block table, seq_lens and the slot of
     each sequence's last token (-1 for the last sequence with pad_last: a padded row stores nothing)."""

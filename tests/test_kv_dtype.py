@@ -14,7 +14,7 @@ from gpt_engine.kernels import (decode_layer, flash_attention_varlen, pack_layer
 from gpt_engine import EngineConfig, SamplingParams
 from gpt_engine.llm import LLM
 
-from .helpers import layer_weights, make_hf_model
+from .helpers import layer_weights, make_hf_model, scattered_table
 
 pytestmark = pytest.mark.usefixtures("torch_cpu_path")  # the C++ kernels, not Triton's interpreter
 
@@ -29,17 +29,6 @@ def _cache(fmt, nblk, bs, hkv, d, g):
     src = [torch.randn(nblk * bs, hkv, d, generator=g) * 3 for _ in range(2)]
     R.store_kvcache(*src, k, v, torch.arange(nblk * bs), ks, vs)
     return k, v, ks, vs
-
-
-def _table(lens, bs, nblk, g):
-    need = [-(-n // bs) for n in lens]
-    perm = torch.randperm(nblk, generator=g)
-    table = torch.zeros(len(lens), max(need) + 1, dtype=torch.int32)
-    i = 0
-    for b, n in enumerate(need):
-        table[b, :n] = perm[i:i + n]
-        i += n
-    return table, torch.tensor(lens, dtype=torch.int32)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -82,7 +71,7 @@ def test_decode_reads_the_stored_format(fmt, case):
     g = torch.Generator().manual_seed(d + h)
     nblk = sum(-(-n // bs) for n in lens) + 3
     k, v, ks, vs = _cache(fmt, nblk, bs, hkv, d, g)
-    table, seq_lens = _table(lens, bs, nblk, g)
+    table, seq_lens = scattered_table(lens, bs, nblk, g)
     q = torch.randn(len(lens), h, d, generator=g)
     got = paged_attention(q, k, v, table, seq_lens, window_size=window, k_scale=ks, v_scale=vs)
     # the fp32 reference on the dequantised values
@@ -102,7 +91,7 @@ def test_paged_prefill_reads_the_stored_format(fmt, case):
     g = torch.Generator().manual_seed(d)
     nblk = sum(-(-n // bs) for n in lens) + 2
     k, v, ks, vs = _cache(fmt, nblk, bs, hkv, d, g)
-    table, _ = _table(lens, bs, nblk, g)
+    table, _ = scattered_table(lens, bs, nblk, g)
     q = torch.randn(sum(new), h, d, generator=g)
     cu_q = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -133,7 +122,7 @@ def test_fp8_takes_the_torch_path():
     lens, bs, h, hkv, d = [5, 33, 17], 8, 4, 2, 40
     nblk = sum(-(-n // bs) for n in lens) + 1
     k, v, ks, vs = _cache("fp8", nblk, bs, hkv, d, g)
-    table, seq_lens = _table(lens, bs, nblk, g)
+    table, seq_lens = scattered_table(lens, bs, nblk, g)
     new = torch.randn(2, 3, hkv, d, generator=g)
     slots = torch.tensor([3, -1, 40])
     ref = tuple(t.clone() for t in (k, v, ks, vs))
@@ -167,7 +156,7 @@ def test_decode_layer_matches_reference(fmt, case):
     weights = layer_weights(C, H, Hkv, D, ff, bias, act == "swiglu", g)
     nblk = sum(-(-n // bs) for n in lens) + 3
     cache = _cache(fmt, nblk, bs, Hkv, D, g)
-    table, seq_lens = _table(lens, bs, nblk, g)
+    table, seq_lens = scattered_table(lens, bs, nblk, g)
     slots = torch.tensor([int(table[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(lens)])
     slots[-1] = -1  # a padded row stores nothing
     x = torch.randn(len(lens), C, generator=g)

@@ -11,6 +11,8 @@ import torch
 
 from gpt_engine.kernels import flash_attention_varlen, paged_attention, reference as R, store_kvcache
 
+from .helpers import scattered_table
+
 FMTS = {"bfloat16": torch.bfloat16, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest without a GPU
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="Triton on CPU needs the "
@@ -46,18 +48,6 @@ def _cache(fmt, nblk, bs, hkv, d, g, device):
     src = [torch.randn(nblk * bs, hkv, d, generator=g) * 3 for _ in range(2)]
     R.store_kvcache(*src, k, v, torch.arange(nblk * bs), ks, vs)
     return tuple(None if t is None else t.to(device) for t in (k, v, ks, vs))
-
-
-def _table(lens, bs, nblk, g, device):
-    """Each sequence's blocks scattered over the pool; one spare column of padding (block 0)."""
-    need = [-(-n // bs) for n in lens]
-    perm = torch.randperm(nblk, generator=g)
-    table = torch.zeros(len(lens), max(need) + 1, dtype=torch.int32)
-    i = 0
-    for b, n in enumerate(need):
-        table[b, :n] = perm[i:i + n]
-        i += n
-    return table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
 
 
 def _dequantized(k, v, ks, vs):
@@ -166,7 +156,7 @@ def test_decode_reads_the_stored_format(case, fmt, q_dtype, device):
     g = torch.Generator().manual_seed(d + h)
     nblk = sum(-(-n // bs) for n in lens) + 2
     k, v, ks, vs = _cache(fmt, nblk, bs, hkv, d, g, device)
-    table, seq_lens = _table(lens, bs, nblk, g, device)
+    table, seq_lens = scattered_table(lens, bs, nblk, g, device)
     q = torch.randn(len(lens), h, d, generator=g).to(device, q_dtype)
     got = paged_attention(q, k, v, table, seq_lens, window_size=window, k_scale=ks, v_scale=vs)
     kf, vf = _dequantized(k, v, ks, vs)
@@ -195,7 +185,7 @@ def test_paged_prefill_reads_the_stored_format(case, fmt, q_dtype, device):
     g = torch.Generator().manual_seed(d)
     nblk = sum(-(-n // bs) for n in lens) + 2
     k, v, ks, vs = _cache(fmt, nblk, bs, hkv, d, g, device)
-    table, _ = _table(lens, bs, nblk, g, device)
+    table, _ = scattered_table(lens, bs, nblk, g, device)
     q = torch.randn(sum(new), h, d, generator=g).to(device, q_dtype)
     cu_q = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
@@ -217,7 +207,7 @@ def test_write_then_decode(fmt, device):
     nblk = sum(-(-n // bs) for n in lens) + 1
     cache = _cache(fmt, nblk, bs, hkv, d, g, device)
     ref = tuple(None if t is None else t.cpu().clone() for t in cache)
-    table, seq_lens = _table(lens, bs, nblk, g, device)
+    table, seq_lens = scattered_table(lens, bs, nblk, g, device)
     slots = torch.tensor([int(table[b, (n - 1) // bs]) * bs + (n - 1) % bs for b, n in enumerate(lens)])
     # fp8: rows it holds exactly (the interpreter's downcast is not the GPU's); int8 rounds them in the kernel
     k, v = (_representable(fmt, len(lens), hkv, d, g, torch.float32) for _ in range(2))
