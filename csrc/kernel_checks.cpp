@@ -280,25 +280,31 @@ void check_decode_layer(const at::Tensor& x, const std::vector<OptT>& w, const s
   check_window(window_left, -1);
 }
 
+// a (L, W, K), b (L, W, N) and slots (M,) in [-1, L) for a GEMM of M rows from K inputs to N outputs
+static void check_lora_slots(const char* op, int64_t M, int64_t K, int64_t N, const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& slots) {
+  check_cpu_float32(op, "a LoRA A", a);
+  check_cpu_float32(op, "a LoRA B", b);
+  TORCH_CHECK_VALUE(a.dim() == 3 && b.dim() == 3 && a.is_contiguous() && b.is_contiguous() && a.size(0) == b.size(0) &&
+                    a.size(1) == b.size(1) && a.size(2) == K && b.size(2) == N,
+                    op, ": LoRA A and B must be contiguous (L, W, ", K, ") and (L, W, ", N, "), got ", a.sizes(),
+                    " and ", b.sizes());
+  TORCH_CHECK_TYPE(slots.scalar_type() == at::kLong && slots.device().is_cpu(), op, ": lora_slots must be a CPU int64 "
+                   "tensor, got ", slots.scalar_type(), " on ", slots.device());
+  TORCH_CHECK_VALUE(slots.dim() == 1 && slots.size(0) == M && slots.is_contiguous(), op, ": lora_slots must be "
+                    "contiguous (M,) = (", M, ",), got ", slots.sizes());
+  const int64_t* s = slots.data_ptr<int64_t>();
+  for (int64_t i = 0, L = a.size(0); i < M; ++i)
+    TORCH_CHECK_VALUE(s[i] >= -1 && s[i] < L, op, ": lora_slots[", i, "] = ", s[i], " is outside [-1, ", L, ")");
+}
+
 void check_lora(const char* op, const at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
                 const at::Tensor& slots) {
   check_cpu_float32(op, "x", x);
   check_cpu_float32(op, "y", y);
-  check_cpu_float32(op, "a LoRA A", a);
-  check_cpu_float32(op, "a LoRA B", b);
   TORCH_CHECK_VALUE(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0) && x.is_contiguous() && y.is_contiguous(),
                     op, ": x and y must be contiguous (M, K) and (M, N), got ", x.sizes(), " and ", y.sizes());
-  TORCH_CHECK_VALUE(a.dim() == 3 && b.dim() == 3 && a.is_contiguous() && b.is_contiguous() && a.size(0) == b.size(0) &&
-                    a.size(1) == b.size(1) && a.size(2) == x.size(1) && b.size(2) == y.size(1),
-                    op, ": LoRA A and B must be contiguous (L, W, ", x.size(1), ") and (L, W, ", y.size(1), "), got ",
-                    a.sizes(), " and ", b.sizes());
-  TORCH_CHECK_TYPE(slots.scalar_type() == at::kLong && slots.device().is_cpu(), op, ": lora_slots must be a CPU int64 "
-                   "tensor, got ", slots.scalar_type(), " on ", slots.device());
-  TORCH_CHECK_VALUE(slots.dim() == 1 && slots.size(0) == x.size(0) && slots.is_contiguous(), op, ": lora_slots must be "
-                    "contiguous (M,) = (", x.size(0), ",), got ", slots.sizes());
-  const int64_t* s = slots.data_ptr<int64_t>();
-  for (int64_t i = 0, L = a.size(0); i < x.size(0); ++i)
-    TORCH_CHECK_VALUE(s[i] >= -1 && s[i] < L, op, ": lora_slots[", i, "] = ", s[i], " is outside [-1, ", L, ")");
+  check_lora_slots(op, x.size(0), x.size(1), y.size(1), a, b, slots);
 }
 
 void check_decode_lora(const at::Tensor& x, const std::vector<int64_t>& n, int64_t act, int64_t attn_width,
@@ -312,8 +318,7 @@ void check_decode_lora(const at::Tensor& x, const std::vector<int64_t>& n, int64
     const OptT &a = lora[2 * g], &b = lora[2 * g + 1];
     TORCH_CHECK_VALUE(present(a) == present(b), "decode_layer: ", names[g], "'s LoRA A and B: give both or neither");
     if (!present(a)) continue;
-    // the GEMM's input and output as they will be: x's dtype and device, its geometry
-    check_lora("decode_layer", x.new_empty({B, n[g]}), x.new_empty({B, k_in[g]}), *a, *b, *lora_slots);
+    check_lora_slots("decode_layer", B, k_in[g], n[g], *a, *b, *lora_slots);
   }
 }
 
@@ -322,8 +327,8 @@ void check_token_bitmask(const at::Tensor& logits, const at::Tensor& rows, const
   TORCH_CHECK_VALUE(logits.dim() == 2 && logits.is_contiguous(), "apply_token_bitmask_: logits must be contiguous "
                     "(B, V), got ", logits.sizes());
   TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong && rows.device().is_cpu() && bitmask.scalar_type() == at::kInt &&
-                   bitmask.device().is_cpu(), "apply_token_bitmask_: rows must be CPU int64 and bitmask CPU int32, got ",
-                   rows.scalar_type(), " and ", bitmask.scalar_type());
+                   bitmask.device().is_cpu(), "apply_token_bitmask_: rows must be CPU int64 and bitmask CPU int32, "
+                   "got ", rows.scalar_type(), " and ", bitmask.scalar_type());
   TORCH_CHECK_VALUE(rows.dim() == 1 && rows.is_contiguous() && bitmask.dim() == 2 && bitmask.is_contiguous() &&
                     bitmask.size(0) == rows.size(0), "apply_token_bitmask_: rows (R,) and bitmask (R, W) must be "
                     "contiguous, got ", rows.sizes(), " and ", bitmask.sizes());

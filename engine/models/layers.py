@@ -222,7 +222,7 @@ class Block(nn.Module):
         kw = dict(k_scale=cache[2], v_scale=cache[3]) if len(cache) == 4 else {}  # a quantised cache's scales
         if meta.lora is not None:
             lins = (self.attn.qkv, self.attn.proj, self.mlp.fc, self.mlp.proj)
-            kw.update(lora=[t for lin in lins for t in (lin.lora.slot_views() if lin.lora else (None, None))],
+            kw.update(lora=[t for lin in lins for t in (lin.lora.slot_views if lin.lora else (None, None))],
                       lora_slots=meta.lora.slots)
         if self.tp is None:
             return decode_layer(x, residual, layer, *args, parallel=self.parallel, **kw)

@@ -243,6 +243,8 @@ class LoRASlots:
         self.rank, self.width = max_rank, parts * max_rank
         self.a = torch.zeros(max_loras * self.width, k, dtype=dtype, device=device)
         self.b = torch.zeros(max_loras * self.width, n, dtype=dtype, device=device)
+        # the same tensors as (L, W, K) and (L, W, N): the form kernels.lora_add_ and decode_layer's lora take
+        self.slot_views = (self.a.view(max_loras, self.width, k), self.b.view(max_loras, self.width, n))
 
     @torch.no_grad()
     def load(self, slot: int, parts: list[tuple[Target, torch.Tensor, torch.Tensor]]) -> None:
@@ -257,15 +259,11 @@ class LoRASlots:
             self.a[lo:lo + r] = a.to(self.a)
             self.b[lo:lo + r, rows.to(self.b.device)] = b.t().to(self.b)
 
-    def slot_views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A (L, W, K), B (L, W, N)): the form kernels.decode_layer's lora takes."""
-        return self.a.view(-1, self.width, self.a.shape[1]), self.b.view(-1, self.width, self.b.shape[1])
-
     def apply(self, y: torch.Tensor, x: torch.Tensor, step: LoRAStep, activation=None) -> torch.Tensor:
         """activation(y + each token's adapter update of x), y (N, N_out) the base GEMM's fresh output before
         its activation: CPU float32 inference in one kernel (kernels.lora_add_), else add_to's torch forms."""
         if decode_layer_applies(x, ()) and x.dim() == 2 and x.is_contiguous() and y.is_contiguous():
-            return lora_add_(y, x, *self.slot_views(), step.slots, activation)
+            return lora_add_(y, x, *self.slot_views, step.slots, activation)
         return ACTIVATIONS[activation](self.add_to(y, x, step))
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, step: LoRAStep) -> torch.Tensor:
