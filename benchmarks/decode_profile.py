@@ -97,7 +97,7 @@ def parts(llm, streams: int) -> dict:
 
 def case(model_dir: Path, fmt: str, kv: str, streams: int, perf: bool) -> dict:
     from gpt_engine import LLM, SamplingParams
-    llm = LLM(str(model_dir), device="cpu", enable_prefix_caching=False, kv_cache_dtype=kv, **OURS[fmt])
+    llm = LLM(str(model_dir), device="cpu", enable_prefix_caching=False, **{"kv_cache_dtype": kv, **OURS[fmt]})
     rng = np.random.default_rng(0)
     sp = SamplingParams(max_tokens=GEN + 1, temperature=0.0, ignore_eos=True)
 

@@ -12,7 +12,8 @@ the rounds' paired ratios (a shared machine's load moves between rounds):
 - prefill: one 128-token prompt (llama-bench pp128);
 - decode x1: one stream, --gen new tokens after a 128-token prompt (llama-bench tg at depth 128);
 - decode x16: 16 streams, --gen new tokens each after 128-token prompts (llama-batched-bench S_TG).
-Pairs: ours fp32 vs f32, bf16 vs f16, int8 and w8a8 vs q8_0. Also the weight bytes a decode step reads
+Pairs: ours fp32 vs f32, bf16 (with an fp32 and with a bf16 KV cache) vs f16, int8 and w8a8 vs q8_0;
+llama.cpp keeps its default f16 KV cache. Also the weight bytes a decode step reads
 and the machine's measured read bandwidth. --kv-context N adds the KV cache formats at N-token
 contexts (a GPT-2 124M shape with N + --gen positions): ours w8a8 with an int8 cache against q8_0 with
 llama.cpp's q8_0 cache (-ctk q8_0 -ctv q8_0), decode at 1 and --batch streams. Writes benchmarks/results/cpu/llamacpp.json and .png.
@@ -39,8 +40,10 @@ import torch
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is built
 TOOLS = ("llama-bench", "llama-batched-bench")
-PAIRS = (("fp32", "f32"), ("bf16", "f16"), ("int8", "q8_0"), ("w8a8", "q8_0"))
-OURS = {"fp32": dict(), "bf16": dict(dtype="bfloat16"), "int8": dict(quantization="int8"), "w8a8": dict(quantization="w8a8")}
+PAIRS = (("fp32", "f32"), ("bf16", "f16"), ("bf16+bf16kv", "f16"), ("int8", "q8_0"), ("w8a8", "q8_0"))
+# ours' formats; +bf16kv: a bfloat16 KV cache, the 16-bit cache that llama.cpp keeps by default (f16)
+OURS = {"fp32": dict(), "bf16": dict(dtype="bfloat16"), "bf16+bf16kv": dict(dtype="bfloat16", kv_cache_dtype="bfloat16"),
+        "int8": dict(quantization="int8"), "w8a8": dict(quantization="w8a8")}
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
 
 
@@ -129,8 +132,8 @@ def ours_engine(model: Path, fmt: str, threads: int, kv: str = "auto", tokens: i
     """tokens: a KV pool of at least that many tokens (every stream of a case at once), else the default's."""
     from gpt_engine import LLM
     torch.set_num_threads(threads)
-    return LLM(str(model), device="cpu", enable_prefix_caching=False, kv_cache_dtype=kv, kv_cache_tokens=tokens,
-               **OURS[fmt])
+    return LLM(str(model), device="cpu", enable_prefix_caching=False, kv_cache_tokens=tokens,
+               **{"kv_cache_dtype": kv, **OURS[fmt]})
 
 
 def ours_run(llm, plen: int, gen: int, batch: int, rng) -> tuple[float, float]:

@@ -45,6 +45,20 @@ HOT f8 load8c(const float* p) { return load8(p); }
 HOT f8 load8c(const c10::BFloat16* p) { return load8_bf16(p); }
 HOT f8 load8c(const int8_t* p) { return load8_i8(p); }
 
+// Where element d of a D-long cache row sits in the fp32 vectors its reader works in: bfloat16 rows are
+// widened 16 values at a time by load16_bf16_split, lanes 0-3, 8-11 then 4-7, 12-15; the readers hold
+// q and the output in that order (a row's last D % 16 values are widened in order).
+template <typename TC>
+inline int64_t kv_lane(int64_t d, int64_t D) {
+  if constexpr (!std::is_same_v<TC, c10::BFloat16>) {
+    return d;
+  } else {
+    const int64_t r = d % 16;
+    if (d - r + 16 > D || r < 4 || r >= 12) return d;
+    return r < 8 ? d + 4 : d - 4;
+  }
+}
+
 // One row x (D) into the cache's format: a cast, or for int8 the row's scale into *s and
 // round-half-even(x / scale) into out
 template <typename T, typename TC>

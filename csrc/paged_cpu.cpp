@@ -26,6 +26,25 @@ template <typename T>
 HOT void dot4(const float* q, const T* const* k, int64_t n, float* out) {
   f8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t i = 0;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // q in kv_lane's order: 16 values per step
+    f8 b0 = {}, b1 = {}, b2 = {}, b3 = {}, lo, hi;
+    for (; i + 16 <= n; i += 16) {
+      const f8 x = load8(q + i), y = load8(q + i + 8);
+      load16_bf16_split(k[0] + i, lo, hi);
+      a0 += x * lo;
+      b0 += y * hi;
+      load16_bf16_split(k[1] + i, lo, hi);
+      a1 += x * lo;
+      b1 += y * hi;
+      load16_bf16_split(k[2] + i, lo, hi);
+      a2 += x * lo;
+      b2 += y * hi;
+      load16_bf16_split(k[3] + i, lo, hi);
+      a3 += x * lo;
+      b3 += y * hi;
+    }
+    a0 += b0, a1 += b1, a2 += b2, a3 += b3;
+  }
   for (; i + 8 <= n; i += 8) {
     const f8 x = load8(q + i);
     a0 += x * load8c(k[0] + i);
@@ -43,6 +62,18 @@ HOT void dot4(const float* q, const T* const* k, int64_t n, float* out) {
 template <typename T>
 HOT void axpy4(float* y, const float* p, const T* const* v, int rows, int64_t n) {
   int64_t i = 0;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // y in kv_lane's order: 16 values per step
+    for (; i + 16 <= n; i += 16) {
+      f8 a = load8(y + i), b = load8(y + i + 8), lo, hi;
+      for (int r = 0; r < rows; ++r) {
+        load16_bf16_split(v[r] + i, lo, hi);
+        a += p[r] * lo;
+        b += p[r] * hi;
+      }
+      store8(y + i, a);
+      store8(y + i + 8, b);
+    }
+  }
   for (; i + 8 <= n; i += 8) {
     f8 acc = load8(y + i);
     for (int r = 0; r < rows; ++r) acc += p[r] * load8c(v[r] + i);
@@ -52,13 +83,16 @@ HOT void axpy4(float* y, const float* p, const T* const* v, int rows, int64_t n)
     for (int r = 0; r < rows; ++r) y[i] += p[r] * kv_value(v[r], i, 1.f);
 }
 
-// Asks for the next cache block ahead of use (n elements from p): blocks sit anywhere in the
-// pool, so the hardware prefetcher loses the stream at every block boundary. Into every cache
-// level (locality 3), not non-temporal: where prefetchnta fills L1 only, a whole block does not
-// stay there until it is read.
+// Asks for one KV head's rows of a cache block ahead of use (rows rows of n elements, stride apart):
+// blocks sit anywhere in the pool, so the hardware prefetcher loses the stream at every block
+// boundary. One head's share at a time, between the heads' work: a whole block asked for at once
+// stalls the core on its few outstanding misses with no work to overlap. Into every cache level
+// (locality 3), not non-temporal: where prefetchnta fills L1 only, a block does not stay there
+// until it is read.
 template <typename T>
-HOT void prefetch_run(const T* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 64 / sizeof(T)) __builtin_prefetch(p + i, 0, 3);
+HOT void prefetch_rows(const T* p, int64_t stride, int64_t rows, int64_t n) {
+  for (int64_t o = 0; o < rows; ++o)
+    for (int64_t i = 0; i < n; i += 64 / sizeof(T)) __builtin_prefetch(p + o * stride + i, 0, 3);
 }
 
 // The rows of one KV head in one cache block: pointers into the cache, read in its format; rs: the
@@ -94,17 +128,13 @@ HOT void decode_seq(const float* qf, const T* kc, const T* vc, const float* ks, 
   };
   int64_t a, n, a2, n2;
   span(j0, a, n);
-  prefetch_run(at(kc, j0, a), n * row);
+  prefetch_rows(at(kc, j0, a), row, n, row);
   for (int64_t j = j0; j < nblk; ++j) {
     span(j, a, n);
-    if (j + 1 < nblk) {
-      span(j + 1, a2, n2);
-      prefetch_run(at(kc, j + 1, a2), n2 * row);
-    } else {
-      span(j0, a2, n2);
-      prefetch_run(at(vc, j0, a2), n2 * row);  // the V pass's first block
-    }
+    span(j + 1 < nblk ? j + 1 : j0, a2, n2);
+    const T* next = j + 1 < nblk ? at(kc, j + 1, a2) : at(vc, j0, a2);  // the next K block, or the V pass's first
     for (int64_t g = 0; g < Hkv; ++g) {
+      prefetch_rows(next + g * D, row, n2, D);
       block_rows(at(kc, j, a) + g * D, row, n, rows, sat(ks, j, a, g), Hkv, rs);
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
         float* sh = s + h * W + (a - first);
@@ -125,11 +155,10 @@ HOT void decode_seq(const float* qf, const T* kc, const T* vc, const float* ks, 
   std::fill(acc, acc + H * D, 0.f);
   for (int64_t j = j0; j < nblk; ++j) {
     span(j, a, n);
-    if (j + 1 < nblk) {
-      span(j + 1, a2, n2);
-      prefetch_run(at(vc, j + 1, a2), n2 * row);
-    }
+    const bool more = j + 1 < nblk;
+    if (more) span(j + 1, a2, n2);
     for (int64_t g = 0; g < Hkv; ++g) {
+      if (more) prefetch_rows(at(vc, j + 1, a2) + g * D, row, n2, D);
       block_rows(at(vc, j, a) + g * D, row, n, rows, sat(vs, j, a, g), Hkv, rs);
       for (int64_t h = g * G; h < (g + 1) * G; ++h)
         for (int64_t o = 0; o < n; o += 4) {
@@ -161,12 +190,14 @@ void decode_kernel(const T* q, int64_t q_stride, const TC* kc, const TC* vc, con
       [&](int64_t b, Scratch& t) {
         const int64_t L = lens[b], f = first(b);
         for (int64_t h = 0; h < H; ++h)
-          for (int64_t d = 0; d < D; ++d) t.qf[h * D + d] = static_cast<float>(q[b * q_stride + h * D + d]) * scale;
+          for (int64_t d = 0; d < D; ++d)
+            t.qf[h * D + kv_lane<TC>(d, D)] = static_cast<float>(q[b * q_stride + h * D + d]) * scale;
         t.s.resize(H * (L - f));
         fn(t.qf.data(), kc, vc, ks, vs, table + b * max_blocks, f, L, H, Hkv, D, bs, t.s.data(), t.acc.data(),
            t.sum.data(), t.rs.data(), t.rows.data());
         for (int64_t h = 0; h < H; ++h)
-          for (int64_t d = 0; d < D; ++d) out[(b * H + h) * D + d] = static_cast<T>(t.acc[h * D + d] / t.sum[h]);
+          for (int64_t d = 0; d < D; ++d)
+            out[(b * H + h) * D + d] = static_cast<T>(t.acc[h * D + kv_lane<TC>(d, D)] / t.sum[h]);
       });
 }
 

@@ -57,6 +57,26 @@ HOT f8 hadd(f8 a, f8 b) {
   return SHUFFLE8(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE8(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 }
 
+// 16 bfloat16 values at p widened to fp32 as two vectors: lanes 0-3, 8-11 into lo and 4-7, 12-15 into
+// hi. Each half of the load is interleaved with zeros (a bfloat16 is a float's top half), which AVX2
+// does in one instruction per vector (vpunpcklwd / vpunpckhwd) where widening in order takes five per
+// 8 values; kv_lane (kv_cpu.h) is the order it leaves.
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef int16_t s16x16 __attribute__((vector_size(32)));
+#ifdef __clang__
+#define SHUFFLE16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE16(a, b, ...) __builtin_shuffle(a, b, s16x16{__VA_ARGS__})
+#endif
+HOT void load16_bf16_split(const void* p, f8& lo, f8& hi) {
+  u16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const u16x16 z = {}, l = SHUFFLE16(z, h, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27),
+                u = SHUFFLE16(z, h, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
+  std::memcpy(&lo, &l, sizeof(lo));
+  std::memcpy(&hi, &u, sizeof(hi));
+}
+
 // The sums of four vectors at once: {sum a, sum b, sum c, sum d}
 HOT f4 hsum4(f8 a, f8 b, f8 c, f8 d) {
   const f8 s = hadd(hadd(a, b), hadd(c, d));
