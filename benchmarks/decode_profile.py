@@ -156,7 +156,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--formats", default="w8a8,int8,bf16,fp32")
-    ap.add_argument("--kv", default="auto,int8", help="KV cache dtypes, each run with every format")
+    ap.add_argument("--kv", default="auto,bfloat16,int8", help="KV cache dtypes, each run with every format")
     ap.add_argument("--perf", action="store_true", help="sample the decode loop with Linux perf")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -124,7 +124,7 @@ def main():
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=33)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/results/cpu/kv_dtype.json")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cpu" / "kv_dtype.json"))
     args = ap.parse_args()
     acc = accuracy(args)
     spd = speed(args)

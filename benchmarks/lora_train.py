@@ -138,7 +138,7 @@ def build_model(d: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--out", default="benchmarks/results/cpu/lora_train.json")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cpu" / "lora_train.json"))
     ap.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # the child's side
     ap.add_argument("--model", help=argparse.SUPPRESS)
     a = ap.parse_args()

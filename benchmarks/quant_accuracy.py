@@ -152,14 +152,14 @@ def main():
     ap.add_argument("--speed-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--speed-model", default=None, help="a preset also timed (random init), e.g. gpt2-small")
-    ap.add_argument("--out", default="benchmarks/results/cpu/quant_accuracy.json")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "cpu" / "quant_accuracy.json"))
     ap.add_argument("--memory", default=None, metavar="PRESET",
                     help="only measure the resident size of a random-init PRESET (e.g. gpt2-small) per format "
                          "and write benchmarks/results/cpu/quant_memory.json")
     args = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     if args.memory:
-        return memory(args.memory, "benchmarks/results/cpu/quant_memory.json")
+        return memory(args.memory, str(Path(__file__).resolve().parent / "results" / "cpu" / "quant_memory.json"))
     from gpt_engine import LLM, SamplingParams
     from gpt_engine.kernels._ext import ext
 
