@@ -45,17 +45,23 @@ HOT f8 load8c(const float* p) { return load8(p); }
 HOT f8 load8c(const c10::BFloat16* p) { return load8_bf16(p); }
 HOT f8 load8c(const int8_t* p) { return load8_i8(p); }
 
-// Where element d of a D-long cache row sits in the fp32 vectors its reader works in: bfloat16 rows are
-// widened 16 values at a time by load16_bf16_split, lanes 0-3, 8-11 then 4-7, 12-15; the readers hold
-// q and the output in that order (a row's last D % 16 values are widened in order).
+// Where element d of a D-long cache row sits in the fp32 vectors its reader works in. bfloat16 and
+// int8 rows are widened C values at a time (16: load16_bf16_split; 32: load32_i8_split) into C / 8
+// vectors: lanes 0-3 and C/2 .. C/2+3 into the first, 4-7 and C/2+4 .. C/2+7 into the next, and so on.
+// The readers hold q and the output in that order; a row's last D % C values are widened in order.
+template <typename TC>
+constexpr int64_t kv_chunk() {
+  return std::is_same_v<TC, c10::BFloat16> ? 16 : std::is_same_v<TC, int8_t> ? 32 : 0;
+}
 template <typename TC>
 inline int64_t kv_lane(int64_t d, int64_t D) {
-  if constexpr (!std::is_same_v<TC, c10::BFloat16>) {
+  constexpr int64_t C = kv_chunk<TC>();
+  if constexpr (C == 0) {
     return d;
   } else {
-    const int64_t r = d % 16;
-    if (d - r + 16 > D || r < 4 || r >= 12) return d;
-    return r < 8 ? d + 4 : d - 4;
+    const int64_t r = d % C, base = d - r;
+    if (base + C > D) return d;
+    return base + 8 * (r % (C / 2) / 4) + r % 4 + 4 * (r / (C / 2));
   }
 }
 

@@ -45,6 +45,25 @@ HOT void dot4(const float* q, const T* const* k, int64_t n, float* out) {
     }
     a0 += b0, a1 += b1, a2 += b2, a3 += b3;
   }
+  if constexpr (std::is_same_v<T, int8_t>) {  // q in kv_lane's order: 32 values per step
+    f8 b0 = {}, b1 = {}, b2 = {}, b3 = {}, w[4];
+    for (; i + 32 <= n; i += 32) {
+      const f8 x0 = load8(q + i), x1 = load8(q + i + 8), x2 = load8(q + i + 16), x3 = load8(q + i + 24);
+      load32_i8_split(k[0] + i, w);
+      a0 += x0 * w[0] + x2 * w[2];
+      b0 += x1 * w[1] + x3 * w[3];
+      load32_i8_split(k[1] + i, w);
+      a1 += x0 * w[0] + x2 * w[2];
+      b1 += x1 * w[1] + x3 * w[3];
+      load32_i8_split(k[2] + i, w);
+      a2 += x0 * w[0] + x2 * w[2];
+      b2 += x1 * w[1] + x3 * w[3];
+      load32_i8_split(k[3] + i, w);
+      a3 += x0 * w[0] + x2 * w[2];
+      b3 += x1 * w[1] + x3 * w[3];
+    }
+    a0 += b0, a1 += b1, a2 += b2, a3 += b3;
+  }
   for (; i + 8 <= n; i += 8) {
     const f8 x = load8(q + i);
     a0 += x * load8c(k[0] + i);
@@ -72,6 +91,16 @@ HOT void axpy4(float* y, const float* p, const T* const* v, int rows, int64_t n)
       }
       store8(y + i, a);
       store8(y + i + 8, b);
+    }
+  }
+  if constexpr (std::is_same_v<T, int8_t>) {  // y in kv_lane's order: 32 values per step
+    for (; i + 32 <= n; i += 32) {
+      f8 a[4] = {load8(y + i), load8(y + i + 8), load8(y + i + 16), load8(y + i + 24)}, w[4];
+      for (int r = 0; r < rows; ++r) {
+        load32_i8_split(v[r] + i, w);
+        for (int j = 0; j < 4; ++j) a[j] += p[r] * w[j];
+      }
+      for (int j = 0; j < 4; ++j) store8(y + i + 8 * j, a[j]);
     }
   }
   for (; i + 8 <= n; i += 8) {

@@ -77,6 +77,37 @@ HOT void load16_bf16_split(const void* p, f8& lo, f8& hi) {
   std::memcpy(&hi, &u, sizeof(hi));
 }
 
+// 32 int8 values at p as four fp32 vectors: lanes 0-3, 16-19 | 4-7, 20-23 | 8-11, 24-27 | 12-15, 28-31.
+// Interleaving with zeros twice (bytes, then 16-bit words, within 128-bit halves: one instruction per
+// vector each in AVX2) puts each byte at the top of a 32-bit lane; an arithmetic shift brings it down.
+typedef int8_t s8x32 __attribute__((vector_size(32)));
+#ifdef __clang__
+#define SHUFFLE32(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE32(a, b, ...) __builtin_shuffle(a, b, s8x32{__VA_ARGS__})
+#endif
+HOT void load32_i8_split(const void* p, f8 out[4]) {
+  s8x32 y;
+  std::memcpy(&y, p, sizeof(y));
+  const s8x32 z = {};
+  const s8x32 lo = SHUFFLE32(z, y, 0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 16, 48, 17, 49, 18, 50, 19,
+                             51, 20, 52, 21, 53, 22, 54, 23, 55),
+               hi = SHUFFLE32(z, y, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47, 24, 56, 25, 57, 26,
+                              58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63);
+  const s8x32* halves[2] = {&lo, &hi};
+  for (int h = 0; h < 2; ++h) {
+    s16x16 w, z16 = {};
+    std::memcpy(&w, halves[h], sizeof(w));
+    const s16x16 a = SHUFFLE16(z16, w, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27),
+                  b = SHUFFLE16(z16, w, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
+    i8 ia, ib;
+    std::memcpy(&ia, &a, sizeof(ia));
+    std::memcpy(&ib, &b, sizeof(ib));
+    out[2 * h] = __builtin_convertvector(ia >> 24, f8);
+    out[2 * h + 1] = __builtin_convertvector(ib >> 24, f8);
+  }
+}
+
 // The sums of four vectors at once: {sum a, sum b, sum c, sum d}
 HOT f4 hsum4(f8 a, f8 b, f8 c, f8 d) {
   const f8 s = hadd(hadd(a, b), hadd(c, d));
