@@ -135,15 +135,15 @@ HOT void block_rows(const T* base, int64_t stride, int64_t rows, const T** out, 
   }
 }
 
-// One sequence, all heads, over its keys [first, L) (a sliding window starts past 0; blocks before
-// it are never read): scores, fp32 softmax, weighted sum of V. Walks the table block by block (no
+// One sequence's KV heads [g0, g1) and their query heads, over its keys [first, L) (a sliding window
+// starts past 0; blocks before it are never read): scores, fp32 softmax, weighted sum of V. Walks the table block by block (no
 // division per token), each block front to back in both passes. s holds H rows of L - first.
 // ks, vs: int8's scales (blocks, bs, Hkv), else null: a score and a softmax weight take the row's scale
 // (rs, bs floats), the rows are read as stored.
 template <typename T>
 HOT void decode_seq(const float* qf, const T* kc, const T* vc, const float* ks, const float* vs, const int32_t* tb,
-                    int64_t first, int64_t L, int64_t H, int64_t Hkv, int64_t D, int64_t bs, float* s, float* acc,
-                    float* sum, float* rs, const T** rows) {
+                    int64_t first, int64_t L, int64_t H, int64_t Hkv, int64_t g0, int64_t g1, int64_t D, int64_t bs,
+                    float* s, float* acc, float* sum, float* rs, const T** rows) {
   const int64_t G = H / Hkv, row = Hkv * D, blk = bs * row, W = L - first, j0 = first / bs, nblk = (L + bs - 1) / bs;
   // block j's tokens in the window: [a, a + n), from offset a - j * bs of the block
   const auto span = [&](int64_t j, int64_t& a, int64_t& n) {
@@ -157,12 +157,12 @@ HOT void decode_seq(const float* qf, const T* kc, const T* vc, const float* ks, 
   };
   int64_t a, n, a2, n2;
   span(j0, a, n);
-  prefetch_rows(at(kc, j0, a), row, n, row);
+  prefetch_rows(at(kc, j0, a) + g0 * D, row, n, (g1 - g0) * D);
   for (int64_t j = j0; j < nblk; ++j) {
     span(j, a, n);
     span(j + 1 < nblk ? j + 1 : j0, a2, n2);
     const T* next = j + 1 < nblk ? at(kc, j + 1, a2) : at(vc, j0, a2);  // the next K block, or the V pass's first
-    for (int64_t g = 0; g < Hkv; ++g) {
+    for (int64_t g = g0; g < g1; ++g) {
       prefetch_rows(next + g * D, row, n2, D);
       block_rows(at(kc, j, a) + g * D, row, n, rows, sat(ks, j, a, g), Hkv, rs);
       for (int64_t h = g * G; h < (g + 1) * G; ++h) {
@@ -180,13 +180,13 @@ HOT void decode_seq(const float* qf, const T* kc, const T* vc, const float* ks, 
       }
     }
   }
-  for (int64_t h = 0; h < H; ++h) sum[h] = exp_row(s + h * W, W);
-  std::fill(acc, acc + H * D, 0.f);
+  for (int64_t h = g0 * G; h < g1 * G; ++h) sum[h] = exp_row(s + h * W, W);
+  std::fill(acc + g0 * G * D, acc + g1 * G * D, 0.f);
   for (int64_t j = j0; j < nblk; ++j) {
     span(j, a, n);
     const bool more = j + 1 < nblk;
     if (more) span(j + 1, a2, n2);
-    for (int64_t g = 0; g < Hkv; ++g) {
+    for (int64_t g = g0; g < g1; ++g) {
       if (more) prefetch_rows(at(vc, j + 1, a2) + g * D, row, n2, D);
       block_rows(at(vc, j, a) + g * D, row, n, rows, sat(vs, j, a, g), Hkv, rs);
       for (int64_t h = g * G; h < (g + 1) * G; ++h)
@@ -212,19 +212,23 @@ void decode_kernel(const T* q, int64_t q_stride, const TC* kc, const TC* vc, con
     std::vector<float> qf, acc, sum, rs, s;
     std::vector<const TC*> rows;
   };
+  // fewer sequences than threads (one stream at a long context): each sequence's KV heads in parts
+  const int64_t parts = std::min(Hkv, std::max<int64_t>(1, at::get_num_threads() / std::max<int64_t>(B, 1))),
+                G = H / Hkv;
   longest_first(
-      B, [&](int64_t b) { return lens[b] - first(b); },
+      B * parts, [&](int64_t i) { return lens[i / parts] - first(i / parts); },
       [&] { return Scratch{std::vector<float>(H * D), std::vector<float>(H * D), std::vector<float>(H),
                            std::vector<float>(bs), {}, std::vector<const TC*>(bs)}; },
-      [&](int64_t b, Scratch& t) {
-        const int64_t L = lens[b], f = first(b);
-        for (int64_t h = 0; h < H; ++h)
+      [&](int64_t i, Scratch& t) {
+        const int64_t b = i / parts, L = lens[b], f = first(b);
+        const int64_t g0 = i % parts * Hkv / parts, g1 = (i % parts + 1) * Hkv / parts;
+        for (int64_t h = g0 * G; h < g1 * G; ++h)
           for (int64_t d = 0; d < D; ++d)
             t.qf[h * D + kv_lane<TC>(d, D)] = static_cast<float>(q[b * q_stride + h * D + d]) * scale;
         t.s.resize(H * (L - f));
-        fn(t.qf.data(), kc, vc, ks, vs, table + b * max_blocks, f, L, H, Hkv, D, bs, t.s.data(), t.acc.data(),
-           t.sum.data(), t.rs.data(), t.rows.data());
-        for (int64_t h = 0; h < H; ++h)
+        fn(t.qf.data(), kc, vc, ks, vs, table + b * max_blocks, f, L, H, Hkv, g0, g1, D, bs, t.s.data(),
+           t.acc.data(), t.sum.data(), t.rs.data(), t.rows.data());
+        for (int64_t h = g0 * G; h < g1 * G; ++h)
           for (int64_t d = 0; d < D; ++d)
             out[(b * H + h) * D + d] = static_cast<T>(t.acc[h * D + kv_lane<TC>(d, D)] / t.sum[h]);
       });

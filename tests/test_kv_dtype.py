@@ -85,6 +85,28 @@ def test_decode_reads_the_stored_format(fmt, case):
     torch.testing.assert_close(got64, ref.double(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["float32", *FORMATS])
+@pytest.mark.parametrize("threads,hkv,lens", [(4, 3, [70]), (2, 3, [33]), (8, 4, [20, 45]), (3, 1, [9])])
+def test_decode_splits_few_sequences_over_threads(fmt, threads, hkv, lens):
+    """Fewer sequences than threads: each sequence's KV heads are shared out (unevenly where they do not
+    divide), and every head's output is still its own."""
+    g = torch.Generator().manual_seed(threads * 10 + hkv)
+    bs, h, d = 16, 2 * hkv, 64
+    nblk = sum(-(-n // bs) for n in lens) + 2
+    k, v, ks, vs = _cache(fmt, nblk, bs, hkv, d, g)
+    table, seq_lens = scattered_table(lens, bs, nblk, g)
+    q = torch.randn(len(lens), h, d, generator=g)
+    kf, vf = (c.float() if s is None else R.dequantize_kv(c, s) for c, s in ((k, ks), (v, vs)))
+    ref = R.paged_attention(q, kf, vf, table, seq_lens)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = paged_attention(q, k, v, table, seq_lens, k_scale=ks, v_scale=vs)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("case", [([5, 40, 17], [1, 16, 17], 16, 4, 2, 40), ([33, 8], [33, 3], 8, 3, 3, 24)])
 def test_paged_prefill_reads_the_stored_format(fmt, case):
