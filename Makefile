@@ -80,7 +80,8 @@ SAN_TESTS := tests/test_fuzz_ops.py \
 	$(addprefix tests/test_linear.py::test_,cpu_gemm_vs_reference cpu_gemm_errors \
 		backward_gemm_bindings_check_their_input) \
 	$(addprefix tests/test_kv_dtype.py::test_,store_matches_reference decode_reads_the_stored_format \
-		paged_prefill_reads_the_stored_format decode_layer_matches_reference bad_caches_are_refused) \
+		decode_splits_few_sequences_over_threads paged_prefill_reads_the_stored_format decode_layer_matches_reference \
+		bad_caches_are_refused) \
 	tests/test_debug_checks.py::test_bad_indices_raise
 SAN_ENV := PYTHONPATH=$(CURDIR)/$(SAN)/pkg \
 	LD_PRELOAD="$$($${CXX:-c++} -print-file-name=libasan.so) $$($${CXX:-c++} -print-file-name=libubsan.so)" \
