@@ -65,6 +65,10 @@ inline int64_t kv_lane(int64_t d, int64_t D) {
   }
 }
 
+// kv_chunk<TC>() cache values at p as that many / 8 fp32 vectors, in kv_lane's order
+HOT void kv_split(const c10::BFloat16* p, f8* w) { load16_bf16_split(p, w[0], w[1]); }
+HOT void kv_split(const int8_t* p, f8* w) { load32_i8_split(p, w); }
+
 // One row x (D) into the cache's format: a cast, or for int8 the row's scale into *s and
 // round-half-even(x / scale) into out
 template <typename T, typename TC>

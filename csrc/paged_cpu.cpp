@@ -24,54 +24,29 @@ namespace {
 // independent accumulators keep the FMA units busy (one dot at a time waits on its own adds).
 template <typename T>
 HOT void dot4(const float* q, const T* const* k, int64_t n, float* out) {
-  f8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  f8 a[4] = {};
   int64_t i = 0;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // q in kv_lane's order: 16 values per step
-    f8 b0 = {}, b1 = {}, b2 = {}, b3 = {}, lo, hi;
-    for (; i + 16 <= n; i += 16) {
-      const f8 x = load8(q + i), y = load8(q + i + 8);
-      load16_bf16_split(k[0] + i, lo, hi);
-      a0 += x * lo;
-      b0 += y * hi;
-      load16_bf16_split(k[1] + i, lo, hi);
-      a1 += x * lo;
-      b1 += y * hi;
-      load16_bf16_split(k[2] + i, lo, hi);
-      a2 += x * lo;
-      b2 += y * hi;
-      load16_bf16_split(k[3] + i, lo, hi);
-      a3 += x * lo;
-      b3 += y * hi;
+  constexpr int64_t C = kv_chunk<T>(), NV = C / 8;
+  if constexpr (C > 0) {  // q in kv_lane's order, C values per step; two sums per row halve each chain
+    f8 b[4] = {}, w[NV];
+    for (; i + C <= n; i += C) {
+      f8 x[NV];
+      for (int j = 0; j < NV; ++j) x[j] = load8(q + i + 8 * j);
+      for (int r = 0; r < 4; ++r) {
+        kv_split(k[r] + i, w);
+        for (int j = 0; j < NV; j += 2) {
+          a[r] += x[j] * w[j];
+          b[r] += x[j + 1] * w[j + 1];
+        }
+      }
     }
-    a0 += b0, a1 += b1, a2 += b2, a3 += b3;
-  }
-  if constexpr (std::is_same_v<T, int8_t>) {  // q in kv_lane's order: 32 values per step
-    f8 b0 = {}, b1 = {}, b2 = {}, b3 = {}, w[4];
-    for (; i + 32 <= n; i += 32) {
-      const f8 x0 = load8(q + i), x1 = load8(q + i + 8), x2 = load8(q + i + 16), x3 = load8(q + i + 24);
-      load32_i8_split(k[0] + i, w);
-      a0 += x0 * w[0] + x2 * w[2];
-      b0 += x1 * w[1] + x3 * w[3];
-      load32_i8_split(k[1] + i, w);
-      a1 += x0 * w[0] + x2 * w[2];
-      b1 += x1 * w[1] + x3 * w[3];
-      load32_i8_split(k[2] + i, w);
-      a2 += x0 * w[0] + x2 * w[2];
-      b2 += x1 * w[1] + x3 * w[3];
-      load32_i8_split(k[3] + i, w);
-      a3 += x0 * w[0] + x2 * w[2];
-      b3 += x1 * w[1] + x3 * w[3];
-    }
-    a0 += b0, a1 += b1, a2 += b2, a3 += b3;
+    for (int r = 0; r < 4; ++r) a[r] += b[r];
   }
   for (; i + 8 <= n; i += 8) {
     const f8 x = load8(q + i);
-    a0 += x * load8c(k[0] + i);
-    a1 += x * load8c(k[1] + i);
-    a2 += x * load8c(k[2] + i);
-    a3 += x * load8c(k[3] + i);
+    for (int r = 0; r < 4; ++r) a[r] += x * load8c(k[r] + i);
   }
-  const f4 sums = hsum4(a0, a1, a2, a3);  // one shuffle tree for the four, not four of their own
+  const f4 sums = hsum4(a[0], a[1], a[2], a[3]);  // one shuffle tree for the four, not four of their own
   std::memcpy(out, &sums, sizeof(sums));
   for (; i < n; ++i)
     for (int r = 0; r < 4; ++r) out[r] += q[i] * kv_value(k[r], i, 1.f);
@@ -81,26 +56,16 @@ HOT void dot4(const float* q, const T* const* k, int64_t n, float* out) {
 template <typename T>
 HOT void axpy4(float* y, const float* p, const T* const* v, int rows, int64_t n) {
   int64_t i = 0;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // y in kv_lane's order: 16 values per step
-    for (; i + 16 <= n; i += 16) {
-      f8 a = load8(y + i), b = load8(y + i + 8), lo, hi;
+  constexpr int64_t C = kv_chunk<T>(), NV = C / 8;
+  if constexpr (C > 0) {  // y in kv_lane's order, C values per step
+    for (; i + C <= n; i += C) {
+      f8 acc[NV], w[NV];
+      for (int j = 0; j < NV; ++j) acc[j] = load8(y + i + 8 * j);
       for (int r = 0; r < rows; ++r) {
-        load16_bf16_split(v[r] + i, lo, hi);
-        a += p[r] * lo;
-        b += p[r] * hi;
+        kv_split(v[r] + i, w);
+        for (int j = 0; j < NV; ++j) acc[j] += p[r] * w[j];
       }
-      store8(y + i, a);
-      store8(y + i + 8, b);
-    }
-  }
-  if constexpr (std::is_same_v<T, int8_t>) {  // y in kv_lane's order: 32 values per step
-    for (; i + 32 <= n; i += 32) {
-      f8 a[4] = {load8(y + i), load8(y + i + 8), load8(y + i + 16), load8(y + i + 24)}, w[4];
-      for (int r = 0; r < rows; ++r) {
-        load32_i8_split(v[r] + i, w);
-        for (int j = 0; j < 4; ++j) a[j] += p[r] * w[j];
-      }
-      for (int j = 0; j < 4; ++j) store8(y + i + 8 * j, a[j]);
+      for (int j = 0; j < NV; ++j) store8(y + i + 8 * j, acc[j]);
     }
   }
   for (; i + 8 <= n; i += 8) {
