@@ -237,6 +237,12 @@ class ModelRunner:
                 logits_idx.extend(range(cu_q[-1] - 1 - len(drafts), cu_q[-1]) if drafts else (cu_q[-1] - 1,))
         return ids, pos, slots, seq_lens, cu_q, cu_k, tables, logits_idx
 
+    def _verify_as_decode(self, batch: ScheduledBatch) -> bool:
+        """A speculative step whose every sequence decodes (its last token and its drafts, no prompt
+        chunk), on CPU, with nothing that needs the chunked path (scoring, sequence-length rotary)."""
+        return (batch.spec is not None and not self.cuda and batch.score is None and not self.seq_rope
+                and all(n == 1 + len(d or ()) for n, d in zip(batch.num_new_tokens, batch.spec)))
+
     def _to(self, data, dtype):
         t = host_tensor(data, dtype)
         return t.pin_memory().to(self.device, non_blocking=True) if self.cuda else t
@@ -260,8 +266,17 @@ class ModelRunner:
             rope_lens = [max(p + 1, n) for p, n in zip(pos, plen)]
             if rope_lens == [p + 1 for p in pos]:
                 rope_lens = None
-        step = StepInputs(ids, pos, slots, seq_lens, cu_q, cu_k, table_rows(batch.seqs, width, self.rows), width,
-                          logits_idx, max(batch.num_new_tokens), batch.is_decode, rope_lens,
+        tables, decode, max_q = table_rows(batch.seqs, width, self.rows), batch.is_decode, max(batch.num_new_tokens)
+        if self._verify_as_decode(batch):
+            # each verified position a decode row of its own (its sequence's table, its own length): the
+            # step writes every row's K/V before any row attends, so row p sees the drafts before it, and
+            # on CPU the layers run as the fused decode layer rather than the chunked-prefill path
+            seq_lens = [p + 1 for p in pos]
+            cu_q, cu_k = list(range(len(ids) + 1)), list(itertools.accumulate(seq_lens, initial=0))
+            tables = array.array("i", itertools.chain.from_iterable(
+                tables[i * width:(i + 1) * width] * n for i, n in enumerate(batch.num_new_tokens)))
+            decode, max_q = True, 1
+        step = StepInputs(ids, pos, slots, seq_lens, cu_q, cu_k, tables, width, logits_idx, max_q, decode, rope_lens,
                           None if batch.score is None else score_rows(batch, cu_q))
         if self.tp is not None:  # every rank runs the same step (tensor_parallel.py)
             self.tp.comm.broadcast_object(step)
