@@ -101,8 +101,9 @@ HOT void block_rows(const T* base, int64_t stride, int64_t rows, const T** out, 
 }
 
 // One sequence's KV heads [g0, g1) and their query heads, over its keys [first, L) (a sliding window
-// starts past 0; blocks before it are never read): scores, fp32 softmax, weighted sum of V. Walks the table block by block (no
-// division per token), each block front to back in both passes. s holds H rows of L - first.
+// starts past 0; blocks before it are never read): scores, fp32 softmax, weighted sum of V. Walks the
+// table block by block (no division per token), each block front to back in both passes. s holds H
+// rows of L - first.
 // ks, vs: int8's scales (blocks, bs, Hkv), else null: a score and a softmax weight take the row's scale
 // (rs, bs floats), the rows are read as stored.
 template <typename T>

@@ -57,29 +57,37 @@ HOT f8 hadd(f8 a, f8 b) {
   return SHUFFLE8(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + SHUFFLE8(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 }
 
-// 16 bfloat16 values at p widened to fp32 as two vectors: lanes 0-3, 8-11 into lo and 4-7, 12-15 into
-// hi. Each half of the load is interleaved with zeros (a bfloat16 is a float's top half), which AVX2
-// does in one instruction per vector (vpunpcklwd / vpunpckhwd) where widening in order takes five per
-// 8 values; kv_lane (kv_cpu.h) is the order it leaves.
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
+// Each 16-bit value of w into the top half of a 32-bit lane, zeros below, within 128-bit halves: lanes
+// 0-3, 8-11 into lo and 4-7, 12-15 into hi. AVX2 does each in one instruction (vpunpcklwd / vpunpckhwd
+// against zero), where widening in order takes five per 8 values.
 typedef int16_t s16x16 __attribute__((vector_size(32)));
 #ifdef __clang__
 #define SHUFFLE16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
 #define SHUFFLE16(a, b, ...) __builtin_shuffle(a, b, s16x16{__VA_ARGS__})
 #endif
+HOT void widen16_split(s16x16 w, i8& lo, i8& hi) {
+  const s16x16 z = {}, l = SHUFFLE16(z, w, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27),
+               u = SHUFFLE16(z, w, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
+  std::memcpy(&lo, &l, sizeof(lo));
+  std::memcpy(&hi, &u, sizeof(hi));
+}
+
+// 16 bfloat16 values at p widened to fp32 (a bfloat16 is a float's top half) as two vectors, in
+// widen16_split's order; kv_lane (kv_cpu.h) is the order it leaves.
 HOT void load16_bf16_split(const void* p, f8& lo, f8& hi) {
-  u16x16 h;
+  s16x16 h;
   std::memcpy(&h, p, sizeof(h));
-  const u16x16 z = {}, l = SHUFFLE16(z, h, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27),
-                u = SHUFFLE16(z, h, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
+  i8 l, u;
+  widen16_split(h, l, u);
   std::memcpy(&lo, &l, sizeof(lo));
   std::memcpy(&hi, &u, sizeof(hi));
 }
 
 // 32 int8 values at p as four fp32 vectors: lanes 0-3, 16-19 | 4-7, 20-23 | 8-11, 24-27 | 12-15, 28-31.
-// Interleaving with zeros twice (bytes, then 16-bit words, within 128-bit halves: one instruction per
-// vector each in AVX2) puts each byte at the top of a 32-bit lane; an arithmetic shift brings it down.
+// The bytes are interleaved with zeros within 128-bit halves (one instruction per vector in AVX2),
+// then each 16-bit half by widen16_split, which puts every byte at the top of a 32-bit lane; an
+// arithmetic shift brings it down.
 typedef int8_t s8x32 __attribute__((vector_size(32)));
 #ifdef __clang__
 #define SHUFFLE32(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -90,21 +98,18 @@ HOT void load32_i8_split(const void* p, f8 out[4]) {
   s8x32 y;
   std::memcpy(&y, p, sizeof(y));
   const s8x32 z = {};
-  const s8x32 lo = SHUFFLE32(z, y, 0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 16, 48, 17, 49, 18, 50, 19,
-                             51, 20, 52, 21, 53, 22, 54, 23, 55),
-               hi = SHUFFLE32(z, y, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47, 24, 56, 25, 57, 26,
-                              58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63);
-  const s8x32* halves[2] = {&lo, &hi};
+  const s8x32 halves[2] = {
+      SHUFFLE32(z, y, 0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52,
+                21, 53, 22, 54, 23, 55),
+      SHUFFLE32(z, y, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47, 24, 56, 25, 57, 26, 58, 27, 59, 28,
+                60, 29, 61, 30, 62, 31, 63)};
   for (int h = 0; h < 2; ++h) {
-    s16x16 w, z16 = {};
-    std::memcpy(&w, halves[h], sizeof(w));
-    const s16x16 a = SHUFFLE16(z16, w, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27),
-                  b = SHUFFLE16(z16, w, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31);
-    i8 ia, ib;
-    std::memcpy(&ia, &a, sizeof(ia));
-    std::memcpy(&ib, &b, sizeof(ib));
-    out[2 * h] = __builtin_convertvector(ia >> 24, f8);
-    out[2 * h + 1] = __builtin_convertvector(ib >> 24, f8);
+    s16x16 w;
+    std::memcpy(&w, &halves[h], sizeof(w));
+    i8 a, b;
+    widen16_split(w, a, b);
+    out[2 * h] = __builtin_convertvector(a >> 24, f8);
+    out[2 * h + 1] = __builtin_convertvector(b >> 24, f8);
   }
 }
 
