@@ -97,7 +97,9 @@ class Comm:
 
 class Mailbox:
     """One node's step broadcast: rank 0 writes the pickled inputs into shared memory (a name the OS makes)
-    and sets each worker's event; a worker waits on its event, reads, clears it. Rank 0 writes the next
+    and releases each worker's semaphore; a worker acquires its semaphore, then reads. A semaphore, not an
+    Event: Event.set takes a lock that a worker stopped inside Event.wait would hold forever, where a
+    release never blocks, so a hung worker fails the step at the collective timeout. Rank 0 writes the next
     one only after the step's collectives, which every worker reaches after reading this one. What does
     not fit (a huge batch) goes over gloo, the mailbox saying so."""
     SIZE = 8 << 20
@@ -108,7 +110,7 @@ class Mailbox:
     @classmethod
     def create(cls, ctx, workers: int) -> "Mailbox":
         from multiprocessing.shared_memory import SharedMemory
-        return cls(SharedMemory(create=True, size=cls.SIZE), [ctx.Event() for _ in range(workers)])
+        return cls(SharedMemory(create=True, size=cls.SIZE), [ctx.Semaphore(0) for _ in range(workers)])
 
     def for_worker(self, i: int) -> tuple:
         return self.shm.name, self.events[i]
@@ -125,16 +127,13 @@ class Mailbox:
         if fits:
             buf[8:8 + len(data)] = data
         for e in self.events:
-            e.set()
+            e.release()
         return fits
 
     def get(self) -> bytes | None:
-        e = self.events[0]
-        e.wait()
+        self.events[0].acquire()
         n = int.from_bytes(self.shm.buf[:8], "little", signed=True)
-        data = bytes(self.shm.buf[8:8 + n]) if n >= 0 else None
-        e.clear()
-        return data
+        return bytes(self.shm.buf[8:8 + n]) if n >= 0 else None
 
     def close(self) -> None:
         self.shm.close()
