@@ -244,49 +244,57 @@ bool has_cuda() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gpt-engine hand-written kernels";
-  m.def("norm_fwd", &norm_fwd, "LayerNorm/RMSNorm forward of x (..., N) -> [y, x + residual or None, mean, rstd]",
+  // the kernels run without the GIL, as torch's own ops do: the server's event loop and the grammar
+  // thread keep running while a step's kernels do
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("norm_fwd", &norm_fwd, nogil,
+        "LayerNorm/RMSNorm forward of x (..., N) -> [y, x + residual or None, mean, rstd]",
         py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"));
-  m.def("norm_bwd", &norm_bwd, "LayerNorm/RMSNorm backward -> [dx, dweight, dbias or None]", py::arg("dy"),
+  m.def("norm_bwd", &norm_bwd, nogil, "LayerNorm/RMSNorm backward -> [dx, dweight, dbias or None]", py::arg("dy"),
         py::arg("h"), py::arg("dh"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("has_bias"),
         py::arg("rms"));
-  m.def("gemm", &gemm, "a @ b.T + bias with a fused activation -> [y, pre-activation or None]", py::arg("a"),
+  m.def("gemm", &gemm, nogil, "a @ b.T + bias with a fused activation -> [y, pre-activation or None]", py::arg("a"),
         py::arg("b"), py::arg("bias"), py::arg("act"), py::arg("save_preact"));
-  m.def("linear_pack", &linear_pack, "w (N, K) float32 -> the panels linear_packed reads", py::arg("w"),
+  m.def("linear_pack", &linear_pack, nogil, "w (N, K) float32 -> the panels linear_packed reads", py::arg("w"),
         py::arg("panel") = 0);
   m.def("linear_panels", &linear_cpu_panels, "the panel widths linear_pack can make on this CPU, fastest first");
-  m.def("linear_packed", &linear_packed, "CPU act(x @ w.T + bias) on a weight from linear_pack -> (..., N)",
+  m.def("linear_packed", &linear_packed, nogil, "CPU act(x @ w.T + bias) on a weight from linear_pack -> (..., N)",
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::arg("n"), py::arg("act"));
-  m.def("packed_rows", &packed_rows, "rows ids of a packed (N, K) weight, dequantised -> (*ids.shape, K) float32",
+  m.def("packed_rows", &packed_rows, nogil,
+        "rows ids of a packed (N, K) weight, dequantised -> (*ids.shape, K) float32",
         py::arg("packed"), py::arg("ids"), py::arg("n"));
-  m.def("glu", &glu, "CPU [gate | up] -> act(gate) * up, act silu or tanh GELU", py::arg("f"),
+  m.def("glu", &glu, nogil, "CPU [gate | up] -> act(gate) * up, act silu or tanh GELU", py::arg("f"),
         py::arg("gelu_tanh") = false);
-  m.def("rope_", &rope_, "CPU rotary embedding of t's first heads, in place", py::arg("t"), py::arg("cos"),
+  m.def("rope_", &rope_, nogil, "CPU rotary embedding of t's first heads, in place", py::arg("t"), py::arg("cos"),
         py::arg("sin"), py::arg("heads"));
-  m.def("gemm_dgrad", &gemm_dgrad, "dz @ w: the input gradient of F.linear (CUDA)", py::arg("dz"), py::arg("w"));
-  m.def("gemm_wgrad", &gemm_wgrad, "dz.T @ x: the weight gradient of F.linear (CUDA)", py::arg("dz"), py::arg("x"));
+  m.def("gemm_dgrad", &gemm_dgrad, nogil, "dz @ w: the input gradient of F.linear (CUDA)", py::arg("dz"),
+        py::arg("w"));
+  m.def("gemm_wgrad", &gemm_wgrad, nogil, "dz.T @ x: the weight gradient of F.linear (CUDA)", py::arg("dz"),
+        py::arg("x"));
   m.def("gemm_sm90", &gemm_sm90, "whether gemm(a, b, ...) takes the CUTLASS Hopper kernels", py::arg("a"),
         py::arg("b"));
-  m.def("act_bwd", &act_bwd, "dy * act'(z)", py::arg("dy"), py::arg("z"), py::arg("act"));
-  m.def("paged_attention", &paged_attention, "CPU decode attention over a paged KV cache -> (B, H, D)", py::arg("q"),
-        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"), py::arg("scale"),
-        py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("k_scale") = py::none(),
+  m.def("act_bwd", &act_bwd, nogil, "dy * act'(z)", py::arg("dy"), py::arg("z"), py::arg("act"));
+  m.def("paged_attention", &paged_attention, nogil, "CPU decode attention over a paged KV cache -> (B, H, D)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("seq_lens"),
+        py::arg("scale"), py::arg("window_left") = -1, py::arg("window_right") = -1, py::arg("k_scale") = py::none(),
         py::arg("v_scale") = py::none());
-  m.def("varlen_attention", &varlen_attention, "CPU float32 attention over packed variable-length sequences",
+  m.def("varlen_attention", &varlen_attention, nogil, "CPU float32 attention over packed variable-length sequences",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("causal"),
         py::arg("scale"), py::arg("block_table") = py::none(), py::arg("window_left") = -1,
         py::arg("window_right") = -1, py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
-  m.def("store_kvcache", &store_kvcache, "CPU write of new K/V rows into the paged caches, in place", py::arg("k"),
-        py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"), py::arg("k_scale") = py::none(),
-        py::arg("v_scale") = py::none());
-  m.def("decode_layer", &decode_layer, "one decoder layer of a CPU decode step -> [x, residual]", py::arg("x"),
-        py::arg("residual"), py::arg("w"), py::arg("n"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
-        py::arg("block_table"), py::arg("seq_lens"), py::arg("cos"), py::arg("sin"), py::arg("n_head"),
-        py::arg("eps"), py::arg("rms"), py::arg("act"), py::arg("scale"), py::arg("window_left") = -1,
-        py::arg("parallel") = 0, py::arg("part") = 0, py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(),
-        py::arg("lora") = std::vector<OptT>(), py::arg("lora_slots") = py::none());
-  m.def("apply_token_bitmask_", &apply_token_bitmask_, "CPU: logits' rows -> -inf where the token's bit is 0, in "
-        "place", py::arg("logits"), py::arg("rows"), py::arg("bitmask"));
-  m.def("lora_add_", &lora_add_, "CPU: y += each token's LoRA update of x, then the activation, in place",
+  m.def("store_kvcache", &store_kvcache, nogil, "CPU write of new K/V rows into the paged caches, in place",
+        py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_mapping"),
+        py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
+  m.def("decode_layer", &decode_layer, nogil, "one decoder layer of a CPU decode step -> [x, residual]",
+        py::arg("x"), py::arg("residual"), py::arg("w"), py::arg("n"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("slot_mapping"), py::arg("block_table"), py::arg("seq_lens"), py::arg("cos"), py::arg("sin"),
+        py::arg("n_head"), py::arg("eps"), py::arg("rms"), py::arg("act"), py::arg("scale"),
+        py::arg("window_left") = -1, py::arg("parallel") = 0, py::arg("part") = 0, py::arg("k_scale") = py::none(),
+        py::arg("v_scale") = py::none(), py::arg("lora") = std::vector<OptT>(), py::arg("lora_slots") = py::none());
+  m.def("apply_token_bitmask_", &apply_token_bitmask_, nogil,
+        "CPU: logits' rows -> -inf where the token's bit is 0, in place", py::arg("logits"), py::arg("rows"),
+        py::arg("bitmask"));
+  m.def("lora_add_", &lora_add_, nogil, "CPU: y += each token's LoRA update of x, then the activation, in place",
         py::arg("y"), py::arg("x"), py::arg("a"), py::arg("b"), py::arg("slots"), py::arg("act") = 0);
   m.def("has_cuda", &has_cuda, "whether this build has the CUDA kernels");
 

@@ -230,9 +230,10 @@ class LLM:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise RequestError(f"duplicate request id {rid!r}")
-        seq = Sequence(rid, request.prompt_token_ids, request.params, request.lora)
+        # its prefill runs while the grammar may still compile; its first sample waits for the grammar (held
+        # back by the scheduler while other sequences run)
+        seq = Sequence(rid, request.prompt_token_ids, request.params, request.lora, request.grammar)
         self.scheduler.add(seq)
-        # its prefill runs while the grammar may still compile; it samples once the grammar is there
         self.requests[rid] = Request(seq, request.prompt, self.tokenizer, self.eos_token_ids, stream, request.grammar)
         self.num_constrained += request.grammar is not None
         return seq

@@ -125,6 +125,37 @@ def test_cpu_gemm_taken_for_inference_only():
         torch.testing.assert_close(kernels.linear(xs, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_gemm_runs_without_the_gil():
+    """The compiled kernels release the GIL, as torch's ops do: a server's event loop (or the grammar
+    thread) runs Python while a step's kernels do. Python on the main thread must fill most of the
+    milliseconds one long GEMM call takes on another thread; holding the GIL, it fills none but the
+    edges (a switch interval or so)."""
+    import threading
+    import time
+
+    from gpt_engine.kernels import _C
+    x, w, _ = _inputs(1024, 2048, 2048, torch.float32, bias=False)
+    span, started = [], threading.Event()
+
+    def gemm():
+        started.set()
+        t0 = time.perf_counter()
+        _C.gemm(x, w, None, 0, False)
+        span.extend((t0, time.perf_counter()))
+
+    th = threading.Thread(target=gemm)
+    th.start()
+    started.wait()
+    ticks = set()
+    while th.is_alive():
+        ticks.add(int(time.perf_counter() * 1000))  # the milliseconds in which Python ran here
+    th.join()
+    t0, t1 = (t * 1000 for t in span)
+    inside = sum(t0 < t < t1 - 1 for t in ticks)
+    assert t1 - t0 > 40, "the GEMM was too short to tell"
+    assert inside > 0.5 * (t1 - t0), (inside, t1 - t0)
+
+
 def test_cpu_gemm_errors():
     from gpt_engine.kernels import _C
     x, w, b = _inputs(4, 8, 16, torch.float32)

@@ -189,3 +189,68 @@ def test_request_that_could_outgrow_the_pool_is_refused_at_intake():
     r = intake.prepare([0] * 10, SamplingParams(max_tokens=6))
     s = Scheduler(BlockManager(4, 4), max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
     s.add(Sequence("ok", r.prompt_token_ids, r.params))
+
+
+class Gate:
+    def __init__(self):
+        self.open = False
+
+    def done(self):
+        return self.open
+
+
+@pytest.mark.parametrize("prompt_len", [1, 2, 9, 30])
+def test_a_shut_gate_holds_back_sampling_while_others_run(prompt_len):
+    """A gated sequence (its grammar compiling) computes its prompt but for the last token, chunk by chunk,
+    and does not sample while the others decode; once its gate opens it samples, and nothing leaks."""
+    bm = BlockManager(64, 4)
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=8, max_model_len=128)
+    gate = Gate()
+    other = Sequence("free", [5, 6, 7], params(max_tokens=20))
+    gated = Sequence("gated", list(range(prompt_len)), params(max_tokens=3), gate=gate)
+    s.add(other)
+    s.add(gated)
+    for _ in range(8):
+        batch = run_step(s)
+        assert other in batch.seqs
+        if gated in batch.seqs:
+            assert not batch.sample[batch.seqs.index(gated)]
+    assert gated.status is Status.RUNNING and gated.num_computed_tokens == prompt_len - 1
+    assert gated.num_output_tokens == 0 and other.num_output_tokens == 8  # the other one never waited
+    gate.open = True
+    batch = run_step(s)
+    i = batch.seqs.index(gated)
+    assert batch.num_new_tokens[i] == 1 and batch.sample[i] and gated.gate is None
+    drain(s)
+    assert gated.num_output_tokens == 3 and other.num_output_tokens == 20
+    assert bm.num_free_blocks == bm.capacity
+
+
+def test_a_gated_sequence_alone_samples():
+    """Alone, a gated sequence samples at once: there is nothing for the step to let through instead (the
+    engine's step then waits for the gate)."""
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=64, max_model_len=128)
+    gate = Gate()
+    gated = Sequence("gated", list(range(9)), params(max_tokens=2), gate=gate)
+    s.add(gated)
+    batch = run_step(s)
+    assert batch.num_new_tokens == [9] and batch.sample == [True] and gated.gate is gate
+
+
+def test_a_gated_sequence_survives_preemption():
+    """Preempted while its gate is shut, it is recomputed, and samples only once it may."""
+    bm = BlockManager(6, 4)
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64)
+    gate = Gate()
+    hog = Sequence("hog", list(range(8)), params(max_tokens=16))
+    gated = Sequence("gated", list(range(6)), params(max_tokens=2), gate=gate)
+    s.add(hog)
+    s.add(gated)
+    for _ in range(10):
+        batch = run_step(s)
+        assert gated not in batch.seqs or not batch.sample[batch.seqs.index(gated)]
+    assert s.num_preemptions >= 1 and gated.num_output_tokens == 0
+    gate.open = True
+    drain(s)
+    assert gated.num_output_tokens == 2 and hog.num_output_tokens == 16
+    assert bm.num_free_blocks == bm.capacity

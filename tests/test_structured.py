@@ -204,6 +204,35 @@ def test_prefill_runs_while_the_grammar_compiles(torch_path, model_dir, monkeypa
     assert lazy.block_manager.num_free_blocks == lazy.block_manager.capacity
 
 
+def test_other_requests_go_on_while_a_grammar_compiles(torch_path, model_dir, monkeypatch):
+    """A compile never stalls the engine: while one request's grammar is held on the grammar thread, an
+    unconstrained request beside it decodes to its end; then the constrained one samples, as it would have
+    with its grammar compiled beforehand."""
+    import threading
+    from gpt_engine.core.structured import Grammars
+    sp = _json_sp(seed=3, max_tokens=60)
+    eager = LLM(str(model_dir), device="cpu")
+    eager.grammars.compile(sp.structured_outputs)
+    want = eager.generate(["def f():"], sp, use_tqdm=False)[0].token_ids
+    release, build, released = threading.Event(), Grammars._build, []
+    # released: whether the compile ran on the release (True) or after the engine had waited it out (False)
+    monkeypatch.setattr(Grammars, "_build", lambda self, *a: released.append(release.wait(10)) or build(self, *a))
+    llm = LLM(str(model_dir), device="cpu")
+    llm.add_request("def f():", sp, request_id="constrained")
+    llm.add_request("Hello", SamplingParams(max_tokens=12, ignore_eos=True), request_id="free")
+    done = {}
+    for _ in range(100):
+        done.update({o.request_id: o for o in llm.step() if o.finished})
+        if "free" in done:
+            break
+    assert len(done["free"].token_ids) == 12 and "constrained" not in done
+    release.set()
+    while llm.has_unfinished():
+        done.update({o.request_id: o for o in llm.step() if o.finished})
+    assert done["constrained"].token_ids == want and released == [True]
+    assert llm.block_manager.num_free_blocks == llm.block_manager.capacity
+
+
 def test_core_structured_imports_no_torch():
     import subprocess
     import sys

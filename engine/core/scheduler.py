@@ -18,6 +18,11 @@ next queries can see: each step first releases the ones behind the window, a seq
 with blocks for its first chunk only, and a chunk shrinks to the free blocks before anyone is
 preempted; so a sequence needs the window's blocks, not its length's.
 
+A sequence may carry a gate (anything with done(): a structured-output request's grammar, compiling
+on its own thread): while it is shut, a step that would reach the sequence's end computes its tokens
+but the last, so it does not sample, and the other sequences go on; alone in a step, it samples, and
+the step waits for the gate.
+
 With LoRA (max_loras), the running sequences use at most max_loras distinct adapters: the runner holds
 that many in its slots, and a waiting sequence whose adapter would be one more waits (others behind it
 go ahead) until a running one's adapter is free again; its prefix-cache chain is its adapter's.
@@ -43,7 +48,7 @@ class Status(Enum):
 class Sequence:
     _counter = itertools.count()  # arrival order only; never reset, carries no state
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params, lora=None):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params, lora=None, gate=None):
         self.request_id = request_id
         self.lora = lora                           # core.lora.LoRARequest or None (the base model)
         self.lora_id = lora.lora_int_id if lora is not None else 0
@@ -63,6 +68,7 @@ class Sequence:
         self.score_end = self.num_prompt_tokens - 1 if getattr(params, "prompt_logprobs", None) is not None else 0
         self.num_scored = 0                        # of those, handed to the runner in past steps
         self.spec_token_ids: list[int] = []        # draft tokens for the next step (speculative decoding)
+        self.gate = gate                           # None, or done() -> whether it may sample (see above)
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +93,23 @@ class Sequence:
 
 def _arrival(seq: Sequence) -> int:
     return seq.arrival
+
+
+def _hold_gated(seqs, counts, sample, spec):
+    """The batch less the sampling of the sequences whose gate is shut (their last token waits for a later
+    step; its block is already held); when nothing else would run, they sample, and the step waits for them."""
+    shut = []
+    for i, seq in enumerate(seqs):
+        if seq.gate is not None and seq.gate.done():
+            seq.gate = None
+        elif seq.gate is not None and sample[i]:
+            shut.append(i)
+    if not shut or len(shut) == len(seqs):
+        return seqs, counts, sample, spec
+    for i in shut:
+        counts[i], sample[i] = counts[i] - 1, False
+    keep = [i for i, n in enumerate(counts) if n]
+    return [seqs[i] for i in keep], [counts[i] for i in keep], [sample[i] for i in keep], [spec[i] for i in keep]
 
 
 class WaitQueue:
@@ -287,6 +310,8 @@ class Scheduler:
             budget -= n
         for seq in reversed(held):
             self.waiting.appendleft(seq)
+        if any(seq.gate is not None for seq in seqs):
+            seqs, counts, sample, spec = _hold_gated(seqs, counts, sample, spec)
         finished, self.finished_ids = self.finished_ids, []
         return ScheduledBatch(seqs, counts, sample, finished, self._score(seqs, counts) if self.scoring else None,
                               running_loras=frozenset(self.lora_counts), spec=spec if any(spec) else None)

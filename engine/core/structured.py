@@ -4,8 +4,10 @@ bitmask (S, ceil(V / 32)) that the sampler applies. No torch here (llguidance an
 
     StructuredOutputsParams  -> Grammars.submit (the intake) -> a Future, compiled on the grammar thread
                              -> a template matcher (cached), deep-copied per request (Request.matcher)
+    while it compiles: the request's prompt is computed but for its last token; the scheduler holds
+               back the step that samples (Sequence.gate), and the other sequences go on
     each step: the runner issues the forward, then calls StructuredOutputs.bitmask(batch) and masks
-               the logits: a grammar still compiling overlaps the prefill, and the mask work the forward
+               the logits (the mask work overlaps the forward on a GPU)
                StructuredOutputs.advance(req, token) after the token is appended
 
 Preemption recomputes a sequence's KV but keeps its tokens, so its matcher (which has consumed
@@ -206,7 +208,8 @@ class StructuredOutputs:
     def bitmask(self, batch, requests):
         """-> None, or (row indices among the batch's sampled rows, int32 bitmask (R, words)). Called
         once the forward is issued; a request sampled for the first time takes its grammar here
-        (waiting for a compile still under way). One whose grammar failed gets req.error, and EOS."""
+        (compiled: the scheduler held its step back until then). One whose grammar failed gets req.error,
+        and EOS."""
         import numpy as np
         rows, matchers = [], []
         k = 0
