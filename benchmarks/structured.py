@@ -9,6 +9,13 @@ round, and the median of the rounds' paired ratios (a shared machine's load move
 tokens are counted, not assumed. Writes benchmarks/results/<device>/structured.json.
 
     python -m benchmarks.structured [--streams 16] [--max-tokens 128] [--rounds 9] [--vocab 32000] [--device cpu]
+        [--dtype float32] [--ttft-runs 30]
+
+Time to first token: one stream, max_tokens 1, the three kinds in turns for --ttft-runs rounds; each
+kind's median, and the median over rounds of each round's difference from the unconstrained run.
+Offline (LLM.generate), then through `gpt-engine serve` (a streamed chat completion with OpenAI's
+response_format, to the first chunk with text). The compile's own time is the median of fresh schemas
+compiled alone (Grammars.compile: the grammar thread's work and the hand-off to it).
 """
 from __future__ import annotations
 
@@ -21,7 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
+from benchmarks.serve import local_server
+
 SHAPE = dict(n_layer=4, n_embd=256, n_head=4, n_positions=1024)
+KINDS = ("unconstrained", "schema_compiled", "schema_cached")
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 SCHEMA = {"type": "array", "items": {
     "type": "object",
     "properties": {"id": {"type": "integer"}, "name": {"type": "string"},
@@ -40,15 +54,29 @@ def _corpus(limit: int = 4 << 20) -> str:
     return "\n".join(parts)
 
 
-def main() -> None:
+def _ttft_rounds(first_token_ms, runs: int) -> tuple[dict, dict]:
+    """first_token_ms(kind) for the three kinds in turns (the machine's load moves between rounds), runs
+    rounds -> (each kind's median, the median over rounds of each constrained kind's difference from the
+    unconstrained run of its round)."""
+    ms = {k: [] for k in KINDS}
+    for _ in range(runs):
+        for k in KINDS:
+            ms[k].append(first_token_ms(k))
+    growth = {k: statistics.median(a - b for a, b in zip(ms[k], ms["unconstrained"])) for k in KINDS[1:]}
+    return {k: statistics.median(v) for k, v in ms.items()}, growth
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--ttft-runs", type=int, default=30)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/structured.json)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     import llguidance
     import torch
@@ -67,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         tok.save(tmp)
-        llm = LLM(tmp, device=args.device, dtype="float32")
+        llm = LLM(tmp, device=args.device, dtype=args.dtype)
         free = [SamplingParams(max_tokens=args.max_tokens, seed=i, ignore_eos=True) for i in range(args.streams)]
         so = StructuredOutputsParams(json=SCHEMA)
         # ignore_eos on both: a stream whose grammar completes early keeps its row (its matcher then allows
@@ -94,29 +122,53 @@ def main() -> None:
 
         fresh = iter(range(10**6))
 
-        def new_schema():  # a schema never seen: its compile is in the measured time
+        def schema_of(kind):  # "schema_compiled": a schema never seen, so its compile is in the measured time
+            if kind == "unconstrained":
+                return None
             s = json.loads(json.dumps(SCHEMA))
-            s["items"]["properties"][f"k{next(fresh)}"] = {"type": "boolean"}
-            return SamplingParams(max_tokens=1, structured_outputs=StructuredOutputsParams(json=s))
+            if kind == "schema_compiled":
+                s["items"]["properties"][f"k{next(fresh)}"] = {"type": "boolean"}
+            return s
 
-        kinds = dict(unconstrained=lambda: SamplingParams(max_tokens=1), schema_compiled=new_schema,
-                     schema_cached=lambda: SamplingParams(max_tokens=1, structured_outputs=so))
-        ttft_ms = {k: float("inf") for k in kinds}
-        for _ in range(10):  # in turns, each kind's best: the machine's load moves between rounds
-            for k, make in kinds.items():
-                sp = make()
-                t = time.perf_counter()
-                llm.generate(prompts[0], sp, use_tqdm=False)
-                ttft_ms[k] = min(ttft_ms[k], (time.perf_counter() - t) * 1e3)
-        compile_ms = []
-        for _ in range(10):
-            sp = new_schema()
+        def offline_ms(kind):
+            s = schema_of(kind)
+            sp = SamplingParams(max_tokens=1, structured_outputs=None if s is None else StructuredOutputsParams(json=s))
             t = time.perf_counter()
-            llm.grammars.compile(sp.structured_outputs)
+            llm.generate(prompts[0], sp, use_tqdm=False)
+            return (time.perf_counter() - t) * 1e3
+
+        ttft_ms, growth_ms = _ttft_rounds(offline_ms, args.ttft_runs)
+        compile_ms = []
+        for _ in range(args.ttft_runs):
+            so_new = StructuredOutputsParams(json=schema_of("schema_compiled"))
+            t = time.perf_counter()
+            llm.grammars.compile(so_new)
             compile_ms.append((time.perf_counter() - t) * 1e3)
-        ttft_ms["compile_alone"] = min(compile_ms)
-        print("ttft ms", ttft_ms)
-    result = dict(shape=SHAPE, tokenizer_vocab=vocab, model_vocab=padded, device=args.device,
+        ttft_ms["compile_alone"] = statistics.median(compile_ms)
+        print("ttft ms", ttft_ms, "growth ms", growth_ms, flush=True)
+        del llm  # the server's engine takes the device next
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        (Path(tmp) / "chat.jinja").write_text(CHAT_TEMPLATE)
+        with local_server(tmp, ["--device", args.device, "--dtype", args.dtype, "--chat-template",
+                                str(Path(tmp) / "chat.jinja")], None) as base, httpx.Client(base_url=base) as client:
+            def served_ms(kind):  # to the first chunk that carries the answer's text, streamed
+                s = schema_of(kind)
+                body = {"messages": [{"role": "user", "content": "list the items"}], "max_tokens": 1, "stream": True}
+                if s is not None:
+                    body["response_format"] = {"type": "json_schema", "json_schema": {"name": "items", "schema": s}}
+                t = time.perf_counter()
+                with client.stream("POST", "/v1/chat/completions", json=body, timeout=60) as r:
+                    r.raise_for_status()
+                    for line in r.iter_lines():
+                        if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                            ms = (time.perf_counter() - t) * 1e3
+                return ms
+
+            served_ms("schema_cached")  # the cached schema's compile
+            server_ttft_ms, server_growth_ms = _ttft_rounds(served_ms, args.ttft_runs)
+        print("server ttft ms", server_ttft_ms, "growth ms", server_growth_ms, flush=True)
+    result = dict(shape=SHAPE, tokenizer_vocab=vocab, model_vocab=padded, device=args.device, dtype=args.dtype,
                   threads=torch.get_num_threads(), streams=args.streams, max_tokens=args.max_tokens,
                   rounds=args.rounds, schema=SCHEMA,
                   unconstrained_tok_per_s=round(best["unconstrained"], 1),
@@ -128,11 +180,15 @@ def main() -> None:
                   round_ratios=[round(c / u, 3) for c, u in zip(rates["constrained"], rates["unconstrained"])],
                   constrained_finished_by_grammar=finished, load_avg_1m=round(os.getloadavg()[0], 2),
                   ttft_ms={k: round(v, 2) for k, v in ttft_ms.items()},
+                  ttft_growth_ms={k: round(v, 2) for k, v in growth_ms.items()},
+                  server_ttft_ms={k: round(v, 2) for k, v in server_ttft_ms.items()},
+                  server_ttft_growth_ms={k: round(v, 2) for k, v in server_growth_ms.items()},
                   llguidance=llguidance.__version__, torch=torch.__version__)
     print(json.dumps(result, indent=1))
     out = Path(args.out or Path(__file__).resolve().parent / "results" / args.device / "structured.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 if __name__ == "__main__":

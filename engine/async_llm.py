@@ -50,6 +50,10 @@ class EngineClient(Protocol):
     def generate(self, prompt, sampling=None, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """prompt: a PreparedRequest (from prepare), or text / token ids prepared with sampling."""
 
+    def compile_ahead(self, structured_outputs) -> None:
+        """Start a request's structured-outputs constraint (its fields) compiling before prepare; what
+        is wrong with it, prepare reports."""
+
     def abort(self, request_id: str) -> None: ...
 
     def stats(self) -> dict: ...
@@ -115,6 +119,9 @@ class AsyncLLM:
 
     def prepare(self, prompt, sampling: SamplingParams | dict | None = None, **kwargs) -> PreparedRequest:
         return self.llm.prepare(prompt, sampling, **kwargs)
+
+    def compile_ahead(self, structured_outputs) -> None:
+        self.llm.compile_ahead(structured_outputs)
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:

@@ -212,6 +212,10 @@ class LLM:
         request = self.intake.prepare(prompt, sampling, **kwargs)
         return request if lora_request is None else replace(request, lora=lora_request)
 
+    def compile_ahead(self, structured_outputs) -> None:
+        """Start a request's constraint compiling before the request is prepared (Intake.compile_ahead)."""
+        self.intake.compile_ahead(structured_outputs)
+
     def check_lora(self, lora_request: LoRARequest) -> None:
         """RequestError (a ValueError) naming what is wrong when this engine cannot serve the adapter: LoRA
         not enabled, a directory that is no PEFT LoRA adapter of this model, a rank above max_lora_rank."""

@@ -368,6 +368,33 @@ def test_vllm_structured_outputs_field(srv):
     assert re.fullmatch("[0-9]{4}", body["choices"][0]["message"]["content"])
 
 
+def test_the_grammar_compiles_while_the_prompt_is_prepared(srv, llm, monkeypatch):
+    """A constraint goes to the grammar thread before the chat template renders (server) and before the
+    prompt tokenizes (intake), so its compile overlaps them."""
+    from gpt_engine.core.structured import grammar_spec
+
+    def fresh(title):  # a schema no other test compiled
+        so = StructuredOutputsParams(json={**SCHEMA, "title": title})
+        return so, grammar_spec(so)
+
+    so, key = fresh("rendered")
+    grammars, seen = srv.engine.llm.grammars, []
+    template = type(srv.engine.llm.chat_template)
+    render = template.render
+    monkeypatch.setattr(template, "render", lambda self, *a: seen.append(key in grammars._cache) or render(self, *a))
+    body = _post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 300,
+                                               "response_format": {"type": "json_schema", "json_schema": {
+                                                   "name": "x", "schema": so.json}}})
+    assert seen == [True]
+    jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), so.json)
+    so, key = fresh("tokenized")
+    encode, seen = llm.tokenizer.encode, []
+    monkeypatch.setattr(llm.tokenizer, "encode", lambda *a, **k: seen.append(key in llm.grammars._cache) or
+                        encode(*a, **k))
+    llm.prepare("Hello", SamplingParams(max_tokens=8, structured_outputs=so))
+    assert seen == [True]
+
+
 def test_n2_streaming_stop_string_and_seed(srv):
     """n=2 seeded samples streamed with a stop string are the unstreamed samples cut at the stop."""
     base = {"prompt": "hi", "max_tokens": 300, "n": 2, "seed": 11, "structured_outputs": {"json": SCHEMA}}

@@ -27,10 +27,13 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     max_calls = 1 if req.parallel_tool_calls is False else None
     messages = template_messages(req)
     top_n = (req.top_logprobs or 0) if req.logprobs else None
+    forced = forced_constraint(req)
+    # the constraint compiles on the grammar thread while the template renders and the prompt tokenizes
+    st.engine.compile_ahead({**req.sampling_fields(), **(forced or {})}.get("structured_outputs"))
     # tool_choice "none" still shows the tools to the model, as vLLM does by default
     text = await off_loop(st.template.render, messages, req.add_generation_prompt, tools_json(req))
     # the rendered template carries its own BOS
-    rid, choices = await make_choices(st, req, [text], "chatcmpl", top_n, sampling=forced_constraint(req),
+    rid, choices = await make_choices(st, req, [text], "chatcmpl", top_n, sampling=forced,
                                       add_special_tokens=False, param="messages")
 
     def logprobs_of(entries) -> dict | None:

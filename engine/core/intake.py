@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .lora import LoRARequest
 from .request import RequestError
 from .sampling_params import SamplingParams
+from .structured import StructuredOutputsParams
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,25 @@ class Intake:
         except TypeError as e:
             raise RequestError(str(e)) from None
 
+    def compile_ahead(self, structured_outputs) -> None:
+        """Start a constraint (StructuredOutputsParams or its fields) compiling on the grammar thread now,
+        so that it overlaps what comes before the request's forward (rendering, tokenizing): prepare's
+        submit then finds it in the cache. One the intake refuses is left for prepare to report."""
+        if structured_outputs is None or self.grammars is None:
+            return
+        try:
+            self.grammars.submit(StructuredOutputsParams.of(structured_outputs))
+        except RequestError:
+            pass
+
     def prepare(self, prompt, sampling: SamplingParams | dict | None = None, *, add_special_tokens: bool = True,
                 default_max_tokens: int | None = None, param: str = "prompt") -> PreparedRequest:
         """prompt: text (tokenized here, with the tokenizer's BOS unless add_special_tokens=False, as
         for rendered chat) or token ids. sampling: a SamplingParams taken as it is, or the fields the
         caller set (a dict; None: none), defaulted by sampling_params. RequestError (a ValueError)
         names what is wrong."""
+        self.compile_ahead(sampling.structured_outputs if isinstance(sampling, SamplingParams) else
+                           (sampling or {}).get("structured_outputs"))
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("text prompts need a tokenizer (no tokenizer.json with the model): "
