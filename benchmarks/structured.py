@@ -9,7 +9,7 @@ round, and the median of the rounds' paired ratios (a shared machine's load move
 tokens are counted, not assumed. Writes benchmarks/results/<device>/structured.json.
 
     python -m benchmarks.structured [--streams 16] [--max-tokens 128] [--rounds 9] [--vocab 32000] [--device cpu]
-        [--dtype float32] [--ttft-runs 30]
+        [--dtype float32] [--ttft-runs 30] [--threads N]
 
 Time to first token: one stream, max_tokens 1, the three kinds in turns for --ttft-runs rounds; each
 kind's median, and the median over rounds of each round's difference from the unconstrained run.
@@ -75,12 +75,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--ttft-runs", type=int, default=30)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the engines (default: torch's); fewer than the cores leaves the grammar "
+                        "thread a core of its own")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/structured.json)")
     args = p.parse_args(argv)
 
     import llguidance
     import torch
     import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the server's
 
     from gpt_engine import LLM, SamplingParams, StructuredOutputsParams
     from gpt_engine.tokenizer import Tokenizer

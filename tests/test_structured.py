@@ -263,6 +263,7 @@ def test_min_tokens_with_a_grammar_is_refused():
     (dict(json="{not json"), "not valid JSON"),
     (dict(json=json.loads('{"type":"array","items":' * 40 + '{}' + '}' * 40)), "deeper than"),
     (dict(regex="a" * 70000), "over the limit"),
+    (dict(json=False), "accepts no value"),
 ])
 def test_constraint_over_the_limits_is_refused_at_intake(llm, so, word):
     with pytest.raises(RequestError) as e:
@@ -270,8 +271,19 @@ def test_constraint_over_the_limits_is_refused_at_intake(llm, so, word):
     assert e.value.param == "structured_outputs" and word in str(e.value), str(e.value)
 
 
+def test_schema_true_is_any_json_value(llm):
+    """The boolean schema true (JSON Schema's "anything") compiles as the empty schema does."""
+    from gpt_engine.core.structured import grammar_spec
+    assert grammar_spec(StructuredOutputsParams(json=True)) == grammar_spec(StructuredOutputsParams(json={}))
+    out = llm.generate("x = ", SamplingParams(max_tokens=60, seed=0, structured_outputs=StructuredOutputsParams(
+        json="true")), use_tqdm=False)[0]
+    if out.finish_reason == "stop":
+        json.loads(out.text)
+
+
 @pytest.mark.parametrize("so,word", [
     (dict(json={"type": "object", "properties": {"a": {"type": "strin"}}}), "strin"),
+    (dict(json={"type": "array", "items": {"type": "integer"}, "uniqueItems": True}), "uniqueItems"),
     (dict(regex="a(b"), "unclosed group"),
     (dict(grammar='start: "a" | foo'), "foo"),
 ])

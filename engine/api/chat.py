@@ -2,6 +2,7 @@
 completion of that text."""
 from __future__ import annotations
 
+import functools
 import time
 
 from fastapi import APIRouter, Request
@@ -10,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from ..chat_template import missing_template
 from .errors import GENERATE_ERRORS, engine_error
 from .protocol import ChatCompletionRequest
-from .serving import (begin, collect, make_choices, merge, norm_logprobs, off_loop, prompt_logprobs_json, record,
+from .serving import (begin, collect, make_choices, merge, norm_logprobs, prompt_logprobs_json, record,
                       sse_stream, usage)
 from .tool_parsers import ToolStreamer
 from .tools import forced_constraint, parser_for, template_messages, tools_json
@@ -30,10 +31,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     forced = forced_constraint(req)
     # the constraint compiles on the grammar thread while the template renders and the prompt tokenizes
     st.engine.compile_ahead({**req.sampling_fields(), **(forced or {})}.get("structured_outputs"))
-    # tool_choice "none" still shows the tools to the model, as vLLM does by default
-    text = await off_loop(st.template.render, messages, req.add_generation_prompt, tools_json(req))
-    # the rendered template carries its own BOS
-    rid, choices = await make_choices(st, req, [text], "chatcmpl", top_n, sampling=forced,
+    # tool_choice "none" still shows the tools to the model, as vLLM does by default; rendered on the worker
+    # thread that tokenizes it, and it carries its own BOS
+    render = functools.partial(st.template.render, messages, req.add_generation_prompt, tools_json(req))
+    rid, choices = await make_choices(st, req, [render], "chatcmpl", top_n, sampling=forced,
                                       add_special_tokens=False, param="messages")
 
     def logprobs_of(entries) -> dict | None:

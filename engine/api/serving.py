@@ -101,8 +101,9 @@ async def make_choices(st: ServerState, req, prompts: list, prefix: str, logprob
     """The engine requests of an API request. Admitted first (the engine's one bound: a full server
     answers 429 before any tokenizing), then each prompt prepared once by the engine's intake
     (defaulted, tokenized, checked; off the event loop): every error it can detect answers before a
-    response (or a stream's 200) starts. sampling: SamplingParams fields the endpoint sets over the
-    request's."""
+    response (or a stream's 200) starts. A prompt may be a callable that makes it (a chat template's
+    rendering): it runs on the same worker thread, one hand-off for both. sampling: SamplingParams fields
+    the endpoint sets over the request's."""
     rid = f"{prefix}-{uuid.uuid4().hex}"
     ids = [f"{rid}-{i}" for i in range(len(prompts) * req.n)]
     st.engine.admit(ids)
@@ -111,11 +112,14 @@ async def make_choices(st: ServerState, req, prompts: list, prefix: str, logprob
     if lora is not None:  # the request's model is a LoRA module: its adapter over the base
         prepare["lora_request"] = lora
     try:
-        prepared = await off_loop(lambda: [st.engine.prepare(p, fields, default_max_tokens=default_max_tokens,
-                                                             **prepare) for p in prompts])
+        prepared = await off_loop(lambda: [st.engine.prepare(p() if callable(p) else p, fields,
+                                                             default_max_tokens=default_max_tokens, **prepare)
+                                           for p in prompts])
         for r in prepared:  # a grammar that does not compile is a 400, before any stream starts
             if r.grammar is not None:
-                await asyncio.wrap_future(r.grammar)
+                if not r.grammar.done():
+                    await asyncio.wrap_future(r.grammar)
+                r.grammar.result()
     except BaseException:
         for i in ids:
             _abort(st.engine, i)

@@ -103,6 +103,9 @@ def grammar_spec(so: StructuredOutputsParams) -> tuple[str, str]:
                 bad(f"json is not valid JSON: {e}")
         if not isinstance(schema, (dict, bool)):
             bad("json must be a JSON schema object")
+        if schema is False:
+            bad("the json schema false accepts no value")
+        schema = {} if schema is True else schema  # any JSON value
         text = _json.dumps(schema, separators=(",", ":"))  # key order kept: it is the output's order
         kind = "json"
         if _depth(schema, MAX_NESTING) > MAX_NESTING:
