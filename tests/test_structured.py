@@ -271,6 +271,14 @@ def test_constraint_over_the_limits_is_refused_at_intake(llm, so, word):
     assert e.value.param == "structured_outputs" and word in str(e.value), str(e.value)
 
 
+def test_nesting_depth_counts_objects_and_arrays():
+    from gpt_engine.core.structured import _depth
+    values = (1, "s", {}, [], {"a": 1}, {"a": [1, {"b": []}]}, [[[]], {}])
+    assert [_depth(v, 32) for v in values] == [0, 0, 1, 1, 1, 4, 3]
+    deep = json.loads("[" * 100 + "]" * 100)
+    assert _depth(deep, 100) == 100 and _depth(deep, 7) == 8  # stops once past the limit
+
+
 def test_schema_true_is_any_json_value(llm):
     """The boolean schema true (JSON Schema's "anything") compiles as the empty schema does."""
     from gpt_engine.core.structured import grammar_spec

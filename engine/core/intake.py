@@ -94,16 +94,16 @@ class Intake:
         except TypeError as e:
             raise RequestError(str(e)) from None
 
-    def compile_ahead(self, structured_outputs) -> None:
+    def compile_ahead(self, structured_outputs) -> Future | None:
         """Start a constraint (StructuredOutputsParams or its fields) compiling on the grammar thread now,
-        so that it overlaps what comes before the request's forward (rendering, tokenizing): prepare's
-        submit then finds it in the cache. One the intake refuses is left for prepare to report."""
+        so that it overlaps what comes before the request's forward (rendering, tokenizing); -> its Future.
+        One the intake refuses is left for prepare to report (None)."""
         if structured_outputs is None or self.grammars is None:
-            return
+            return None
         try:
-            self.grammars.submit(StructuredOutputsParams.of(structured_outputs))
+            return self.grammars.submit(StructuredOutputsParams.of(structured_outputs))
         except RequestError:
-            pass
+            return None
 
     def prepare(self, prompt, sampling: SamplingParams | dict | None = None, *, add_special_tokens: bool = True,
                 default_max_tokens: int | None = None, param: str = "prompt") -> PreparedRequest:
@@ -111,8 +111,8 @@ class Intake:
         for rendered chat) or token ids. sampling: a SamplingParams taken as it is, or the fields the
         caller set (a dict; None: none), defaulted by sampling_params. RequestError (a ValueError)
         names what is wrong."""
-        self.compile_ahead(sampling.structured_outputs if isinstance(sampling, SamplingParams) else
-                           (sampling or {}).get("structured_outputs"))
+        grammar = self.compile_ahead(sampling.structured_outputs if isinstance(sampling, SamplingParams) else
+                                     (sampling or {}).get("structured_outputs"))
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("text prompts need a tokenizer (no tokenizer.json with the model): "
@@ -139,10 +139,12 @@ class Intake:
             if k is not None and k > self.vocab_size:
                 raise RequestError(f"{name} ({k}) exceeds the vocabulary size ({self.vocab_size})", name)
         check_logit_bias(params.logit_bias, self.vocab_size)
-        grammar = None
-        # the spec's limits are checked here; it compiles on the grammar thread meanwhile (the prefill need not wait)
-        if params.structured_outputs is not None:
-            if self.grammars is None:
-                raise RequestError("structured outputs are not available with this engine", "structured_outputs")
+        # the spec's limits are checked here (submitted ahead, it passed them); it compiles on the grammar thread
+        # meanwhile (the prefill need not wait)
+        if params.structured_outputs is None:
+            grammar = None
+        elif self.grammars is None:
+            raise RequestError("structured outputs are not available with this engine", "structured_outputs")
+        elif grammar is None:
             grammar = self.grammars.submit(params.structured_outputs)
         return PreparedRequest(text, ids, params, grammar)

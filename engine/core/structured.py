@@ -76,18 +76,13 @@ class StructuredOutputsParams:
 
 
 def _depth(x, limit: int) -> int:
-    """Nesting depth of a parsed JSON value, stopping once past limit."""
-    stack, deepest = [(x, 1)], 0
-    while stack:
-        v, d = stack.pop()
-        deepest = max(deepest, d)
-        if deepest > limit:
-            break
-        if isinstance(v, dict):
-            stack.extend((c, d + 1) for c in v.values())
-        elif isinstance(v, list):
-            stack.extend((c, d + 1) for c in v)
-    return deepest
+    """How deep a parsed JSON value's objects and arrays nest (a scalar: 0), stopping once past limit. Level
+    by level over the containers only: every request with a schema pays for this walk."""
+    level, depth = [x] if isinstance(x, (dict, list)) else [], 0
+    while level and depth <= limit:
+        depth += 1
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (dict, list))]
+    return depth
 
 
 def grammar_spec(so: StructuredOutputsParams) -> tuple[str, str]:
