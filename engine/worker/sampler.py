@@ -137,21 +137,22 @@ class Sampler:
 
     @staticmethod
     def _masked(logits, params, prompt_ids, output_ids, banned, grammar_bitmask):
-        """-> (logits fp32 after penalties, logit_bias, bans and the grammar mask; the raw log-softmax
-        where logprobs are asked, else None). The model's buffer is never written."""
-        logits = raw = logits.float()
+        """-> (logits fp32 after penalties, logit_bias, bans and the grammar mask, written in place; the raw
+        log-softmax where logprobs are asked, else None). The step's logits are the sampler's to write:
+        the runner's are new each step, or a CUDA graph's output that its next replay rewrites; a view
+        that cannot be written (an expanded row) is copied first."""
+        logits = logits.float()
+        if not logits.is_contiguous():
+            logits = logits.contiguous()
         raw_lp = logits.log_softmax(-1) if any(p.logprobs is not None for p in params) else None
         if any(p.has_penalties for p in params):
-            logits = apply_penalties(logits.clone(), params, prompt_ids, output_ids)
-        own = logits is not raw  # clone once, before the first in-place op
+            logits = apply_penalties(logits, params, prompt_ids, output_ids)
         if any(p.logit_bias for p in params):
-            logits = apply_logit_bias(logits if own else logits.clone(), params)
-            own = True
+            logits = apply_logit_bias(logits, params)
         if banned is not None and any(banned):
-            logits = apply_ban(logits if own else logits.clone(), banned)
-            own = True
+            logits = apply_ban(logits, banned)
         if grammar_bitmask is not None:
-            logits = apply_grammar_bitmask(logits if own else logits.clone(), *grammar_bitmask)
+            logits = apply_grammar_bitmask(logits, *grammar_bitmask)
         return logits, raw_lp
 
     @staticmethod
