@@ -127,9 +127,9 @@ def test_cpu_gemm_taken_for_inference_only():
 
 def test_cpu_gemm_runs_without_the_gil():
     """The compiled kernels release the GIL, as torch's ops do: a server's event loop (or the grammar
-    thread) runs Python while a step's kernels do. Python on the main thread must fill most of the
-    milliseconds one long GEMM call takes on another thread; holding the GIL, it fills none but the
-    edges (a switch interval or so)."""
+    thread) runs Python while a step's kernels do. Python on the main thread must fill many of the
+    milliseconds one long GEMM call takes on another thread (sharing the cores with the GEMM's threads);
+    holding the GIL, it fills none but the edges (a switch interval or so)."""
     import threading
     import time
 
@@ -153,7 +153,7 @@ def test_cpu_gemm_runs_without_the_gil():
     t0, t1 = (t * 1000 for t in span)
     inside = sum(t0 < t < t1 - 1 for t in ticks)
     assert t1 - t0 > 40, "the GEMM was too short to tell"
-    assert inside > 0.5 * (t1 - t0), (inside, t1 - t0)
+    assert inside > 0.35 * (t1 - t0), (inside, t1 - t0)
 
 
 def test_cpu_gemm_errors():
