@@ -159,16 +159,19 @@ def main(argv: list[str] | None = None) -> dict:
         (Path(tmp) / "chat.jinja").write_text(CHAT_TEMPLATE)
         with local_server(tmp, ["--device", args.device, "--dtype", args.dtype, "--chat-template",
                                 str(Path(tmp) / "chat.jinja")], None) as base, httpx.Client(base_url=base) as client:
-            def served_ms(kind):  # to the first chunk that carries the answer's text, streamed
-                s = schema_of(kind)
+            def served_ms(kind):  # to the first chunk with the answer's text (or its end: a token of no whole
+                s = schema_of(kind)  # character yet has no text), streamed
                 body = {"messages": [{"role": "user", "content": "list the items"}], "max_tokens": 1, "stream": True}
                 if s is not None:
                     body["response_format"] = {"type": "json_schema", "json_schema": {"name": "items", "schema": s}}
-                t = time.perf_counter()
+                t, ms = time.perf_counter(), None
                 with client.stream("POST", "/v1/chat/completions", json=body, timeout=60) as r:
                     r.raise_for_status()
                     for line in r.iter_lines():
-                        if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                        if ms is not None or not line.startswith("data: {"):
+                            continue
+                        c = json.loads(line[6:])["choices"][0]
+                        if c["delta"].get("content") or c["finish_reason"]:
                             ms = (time.perf_counter() - t) * 1e3
                 return ms
 

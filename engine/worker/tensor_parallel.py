@@ -104,8 +104,8 @@ class Mailbox:
     not fit (a huge batch) goes over gloo, the mailbox saying so."""
     SIZE = 8 << 20
 
-    def __init__(self, shm, events, index: int | None = None):
-        self.shm, self.events, self.index = shm, events, index
+    def __init__(self, shm, signals, index: int | None = None):
+        self.shm, self.signals, self.index = shm, signals, index
 
     @classmethod
     def create(cls, ctx, workers: int) -> "Mailbox":
@@ -113,12 +113,12 @@ class Mailbox:
         return cls(SharedMemory(create=True, size=cls.SIZE), [ctx.Semaphore(0) for _ in range(workers)])
 
     def for_worker(self, i: int) -> tuple:
-        return self.shm.name, self.events[i]
+        return self.shm.name, self.signals[i]
 
     @classmethod
-    def attach(cls, name: str, event) -> "Mailbox":
+    def attach(cls, name: str, signal) -> "Mailbox":
         from multiprocessing.shared_memory import SharedMemory
-        return cls(SharedMemory(name=name), [event], 0)
+        return cls(SharedMemory(name=name), [signal], 0)
 
     def put(self, data: bytes) -> bool:
         fits = len(data) <= self.SIZE - 8
@@ -126,12 +126,12 @@ class Mailbox:
         buf[:8] = (len(data) if fits else -1).to_bytes(8, "little", signed=True)
         if fits:
             buf[8:8 + len(data)] = data
-        for e in self.events:
-            e.release()
+        for s in self.signals:
+            s.release()
         return fits
 
     def get(self) -> bytes | None:
-        self.events[0].acquire()
+        self.signals[0].acquire()
         n = int.from_bytes(self.shm.buf[:8], "little", signed=True)
         return bytes(self.shm.buf[8:8 + n]) if n >= 0 else None
 
